@@ -1,0 +1,485 @@
+// CPU kernels of wkd::sinkhorn and wkd::sinkhorn_backward (contract: design.md section 3).
+//
+// Two paths:
+//  * shared cost [n, m], scaling domain: every half-iteration of the whole batch is one BLAS product
+//    (U @ K or V @ K^T, [B, n] x [n, m]); the first one (u0 is a masked constant) is replaced by a
+//    column sum when rows have few zero-mass entries, and the backward skips the product whose result
+//    (the adjoint of the constant u0) is unused.
+//  * per-row cost [B, n, m] or log domain: rows run in parallel (at::parallel_for), each with its own
+//    n x m kernel buffer (K = exp(-cost/reg), or L = -cost/reg in the log domain) and plain loops.
+// The exact backward walks the iterations in reverse from the stored r_t = K v_t + eps and
+// s_t = K^T u_{t-1} + eps (or their logs): O(B (n + m) num_iters) memory, never B x n x m.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../sinkhorn_common.h"
+
+namespace wkd {
+namespace {
+
+constexpr const char* kFwd = "wkd.sinkhorn";
+constexpr const char* kBwd = "wkd.sinkhorn_backward";
+
+// ------------------------------- scaling-domain row helpers -------------------------------
+// out_j = sum_i x_i M_ij (W_ij if W)      M, W row-major n x m
+template <typename T>
+void vec_mat(const T* M, const T* W, const T* x, T* out, int64_t n, int64_t m) {
+  std::fill(out, out + m, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T xi = x[i];
+    if (xi == T(0)) continue;
+    const T* Mi = M + i * m;
+    if (W) {
+      const T* Wi = W + i * m;
+      for (int64_t j = 0; j < m; ++j) out[j] += xi * (Mi[j] * Wi[j]);
+    } else {
+      for (int64_t j = 0; j < m; ++j) out[j] += xi * Mi[j];
+    }
+  }
+}
+
+// out_i = sum_j M_ij (W_ij if W) y_j
+template <typename T>
+void mat_vec(const T* M, const T* W, const T* y, T* out, int64_t n, int64_t m) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Mi = M + i * m;
+    T acc = 0;
+    if (W) {
+      const T* Wi = W + i * m;
+      for (int64_t j = 0; j < m; ++j) acc += (Mi[j] * Wi[j]) * y[j];
+    } else {
+      for (int64_t j = 0; j < m; ++j) acc += Mi[j] * y[j];
+    }
+    out[i] = acc;
+  }
+}
+
+// --------------------------------- log-domain row helpers ---------------------------------
+// Column reduction: for each j, mx_j = max_i (p_i + L_ij) over i with finite p_i, and
+// sum_j = sum_i c_i W_ij exp(p_i + L_ij - mx_j)   (c = 1 and W = 1 when null).
+template <typename T>
+void col_reduce(const T* L, const T* W, const T* p, const T* c, T* mx, T* sum, int64_t n, int64_t m) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  std::fill(mx, mx + m, ninf);
+  std::fill(sum, sum + m, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] == ninf) continue;
+    const T* Li = L + i * m;
+    for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], p[i] + Li[j]);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] == ninf || (c && c[i] == T(0))) continue;
+    const T* Li = L + i * m;
+    const T ci = c ? c[i] : T(1);
+    if (W) {
+      const T* Wi = W + i * m;
+      for (int64_t j = 0; j < m; ++j) sum[j] += ci * Wi[j] * std::exp(p[i] + Li[j] - mx[j]);
+    } else {
+      for (int64_t j = 0; j < m; ++j) sum[j] += ci * std::exp(p[i] + Li[j] - mx[j]);
+    }
+  }
+}
+
+// Row reduction: for each i, mx_i = max_j (L_ij + q_j), sum_i = sum_j c_j W_ij exp(L_ij + q_j - mx_i).
+template <typename T>
+void row_reduce(const T* L, const T* W, const T* q, const T* c, T* mx, T* sum, int64_t n, int64_t m) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Li = L + i * m;
+    T mi = ninf;
+    for (int64_t j = 0; j < m; ++j) mi = std::max(mi, Li[j] + q[j]);
+    T acc = 0;
+    if (mi != ninf) {
+      for (int64_t j = 0; j < m; ++j) {
+        if (q[j] == ninf || (c && c[j] == T(0))) continue;
+        const T cj = (c ? c[j] : T(1)) * (W ? W[i * m + j] : T(1));
+        acc += cj * std::exp(Li[j] + q[j] - mi);
+      }
+    }
+    mx[i] = mi;
+    sum[i] = acc;
+  }
+}
+
+// log(exp(x) + eps)
+template <typename T>
+inline T log_add_eps(T x, T log_eps, bool has_eps) {
+  if (!has_eps) return x;
+  const T hi = std::max(x, log_eps), lo = std::min(x, log_eps);
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+template <typename T>
+inline T safe_log(T x) {
+  return x > T(0) ? std::log(x) : -std::numeric_limits<T>::infinity();
+}
+
+// Kernel matrix of one cost block: K = exp(-C/reg) (scaling) or L = -C/reg (log domain).
+template <typename T>
+void kernel_matrix(const T* C, T* out, int64_t nm, T reg, bool log_domain) {
+  if (log_domain) {
+    for (int64_t k = 0; k < nm; ++k) out[k] = -C[k] / reg;
+  } else {
+    for (int64_t k = 0; k < nm; ++k) out[k] = std::exp(-C[k] / reg);
+  }
+}
+
+// --------------------------------- one row, forward ---------------------------------
+// M: K or L of this row; C: cost of this row. Writes value, u/v (log u/log v in the log domain)
+// and, when r_hist/s_hist are non-null, r_t/s_t (logs in the log domain) at stride B*n / B*m.
+template <typename T>
+void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int64_t m, int64_t T_iters, T eps,
+                 bool log_domain, T* value, T* u, T* v, T* r_hist, T* s_hist, int64_t r_stride, int64_t s_stride) {
+  std::vector<T> r(n), s(m), tmp(std::max(n, m));
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < n; ++i) cnt += a[i] > T(0);
+  const bool has_eps = eps > T(0);
+  const T log_eps = has_eps ? std::log(eps) : T(0);
+  if (!log_domain) {
+    for (int64_t i = 0; i < n; ++i) u[i] = a[i] > T(0) ? T(1) / T(cnt) : T(0);
+    for (int64_t t = 0; t < T_iters; ++t) {
+      vec_mat<T>(M, nullptr, u, s.data(), n, m);
+      for (int64_t j = 0; j < m; ++j) {
+        s[j] += eps;
+        v[j] = b[j] / s[j];
+      }
+      mat_vec<T>(M, nullptr, v, r.data(), n, m);
+      for (int64_t i = 0; i < n; ++i) {
+        r[i] += eps;
+        u[i] = a[i] / r[i];
+      }
+      if (r_hist) {
+        std::copy(r.begin(), r.end(), r_hist + t * r_stride);
+        std::copy(s.begin(), s.end(), s_hist + t * s_stride);
+      }
+    }
+    vec_mat<T>(M, C, u, tmp.data(), n, m);
+    T acc = 0;
+    for (int64_t j = 0; j < m; ++j) acc += tmp[j] * v[j];
+    *value = acc;
+  } else {
+    std::vector<T> mx(std::max(n, m)), sm(std::max(n, m));
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < n; ++i) u[i] = a[i] > T(0) ? -std::log(T(cnt)) : ninf;
+    for (int64_t t = 0; t < T_iters; ++t) {
+      col_reduce<T>(M, nullptr, u, nullptr, mx.data(), sm.data(), n, m);
+      for (int64_t j = 0; j < m; ++j) {
+        s[j] = log_add_eps(mx[j] + safe_log(sm[j]), log_eps, has_eps);
+        v[j] = safe_log(b[j]) - s[j];
+      }
+      row_reduce<T>(M, nullptr, v, nullptr, mx.data(), sm.data(), n, m);
+      for (int64_t i = 0; i < n; ++i) {
+        r[i] = log_add_eps(mx[i] + safe_log(sm[i]), log_eps, has_eps);
+        u[i] = safe_log(a[i]) - r[i];
+      }
+      if (r_hist) {
+        std::copy(r.begin(), r.end(), r_hist + t * r_stride);
+        std::copy(s.begin(), s.end(), s_hist + t * s_stride);
+      }
+    }
+    row_reduce<T>(M, C, v, nullptr, mx.data(), sm.data(), n, m);
+    T acc = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (u[i] != ninf && sm[i] != T(0)) acc += std::exp(u[i] + mx[i]) * sm[i];
+    *value = acc;
+  }
+}
+
+// --------------------------------- one row, backward ---------------------------------
+// Reverse sweep (scaling form; w_t = dL/du_t / r_t, z_t = dL/dv_t / s_t):
+//   w_T = g (K∘C) v_T / r_T,  direct_T = g (K∘C)^T u_T
+//   for t = T..1:  ga += w_t;  z_t = (direct_T if t = T) - K^T (w_t u_t) / s_t;  gb += z_t
+//                  w_{t-1} = -K (z_t v_t) / r_{t-1}        (t > 1; u0 is a constant)
+template <typename T>
+void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n, int64_t m, int64_t T_iters,
+                  bool log_domain, const T* r_hist, const T* s_hist, int64_t r_stride, int64_t s_stride, T* ga,
+                  T* gb) {
+  std::vector<T> w(n), z(m), direct(m), ut(n), vt(m), x(n), y(m), tmp(std::max(n, m));
+  std::fill(ga, ga + n, T(0));
+  std::fill(gb, gb + m, T(0));
+  auto r_at = [&](int64_t t) { return r_hist + t * r_stride; };
+  auto s_at = [&](int64_t t) { return s_hist + t * s_stride; };
+  const int64_t last = T_iters - 1;
+  if (!log_domain) {
+    auto load_uv = [&](int64_t t) {
+      const T* r = r_at(t);
+      const T* s = s_at(t);
+      for (int64_t i = 0; i < n; ++i) ut[i] = a[i] / r[i];
+      for (int64_t j = 0; j < m; ++j) vt[j] = b[j] / s[j];
+    };
+    load_uv(last);
+    mat_vec<T>(M, C, vt.data(), tmp.data(), n, m);
+    for (int64_t i = 0; i < n; ++i) w[i] = g * tmp[i] / r_at(last)[i];
+    vec_mat<T>(M, C, ut.data(), direct.data(), n, m);
+    for (int64_t t = last; t >= 0; --t) {
+      if (t != last) load_uv(t);
+      for (int64_t i = 0; i < n; ++i) {
+        ga[i] += w[i];
+        x[i] = w[i] * ut[i];
+      }
+      vec_mat<T>(M, nullptr, x.data(), tmp.data(), n, m);
+      const T* s = s_at(t);
+      for (int64_t j = 0; j < m; ++j) {
+        z[j] = ((t == last ? g * direct[j] : T(0)) - tmp[j]) / s[j];
+        gb[j] += z[j];
+        y[j] = z[j] * vt[j];
+      }
+      if (t > 0) {
+        mat_vec<T>(M, nullptr, y.data(), tmp.data(), n, m);
+        const T* rp = r_at(t - 1);
+        for (int64_t i = 0; i < n; ++i) w[i] = -tmp[i] / rp[i];
+      }
+    }
+  } else {
+    std::vector<T> mx(std::max(n, m)), sm(std::max(n, m)), loga(n), logb(m);
+    for (int64_t i = 0; i < n; ++i) loga[i] = safe_log(a[i]);
+    for (int64_t j = 0; j < m; ++j) logb[j] = safe_log(b[j]);
+    auto load_uv = [&](int64_t t) {  // log u_t, log v_t
+      const T* r = r_at(t);
+      const T* s = s_at(t);
+      for (int64_t i = 0; i < n; ++i) ut[i] = loga[i] - r[i];
+      for (int64_t j = 0; j < m; ++j) vt[j] = logb[j] - s[j];
+    };
+    load_uv(last);
+    row_reduce<T>(M, C, vt.data(), nullptr, mx.data(), sm.data(), n, m);
+    for (int64_t i = 0; i < n; ++i) w[i] = sm[i] == T(0) ? T(0) : g * std::exp(mx[i] - r_at(last)[i]) * sm[i];
+    col_reduce<T>(M, C, ut.data(), nullptr, mx.data(), sm.data(), n, m);
+    for (int64_t j = 0; j < m; ++j)
+      direct[j] = sm[j] == T(0) ? T(0) : g * std::exp(mx[j] - s_at(last)[j]) * sm[j];
+    for (int64_t t = last; t >= 0; --t) {
+      if (t != last) load_uv(t);
+      for (int64_t i = 0; i < n; ++i) ga[i] += w[i];
+      col_reduce<T>(M, nullptr, ut.data(), w.data(), mx.data(), sm.data(), n, m);
+      const T* s = s_at(t);
+      for (int64_t j = 0; j < m; ++j) {
+        const T prod = sm[j] == T(0) ? T(0) : std::exp(mx[j] - s[j]) * sm[j];
+        z[j] = (t == last ? direct[j] : T(0)) - prod;
+        gb[j] += z[j];
+      }
+      if (t > 0) {
+        row_reduce<T>(M, nullptr, vt.data(), z.data(), mx.data(), sm.data(), n, m);
+        const T* rp = r_at(t - 1);
+        for (int64_t i = 0; i < n; ++i) w[i] = sm[i] == T(0) ? T(0) : -std::exp(mx[i] - rp[i]) * sm[i];
+      }
+    }
+  }
+}
+
+// --------------------------------- shared cost, BLAS path ---------------------------------
+// s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
+// accumulated in float64 (the subtraction cancels). Returns false when rows have too many zeros.
+bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, at::Tensor& s_out) {
+  const int64_t B = a.size(0), n = a.size(1), m = K.size(1);
+  const at::Tensor zero_mask = a.le(0);
+  const int64_t max_zeros = zero_mask.sum(1).max().item<int64_t>();
+  if (max_zeros * 8 > n) return false;
+  const at::Tensor Kd = K.to(at::kDouble);
+  const at::Tensor colsum = Kd.sum(0);
+  const at::Tensor mask_c = zero_mask.contiguous();
+  const bool* zm = mask_c.data_ptr<bool>();
+  const double* kd = Kd.data_ptr<double>();
+  const double* cs = colsum.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(s_out.scalar_type(), "wkd_first_half", [&] {
+    scalar_t* out = s_out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<double> acc(m);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        std::copy(cs, cs + m, acc.begin());
+        int64_t zeros = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          if (!zm[bi * n + i]) continue;
+          ++zeros;
+          const double* Ki = kd + i * m;
+          for (int64_t j = 0; j < m; ++j) acc[j] -= Ki[j];
+        }
+        const double inv = 1.0 / double(n - zeros);
+        for (int64_t j = 0; j < m; ++j) out[bi * m + j] = static_cast<scalar_t>(acc[j] * inv + eps);
+      }
+    });
+  });
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_shared_blas(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters, double eps,
+    bool keep_history) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const at::Tensor K = at::exp(cost.div(-reg));
+  const int64_t H = keep_history ? T_iters : 0;
+  at::Tensor hist_r = at::empty({H, B, n}, a.options());
+  at::Tensor hist_s = at::empty({H, B, m}, a.options());
+  at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty({B, n}, a.options());
+  at::Tensor s_tmp = keep_history ? at::Tensor() : at::empty({B, m}, a.options());
+  at::Tensor u = at::empty({B, n}, a.options());
+  at::Tensor v = at::empty({B, m}, a.options());
+  for (int64_t t = 0; t < T_iters; ++t) {
+    at::Tensor s = keep_history ? hist_s[t] : s_tmp;
+    at::Tensor r = keep_history ? hist_r[t] : r_tmp;
+    if (t > 0 || !first_half_by_colsum(a, K, eps, s)) {
+      if (t == 0) {
+        const at::Tensor supp = a.gt(0).to(a.scalar_type());
+        at::div_out(u, supp, supp.sum(1, true));
+      }
+      at::mm_out(s, u, K);
+      if (eps > 0) s.add_(eps);
+    }
+    at::div_out(v, b, s);
+    at::mm_out(r, v, K.t());
+    if (eps > 0) r.add_(eps);
+    at::div_out(u, a, r);
+  }
+  const at::Tensor value = at::mm(u, K.mul(cost)).mul_(v).sum(1);
+  return {value, u, v, hist_r, hist_s};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_value, const at::Tensor& a,
+                                                        const at::Tensor& b, const at::Tensor& cost,
+                                                        const at::Tensor& hist_r, const at::Tensor& hist_s,
+                                                        double reg) {
+  const int64_t T_iters = hist_r.size(0);
+  const at::Tensor K = at::exp(cost.div(-reg));
+  const at::Tensor KC = K.mul(cost);
+  const at::Tensor g = grad_value.unsqueeze(1);
+  const int64_t last = T_iters - 1;
+  at::Tensor ut = a.div(hist_r[last]);
+  at::Tensor vt = b.div(hist_s[last]);
+  at::Tensor w = at::mm(vt, KC.t()).mul_(g).div_(hist_r[last]);
+  const at::Tensor direct = at::mm(ut, KC).mul_(g);
+  at::Tensor ga = at::zeros_like(a);
+  at::Tensor gb = at::zeros_like(b);
+  for (int64_t t = last; t >= 0; --t) {
+    if (t != last) {
+      at::div_out(ut, a, hist_r[t]);
+      at::div_out(vt, b, hist_s[t]);
+    }
+    ga.add_(w);
+    at::Tensor z = at::mm(w.mul_(ut), K);  // w is not needed after this step
+    if (t == last) {
+      z = direct.sub(z);
+    } else {
+      z.neg_();
+    }
+    z.div_(hist_s[t]);
+    gb.add_(z);
+    if (t > 0) w = at::mm(z.mul_(vt), K.t()).neg_().div_(hist_r[t - 1]);
+  }
+  return {ga, gb};
+}
+
+// --------------------------------- per-row path ---------------------------------
+template <typename T>
+void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
+                  double eps, bool log_domain, bool shared, at::Tensor& value, at::Tensor& u, at::Tensor& v,
+                  at::Tensor& hist_r, at::Tensor& hist_s, bool keep_history) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  at::Tensor shared_M;
+  if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
+  const T* a_p = a.data_ptr<T>();
+  const T* b_p = b.data_ptr<T>();
+  const T* c_p = cost.data_ptr<T>();
+  T* val_p = value.data_ptr<T>();
+  T* u_p = u.data_ptr<T>();
+  T* v_p = v.data_ptr<T>();
+  T* hr = keep_history ? hist_r.data_ptr<T>() : nullptr;
+  T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
+  const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> Mbuf(shared ? 0 : n * m);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const T* C = shared ? c_p : c_p + bi * n * m;
+      const T* M = sM;
+      if (!shared) {
+        kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
+        M = Mbuf.data();
+      }
+      forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi, u_p + bi * n,
+                     v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr, B * n, B * m);
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
+                   const at::Tensor& hist_r, const at::Tensor& hist_s, double reg, bool log_domain, bool shared,
+                   at::Tensor& ga, at::Tensor& gb) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_r.size(0);
+  at::Tensor shared_M;
+  if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
+  const T* a_p = a.data_ptr<T>();
+  const T* b_p = b.data_ptr<T>();
+  const T* c_p = cost.data_ptr<T>();
+  const T* g_p = grad_value.data_ptr<T>();
+  const T* hr = hist_r.data_ptr<T>();
+  const T* hs = hist_s.data_ptr<T>();
+  T* ga_p = ga.data_ptr<T>();
+  T* gb_p = gb.data_ptr<T>();
+  const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> Mbuf(shared ? 0 : n * m);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const T* C = shared ? c_p : c_p + bi * n * m;
+      const T* M = sM;
+      if (!shared) {
+        kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
+        M = Mbuf.data();
+      }
+      backward_row<T>(M, C, a_p + bi * n, b_p + bi * m, g_p[bi], n, m, T_iters, log_domain, hr + bi * n, hs + bi * m,
+                      B * n, B * m, ga_p + bi * n, gb_p + bi * m);
+    }
+  });
+}
+
+// --------------------------------- op entry points ---------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
+    double eps, bool log_domain, bool keep_history) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
+  check_sinkhorn_values(a_in, b_in, cost_in, kFwd);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
+  if (d.shared_cost && !log_domain) return forward_shared_blas(a, b, cost, reg, num_iters, eps, keep_history);
+  const int64_t H = keep_history ? num_iters : 0;
+  at::Tensor value = at::empty({d.B}, a.options());
+  at::Tensor u = at::empty({d.B, d.n}, a.options());
+  at::Tensor v = at::empty({d.B, d.m}, a.options());
+  at::Tensor hist_r = at::empty({H, d.B, d.n}, a.options());
+  at::Tensor hist_s = at::empty({H, d.B, d.m}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
+    forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain, d.shared_cost, value, u, v, hist_r, hist_s,
+                           keep_history);
+  });
+  return {value, u, v, hist_r, hist_s};
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_value, const at::Tensor& a_in,
+                                                         const at::Tensor& b_in, const at::Tensor& cost_in,
+                                                         const at::Tensor& u, const at::Tensor& v,
+                                                         const at::Tensor& hist_r_in, const at::Tensor& hist_s_in,
+                                                         double reg, double eps, bool log_domain) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, eps, kBwd);
+  check_sinkhorn_backward_args(grad_value, a_in, b_in, u, v, hist_r_in, hist_s_in, kBwd);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
+  const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous();
+  const at::Tensor g = grad_value.contiguous();
+  if (d.shared_cost && !log_domain) return backward_shared_blas(g, a, b, cost, hist_r, hist_s, reg);
+  at::Tensor ga = at::empty_like(a);
+  at::Tensor gb = at::empty_like(b);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
+    backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, reg, log_domain, d.shared_cost, ga, gb);
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wkd, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("sinkhorn_backward", &sinkhorn_backward_cpu);
+}
+
+}  // namespace wkd

@@ -1,0 +1,268 @@
+"""Typed wrappers over torch.ops.wkd.*, fake kernels, autograd and CUDA routing.
+
+The op schemas live in csrc/ops.cpp, the CPU kernels in csrc/cpu/, the CUDA C++ kernels in csrc/cuda/ and the
+Triton kernels in wkd_kernels/triton/. This module adds what Python does best: fake (meta) kernels for
+torch.compile, the autograd formulas, the switch between the Triton and CUDA C++ kernels for CUDA tensors,
+and the user-facing functions with their docs.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _build
+
+__all__ = ["SinkhornResult", "sinkhorn", "set_cuda_backend", "get_cuda_backend"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA backend switch
+# ----------------------------------------------------------------------------------------------------------
+_CUDA_BACKENDS = ("auto", "triton", "cuda")
+_cuda_backend = os.environ.get("WKD_CUDA_BACKEND", "auto").strip().lower()
+if _cuda_backend not in _CUDA_BACKENDS:
+    raise ValueError(f"WKD_CUDA_BACKEND must be one of {_CUDA_BACKENDS}, got {_cuda_backend!r}")
+
+
+def set_cuda_backend(backend: str) -> None:
+    """Choose which kernels serve ``torch.ops.wkd.*`` on CUDA tensors.
+
+    ``"triton"``: the Triton kernels (wkd_kernels/triton); ``"cuda"``: the hand-written CUDA C++ kernels
+    (csrc/cuda, needs the package built with CUDA); ``"auto"`` (default): the faster one as measured by
+    bench/compare_pot.py, see the README. The environment variable ``WKD_CUDA_BACKEND`` sets the initial value.
+    """
+    global _cuda_backend
+    if backend not in _CUDA_BACKENDS:
+        raise ValueError(f"set_cuda_backend: `backend` must be one of {_CUDA_BACKENDS}, got {backend!r}")
+    if backend == "cuda" and not _build.HAS_CUDA_EXT:
+        raise RuntimeError(
+            "set_cuda_backend('cuda'): this build has no CUDA C++ kernels "
+            f"(build info: {_build.build_info()}); rebuild with a CUDA toolkit or use 'triton'"
+        )
+    _cuda_backend = backend
+
+
+def get_cuda_backend() -> str:
+    """The backend CUDA tensors use now: ``"triton"`` or ``"cuda"`` (``"auto"`` resolved)."""
+    if _cuda_backend == "auto":
+        # Measured default: see README "Choosing the CUDA backend". Falls back to what is available.
+        return "cuda" if _build.HAS_CUDA_EXT else "triton"
+    return _cuda_backend
+
+
+def _values_check_requested(check_values: Optional[bool]) -> bool:
+    if check_values is not None:
+        return bool(check_values)
+    return os.environ.get("WKD_CHECK_VALUES", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sinkhorn: argument checks shared by the fake kernel and the Triton path (the C++ kernels check in C++)
+# ----------------------------------------------------------------------------------------------------------
+def check_sinkhorn_args(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, eps: float,
+                        op: str = "wkd.sinkhorn", allow_half: bool = False) -> bool:
+    """Validate shapes, dtypes, devices and scalars; return True when ``cost`` is shared ([n, m])."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or not isinstance(cost, Tensor):
+        raise TypeError(f"{op}: `a`, `b` and `cost` must be tensors")
+    if a.dim() != 2:
+        raise ValueError(f"{op}: `a` must be 2-D [B, n], got shape {list(a.shape)}")
+    if b.dim() != 2:
+        raise ValueError(f"{op}: `b` must be 2-D [B, m], got shape {list(b.shape)}")
+    if cost.dim() not in (2, 3):
+        raise ValueError(f"{op}: `cost` must be [n, m] (shared by the batch) or [B, n, m], got shape "
+                         f"{list(cost.shape)}")
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    if b.shape[0] != B:
+        raise ValueError(f"{op}: batch mismatch: `a` has {B} rows but `b` has {b.shape[0]}")
+    if n == 0 or m == 0:
+        raise ValueError(f"{op}: `a` and `b` need at least one column, got n={n}, m={m}")
+    shared = cost.dim() == 2
+    want = [n, m] if shared else [B, n, m]
+    if list(cost.shape) != want:
+        raise ValueError(f"{op}: `cost` must be {want} to match `a` [B, n] and `b` [B, m], got {list(cost.shape)}")
+    ok = (torch.float32, torch.float64) + (_HALF if allow_half else ())
+    if a.dtype not in ok:
+        raise TypeError(f"{op}: `a` must be one of {[str(d) for d in ok]}, got {a.dtype}")
+    for name, t in (("b", b), ("cost", cost)):
+        if t.dtype != a.dtype:
+            raise TypeError(f"{op}: `{name}` has dtype {t.dtype} but `a` has {a.dtype}; all inputs must share "
+                            "one dtype")
+        if t.device != a.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `a` is on {a.device}")
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not (reg > 0) or reg == float("inf"):
+        raise ValueError(f"{op}: `reg` must be a finite number > 0, got {reg!r}")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"{op}: `num_iters` must be an integer >= 1, got {num_iters!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or eps == float("inf"):
+        raise ValueError(f"{op}: `eps` must be a finite number >= 0, got {eps!r}")
+    return shared
+
+
+def check_sinkhorn_values(a: Tensor, b: Tensor, cost: Tensor, op: str = "wkd.sinkhorn") -> None:
+    """Value checks (non-finite, negative, empty rows). They read the data: on a GPU they synchronise."""
+    for name, t in (("a", a), ("b", b), ("cost", cost)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: `{name}` contains non-finite values (inf or nan)")
+    for name, t in (("a", a), ("b", b)):
+        if bool((t < 0).any()):
+            raise ValueError(f"{op}: `{name}` must be non-negative (a probability vector per row)")
+        if bool((t.sum(1) <= 0).any()):
+            raise ValueError(f"{op}: every row of `{name}` needs positive mass (a row sums to 0)")
+    if bool((cost < 0).any()):
+        raise ValueError(f"{op}: `cost` must be non-negative")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake kernels
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("wkd::sinkhorn")
+def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True):
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    H = num_iters if keep_history else 0
+    return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(H, B, n), a.new_empty(H, B, m))
+
+
+@torch.library.register_fake("wkd::sinkhorn_backward")
+def _sinkhorn_backward_fake(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps=0.0, log_domain=False):
+    check_sinkhorn_args(a, b, cost, reg, 1, eps, op="wkd.sinkhorn_backward")
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+torch.library.register_fake("wkd::sinkhorn_cuda_native")(_sinkhorn_fake)
+torch.library.register_fake("wkd::sinkhorn_backward_cuda_native")(_sinkhorn_backward_fake)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA routing: torch.ops.wkd.sinkhorn on CUDA tensors -> Triton or the CUDA C++ kernels
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.register_kernel("wkd::sinkhorn", "cuda")
+def _sinkhorn_cuda(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True):
+    if get_cuda_backend() == "cuda":
+        return torch.ops.wkd.sinkhorn_cuda_native(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+    from .triton import sinkhorn as _tri
+
+    return _tri.sinkhorn_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+
+
+@torch.library.register_kernel("wkd::sinkhorn_backward", "cuda")
+def _sinkhorn_backward_cuda(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps=0.0, log_domain=False):
+    if get_cuda_backend() == "cuda":
+        return torch.ops.wkd.sinkhorn_backward_cuda_native(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps,
+                                                          log_domain)
+    from .triton import sinkhorn as _tri
+
+    return _tri.sinkhorn_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log_domain)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+def _sinkhorn_setup_context(ctx, inputs, output):
+    a, b, cost, reg, num_iters, eps, log_domain, keep_history = inputs
+    value, u, v, hist_r, hist_s = output
+    ctx.mark_non_differentiable(u, v, hist_r, hist_s)
+    ctx.save_for_backward(a, b, cost, u, v, hist_r, hist_s)
+    ctx.reg, ctx.eps, ctx.log_domain = reg, eps, log_domain
+
+
+def _envelope_potential(scaling: Tensor, mass: Tensor, reg: float, log_domain: bool) -> Tensor:
+    """reg * log(scaling), centred over the support of `mass`, 0 on zero-mass entries (POT's envelope)."""
+    log_s = scaling if log_domain else torch.log(scaling)
+    supp = mass > 0
+    f = torch.where(supp, reg * log_s, torch.zeros_like(log_s))
+    mean = f.sum(1, keepdim=True) / supp.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(supp, f - mean, torch.zeros_like(f))
+
+
+def _sinkhorn_backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s):
+    a, b, cost, u, v, hist_r, hist_s = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_a or need_b):
+        return None, None, None, None, None, None, None, None
+    if hist_r.shape[0] > 0:
+        ga, gb = torch.ops.wkd.sinkhorn_backward(grad_value.contiguous(), a, b, cost, u, v, hist_r, hist_s, ctx.reg,
+                                                 ctx.eps, ctx.log_domain)
+    else:  # envelope gradient (no history kept)
+        g = grad_value.unsqueeze(1)
+        ga = g * _envelope_potential(u, a, ctx.reg, ctx.log_domain)
+        gb = g * _envelope_potential(v, b, ctx.reg, ctx.log_domain)
+    return (ga if need_a else None, gb if need_b else None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("wkd::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+class SinkhornResult(NamedTuple):
+    """Result of :func:`sinkhorn`.
+
+    value: [B] transport cost sum_ij P_ij cost_ij per row (differentiable w.r.t. ``a`` and ``b``), in the units
+        of ``cost``.
+    log_u: [B, n] log of the final row scaling u (-inf on zero-mass entries of ``a``); not differentiable.
+    log_v: [B, m] log of the final column scaling v; not differentiable.
+    The transport plan is P = exp(log_u[:, :, None] - cost / reg + log_v[:, None, :]) (never formed by the op);
+    f = reg * log_u and g = reg * log_v are the dual potentials in the units of ``cost``.
+    """
+
+    value: Tensor
+    log_u: Tensor
+    log_v: Tensor
+
+
+def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, eps: float = 0.0,
+             grad: str = "exact", log_domain: bool = False, check_values: Optional[bool] = None) -> SinkhornResult:
+    """Fixed-iteration entropic OT (Sinkhorn) per row, batched, without ever forming a B x n x m tensor.
+
+    With K = exp(-cost / reg) and per row: u0 = 1/|supp a| on the support of a (0 elsewhere), then ``num_iters``
+    times ``v = b / (K^T u + eps); u = a / (K v + eps)``; the result is the transport cost
+    ``value = sum_ij u_i K_ij v_j cost_ij`` (not the entropic objective). With ``eps=0`` each row equals POT's
+    ``ot.sinkhorn2(a_i, b_i, cost, reg, numItermax=num_iters, stopThr=0)``. Zero entries of ``a``/``b`` remove
+    those rows/columns exactly (the result equals the reduced problem), which is how WKD-L drops the target class
+    while keeping one shared cost matrix.
+
+    Args:
+        a: [B, n] non-negative source masses, each row summing to 1 (float32/float64; float16/bfloat16 are
+            computed in float32).
+        b: [B, m] non-negative target masses, same dtype and device.
+        cost: [n, m] cost shared by every row (the fast path) or [B, n, m] one per row; non-negative, same dtype
+            and device. Treated as a constant (no gradient).
+        reg: entropic regularisation lambda > 0, in the units of ``cost``.
+        num_iters: number of Sinkhorn iterations (>= 1); no convergence test, no host synchronisation.
+        eps: added to every denominator (WKD-L's published code uses 1e-8); 0 matches POT.
+        grad: ``"exact"`` (default): the exact gradient of this fixed-iteration computation w.r.t. ``a`` and
+            ``b`` (what autograd through the loop gives), storing O(B (n + m) num_iters) numbers;
+            ``"envelope"``: the dual potentials reg*log u, reg*log v centred over the support (POT's
+            ``grad='envelope'``; cheaper, approximate for the transport cost, 0 on zero-mass entries).
+        log_domain: iterate on log-scalings with log-sum-exp: needed when ``cost/reg`` is large enough for K to
+            underflow (e.g. reg=1e-3 with cost in [0, 1]); slower.
+        check_values: check for non-finite or negative entries and empty rows. Always done on CPU; on CUDA only
+            when True (or env ``WKD_CHECK_VALUES=1``) since it synchronises with the device.
+
+    Returns:
+        :class:`SinkhornResult` ``(value [B], log_u [B, n], log_v [B, m])``, float32 for half inputs.
+    """
+    if grad not in ("exact", "envelope"):
+        raise ValueError(f"wkd.sinkhorn: `grad` must be 'exact' or 'envelope', got {grad!r}")
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps, allow_half=True)
+    if cost.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
+    if a.dtype in _HALF:
+        a, b, cost = a.float(), b.float(), cost.float()
+    if a.is_cuda and _values_check_requested(check_values):
+        check_sinkhorn_values(a, b, cost)
+    needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    keep_history = needs_grad and grad == "exact"
+    value, u, v, _, _ = torch.ops.wkd.sinkhorn(a, b, cost, float(reg), int(num_iters), float(eps),
+                                               bool(log_domain), keep_history)
+    if log_domain:
+        log_u, log_v = u, v
+    else:
+        log_u, log_v = torch.log(u), torch.log(v)
+    return SinkhornResult(value, log_u, log_v)
