@@ -18,9 +18,9 @@ TORCH_LIBRARY(wkd, m) {
   // Fixed-iteration Sinkhorn per row (design.md section 3). With K = exp(-cost/reg):
   //   u0 = 1/|supp a| on supp a;  repeat num_iters: s = K^T u + eps, v = b/s;  r = K v + eps, u = a/r
   //   value = sum_ij u_i K_ij v_j cost_ij                                   (transport cost, [B])
-  // Outputs: value [B]; u [B,n], v [B,m] (log u, log v when log_domain); hist_r [T,B,n] and
-  // hist_s [T,B,m] = r and s of every iteration (their logs when log_domain), or [0,B,*] when
-  // keep_history is false. The exact backward needs the history; without it the autograd formula
+  // Outputs: value [B]; u [B,n], v [B,m] (log u, log v when log_domain); hist_r [T+1,B,n] = r of every
+  // iteration then y = (K∘C) v_T (value = sum_i u_i y_i), hist_s [T,B,m] = s of every iteration (all as
+  // logs when log_domain), or [0,B,*] when keep_history is false. The exact backward needs the history; without it the autograd formula
   // falls back to the envelope (dual-potential) gradient.
   m.def(
       "sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, "

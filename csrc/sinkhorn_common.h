@@ -64,12 +64,12 @@ inline void check_sinkhorn_backward_args(const at::Tensor& grad_value, const at:
                     "], got ", grad_value.sizes());
   TORCH_CHECK_VALUE(u.sizes() == a.sizes(), op, ": `u` must have the shape of `a` ", a.sizes(), ", got ", u.sizes());
   TORCH_CHECK_VALUE(v.sizes() == b.sizes(), op, ": `v` must have the shape of `b` ", b.sizes(), ", got ", v.sizes());
-  TORCH_CHECK_VALUE(hist_r.dim() == 3 && hist_r.size(0) >= 1 && hist_r.size(1) == B && hist_r.size(2) == n, op,
-                    ": `hist_r` must be [num_iters, B, n] with num_iters >= 1 (run the forward with keep_history=True)",
-                    ", got ", hist_r.sizes());
-  TORCH_CHECK_VALUE(hist_s.dim() == 3 && hist_s.size(0) == hist_r.size(0) && hist_s.size(1) == B &&
+  TORCH_CHECK_VALUE(hist_r.dim() == 3 && hist_r.size(0) >= 2 && hist_r.size(1) == B && hist_r.size(2) == n, op,
+                    ": `hist_r` must be [num_iters + 1, B, n] with num_iters >= 1 (run the forward with "
+                    "keep_history=True), got ", hist_r.sizes());
+  TORCH_CHECK_VALUE(hist_s.dim() == 3 && hist_s.size(0) == hist_r.size(0) - 1 && hist_s.size(1) == B &&
                         hist_s.size(2) == m,
-                    op, ": `hist_s` must be [num_iters, B, m] = [", hist_r.size(0), ", ", B, ", ", m, "], got ",
+                    op, ": `hist_s` must be [num_iters, B, m] = [", hist_r.size(0) - 1, ", ", B, ", ", m, "], got ",
                     hist_s.sizes());
   for (const at::Tensor* t : {&grad_value, &u, &v, &hist_r, &hist_s}) {
     TORCH_CHECK_TYPE(t->scalar_type() == a.scalar_type(), op, ": all tensors must share the dtype of `a` (",

@@ -124,7 +124,8 @@ def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_h
     check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     H = num_iters if keep_history else 0
-    return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(H, B, n), a.new_empty(H, B, m))
+    return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(H + int(keep_history), B, n),
+            a.new_empty(H, B, m))
 
 
 @torch.library.register_fake("wkd::sinkhorn_backward")

@@ -132,7 +132,8 @@ void kernel_matrix(const T* C, T* out, int64_t nm, T reg, bool log_domain) {
 
 // --------------------------------- one row, forward ---------------------------------
 // M: K or L of this row; C: cost of this row. Writes value, u/v (log u/log v in the log domain)
-// and, when r_hist/s_hist are non-null, r_t/s_t (logs in the log domain) at stride B*n / B*m.
+// and, when r_hist/s_hist are non-null, r_t/s_t and finally y = (K∘C) v_T (logs in the log domain)
+// at stride B*n / B*m.
 template <typename T>
 void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int64_t m, int64_t T_iters, T eps,
                  bool log_domain, T* value, T* u, T* v, T* r_hist, T* s_hist, int64_t r_stride, int64_t s_stride) {
@@ -159,10 +160,11 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
         std::copy(s.begin(), s.end(), s_hist + t * s_stride);
       }
     }
-    vec_mat<T>(M, C, u, tmp.data(), n, m);
+    mat_vec<T>(M, C, v, tmp.data(), n, m);  // y = (K∘C) v_T
     T acc = 0;
-    for (int64_t j = 0; j < m; ++j) acc += tmp[j] * v[j];
+    for (int64_t i = 0; i < n; ++i) acc += u[i] * tmp[i];
     *value = acc;
+    if (r_hist) std::copy(tmp.begin(), tmp.begin() + n, r_hist + T_iters * r_stride);
   } else {
     std::vector<T> mx(std::max(n, m)), sm(std::max(n, m));
     const T ninf = -std::numeric_limits<T>::infinity();
@@ -183,11 +185,14 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
         std::copy(s.begin(), s.end(), s_hist + t * s_stride);
       }
     }
-    row_reduce<T>(M, C, v, nullptr, mx.data(), sm.data(), n, m);
+    row_reduce<T>(M, C, v, nullptr, mx.data(), sm.data(), n, m);  // log y = log (K∘C) v_T
     T acc = 0;
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
+      tmp[i] = mx[i] + safe_log(sm[i]);
       if (u[i] != ninf && sm[i] != T(0)) acc += std::exp(u[i] + mx[i]) * sm[i];
+    }
     *value = acc;
+    if (r_hist) std::copy(tmp.begin(), tmp.begin() + n, r_hist + T_iters * r_stride);
   }
 }
 
@@ -214,8 +219,8 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
       for (int64_t j = 0; j < m; ++j) vt[j] = b[j] / s[j];
     };
     load_uv(last);
-    mat_vec<T>(M, C, vt.data(), tmp.data(), n, m);
-    for (int64_t i = 0; i < n; ++i) w[i] = g * tmp[i] / r_at(last)[i];
+    const T* kcv = r_at(T_iters);  // y = (K∘C) v_T, stored by the forward
+    for (int64_t i = 0; i < n; ++i) w[i] = g * kcv[i] / r_at(last)[i];
     vec_mat<T>(M, C, ut.data(), direct.data(), n, m);
     for (int64_t t = last; t >= 0; --t) {
       if (t != last) load_uv(t);
@@ -247,8 +252,9 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
       for (int64_t j = 0; j < m; ++j) vt[j] = logb[j] - s[j];
     };
     load_uv(last);
-    row_reduce<T>(M, C, vt.data(), nullptr, mx.data(), sm.data(), n, m);
-    for (int64_t i = 0; i < n; ++i) w[i] = sm[i] == T(0) ? T(0) : g * std::exp(mx[i] - r_at(last)[i]) * sm[i];
+    const T* log_y = r_at(T_iters);  // log (K∘C) v_T, stored by the forward
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < n; ++i) w[i] = log_y[i] == ninf ? T(0) : g * std::exp(log_y[i] - r_at(last)[i]);
     col_reduce<T>(M, C, ut.data(), nullptr, mx.data(), sm.data(), n, m);
     for (int64_t j = 0; j < m; ++j)
       direct[j] = sm[j] == T(0) ? T(0) : g * std::exp(mx[j] - s_at(last)[j]) * sm[j];
@@ -272,6 +278,14 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
 }
 
 // --------------------------------- shared cost, BLAS path ---------------------------------
+// Elementwise passes over [B, len] buffers, fused by hand and run in parallel over the batch.
+template <typename F>
+void rows_parallel(int64_t B, int64_t len, const F& f) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) f(bi, bi * len);
+  });
+}
+
 // s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
 // accumulated in float64 (the subtraction cancels). Returns false when rows have too many zeros.
 bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, at::Tensor& s_out) {
@@ -279,13 +293,11 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
   const at::Tensor zero_mask = a.le(0);
   const int64_t max_zeros = zero_mask.sum(1).max().item<int64_t>();
   if (max_zeros * 8 > n) return false;
-  const at::Tensor Kd = K.to(at::kDouble);
-  const at::Tensor colsum = Kd.sum(0);
-  const at::Tensor mask_c = zero_mask.contiguous();
-  const bool* zm = mask_c.data_ptr<bool>();
-  const double* kd = Kd.data_ptr<double>();
+  const at::Tensor colsum = K.sum(0, /*keepdim=*/false, at::kDouble);
+  const bool* zm = zero_mask.data_ptr<bool>();
   const double* cs = colsum.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(s_out.scalar_type(), "wkd_first_half", [&] {
+    const scalar_t* kp = K.data_ptr<scalar_t>();
     scalar_t* out = s_out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<double> acc(m);
@@ -295,8 +307,8 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
         for (int64_t i = 0; i < n; ++i) {
           if (!zm[bi * n + i]) continue;
           ++zeros;
-          const double* Ki = kd + i * m;
-          for (int64_t j = 0; j < m; ++j) acc[j] -= Ki[j];
+          const scalar_t* Ki = kp + i * m;
+          for (int64_t j = 0; j < m; ++j) acc[j] -= double(Ki[j]);
         }
         const double inv = 1.0 / double(n - zeros);
         for (int64_t j = 0; j < m; ++j) out[bi * m + j] = static_cast<scalar_t>(acc[j] * inv + eps);
@@ -306,68 +318,129 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
   return true;
 }
 
+// Forward: s_t = U K + eps (one GEMM), v = b / s; r_t = V K^T + eps (one GEMM), u = a / r.
+// History: hist_r[0..T-1] = r_t, hist_r[T] = y = (K∘C) v_T (the value is sum_i u_i y_i; the backward reuses y).
+template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_shared_blas(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters, double eps,
     bool keep_history) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const at::Tensor K = at::exp(cost.div(-reg));
-  const int64_t H = keep_history ? T_iters : 0;
-  at::Tensor hist_r = at::empty({H, B, n}, a.options());
-  at::Tensor hist_s = at::empty({H, B, m}, a.options());
+  at::Tensor hist_r = at::empty({keep_history ? T_iters + 1 : 0, B, n}, a.options());
+  at::Tensor hist_s = at::empty({keep_history ? T_iters : 0, B, m}, a.options());
   at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty({B, n}, a.options());
   at::Tensor s_tmp = keep_history ? at::Tensor() : at::empty({B, m}, a.options());
   at::Tensor u = at::empty({B, n}, a.options());
   at::Tensor v = at::empty({B, m}, a.options());
+  const T* a_p = a.data_ptr<T>();
+  const T* b_p = b.data_ptr<T>();
+  T* u_p = u.data_ptr<T>();
+  T* v_p = v.data_ptr<T>();
+  const T e = T(eps);
   for (int64_t t = 0; t < T_iters; ++t) {
     at::Tensor s = keep_history ? hist_s[t] : s_tmp;
     at::Tensor r = keep_history ? hist_r[t] : r_tmp;
+    bool s_has_eps = true;
     if (t > 0 || !first_half_by_colsum(a, K, eps, s)) {
       if (t == 0) {
         const at::Tensor supp = a.gt(0).to(a.scalar_type());
         at::div_out(u, supp, supp.sum(1, true));
       }
       at::mm_out(s, u, K);
-      if (eps > 0) s.add_(eps);
+      s_has_eps = false;
     }
-    at::div_out(v, b, s);
+    T* s_p = s.data_ptr<T>();
+    rows_parallel(B, m, [&](int64_t, int64_t o) {
+      for (int64_t j = o; j < o + m; ++j) {
+        if (!s_has_eps) s_p[j] += e;
+        v_p[j] = b_p[j] / s_p[j];
+      }
+    });
     at::mm_out(r, v, K.t());
-    if (eps > 0) r.add_(eps);
-    at::div_out(u, a, r);
+    T* r_p = r.data_ptr<T>();
+    rows_parallel(B, n, [&](int64_t, int64_t o) {
+      for (int64_t i = o; i < o + n; ++i) {
+        r_p[i] += e;
+        u_p[i] = a_p[i] / r_p[i];
+      }
+    });
   }
-  const at::Tensor value = at::mm(u, K.mul(cost)).mul_(v).sum(1);
+  at::Tensor y = keep_history ? hist_r[T_iters] : at::empty({B, n}, a.options());
+  at::mm_out(y, v, K.mul(cost).t());
+  const at::Tensor value = at::empty({B}, a.options());
+  T* val_p = value.data_ptr<T>();
+  const T* y_p = y.data_ptr<T>();
+  rows_parallel(B, n, [&](int64_t bi, int64_t o) {
+    T acc = 0;
+    for (int64_t i = o; i < o + n; ++i) acc += u_p[i] * y_p[i];
+    val_p[bi] = acc;
+  });
   return {value, u, v, hist_r, hist_s};
 }
 
+// Backward (see backward_row for the recurrences): two GEMMs per iteration (one in the first), fused passes.
+template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_value, const at::Tensor& a,
                                                         const at::Tensor& b, const at::Tensor& cost,
                                                         const at::Tensor& hist_r, const at::Tensor& hist_s,
                                                         double reg) {
-  const int64_t T_iters = hist_r.size(0);
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const at::Tensor K = at::exp(cost.div(-reg));
-  const at::Tensor KC = K.mul(cost);
-  const at::Tensor g = grad_value.unsqueeze(1);
-  const int64_t last = T_iters - 1;
-  at::Tensor ut = a.div(hist_r[last]);
-  at::Tensor vt = b.div(hist_s[last]);
-  at::Tensor w = at::mm(vt, KC.t()).mul_(g).div_(hist_r[last]);
-  const at::Tensor direct = at::mm(ut, KC).mul_(g);
-  at::Tensor ga = at::zeros_like(a);
-  at::Tensor gb = at::zeros_like(b);
+  const T* a_p = a.data_ptr<T>();
+  const T* b_p = b.data_ptr<T>();
+  const T* g_p = grad_value.data_ptr<T>();
+  const T* hr = hist_r.data_ptr<T>();
+  const T* hs = hist_s.data_ptr<T>();
+  const T* y_p = hr + T_iters * B * n;
+  at::Tensor ga = at::empty_like(a), gb = at::empty_like(b);
+  at::Tensor x = at::empty({B, n}, a.options()), ut = at::empty({B, n}, a.options());
+  at::Tensor zv = at::empty({B, m}, a.options()), tmp_m = at::empty({B, m}, a.options());
+  at::Tensor tmp_n = at::empty({B, n}, a.options());
+  T* ga_p = ga.data_ptr<T>();
+  T* gb_p = gb.data_ptr<T>();
+  T* x_p = x.data_ptr<T>();
+  T* ut_p = ut.data_ptr<T>();
+  T* zv_p = zv.data_ptr<T>();
+  const T* tm_p = tmp_m.data_ptr<T>();
+  const T* tn_p = tmp_n.data_ptr<T>();
+  // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
+  {
+    const T* r = hr + last * B * n;
+    rows_parallel(B, n, [&](int64_t bi, int64_t o) {
+      const T g = g_p[bi];
+      for (int64_t i = o; i < o + n; ++i) {
+        const T u_i = a_p[i] / r[i];
+        const T w = g * y_p[i] / r[i];
+        ut_p[i] = u_i;
+        ga_p[i] = w;
+        x_p[i] = w * u_i;
+      }
+    });
+  }
+  at::Tensor direct = at::mm(ut, K.mul(cost));
+  const T* d_p = direct.data_ptr<T>();
   for (int64_t t = last; t >= 0; --t) {
-    if (t != last) {
-      at::div_out(ut, a, hist_r[t]);
-      at::div_out(vt, b, hist_s[t]);
-    }
-    ga.add_(w);
-    at::Tensor z = at::mm(w.mul_(ut), K);  // w is not needed after this step
-    if (t == last) {
-      z = direct.sub(z);
-    } else {
-      z.neg_();
-    }
-    z.div_(hist_s[t]);
-    gb.add_(z);
-    if (t > 0) w = at::mm(z.mul_(vt), K.t()).neg_().div_(hist_r[t - 1]);
+    at::mm_out(tmp_m, x, K);  // K^T (w_t u_t) per row
+    const T* s = hs + t * B * m;
+    rows_parallel(B, m, [&](int64_t bi, int64_t o) {
+      const T g = g_p[bi];
+      for (int64_t j = o; j < o + m; ++j) {
+        const T z = ((t == last ? g * d_p[j] : T(0)) - tm_p[j]) / s[j];
+        gb_p[j] = t == last ? z : gb_p[j] + z;
+        zv_p[j] = z * (b_p[j] / s[j]);
+      }
+    });
+    if (t == 0) break;
+    at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
+    const T* r = hr + (t - 1) * B * n;
+    rows_parallel(B, n, [&](int64_t, int64_t o) {
+      for (int64_t i = o; i < o + n; ++i) {
+        const T w = -tn_p[i] / r[i];
+        ga_p[i] += w;
+        x_p[i] = w * (a_p[i] / r[i]);
+      }
+    });
   }
   return {ga, gb};
 }
@@ -408,7 +481,7 @@ template <typename T>
 void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                    const at::Tensor& hist_r, const at::Tensor& hist_s, double reg, bool log_domain, bool shared,
                    at::Tensor& ga, at::Tensor& gb) {
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_r.size(0);
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_s.size(0);
   at::Tensor shared_M;
   if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
   const T* a_p = a.data_ptr<T>();
@@ -442,13 +515,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
   const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
   check_sinkhorn_values(a_in, b_in, cost_in, kFwd);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
-  if (d.shared_cost && !log_domain) return forward_shared_blas(a, b, cost, reg, num_iters, eps, keep_history);
-  const int64_t H = keep_history ? num_iters : 0;
+  if (d.shared_cost && !log_domain) {
+    return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu_blas", [&] {
+      return forward_shared_blas<scalar_t>(a, b, cost, reg, num_iters, eps, keep_history);
+    });
+  }
   at::Tensor value = at::empty({d.B}, a.options());
   at::Tensor u = at::empty({d.B, d.n}, a.options());
   at::Tensor v = at::empty({d.B, d.m}, a.options());
-  at::Tensor hist_r = at::empty({H, d.B, d.n}, a.options());
-  at::Tensor hist_s = at::empty({H, d.B, d.m}, a.options());
+  at::Tensor hist_r = at::empty({keep_history ? num_iters + 1 : 0, d.B, d.n}, a.options());
+  at::Tensor hist_s = at::empty({keep_history ? num_iters : 0, d.B, d.m}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
     forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain, d.shared_cost, value, u, v, hist_r, hist_s,
                            keep_history);
@@ -466,7 +542,11 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
   const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous();
   const at::Tensor g = grad_value.contiguous();
-  if (d.shared_cost && !log_domain) return backward_shared_blas(g, a, b, cost, hist_r, hist_s, reg);
+  if (d.shared_cost && !log_domain) {
+    return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu_blas", [&] {
+      return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, reg);
+    });
+  }
   at::Tensor ga = at::empty_like(a);
   at::Tensor gb = at::empty_like(b);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
