@@ -1,0 +1,54 @@
+"""Shared test fixtures.
+
+Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported
+(the README's test command does that). GPU tests are marked `gpu` and skip without CUDA.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Real cost matrices released with the paper: ../shared/data next to the checkout, or data/ inside it
+# (the GPU suite copies them there), or WKD_DATA_DIR.
+_DATA_CANDIDATES = [os.environ.get("WKD_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data"]
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def data_dir():
+    for c in _DATA_CANDIDATES:
+        if c and Path(c).is_dir() and any(Path(c).glob("*.pth")):
+            return Path(c)
+    return None
+
+
+def load_cost_matrix(name):
+    """Load a released [C, C] distance matrix by file name, or skip the test when the data is absent."""
+    d = data_dir()
+    if d is None or not (d / name).exists():
+        pytest.skip(f"real cost matrix {name} not found (../shared/data, data/ or WKD_DATA_DIR)")
+    return torch.load(d / name, weights_only=True)
+
+
+def triton_device():
+    """Device on which the Triton kernels can run here: cuda, or cpu under TRITON_INTERPRET=1; else skip."""
+    if torch.cuda.is_available() and not TRITON_INTERPRET:
+        return "cuda"
+    if TRITON_INTERPRET:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pytest.skip("triton is not installed")
+        return "cpu"
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
