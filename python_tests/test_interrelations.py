@@ -169,7 +169,7 @@ def test_sharpen():
 
 
 def test_real_matrix_roundtrip():
-    """The released ImageNet matrix is a valid CKA distance; sharpening keeps it in [0, 1)."""
+    """The released CIFAR-100 matrix: sharpening keeps it in [0, 1)."""
     from conftest import load_cost_matrix
 
     d = load_cost_matrix("cifar100_resnet32x4_cka_distance.pth")

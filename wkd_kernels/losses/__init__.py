@@ -1,0 +1,18 @@
+"""Distillation losses: WKD-L and the baselines KD, DKD, NKD and FitNet, plus the cosine weight schedule.
+
+    WKDLogitLoss(cost, temperature, weight, reg=0.05, num_iters=10)(student_logits, teacher_logits, target)
+    wkd_logit_loss(student_logits, teacher_logits, target, cost, temperature, weight, reg=0.05, num_iters=10)
+    KDLoss / kd_loss, DKDLoss / dkd_loss, NKDLoss / nkd_loss, FitNetLoss / fitnet_loss
+    cosine_weight(epoch, base_weight, decay_start_epoch, total_epochs)
+    make_projector("conv1x1" | "bottleneck" | None, student_channels, teacher_channels)
+"""
+from .baselines import DKDLoss, FitNetLoss, KDLoss, NKDLoss, dkd_loss, fitnet_loss, kd_loss, nkd_loss
+from .logit import WKDLogitLoss, prepare_wkd_cost, wkd_logit_loss
+from .projectors import make_projector
+from .schedule import cosine_weight
+
+__all__ = [
+    "WKDLogitLoss", "wkd_logit_loss", "prepare_wkd_cost",
+    "KDLoss", "kd_loss", "DKDLoss", "dkd_loss", "NKDLoss", "nkd_loss", "FitNetLoss", "fitnet_loss",
+    "cosine_weight", "make_projector",
+]
