@@ -6,7 +6,6 @@ to the largest gradient entry <= 1e-4. Runs on CPU; the DDP smoke test uses gloo
 import math
 import os
 import socket
-import sys
 
 import pytest
 import torch
@@ -256,6 +255,9 @@ def _ddp_worker(rank, world, port, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_DDP", "0") != "1",
+                    reason="opt-in (WKD_TEST_DDP=1): two spawned processes each import torch, 10-40 s on 2 cores")
 def test_ddp_gloo_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
