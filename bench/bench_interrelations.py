@@ -13,7 +13,7 @@ shapes only). Ours runs in float64 (the default) and float32; the loops in float
 difference measured against ours in float64.
 
 Usage: python bench/bench_interrelations.py [--device cpu|cuda] [--sizes 100x50x256,1000x50x1000]
-       [--full-max 10000] [--pairs 2000] [--kernels linear,rbf] [--csv out.csv] [--json out.json]
+       [--full-max 10000] [--pairs 2000] [--kernels linear,rbf] [--threads N] [--csv out.csv] [--json out.json]
 """
 from __future__ import annotations
 
@@ -95,10 +95,15 @@ def main():
                     help="the per-pair loop runs all C^2 pairs when C^2 <= this (C=100), else --pairs of them")
     ap.add_argument("--pairs", type=int, default=2000, help="pairs the loop runs on when C^2 > --full-max")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for both methods (0: torch's default); on a shared, busy machine "
+                         "1 avoids the OpenMP oversubscription that slows every small product down 10-30x")
     ap.add_argument("--csv")
     ap.add_argument("--json")
     args = ap.parse_args()
     dev = args.device
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes.split(","):
         C, n, D = (int(v) for v in size.split("x"))

@@ -108,6 +108,27 @@ def test_cka_chunking_is_exact(kernel):
     assert (full - tiny).abs().max() < 1e-13
 
 
+def test_rbf_median_ignores_duplicate_samples():
+    """Duplicated samples give zero distances, which the median heuristic skips (as np.median(KX[KX != 0]))."""
+    x = feats(4, 9, 3, dtype=F64)
+    x[:, 1] = x[:, 0]
+    x[:, 5] = x[:, 2]
+    ref = per_pair_distance(x, "rbf")
+    ref.fill_diagonal_(0)
+    assert (ir.cka_distance(x, "rbf") - ref).abs().max() < 1e-12
+
+
+def test_median_nonzero_rows():
+    g = torch.Generator().manual_seed(3)
+    v = torch.rand(6, 11, generator=g, dtype=F64)
+    v[v < 0.3] = 0
+    v[5] = 0
+    got = ir._median_nonzero_rows(v)
+    for i in range(5):
+        assert got[i] == _np_median(v[i][v[i] != 0])
+    assert got[5] == 0
+
+
 def test_cka_float32_compute_and_half_input():
     x = feats(6, 10, 8)
     ref = ir.cka_distance(x)
