@@ -1,0 +1,363 @@
+"""Triton Sinkhorn kernels (wkd_kernels/triton/sinkhorn.py) against the float64 reference and the CPU op.
+
+They run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (small shapes: the interpreter is slow):
+    TRITON_INTERPRET=1 python -m pytest python_tests/test_sinkhorn_triton.py -q
+Outputs (value, u, v and the whole history) must match the CPU op torch.ops.wkd.sinkhorn, the value and scalings
+must match wkd_kernels.reference.sinkhorn_reference (float64), and the backward must match both
+torch.ops.wkd.sinkhorn_backward and torch.autograd.grad through the reference.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import wkd_kernels  # noqa: F401,E402  (registers torch.ops.wkd.*)
+from conftest import REPO, triton_device  # noqa: E402
+from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
+from wkd_kernels.triton import sinkhorn as sk  # noqa: E402
+
+F64, F32 = torch.float64, torch.float32
+# vs the CPU op (same recurrences, same dtype) and vs the float64 reference (float32 inputs: float32 rounding).
+TOL_CPU = {F32: 1e-5, F64: 1e-10}
+TOL_REF = {F32: 1e-5, F64: 1e-10}
+TOL_REF_GRAD = {F32: 1e-4, F64: 1e-10}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture
+def dev():
+    return triton_device()
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """16-wide tiles, so that the small test sizes span several tiles in every dimension (with ragged edges)."""
+    monkeypatch.setattr(sk, "DOT_CONFIG", {F32: (16, 16, 16, 4), F64: (16, 16, 16, 4)})
+    monkeypatch.setattr(sk, "ROWS_CONFIG", {F32: (16, 16, 4), F64: (16, 16, 4)})
+
+
+def simplex(B, n, dtype, zeros=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, n, generator=g, dtype=F64) + 0.05
+    for i in range(B):
+        if zeros:
+            x[i, torch.randperm(n, generator=g)[:zeros]] = 0
+    return (x / x.sum(1, keepdim=True)).to(dtype)
+
+
+def problem(B, n, m, dtype, shared, zeros_a=0, zeros_b=0, seed=0):
+    a = simplex(B, n, dtype, zeros_a, seed)
+    b = simplex(B, m, dtype, zeros_b, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    cost = torch.rand(*((n, m) if shared else (B, n, m)), generator=g, dtype=F64).to(dtype)
+    return a, b, cost
+
+
+def close(got, want, tol, what="", floor=1e-300):
+    """Same shape and dtype, same non-finite entries (-inf of the log domain), and max |got - want| over the finite
+    entries <= tol * max(max |want| of the same last-dim row, floor). Logs use floor=1 (an absolute error in a log is
+    a relative error of its exponential); gradients a small floor (some are 0 up to rounding)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    x, y = got.detach().double().cpu(), want.detach().double().cpu()
+    fx, fy = torch.isfinite(x), torch.isfinite(y)
+    assert torch.equal(fx, fy), f"{what}: non-finite entries differ"
+    assert torch.equal(x[~fx], y[~fy]), f"{what}: non-finite values differ"
+    if x.numel() == 0:
+        return
+    x0, y0 = torch.where(fx, x, 0.0), torch.where(fy, y, 0.0)
+    scale = y0.abs().amax(dim=-1, keepdim=True).clamp_min(floor)
+    err = ((x0 - y0).abs() / scale).max().item()
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def run_triton(a, b, cost, reg, T, eps, log_domain, dev, keep_history=True):
+    a, b, cost = a.to(dev), b.to(dev), cost.to(dev)
+    return sk.sinkhorn_forward(a, b, cost, reg, T, eps, log_domain, keep_history)
+
+
+def ref_value_and_grads(a, b, cost, reg, T, eps, log_domain, g):
+    """Value, scalings (logs for the log domain) and the exact gradient from autograd through the float64
+    reference. The gradient always goes through the scaling-domain loop, whose derivative at zero-mass entries
+    is the one the kernels compute (the log-domain reference masks log(0) and so reports 0 there); in float64
+    K = exp(-cost/reg) does not underflow at the tested sizes of cost/reg."""
+    a64 = a.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    value, u, v = sinkhorn_reference(a64, b64, cost.double(), reg, T, eps, False)
+    ga, gb = torch.autograd.grad((value * g.double()).sum(), (a64, b64))
+    u, v = u.detach(), v.detach()
+    if log_domain:
+        u, v = u.log(), v.log()
+    return value.detach(), u, v, ga, gb
+
+
+def check_all(a, b, cost, reg, T, eps, log_domain, dev, ref_tol=None, grad_tol=None):
+    """Forward and backward of the Triton kernels vs the CPU op (all outputs) and vs the float64 reference."""
+    dt = a.dtype
+    B = a.shape[0]
+    out = run_triton(a, b, cost, reg, T, eps, log_domain, dev)
+    cpu = torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, True)
+    lf = 1.0 if log_domain else 1e-300  # floor for the scalings and history (logs in the log domain)
+    for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), out, cpu):
+        assert x.device.type == torch.device(dev).type
+        close(x, y, TOL_CPU[dt], f"{name} vs CPU op", floor=1e-300 if name == "value" else lf)
+    g = torch.linspace(0.5, 1.5, B, dtype=dt)
+    value, u, v, ga_ref, gb_ref = ref_value_and_grads(a, b, cost, reg, T, eps, log_domain, g)
+    # Gradient errors are measured against the scale of the whole gradient: some entries are 0 up to rounding
+    # (e.g. grad_b of a 1 x 1 problem, where the value does not depend on b).
+    gfl = max(ga_ref.abs().max().item(), gb_ref.abs().max().item())
+    ga, gb = sk.sinkhorn_backward(g.to(dev), a.to(dev), b.to(dev), cost.to(dev), *out[1:], reg, eps, log_domain)
+    ga_cpu, gb_cpu = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *cpu[1:], reg, eps, log_domain)
+    close(ga, ga_cpu, TOL_CPU[dt], "grad_a vs CPU op", floor=gfl)
+    close(gb, gb_cpu, TOL_CPU[dt], "grad_b vs CPU op", floor=gfl)
+
+    rt = ref_tol or TOL_REF[dt]
+    close(out[0].double(), value, rt, "value vs reference")
+    close(out[1].double(), u, rt * 10, "u vs reference", floor=lf)
+    close(out[2].double(), v, rt * 10, "v vs reference", floor=lf)
+    gt = grad_tol or TOL_REF_GRAD[dt]
+    close(ga.double(), ga_ref, gt, "grad_a vs reference", floor=gfl)
+    close(gb.double(), gb_ref, gt, "grad_b vs reference", floor=gfl)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ forward + backward
+KINDS = [(True, False), (False, False), (True, True), (False, True)]  # (shared cost, log domain): 4 kernel families
+KIND_IDS = ["shared-scaling", "per_row-scaling", "shared-log", "per_row-log"]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
+def test_multi_tile(dev, small_blocks, dtype, shared, log_domain):
+    """16-wide tiles: 3 x 2 output tiles and 3 x 2 k-steps with ragged edges (the tl.dot kernels also 2 row tiles),
+    zero masses in a and b; eps = 0 in float64, 1e-8 in float32."""
+    B = 2 if log_domain or not shared else 17
+    a, b, cost = problem(B, 35, 20, dtype, shared, zeros_a=3, zeros_b=2, seed=1)
+    check_all(a, b, cost, 0.1, 2, 0.0 if dtype == F64 else 1e-8, log_domain, dev)
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 9, 2), (1, 1, 1, 2)], ids=["2x70x9", "1x1x1"])
+@pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
+def test_odd_shapes_default_blocks(dev, shape, shared, log_domain):
+    """The shipped block sizes: n > BLOCK_N with m tiny, and the degenerate 1 x 1 problem (float64, eps = 1e-8)."""
+    B, n, m, T = shape
+    a, b, cost = problem(B, n, m, F64, shared, zeros_a=5 if n > 1 else 0, seed=2)
+    check_all(a, b, cost, 0.1, T, 1e-8, log_domain, dev)
+
+
+@pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
+def test_wkdl_like_float32(dev, shared, log_domain):
+    """WKD-L's setting in small: float32, reg 0.05, eps 1e-8, the target class removed (one zero per row of a),
+    a square cost; the shipped block sizes."""
+    B, n = 3, 29
+    a, b, cost = problem(B, n, n, F32, shared, zeros_a=1, seed=7)
+    check_all(a, b, cost, 0.05, 4, 1e-8, log_domain, dev)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_log_domain_small_reg(dev, small_blocks, dtype, shared):
+    """reg=1e-2 with cost in [0, 1]: K = exp(-cost/reg) reaches e^-100 (below float32's normal range), the log
+    domain still matches (the online max shift sees a large dynamic range across tiles). float32 vs float64:
+    L = -cost/reg is rounded to float32 (|L| <= 100, abs error 4e-6), which moves the plan by a few 1e-6; the CPU op
+    rounds identically and is matched to 1e-5."""
+    a, b, cost = problem(2, 23, 18, dtype, shared, zeros_a=2, zeros_b=1, seed=3)
+    out = check_all(a, b, cost, 1e-2, 3, 1e-8, True, dev,
+                    ref_tol=1e-4 if dtype == F32 else None, grad_tol=1e-3 if dtype == F32 else None)
+    assert torch.isfinite(out[0]).all()
+
+
+def test_log_domain_matches_scaling_domain(dev, small_blocks):
+    """Same mathematics: the two domains agree in float64 where K does not underflow."""
+    a, b, cost = problem(2, 19, 26, F64, True, 2, 2, seed=5)
+    s = run_triton(a, b, cost, 0.2, 4, 0.0, False, dev)
+    lg = run_triton(a, b, cost, 0.2, 4, 0.0, True, dev)
+    close(lg[0], s[0], 1e-12, "value")
+    close(lg[1].exp(), s[1], 1e-12, "u")
+    close(lg[2].exp(), s[2], 1e-12, "v")
+    close(lg[3].exp(), s[3], 1e-12, "hist_r")
+    close(lg[4].exp(), s[4], 1e-12, "hist_s")
+
+
+@pytest.mark.parametrize("shared,log_domain", [(True, False), (False, True)], ids=["shared-scaling", "per_row-log"])
+def test_keep_history_false(dev, small_blocks, shared, log_domain):
+    B, n, m, T = 2, 20, 17, 3
+    a, b, cost = problem(B, n, m, F64, shared, 1, 1, seed=11)
+    full = run_triton(a, b, cost, 0.1, T, 1e-8, log_domain, dev, keep_history=True)
+    light = run_triton(a, b, cost, 0.1, T, 1e-8, log_domain, dev, keep_history=False)
+    assert light[3].shape == (0, B, n) and light[4].shape == (0, B, m)
+    assert full[3].shape == (T + 1, B, n) and full[4].shape == (T, B, m)
+    for name, x, y in zip(("value", "u", "v"), light[:3], full[:3]):
+        close(x, y, 1e-14, name)
+    cpu = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, T, 1e-8, log_domain, False)
+    for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), light, cpu):
+        close(x, y, TOL_CPU[F64], name)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_non_contiguous_inputs(dev, small_blocks, shared):
+    B, n, m, T = 2, 18, 21, 2
+    a, b, cost = problem(B, n, m, F32, shared, 1, 1, seed=13)
+    a_nc = a.t().contiguous().t()
+    b_nc = b.new_empty(m, B).t().copy_(b)
+    cost_nc = cost.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not a_nc.is_contiguous() and not b_nc.is_contiguous() and not cost_nc.is_contiguous()
+    want = run_triton(a, b, cost, 0.1, T, 0.0, False, dev)
+    got = run_triton(a_nc, b_nc, cost_nc, 0.1, T, 0.0, False, dev)
+    for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), got, want):
+        close(x, y, 1e-6, name)
+    g2 = torch.linspace(0.5, 1.5, 2 * B, dtype=F32).to(dev)
+    ga, gb = sk.sinkhorn_backward(g2[::2], a_nc.to(dev), b_nc.to(dev), cost_nc.to(dev), *got[1:], 0.1, 0.0, False)
+    ga0, gb0 = sk.sinkhorn_backward(g2[::2].contiguous(), a.to(dev), b.to(dev), cost.to(dev), *want[1:], 0.1, 0.0,
+                                    False)
+    close(ga, ga0, 1e-6, "grad_a")
+    close(gb, gb0, 1e-6, "grad_b")
+
+
+def test_fp32_dot_precision_switch(dev, small_blocks, monkeypatch):
+    a, b, cost = problem(3, 20, 20, F32, True, 1, 0, seed=17)
+    monkeypatch.setattr(sk, "FP32_DOT_PRECISION", "ieee")
+    ieee = run_triton(a, b, cost, 0.1, 3, 0.0, False, dev)
+    assert sk.get_fp32_dot_precision() == "ieee"
+    for p in ("tf32x3", "tf32"):
+        monkeypatch.setattr(sk, "FP32_DOT_PRECISION", "ieee")
+        sk.set_fp32_dot_precision(p.upper())
+        assert sk.get_fp32_dot_precision() == p
+        out = run_triton(a, b, cost, 0.1, 3, 0.0, False, dev)
+        close(out[0], ieee[0], 1e-5 if p == "tf32x3" else 1e-2, f"value ({p})")
+    with pytest.raises(ValueError, match="precision"):
+        sk.set_fp32_dot_precision("fp16")
+
+
+def test_bad_arguments(dev):
+    a, b, cost = problem(2, 5, 4, F32, True, seed=1)
+    a, b, cost = a.to(dev), b.to(dev), cost.to(dev)
+    with pytest.raises(ValueError, match="cost"):
+        sk.sinkhorn_forward(a, b, cost.t(), 0.1, 3)
+    with pytest.raises(TypeError, match="dtype"):
+        sk.sinkhorn_forward(a, b.double(), cost, 0.1, 3)
+    with pytest.raises(ValueError, match="num_iters"):
+        sk.sinkhorn_forward(a, b, cost, 0.1, 0)
+    with pytest.raises(ValueError, match="reg"):
+        sk.sinkhorn_forward(a, b, cost, 0.0, 3)
+    with pytest.raises(ValueError, match="eps"):
+        sk.sinkhorn_forward(a, b, cost, 0.1, 3, eps=-1.0)
+    value, u, v, hr, hs = sk.sinkhorn_forward(a, b, cost, 0.1, 3, keep_history=False)
+    g = torch.ones_like(value)
+    with pytest.raises(ValueError, match="keep_history"):
+        sk.sinkhorn_backward(g, a, b, cost, u, v, hr, hs, 0.1)
+    value, u, v, hr, hs = sk.sinkhorn_forward(a, b, cost, 0.1, 3)
+    with pytest.raises(ValueError, match="hist_s"):
+        sk.sinkhorn_backward(g, a, b, cost, u, v, hr, hs[:2], 0.1)
+    with pytest.raises(ValueError, match="grad_value"):
+        sk.sinkhorn_backward(g[:1], a, b, cost, u, v, hr, hs, 0.1)
+
+
+def test_split_scalar_keeps_float64():
+    for x in (0.1, 1e-8, 1e-2, 3.0, -18.420680743952367, 1e-300, 1e300, 0.0):
+        hi, lo = sk._split(x)
+        assert hi + lo == x
+        assert hi == float(torch.tensor(hi, dtype=F32)) or lo == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+def test_cuda_routing_opcheck_compile_and_graph_capture(monkeypatch):
+    """On CUDA with the Triton backend selected: torch.ops.wkd.* route here, pass opcheck, work under
+    torch.compile(fullgraph=True) with autograd, and the forward + backward replay from a captured CUDA graph."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("compiled Triton kernels only (TRITON_INTERPRET=1 is set)")
+    from wkd_kernels import ops
+
+    monkeypatch.setattr(ops, "_cuda_backend", "triton")
+    a, b, cost = (t.cuda() for t in problem(4, 50, 45, F32, True, 1, 1, seed=19))
+    args = (a, b, cost, 0.1, 5, 1e-8, False, True)
+    want = sk.sinkhorn_forward(*args)
+    got = torch.ops.wkd.sinkhorn(*args)
+    for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), got, want):
+        close(x, y, 0.0, f"{name} routed")
+    torch.library.opcheck(torch.ops.wkd.sinkhorn.default, args)
+    torch.library.opcheck(torch.ops.wkd.sinkhorn.default, (a, b, cost, 0.05, 3, 0.0, True, True))
+    gv = torch.linspace(0.5, 1.5, 4, device="cuda")
+    torch.library.opcheck(torch.ops.wkd.sinkhorn_backward.default, (gv, a, b, cost, *want[1:], 0.1, 1e-8, False))
+
+    def loss(a, b):
+        return (torch.ops.wkd.sinkhorn(a, b, cost, 0.1, 5, 1e-8, False, True)[0] * gv).sum()
+
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ga, gb = torch.autograd.grad(torch.compile(loss, fullgraph=True)(a1, b1), (a1, b1))
+    ga0, gb0 = sk.sinkhorn_backward(gv, a, b, cost, *want[1:], 0.1, 1e-8, False)
+    close(ga, ga0, 1e-6, "compiled grad_a")
+    close(gb, gb0, 1e-6, "compiled grad_b")
+
+    def step():
+        out = sk.sinkhorn_forward(*args)
+        return out + sk.sinkhorn_backward(gv, a, b, cost, *out[1:], 0.1, 1e-8, False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(captured, eager):
+        close(x, y, 0.0, "graph replay")
+
+
+# ------------------------------------------------------------------------------------------------ GPU compile check
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from wkd_kernels.triton import sinkhorn as sk
+
+    def compile_variant(kernel, dt, consts, num_warps):
+        sig = {}
+        for p in kernel.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+            elif p.name.endswith("_ptr"):
+                sig[p.name] = "*" + dt
+            elif p.name.endswith(("_hi", "_lo")):
+                sig[p.name] = "fp32"
+            else:
+                sig[p.name] = "i32"
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    BB, BN, BK, W = sk.DOT_CONFIG[torch.float32]
+    RN, RK, RW = sk.ROWS_CONFIG[torch.float32]
+    dot = dict(PREC="ieee", BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK)
+    rows = dict(ACCURATE=True, BLOCK_N=RN, BLOCK_K=RK)
+    compile_variant(sk._sinkhorn_fwd_dot_kernel, "fp32", dict(FINAL=True, STORE_HIST=True, **dot), W)
+    compile_variant(sk._sinkhorn_bwd_dot_kernel, "fp32", dict(SIDE_S=True, FIRST=True, WRITE_OUT=True, **dot), W)
+    compile_variant(sk._sinkhorn_fwd_rows_kernel, "fp32",
+                    dict(LOG=True, FROM_COST=True, FINAL=True, STORE_HIST=True, HAS_EPS=True, **rows), RW)
+    compile_variant(sk._sinkhorn_bwd_rows_kernel, "fp32",
+                    dict(SIDE_S=True, FIRST=True, WRITE_OUT=True, LOG=True, FROM_COST=False, **rows), RW)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_sm90():
+    """Without a GPU, still compile the main kernel variants to sm_90 machine code (Triton + its bundled ptxas):
+    catches what the interpreter cannot (types, constexpr branches, tl.dot layouts)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without the NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip("no ptxas available")
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]

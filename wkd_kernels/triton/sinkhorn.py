@@ -1,0 +1,753 @@
+"""Triton kernels of ``torch.ops.wkd.sinkhorn`` and ``torch.ops.wkd.sinkhorn_backward`` (design.md section 3).
+
+Same contract, recurrences and output layout as the CPU kernels (csrc/cpu/sinkhorn.cpp). Per row, with
+K = exp(-cost / reg): u0 = 1/|supp a| on supp(a), 0 elsewhere; ``num_iters`` times ``s = K^T u + eps, v = b / s;
+r = K v + eps, u = a / r``; value = sum_i u_i y_i with y = (K∘cost) v_T. Outputs: value [B], u [B, n], v [B, m]
+(log u, log v in the log domain), hist_r [T+1, B, n] = r_1..r_T then y, hist_s [T, B, m] = s_1..s_T (logs in the
+log domain; [0, B, *] without history). The backward is the exact gradient of value w.r.t. a and b through the
+fixed loop, a reverse sweep over the stored r_t, s_t (never B x n x m).
+
+Kernel structure (one launch per half-iteration, epilogues fused):
+
+* shared cost [n, m], scaling domain (the WKD-L case): K = exp(-cost/reg) is built once per call into an
+  [n, m] buffer; each half-iteration is ``_sinkhorn_fwd_dot_kernel``: a tiled product of the [B, n] (or [B, m])
+  scaling block with K (or K^T, by strides) over BLOCK_B x BLOCK_K by BLOCK_K x BLOCK_N ``tl.dot`` tiles, with
+  +eps, the division b/s (a/r), the stores of v (u) and of the history slot fused into the epilogue. The last
+  r-half also accumulates y = (K∘cost) v_T in the same k-loop and writes per-tile partial sums of u_T * y.
+  The backward uses ``_sinkhorn_bwd_dot_kernel`` the same way (the first step also computes (K∘C)^T u_T).
+* log domain (shared cost: L = -cost/reg built once; per-row cost: computed on the fly) and per-row cost
+  [B, n, m] in the scaling domain (K computed on the fly from the user's cost): ``_sinkhorn_fwd_rows_kernel`` /
+  ``_sinkhorn_bwd_rows_kernel``, one program per (row, BLOCK_N outputs), looping over the reduced dimension
+  with an online max-shifted log-sum-exp (log domain) or a plain sum (scaling domain), same epilogues.
+
+float32 inputs compute and accumulate in float32, float64 in float64. ``tl.dot`` on float32 uses
+``input_precision=FP32_DOT_PRECISION`` ("ieee" by default: float32 FMA accuracy; "tf32x3" or "tf32" use tensor
+cores), see :func:`set_fp32_dot_precision`. Launches never read device data on the host (no ``.item()``, no
+data-dependent Python branching): the ops are CUDA-graph capturable. Under ``TRITON_INTERPRET=1`` the kernels run
+on CPU tensors (the tests do that).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ..ops import check_sinkhorn_args
+
+__all__ = ["sinkhorn_forward", "sinkhorn_backward", "set_fp32_dot_precision", "get_fp32_dot_precision",
+           "DOT_CONFIG", "ROWS_CONFIG"]
+
+# ----------------------------------------------------------------------------------------------------------
+# Constants and settings
+# ----------------------------------------------------------------------------------------------------------
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# libdevice exp/log/log1p (accurate float32) are used outside the hot inner loops; the interpreter has no libdevice.
+_ACCURATE = not _INTERPRET
+
+_FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+FP32_DOT_PRECISION = os.environ.get("WKD_TRITON_FP32_PRECISION", "ieee").strip().lower()
+if FP32_DOT_PRECISION not in _FP32_PRECISIONS:
+    raise ValueError(f"WKD_TRITON_FP32_PRECISION must be one of {_FP32_PRECISIONS}, got {FP32_DOT_PRECISION!r}")
+
+# tl.dot kernels (shared cost, scaling domain): (BLOCK_B, BLOCK_N, BLOCK_K, num_warps) per dtype.
+# B=256, n=m=1000 float32 gives 8 x 16 = 128 programs per half-iteration (one wave on an H100/H200).
+# Chosen from ptxas register reports for sm_90 (no spills, except 8 bytes in the tf32x3 first backward step), not
+# from timings (no GPU was available): tune here. Every block must be a power of two >= 16 (tl.dot).
+DOT_CONFIG = {torch.float32: (32, 64, 16, 8), torch.float64: (16, 64, 16, 4)}
+# Row-wise kernels (log domain, per-row cost): (BLOCK_N, BLOCK_K, num_warps) per dtype (no spills on sm_90).
+ROWS_CONFIG = {torch.float32: (64, 32, 4), torch.float64: (64, 32, 4)}
+# Element-wise kernels (kernel matrix, backward initialisation): elements per program.
+ELEM_BLOCK = 1024
+INIT_BLOCK = 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scalar(hi, lo, DT: tl.constexpr):
+    """A host float passed as hi + lo (hi exact in float32), in the data type DT (float64 keeps ~48 bits)."""
+    return tl.cast(hi, DT) + tl.cast(lo, DT)
+
+
+@triton.jit
+def _div(x, y):
+    """Correctly rounded division (Triton's float32 `/` is the approximate div.full)."""
+    if x.dtype == tl.float32:
+        q = tl.math.div_rn(x, y)
+    else:
+        q = x / y
+    return q
+
+
+@triton.jit
+def _exp(x, ACCURATE: tl.constexpr):
+    if ACCURATE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _safe_log(x, ACCURATE: tl.constexpr):
+    """log(x) for x > 0, -inf otherwise."""
+    pos = x > 0
+    xs = tl.where(pos, x, 1.0)
+    if ACCURATE:
+        lx = libdevice.log(xs)
+    else:
+        lx = tl.log(xs)
+    return tl.where(pos, lx, float("-inf"))
+
+
+@triton.jit
+def _log_add_eps(x, log_eps, HAS_EPS: tl.constexpr, ACCURATE: tl.constexpr):
+    """log(exp(x) + eps) computed as hi + log1p(exp(lo - hi)) (the CPU kernels' log_add_eps)."""
+    if HAS_EPS:
+        hi = tl.maximum(x, log_eps)
+        lo = tl.minimum(x, log_eps)
+        e = _exp(lo - hi, ACCURATE)
+        if ACCURATE:
+            l1p = libdevice.log1p(e)
+        else:
+            l1p = tl.log(1.0 + e)
+        y = hi + l1p
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _kernel_tile(mat_ptr, off, mask, reg, LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr):
+    """A tile of K (scaling) or L = -cost/reg (log): from the prebuilt buffer, or computed from the cost tile.
+
+    Returns (tile, cost tile when FROM_COST else the raw tile). (Inner-loop helpers call no other helper: each
+    helper call costs a lot under the interpreter.)"""
+    raw = tl.load(mat_ptr + off, mask=mask, other=0.0)
+    if FROM_COST:
+        if raw.dtype == tl.float32:
+            neg = -tl.math.div_rn(raw, reg)
+        else:
+            neg = -(raw / reg)
+        if LOG:
+            tile = neg
+        else:
+            if ACCURATE:
+                tile = libdevice.exp(neg)
+            else:
+                tile = tl.exp(neg)
+    else:
+        tile = raw
+    return tile, raw
+
+
+@triton.jit
+def _lse_update(mx, sm, sm2, val, coef, coef2, TWO: tl.constexpr, ACCURATE: tl.constexpr):
+    """One step of the online max-shifted column sums over axis 0 of val [BLOCK_K, BLOCK_N]:
+    mx = running max of val (over finite entries), sm = sum coef * exp(val - mx), sm2 = sum coef2 * exp(val - mx)."""
+    new_mx = tl.maximum(mx, tl.max(val, axis=0))
+    ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+    if ACCURATE:  # 0 while nothing finite was seen
+        alpha = libdevice.exp(mx - ref)
+    else:
+        alpha = tl.exp(mx - ref)
+    e = tl.exp(val - ref[None, :])  # arguments <= 0: the fast exp is accurate where it matters
+    sm = sm * alpha + tl.sum(coef * e, axis=0)
+    if TWO:
+        sm2 = sm2 * alpha + tl.sum(coef2 * e, axis=0)
+    return new_mx, sm, sm2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _sinkhorn_kmat_kernel(cost_ptr, out_ptr, numel, reg_hi, reg_lo, LOG: tl.constexpr, ACCURATE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """out = exp(-cost / reg) (scaling domain) or -cost / reg (log domain), element-wise over a shared [n, m] cost."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    c = tl.load(cost_ptr + offs, mask=mask, other=0.0)
+    reg = _scalar(reg_hi, reg_lo, c.dtype)
+    neg = -_div(c, reg)
+    if LOG:
+        out = neg
+    else:
+        out = _exp(neg, ACCURATE)
+    tl.store(out_ptr + offs, out, mask=mask)
+
+
+@triton.jit
+def _sinkhorn_fwd_init_kernel(a_ptr, u_ptr, n, LOG: tl.constexpr, ACCURATE: tl.constexpr, BLOCK: tl.constexpr):
+    """u0 = 1/|supp a| on supp(a), 0 elsewhere (log: -log|supp a|, -inf), one program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n
+    cnt = tl.zeros([BLOCK], dtype=tl.int32)
+    for k0 in range(0, n, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + base + offs, mask=offs < n, other=0.0)
+        cnt += (a > 0).to(tl.int32)
+    DT = u_ptr.dtype.element_ty
+    total = tl.sum(cnt, axis=0).to(DT)
+    if LOG:
+        val = -_safe_log(total, ACCURATE)
+        zero = float("-inf")
+    else:
+        val = _div(tl.full([], 1.0, DT), total)
+        zero = 0.0
+    for k0 in range(0, n, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(a_ptr + base + offs, mask=mask, other=0.0)
+        tl.store(u_ptr + base + offs, tl.where(a > 0, val, zero).to(DT), mask=mask)
+
+
+@triton.jit
+def _sinkhorn_fwd_dot_kernel(
+    x_ptr,  # [B, KD] scaling multiplied by K: u (s-half) or v (r-half)
+    kmat_ptr,  # K [n, m], read as [KD, ND] through (stride_mk, stride_mn)
+    cost_ptr,  # cost [n, m], same strides (FINAL)
+    mass_ptr,  # [B, ND] b (s-half) or a (r-half)
+    scal_ptr,  # [B, ND] out: v (s-half) or u (r-half)
+    hist_ptr,  # [B, ND] out: history slot s_t or r_t (STORE_HIST)
+    y_ptr,  # [B, ND] out: y = (K∘C) v_T (FINAL and STORE_HIST)
+    part_ptr,  # [B, n_part] out: sum over this tile's columns of u_T * y (FINAL)
+    B, KD, ND, stride_mk, stride_mn, n_part, eps_hi, eps_lo,
+    FINAL: tl.constexpr, STORE_HIST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One half-iteration for a shared cost: den = X @ M + eps; scal = mass / den (M = K or K^T)."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    DT = x_ptr.dtype.element_ty
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < B
+    cmask = cols < ND
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+    acc_y = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        kmask = ks < KD
+        x = tl.load(x_ptr + rows[:, None] * KD + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
+        mmask = kmask[:, None] & cmask[None, :]
+        kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
+        acc = tl.dot(x, kt, acc, input_precision=PREC)
+        if FINAL:
+            ct = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
+            acc_y = tl.dot(x, kt * ct, acc_y, input_precision=PREC)
+    omask = rmask[:, None] & cmask[None, :]
+    ooff = rows[:, None] * ND + cols[None, :]
+    den = tl.where(omask, acc + _scalar(eps_hi, eps_lo, DT), 1.0)  # masked lanes: no 0/0
+    mass = tl.load(mass_ptr + ooff, mask=omask, other=0.0)
+    scal = _div(mass, den)
+    tl.store(scal_ptr + ooff, scal, mask=omask)
+    if STORE_HIST:
+        tl.store(hist_ptr + ooff, den, mask=omask)
+    if FINAL:
+        if STORE_HIST:
+            tl.store(y_ptr + ooff, acc_y, mask=omask)
+        part = tl.sum(tl.where(omask, scal * acc_y, 0.0), axis=1)
+        tl.store(part_ptr + rows * n_part + pid_n, part, mask=rmask)
+
+
+@triton.jit
+def _sinkhorn_fwd_rows_kernel(
+    x_ptr,  # [B, KD] u or v (log u or log v in the log domain)
+    mat_ptr,  # K or L [n, m] (prebuilt, stride_mb = 0) or the cost [B, n, m] (FROM_COST)
+    cost_ptr,  # cost, [n, m] (stride_cb = 0) or [B, n, m] (FINAL)
+    mass_ptr, scal_ptr, hist_ptr, y_ptr, part_ptr,  # as in _sinkhorn_fwd_dot_kernel
+    KD, ND, stride_mb, stride_mk, stride_mn, stride_cb, n_part,
+    reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
+    LOG: tl.constexpr, FROM_COST: tl.constexpr, FINAL: tl.constexpr, STORE_HIST: tl.constexpr,
+    HAS_EPS: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One half-iteration of one row: scaling den = x @ M_row + eps, scal = mass / den; log domain
+    den = log(sum_k exp(x_k + L_kj) + eps) (online max shift), scal = log(mass) - den."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    DT = x_ptr.dtype.element_ty
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cmask = cols < ND
+    mbase = mat_ptr + row * stride_mb
+    cbase = cost_ptr + row * stride_cb
+    reg = _scalar(reg_hi, reg_lo, DT)
+    mx = tl.full([BLOCK_N], float("-inf"), DT)
+    sm = tl.zeros([BLOCK_N], dtype=DT)  # scaling domain: the plain sums
+    sm2 = tl.zeros([BLOCK_N], dtype=DT)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        kmask = ks < KD
+        moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
+        mmask = kmask[:, None] & cmask[None, :]
+        tile, raw = _kernel_tile(mbase, moff, mmask, reg, LOG, FROM_COST, ACCURATE)
+        if FINAL:
+            if FROM_COST:
+                ct = raw
+            else:
+                ct = tl.load(cbase + moff, mask=mmask, other=0.0)
+        else:
+            ct = raw
+        if LOG:
+            x = tl.load(x_ptr + row * KD + ks, mask=kmask, other=float("-inf"))
+            val = tl.where(mmask, x[:, None] + tile, float("-inf"))
+            mx, sm, sm2 = _lse_update(mx, sm, sm2, val, 1.0, ct, FINAL, ACCURATE)
+        else:
+            x = tl.load(x_ptr + row * KD + ks, mask=kmask, other=0.0)
+            sm += tl.sum(x[:, None] * tile, axis=0)
+            if FINAL:
+                sm2 += tl.sum(x[:, None] * (tile * ct), axis=0)
+    ooff = row * ND + cols
+    mass = tl.load(mass_ptr + ooff, mask=cmask, other=0.0)
+    if LOG:
+        log_eps = _scalar(leps_hi, leps_lo, DT)
+        den = _log_add_eps(mx + _safe_log(sm, ACCURATE), log_eps, HAS_EPS, ACCURATE)
+        den = tl.where(cmask, den, 0.0)  # masked lanes: no -inf - -inf
+        scal = _safe_log(mass, ACCURATE) - den
+    else:
+        den = tl.where(cmask, sm + _scalar(eps_hi, eps_lo, DT), 1.0)  # masked lanes: no 0/0
+        scal = _div(mass, den)
+    tl.store(scal_ptr + ooff, scal, mask=cmask)
+    if STORE_HIST:
+        tl.store(hist_ptr + ooff, den, mask=cmask)
+    if FINAL:
+        if LOG:
+            y = mx + _safe_log(sm2, ACCURATE)  # log y
+            term = tl.where((scal != float("-inf")) & (sm2 != 0), _exp(scal + mx, ACCURATE) * sm2, 0.0)
+        else:
+            y = sm2
+            term = scal * sm2
+        if STORE_HIST:
+            tl.store(y_ptr + ooff, y, mask=cmask)
+        part = tl.sum(tl.where(cmask, term, 0.0), axis=0)
+        tl.store(part_ptr + row * n_part + pid_n, part)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _sinkhorn_bwd_init_kernel(g_ptr, a_ptr, rT_ptr, y_ptr, ga_ptr, x_ptr, numel, n, LOG: tl.constexpr,
+                              ACCURATE: tl.constexpr, BLOCK: tl.constexpr):
+    """w_T = g y / r_T (log: g exp(log y - log r_T), 0 where y = 0); ga = w_T; x = w_T u_T (log: x = w_T)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs // n, mask=mask, other=0.0)
+    r = tl.load(rT_ptr + offs, mask=mask, other=1.0)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    if LOG:
+        w = tl.where(y == float("-inf"), 0.0, g * _exp(y - r, ACCURATE))
+        x = w
+    else:
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+        w = _div(g * y, r)
+        x = w * _div(a, r)
+    tl.store(ga_ptr + offs, w, mask=mask)
+    tl.store(x_ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _bwd_epilogue_scaling(acc, acc2, g, den, mass, grad_old, SIDE_S: tl.constexpr, FIRST: tl.constexpr):
+    """Scaling-domain epilogue of one backward product. S side (den = s_t, mass = b):
+    z = ((g (K∘C)^T u_T if FIRST) - K^T(w u)) / s_t, gb (+)= z, next operand z v_t.
+    R side (den = r_{t-1}, mass = a): w = -K(z v) / r_{t-1}, ga += w, next operand w u_{t-1}."""
+    if SIDE_S:
+        if FIRST:
+            z = _div(g * acc2 - acc, den)
+            grad = z
+        else:
+            z = _div(-acc, den)
+            grad = grad_old + z
+        out = z * _div(mass, den)
+    else:
+        w = -_div(acc, den)
+        grad = grad_old + w
+        out = w * _div(mass, den)
+    return grad, out
+
+
+@triton.jit
+def _bwd_epilogue_log(mx, sm, sm2, g, den, grad_old, SIDE_S: tl.constexpr, FIRST: tl.constexpr,
+                      ACCURATE: tl.constexpr):
+    """Log-domain epilogue (den = log s_t or log r_{t-1}); the sums are max-shifted by mx. The next operand is the
+    coefficient itself (z on the S side, w on the R side)."""
+    if SIDE_S:
+        prod = tl.where(sm == 0, 0.0, _exp(mx - den, ACCURATE) * sm)
+        if FIRST:
+            direct = tl.where(sm2 == 0, 0.0, g * _exp(mx - den, ACCURATE) * sm2)
+            z = direct - prod
+            grad = z
+        else:
+            z = -prod
+            grad = grad_old + z
+        out = z
+    else:
+        w = tl.where(sm == 0, 0.0, -_exp(mx - den, ACCURATE) * sm)
+        grad = grad_old + w
+        out = w
+    return grad, out
+
+
+@triton.jit
+def _sinkhorn_bwd_dot_kernel(
+    x_ptr,  # [B, KD] left operand: w_t u_t (S side) or z_t v_t (R side)
+    kmat_ptr, cost_ptr,  # K and cost [n, m], read as [KD, ND] through (stride_mk, stride_mn)
+    a_ptr, rT_ptr, g_ptr,  # FIRST (S side): u_T = a / r_T on the fly, g [B]
+    den_ptr,  # [B, ND] s_t (S side) or r_{t-1} (R side)
+    mass_ptr,  # [B, ND] b (S side) or a (R side)
+    grad_ptr,  # [B, ND] gb (S side, written when FIRST) or ga (R side), accumulated
+    out_ptr,  # [B, ND] next left operand: z_t v_t (S side, WRITE_OUT) or w_{t-1} u_{t-1} (R side)
+    B, KD, ND, stride_mk, stride_mn,
+    SIDE_S: tl.constexpr, FIRST: tl.constexpr, WRITE_OUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One backward product for a shared cost (scaling domain) with its epilogue fused."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    DT = x_ptr.dtype.element_ty
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < B
+    cmask = cols < ND
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+    acc2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        kmask = ks < KD
+        loff = rows[:, None] * KD + ks[None, :]
+        lmask = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + loff, mask=lmask, other=0.0)
+        moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
+        mmask = kmask[:, None] & cmask[None, :]
+        kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
+        acc = tl.dot(x, kt, acc, input_precision=PREC)
+        if FIRST:
+            ut = _div(tl.load(a_ptr + loff, mask=lmask, other=0.0), tl.load(rT_ptr + loff, mask=lmask, other=1.0))
+            ct = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
+            acc2 = tl.dot(ut, kt * ct, acc2, input_precision=PREC)
+    omask = rmask[:, None] & cmask[None, :]
+    ooff = rows[:, None] * ND + cols[None, :]
+    den = tl.load(den_ptr + ooff, mask=omask, other=1.0)
+    mass = tl.load(mass_ptr + ooff, mask=omask, other=0.0)
+    if FIRST:
+        g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
+        grad_old = acc  # unused
+    else:
+        g = 0.0
+        grad_old = tl.load(grad_ptr + ooff, mask=omask, other=0.0)
+    grad, out = _bwd_epilogue_scaling(acc, acc2, g, den, mass, grad_old, SIDE_S, FIRST)
+    tl.store(grad_ptr + ooff, grad, mask=omask)
+    if WRITE_OUT:
+        tl.store(out_ptr + ooff, out, mask=omask)
+
+
+@triton.jit
+def _sinkhorn_bwd_rows_kernel(
+    c_ptr,  # [B, KD] left buffer: scaling w_t u_t / z_t v_t; log: the coefficient w_t (S side) / z_t (R side)
+    lm_ptr, lh_ptr,  # [B, KD] left mass and history slot: a, r_t (S side) or b, s_t (R side)
+    mat_ptr, cost_ptr, g_ptr,  # as in _sinkhorn_fwd_rows_kernel; g [B]
+    den_ptr, mass_ptr, grad_ptr, out_ptr,  # as in _sinkhorn_bwd_dot_kernel
+    KD, ND, stride_mb, stride_mk, stride_mn, stride_cb, reg_hi, reg_lo,
+    SIDE_S: tl.constexpr, FIRST: tl.constexpr, WRITE_OUT: tl.constexpr, LOG: tl.constexpr,
+    FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One backward product of one row (log domain or per-row cost) with its epilogue fused. Log domain: the left
+    log-scaling (log u_t = log a - log r_t, or log v_t = log b - log s_t) is rebuilt from the history on the fly."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    DT = c_ptr.dtype.element_ty
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cmask = cols < ND
+    mbase = mat_ptr + row * stride_mb
+    cbase = cost_ptr + row * stride_cb
+    reg = _scalar(reg_hi, reg_lo, DT)
+    mx = tl.full([BLOCK_N], float("-inf"), DT)
+    sm = tl.zeros([BLOCK_N], dtype=DT)
+    sm2 = tl.zeros([BLOCK_N], dtype=DT)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        kmask = ks < KD
+        loff = row * KD + ks
+        coef = tl.load(c_ptr + loff, mask=kmask, other=0.0)
+        moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
+        mmask = kmask[:, None] & cmask[None, :]
+        tile, raw = _kernel_tile(mbase, moff, mmask, reg, LOG, FROM_COST, ACCURATE)
+        if FIRST:
+            if FROM_COST:
+                ct = raw
+            else:
+                ct = tl.load(cbase + moff, mask=mmask, other=0.0)
+        else:
+            ct = raw
+        if LOG:
+            lm = tl.load(lm_ptr + loff, mask=kmask, other=0.0)
+            lh = tl.load(lh_ptr + loff, mask=kmask, other=0.0)
+            pos = kmask & (lm > 0)
+            if ACCURATE:
+                llm = libdevice.log(tl.where(pos, lm, 1.0))
+            else:
+                llm = tl.log(tl.where(pos, lm, 1.0))
+            p = tl.where(pos, llm - lh, float("-inf"))  # log u_t (S side) or log v_t (R side)
+            val = tl.where(mmask, p[:, None] + tile, float("-inf"))
+            mx, sm, sm2 = _lse_update(mx, sm, sm2, val, coef[:, None], ct, FIRST, ACCURATE)
+        else:
+            sm += tl.sum(coef[:, None] * tile, axis=0)
+            if FIRST:
+                ut = _div(tl.load(lm_ptr + loff, mask=kmask, other=0.0), tl.load(lh_ptr + loff, mask=kmask, other=1.0))
+                sm2 += tl.sum(ut[:, None] * (tile * ct), axis=0)
+    ooff = row * ND + cols
+    if LOG:
+        den = tl.load(den_ptr + ooff, mask=cmask, other=0.0)
+    else:
+        den = tl.load(den_ptr + ooff, mask=cmask, other=1.0)
+    if FIRST:
+        g = tl.load(g_ptr + row)
+        grad_old = sm  # unused
+    else:
+        g = 0.0
+        grad_old = tl.load(grad_ptr + ooff, mask=cmask, other=0.0)
+    if LOG:
+        grad, out = _bwd_epilogue_log(mx, sm, sm2, g, den, grad_old, SIDE_S, FIRST, ACCURATE)
+    else:
+        mass = tl.load(mass_ptr + ooff, mask=cmask, other=0.0)
+        grad, out = _bwd_epilogue_scaling(sm, sm2, g, den, mass, grad_old, SIDE_S, FIRST)
+    tl.store(grad_ptr + ooff, grad, mask=cmask)
+    if WRITE_OUT:
+        tl.store(out_ptr + ooff, out, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _split(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi exactly representable in float32. Triton passes every Python float as a float32 scalar;
+    the kernels rebuild x as hi + lo: in float64 to ~1e-15 relative, in float32 the nearest float32. Values outside
+    float32's normal range are passed as they are (rounded by Triton: irrelevant for reg, eps and log eps)."""
+    x = float(x)
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return x, 0.0
+    if hi == 0.0 or math.isinf(hi) or abs(hi) < 2.0 ** -126:
+        return x, 0.0
+    return hi, x - hi
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
+
+
+def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history):
+    shared = check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
+    a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    T = int(num_iters)
+    dt, dev = a.dtype, a.device
+    u = torch.empty(B, n, dtype=dt, device=dev)
+    v = torch.empty(B, m, dtype=dt, device=dev)
+    hist_r = torch.empty(T + 1 if keep_history else 0, B, n, dtype=dt, device=dev)
+    hist_s = torch.empty(T if keep_history else 0, B, m, dtype=dt, device=dev)
+    if B == 0:
+        return torch.empty(0, dtype=dt, device=dev), u, v, hist_r, hist_s
+    reg_hi, reg_lo = _split(reg)
+    eps_hi, eps_lo = _split(eps)
+    leps_hi, leps_lo = _split(math.log(eps)) if eps > 0 else (0.0, 0.0)
+    dummy = torch.empty(1, dtype=dt, device=dev)  # never-written placeholder for disabled outputs
+
+    _sinkhorn_fwd_init_kernel[(B,)](a, u, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
+
+    def slot(h, t):
+        return h[t] if keep_history else dummy
+
+    if shared and not log_domain:
+        BB, BN, BK, warps = DOT_CONFIG[dt]
+        kmat = torch.empty(n, m, dtype=dt, device=dev)
+        _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
+                                                                 ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+        n_part = triton.cdiv(n, BN)
+        part = torch.empty(B, n_part, dtype=dt, device=dev)
+        prec = _dot_precision(dt)
+        for t in range(T):
+            final = t == T - 1
+            _sinkhorn_fwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
+                u, kmat, cost, b, v, slot(hist_s, t), dummy, dummy, B, n, m, m, 1, 1, eps_hi, eps_lo,
+                FINAL=False, STORE_HIST=keep_history, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
+                num_warps=warps)
+            _sinkhorn_fwd_dot_kernel[(triton.cdiv(B, BB), n_part)](
+                v, kmat, cost, a, u, slot(hist_r, t), slot(hist_r, T) if final else dummy, part if final else dummy,
+                B, m, n, 1, m, n_part, eps_hi, eps_lo,
+                FINAL=final, STORE_HIST=keep_history, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
+                num_warps=warps)
+    else:
+        BN, BK, warps = ROWS_CONFIG[dt]
+        if shared:  # log domain: L = -cost/reg built once
+            mat = torch.empty(n, m, dtype=dt, device=dev)
+            _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, mat, n * m, reg_hi, reg_lo,
+                                                                     LOG=log_domain, ACCURATE=_ACCURATE,
+                                                                     BLOCK=ELEM_BLOCK)
+            stride_b = 0
+        else:
+            mat = cost
+            stride_b = n * m
+        n_part = triton.cdiv(n, BN)
+        part = torch.empty(B, n_part, dtype=dt, device=dev)
+        common = dict(LOG=log_domain, FROM_COST=not shared, HAS_EPS=eps > 0, ACCURATE=_ACCURATE, BLOCK_N=BN,
+                      BLOCK_K=BK, num_warps=warps)
+        for t in range(T):
+            final = t == T - 1
+            _sinkhorn_fwd_rows_kernel[(B, triton.cdiv(m, BN))](
+                u, mat, cost, b, v, slot(hist_s, t), dummy, dummy,
+                n, m, stride_b, m, 1, stride_b, 1, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
+                FINAL=False, STORE_HIST=keep_history, **common)
+            _sinkhorn_fwd_rows_kernel[(B, n_part)](
+                v, mat, cost, a, u, slot(hist_r, t), slot(hist_r, T) if final else dummy, part if final else dummy,
+                m, n, stride_b, 1, m, stride_b, n_part, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
+                FINAL=final, STORE_HIST=keep_history, **common)
+    value = part.sum(1)
+    return value, u, v, hist_r, hist_s
+
+
+def _check_backward_args(grad_value, a, b, u, v, hist_r, hist_s, op="wkd.sinkhorn_backward"):
+    """Shapes, dtypes and devices of the backward's extra tensors (host-side, as the C++ check)."""
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    if grad_value.dim() != 1 or grad_value.shape[0] != B:
+        raise ValueError(f"{op}: `grad_value` must be [B] = [{B}], got {list(grad_value.shape)}")
+    if u.shape != a.shape:
+        raise ValueError(f"{op}: `u` must have the shape of `a` {list(a.shape)}, got {list(u.shape)}")
+    if v.shape != b.shape:
+        raise ValueError(f"{op}: `v` must have the shape of `b` {list(b.shape)}, got {list(v.shape)}")
+    if hist_r.dim() != 3 or hist_r.shape[0] < 2 or hist_r.shape[1] != B or hist_r.shape[2] != n:
+        raise ValueError(f"{op}: `hist_r` must be [num_iters + 1, B, n] with num_iters >= 1 (run the forward with "
+                         f"keep_history=True), got {list(hist_r.shape)}")
+    want = [hist_r.shape[0] - 1, B, m]
+    if list(hist_s.shape) != want:
+        raise ValueError(f"{op}: `hist_s` must be {want}, got {list(hist_s.shape)}")
+    for name, t in (("grad_value", grad_value), ("u", u), ("v", v), ("hist_r", hist_r), ("hist_s", hist_s)):
+        if t.dtype != a.dtype:
+            raise TypeError(f"{op}: all tensors must share the dtype of `a` ({a.dtype}), `{name}` is {t.dtype}")
+        if t.device != a.device:
+            raise ValueError(f"{op}: all tensors must be on the device of `a` ({a.device}), `{name}` is on "
+                             f"{t.device}")
+
+
+def _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log_domain):
+    shared = check_sinkhorn_args(a, b, cost, reg, 1, eps, op="wkd.sinkhorn_backward")
+    _check_backward_args(grad_value, a, b, u, v, hist_r, hist_s)
+    a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
+    g, hist_r, hist_s = grad_value.contiguous(), hist_r.contiguous(), hist_s.contiguous()
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    T = hist_s.shape[0]
+    dt, dev = a.dtype, a.device
+    ga = torch.empty(B, n, dtype=dt, device=dev)
+    gb = torch.empty(B, m, dtype=dt, device=dev)
+    if B == 0:
+        return ga, gb
+    x = torch.empty(B, n, dtype=dt, device=dev)  # left operand of the S-side products
+    zv = torch.empty(B, m, dtype=dt, device=dev)  # left operand of the R-side products
+    reg_hi, reg_lo = _split(reg)
+
+    _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n, ELEM_BLOCK),)](
+        g, a, hist_r[T - 1], hist_r[T], ga, x, B * n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+
+    if shared and not log_domain:
+        BB, BN, BK, warps = DOT_CONFIG[dt]
+        kmat = torch.empty(n, m, dtype=dt, device=dev)
+        _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
+                                                                 ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+        prec = _dot_precision(dt)
+        for t in range(T - 1, -1, -1):
+            _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
+                x, kmat, cost, a, hist_r[T - 1], g, hist_s[t], b, gb, zv, B, n, m, m, 1,
+                SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
+                num_warps=warps)
+            if t > 0:
+                _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(n, BN))](
+                    zv, kmat, cost, a, hist_r[T - 1], g, hist_r[t - 1], a, ga, x, B, m, n, 1, m,
+                    SIDE_S=False, FIRST=False, WRITE_OUT=True, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
+                    num_warps=warps)
+    else:
+        BN, BK, warps = ROWS_CONFIG[dt]
+        if shared:
+            mat = torch.empty(n, m, dtype=dt, device=dev)
+            _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, mat, n * m, reg_hi, reg_lo,
+                                                                     LOG=log_domain, ACCURATE=_ACCURATE,
+                                                                     BLOCK=ELEM_BLOCK)
+            stride_b = 0
+        else:
+            mat = cost
+            stride_b = n * m
+        common = dict(LOG=log_domain, FROM_COST=not shared, ACCURATE=_ACCURATE, BLOCK_N=BN, BLOCK_K=BK,
+                      num_warps=warps)
+        for t in range(T - 1, -1, -1):
+            _sinkhorn_bwd_rows_kernel[(B, triton.cdiv(m, BN))](
+                x, a, hist_r[t], mat, cost, g, hist_s[t], b, gb, zv,
+                n, m, stride_b, m, 1, stride_b, reg_hi, reg_lo,
+                SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0, **common)
+            if t > 0:
+                _sinkhorn_bwd_rows_kernel[(B, triton.cdiv(n, BN))](
+                    zv, b, hist_s[t], mat, cost, g, hist_r[t - 1], a, ga, x,
+                    m, n, stride_b, 1, m, stride_b, reg_hi, reg_lo,
+                    SIDE_S=False, FIRST=False, WRITE_OUT=True, **common)
+    return ga, gb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------
+def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: float, num_iters: int,
+                     eps: float = 0.0, log_domain: bool = False, keep_history: bool = True):
+    """Triton forward of ``torch.ops.wkd.sinkhorn`` (same arguments and outputs as the op).
+
+    a [B, n], b [B, m], cost [n, m] (shared) or [B, n, m]; float32 or float64, on one device (CUDA, or CPU under
+    TRITON_INTERPRET=1). Returns ``(value [B], u [B, n], v [B, m], hist_r, hist_s)``: u, v are the final scalings
+    (log u, log v when ``log_domain``); with ``keep_history`` hist_r [T+1, B, n] = r_1..r_T then
+    y = (K∘cost) v_T and hist_s [T, B, m] = s_1..s_T (logs in the log domain), else [0, B, n] and [0, B, m].
+    Launches 2 * num_iters fused half-iteration kernels plus 2 or 3 small ones; no host synchronisation.
+    """
+    with _device_guard(a):
+        return _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+
+
+def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
+                      u: torch.Tensor, v: torch.Tensor, hist_r: torch.Tensor, hist_s: torch.Tensor, reg: float,
+                      eps: float = 0.0, log_domain: bool = False):
+    """Triton backward of ``torch.ops.wkd.sinkhorn_backward``: the exact gradient of value w.r.t. a and b.
+
+    Takes the forward's history (keep_history=True; u and v are accepted for the schema and not read).
+    Returns ``(grad_a [B, n], grad_b [B, m])``. Launches 2 * num_iters - 1 fused product kernels plus 1 or 2
+    small ones; extra memory O(B (n + m)) plus the [n, m] kernel buffer; no host synchronisation.
+    """
+    with _device_guard(a):
+        return _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log_domain)
+
+
+def set_fp32_dot_precision(precision: str) -> None:
+    """Input precision of ``tl.dot`` for float32 inputs (shared cost, scaling domain): ``"ieee"`` (default: float32
+    FMA, float32-level accuracy), ``"tf32x3"`` (tensor cores, 3 TF32 products: near float32 accuracy) or ``"tf32"``
+    (fastest, relative error ~1e-3). The environment variable ``WKD_TRITON_FP32_PRECISION`` sets the initial value.
+    Read at each launch (a CUDA graph keeps the precision it was captured with). float64 always uses "ieee".
+    """
+    global FP32_DOT_PRECISION
+    p = str(precision).strip().lower()
+    if p not in _FP32_PRECISIONS:
+        raise ValueError(f"set_fp32_dot_precision: `precision` must be one of {_FP32_PRECISIONS}, got {precision!r}")
+    FP32_DOT_PRECISION = p
+
+
+def get_fp32_dot_precision() -> str:
+    """The current ``tl.dot`` input precision for float32 inputs (see :func:`set_fp32_dot_precision`)."""
+    return FP32_DOT_PRECISION
