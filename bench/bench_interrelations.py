@@ -3,7 +3,8 @@
 The published tool computes d_ij = 1 - CKA(X_i, X_j) pair by pair in a Python loop, C^2 calls. Two per-pair
 loops are timed, both computing every (i, j) entry, as the published tool does:
   * "per-pair (DxD)": the published formula ||X~_j^T X~_i||_F^2 / (||X~_i^T X~_i||_F ||X~_j^T X~_j||_F)
-    (D x D products; for the rbf kernel the common reference code: H K H centring of n x n Gram matrices);
+    (D x D products);
+  * "per-pair (HKH nxn)" (rbf kernel): the common reference code, H K H centring of n x n kernel matrices;
   * "per-pair (nxn)": the cheapest per-pair form, <K~_i, K~_j> / (||K~_i|| ||K~_j||) on n x n centred Grams
     recomputed per pair (linear only).
 Where the full loop would take too long (C^2 > --full-max, e.g. C=1000: 10^6 calls), the loop runs on `--pairs`
@@ -70,7 +71,7 @@ def _rbf_cka(X, Y):
     return (Kx * Ky).sum() / torch.sqrt((Kx * Kx).sum() * (Ky * Ky).sum())
 
 
-PAIR_FNS = {("linear", "DxD"): _linear_cka_dd, ("linear", "nxn"): _linear_cka_nn, ("rbf", "DxD"): _rbf_cka}
+PAIR_FNS = {("linear", "DxD"): _linear_cka_dd, ("linear", "nxn"): _linear_cka_nn, ("rbf", "HKH nxn"): _rbf_cka}
 
 
 def per_pair_loop(x, fn, pairs):

@@ -228,6 +228,26 @@ def test_torch_compile_fullgraph(backend="inductor"):
     assert grad_err(s1.grad, s2.grad) < 1e-5
 
 
+def test_compile_scheduled_weight_does_not_recompile_every_epoch():
+    """A weight changed every epoch (cosine schedule) costs one extra compile (dynamo makes it a symbolic float)."""
+    torch._dynamo.reset()
+    s, t, y = make_logits(4, 10)
+    crit = WKDLogitLoss(random_cost(10), temperature=2.0, weight=1.0)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    f = torch.compile(lambda s, t, y: crit(s, t, y), backend=counting_backend, fullgraph=True)
+    for epoch in range(10):
+        crit.weight = cosine_weight(epoch, 1.0, 2, 10)
+        assert torch.allclose(f(s, t, y), crit(s, t, y))
+    assert len(compiles) <= 2
+    with pytest.raises(ValueError, match="weight"):
+        crit.weight = -0.5
+
+
 # ---------------------------------------------------------------------------------- DDP smoke test
 def _ddp_worker(rank, world, port, result_path):
     import torch.distributed as dist

@@ -22,6 +22,11 @@ def values_check_wanted(t: Tensor, check_values: Optional[bool]) -> bool:
 
 
 def check_number(value, name: str, fn: str, *, positive: bool = False, nonneg: bool = False) -> float:
+    """A finite Python number (optionally > 0 or >= 0), returned as float. While torch.compile traces, the value
+    may be symbolic (dynamo makes a float that changes between calls, e.g. a scheduled loss weight, a SymFloat)
+    and is returned unchecked: it was checked when the eager code (or the module's setter) last saw it."""
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{fn}: `{name}` must be a finite number, got {value!r}")
     if positive and not value > 0:

@@ -177,12 +177,21 @@ class WKDLogitLoss(nn.Module):
         fn = "WKDLogitLoss"
         self.register_buffer("cost", prepare_wkd_cost(cost, None, fn, check_values=True), persistent=False)
         self.temperature = check_number(temperature, "temperature", fn, positive=True)
-        self.weight = check_number(weight, "weight", fn, nonneg=True)
+        self.weight = weight  # checked by the setter
         self.reg = check_number(reg, "reg", fn, positive=True)
         self.num_iters = check_int(num_iters, "num_iters", fn)
         if grad not in ("exact", "envelope"):
             raise ValueError(f"{fn}: `grad` must be 'exact' or 'envelope', got {grad!r}")
         self.grad, self.log_domain, self.check_values = grad, bool(log_domain), check_values
+
+    @property
+    def weight(self) -> float:
+        """gamma >= 0, the factor of the Wasserstein term (set it per epoch, e.g. with ``cosine_weight``)."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = check_number(value, "weight", "WKDLogitLoss", nonneg=True)
 
     @property
     def num_classes(self) -> int:
