@@ -281,7 +281,8 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
 // Elementwise passes over [B, len] buffers, fused by hand and run in parallel over the batch.
 template <typename F>
 void rows_parallel(int64_t B, int64_t len, const F& f) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
+  // Chunks of >= 64K elements: smaller parallel regions cost more in thread wake-ups than they save.
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) f(bi, bi * len);
   });
 }
@@ -299,7 +300,7 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
   AT_DISPATCH_FLOATING_TYPES(s_out.scalar_type(), "wkd_first_half", [&] {
     const scalar_t* kp = K.data_ptr<scalar_t>();
     scalar_t* out = s_out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / m), [&](int64_t b0, int64_t b1) {
       std::vector<double> acc(m);
       for (int64_t bi = b0; bi < b1; ++bi) {
         std::copy(cs, cs + m, acc.begin());
