@@ -3,10 +3,15 @@
 Public API:
     sinkhorn(a, b, cost, reg, num_iters, *, eps=0.0, grad="exact", log_domain=False) -> SinkhornResult
     set_cuda_backend("triton" | "cuda" | "auto"), get_cuda_backend()
+    feature_stats(x, grid=1, covariance="diag", unbiased=True) -> (mean, var | cov)
+    sqrtm(S, method="newton_schulz", num_iters=20), nuclear_norm(M, num_iters=20)
+    bures_wasserstein(mu1, S1, mu2, S2, method=..., num_iters=...) -> squared W2
+    gaussian_wasserstein(f_s, f_t, covariance="full", grid=1, eps=1e-5, ...) -> squared W2 per sample (and cell)
     build_info(), HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON
 The ops themselves are torch.ops.wkd.* (schemas in csrc/ops.cpp).
 """
 from ._build import HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON, build_info
+from .gaussian import bures_wasserstein, feature_stats, gaussian_wasserstein, nuclear_norm, sqrtm
 from .ops import SinkhornResult, get_cuda_backend, set_cuda_backend, sinkhorn
 
 __version__ = "0.1.0"
@@ -14,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_C_EXT", "HAS_CUDA_EXT", "HAS_TRITON", "build_info",
     "SinkhornResult", "sinkhorn", "set_cuda_backend", "get_cuda_backend",
+    "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein", "gaussian_wasserstein",
 ]

@@ -47,3 +47,87 @@ def sinkhorn_reference(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters
     P = torch.exp(log_u.unsqueeze(2) + L + log_v.unsqueeze(1))
     value = (P * C).sum((1, 2))
     return value, log_u, log_v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gaussian ops for WKD-F (design.md section 4): float64 references
+# ----------------------------------------------------------------------------------------------------------------
+def cell_bounds_reference(size: int, grid: int):
+    """Adaptive-pooling cells along one axis: [(floor(i size / grid), ceil((i + 1) size / grid)) for i < grid]."""
+    return [((i * size) // grid, -((-(i + 1) * size) // grid)) for i in range(grid)]
+
+
+def feature_stats_reference(x: Tensor, grid: int = 1, full: bool = False, unbiased: bool = True,
+                            dtype: torch.dtype = torch.float64):
+    """Per-sample, per-cell statistics of x [N, C, H, W] by slicing every cell (the published code's loop).
+
+    Returns mean [N, P, C] and var [N, P, C] (full=False) or cov [N, P, C, C] (full=True), P = grid * grid cells in
+    row-major order, divided by m - 1 (unbiased) or m, computed in ``dtype``.
+    """
+    x = x.to(dtype)
+    means, second = [], []
+    for h0, h1 in cell_bounds_reference(x.shape[2], grid):
+        for w0, w1 in cell_bounds_reference(x.shape[3], grid):
+            X = x[:, :, h0:h1, w0:w1].flatten(2)  # [N, C, m]
+            m = X.shape[-1]
+            mu = X.mean(-1)
+            Xc = X - mu.unsqueeze(-1)
+            den = m - 1 if unbiased else m
+            means.append(mu)
+            second.append(Xc @ Xc.mT / den if full else Xc.square().sum(-1) / den)
+    return torch.stack(means, 1), torch.stack(second, 1)
+
+
+def sqrtm_reference(S: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Principal square root of symmetric PSD matrices [..., n, n] by eigh (eigenvalues clamped at 0)."""
+    S = S.to(dtype)
+    L, V = torch.linalg.eigh((S + S.mT) / 2)
+    return (V * L.clamp_min(0).sqrt().unsqueeze(-2)) @ V.mT
+
+
+def bures_wasserstein_reference(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor,
+                                dtype: torch.dtype = torch.float64) -> Tensor:
+    """Squared 2-Wasserstein distance between N(mu1, S1) and N(mu2, S2), batched [..., n] / [..., n, n]:
+    |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2 with eigh-based square roots (clamped eigenvalues)."""
+    mu1, S1, mu2, S2 = (t.to(dtype) for t in (mu1, S1, mu2, S2))
+    R = sqrtm_reference(S1, dtype)
+    cross = sqrtm_reference(R @ ((S2 + S2.mT) / 2) @ R, dtype).diagonal(0, -2, -1).sum(-1)
+    tr = lambda A: A.diagonal(0, -2, -1).sum(-1)  # noqa: E731
+    return (mu1 - mu2).square().sum(-1) + tr(S1) + tr(S2) - 2 * cross
+
+
+def nuclear_norm_reference(M: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Sum of singular values of M [..., p, q]."""
+    return torch.linalg.svdvals(M.to(dtype)).sum(-1)
+
+
+def published_wkd_feature_diag(f_s: Tensor, f_t: Tensor, grid: int = 1, eps: float = 1e-5) -> Tensor:
+    """The published WKD-F diagonal formula, per sample and cell: sum_c (mu_s - mu_t)^2 + (std_s - std_t)^2 with
+    std = sqrt(var + eps), var unbiased (torch.var's default), cells by slicing. Returns [N, P] (in the input dtype;
+    plain PyTorch, used as the baseline of bench/bench_gaussian.py)."""
+    out = []
+    for h0, h1 in cell_bounds_reference(f_s.shape[2], grid):
+        for w0, w1 in cell_bounds_reference(f_s.shape[3], grid):
+            bs, bt = f_s[:, :, h0:h1, w0:w1], f_t[:, :, h0:h1, w0:w1]
+            mean_term = (bs.mean(dim=(-1, -2)) - bt.mean(dim=(-1, -2))).square().sum(-1)
+            std_s = torch.sqrt(bs.var(dim=(-1, -2)) + eps)
+            std_t = torch.sqrt(bt.var(dim=(-1, -2)) + eps)
+            out.append(mean_term + (std_s - std_t).square().sum(-1))
+    return torch.stack(out, 1)
+
+
+def gaussian_wasserstein_reference(f_s: Tensor, f_t: Tensor, covariance: str = "full", grid: int = 1,
+                                   eps: float = 0.0, unbiased: bool = True,
+                                   dtype: torch.dtype = torch.float64) -> Tensor:
+    """Squared W2 between the per-sample (per-cell) Gaussians of two feature maps [N, C, H, W], returned [N, P].
+
+    diag: sum_c (mu_s - mu_t)^2 + (sqrt(var_s + eps) - sqrt(var_t + eps))^2.
+    full: C x C covariances plus eps I and the eigh-based Bures formula (float64 eigendecomposition, clamped
+    eigenvalues) -- no low-rank shortcut.
+    """
+    mu_s, v_s = feature_stats_reference(f_s, grid, covariance == "full", unbiased, dtype)
+    mu_t, v_t = feature_stats_reference(f_t, grid, covariance == "full", unbiased, dtype)
+    if covariance == "diag":
+        return (mu_s - mu_t).square().sum(-1) + (torch.sqrt(v_s + eps) - torch.sqrt(v_t + eps)).square().sum(-1)
+    eye = torch.eye(v_s.shape[-1], dtype=dtype, device=v_s.device)
+    return bures_wasserstein_reference(mu_s, v_s + eps * eye, mu_t, v_t + eps * eye, dtype)

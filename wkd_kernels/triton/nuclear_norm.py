@@ -1,0 +1,80 @@
+"""Triton kernel of ``wkd::nuclear_norm`` (design.md section 4, the low-rank Bures-Wasserstein path), one program
+per matrix M [p, q] (p, q <= MAX_N, zero-padded to a register tile).
+
+  _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, num_iters times
+                      X <- X (3I - X^T X) / 2 (two fp32 ``tl.dot`` per step, precision
+                      as sqrtm.DOT_PRECISION); polar = X,
+                      value = <polar, M> = sum_i q(s_i) s_i (q -> 1 on every nonzero singular value s_i).
+The backward of the nuclear norm is grad * polar (no kernel). Larger matrices use the same iteration as batched
+torch products.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sqrtm import DOT_PRECISION
+
+# ------------------------------------------------------------------------------------------------------------------
+# Constants
+# ------------------------------------------------------------------------------------------------------------------
+MAX_N = 64
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _nuclear_norm_fwd(M_ptr, Q_ptr, val_ptr, p, q, num_iters, TINY, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base = b * p * q
+    rp = tl.arange(0, BLOCK_P)
+    rq = tl.arange(0, BLOCK_Q)
+    msk = (rp[:, None] < p) & (rq[None, :] < q)
+    offs = rp[:, None] * q + rq[None, :]
+    M = tl.load(M_ptr + base + offs, mask=msk, other=0.0).to(ACC)
+    f = tl.maximum(tl.sqrt(tl.sum(tl.sum(M * M, axis=1), axis=0)), TINY)
+    X = M / f
+    eye = tl.where(rq[:, None] == rq[None, :], 1.5, 0.0).to(ACC)
+    for _ in range(num_iters):
+        T = eye - 0.5 * tl.dot(tl.trans(X), X, input_precision=PREC)
+        X = tl.dot(X, T, input_precision=PREC)
+    tl.store(Q_ptr + base + offs, X, mask=msk)
+    tl.store(val_ptr + b, tl.sum(tl.sum(X * M, axis=1), axis=0))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------------
+def _nuclear_norm_torch(M: torch.Tensor, num_iters: int):
+    B, _, q = M.shape
+    f = M.flatten(1).norm(dim=1).clamp_min(torch.finfo(M.dtype).tiny)[:, None, None]
+    X = M / f
+    eye15 = 1.5 * torch.eye(q, dtype=M.dtype, device=M.device)
+    for _ in range(num_iters):
+        X = X @ torch.baddbmm(eye15, X.mT, X, beta=1.0, alpha=-0.5)
+    return (X * M).sum((1, 2)), X
+
+
+def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
+    """(value [B], polar [B, p, q]) for M [B, p, q] (arguments checked by the caller)."""
+    M = M.contiguous()
+    B, p, q = M.shape
+    if p > MAX_N or q > MAX_N:
+        return _nuclear_norm_torch(M, num_iters)
+    Q = torch.empty_like(M)
+    val = torch.empty((B,), dtype=M.dtype, device=M.device)
+    if B == 0:
+        return val, Q
+    bp = max(16, triton.next_power_of_2(p))
+    bq = max(16, triton.next_power_of_2(q))
+    _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), ACC=_acc_dtype(M.dtype),
+                            BLOCK_P=bp, BLOCK_Q=bq, PREC="ieee" if M.dtype == torch.float64 else DOT_PRECISION,
+                            num_warps=8 if max(bp, bq) >= 64 else 4)
+    return val, Q
