@@ -1,0 +1,202 @@
+// Host emulation of the CUDA subset used by csrc/cuda/sinkhorn.cu, for verification without a GPU: compiled
+// only when WKD_CUDA_EMULATE is defined (python_tests/test_sinkhorn_cuda.py builds it), never by setup.py.
+//
+// A launch runs the blocks one after another; the threads of a block are cooperative fibers (ucontext), run
+// round-robin, each until it reaches a barrier: __syncthreads() waits for every live thread of the block,
+// __shfl_xor_sync() for every live lane of the warp (exchange through a per-warp buffer, then a second barrier).
+// Each fiber runs as far as it can before the others start, so a missing barrier shows up as stale data, and a
+// barrier not reached by all threads (divergent __syncthreads, a shuffle in divergent code) aborts with a
+// deadlock message. __shared__ variables become function statics: one copy, shared by the threads of the
+// running block. Memory fences and atomics are trivial (one fiber runs at a time).
+#pragma once
+
+#include <math.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
+typedef void* cudaStream_t;
+
+namespace wkd_emu {
+
+enum State { kRun = 0, kBlockBarrier = 1, kWarpBarrier = 2, kDone = 3 };
+
+struct Block {
+  int nthreads = 0;
+  int cur = 0;
+  std::vector<ucontext_t> ctx;
+  std::vector<int> state;
+  ucontext_t sched;
+  std::function<void()> body;
+  std::vector<unsigned char> shfl;  // [warps][32][8]
+};
+
+inline Block*& current() {
+  static Block* b = nullptr;
+  return b;
+}
+inline dim3& grid_dim() {
+  static dim3 d;
+  return d;
+}
+inline dim3& block_dim() {
+  static dim3 d;
+  return d;
+}
+inline dim3& block_idx() {
+  static dim3 d;
+  return d;
+}
+inline dim3 thread_idx() { return dim3(static_cast<unsigned>(current()->cur)); }
+
+inline void yield(int st) {
+  Block* b = current();
+  const int t = b->cur;
+  b->state[t] = st;
+  swapcontext(&b->ctx[t], &b->sched);
+}
+
+inline void fiber_entry() {
+  Block* b = current();
+  b->body();
+  b->state[b->cur] = kDone;  // returning resumes the scheduler (uc_link)
+}
+
+inline void run_block(Block& b) {
+  constexpr size_t kStack = 256 * 1024;
+  static std::vector<std::vector<char>> stacks;
+  if (stacks.size() < size_t(b.nthreads)) stacks.resize(b.nthreads);
+  b.ctx.assign(b.nthreads, ucontext_t{});
+  b.state.assign(b.nthreads, kRun);
+  for (int t = 0; t < b.nthreads; ++t) {
+    if (stacks[t].size() < kStack) stacks[t].resize(kStack);
+    getcontext(&b.ctx[t]);
+    b.ctx[t].uc_stack.ss_sp = stacks[t].data();
+    b.ctx[t].uc_stack.ss_size = kStack;
+    b.ctx[t].uc_link = &b.sched;
+    makecontext(&b.ctx[t], fiber_entry, 0);
+  }
+  const int nwarps = (b.nthreads + 31) / 32;
+  for (;;) {
+    for (int t = 0; t < b.nthreads; ++t) {
+      if (b.state[t] != kRun) continue;
+      b.cur = t;
+      swapcontext(&b.sched, &b.ctx[t]);
+    }
+    // Every live fiber now waits at a barrier (or all are done).
+    bool released = false, all_done = true;
+    for (int w = 0; w < nwarps; ++w) {
+      bool any = false, all_at_warp = true;
+      for (int t = w * 32; t < std::min(b.nthreads, w * 32 + 32); ++t) {
+        if (b.state[t] == kDone) continue;
+        any = true;
+        if (b.state[t] != kWarpBarrier) all_at_warp = false;
+      }
+      if (any) all_done = false;
+      if (any && all_at_warp) {
+        for (int t = w * 32; t < std::min(b.nthreads, w * 32 + 32); ++t)
+          if (b.state[t] == kWarpBarrier) b.state[t] = kRun;
+        released = true;
+      }
+    }
+    if (all_done) return;
+    if (released) continue;
+    bool all_at_block = true;
+    for (int t = 0; t < b.nthreads; ++t)
+      if (b.state[t] != kDone && b.state[t] != kBlockBarrier) all_at_block = false;
+    if (!all_at_block) {
+      std::fprintf(stderr, "wkd_emu: deadlock in block (%u,%u): threads wait at different barriers\n",
+                   block_idx().x, block_idx().y);
+      std::abort();
+    }
+    for (int t = 0; t < b.nthreads; ++t)
+      if (b.state[t] == kBlockBarrier) b.state[t] = kRun;
+  }
+}
+
+inline void check_aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    std::fprintf(stderr, "wkd_emu: misaligned 16-byte access at %p in block (%u,%u) thread %d\n", p,
+                 block_idx().x, block_idx().y, current()->cur);
+    std::abort();
+  }
+}
+
+template <class F>
+void launch(dim3 grid, dim3 block, F&& f) {
+  Block b;
+  b.nthreads = int(block.x * block.y * block.z);
+  b.body = std::function<void()>(f);
+  b.shfl.assign(size_t((b.nthreads + 31) / 32) * 32 * 8, 0);
+  Block* saved = current();
+  current() = &b;
+  grid_dim() = grid;
+  block_dim() = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        block_idx() = dim3(x, y, z);
+        run_block(b);
+      }
+  current() = saved;
+}
+
+}  // namespace wkd_emu
+
+#define threadIdx (::wkd_emu::thread_idx())
+#define blockIdx (::wkd_emu::block_idx())
+#define blockDim (::wkd_emu::block_dim())
+#define gridDim (::wkd_emu::grid_dim())
+
+inline void __syncthreads() { ::wkd_emu::yield(::wkd_emu::kBlockBarrier); }
+inline void __threadfence() {}
+
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int lane_mask) {
+  static_assert(sizeof(V) <= 8, "shuffle of at most 8 bytes");
+  wkd_emu::Block* b = wkd_emu::current();
+  const int t = b->cur, w = t / 32, l = t % 32;
+  std::memcpy(&b->shfl[(size_t(w) * 32 + l) * 8], &v, sizeof(V));
+  wkd_emu::yield(wkd_emu::kWarpBarrier);
+  V r;
+  std::memcpy(&r, &b->shfl[(size_t(w) * 32 + (l ^ lane_mask)) * 8], sizeof(V));
+  wkd_emu::yield(wkd_emu::kWarpBarrier);
+  return r;
+}
+
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename V>
+V __ldcg(const V* p) {
+  return *p;
+}
