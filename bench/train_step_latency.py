@@ -161,6 +161,16 @@ def main(argv=None):
     losses, cost_src = make_losses(args, device, ct, cs)
     amp = args.amp == "bf16"
 
+    # Sanity check before timing: the published WKD-L and ours give the same loss on this batch (float32 logits).
+    with torch.no_grad():
+        s0, _ = resnet_forward(student, x)
+        t0, _ = resnet_forward(teacher, x)
+        s0, t0 = s0.float(), t0.float()
+        ref = float(losses["WKD-L (published)"][0](s0, t0, None, None, y))
+        ours = float(losses["WKD-L (ours)"][0](s0, t0, None, None, y))
+    wkdl_rel_diff = abs(ours - ref) / max(abs(ref), 1e-30)
+    print(f"WKD-L parity on this batch: published {ref:.6g}, ours {ours:.6g}, relative difference {wkdl_rel_diff:.2e}")
+
     rows = []
     for name in methods:
         extra_loss, extra_params = losses[name]
@@ -195,7 +205,7 @@ def main(argv=None):
     meta = {"device": device_name(args.device), "torch": torch.__version__, "batch": args.batch,
             "image_size": args.image_size, "classes": args.classes, "teacher": "resnet34", "student": "resnet18",
             "amp": args.amp, "channels_last": args.channels_last, "warmup": args.warmup, "reps": args.reps,
-            "wkdf_grid": args.grid, "wkdf_feature": f"layer4 {list(f.shape[1:])}", "cost": cost_src}
+            "wkdf_grid": args.grid, "wkdl_parity_rel_diff": wkdl_rel_diff, "wkdf_feature": f"layer4 {list(f.shape[1:])}", "cost": cost_src}
     print(f"\nResNet34 -> ResNet18 training step, batch {args.batch}, {args.image_size}x{args.image_size}, "
           f"amp={args.amp}, channels_last={args.channels_last}, {meta['device']} (median of {args.reps}, "
           f"after {args.warmup} warm-up steps); cost: {cost_src}")
