@@ -169,7 +169,8 @@ def main(argv=None):
         ref = float(losses["WKD-L (published)"][0](s0, t0, None, None, y))
         ours = float(losses["WKD-L (ours)"][0](s0, t0, None, None, y))
     wkdl_rel_diff = abs(ours - ref) / max(abs(ref), 1e-30)
-    print(f"WKD-L parity on this batch: published {ref:.6g}, ours {ours:.6g}, relative difference {wkdl_rel_diff:.2e}")
+    print(f"WKD-L parity on this batch: published {ref:.6g}, ours {ours:.6g}, "
+          f"relative difference {wkdl_rel_diff:.2e}")
 
     rows = []
     for name in methods:

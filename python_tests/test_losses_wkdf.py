@@ -167,7 +167,8 @@ def test_full_matches_eigh_float64(shape, grid, path):
     f_s, f_t = _feats(*shape, seed=5)
     eps = 1e-5
     C = shape[1]
-    cells = [(_end(i, grid, shape[2]) - _start(i, grid, shape[2])) * (_end(j, grid, shape[3]) - _start(j, grid, shape[3]))
+    H, W = shape[2], shape[3]
+    cells = [(_end(i, grid, H) - _start(i, grid, H)) * (_end(j, grid, W) - _start(j, grid, W))
              for i in range(grid) for j in range(grid)]
     dense = path == "dense" or (path == "auto" and max(cells) >= C)
     ref_m, ref_c = eig_gaussian_w2(f_s, f_t, grid, eps_diag=eps if dense else 0.0)
@@ -267,6 +268,20 @@ def test_half_features(dtype):
     full = wkd_feature_loss(f_s.detach(), f_t, "full", grid=1)
     m, c = eig_gaussian_w2(f_s.detach().double(), f_t.double(), 1, eps_diag=1e-5)  # 42 positions > 5 channels
     assert _rel(full.loss, 2 * m + c) < 1e-4
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_channels_last_and_strided_inputs(cov):
+    f_s, f_t = _feats(2, 6, 7, 9, seed=13)
+    ref = wkd_feature_loss(f_s, f_t, cov, grid=3)
+    cl = wkd_feature_loss(f_s.contiguous(memory_format=torch.channels_last),
+                          f_t.contiguous(memory_format=torch.channels_last), cov, grid=3)
+    big = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    big[:, :, 1:8, 1:10] = f_s
+    sl = wkd_feature_loss(big[:, :, 1:8, 1:10], f_t, cov, grid=3)
+    for out in (cl, sl):
+        for a, b in zip(out, ref):
+            assert _rel(a, b) < 1e-12
 
 
 def test_mixed_dtypes():
