@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..gaussian import _cell_sizes, gaussian_wasserstein
+from ..gaussian import cell_bounds, gaussian_wasserstein
 from ._checks import check_int, check_number, values_check_wanted
 from .projectors import make_projector
 
@@ -78,7 +78,7 @@ def _check_grid(grid, H: int, W: int, fn: str) -> int:
     grid = check_int(grid, "grid", fn)
     if grid > H or grid > W:
         raise ValueError(f"{fn}: `grid` ({grid}) must not exceed the feature map's spatial size H x W = {H} x {W}")
-    m_min = min(_cell_sizes(H, W, grid))
+    m_min = min(h1 - h0 for h0, h1 in cell_bounds(H, grid)) * min(w1 - w0 for w0, w1 in cell_bounds(W, grid))
     if m_min < 2:
         raise ValueError(f"{fn}: `grid` = {grid} on a {H} x {W} map gives a cell of {m_min} position; the unbiased "
                          "spatial variance needs at least 2 positions per cell, use a smaller grid")
