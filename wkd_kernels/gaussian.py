@@ -11,11 +11,11 @@ GPU kernels in wkd_kernels/triton/{feature_stats,sqrtm,nuclear_norm,bures_wasser
 Public functions: :func:`feature_stats`, :func:`sqrtm`, :func:`nuclear_norm`, :func:`bures_wasserstein`,
 :func:`gaussian_wasserstein` (the WKD-F distance between feature maps, with the low-rank path of design.md 4).
 
-Accuracy of the two square-root methods (documented in :func:`sqrtm`, measured in python_tests/test_gaussian_sqrtm.py):
-Newton-Schulz converges for every eigenvalue l with l / tr S not much below 1.5^(-2 num_iters); smaller eigenvalues
-(rank-deficient input) are left partly unconverged, an error of at most sqrt(l) each in the root. ``eigh`` is exact
-to rounding; on rank-deficient input its error is that of the eigenvalues, about sqrt(n eps |S|) in the root's
-near-null directions.
+Accuracy of the two square-root methods (documented in :func:`sqrtm`, pinned by python_tests/test_gaussian_sqrtm.py):
+Newton-Schulz converges for every eigenvalue l with l / tr S >~ 1.5^(-2 num_iters); on rank-deficient input it stops
+(per matrix) before rounding in the null space is amplified, leaving relative errors of the root ~1e-4 in float32
+(~1e-8 in float64 once converged). ``eigh`` is exact to rounding; on rank-deficient input the error is that of the
+eigenvalues near 0, ~n eps |S| each, ~sqrt(n eps |S|) in the root.
 """
 from __future__ import annotations
 
@@ -440,20 +440,28 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: int = 20, *,
     Args:
         S: [..., n, n] symmetric PSD (symmetric to 1e-4 relative; read as (S + S^T) / 2). float32/float64
             (float16/bfloat16 computed and returned in float32).
-        method: ``"newton_schulz"`` (default): coupled Newton-Schulz with trace pre-normalisation, ``num_iters``
-            steps -- GEMMs only, the fast path on GPU. Eigenvalues l with l / tr S >~ 1.5^(-2 num_iters) converge
-            (quadratically at the end); smaller ones (rank-deficient or very ill-conditioned S) are under-estimated,
-            the root then errs by up to sqrt(l) in those directions. Assumes PSD input (indefinite input diverges).
+        method: ``"newton_schulz"`` (default): coupled Newton-Schulz with trace pre-normalisation,
+            Y0 = S / tr S, Z0 = I, T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z, for ``num_iters`` steps -- GEMMs only, the
+            fast path on GPU. Eigenvalues l with l / tr S >~ 1.5^(-2 num_iters) converge (quadratically at the end);
+            smaller ones are under-estimated (error <= sqrt(l) each). On rank-deficient S the coupled iteration would
+            diverge after ~20 steps in float32 (~45 in float64: Z grows by 1.5 per step in the null space and
+            amplifies rounding), and on rounding-level negative eigenvalues sooner; each matrix therefore stops early
+            once |Z|_F^2 > 1/eps or before a step whose T leaves [1, 1.5] (num_iters is an upper bound). Accuracy
+            on rank-deficient S: relative error of the root ~1e-4 in float32 (tests bound it by 1e-3), ~1e-8 in
+            float64 once converged. Assumes PSD input.
             ``"eigh"``: eigendecomposition (CPU: LAPACK in float64; GPU: one-program parallel Jacobi for n <= 64,
             torch.linalg.eigh above), negative eigenvalues clamped to 0: exact to rounding, also on rank-deficient S,
-            where the error is that of the eigenvalues (~ n eps |S| each, ~ sqrt(n eps |S|) in the root).
-        num_iters: Newton-Schulz steps (forward and backward); ignored by ``"eigh"``.
+            where the error is that of the eigenvalues (~ n eps |S| each, ~ sqrt(n eps |S|) in the root: ~1e-6
+            relative in float32, ~1e-8 in float64).
+        num_iters: Newton-Schulz steps (forward and backward; an upper bound, see above); ignored by ``"eigh"``.
         check_values: check finiteness and symmetry (always on CPU; on CUDA only when True or WKD_CHECK_VALUES=1).
 
     Returns:
         [..., n, n] S^1/2 in the units of sqrt(S). The backward solves S^1/2 X + X S^1/2 = sym(grad) (Newton-Schulz on
-        the sign of a block matrix, or the eigenbasis); where S is singular the true gradient is infinite: ``eigh``
-        drops the null-space pairs (pseudo-inverse), Newton-Schulz returns a finite value growing like 1.5^num_iters.
+        the sign of [[S^1/2, grad], [0, -S^1/2]], with the same safeguard, or the eigenbasis). Where S is singular
+        the true gradient is infinite: ``eigh`` drops the pairs of (numerically) zero eigenvalues (pseudo-inverse,
+        below 10 n eps max l), Newton-Schulz returns a finite value (its iteration stops once the solution grows past
+        |grad| / sqrt(eps)).
     """
     op = "wkd.sqrtm"
     if not isinstance(S, Tensor):
@@ -504,8 +512,11 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
 
     Args:
         mu1, mu2: [..., n] means; S1, S2: [..., n, n] symmetric PSD covariances (same batch shape, dtype, device).
-        method, num_iters: how the two square roots are taken (see :func:`sqrtm`); the mid matrix
-            S1^1/2 S2 S1^1/2 is conditioned like the product, so ill-conditioned covariances need more steps or eigh.
+        method, num_iters: ``"newton_schulz"``: S1^1/2 and S2^1/2 by :func:`sqrtm` (one batched launch) and the
+            cross term as the nuclear norm |S2^1/2 S1^1/2|_* = tr (S1^1/2 S2 S1^1/2)^1/2 by the polar Newton-Schulz
+            iteration (:func:`nuclear_norm`) -- never a root of the mid matrix S1^1/2 S2 S1^1/2, whose condition number
+            is the product of both (and which the coupled iteration cannot take stably when it is singular).
+            ``"eigh"``: the three roots by eigendecomposition (exact).
         check_values: see :func:`sqrtm`.
     Returns:
         [...] squared distance in squared units of mu (POT's ``ot.gaussian.bures_wasserstein_distance`` squared).
@@ -535,14 +546,23 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
     return torch.ops.wkd.bures_wasserstein(a, A, b, Bm, method, int(num_iters))[0].reshape(lead)
 
 
+_CELL_INDEX_CACHE: dict = {}
+
+
 def _cell_gather_index(H: int, W: int, grid: int, device):
-    """Flat positions of every cell, padded: idx [P, max_m] (long), mask [P, max_m], m [P]."""
+    """Flat positions of every cell, padded: idx [P, max_m] (long), mask [P, max_m], m [P]. Cached per device, so
+    that eager calls copy nothing from the host after the first (no synchronisation, CUDA-graph capturable)."""
+    key = (H, W, grid, str(device))
+    if not torch.compiler.is_compiling() and key in _CELL_INDEX_CACHE:
+        return _CELL_INDEX_CACHE[key]
     cells = [[h * W + w for h in range(h0, h1) for w in range(w0, w1)]
              for h0, h1 in cell_bounds(H, grid) for w0, w1 in cell_bounds(W, grid)]
     max_m = max(len(c) for c in cells)
     idx = torch.tensor([c + [0] * (max_m - len(c)) for c in cells], dtype=torch.long, device=device)
     mask = torch.tensor([[1.0] * len(c) + [0.0] * (max_m - len(c)) for c in cells], device=device)
     m = torch.tensor([float(len(c)) for c in cells], device=device)
+    if not torch.compiler.is_compiling():
+        _CELL_INDEX_CACHE[key] = (idx, mask, m)
     return idx, mask, m
 
 

@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bures_wasserstein_cpu
   } else {
     // one batched iteration for both roots
     const at::Tensor R = cpu::sqrtm_newton_schulz(at::cat({S1, S2}, 0), num_iters);
-    R1 = R.narrow(0, 0, B).contiguous();
-    R2 = R.narrow(0, B, B).contiguous();
+    R1 = R.narrow(0, 0, B).clone();  // separate storages: op outputs must not alias
+    R2 = R.narrow(0, B, B).clone();
     std::tie(cross, Q) = cpu::polar_newton_schulz(at::matmul(R2, R1), num_iters);
   }
   const at::Tensor w2 = (mu1 - mu2).square().sum(-1) + btrace(S1) + btrace(S2) - 2.0 * cross;

@@ -22,7 +22,7 @@ at::Tensor symmetrize(const at::Tensor& S);
 at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters);
 
 // Square root by LAPACK eigendecomposition in float64 (eigenvalues clamped at 0), and when `want_pinv` the
-// pseudo-inverse square root (eigenvalues above n eps(dtype) max eigenvalue kept); otherwise an undefined tensor.
+// pseudo-inverse square root (eigenvalues above 10 n eps(dtype) max eigenvalue kept: below that they are rounding); otherwise an undefined tensor.
 std::tuple<at::Tensor, at::Tensor> sqrtm_eigh(const at::Tensor& S, bool want_pinv);
 
 // Solution X (symmetric) of the Lyapunov equation Y X + X Y = (G + G^T)/2 for symmetric PSD Y [B, n, n]: the
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_eigh(const at::Tensor& S, bool want_pin
 //   newton_schulz: Newton-Schulz on the matrix sign of [[Y, G], [0, -Y]] / tr Y (`num_iters` steps; the same
 //       safeguard: a matrix stops once |C|_F^2 > |C_0|_F^2 / eps, which only happens when Y is numerically singular)
 //   eigh: X = V ((V^T G V) / (mu_i + mu_j)) V^T from Y = V diag(mu) V^T, pairs with mu_i + mu_j below
-//       sqrt(n eps(dtype)) max mu set to 0.
+//       sqrt(10 n eps(dtype)) max mu set to 0.
 at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t num_iters);
 
 // Newton-Schulz iteration for the orthogonal polar factor of M [B, p, q]: X0 = M / |M|_F, X <- X (3I - X^T X) / 2.

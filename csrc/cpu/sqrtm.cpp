@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_eigh(const at::Tensor& S, bool want_pin
   at::Tensor Y = at::matmul(V * sq.unsqueeze(-2), Vt).to(st);
   at::Tensor Zi;
   if (want_pinv) {
-    const at::Tensor thr = Lc.amax(-1, true) * (double(n) * dtype_eps(st));
+    const at::Tensor thr = Lc.amax(-1, true) * (10.0 * double(n) * dtype_eps(st));
     const at::Tensor isq = at::where(Lc > thr, sq.clamp_min(dtype_tiny(at::kDouble)).reciprocal(), at::zeros_like(sq));
     Zi = at::matmul(V * isq.unsqueeze(-2), Vt).to(st);
   }
@@ -87,7 +87,7 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
     const at::Tensor Vt = V.transpose(-2, -1);
     const at::Tensor H = at::matmul(at::matmul(Vt, Gs.to(at::kDouble)), V);
     const at::Tensor den = mu.unsqueeze(-1) + mu.unsqueeze(-2);
-    const at::Tensor thr = mu.amax(-1, true).unsqueeze(-1) * std::sqrt(double(n) * dtype_eps(st));
+    const at::Tensor thr = mu.amax(-1, true).unsqueeze(-1) * std::sqrt(10.0 * double(n) * dtype_eps(st));
     const at::Tensor Kd = at::where(den > thr, den.clamp_min(dtype_tiny(at::kDouble)).reciprocal(), at::zeros_like(den));
     return at::matmul(at::matmul(V, H * Kd), Vt).to(st);
   }

@@ -29,7 +29,7 @@ def bures_wasserstein_forward(mu1, S1, mu2, S2, method: str, num_iters: int):
     B = S1.shape[0]
     S1, S2 = _sym(S1), _sym(S2)
     R, _ = _sq.sqrtm_forward(torch.cat([S1, S2], 0), method, num_iters)
-    R1, R2 = R[:B], R[B:]
+    R1, R2 = R[:B].clone(), R[B:].clone()  # op outputs must not alias
     if method == "eigh":
         Proot, Pinv = _sq.sqrtm_forward(_sym(R1 @ S2 @ R1), "eigh", num_iters, want_inverse=True)
         cross = _tr(Proot)
@@ -37,7 +37,7 @@ def bures_wasserstein_forward(mu1, S1, mu2, S2, method: str, num_iters: int):
     else:
         cross, Q = _nn.nuclear_norm_forward(R2 @ R1, num_iters)
     w2 = (mu1 - mu2).square().sum(-1) + _tr(S1) + _tr(S2) - 2.0 * cross
-    return w2, R1.contiguous(), R2.contiguous(), Q
+    return w2, R1, R2, Q
 
 
 def bures_wasserstein_backward(grad, mu1, mu2, R1, R2, Q, method: str, num_iters: int):

@@ -12,6 +12,7 @@ Kernels (one pass over the input each):
   _feature_stats_diag_bwd  program = (sample, channel block, position block): every cell that intersects the block adds
                            grad_mean / m_p + 2 grad_var (x - mean_p) / den_p (overlapping cells sum; deterministic).
   _feature_stats_full_bwd  same tiling; the cell term is ((G + G^T) / den_p) (x - mean_p) as a tile GEMM over channels.
+No host-device traffic in the launchers (cell geometry is recomputed in the kernels): CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -176,10 +177,10 @@ def _feature_stats_diag_bwd(x_ptr, gm_ptr, gv_ptr, mean_ptr, gx_ptr, C, H, W, G,
 
 
 @triton.jit
-def _feature_stats_full_bwd(x_ptr, gm_ptr, gs_ptr, mean_ptr, gx_ptr, C, H, W, G, P,
+def _feature_stats_full_bwd(x_ptr, gm_ptr, gc_ptr, mean_ptr, gx_ptr, C, H, W, G, P, unbiased_sub,
                             ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                             BLOCK_Q: tl.constexpr):
-    # gs = (grad_cov + grad_cov^T) / den_p, [N, P, C, C]
+    # gc = grad_cov [N, P, C, C]; the cell term is ((gc + gc^T) / den_p) (x - mean_p)
     n = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1)
     pid_q = tl.program_id(2)
@@ -204,15 +205,19 @@ def _feature_stats_full_bwd(x_ptr, gm_ptr, gs_ptr, mean_ptr, gx_ptr, C, H, W, G,
             for j0 in range(0, C, BLOCK_J):
                 offs_j = j0 + tl.arange(0, BLOCK_J)
                 jmask = offs_j < C
-                gs = tl.load(gs_ptr + np_ * C * C + offs_i[:, None].to(tl.int64) * C + offs_j[None, :],
-                             mask=imask[:, None] & jmask[None, :], other=0.0).to(ACC)
+                mij = imask[:, None] & jmask[None, :]
+                g_ij = tl.load(gc_ptr + np_ * C * C + offs_i[:, None].to(tl.int64) * C + offs_j[None, :], mask=mij,
+                               other=0.0).to(ACC)
+                g_ji = tl.load(gc_ptr + np_ * C * C + offs_j[None, :].to(tl.int64) * C + offs_i[:, None], mask=mij,
+                               other=0.0).to(ACC)
                 mu_j = tl.load(mean_ptr + np_ * C + offs_j, mask=jmask, other=0.0).to(ACC)
                 mj = jmask[:, None] & qmask[None, :]
                 xj = tl.load(x_ptr + (n * C + offs_j.to(tl.int64))[:, None] * HW + offs_q[None, :], mask=mj,
                              other=0.0).to(ACC)
                 xj = tl.where(mj, xj - mu_j[:, None], 0.0)
-                contrib += tl.dot(gs, xj, input_precision="ieee")
-            acc += tl.where(inside[None, :], gm[:, None] / m.to(ACC) + contrib, 0.0)
+                contrib += tl.dot(g_ij + g_ji, xj, input_precision="ieee")
+            den = (m - unbiased_sub).to(ACC)
+            acc += tl.where(inside[None, :], gm[:, None] / m.to(ACC) + contrib / den, 0.0)
     ptrs = (n * C + offs_i.to(tl.int64))[:, None] * HW + offs_q[None, :]
     tl.store(gx_ptr + ptrs, acc, mask=imask[:, None] & qmask[None, :])
 
@@ -272,21 +277,9 @@ def feature_stats_backward(grad_mean: torch.Tensor, grad_var: torch.Tensor, x: t
             x, gm, grad_var.contiguous(), mean, gx, C, H, W, G, P, sub, ACC=acc, BLOCK_C=block_c, BLOCK_Q=block_q,
             num_warps=4)
     else:
-        den = torch.tensor(_cell_denominators(H, W, G, unbiased), dtype=mean.dtype, device=x.device)
-        gs = ((grad_var + grad_var.transpose(-1, -2)) / den.view(1, P, 1, 1)).contiguous()
         blk = _FULL_BLOCK if C > 16 else 16
         bq = min(_FULL_BWD_BLOCK_Q, block_q)
         _feature_stats_full_bwd[(N, triton.cdiv(C, blk), triton.cdiv(H * W, bq))](
-            x, gm, gs, mean, gx, C, H, W, G, P, ACC=acc, BLOCK_I=blk, BLOCK_J=_FULL_BWD_BLOCK_J, BLOCK_Q=bq,
-            num_warps=4)
+            x, gm, grad_var.contiguous(), mean, gx, C, H, W, G, P, sub, ACC=acc, BLOCK_I=blk,
+            BLOCK_J=_FULL_BWD_BLOCK_J, BLOCK_Q=bq, num_warps=4)
     return gx
-
-
-def _cell_denominators(H: int, W: int, G: int, unbiased: bool):
-    out = []
-    for i in range(G):
-        ch = ((i + 1) * H + G - 1) // G - (i * H) // G
-        for j in range(G):
-            cw = ((j + 1) * W + G - 1) // G - (j * W) // G
-            out.append(float(ch * cw - (1 if unbiased else 0)))
-    return out

@@ -14,9 +14,9 @@ DOT_PRECISION) or fp64.
                    X = C / 2; same safeguard on |C|_F).
   _sqrtm_eigh_fwd  the exact method: parallel cyclic Jacobi (round-robin ordering: each round rotates BLOCK/2
                    disjoint pairs at once, rows and columns updated with ``tl.gather``), then V diag(sqrt(max(l, 0))) V^T
-                   and optionally the pseudo-inverse square root (eigenvalues below n eps(dtype) max l dropped).
+                   and optionally the pseudo-inverse square root (eigenvalues below 10 n eps(dtype) max l dropped).
   _lyap_eigh_bwd   Jacobi on Y, X = V ((V^T G V) / (mu_i + mu_j)) V^T (pairs with mu_i + mu_j below
-                   sqrt(n eps) max mu set to 0).
+                   sqrt(10 n eps) max mu set to 0).
 
 Matrices larger than MAX_N run the same mathematics as batched ``torch`` products (Newton-Schulz) or
 ``torch.linalg.eigh`` (eigh): a register tile of 128 x 128 would spill.
@@ -53,6 +53,11 @@ def _eps(dtype: torch.dtype) -> float:
 
 def _tiny(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny)
+
+
+def _pinv_rel(n: int, dtype: torch.dtype) -> float:
+    """Eigenvalues below this fraction of the largest are rounding noise: dropped from pseudo-inverses."""
+    return 10.0 * n * _eps(dtype)
 
 
 def _dev_max(n: int, dtype: torch.dtype) -> float:
@@ -259,7 +264,7 @@ def _sqrtm_torch(S: torch.Tensor, eigh: bool, num_iters: int, want_inverse: bool
         Y = (V * sq.unsqueeze(-2)) @ V.mT
         Z = None
         if want_inverse:
-            thr = Lc.amax(-1, keepdim=True) * (n * _eps(S.dtype))
+            thr = Lc.amax(-1, keepdim=True) * _pinv_rel(n, S.dtype)
             isq = torch.where(Lc > thr, 1.0 / sq.clamp_min(_tiny(S.dtype)), torch.zeros_like(sq))
             Z = (V * isq.unsqueeze(-2)) @ V.mT
         return Y, Z
@@ -285,7 +290,7 @@ def _lyapunov_torch(Y: torch.Tensor, G: torch.Tensor, eigh: bool, num_iters: int
         mu = mu.clamp_min(0)
         H = V.mT @ G @ V
         den = mu.unsqueeze(-1) + mu.unsqueeze(-2)
-        thr = mu.amax(-1, keepdim=True).unsqueeze(-1) * (n * _eps(Y.dtype)) ** 0.5
+        thr = mu.amax(-1, keepdim=True).unsqueeze(-1) * _pinv_rel(n, Y.dtype) ** 0.5
         K = torch.where(den > thr, 1.0 / den.clamp_min(_tiny(Y.dtype)), torch.zeros_like(den))
         return _sym(V @ (H * K) @ V.mT)
     a = Y.diagonal(0, -2, -1).sum(-1).clamp_min(_tiny(Y.dtype))[:, None, None]
@@ -320,7 +325,7 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bo
     acc = _acc_dtype(S.dtype)
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if S.dtype == torch.float64 else _MAX_SWEEPS_F32
-        _sqrtm_eigh_fwd[(B,)](S, Y, Z, n, n * _eps(S.dtype), _tiny(S.dtype), n * _eps(S.dtype),
+        _sqrtm_eigh_fwd[(B,)](S, Y, Z, n, n * _eps(S.dtype), _tiny(S.dtype), _pinv_rel(n, S.dtype),
                               WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block, PREC=_prec(S.dtype),
                               num_warps=_warps(block))
     else:
@@ -344,7 +349,7 @@ def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> t
     acc = _acc_dtype(Y.dtype)
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if Y.dtype == torch.float64 else _MAX_SWEEPS_F32
-        _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), (n * _eps(Y.dtype)) ** 0.5, ACC=acc,
+        _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), _pinv_rel(n, Y.dtype) ** 0.5, ACC=acc,
                              MAX_SWEEPS=sweeps, BLOCK=block, PREC=_prec(Y.dtype), num_warps=_warps(block))
     else:
         _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), ACC=acc, BLOCK=block,

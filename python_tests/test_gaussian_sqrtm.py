@@ -1,0 +1,238 @@
+"""wkd::sqrtm / sqrtm_backward: scipy.linalg.sqrtm, float64 eigh reference, rank-deficient accuracy (the documented
+bounds), gradcheck, opcheck, torch.compile, the Triton kernels (Newton-Schulz, Jacobi eigh, Lyapunov) and bad input.
+
+Accuracy on rank-deficient input (what these tests pin down, documented in wkd_kernels.gaussian.sqrtm):
+  newton_schulz, float32: relative error of the root <= 1e-3 (measured 2e-5 .. 2e-4), never diverges whatever
+      num_iters (safeguards stop a matrix before rounding in its null space is amplified);
+  newton_schulz, float64: <= 1e-6 once converged (100 steps; measured ~1e-8; 20 steps leave eigenvalues below
+      ~1e-8 tr S partly unconverged: <= 1e-3); on float32-rounded (slightly indefinite) input <= 1e-3;
+  eigh: <= 1e-5 (float32, measured ~1e-6) and <= 1e-7 (float64): the error of eigenvalues near 0 is ~n eps |S| each,
+      ~sqrt(n eps |S|) in the root.
+"""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import wkd_kernels as wk
+from wkd_kernels import reference as ref
+
+from conftest import triton_device
+
+METHODS = ("newton_schulz", "eigh")
+
+
+def _spd(B, n, dtype=torch.float64, seed=0, cond=None):
+    g = torch.Generator().manual_seed(seed)
+    if cond is None:
+        X = torch.randn(B, n, 2 * n + 3, generator=g, dtype=torch.float64)
+        S = X @ X.mT / X.shape[-1] + 0.1 * torch.eye(n, dtype=torch.float64)
+    else:
+        Q = torch.linalg.qr(torch.randn(B, n, n, generator=g, dtype=torch.float64))[0]
+        S = (Q * torch.logspace(0, -np.log10(cond), n, dtype=torch.float64)) @ Q.mT
+    return ((S + S.mT) / 2).to(dtype)
+
+
+def _rank_deficient(B, n, r, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, n, r, generator=g, dtype=torch.float64)
+    return (X @ X.mT / r).to(dtype)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float(((a - b).flatten(-2).norm(dim=-1) / b.flatten(-2).norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_matches_scipy_sqrtm(method, dtype, tol):
+    S = _spd(3, 9, dtype)
+    Y = wk.sqrtm(S, method=method, num_iters=30)
+    for i in range(3):
+        expected = scipy.linalg.sqrtm(S[i].double().numpy())
+        np.testing.assert_allclose(Y[i].double().numpy(), np.real(expected), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_shapes_and_reference(method):
+    S = _spd(6, 5).reshape(2, 3, 5, 5)
+    Y = wk.sqrtm(S, method=method, num_iters=30)
+    assert Y.shape == S.shape
+    torch.testing.assert_close(Y, ref.sqrtm_reference(S), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(Y @ Y, S, rtol=1e-10, atol=1e-10)
+    # 1 x 1 and half input (computed and returned in float32)
+    s = torch.tensor([[[4.0]]], dtype=torch.float16)
+    assert wk.sqrtm(s, method=method).dtype == torch.float32
+    torch.testing.assert_close(wk.sqrtm(s, method=method), torch.tensor([[[2.0]]]))
+
+
+def test_newton_schulz_convergence_with_iterations():
+    S = _spd(4, 16, cond=1e4)
+    errs = [_rel(wk.sqrtm(S, num_iters=k), ref.sqrtm_reference(S)) for k in (5, 10, 20, 30)]
+    assert errs[0] > errs[1] > errs[2] and errs[3] < 1e-12, errs
+
+
+@pytest.mark.parametrize("n,r", [(32, 10), (49, 48), (16, 15)])
+def test_rank_deficient_accuracy(n, r):
+    S64 = _rank_deficient(4, n, r)
+    R = ref.sqrtm_reference(S64)
+    S32 = S64.float()
+    R32 = ref.sqrtm_reference(S32)
+    for iters in (20, 100):  # the safeguards keep many iterations from diverging
+        Y = wk.sqrtm(S32, num_iters=iters)
+        assert torch.isfinite(Y).all()
+        assert _rel(Y, R32) <= 1e-3
+        # float64: 20 steps leave tiny nonzero eigenvalues unconverged (error <= sqrt(l) each); 100 converge them
+        assert _rel(wk.sqrtm(S64, num_iters=iters), R) <= (1e-3 if iters == 20 else 1e-6)
+        # float32-rounded data in float64: eigenvalues ~ -1e-7 |S| (indefinite at rounding level)
+        assert _rel(wk.sqrtm(S32.double(), num_iters=iters), R32) <= 1e-3
+    assert _rel(wk.sqrtm(S32, method="eigh"), R32) <= 1e-5
+    assert _rel(wk.sqrtm(S64, method="eigh"), R) <= 1e-7
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck(method):
+    S = _spd(2, 4).requires_grad_()
+    torch.autograd.gradcheck(lambda A: wk.sqrtm(A, method=method, num_iters=40), (S,))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backward_matches_eigh_reference(method):
+    S = _spd(3, 7, cond=1e3).requires_grad_()
+    G = torch.randn(3, 7, 7, dtype=torch.float64)
+    (g,) = torch.autograd.grad((wk.sqrtm(S, method=method, num_iters=40) * G).sum(), S)
+    (gr,) = torch.autograd.grad((ref.sqrtm_reference(S) * G).sum(), S)
+    torch.testing.assert_close(g, (gr + gr.mT) / 2, rtol=1e-8, atol=1e-8)
+    # the backward op directly: Y X + X Y = sym(G)
+    Y = ref.sqrtm_reference(S.detach())
+    X = torch.ops.wkd.sqrtm_backward(G, Y, method, 40)
+    torch.testing.assert_close(Y @ X + X @ Y, (G + G.mT) / 2, rtol=1e-9, atol=1e-9)
+
+
+def test_backward_finite_on_singular_input():
+    S = _rank_deficient(2, 12, 5).float().requires_grad_()
+    for method in METHODS:
+        (g,) = torch.autograd.grad(wk.sqrtm(S, method=method, num_iters=50).sum(), S)
+        assert torch.isfinite(g).all(), method
+
+
+def test_opcheck():
+    for method in METHODS:
+        for S in (_spd(3, 5).requires_grad_(), _spd(2, 6, torch.float32).requires_grad_()):
+            torch.library.opcheck(torch.ops.wkd.sqrtm.default, (S, method, 25))
+        S = _spd(2, 5)
+        torch.library.opcheck(torch.ops.wkd.sqrtm_backward.default, (torch.randn(2, 5, 5, dtype=torch.float64),
+                                                                     ref.sqrtm_reference(S), method, 25))
+
+
+def test_compile_fullgraph():
+    S = _spd(2, 6, torch.float32).requires_grad_()
+
+    def f(A):
+        return wk.sqrtm(A, num_iters=25).square().sum() + wk.sqrtm(A, method="eigh").sum()
+
+    eager = f(S)
+    (ge,) = torch.autograd.grad(eager, S)
+    comp = torch.compile(f, fullgraph=True, backend="aot_eager")(S)
+    (gc,) = torch.autograd.grad(comp, S)
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(gc, ge)
+
+
+def test_bad_input_errors():
+    S = _spd(2, 4)
+    with pytest.raises(ValueError, match="square"):
+        wk.sqrtm(torch.zeros(2, 4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`S` must be symmetric"):
+        wk.sqrtm(S + torch.triu(torch.ones(4, 4, dtype=torch.float64), 1))
+    bad = S.clone()
+    bad[0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="`S` contains non-finite"):
+        wk.sqrtm(bad)
+    with pytest.raises(ValueError, match="`method`"):
+        wk.sqrtm(S, method="svd")
+    with pytest.raises(ValueError, match="`num_iters`"):
+        wk.sqrtm(S, num_iters=0)
+    with pytest.raises(ValueError, match=r"\[\.\.\., n, n\]"):
+        wk.sqrtm(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        wk.sqrtm(S.long())
+    with pytest.raises(ValueError, match="3-D"):  # the op itself takes [B, n, n]
+        torch.ops.wkd.sqrtm(S[0], "newton_schulz", 20)
+    with pytest.raises(ValueError, match="3-D"):  # same check in the fake kernel (torch.compile, CUDA path)
+        torch.ops.wkd.sqrtm(S[0].to("meta"), "newton_schulz", 20)
+    with pytest.raises(ValueError, match="`grad_Y` must have the shape"):
+        torch.ops.wkd.sqrtm_backward(S[:, :3, :3], S, "eigh", 20)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1; the Jacobi kernel is slow there: tiny matrices)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+def test_triton_newton_schulz_and_lyapunov(dtype, tol):
+    dev = triton_device()
+    from wkd_kernels.triton import sqrtm as tri
+
+    for n in (5, 20):
+        S = _spd(3, n, dtype, seed=n).to(dev)
+        Y, _ = tri.sqrtm_forward(S, "newton_schulz", 30)
+        R = ref.sqrtm_reference(S.cpu())
+        assert _rel(Y.cpu(), R) <= tol
+        G = torch.randn(3, n, n, dtype=dtype).to(dev)
+        X = tri.sqrtm_backward(G, Y, "newton_schulz", 30).cpu().double()
+        Gs = (G + G.mT).cpu().double() / 2
+        assert _rel(R @ X + X @ R, Gs) <= tol * 10
+    # singular input: finite, within the float32 bound, whatever the iteration count
+    S = _rank_deficient(2, 24, 7, dtype).to(dev)
+    Y, _ = tri.sqrtm_forward(S, "newton_schulz", 60)
+    assert torch.isfinite(Y).all() and _rel(Y.cpu(), ref.sqrtm_reference(S.cpu())) <= 1e-3
+    assert torch.isfinite(tri.sqrtm_backward(torch.ones_like(S), Y, "newton_schulz", 60)).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
+def test_triton_jacobi_eigh(dtype, tol):
+    dev = triton_device()
+    from wkd_kernels.triton import sqrtm as tri
+
+    S = _spd(2, 6, dtype, seed=3).to(dev)
+    S[1] = _rank_deficient(1, 6, 3, dtype)[0].to(dev)  # one singular matrix
+    Y, Zi = tri.sqrtm_forward(S, "eigh", 1, want_inverse=True)
+    R = ref.sqrtm_reference(S.cpu())
+    assert _rel(Y[:1].cpu(), R[:1]) <= tol * 10
+    # singular: eigenvalues near 0 carry ~n eps |S| of rounding, ~sqrt(n eps |S|) in the root
+    assert _rel(Y[1:].cpu(), R[1:]) <= 10 * (6 * torch.finfo(dtype).eps) ** 0.5
+    Zi, tol_s = Zi.cpu().double(), 10 * (6 * torch.finfo(dtype).eps) ** 0.5
+    torch.testing.assert_close(Zi[0], torch.linalg.inv(R[0]), rtol=tol * 100, atol=tol * 100)
+    # pseudo-inverse of the singular root: R Z R = R, Z R Z = Z, bounded (noise eigenvalues dropped)
+    assert _rel(R[1] @ Zi[1] @ R[1], R[1]) <= tol_s and _rel(Zi[1] @ R[1] @ Zi[1], Zi[1]) <= tol_s
+    assert float(Zi[1].norm()) < 1e3
+    G = torch.randn(2, 6, 6, dtype=dtype).to(dev)
+    X = tri.sqrtm_backward(G, Y, "eigh", 1).cpu().double()
+    Gs = (G + G.mT).cpu().double() / 2
+    assert _rel(R[0] @ X[0] + X[0] @ R[0], Gs[0]) <= tol * 10
+
+
+def test_triton_large_matrix_fallback():
+    dev = triton_device()
+    from wkd_kernels.triton import sqrtm as tri
+
+    S = _spd(1, tri.MAX_N + 3, seed=5).to(dev)  # beyond one register tile: batched torch products
+    Y, _ = tri.sqrtm_forward(S, "newton_schulz", 30)
+    assert _rel(Y.cpu(), ref.sqrtm_reference(S.cpu())) <= 1e-10
+    X = tri.sqrtm_backward(torch.eye(S.shape[-1], dtype=S.dtype, device=dev)[None], Y, "newton_schulz", 30)
+    torch.testing.assert_close(X.cpu(), torch.linalg.inv(Y.cpu()) / 2, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_op_matches_cpu(method):
+    S = _spd(64, 49, torch.float32, seed=7)
+    Sc = S.cuda().requires_grad_()
+    Y = torch.ops.wkd.sqrtm(Sc, method, 20)
+    (g,) = torch.autograd.grad(Y.square().sum(), Sc)
+    Sr = S.clone().requires_grad_()
+    Yr = torch.ops.wkd.sqrtm(Sr, method, 20)
+    (gr,) = torch.autograd.grad(Yr.square().sum(), Sr)
+    assert _rel(Y.cpu(), Yr) <= 1e-4
+    assert _rel(g.cpu(), gr) <= 1e-3

@@ -1,0 +1,167 @@
+"""wkd_kernels.gaussian_wasserstein (WKD-F): the low-rank path (nuclear norm of the m x m cross-Gram) against a float64
+eigendecomposition with clamped eigenvalues, the C x C path, the diagonal path against the published formula, POT,
+finite gradients at rank-deficient covariances, gradcheck, torch.compile, bad input."""
+import pytest
+import torch
+
+import wkd_kernels as wk
+from wkd_kernels import reference as ref
+from wkd_kernels.gaussian import _cell_sizes
+
+ot = pytest.importorskip("ot")
+
+
+def _feats(shape, dtype=torch.float64, seed=0, corr=0.6):
+    g = torch.Generator().manual_seed(seed)
+    f_t = torch.randn(shape, generator=g, dtype=torch.float64).relu()
+    f_s = (corr * f_t + torch.randn(shape, generator=g, dtype=torch.float64)).relu() + 0.1
+    return f_s.to(dtype), f_t.to(dtype)
+
+
+def _rel(a, b):
+    return float(((a.double() - b.double()).abs() / b.double().abs()).max())
+
+
+@pytest.mark.parametrize("shape,grid", [((3, 12, 3, 3), 1), ((2, 30, 5, 5), 1), ((2, 16, 7, 6), 2),
+                                        ((2, 24, 7, 7), 4), ((2, 12, 5, 7), 3)])
+def test_low_rank_path_vs_float64_eigendecomposition(shape, grid):
+    f_s, f_t = _feats(shape)
+    assert max(_cell_sizes(shape[2], shape[3], grid)) < shape[1]  # m < C: "auto" takes the low-rank path
+    expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", grid, eps=0.0)  # C x C eigh, clamped
+    w64 = wk.gaussian_wasserstein(f_s, f_t, "full", grid, eps=0.0, num_iters=40)
+    assert w64.shape == ((shape[0],) if grid == 1 else (shape[0], grid * grid))
+    # the reference itself carries ~sqrt(eps) per clamped near-zero eigenvalue (it takes C x C roots)
+    assert _rel(w64.reshape(expected.shape), expected) <= 1e-6
+    w32 = wk.gaussian_wasserstein(f_s.float(), f_t.float(), "full", grid, eps=0.0)
+    assert w32.dtype == torch.float32 and _rel(w32.reshape(expected.shape), expected) <= 1e-4
+    # the exact low-rank eigh variant (tr (M^T M)^1/2), float64
+    we = wk.gaussian_wasserstein(f_s, f_t, "full", grid, eps=0.0, method="eigh")
+    assert _rel(we.reshape(expected.shape), expected) <= 1e-6
+
+
+def test_low_rank_equals_dense_path_when_both_apply():
+    # m = 25 >= C = 6: covariances have full rank; both paths are exact at eps = 0
+    f_s, f_t = _feats((3, 6, 5, 5), seed=1)
+    lr = wk.gaussian_wasserstein(f_s, f_t, "full", eps=0.0, path="low_rank", num_iters=40)
+    dense = wk.gaussian_wasserstein(f_s, f_t, "full", eps=0.0, path="dense", num_iters=40)
+    auto = wk.gaussian_wasserstein(f_s, f_t, "full", eps=0.0, num_iters=40)
+    torch.testing.assert_close(lr, dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(auto, dense, rtol=0, atol=0)  # auto took the C x C path (m >= C)
+    expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 1, eps=0.0)[:, 0]
+    torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_path_with_eps_vs_reference_and_pot():
+    f_s, f_t = _feats((2, 8, 6, 6), seed=2)
+    eps = 1e-3
+    w = wk.gaussian_wasserstein(f_s, f_t, "full", grid=2, eps=eps, path="dense", num_iters=40)
+    expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 2, eps=eps)
+    torch.testing.assert_close(w, expected, rtol=1e-9, atol=1e-9)
+    # POT on per-sample Gaussians (full rank: m = 36 > C = 8); POT returns the unsquared distance
+    w1 = wk.gaussian_wasserstein(f_s, f_t, "full", grid=1, eps=0.0, num_iters=40)
+    mu_s, S_s = wk.feature_stats(f_s, covariance="full")
+    mu_t, S_t = wk.feature_stats(f_t, covariance="full")
+    pot = ot.gaussian.bures_wasserstein_distance(mu_s, mu_t, S_s, S_t, paired=True)
+    torch.testing.assert_close(w1, pot.square(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("grid", [1, 2, 4])
+def test_diag_matches_published_formula(grid):
+    f_s, f_t = _feats((3, 7, 9, 8), seed=3)
+    w = wk.gaussian_wasserstein(f_s, f_t, "diag", grid=grid)  # eps=1e-5, unbiased: the published defaults
+    expected = ref.published_wkd_feature_diag(f_s, f_t, grid, eps=1e-5)
+    torch.testing.assert_close(w.reshape(expected.shape), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.reshape(expected.shape),
+                               ref.gaussian_wasserstein_reference(f_s, f_t, "diag", grid, eps=1e-5), rtol=1e-12,
+                               atol=1e-12)
+    # the published loss: sum over batch and cells / (N * grid^2)
+    w32 = wk.gaussian_wasserstein(f_s.float(), f_t.float(), "diag", grid=grid)
+    assert _rel(w32.reshape(expected.shape), expected) <= 1e-5
+
+
+def test_gradients_finite_at_rank_deficient_covariances():
+    f_s, f_t = _feats((2, 16, 4, 4), torch.float32, seed=4)
+    f_s[:, 3] = 0.0          # a dead channel
+    f_s[:, 5] = 2.0          # a constant channel
+    f_t[1] = f_s[1]          # identical student and teacher (W2 = 0)
+    for cov, path, grid in (("full", "low_rank", 1), ("full", "low_rank", 2), ("full", "dense", 1), ("diag", "auto", 1),
+                            ("diag", "auto", 2)):
+        x = f_s.clone().requires_grad_()
+        w = wk.gaussian_wasserstein(x, f_t, cov, grid=grid, path=path)
+        (g,) = torch.autograd.grad(w.sum(), x)
+        assert torch.isfinite(w).all() and torch.isfinite(g).all(), (cov, path, grid)
+        assert float(w.detach().reshape(2, -1)[1].abs().max()) < 1e-3, (cov, path, grid)
+
+
+@pytest.mark.parametrize("cov,grid,path", [("full", 1, "low_rank"), ("full", 2, "low_rank"), ("full", 1, "dense"),
+                                           ("diag", 1, "auto"), ("diag", 3, "auto")])
+def test_gradcheck(cov, grid, path):
+    f_s, f_t = _feats((2, 5, 4, 4) if path != "dense" else (2, 3, 4, 4), seed=5)
+    x = f_s.requires_grad_()
+    torch.autograd.gradcheck(lambda t: wk.gaussian_wasserstein(t, f_t, cov, grid=grid, path=path, num_iters=40,
+                                                               eps=1e-3), (x,), fast_mode=True)
+
+
+def test_low_rank_gradient_vs_reference():
+    f_s, f_t = _feats((2, 12, 3, 3), seed=6)
+    x = f_s.clone().requires_grad_()
+    (g,) = torch.autograd.grad(wk.gaussian_wasserstein(x, f_t, "full", grid=1, eps=0.0, num_iters=40).sum(), x)
+    xr = f_s.clone().requires_grad_()
+    (gr,) = torch.autograd.grad(ref.gaussian_wasserstein_reference(xr, f_t, "full", 1, eps=1e-9).sum(), xr)
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph():
+    f_s, f_t = _feats((2, 16, 4, 4), torch.float32, seed=7)
+    x = f_s.requires_grad_()
+
+    def loss(a, b):  # low-rank path with cells, diag, and the C x C path (4 channels, m = 16 positions)
+        return (wk.gaussian_wasserstein(a, b, "full", grid=2).mean() + wk.gaussian_wasserstein(a, b, "diag").mean()
+                + wk.gaussian_wasserstein(a[:, :4], b[:, :4], "full").mean())
+
+    eager = loss(x, f_t)
+    (ge,) = torch.autograd.grad(eager, x)
+    comp = torch.compile(loss, fullgraph=True, backend="aot_eager")(x, f_t)
+    (gc,) = torch.autograd.grad(comp, x)
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(gc, ge)
+
+
+def test_bad_input_errors():
+    f_s, f_t = _feats((2, 4, 5, 5))
+    with pytest.raises(ValueError, match="`f_t` must have the shape"):
+        wk.gaussian_wasserstein(f_s, f_t[:, :3])
+    with pytest.raises(TypeError, match="`f_t` has dtype"):
+        wk.gaussian_wasserstein(f_s, f_t.float())
+    with pytest.raises(ValueError, match="`grid` .* must not exceed"):
+        wk.gaussian_wasserstein(f_s, f_t, grid=6)
+    with pytest.raises(ValueError, match="`eps` must be"):
+        wk.gaussian_wasserstein(f_s, f_t, eps=-1.0)
+    with pytest.raises(ValueError, match="`covariance`"):
+        wk.gaussian_wasserstein(f_s, f_t, "spherical")
+    with pytest.raises(ValueError, match="`path`"):
+        wk.gaussian_wasserstein(f_s, f_t, path="svd")
+    with pytest.raises(ValueError, match="must be 4-D"):
+        wk.gaussian_wasserstein(f_s[0], f_t[0])
+    bad = f_s.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        wk.gaussian_wasserstein(bad, f_t, "diag")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_target_shape():
+    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (issue 4 target), CUDA vs CPU gradients."""
+    f_s, f_t = _feats((16, 512, 7, 7), torch.float32, seed=8)
+    expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 1, eps=0.0)[:, 0]
+    x = f_s.cuda().requires_grad_()
+    w = wk.gaussian_wasserstein(x, f_t.cuda(), "full")
+    assert _rel(w.cpu(), expected) <= 1e-4
+    (g,) = torch.autograd.grad(w.sum(), x)
+    xr = f_s.clone().requires_grad_()
+    (gr,) = torch.autograd.grad(wk.gaussian_wasserstein(xr, f_t, "full").sum(), xr)
+    torch.testing.assert_close(g.cpu(), gr, rtol=1e-3, atol=1e-5)
+    for grid in (1, 4):
+        w = wk.gaussian_wasserstein(f_s.cuda(), f_t.cuda(), "diag", grid=grid)
+        torch.testing.assert_close(w.cpu(), wk.gaussian_wasserstein(f_s, f_t, "diag", grid=grid), rtol=1e-5,
+                                   atol=1e-4)
