@@ -21,7 +21,8 @@
 //     first A operand and grad_a = w_T in the backward) in extra blocks: no separate launch.
 //   Forward: 1 + 2T launches; backward: 2T launches. Extra memory: 3-4 n x m matrices + O(B (n + m)).
 // Per-row cost [B, n, m] and the log domain (any cost layout): one block per row, loops; the kernel entries
-// exp(-C/reg) (or -C/reg) are recomputed from the cost on the fly, never stored (no B x n x m tensor).
+// exp(-C/reg) (or -C/reg) are recomputed from the cost on the fly, never stored (no B x n x m tensor); for a
+// shared cost in the log domain, L = -C/reg [n, m] is formed once (the same division as the CPU op).
 //
 // Everything runs on the current stream, allocates through the caching allocator (at::empty), never
 // synchronises with the host (only the shape/dtype/device checks of sinkhorn_common.h run): CUDA-graph capturable.
@@ -713,14 +714,38 @@ void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor&
 constexpr int kRowThreads = 256;
 constexpr int kRowWarps = kRowThreads / 32;
 
+// L = cost / (-reg) for a shared cost in the log domain (the CPU op's cost.div(-reg)), read by every row.
+template <typename T>
+__global__ void __launch_bounds__(256) neg_cost_over_reg_kernel(const T* __restrict__ cost, int64_t numel, T nreg,
+                                                                T* __restrict__ L) {
+  for (int64_t k = int64_t(blockIdx.x) * 256 + threadIdx.x; k < numel; k += int64_t(gridDim.x) * 256)
+    L[k] = cost[k] / nreg;
+}
+
+// The shared log-domain L (or an undefined tensor when the kernels compute -C/reg themselves).
+template <typename T>
+at::Tensor shared_log_kernel(const at::Tensor& cost, bool shared, bool log_domain, double reg, cudaStream_t stream) {
+  if (!(shared && log_domain)) return at::Tensor();
+  at::Tensor L = at::empty_like(cost, at::MemoryFormat::Contiguous);
+  const int64_t numel = cost.numel();
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(numel, 256), 4096));
+  auto* kern = &neg_cost_over_reg_kernel<T>;
+  WKD_LAUNCH(kern, blocks, 256, stream, cost.data_ptr<T>(), numel, static_cast<T>(-reg), L.data_ptr<T>());
+  WKD_LAUNCH_CHECK();
+  return L;
+}
+
 template <typename T, bool LOG>
 __global__ void __launch_bounds__(kRowThreads)
     rows_forward_kernel(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ cost,
-                        int64_t cost_bstride, int64_t B, int64_t n, int64_t m, int T_iters, T nreg, T eps, T log_eps,
-                        bool has_eps, T* __restrict__ value, T* u, T* v, T* __restrict__ hr, T* __restrict__ hs) {
+                        int64_t cost_bstride, const T* __restrict__ Lmat, int64_t B, int64_t n, int64_t m,
+                        int T_iters, T nreg, T eps, T log_eps, bool has_eps, T* __restrict__ value, T* u, T* v,
+                        T* __restrict__ hr, T* __restrict__ hs) {
   const int64_t bi = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* C = cost + bi * cost_bstride;
+  // L_ij = -C_ij / reg: precomputed once (shared cost, log domain: the same division as the CPU op) or computed.
+  auto Lv = [&](int64_t k) { return Lmat ? Lmat[k] : C[k] / nreg; };
   const T* ar = a + bi * n;
   const T* br = b + bi * m;
   T* ur = u + bi * n;  // read and written by different threads of this block: plain accesses
@@ -760,13 +785,13 @@ __global__ void __launch_bounds__(kRowThreads)
         for (int64_t i = 0; i < n; ++i) {
           const T ui = ur[i];
           if (ui == NINF) continue;
-          mx = smax(mx, ui + C[i * m + j] / nreg);
+          mx = smax(mx, ui + Lv(i * m + j));
         }
         T sm = T(0);
         for (int64_t i = 0; i < n; ++i) {
           const T ui = ur[i];
           if (ui == NINF) continue;
-          sm += dexp(ui + C[i * m + j] / nreg - mx);
+          sm += dexp(ui + Lv(i * m + j) - mx);
         }
         s = log_add_eps(mx + safe_log(sm), log_eps, has_eps);
         vr[j] = safe_log(br[j]) - s;
@@ -784,14 +809,14 @@ __global__ void __launch_bounds__(kRowThreads)
         r = warp_sum(acc) + eps;
       } else {
         T mi = NINF;
-        for (int64_t j = lane; j < m; j += 32) mi = smax(mi, Ci[j] / nreg + vr[j]);
+        for (int64_t j = lane; j < m; j += 32) mi = smax(mi, Lv(i * m + j) + vr[j]);
         mi = warp_max(mi);
         T acc = T(0);
         if (mi != NINF) {
           for (int64_t j = lane; j < m; j += 32) {
             const T vj = vr[j];
             if (vj == NINF) continue;
-            acc += dexp(Ci[j] / nreg + vj - mi);
+            acc += dexp(Lv(i * m + j) + vj - mi);
           }
         }
         acc = warp_sum(acc);
@@ -822,15 +847,14 @@ __global__ void __launch_bounds__(kRowThreads)
       }
     } else {
       T mi = NINF;
-      for (int64_t j = lane; j < m; j += 32) mi = smax(mi, Ci[j] / nreg + vr[j]);
+      for (int64_t j = lane; j < m; j += 32) mi = smax(mi, Lv(i * m + j) + vr[j]);
       mi = warp_max(mi);
       T acc = T(0);
       if (mi != NINF) {
         for (int64_t j = lane; j < m; j += 32) {
           const T vj = vr[j];
           if (vj == NINF) continue;
-          const T cij = Ci[j];
-          acc += cij * dexp(cij / nreg + vj - mi);
+          acc += Ci[j] * dexp(Lv(i * m + j) + vj - mi);
         }
       }
       acc = warp_sum(acc);
@@ -856,12 +880,14 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename T, bool LOG>
 __global__ void __launch_bounds__(kRowThreads)
     rows_backward_kernel(const T* __restrict__ g, const T* __restrict__ a, const T* __restrict__ b,
-                         const T* __restrict__ cost, int64_t cost_bstride, int64_t B, int64_t n, int64_t m,
+                         const T* __restrict__ cost, int64_t cost_bstride, const T* __restrict__ Lmat, int64_t B,
+                         int64_t n, int64_t m,
                          int T_iters, T nreg, const T* __restrict__ hr, const T* __restrict__ hs, T* ga, T* gb,
                          T* scr_n, T* scr_m) {
   const int64_t bi = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* C = cost + bi * cost_bstride;
+  auto Lv = [&](int64_t k) { return Lmat ? Lmat[k] : C[k] / nreg; };
   const T* ar = a + bi * n;
   const T* br = b + bi * m;
   T* gar = ga + bi * n;
@@ -954,17 +980,16 @@ __global__ void __launch_bounds__(kRowThreads)
         for (int64_t i = 0; i < n; ++i) {
           const T ui = s1[i];
           if (ui == NINF) continue;
-          mx = smax(mx, ui + C[i * m + j] / nreg);
+          mx = smax(mx, ui + Lv(i * m + j));
         }
         T sw = T(0), sc = T(0);
         for (int64_t i = 0; i < n; ++i) {
           const T ui = s1[i];
           if (ui == NINF) continue;
-          const T cij = C[i * m + j];
-          const T ex = dexp(ui + cij / nreg - mx);
+          const T ex = dexp(ui + Lv(i * m + j) - mx);
           const T wi = s2[i];
           if (wi != T(0)) sw += wi * ex;
-          if (t == last) sc += cij * ex;
+          if (t == last) sc += C[i * m + j] * ex;
         }
         const T prod = sw == T(0) ? T(0) : dexp(mx - s[j]) * sw;
         const T direct = (t == last && sc != T(0)) ? gv * dexp(mx - s[j]) * sc : T(0);
@@ -976,16 +1001,15 @@ __global__ void __launch_bounds__(kRowThreads)
       if (t == 0) break;
       const T* rp = R(t - 1);
       for (int64_t i = warp; i < n; i += kRowWarps) {
-        const T* Ci = C + i * m;
         T mi = NINF;
-        for (int64_t j = lane; j < m; j += 32) mi = smax(mi, Ci[j] / nreg + q1[j]);
+        for (int64_t j = lane; j < m; j += 32) mi = smax(mi, Lv(i * m + j) + q1[j]);
         mi = warp_max(mi);
         T acc = T(0);
         if (mi != NINF) {
           for (int64_t j = lane; j < m; j += 32) {
             const T vj = q1[j], zj = q2[j];
             if (vj == NINF || zj == T(0)) continue;
-            acc += zj * dexp(Ci[j] / nreg + vj - mi);
+            acc += zj * dexp(Lv(i * m + j) + vj - mi);
           }
         }
         acc = warp_sum(acc);
@@ -1028,17 +1052,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
     T* hr = keep_history ? hist_r.data_ptr<T>() : nullptr;
     T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
     const int64_t cstride = d.shared_cost ? 0 : n * m;
-    if (log_domain) {
-      auto* kern = &rows_forward_kernel<T, true>;
-      WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream,
-          a.data_ptr<T>(), b.data_ptr<T>(), cost.data_ptr<T>(), cstride, B, n, m, static_cast<int>(num_iters),
-          static_cast<T>(-reg), e, log_eps, has_eps, value.data_ptr<T>(), u.data_ptr<T>(), v.data_ptr<T>(), hr, hs);
-    } else {
-      auto* kern = &rows_forward_kernel<T, false>;
-      WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream,
-          a.data_ptr<T>(), b.data_ptr<T>(), cost.data_ptr<T>(), cstride, B, n, m, static_cast<int>(num_iters),
-          static_cast<T>(-reg), e, log_eps, has_eps, value.data_ptr<T>(), u.data_ptr<T>(), v.data_ptr<T>(), hr, hs);
-    }
+    const at::Tensor L = shared_log_kernel<T>(cost, d.shared_cost, log_domain, reg, stream);
+    const T* L_p = L.defined() ? L.data_ptr<T>() : nullptr;
+    auto* kern = log_domain ? &rows_forward_kernel<T, true> : &rows_forward_kernel<T, false>;
+    WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream, a.data_ptr<T>(), b.data_ptr<T>(),
+               cost.data_ptr<T>(), cstride, L_p, B, n, m, static_cast<int>(num_iters), static_cast<T>(-reg), e,
+               log_eps, has_eps, value.data_ptr<T>(), u.data_ptr<T>(), v.data_ptr<T>(), hr, hs);
     WKD_LAUNCH_CHECK();
   });
   return {value, u, v, hist_r, hist_s};
@@ -1074,19 +1093,13 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
     }
     const at::Tensor scr_n = at::empty({B, 2 * n}, a.options()), scr_m = at::empty({B, 2 * m}, a.options());
     const int64_t cstride = d.shared_cost ? 0 : n * m;
-    if (log_domain) {
-      auto* kern = &rows_backward_kernel<T, true>;
-      WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream,
-          g.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(), cost.data_ptr<T>(), cstride, B, n, m, T_iters,
-          static_cast<T>(-reg), hist_r.data_ptr<T>(), hist_s.data_ptr<T>(), ga.data_ptr<T>(), gb.data_ptr<T>(),
-          scr_n.data_ptr<T>(), scr_m.data_ptr<T>());
-    } else {
-      auto* kern = &rows_backward_kernel<T, false>;
-      WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream,
-          g.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(), cost.data_ptr<T>(), cstride, B, n, m, T_iters,
-          static_cast<T>(-reg), hist_r.data_ptr<T>(), hist_s.data_ptr<T>(), ga.data_ptr<T>(), gb.data_ptr<T>(),
-          scr_n.data_ptr<T>(), scr_m.data_ptr<T>());
-    }
+    const at::Tensor L = shared_log_kernel<T>(cost, d.shared_cost, log_domain, reg, stream);
+    const T* L_p = L.defined() ? L.data_ptr<T>() : nullptr;
+    auto* kern = log_domain ? &rows_backward_kernel<T, true> : &rows_backward_kernel<T, false>;
+    WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream, g.data_ptr<T>(), a.data_ptr<T>(),
+               b.data_ptr<T>(), cost.data_ptr<T>(), cstride, L_p, B, n, m, T_iters, static_cast<T>(-reg),
+               hist_r.data_ptr<T>(), hist_s.data_ptr<T>(), ga.data_ptr<T>(), gb.data_ptr<T>(), scr_n.data_ptr<T>(),
+               scr_m.data_ptr<T>());
     WKD_LAUNCH_CHECK();
   });
   return {ga, gb};
