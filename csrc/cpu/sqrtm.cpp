@@ -46,12 +46,20 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
     at::baddbmm_out(T, I15, Z, Y, /*beta=*/1, /*alpha=*/-0.5);  // T = (3I - Z Y) / 2
     // T's eigenvalues lie in [1, 1.5] while the iteration is healthy (|T - 1.25 I|_F^2 <= n/16); larger means a
     // negative eigenvalue (S indefinite at rounding level) about to blow up: this matrix stops before the step.
-    active = active.logical_and((T - I125).square().sum({1, 2}, /*keepdim=*/true) <= dev_max);
+    const at::Tensor D = T - I125;
+    active = active.logical_and((D * D).sum({1, 2}, /*keepdim=*/true) <= dev_max);
     at::bmm_out(Y2, Y, T);
     at::bmm_out(Z2, T, Z);
-    const at::Tensor zz = Z2.square().sum({1, 2}, /*keepdim=*/true);
-    Y = at::where(active, Y2, Y);
-    Z = at::where(active, Z2, Z);
+    const at::Tensor zz = (Z2 * Z2).sum({1, 2}, /*keepdim=*/true);
+    if (active.all().item<bool>()) {  // the common case: no copy
+      std::swap(Y, Y2);
+      std::swap(Z, Z2);
+    } else {
+      Y = at::where(active, Y2, Y);
+      Z = at::where(active, Z2, Z);
+      Y2 = at::empty_like(Y);
+      Z2 = at::empty_like(Z);
+    }
     active = active.logical_and(zz <= limit);
     if (!active.any().item<bool>()) break;
   }
@@ -108,9 +116,14 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
     at::bmm_out(B2, Bm, P);
     const at::Tensor Cn = (Cm * 3.0 - PC - PC.transpose(-2, -1) + BCB).mul_(0.5);
     const at::Tensor Bn = Bm * 1.5 - B2 * 0.5;
-    const at::Tensor cc = Cn.square().sum({1, 2}, /*keepdim=*/true);
-    Cm = at::where(active, Cn, Cm);
-    Bm = at::where(active, Bn, Bm);
+    const at::Tensor cc = (Cn * Cn).sum({1, 2}, /*keepdim=*/true);
+    if (active.all().item<bool>()) {
+      Cm = Cn;
+      Bm = Bn;
+    } else {
+      Cm = at::where(active, Cn, Cm);
+      Bm = at::where(active, Bn, Bm);
+    }
     active = active.logical_and(cc <= limit);
     if (!active.any().item<bool>()) break;
   }
