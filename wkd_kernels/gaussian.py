@@ -6,7 +6,8 @@ GPU kernels in wkd_kernels/triton/{feature_stats,sqrtm,nuclear_norm,bures_wasser
   wkd::feature_stats(x, grid, full, unbiased) -> (mean [N,P,C], var [N,P,C] | cov [N,P,C,C])   + _backward
   wkd::sqrtm(S, method, num_iters) -> S^1/2                                                    + _backward
   wkd::nuclear_norm(M, num_iters) -> (value [B], polar [B,p,q])          (backward = grad * polar, no kernel)
-  wkd::bures_wasserstein(mu1, S1, mu2, S2, method, num_iters) -> (w2 [B], S1^1/2, mid^-1/2)    + _backward
+  wkd::bures_wasserstein(mu1, S1, mu2, S2, method, num_iters)
+      -> (w2 [B], S1^1/2, S2^1/2, polar factor of S2^1/2 S1^1/2)                                + _backward
 
 Public functions: :func:`feature_stats`, :func:`sqrtm`, :func:`nuclear_norm`, :func:`bures_wasserstein`,
 :func:`gaussian_wasserstein` (the WKD-F distance between feature maps, with the low-rank path of design.md 4).
