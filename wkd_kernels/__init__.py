@@ -13,6 +13,10 @@ The ops themselves are torch.ops.wkd.* (schemas in csrc/ops.cpp).
 from ._build import HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON, build_info
 from .gaussian import bures_wasserstein, feature_stats, gaussian_wasserstein, nuclear_norm, sqrtm
 from .ops import SinkhornResult, get_cuda_backend, set_cuda_backend, sinkhorn
+from . import interrelations, losses  # noqa: E402
+from .interrelations import centroid_cosine_distance, cka_distance, classifier_cosine_distance, sharpen
+from .losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDFeatureLossOutput, WKDLogitLoss,
+                     cosine_weight, dkd_loss, fitnet_loss, kd_loss, nkd_loss, wkd_feature_loss, wkd_logit_loss)
 
 __version__ = "0.1.0"
 
@@ -20,4 +24,7 @@ __all__ = [
     "HAS_C_EXT", "HAS_CUDA_EXT", "HAS_TRITON", "build_info",
     "SinkhornResult", "sinkhorn", "set_cuda_backend", "get_cuda_backend",
     "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein", "gaussian_wasserstein",
+    "interrelations", "losses", "cka_distance", "classifier_cosine_distance", "centroid_cosine_distance", "sharpen",
+    "WKDLogitLoss", "wkd_logit_loss", "WKDFeatureLoss", "WKDFeatureLossOutput", "wkd_feature_loss",
+    "KDLoss", "kd_loss", "DKDLoss", "dkd_loss", "NKDLoss", "nkd_loss", "FitNetLoss", "fitnet_loss", "cosine_weight",
 ]
