@@ -45,6 +45,22 @@ def triton_device():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
+def simplex(B, n, dtype=torch.float64, zeros=0, seed=0):
+    """[B, n] random probability rows (seeded), with `zeros` entries per row set to exactly zero mass."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.05
+    for i in range(B):
+        if zeros:
+            x[i, torch.randperm(n, generator=g)[:zeros]] = 0
+    return (x / x.sum(1, keepdim=True)).to(dtype)
+
+
+def rand_cost(*shape, dtype=torch.float64, seed=1):
+    """Seeded uniform [0, 1) cost of the given shape."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import load_cost_matrix
+from conftest import load_cost_matrix, rand_cost, simplex
 from wkd_kernels.reference import sinkhorn_reference
 
 F64, F32 = torch.float64, torch.float32
@@ -28,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = {F32: 1e-5, F64: 1e-10}
 GRAD_TOL = {F32: 1e-4, F64: 1e-9}
 
-
-def simplex(B, n, dtype=F64, zeros=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, n, generator=g, dtype=F64) + 0.05
-    for i in range(B):
-        if zeros:
-            x[i, torch.randperm(n, generator=g)[:zeros]] = 0
-    return (x / x.sum(1, keepdim=True)).to(dtype)
-
-
-def rand_cost(*shape, dtype=F64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(*shape, generator=g, dtype=F64).to(dtype)
 
 
 def rel(x, y, scale=None):
