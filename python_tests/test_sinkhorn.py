@@ -12,7 +12,6 @@ from wkd_kernels.reference import sinkhorn_reference
 F64, F32 = torch.float64, torch.float32
 
 
-
 def rel(x, y):
     return ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-300)).item()
 

@@ -29,7 +29,6 @@ TOL = {F32: 1e-5, F64: 1e-10}
 GRAD_TOL = {F32: 1e-4, F64: 1e-9}
 
 
-
 def rel(x, y, scale=None):
     """max |x - y| / max |y| over the entries where y is finite (x must be finite exactly there)."""
     x, y = x.detach().double().cpu(), y.detach().double().cpu()
