@@ -1,0 +1,1 @@
+"""Training examples built on wkd_kernels (classification, detection)."""
