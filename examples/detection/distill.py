@@ -1,0 +1,249 @@
+"""Detection distillation: the student's Faster R-CNN run step by step, the teacher's box head on its RoIs.
+
+``DetectionDistiller.forward(images, targets)`` in training mode runs, with unmodified torchvision modules:
+
+    images, targets = student.transform(images, targets)          # one resize (multi-scale pick) for both nets
+    feats_s = student.backbone(images.tensors)
+    proposals, rpn_losses = student.rpn(images, feats_s, targets)
+    rois, _, labels, reg_targets = student.roi_heads.select_training_samples(proposals, targets)
+    roi_s  = student.roi_heads.box_roi_pool(feats_s, rois, image_sizes)        # [R, 256, 7, 7]
+    logits_s, box_s = student.roi_heads.box_predictor(student.roi_heads.box_head(roi_s))   # [R, K+1], [R, 4(K+1)]
+    loss_classifier, loss_box_reg = fastrcnn_loss(...)                         # the student's own losses
+    with no_grad:                                                              # teacher on the SAME rois
+        feats_t = teacher.backbone(images.tensors)
+        roi_t   = teacher.roi_heads.box_roi_pool(feats_t, rois, image_sizes)   # [R, 256, 7, 7]
+        logits_t = teacher.roi_heads.box_predictor(teacher.roi_heads.box_head(roi_t))[0]   # [R, K+1]
+
+R = the RoIs sampled by the student's box sampler (``box_batch_size_per_image`` per image, GT boxes included),
+K+1 classes with background at index 0; the distillation target is each RoI's assigned label (0 = background).
+The distillation losses (``DistillLosses``) then compare logits_s / logits_t (KD, DKD, WKD-L) and roi_s / roi_t
+(WKD-F). In eval mode the wrapper returns ``student(images)`` (torchvision detections).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from wkd_kernels.interrelations import sharpen
+from wkd_kernels.losses import DKDLoss, KDLoss, WKDFeatureLoss, WKDLogitLoss
+
+__all__ = ["DistillLosses", "DetectionDistiller", "StudentStepOutput", "load_cost", "METHODS"]
+
+METHODS = ("kd", "dkd", "wkd_l", "wkd_f")
+
+_KEYS = {
+    "kd": {"loss_weight", "temperature"},
+    "dkd": {"loss_weight", "alpha", "beta", "temperature", "warmup_iters"},
+    "wkd_l": {"loss_weight", "cost", "kappa", "temperature", "weight", "reg", "num_iters", "log_domain"},
+    "wkd_f": {"loss_weight", "covariance", "grid", "mean_cov_ratio", "eps", "projector", "hidden_channels",
+              "method", "num_iters", "path"},
+}
+
+
+def load_cost(path: str, num_classes: int) -> Tensor:
+    """Read a class-distance matrix written by ``build_cost_matrix`` (a dict with "distance") or a bare tensor.
+
+    Returns the [C, C] distance (unsharpened), checked against ``num_classes`` (background included).
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"`distill.wkd_l.cost`: file {path!r} does not exist; build it with "
+                                "`python -m examples.detection.build_cost_matrix`") from None
+    d = obj["distance"] if isinstance(obj, Mapping) else obj
+    if not isinstance(d, Tensor) or d.dim() != 2 or d.shape[0] != d.shape[1]:
+        raise ValueError(f"`distill.wkd_l.cost`: {path!r} must hold a square [C, C] tensor (or a dict with "
+                         f"'distance'), got {getattr(d, 'shape', type(d).__name__)}")
+    if d.shape[0] != num_classes:
+        raise ValueError(f"`distill.wkd_l.cost`: {path!r} is {list(d.shape)} but the detector has {num_classes} "
+                         f"classes (background included)")
+    return d.float()
+
+
+class DistillLosses(nn.Module):
+    """The configured distillation terms on the student's sampled RoIs.
+
+    Args:
+        cfg: the ``distill`` section, e.g. ``{"wkd_l": {...}, "wkd_f": {...}}``; a method is on when its key holds a
+            mapping (missing or null: off). Each takes ``loss_weight`` (the factor in the total loss) and the
+            options of its loss class (see ``_KEYS``). ``wkd_l.cost`` is a path (see ``load_cost``) or a tensor.
+        num_classes: K + 1, background included.
+        roi_channels: channels of the RoIAlign features (256 for FPN students and teachers).
+
+    forward(logits_s [R, K+1], logits_t [R, K+1], labels [R], roi_s [R, 256, 7, 7], roi_t [R, 256, 7, 7],
+            iteration) -> dict of scalar losses "loss_kd", "loss_dkd", "loss_wkd_l", "loss_wkd_f" (the enabled ones,
+            already multiplied by their loss weights).
+    """
+
+    def __init__(self, cfg: Optional[Mapping[str, Any]], num_classes: int, roi_channels: int = 256):
+        super().__init__()
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - set(METHODS))
+        if unknown:
+            raise ValueError(f"`distill` has unknown methods {unknown}; known: {list(METHODS)}")
+        self.loss_weights: dict[str, float] = {}
+        self.dkd_warmup_iters = 0
+        for name in METHODS:
+            c = cfg.get(name)
+            if c is None:
+                continue
+            if not isinstance(c, Mapping):
+                raise ValueError(f"`distill.{name}` must be a mapping of options or null, got {c!r}")
+            bad = sorted(set(c) - _KEYS[name])
+            if bad:
+                raise ValueError(f"`distill.{name}` has unknown keys {bad}; allowed: {sorted(_KEYS[name])}")
+            lw = c.get("loss_weight", 1.0)
+            if isinstance(lw, bool) or not isinstance(lw, (int, float)) or lw < 0:
+                raise ValueError(f"`distill.{name}.loss_weight` must be a number >= 0, got {lw!r}")
+            self.loss_weights[name] = float(lw)
+        self.kd = self.dkd = self.wkd_l = self.wkd_f = None
+        if "kd" in self.loss_weights:
+            self.kd = KDLoss(cfg["kd"].get("temperature", 1.0))
+        if "dkd" in self.loss_weights:
+            c = cfg["dkd"]
+            self.dkd = DKDLoss(c.get("alpha", 1.0), c.get("beta", 0.25), c.get("temperature", 1.0))
+            self.dkd_warmup_iters = int(c.get("warmup_iters", 0))
+        if "wkd_l" in self.loss_weights:
+            c = cfg["wkd_l"]
+            cost = c.get("cost")
+            if cost is None:
+                raise ValueError("`distill.wkd_l.cost` is required: a [C, C] class-distance file from "
+                                 "`python -m examples.detection.build_cost_matrix`")
+            d = cost.float() if isinstance(cost, Tensor) else load_cost(str(cost), num_classes)
+            if d.shape != (num_classes, num_classes):
+                raise ValueError(f"`distill.wkd_l.cost` is {list(d.shape)}, expected [{num_classes}, {num_classes}]")
+            self.wkd_l = WKDLogitLoss(sharpen(d, c.get("kappa", 1.0)), c.get("temperature", 2.0),
+                                      c.get("weight", 10.0), c.get("reg", 0.05), c.get("num_iters", 10),
+                                      log_domain=bool(c.get("log_domain", False)))
+        if "wkd_f" in self.loss_weights:
+            c = cfg["wkd_f"]
+            self.wkd_f = WKDFeatureLoss(roi_channels, roi_channels, covariance=c.get("covariance", "diag"),
+                                        grid=c.get("grid", 1), mean_cov_ratio=c.get("mean_cov_ratio", 2.0),
+                                        eps=c.get("eps", 1e-5), projector=c.get("projector", "conv1x1"),
+                                        hidden_channels=c.get("hidden_channels", 256),
+                                        method=c.get("method", "newton_schulz"), num_iters=c.get("num_iters", 20),
+                                        path=c.get("path", "auto"))
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(self.loss_weights)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.loss_weights)
+
+    def forward(self, logits_s: Tensor, logits_t: Tensor, labels: Tensor, roi_s: Tensor, roi_t: Tensor,
+                iteration: int = 0) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        w = self.loss_weights
+        if self.kd is not None:
+            out["loss_kd"] = w["kd"] * self.kd(logits_s, logits_t)
+        if self.dkd is not None:
+            ramp = min(1.0, (iteration + 1) / self.dkd_warmup_iters) if self.dkd_warmup_iters > 0 else 1.0
+            out["loss_dkd"] = (w["dkd"] * ramp) * self.dkd(logits_s, logits_t, labels)
+        if self.wkd_l is not None:
+            out["loss_wkd_l"] = w["wkd_l"] * self.wkd_l(logits_s, logits_t, labels)
+        if self.wkd_f is not None:
+            out["loss_wkd_f"] = w["wkd_f"] * self.wkd_f(roi_s, roi_t).loss
+        return out
+
+
+class StudentStepOutput(dict):
+    """Losses of one training forward plus, for inspection, the tensors the distillation saw (detached).
+
+    Keys: the loss names (scalars); attributes ``rois`` (list of [R_i, 4] per image), ``labels`` [R],
+    ``logits_s`` / ``logits_t`` [R, K+1], ``roi_s`` / ``roi_t`` [R, 256, 7, 7] (None without teacher).
+    """
+    rois: list
+    labels: Tensor
+    logits_s: Tensor
+    logits_t: Optional[Tensor]
+    roi_s: Tensor
+    roi_t: Optional[Tensor]
+
+
+class DetectionDistiller(nn.Module):
+    """Student Faster R-CNN + optional frozen teacher + distillation losses (see the module docstring).
+
+    Args:
+        student, teacher: torchvision ``FasterRCNN``; the teacher (or None for the plain baseline) must have the
+            same number of classes and stays in eval mode without gradients.
+        losses: ``DistillLosses`` (its projector parameters train with the student).
+        train_min_size: shorter-side choices in training (multi-scale); ``test_min_size``: the one for evaluation.
+            ``train()`` / ``eval()`` switch ``student.transform.min_size`` between them.
+        keep_tensors: attach the distillation inputs to the returned losses (``StudentStepOutput``), for tests.
+    """
+
+    def __init__(self, student: FasterRCNN, teacher: Optional[FasterRCNN], losses: DistillLosses,
+                 train_min_size: Sequence[int], test_min_size: int, keep_tensors: bool = False):
+        super().__init__()
+        if losses.needs_teacher and teacher is None:
+            raise ValueError(f"distillation methods {list(losses.enabled)} need a teacher (`teacher` section)")
+        k_s = student.roi_heads.box_predictor.cls_score.out_features
+        if teacher is not None:
+            k_t = teacher.roi_heads.box_predictor.cls_score.out_features
+            if k_s != k_t:
+                raise ValueError(f"student has {k_s} classes but teacher has {k_t} (background included)")
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.student, self.losses = student, losses
+        # a plain attribute keeps the teacher out of state_dict(), parameters() and DDP; moved by .to() below
+        self._teacher = [teacher] if teacher is not None else []
+        self.train_min_size = tuple(int(s) for s in train_min_size)
+        self.test_min_size = int(test_min_size)
+        self.keep_tensors = keep_tensors
+        self.iteration = 0  # set by the training loop (DKD warm-up)
+        self.train(self.training)
+
+    @property
+    def teacher(self) -> Optional[FasterRCNN]:
+        return self._teacher[0] if self._teacher else None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._teacher:
+            self._teacher[0]._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.student.transform.min_size = self.train_min_size if mode else (self.test_min_size,)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
+        if not self.training:
+            return self.student(images)
+        if targets is None:
+            raise ValueError("DetectionDistiller: `targets` are required in training mode")
+        s = self.student
+        images_t, targets = s.transform(images, targets)
+        feats_s = s.backbone(images_t.tensors)
+        proposals, rpn_losses = s.rpn(images_t, feats_s, targets)
+        rh = s.roi_heads
+        rois, _, labels, reg_targets = rh.select_training_samples(proposals, targets)
+        roi_s = rh.box_roi_pool(feats_s, rois, images_t.image_sizes)
+        logits_s, box_s = rh.box_predictor(rh.box_head(roi_s))
+        loss_cls, loss_box = fastrcnn_loss(logits_s, box_s, labels, reg_targets)
+        out = StudentStepOutput(loss_classifier=loss_cls, loss_box_reg=loss_box, **rpn_losses)
+        labels_cat = torch.cat(labels)
+        logits_t = roi_t = None
+        t = self.teacher
+        if t is not None:
+            with torch.no_grad():
+                feats_t = t.backbone(images_t.tensors)
+                roi_t = t.roi_heads.box_roi_pool(feats_t, rois, images_t.image_sizes)
+                logits_t = t.roi_heads.box_predictor(t.roi_heads.box_head(roi_t))[0]
+            out.update(self.losses(logits_s, logits_t, labels_cat, roi_s, roi_t, self.iteration))
+        if self.keep_tensors:
+            out.rois = [r.detach() for r in rois]
+            out.labels = labels_cat
+            out.logits_s, out.roi_s = logits_s.detach(), roi_s.detach()
+            out.logits_t = logits_t
+            out.roi_t = roi_t
+        return out
