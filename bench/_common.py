@@ -48,6 +48,24 @@ def time_fn(fn, device: str, warmup: int = 2, reps: int = 10) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10) -> dict:
+    """time_fn for several functions measured round-robin (rep 1 of each, then rep 2 of each, ...).
+
+    On a shared or virtualised machine whose speed drifts by tens of percent between seconds, timing one method
+    after the other compares machine states, not methods; interleaving gives each method the same conditions.
+    Returns {name: time_fn-style dict}.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, 0, 1)["median_ms"])
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "reps": reps}
+            for name, t in times.items()}
+
+
 def find_data_dir():
     for c in (os.environ.get("WKD_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data"):
         if c and Path(c).is_dir():

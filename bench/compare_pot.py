@@ -7,7 +7,8 @@ class given zero mass. Every method runs exactly `--iters` iterations (POT with 
 threshold is never reached in float32 and silently runs 1000 iterations).
 
 Columns: forward and forward+backward (exact gradient w.r.t. the student distribution) median times after
-warm-up; speed-up of ours over POT's fastest path; max relative error of the value vs POT in float64 on the
+warm-up (ours and the plain PyTorch baselines timed round-robin, rep by rep, so that machine-speed drift
+hits all of them alike); speed-up of ours over POT's fastest path; max relative error of the value vs POT in float64 on the
 reduced (C-1)-class problems, i.e. the published WKD-L semantics. POT gets its best case: the per-row reduced
 cost matrices are gathered before the clock starts. POT's solve_batch materialises [B, C-1, C-1]; it runs on
 `--pot-batch-rows` rows and its time is scaled to B (marked "x<factor>").
@@ -24,7 +25,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name, print_table, save, time_fn, wkd_cost  # noqa: E402
+from _common import device_name, print_table, save, time_fn, time_interleaved, wkd_cost  # noqa: E402
 
 import wkd_kernels as wk  # noqa: E402
 
@@ -99,7 +100,7 @@ def bench_size(B, C, args, device, dtype):
             r["extra_mem_MB"] = mem
         rows.append(r)
 
-    def ours_fns(backend=None):
+    def ours_fns():
         def fwd():
             return wk.sinkhorn(a, b, cost, reg, T).value
 
@@ -108,6 +109,13 @@ def bench_size(B, C, args, device, dtype):
             wk.sinkhorn(x, b, cost, reg, T).value.sum().backward()
             return x.grad
         return fwd, fwdbwd
+
+    def with_backend(bk, fn):
+        def run():
+            if bk:
+                wk.set_cuda_backend(bk)
+            return fn()
+        return run
 
     def peak_extra_mb(fn):
         if device != "cuda":
@@ -119,17 +127,13 @@ def bench_size(B, C, args, device, dtype):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
+    # The fast methods (ours per backend, plain PyTorch, its CUDA graph) are timed round-robin, so that every
+    # one of them sees the same machine state (time_interleaved). Each entry: name -> (fwd, fwdbwd, error).
+    fast = {}
     backends = [None] if device == "cpu" else [bk for bk in ("triton", "cuda") if bk == "triton" or wk.HAS_CUDA_EXT]
     for bk in backends:
-        if bk:
-            wk.set_cuda_backend(bk)
-        fwd, fwdbwd = ours_fns()
-        err = rel_err(fwd(), ref)
-        t_f = time_fn(fwd, device, args.warmup, args.reps)
-        t_fb = time_fn(fwdbwd, device, args.warmup, args.reps)
-        row(f"wkd_kernels ({bk or 'cpu'})", t_f, t_fb, err, mem=peak_extra_mb(fwdbwd))
-    if device == "cuda":
-        wk.set_cuda_backend("auto")
+        fwd, fwdbwd = (with_backend(bk, f) for f in ours_fns())
+        fast[f"wkd_kernels ({bk or 'cpu'})"] = (fwd, fwdbwd, rel_err(fwd(), ref))
 
     def plain_fwd():
         return plain_pytorch(a, b, cost, reg, T)
@@ -139,9 +143,7 @@ def bench_size(B, C, args, device, dtype):
         plain_pytorch(x, b, cost, reg, T).sum().backward()
         return x.grad
 
-    row("plain PyTorch (matmul + autograd)", time_fn(plain_fwd, device, args.warmup, args.reps),
-        time_fn(plain_fwdbwd, device, args.warmup, args.reps), rel_err(plain_fwd(), ref),
-        mem=peak_extra_mb(plain_fwdbwd))
+    fast["plain PyTorch (matmul + autograd)"] = (plain_fwd, plain_fwdbwd, rel_err(plain_fwd(), ref))
 
     if device == "cuda":  # the plain formulation captured in a CUDA graph (removes launch overhead)
         static_a = a.detach().clone().requires_grad_()
@@ -157,8 +159,14 @@ def bench_size(B, C, args, device, dtype):
         with torch.cuda.graph(graph):
             out = plain_pytorch(static_a, b, cost, reg, T)
             out.sum().backward()
-        row("plain PyTorch, CUDA graph", None, time_fn(graph.replay, device, args.warmup, args.reps),
-            rel_err(out.detach(), ref))
+        fast["plain PyTorch, CUDA graph"] = (None, graph.replay, rel_err(out.detach(), ref))
+
+    t_f = time_interleaved({k: f for k, (f, _, _) in fast.items() if f is not None}, device, args.warmup, args.reps)
+    t_fb = time_interleaved({k: fb for k, (_, fb, _) in fast.items()}, device, args.warmup, args.reps)
+    for name, (_, fwdbwd, err) in fast.items():
+        row(name, t_f.get(name), t_fb[name], err, mem=peak_extra_mb(fwdbwd))
+    if device == "cuda":
+        wk.set_cuda_backend("auto")
 
     if not args.skip_pot:
         ar, br, Ms = reduced_problems(a.cpu(), b.cpu(), cost.cpu(), y)

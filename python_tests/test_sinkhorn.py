@@ -306,7 +306,20 @@ BAD_VALUES = [
     ("`cost` must be non-negative", lambda a, b, c: (a, b, c - 0.5, 0.1, 3)),
     ("`a` must be non-negative", lambda a, b, c: (a - 0.3, b, c, 0.1, 3)),
     ("every row of `a`", lambda a, b, c: (a * 0, b, c, 0.1, 3)),
+    ("`b` contains non-finite", lambda a, b, c: (a.float(), b.float().index_put_((torch.tensor(0), torch.tensor(2)), torch.tensor(-math.inf)), c.float(), 0.1, 3)),
+    ("`cost` must be non-negative", lambda a, b, c: (a.float(), b.float(), c.float().index_put_((torch.tensor(2), torch.tensor(1)), torch.tensor(-1e-30)), 0.1, 3)),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_value_check_has_no_false_alarm_on_huge_finite_costs(dtype):
+    """The one-pass value check flags a row whose sum overflows; the exact check then lets it through."""
+    a, b, c = good()
+    c = c.to(dtype)
+    c[1] = torch.finfo(dtype).max / 2  # finite, non-negative, but the row sum is inf
+    a, b = a.to(dtype), b.to(dtype)
+    out = wk.sinkhorn(a, b, c, 1e300 if dtype == torch.float64 else 1e38, 2, log_domain=True)  # must not raise
+    assert torch.isfinite(out.log_u).all() and torch.isfinite(out.log_v).all()
 
 
 @pytest.mark.parametrize("msg,make", BAD + BAD_VALUES)

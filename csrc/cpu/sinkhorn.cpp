@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -509,13 +510,45 @@ void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::
   });
 }
 
+// --------------------------------- value checks ---------------------------------
+// One read of each input: per row of [rows, len], the sum (catches nan/inf) and the minimum (catches negatives),
+// rows in parallel. Only when something looks wrong does the exact (slower) check_sinkhorn_values run, to name
+// the argument and the problem; a false alarm (a finite row whose float sum overflows) then passes.
+template <typename T>
+bool rows_look_valid(const at::Tensor& t, int64_t len, bool need_positive_rows) {
+  const T* p = t.data_ptr<T>();
+  const int64_t rows = t.numel() / len;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1 && ok.load(std::memory_order_relaxed); ++r) {
+      const T* x = p + r * len;
+      T sum = 0, mn = x[0];
+      for (int64_t k = 0; k < len; ++k) {
+        sum += x[k];
+        mn = x[k] < mn ? x[k] : mn;
+      }
+      if (!std::isfinite(sum) || !(mn >= T(0)) || (need_positive_rows && !(sum > T(0))))
+        ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
+void check_values_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, const char* op) {
+  const bool ok = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_check_values", [&] {
+    return rows_look_valid<scalar_t>(a, a.size(1), true) && rows_look_valid<scalar_t>(b, b.size(1), true) &&
+           rows_look_valid<scalar_t>(cost, cost.size(-1), false);
+  });
+  if (!ok) check_sinkhorn_values(a, b, cost, op);
+}
+
 // --------------------------------- op entry points ---------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
     double eps, bool log_domain, bool keep_history) {
   const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
-  check_sinkhorn_values(a_in, b_in, cost_in, kFwd);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
+  check_values_cpu(a, b, cost, kFwd);
   if (d.shared_cost && !log_domain) {
     return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu_blas", [&] {
       return forward_shared_blas<scalar_t>(a, b, cost, reg, num_iters, eps, keep_history);
