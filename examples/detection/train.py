@@ -209,6 +209,10 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
 
     losses_seen: list[float] = []
     metrics = None
+    if stop_after is not None and iteration >= stop_after:  # e.g. 0: checkpoint the initial state and stop
+        save(start_epoch, start_batch)
+        logger.close()
+        return {"losses": losses_seen, "metrics": None, "iteration": iteration, "stopped_early": True}
     model.train()
     for epoch in range(start_epoch, epochs):
         train_ds.set_epoch(epoch)
@@ -236,7 +240,7 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
             scheduler.step()
             iteration += 1
             losses_seen.append(float(loss.detach()))
-            prog.update(global_batch, loss=f"{float(loss):.3f}")
+            prog.update(global_batch, loss=f"{losses_seen[-1]:.3f}")
             if iteration % log_interval == 0 or iteration == 1:
                 now = time.perf_counter()
                 scalars = {k: float(all_reduce_mean(v.detach().float())) for k, v in loss_dict.items()}
