@@ -22,7 +22,7 @@ from .wrapper import (DistillModel, StagedDistillModel, TimmDistillModel, Torchv
                       TorchvisionResNetDistillModel)
 from .wrn import WRN_CONFIGS, wrn
 
-__all__ = ["build_model", "list_models", "load_checkpoint_into", "CheckpointMismatchError"]
+__all__ = ["build_model", "list_models", "load_checkpoint_into", "extract_state_dict", "CheckpointMismatchError"]
 
 CIFAR_SIZE = 32
 IMAGENET_SIZE = 224
@@ -130,6 +130,12 @@ _MAX_LISTED = 20
 
 
 def _read_file(path: str) -> object:
+    if path.endswith(".safetensors"):  # e.g. timm / Hugging Face exports
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"checkpoint {path}: reading .safetensors files needs the safetensors package") from e
+        return load_file(path, device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -175,7 +181,7 @@ def _listed(keys: List[str]) -> str:
 def load_checkpoint_into(model: DistillModel, path: Union[str, os.PathLike]) -> None:
     """Load the weights stored at ``path`` into ``model.net`` (strict), on CPU tensors copied in place.
 
-    Accepts a raw state dict, or a dict holding it under "model" / "state_dict" / "net" (CRD, mdistiller and
+    Accepts a raw state dict (``torch.save`` file or ``.safetensors``), or a dict holding it under "model" / "state_dict" / "net" (CRD, mdistiller and
     the trainer's checkpoints), with or without "module." / "_orig_mod." / "net." prefixes. Raises
     FileNotFoundError for a missing file and CheckpointMismatchError naming the path and the missing, unexpected
     and wrongly shaped keys.

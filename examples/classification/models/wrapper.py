@@ -162,12 +162,12 @@ class TimmDistillModel(DistillModel):
 
     def __init__(self, net: nn.Module, *, name: str, num_classes: int, input_size: int, indices: Sequence[int],
                  tokens: bool):
-        self_indices = [int(i) for i in indices]
-        channels = [net.feature_info[i]["num_chs"] for i in self_indices]
+        idx = [int(i) for i in indices]
+        channels = [net.feature_info[i]["num_chs"] for i in idx]
         classifier_name = _timm_classifier_name(net)
         super().__init__(net, name=name, num_classes=num_classes, input_size=input_size,
                          stage_channels=channels, classifier_name=classifier_name)
-        self.indices = self_indices
+        self.indices = idx
         self.tokens = bool(tokens)
 
     def forward_stages(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:

@@ -164,6 +164,22 @@ def test_checkpoint_round_trip(tmp_path, wrap):
         torch.testing.assert_close(src.eval()(x).logits, dst.eval()(x).logits)
 
 
+def test_checkpoint_with_non_tensor_pickles_and_safetensors(tmp_path):
+    """A trainer-style file with numpy RNG state needs weights_only=False (warned); .safetensors files load too."""
+    np = pytest.importorskip("numpy")
+    src = build_model("resnet8", 10)
+    path = tmp_path / "last.pth"
+    torch.save({"model": src.state_dict(), "rng": {"numpy": np.random.get_state()}}, path)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        dst = build_model("resnet8", 10, checkpoint=str(path))
+    assert _same_weights(src.net, dst.net)
+
+    st = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "weights.safetensors"
+    st.save_file({k: v.contiguous() for k, v in src.net.state_dict().items()}, str(path))
+    assert _same_weights(src.net, build_model("resnet8", 10, checkpoint=str(path)).net)
+
+
 def test_checkpoint_mismatch_names_path_and_keys(tmp_path):
     path = tmp_path / "resnet8.pth"
     torch.save({"model": build_model("resnet8", 10).net.state_dict()}, path)
