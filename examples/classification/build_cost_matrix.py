@@ -58,6 +58,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=200, help="batches between partial saves (--resume)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.partial.pth")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the (synthetic-run) random teacher")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     return p.parse_args(argv)
 
@@ -98,6 +99,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
 
     from .models import build_model
+    torch.manual_seed(args.seed)  # a randomly initialised (synthetic-run) teacher is the same on every run
     ckpt = mcfg.get("teacher_checkpoint")
     if ckpt is None and dcfg.get("dataset") != "synthetic":
         raise ValueError("model.teacher_checkpoint is not set: a cost matrix of a random teacher is meaningless "
@@ -135,8 +137,12 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
             keep.append(i)
             seen[y] += 1
     keep_from = [i for i in keep if i >= start]
-    workers = args.workers if args.workers is not None else int(dcfg.get("workers", 0 if dcfg["dataset"] ==
-                                                                          "synthetic" else 8))
+    if args.workers is not None:
+        workers = args.workers
+    elif dcfg["dataset"] == "synthetic":
+        workers = int(dcfg.get("synthetic_workers", 0))
+    else:
+        workers = int(dcfg.get("workers", 8))
     loader = DataLoader(Subset(train_set, keep_from), batch_size=args.batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     print(f"teacher {mcfg['teacher']} on {device}: {n} samples per class x {K} classes, source={source}"
