@@ -122,6 +122,35 @@ def build_network(name: str, num_classes: int, weights: Optional[str], what: str
     return build_model(name, num_classes, checkpoint=str(p))
 
 
+def init_from_pretrained(model: nn.Module, path: str, what: str) -> List[str]:
+    """Initialise ``model.net`` from a pretrained state dict of the same architecture with a different classifier
+    (e.g. ImageNet weights for CIFAR-100 fine-tuning): every key is loaded except the classifier's, which keeps
+    its fresh initialisation. Returns the skipped keys; any other mismatch is an error naming ``what``."""
+    import warnings
+    from .models.registry import extract_state_dict
+    p = Path(_resolve_path(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: weights file {p} does not exist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+    sd = extract_state_dict(obj, str(p))
+    own = model.net.state_dict()
+    head = {name for name, mod in model.net.named_modules() if mod is model.classifier}
+    head_keys = {f"{h}.{k}" if h else k for h in head for k in ("weight", "bias")}
+    skipped = [k for k in sd if k in head_keys and sd[k].shape != own.get(k, sd[k]).shape]
+    sd = {k: v for k, v in sd.items() if k not in skipped}
+    res = model.net.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if k not in head_keys]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"{what}: {p} does not match {type(model.net).__name__}: missing {missing[:5]}, "
+                         f"unexpected {list(res.unexpected_keys)[:5]}")
+    return skipped
+
+
 def build_distiller(cfg: dict, *, synthetic: bool, log=print) -> Distiller:
     """Student, frozen teacher and distillation modules from the ``model`` / ``distill`` / ``train`` config."""
     from .models import build_model
@@ -129,6 +158,11 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print) -> Distiller:
     K = int(cfg["data"]["num_classes"])
     student = build_network(mcfg["student"], K, mcfg.get("student_checkpoint"), "model.student_checkpoint",
                             build_model)
+    if mcfg.get("student_init"):
+        if mcfg.get("student_checkpoint"):
+            raise ValueError("model.student_init and model.student_checkpoint are exclusive")
+        skipped = init_from_pretrained(student, mcfg["student_init"], "model.student_init")
+        log(f"student initialised from {mcfg['student_init']} (new classifier: {skipped or 'none'})")
     teacher = None
     if dcfg.get("method") in TEACHER_METHODS:
         if not mcfg.get("teacher"):
@@ -257,6 +291,12 @@ def _run(args: argparse.Namespace, cfg: dict, info) -> dict:
     seed_everything(seed, info.rank)  # per-rank streams for augmentation
     if rng_to_restore is not None:
         restore_rng_state(rng_to_restore)
+
+    if start_epoch >= epochs:
+        log(f"{last_path} already holds all {epochs} epochs; nothing to do")
+        logger.close()
+        done = out / "summary.json"
+        return json.loads(done.read_text()) if done.is_file() else {"best_top1": best_top1, "epochs": epochs}
 
     # ---------------------------------------------------------------- loop
     log_every = int(tcfg.get("log_every", 20))

@@ -108,3 +108,17 @@ def test_errors_name_the_key(tmp_path):
     assert NUM_CLASSES == 10
     with pytest.raises(ValueError, match="train.optimizer"):
         train.main(["--config", str(cfg), "--out", str(tmp_path / "o3"), "train.optimizer=lamb"])
+
+
+def test_student_init_from_pretrained_with_another_head(tmp_path):
+    """model.student_init loads every weight but a differently sized classifier (teacher fine-tuning)."""
+    from examples.classification.models import build_model
+    src = build_model("resnet8x4", 7)
+    torch.save(src.state_dict(), tmp_path / "pre.pth")
+    cfg = load_config(tiny_config(tmp_path, "ce"), [f"model.student_init={tmp_path / 'pre.pth'}"])
+    student = train.build_distiller(cfg, synthetic=True, log=lambda *a: None).student
+    head = student.classifier
+    assert head.out_features == NUM_CLASSES
+    same = {k: torch.equal(v, student.state_dict()[k]) for k, v in src.state_dict().items()
+            if student.state_dict()[k].shape == v.shape}
+    assert all(same.values()) and len(same) == len(src.state_dict()) - 2
