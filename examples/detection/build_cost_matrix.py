@@ -108,9 +108,10 @@ def collect_class_features(teacher, dataset, feature: str = "box_head", max_per_
 
 def build_cost(per_class, counts, class_names, seed: int = 0) -> tuple[torch.Tensor, int]:
     """(distance [C, C], n) from per-class sample lists; errors name the classes with fewer than 2 samples."""
-    few = [f"{i}:{class_names[i]} ({len(s)})" for i, s in enumerate(per_class) if len(s) < 2]
+    # n = 2 is degenerate: every centred 2 x 2 Gram matrix is a multiple of [[1, -1], [-1, 1]], so CKA = 1
+    few = [f"{i}:{class_names[i]} ({len(s)})" for i, s in enumerate(per_class) if len(s) < 3]
     if few:
-        raise ValueError("build_cost_matrix: every class needs >= 2 samples for CKA; too few for "
+        raise ValueError("build_cost_matrix: every class needs >= 3 samples (with 2 every CKA is 1); too few for "
                          + ", ".join(few[:10]) + (" ..." if len(few) > 10 else "")
                          + " (use more images, or --bg-per-image > 0 for the background class)")
     n = min(len(s) for s in per_class)
@@ -137,8 +138,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.max_per_class < 2:
-        raise SystemExit(f"build_cost_matrix: --max-per-class must be >= 2, got {a.max_per_class}")
+    if a.max_per_class < 3:
+        raise SystemExit(f"build_cost_matrix: --max-per-class must be >= 3, got {a.max_per_class}")
     cfg = load_config(a.config, a.overrides)
     if a.data:
         cfg.setdefault("data", {})["root"] = a.data

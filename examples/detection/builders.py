@@ -2,9 +2,10 @@
 
 Config sections used here:
     data:    root, train_split, val_split, flip_prob, max_train_images, max_val_images
-    model:   train_min_size [list], test_min_size, max_size, rcnn_kwargs {FasterRCNN keyword arguments}
+    model:   train_min_size [list], test_min_size, max_size, rcnn_kwargs {FasterRCNN keyword arguments},
+             box_head_dim (1024)
     student: arch, backbone_checkpoint, trainable_backbone_layers
-    teacher: arch, checkpoint            (the whole section may be null for the plain student baseline)
+    teacher: arch, checkpoint, box_head_dim (the whole section may be null for the plain student baseline)
     distill: kd / dkd / wkd_l / wkd_f    (see ``distill.DistillLosses``)
 """
 from __future__ import annotations
@@ -56,12 +57,21 @@ def _sizes(cfg: Mapping[str, Any]):
     return list(train_sizes), int(test_size), int(m.get("max_size", 1333)), dict(m.get("rcnn_kwargs") or {})
 
 
+def _head_dim(cfg: Mapping[str, Any], who: str) -> int:
+    """``model.box_head_dim`` (default 1024, torchvision's); ``teacher.box_head_dim`` overrides it for the teacher."""
+    d = section(cfg, "model").get("box_head_dim", 1024)
+    if who == "teacher":
+        d = section(cfg, "teacher").get("box_head_dim", d)
+    return d
+
+
 def build_student(cfg: Mapping[str, Any], num_classes: int):
     s = section(cfg, "student", ("arch",))
     train_sizes, test_size, max_size, kw = _sizes(cfg)
     return build_detector(s["arch"], num_classes, train_sizes, max_size,
                           backbone_checkpoint=s.get("backbone_checkpoint"),
-                          trainable_backbone_layers=s.get("trainable_backbone_layers", 3), rcnn_kwargs=kw)
+                          trainable_backbone_layers=s.get("trainable_backbone_layers", 3), rcnn_kwargs=kw,
+                          box_head_dim=_head_dim(cfg, "student"))
 
 
 def build_teacher_from_cfg(cfg: Mapping[str, Any], num_classes: int, cat_ids=None, allow_random: bool = False):
@@ -76,7 +86,7 @@ def build_teacher_from_cfg(cfg: Mapping[str, Any], num_classes: int, cat_ids=Non
                          "see README: teachers)")
     train_sizes, test_size, max_size, kw = _sizes(cfg)
     return build_teacher(t["arch"], num_classes, ckpt, min_size=test_size, max_size=max_size,
-                         coco_category_ids=cat_ids, rcnn_kwargs=kw)
+                         coco_category_ids=cat_ids, rcnn_kwargs=kw, box_head_dim=_head_dim(cfg, "teacher"))
 
 
 def build_distiller(cfg: Mapping[str, Any], num_classes: int, cat_ids=None, keep_tensors: bool = False,

@@ -198,7 +198,7 @@ def make_synthetic_coco(root: str | Path, num_train: int = 8, num_val: int = 4, 
             im = Image.new("RGB", (w, h), tuple(rng.randint(90, 160) for _ in range(3)))
             draw = ImageDraw.Draw(im)
             for _ in range(rng.randint(1, max_objects)):
-                k = rng.randrange(num_categories)
+                k = ann_id % num_categories  # round robin: every category is present, in equal numbers
                 bw, bh = rng.randint(w // 5, w // 2), rng.randint(h // 5, h // 2)
                 x, y = rng.randint(0, w - bw - 1), rng.randint(0, h - bh - 1)
                 draw.rectangle([x, y, x + bw - 1, y + bh - 1], fill=_COLOURS[k])

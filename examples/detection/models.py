@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -134,7 +135,8 @@ def _check_rcnn_kwargs(rcnn_kwargs: Mapping[str, Any]) -> dict:
 
 def build_detector(arch: str, num_classes: int, min_size: Sequence[int] | int = 800, max_size: int = 1333, *,
                    backbone_checkpoint: Optional[str] = None, trainable_backbone_layers: int = 3,
-                   frozen_bn: Optional[bool] = None, rcnn_kwargs: Optional[Mapping[str, Any]] = None) -> FasterRCNN:
+                   frozen_bn: Optional[bool] = None, rcnn_kwargs: Optional[Mapping[str, Any]] = None,
+                   box_head_dim: int = 1024) -> FasterRCNN:
     """torchvision ``FasterRCNN`` on ``build_backbone(arch)``.
 
     Args:
@@ -143,13 +145,20 @@ def build_detector(arch: str, num_classes: int, min_size: Sequence[int] | int = 
             (multi-scale), evaluation uses the last entry.
         max_size: cap on the longer side.
         rcnn_kwargs: further ``FasterRCNN`` keyword arguments (RPN/box sampler sizes, thresholds, ...).
+        box_head_dim: width of the two-layer MLP box head (torchvision: 1024; smaller only for tests).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2 (background included), got {num_classes!r}")
     bb = build_backbone(arch, backbone_checkpoint, trainable_backbone_layers, frozen_bn)
     sizes = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
-    return FasterRCNN(bb, num_classes=num_classes, min_size=sizes, max_size=max_size,
-                      **_check_rcnn_kwargs(rcnn_kwargs or {}))
+    kw = _check_rcnn_kwargs(rcnn_kwargs or {})
+    if box_head_dim != 1024:  # torchvision's default head is TwoMLPHead(256 * 7 * 7, 1024)
+        if isinstance(box_head_dim, bool) or not isinstance(box_head_dim, int) or box_head_dim < 1:
+            raise ValueError(f"`model.box_head_dim` must be an integer >= 1, got {box_head_dim!r}")
+        kw["box_head"] = TwoMLPHead(FPN_CHANNELS * 7 * 7, box_head_dim)
+        kw["box_predictor"] = FastRCNNPredictor(box_head_dim, num_classes)
+        num_classes = None  # FasterRCNN wants num_classes only without a box_predictor
+    return FasterRCNN(bb, num_classes=num_classes, min_size=sizes, max_size=max_size, **kw)
 
 
 def remap_coco91_predictor(state: dict, coco_category_ids: Sequence[int], num_classes: int) -> dict:
@@ -199,7 +208,7 @@ def load_detector_weights(model: FasterRCNN, path: str, coco_category_ids: Optio
 
 def build_teacher(arch: str, num_classes: int, checkpoint: Optional[str], *, min_size=800, max_size: int = 1333,
                   coco_category_ids: Optional[Sequence[int]] = None,
-                  rcnn_kwargs: Optional[Mapping[str, Any]] = None) -> FasterRCNN:
+                  rcnn_kwargs: Optional[Mapping[str, Any]] = None, box_head_dim: int = 1024) -> FasterRCNN:
     """Frozen teacher detector in eval mode (FrozenBatchNorm2d, no gradients).
 
     Args:
@@ -207,7 +216,8 @@ def build_teacher(arch: str, num_classes: int, checkpoint: Optional[str], *, min
             ``last.pth``/``final.pth`` of ``examples.detection.train``). ``None`` keeps the random initialisation
             (tests and benchmarks only).
     """
-    model = build_detector(arch, num_classes, min_size, max_size, frozen_bn=True, rcnn_kwargs=rcnn_kwargs)
+    model = build_detector(arch, num_classes, min_size, max_size, frozen_bn=True, rcnn_kwargs=rcnn_kwargs,
+                           box_head_dim=box_head_dim)
     if checkpoint is not None:
         load_detector_weights(model, checkpoint, coco_category_ids)
     for p in model.parameters():
