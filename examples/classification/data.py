@@ -152,7 +152,7 @@ def build_loaders(train_set: Dataset, val_set: Dataset, *, batch_size: int, rank
     """
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
     val = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
                      sampler=ShardSampler(len(val_set), rank, world_size), drop_last=False, **common)

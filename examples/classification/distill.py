@@ -59,11 +59,17 @@ def _get(sec: dict, key: str, where: str, default=None, required: bool = False):
     return sec[key]
 
 
-def load_cost_matrix(path: str, kappa: float, num_classes: int) -> Tensor:
+def load_cost_matrix(path, kappa: float, num_classes: int) -> Tensor:
     """Load a [C, C] class distance (``torch.save``d tensor, or a dict with key ``distance``) and sharpen it.
 
-    Returns ``sharpen(d, kappa)`` = 1 - exp(-kappa d), float32 [C, C]; errors name the file.
+    ``path`` may also be the [C, C] distance tensor itself. Returns ``sharpen(d, kappa)`` = 1 - exp(-kappa d),
+    float32 [C, C]; errors name the file.
     """
+    if isinstance(path, Tensor):
+        if path.dim() != 2 or tuple(path.shape) != (num_classes, num_classes):
+            raise ValueError(f"distill.wkd_l.cost: the distance tensor is {list(path.shape)}, expected "
+                             f"[{num_classes}, {num_classes}]")
+        return sharpen(path.float(), float(kappa))
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"distill.wkd_l.cost: cost-matrix file {p} does not exist (build one with "

@@ -87,7 +87,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     """One epoch of ``steps`` optimizer steps over ``loader``.
 
     ``model(images, targets)`` returns ``(logits, terms)``; the loss is ``sum(terms)``. Every ``log_every`` steps
-    the loss terms, averaged over processes, go to ``logger`` (prefix ``train/``, with ``lr`` and ``epoch``).
+    and at the last step of the epoch the loss terms, averaged over processes, go to ``logger`` (prefix ``train/``, with ``lr`` and ``epoch``).
     ``exit_at_step`` (a testing knob) kills the process with ``os._exit`` right after that global step, as an
     interruption would.
 
@@ -98,7 +98,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     logged = []
     it = iter(loader)
     with Progress(steps, f"epoch {epoch}", enabled=progress_enabled) as bar:
-        for _ in range(steps):
+        for i in range(steps):
             images, targets = next(it)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -113,7 +113,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             scaler.update()
             scheduler.step()
             global_step += 1
-            if global_step % log_every == 0:
+            if global_step % log_every == 0 or i + 1 == steps:
                 names = list(terms)
                 vals = _all_reduce_sum(torch.stack([loss.detach().float()] + [terms[k].detach().float()
                                                                               for k in names]), device)

@@ -178,9 +178,14 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print) -> Distiller:
                                  "teacher is only allowed with --synthetic or model.allow_random_teacher=true")
             log("warning: the teacher is randomly initialised (no model.teacher_checkpoint)")
         teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model)
-    for name in ("wkd_l",):
-        if isinstance(dcfg.get(name), dict) and dcfg[name].get("cost"):
-            dcfg[name] = dict(dcfg[name], cost=_resolve_path(dcfg[name]["cost"]))
+    if isinstance(dcfg.get("wkd_l"), dict) and isinstance(dcfg["wkd_l"].get("cost"), str):
+        cost = _resolve_path(dcfg["wkd_l"]["cost"])
+        if synthetic and not Path(cost).is_file():
+            log(f"warning: --synthetic: cost matrix {cost} is missing; using a random stand-in")
+            g = torch.Generator().manual_seed(0)
+            d = torch.rand(K, K, generator=g)
+            cost = ((d + d.T) / 2).fill_diagonal_(0.0)
+        dcfg["wkd_l"] = dict(dcfg["wkd_l"], cost=cost)
     return Distiller(student, teacher, dcfg, int(cfg["train"]["epochs"]))
 
 
