@@ -148,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     print(f"teacher {mcfg['teacher']} on {device}: {n} samples per class x {K} classes, source={source}"
           + (f" ({layer})" if source == "features" else "") + (f", resuming at index {start}" if state else ""))
     pos = 0
-    with Progress(len(loader), "cost matrix", enabled=not args.no_progress) as bar, torch.no_grad():
+    with Progress(len(keep_from), "cost matrix", enabled=not args.no_progress) as bar, torch.no_grad():
         for b, (images, ys) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             with autocast(device, args.amp):

@@ -97,7 +97,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     model.train()
     logged = []
     it = iter(loader)
-    with Progress(steps, f"epoch {epoch}", enabled=progress_enabled) as bar:
+    with Progress(steps * global_batch, f"epoch {epoch}", enabled=progress_enabled) as bar:
         for i in range(steps):
             images, targets = next(it)
             images = images.to(device, non_blocking=True)
@@ -147,7 +147,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: str, channe
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, count, loss sum
-    with Progress(len(loader), "eval", enabled=progress_enabled) as bar:
+    with Progress(len(loader.sampler), "eval", enabled=progress_enabled) as bar:
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)

@@ -9,15 +9,16 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """Progress over ``total`` steps; each :meth:`update` is one step that processed ``n_items`` items.
+    """Progress over ``total`` items (e.g. images); each :meth:`update` adds the ``n_items`` it processed.
 
-    The bar counts steps (calls to ``update``); the postfix shows the item throughput ``items/s`` measured since
-    the first update (so start-up time does not dilute it) plus any ``postfix`` keyword values. Disabled (a no-op
-    that still measures throughput) when ``enabled=False`` or tqdm is missing. On a non-terminal stderr the bar
-    refreshes at most every 30 s to keep logs short.
+    As ``tqdm.update(n)``: the bar advances by ``n_items`` and shows the item rate (``items/s``); ``postfix``
+    keyword values (e.g. ``loss=0.42``) are shown next to it. Disabled (a no-op that still measures throughput)
+    when ``enabled=False`` or tqdm is missing. On a non-terminal stderr the bar refreshes at most every 30 s to
+    keep logs short.
 
     Attributes:
-        items: items seen so far; ``rate``: items/s so far (0.0 before two updates).
+        items: items seen so far; ``rate``: items/s measured from the first to the latest update (so start-up
+        time before the first update does not dilute it; 0.0 before two updates).
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
@@ -37,8 +38,8 @@ class Progress:
                 tqdm = None
             if tqdm is not None:
                 tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-                self._bar = tqdm(total=self.total, desc=desc, unit="step", dynamic_ncols=True, leave=True,
-                                 mininterval=0.5 if tty else 30.0, file=sys.stderr)
+                self._bar = tqdm(total=self.total, desc=desc, unit="items", dynamic_ncols=True,
+                                 leave=True, mininterval=0.5 if tty else 30.0, file=sys.stderr)
 
     @property
     def rate(self) -> float:
@@ -48,7 +49,7 @@ class Progress:
         return self._items_after_first / (self._t_last - self._t0)
 
     def update(self, n_items: int = 1, **postfix) -> None:
-        """Advance one step that processed ``n_items`` items; ``postfix`` values are shown next to the rate."""
+        """Advance by ``n_items`` items; ``postfix`` values are shown next to the rate."""
         now = time.perf_counter()
         if self._t0 is None:
             self._t0 = now
@@ -57,10 +58,10 @@ class Progress:
         self._t_last = now
         self.items += int(n_items)
         if self._bar is not None:
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
-            shown["items/s"] = f"{self.rate:.1f}"
-            self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
+            if postfix:
+                shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
+                self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(int(n_items))
 
     def close(self) -> None:
         if self._bar is not None:
