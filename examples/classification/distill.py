@@ -16,8 +16,9 @@ Config section ``distill`` (all weights are the loss factors of the paper's reci
     fitnet: {weight, layer, projector}
     wkd_l:  {cost, kappa, temperature, weight, decay_start, reg, num_iters}
     wkd_f:  {weight, mean_cov_ratio, grid, projector, layer, decay_start, covariance, eps}
-``decay_start`` is E0 of :func:`wkd_kernels.cosine_weight` (weight constant up to E0, cosine decay to 0 at the
-last epoch); null or E0 >= epochs keeps the weight constant.
+``decay_start`` is E0 of :func:`wkd_kernels.cosine_weight`, evaluated at the 1-based epoch e = epoch + 1 as in
+the published trainer (weight constant while e <= E0, cosine decay to 0 in the last epoch); null or
+E0 >= epochs keeps the weight constant. DKD's warm-up factor is min(e / warmup, 1), likewise 1-based.
 
 Feature maps of different spatial sizes (e.g. ViT-S 14x14 tokens vs ResNet18 7x7 at 224): the student map is
 brought to the teacher's H x W before the projector (adaptive average pooling when larger, bilinear
@@ -204,7 +205,9 @@ class Distiller(nn.Module):
         for name in ("wkd_l", "wkd_f"):
             if name in self.losses:
                 sec = self.cfg[name]
-                w = scheduled_weight(float(sec["weight"]), sec.get("decay_start"), self._epoch, self.total_epochs)
+                # 1-based epoch, as the published (mdistiller) trainer passes it: the weight reaches 0 in the last
+                w = scheduled_weight(float(sec["weight"]), sec.get("decay_start"), self._epoch + 1,
+                                     self.total_epochs)
                 self.losses[name].weight = w
                 weights[f"w_{name}"] = w
         return weights

@@ -363,13 +363,13 @@ def _run(args: argparse.Namespace, cfg: dict, info) -> dict:
         "steps": global_step, "images_per_s": sum(rates) / len(rates) if rates else None,
         "wall_time_s": wall, "world_size": info.world_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "global_batch": global_batch, "lr": lr, "amp": amp, "synthetic": synthetic,
+        "global_batch": global_batch, "lr": lr, "amp": amp, "synthetic": synthetic, "resolved_config": cfg,
     }
     if info.is_main:
         with open(out / "summary.json.tmp", "w") as f:
             json.dump(summary, f, indent=2)
         (out / "summary.json.tmp").replace(out / "summary.json")
-        log(json.dumps(summary, indent=2))
+        log(json.dumps({k: v for k, v in summary.items() if k != "resolved_config"}, indent=2))
     logger.close()
     return summary
 

@@ -68,9 +68,11 @@ def test_method_family_trains(tmp_path, method):
 def test_wkd_weights_follow_the_cosine_schedule(tmp_path):
     out = tmp_path / "out"
     train.main(["--config", str(tiny_config(tmp_path, "wkd_lf", epochs=3)), "--out", str(out)])
-    # decay_start E0 = 1 of 3 epochs: full weight in epochs 0 and 1, cosine_weight(2, w, 1, 3) = w / 2 in epoch 2
-    assert train_losses(out, "train/w_wkd_l") == {1: 20.0, 2: 20.0, 3: 20.0, 4: 20.0, 5: 10.0, 6: 10.0}
-    assert train_losses(out, "train/w_wkd_f")[6] == pytest.approx(0.005)
+    # decay_start E0 = 1 of 3 epochs, 1-based epochs e: full weight for e = 1, cosine_weight(2, w, 1, 3) = w / 2,
+    # cosine_weight(3, w, 1, 3) = 0 in the last epoch
+    w_l = train_losses(out, "train/w_wkd_l")
+    assert w_l[1] == w_l[2] == 20.0 and w_l[3] == w_l[4] == pytest.approx(10.0) and w_l[5] == w_l[6] == 0.0
+    assert train_losses(out, "train/w_wkd_f")[3] == pytest.approx(0.005)
     lrs = train_losses(out, "train/lr")  # linear scaling 0.05 * 8 / 64, x0.1 from the milestone epoch 1
     assert lrs[1] == pytest.approx(0.05 * 8 / 64) and lrs[3] == pytest.approx(0.05 * 8 / 64 * 0.1)
 
