@@ -152,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
         for b, (images, ys) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             with autocast(device, args.amp):
-                o = teacher(images)
+                o = teacher(images, features=source != "logits")
             if source == "logits":
                 v = o.logits
             elif source == "pooled":

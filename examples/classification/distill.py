@@ -111,7 +111,7 @@ class Distiller(nn.Module):
     """Student + distillation modules; see the module docstring.
 
     Args:
-        student: a model from ``build_model`` (its output has ``.logits`` and ``.features``).
+        student: a model from ``build_model``: ``model(x, features=bool)`` returns ``.logits`` and ``.features``.
         teacher: the frozen teacher (same output type), or None for method ``ce``.
         distill_cfg: the ``distill`` config section.
         total_epochs: training epochs (for the cosine weight schedules and DKD's warm-up).
@@ -217,7 +217,8 @@ class Distiller(nn.Module):
         return 1.0 if warm <= 0 else min((self._epoch + 1) / warm, 1.0)
 
     def forward(self, images: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        out_s = self.student(images)
+        need_features = self.method in _FEATURE_METHODS  # logit-only methods run the plain networks
+        out_s = self.student(images, features=need_features)
         s = out_s.logits
         terms: Dict[str, Tensor] = {}
         if self.ce_weight > 0 or self.method == "ce":
@@ -225,7 +226,7 @@ class Distiller(nn.Module):
         if self.method == "ce":
             return s, terms
         with torch.no_grad():
-            out_t = self.teacher(images)
+            out_t = self.teacher(images, features=need_features)
         t = out_t.logits.float()
         s32 = s.float()
         m, cfg = self.method, self.cfg

@@ -142,8 +142,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device, amp: str, channels_last: bool,
              progress_enabled: bool = False) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` (a plain classifier whose output has
-    ``.logits``) over the sharded ``loader``, summed over processes."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` (a zoo model: ``model(x, features=False)``
+    returns ``.logits``) over the sharded ``loader``, summed over processes."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, count, loss sum
@@ -154,7 +154,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: str, channe
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                logits = model(images).logits
+                logits = model(images, features=False).logits
             logits = logits.float()
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices

@@ -192,8 +192,7 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print) -> Distiller:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
-    tcfg, dcfg = cfg["train"], cfg["data"]
-    info = init_distributed(tcfg.get("device", "auto"))
+    info = init_distributed(cfg["train"].get("device", "auto"))
     try:
         return _run(args, cfg, info)
     finally:
