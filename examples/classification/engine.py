@@ -87,7 +87,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     """One epoch of ``steps`` optimizer steps over ``loader``.
 
     ``model(images, targets)`` returns ``(logits, terms)``; the loss is ``sum(terms)``. Every ``log_every`` steps
-    and at the last step of the epoch the loss terms, averaged over processes, go to ``logger`` (prefix ``train/``, with ``lr`` and ``epoch``).
+    and at the last step of the epoch the loss terms, averaged over processes, go to ``logger`` (prefix
+    ``train/``, with ``lr`` and ``epoch``); a non-finite loss raises :class:`NonFiniteLossError` there.
     ``exit_at_step`` (a testing knob) kills the process with ``os._exit`` right after that global step, as an
     interruption would.
 

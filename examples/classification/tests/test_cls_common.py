@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
