@@ -11,8 +11,11 @@ whose BatchNorm statistics are first calibrated on random images and then frozen
 stages trainable: the layout of a real run from ImageNet backbones), so activations have realistic scales. The
 WKD-L cost is a random symmetric [81, 81] distance (the step cost does not depend on its values).
 
-Prints the device, sizes, dtype and, per mode, the median / min step time in ms over ``--steps`` timed steps
-after ``--warmup`` untimed ones; ``--json PATH`` also writes them.
+All modes are built first (each from the same student initialisation) and stepped in turn on the same
+batches (step i of every mode before step i + 1), so a load change on a shared machine affects all alike.
+Prints the device, sizes, dtype and, per mode, the median / min wall-clock step time in ms over ``--steps``
+timed steps after ``--warmup`` untimed ones (on CPU also the median process CPU time, all threads summed, which
+other jobs on a shared machine disturb less); ``--json PATH`` also writes them.
 """
 from __future__ import annotations
 
@@ -74,7 +77,8 @@ def _batch(n: int, size: int, device: torch.device, g: torch.Generator):
         xy = torch.rand(k, 2, generator=g) * torch.tensor([W * 0.6, H * 0.6])
         wh = (0.1 + 0.3 * torch.rand(k, 2, generator=g)) * torch.tensor([W, H])
         boxes = torch.cat([xy, xy + wh], 1)
-        targets.append({"boxes": boxes.to(device), "labels": torch.randint(1, NUM_CLASSES, (k,), generator=g).to(device)})
+        labels = torch.randint(1, NUM_CLASSES, (k,), generator=g)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
     return images, targets
 
 
@@ -99,23 +103,26 @@ def bench(pair: str, batch: int, size: int, modes, steps: int, warmup: int, amp:
         d = torch.rand(NUM_CLASSES, NUM_CLASSES, generator=g)
         d = 0.5 * (d + d.T)
         d.fill_diagonal_(0)
+        runs = {}
         for mode in modes:
             cfg = _mode_cfg(mode, covariance, grid)
             if "wkd_l" in cfg:
                 cfg["wkd_l"]["cost"] = d
-            torch.manual_seed(0)
+            torch.manual_seed(0)  # every mode starts from the same student
             student = build_detector(s_arch, NUM_CLASSES, size, max_size, backbone_checkpoint=str(s_file))
             losses = DistillLosses(cfg, NUM_CLASSES)
             model = DetectionDistiller(student, teacher if losses.needs_teacher else None, losses, (size,),
                                        size).to(device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
-            scaler = make_grad_scaler(device, amp)
-            times, n_rois = [], 0
-            for i in range(warmup + steps):
-                images, targets = _batch(batch, size, device, g)
+            runs[mode] = (model, torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4),
+                          make_grad_scaler(device, amp), [], [])
+        # interleaved: step i of every mode runs on the same batch, one mode after the other, so that a load
+        # change on a shared machine hits all modes alike
+        for i in range(warmup + steps):
+            images, targets = _batch(batch, size, device, g)
+            for mode, (model, opt, scaler, times, cpu_times) in runs.items():
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with autocast(device, amp):
                     out = model(images, targets)
                 loss = sum(out.values())
@@ -126,15 +133,15 @@ def bench(pair: str, batch: int, size: int, modes, steps: int, warmup: int, amp:
                 _sync(device)
                 if i >= warmup:
                     times.append(1000 * (time.perf_counter() - t0))
+                    cpu_times.append(1000 * (time.process_time() - c0))
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"bench_step: non-finite loss in mode {mode}: "
                                              + ", ".join(f"{k}={float(v):.4g}" for k, v in out.items()))
-            per_img = student.roi_heads.fg_bg_sampler.batch_size_per_image
-            results[mode] = {"median_ms": statistics.median(times), "min_ms": min(times), "steps": steps,
-                             "terms": sorted(out.keys()), "rois_per_step_max": per_img * batch}
-            del model, opt, student
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                if i == warmup + steps - 1:
+                    per_img = model.student.roi_heads.fg_bg_sampler.batch_size_per_image
+                    results[mode] = {"median_ms": statistics.median(times), "min_ms": min(times),
+                                     "cpu_median_ms": statistics.median(cpu_times), "steps": steps, "terms": sorted(out.keys()),
+                                     "rois_per_step_max": per_img * batch}
     return results
 
 
@@ -172,7 +179,9 @@ def main(argv=None) -> int:
     base = res.get("student", {}).get("median_ms")
     for m, r in res.items():
         rel = f"  ({r['median_ms'] / base:.2f}x student)" if base and m != "student" else ""
-        print(f"[bench] {m:8s} median {r['median_ms']:9.1f} ms  min {r['min_ms']:9.1f} ms{rel}  terms "
+        cpu = (f"  process CPU time median {r['cpu_median_ms']:9.1f} ms (all threads)"
+               if device.type == "cpu" else "")
+        print(f"[bench] {m:8s} median {r['median_ms']:9.1f} ms  min {r['min_ms']:9.1f} ms{rel}{cpu}  terms "
               f"{','.join(r['terms'])}", flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

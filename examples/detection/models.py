@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet
+from torchvision.models import mobilenet_v2
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone

@@ -9,7 +9,6 @@ import torch
 
 from examples.common.checkpoint import load_checkpoint
 from examples.common.config import load_config
-from examples.common.distributed import seed_everything
 from examples.detection.builders import build_datasets, build_distiller
 from examples.detection.coco_eval import STAT_NAMES, coco_stats, evaluate
 from examples.detection.data import CocoDetectionDataset, GroupedEpochBatchSampler, collate, coco_paths
@@ -73,6 +72,23 @@ def test_teacher_box_head_runs_on_the_students_sampled_rois(coco_root, teacher_c
     assert not any(p.requires_grad for p in t.parameters())
     assert not any(k.startswith("_teacher") or k.startswith("teacher") for k in m.state_dict())
     assert not t.training
+
+
+def test_r50_mv2_pair_distills_one_step(coco_root, cost_file):
+    """MobileNetV2-FPN student + ResNet50-FPN teacher (random weights, allow_random_init): one WKD-L + WKD-F
+    forward/backward; RoI features of both are [R, 256, 7, 7] and the projector receives gradients."""
+    cfg = tiny_cfg("r50_mv2/wkd_lf.yaml", coco_root)
+    cfg["teacher"].update(allow_random_init=True)
+    cfg["distill"]["wkd_l"]["cost"] = str(cost_file)
+    ds, _ = build_datasets(cfg, val=False)
+    m = build_distiller(cfg, ds.num_classes, ds.cat_ids, keep_tensors=True).train()
+    assert type(m.teacher.backbone.body).__name__ == "IntermediateLayerGetter" and "layer4" in m.teacher.backbone.body
+    out = m(*collate([ds[0], ds[1]]))
+    assert out.roi_s.shape == out.roi_t.shape and out.roi_s.shape[1:] == (256, 7, 7)
+    loss = sum(out.values())
+    loss.backward()
+    assert torch.isfinite(loss) and {"loss_wkd_l", "loss_wkd_f"} <= set(out)
+    assert m.losses.wkd_f.projector[0].weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -243,4 +259,24 @@ def test_clear_errors(coco_root, teacher_ckpt):
         DistillLosses({"wkd_l": {"cost": torch.rand(4, 4)}}, 81)
     with pytest.raises(ValueError, match="arch"):
         build_detector("resnet34_fpn", 4)
-    seed_everything(0)
+
+
+def test_torchvision_resnet50_fpn_state_dict_loads_as_teacher_with_class_remap(tmp_path):
+    """A torchvision ``fasterrcnn_resnet50_fpn`` state dict (classes indexed by COCO category id) loads into the
+    resnet50_fpn teacher; predictor rows are picked by category id (here ids 1, 3, 5 of a 6-way predictor)."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    from examples.detection.models import build_teacher
+    torch.manual_seed(0)
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=6)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    t = build_teacher("resnet50_fpn", 4, str(tmp_path / "tv.pth"), coco_category_ids=[1, 3, 5])
+    rows = torch.tensor([0, 1, 3, 5])
+    p_t, p_tv = t.roi_heads.box_predictor, tv.roi_heads.box_predictor
+    torch.testing.assert_close(p_t.cls_score.weight, p_tv.cls_score.weight[rows])
+    box_rows = (rows[:, None] * 4 + torch.arange(4)).flatten()
+    torch.testing.assert_close(p_t.bbox_pred.bias, p_tv.bbox_pred.bias[box_rows])
+    torch.testing.assert_close(t.backbone.fpn.layer_blocks[0].state_dict()["0.weight"],
+                               tv.backbone.fpn.layer_blocks[0].state_dict()["0.weight"])
+    assert not any(p.requires_grad for p in t.parameters()) and not t.training
+    with pytest.raises(ValueError, match="category id"):
+        build_teacher("resnet50_fpn", 4, str(tmp_path / "tv.pth"), coco_category_ids=[1, 3, 7])
