@@ -152,10 +152,15 @@ def build_loaders(train_set: Dataset, val_set: Dataset, *, batch_size: int, rank
     """
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    # Exact resume: the training workers are started anew every epoch (not persistent), so their augmentation
+    # RNG is seeded from the process RNG at the start of the epoch, which --resume restores; persistent workers
+    # would carry their streams over from earlier epochs. The evaluation loader draws its worker seeds from its
+    # own generator, never from the process RNG (it runs no random transform).
+    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                       pin_memory=pin_memory, persistent_workers=False)
     val = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
-                     sampler=ShardSampler(len(val_set), rank, world_size), drop_last=False, **common)
+                     sampler=ShardSampler(len(val_set), rank, world_size), drop_last=False, num_workers=workers,
+                     pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator())
     if len(train) == 0:
         raise ValueError(f"train.batch_size: the training set has {len(train_set)} samples, fewer than one global "
                          f"batch of {batch_size * world_size}")

@@ -45,10 +45,31 @@ _LOGIT_METHODS = ("kd", "dkd", "nkd", "wkd_l", "wkd_lf")
 _FEATURE_METHODS = ("fitnet", "wkd_f", "wkd_lf")
 
 
+_SECTION_KEYS = {
+    "kd": {"temperature", "weight"},
+    "dkd": {"alpha", "beta", "temperature", "warmup_epochs"},
+    "nkd": {"temperature", "gamma", "weight"},
+    "fitnet": {"weight", "layer", "projector"},
+    "wkd_l": {"cost", "kappa", "temperature", "weight", "decay_start", "reg", "num_iters"},
+    "wkd_f": {"weight", "mean_cov_ratio", "grid", "projector", "layer", "decay_start", "covariance", "eps"},
+}
+_DISTILL_KEYS = {"method", "ce_weight", "ban", *_SECTION_KEYS}
+
+
+def _unknown(keys, known, where: str) -> None:
+    import difflib
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
+            raise ValueError(f"unknown key `{where}.{key}`{hint} (known: {', '.join(sorted(known))})")
+
+
 def _section(cfg: dict, name: str) -> dict:
     sec = cfg.get(name)
     if not isinstance(sec, dict):
         raise ValueError(f"distill.{name}: the method needs a `distill.{name}` mapping in the config, got {sec!r}")
+    _unknown(sec, _SECTION_KEYS[name], f"distill.{name}")  # a misspelt `decay_start` must not pass silently
     return sec
 
 
@@ -120,6 +141,7 @@ class Distiller(nn.Module):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], distill_cfg: dict, total_epochs: int):
         super().__init__()
         method = distill_cfg.get("method")
+        _unknown(distill_cfg, _DISTILL_KEYS, "distill")
         if method not in METHODS:
             raise ValueError(f"distill.method must be one of {METHODS}, got {method!r}")
         if method in TEACHER_METHODS and teacher is None:

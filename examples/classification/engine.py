@@ -110,6 +110,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            lr = optimizer.param_groups[0]["lr"]  # the lr of this step (scheduler.step() sets the next one)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -124,7 +125,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
                                              f"{epoch}); terms: "
                                              + ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vals[1:].tolist())))
                 scalars = {"loss": vals[0].item(), **{f"loss_{k}": v for k, v in zip(names, vals[1:].tolist())},
-                           "lr": optimizer.param_groups[0]["lr"], "epoch": epoch}
+                           "lr": lr, "epoch": epoch}
                 if extra_scalars:
                     scalars.update(extra_scalars)
                 logger.log(global_step, scalars, prefix="train/")

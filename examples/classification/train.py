@@ -63,12 +63,45 @@ def _default_out(config: str) -> Path:
     return Path("runs") / rel.with_suffix("")
 
 
+# Every key the trainer reads: a misspelt key (``train.epoch=1``) is an error instead of being silently ignored.
+KNOWN_KEYS = {
+    None: {"data", "model", "train", "distill", "cost_matrix", "expected_top1"},
+    "data": {"dataset", "root", "num_classes", "input_size", "workers", "synthetic_size", "synthetic_val_size",
+             "synthetic_seed", "synthetic_workers"},
+    "model": {"student", "teacher", "teacher_checkpoint", "student_checkpoint", "student_init",
+              "allow_random_teacher"},
+    "train": {"device", "epochs", "batch_size", "base_batch", "lr", "optimizer", "momentum", "nesterov", "betas",
+              "weight_decay", "scheduler", "milestones", "gamma", "min_lr_ratio", "warmup_epochs", "amp",
+              "channels_last", "compile", "sync_bn", "find_unused_parameters", "seed", "log_every", "eval_every",
+              "eval_batch_size", "steps_per_epoch", "stop_after_epochs", "debug_exit_at_step", "progress",
+              "tensorboard"},
+    "cost_matrix": {"source", "layer"},
+}
+
+
+def check_known_keys(cfg: dict, where: str = "config") -> None:
+    """Raise ValueError naming any key of the config (top level, ``data``, ``model``, ``train``, ``cost_matrix``)
+    that the trainer does not read, with the closest known key."""
+    import difflib
+    for sec, known in KNOWN_KEYS.items():
+        node = cfg if sec is None else cfg.get(sec)
+        if not isinstance(node, dict):
+            continue
+        for key in node:
+            if key not in known:
+                name = key if sec is None else f"{sec}.{key}"
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"; did you mean `{close[0] if sec is None else f'{sec}.{close[0]}'}`?" if close else ""
+                raise ValueError(f"{where}: unknown key `{name}`{hint} (known: {', '.join(sorted(known))})")
+
+
 def resolve_config(args: argparse.Namespace) -> dict:
     """Load the config, apply ``--synthetic`` / ``--data`` / ``--device`` and check the keys the trainer needs."""
     cfg = load_config(args.config, args.overrides)
     for sec in ("data", "model", "train", "distill"):
         if not isinstance(cfg.get(sec), dict):
             raise ValueError(f"{args.config}: the config needs a `{sec}` mapping")
+    check_known_keys(cfg, args.config)
     if args.synthetic:
         cfg["data"]["dataset"] = "synthetic"
     if args.data:
@@ -126,18 +159,11 @@ def init_from_pretrained(model: nn.Module, path: str, what: str) -> List[str]:
     """Initialise ``model.net`` from a pretrained state dict of the same architecture with a different classifier
     (e.g. ImageNet weights for CIFAR-100 fine-tuning): every key is loaded except the classifier's, which keeps
     its fresh initialisation. Returns the skipped keys; any other mismatch is an error naming ``what``."""
-    import warnings
-    from .models.registry import extract_state_dict
+    from .models.registry import _read_file, extract_state_dict
     p = Path(_resolve_path(path))
     if not p.is_file():
         raise FileNotFoundError(f"{what}: weights file {p} does not exist")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-    sd = extract_state_dict(obj, str(p))
+    sd = extract_state_dict(_read_file(str(p)), str(p))  # the zoo's reader: .pth / .safetensors, trusted pickles
     own = model.net.state_dict()
     head = {name for name, mod in model.net.named_modules() if mod is model.classifier}
     head_keys = {f"{h}.{k}" if h else k for h in head for k in ("weight", "bias")}

@@ -39,6 +39,20 @@ def random_cost(path: Path, k: int = NUM_CLASSES, seed: int = 0) -> Path:
     return path
 
 
+def fake_imagenet(root: Path, classes: int = 3, per_class: int = 6) -> Path:
+    """A tiny ImageNet folder tree (``root/{train,val}/<class>/*.JPEG``, random 40x48 images)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(per_class if split == "train" else 2):
+                px = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(px).save(d / f"img_{i}.JPEG", format="JPEG")
+    return root
+
+
 def tiny_config(tmp: Path, method: str, *, name: str = "cfg.yaml", epochs: int = 2, steps: int = 2,
                 batch: int = 8, extra: Optional[dict] = None) -> Path:
     """A resnet8x4 <- resnet8x4 CIFAR config (10 classes, 32x32, synthetic data) written to ``tmp/name``."""

@@ -102,3 +102,82 @@ def test_cross_architecture_wkd_f_adapts_spatial_size(tmp_path):
     sum(terms.values()).backward()
     assert torch.isfinite(terms["wkd_f"])
     assert all(p.grad is not None for p in distiller.losses["wkd_f"].parameters())
+
+
+# The recipes of issue 6 (Lv et al., NeurIPS 2024), written out independently of the YAML files: a config that
+# drifts from the paper fails here, not after a 100-epoch run.
+_IMAGENET_TRAIN = {"epochs": 100, "batch_size": 256, "base_batch": 256, "optimizer": "sgd", "momentum": 0.9,
+                   "nesterov": True, "lr": 0.1, "milestones": [30, 60, 90], "gamma": 0.1, "weight_decay": 1e-4,
+                   "warmup_epochs": 0}
+_CIFAR_TRAIN = {"epochs": 240, "batch_size": 64, "base_batch": 64, "optimizer": "sgd", "momentum": 0.9, "lr": 0.05,
+                "milestones": [150, 180, 210], "gamma": 0.1, "weight_decay": 5e-4, "warmup_epochs": 0}
+_RECIPES = {  # config -> (train overrides, student, teacher, wkd_l settings, wkd_f settings)
+    "imagenet/r34_r18/wkd_l.yaml": (_IMAGENET_TRAIN, "resnet18", "resnet34",
+                                    dict(temperature=2, weight=30, kappa=1, decay_start=0), None),
+    "imagenet/r34_r18/wkd_f.yaml": (_IMAGENET_TRAIN, "resnet18", "resnet34", None,
+                                    dict(weight=0.02, mean_cov_ratio=2, grid=4, projector="bottleneck",
+                                         layer="last")),
+    "imagenet/r34_r18/wkd_lf.yaml": (_IMAGENET_TRAIN, "resnet18", "resnet34",
+                                     dict(temperature=2, weight=10, kappa=1, decay_start=0),
+                                     dict(weight=1.0, mean_cov_ratio=2, grid=4, projector="bottleneck",
+                                          layer="last")),
+    "imagenet/r50_mv1/wkd_l.yaml": (_IMAGENET_TRAIN, "mobilenet_v1", "resnet50",
+                                    dict(temperature=2, weight=25, kappa=2), None),
+    "imagenet/r50_mv1/wkd_f.yaml": (_IMAGENET_TRAIN, "mobilenet_v1", "resnet50", None,
+                                    dict(weight=0.005, mean_cov_ratio=2, decay_start=30, layer="last")),
+    "imagenet/r50_mv1/wkd_lf.yaml": (_IMAGENET_TRAIN, "mobilenet_v1", "resnet50",
+                                     dict(temperature=2, weight=25, kappa=2), dict(weight=0.005, mean_cov_ratio=2)),
+    "cifar100/r32x4_r8x4/wkd_l.yaml": (_CIFAR_TRAIN, "resnet8x4", "resnet32x4",
+                                       dict(temperature=8, weight=600, kappa=1, decay_start=150), None),
+    "cifar100/r32x4_r8x4/wkd_f.yaml": (_CIFAR_TRAIN, "resnet8x4", "resnet32x4", None,
+                                       dict(weight=0.08, mean_cov_ratio=4, grid=1, projector="conv1x1")),
+    "cifar100/r32x4_r8x4/wkd_lf.yaml": (_CIFAR_TRAIN, "resnet8x4", "resnet32x4",
+                                        dict(temperature=8, weight=200, kappa=1),
+                                        dict(weight=0.08, mean_cov_ratio=8, grid=1, projector="conv1x1")),
+    "cifar100/wrn40_2_snv1/wkd_l.yaml": (dict(_CIFAR_TRAIN, lr=0.01), "shufflenet_v1", "wrn_40_2",
+                                         dict(temperature=6, weight=200, kappa=1), None),
+    "cifar100/wrn40_2_snv1/wkd_f.yaml": (dict(_CIFAR_TRAIN, lr=0.01), "shufflenet_v1", "wrn_40_2", None,
+                                         dict(weight=0.3, mean_cov_ratio=3, grid=4)),
+    "cifar100/wrn40_2_snv1/wkd_lf.yaml": (dict(_CIFAR_TRAIN, lr=0.01), "shufflenet_v1", "wrn_40_2",
+                                          dict(temperature=4, weight=60, kappa=1),
+                                          dict(weight=0.5, mean_cov_ratio=3, grid=4)),
+}
+
+
+@pytest.mark.parametrize("rel", sorted(_RECIPES))
+def test_wkd_configs_follow_the_paper_recipe(rel):
+    cfg = load_config(CONFIGS / rel)
+    train_keys, student, teacher, wkd_l, wkd_f = _RECIPES[rel]
+    for key, value in train_keys.items():
+        assert cfg["train"][key] == value, (rel, key, cfg["train"].get(key), value)
+    assert (cfg["model"]["student"], cfg["model"]["teacher"]) == (student, teacher)
+    d = cfg["distill"]
+    assert d["method"] == {(True, False): "wkd_l", (False, True): "wkd_f", (True, True): "wkd_lf"}[
+        (wkd_l is not None, wkd_f is not None)]
+    assert d.get("ce_weight", 1.0) == 1.0
+    if wkd_l is not None:
+        assert d["wkd_l"]["reg"] == 0.05 and d["wkd_l"]["num_iters"] == 10
+        for key, value in wkd_l.items():
+            assert d["wkd_l"][key] == value, (rel, "wkd_l", key)
+        # the released matrices are distances (1 - CKA): the trainer sharpens them, a config must not point to
+        # an already sharpened cost
+        assert d["wkd_l"]["cost"].endswith("_cka_distance.pth")
+    if wkd_f is not None:
+        assert d["wkd_f"].get("covariance", "diag") == "diag"
+        for key, value in wkd_f.items():
+            assert d["wkd_f"][key] == value, (rel, "wkd_f", key)
+
+
+def test_wkd_l_sharpens_the_released_distance_exactly_once(tmp_path):
+    """The cost WKDLogitLoss holds is relu(1 - exp(-kappa d)) + 1e-8 of the file's d: not d, not sharpened twice."""
+    from examples.classification.distill import Distiller
+    from examples.classification.models import build_model
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(10, 10, generator=g)
+    d = ((d + d.T) / 2).fill_diagonal_(0)
+    torch.save(d, tmp_path / "d.pth")
+    for kappa in (1.0, 2.0):
+        dist = Distiller(build_model("resnet8x4", 10), build_model("resnet8x4", 10),
+                         {"method": "wkd_l", "wkd_l": {"cost": str(tmp_path / "d.pth"), "kappa": kappa,
+                                                       "temperature": 2, "weight": 1.0}}, total_epochs=2)
+        assert torch.allclose(dist.losses["wkd_l"].cost, 1 - torch.exp(-kappa * d) + 1e-8, atol=1e-7)

@@ -8,26 +8,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cls_helpers import tiny_config, train_losses  # noqa: E402
+from cls_helpers import fake_imagenet, tiny_config, train_losses  # noqa: E402
 
 from examples.classification import train  # noqa: E402
 from examples.classification.data import SyntheticDataset, build_datasets, build_loaders  # noqa: E402
 
 
-def _fake_imagenet(root, classes=3, per_class=6):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True)
-            for i in range(per_class if split == "train" else 2):
-                px = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(px).save(d / f"img_{i}.JPEG", format="JPEG")
-
-
 def test_imagenet_folder_layout_trains(tmp_path):
-    _fake_imagenet(tmp_path / "imagenet")
+    fake_imagenet(tmp_path / "imagenet")
     cfg = tiny_config(tmp_path, "kd", extra={"data": {"dataset": "imagenet", "num_classes": 3, "input_size": 32,
                                                       "workers": 0}})
     train_set, val_set = build_datasets({"dataset": "imagenet", "root": str(tmp_path / "imagenet"),
@@ -45,7 +33,7 @@ def test_imagenet_folder_layout_trains(tmp_path):
 
 
 def test_real_data_needs_a_teacher_checkpoint(tmp_path):
-    _fake_imagenet(tmp_path / "imagenet")
+    fake_imagenet(tmp_path / "imagenet")
     cfg = tiny_config(tmp_path, "kd", extra={"data": {"dataset": "imagenet", "num_classes": 3, "input_size": 32}})
     with pytest.raises(ValueError, match="model.teacher_checkpoint"):
         train.main(["--config", str(cfg), "--data", str(tmp_path / "imagenet"), "--out", str(tmp_path / "o")])

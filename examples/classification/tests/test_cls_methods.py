@@ -74,7 +74,8 @@ def test_wkd_weights_follow_the_cosine_schedule(tmp_path):
     assert w_l[1] == w_l[2] == 20.0 and w_l[3] == w_l[4] == pytest.approx(10.0) and w_l[5] == w_l[6] == 0.0
     assert train_losses(out, "train/w_wkd_f")[3] == pytest.approx(0.005)
     lrs = train_losses(out, "train/lr")  # linear scaling 0.05 * 8 / 64, x0.1 from the milestone epoch 1
-    assert lrs[1] == pytest.approx(0.05 * 8 / 64) and lrs[3] == pytest.approx(0.05 * 8 / 64 * 0.1)
+    # the lr logged at a step is the one that step used: step 2 (last of epoch 0) still at the full lr
+    assert lrs[1] == lrs[2] == pytest.approx(0.05 * 8 / 64) and lrs[3] == pytest.approx(0.05 * 8 / 64 * 0.1)
 
 
 def test_ban_self_kd(tmp_path):
@@ -112,6 +113,13 @@ def test_errors_name_the_key(tmp_path):
     cfg = tiny_config(tmp_path, "ce", name="c3.yaml")
     with pytest.raises(ValueError, match="train.optimizer"):
         train.main(["--config", str(cfg), "--out", str(tmp_path / "o3"), "train.optimizer=lamb"])
+    # misspelt keys are errors, not silently ignored (train.epoch=1 would otherwise run the full recipe)
+    with pytest.raises(ValueError, match=r"unknown key `train.epoch`; did you mean `train.epochs`"):
+        train.main(["--config", str(cfg), "--out", str(tmp_path / "o4"), "train.epoch=1"])
+    cfg = tiny_config(tmp_path, "wkd_l", name="c5.yaml")
+    with pytest.raises(ValueError, match=r"unknown key `distill.wkd_l.decay_strat`"):
+        train.main(["--config", str(cfg), "--out", str(tmp_path / "o5"), "distill.wkd_l.decay_strat=3"])
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
 
 
 def test_student_init_from_pretrained_with_another_head(tmp_path):

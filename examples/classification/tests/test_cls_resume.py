@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cls_helpers import run_train, tiny_config, train_losses  # noqa: E402
+from cls_helpers import fake_imagenet, run_train, tiny_config, train_losses  # noqa: E402
 
 from examples.common.checkpoint import load_checkpoint  # noqa: E402
 from examples.classification import train  # noqa: E402
@@ -50,3 +50,21 @@ def test_stop_after_epochs_then_resume(tmp_path):
     train.main(["--config", str(cfg), "--out", str(cut), "--resume"])
     assert train_losses(full) == train_losses(cut)
     assert (cut / "summary.json").exists()
+
+
+def test_kill_and_resume_with_augmenting_workers(tmp_path):
+    """Real images, random augmentation (RandomResizedCrop + flip) in a DataLoader worker process: the worker RNG of
+    every epoch must come from the restored process RNG, so the resumed run still reproduces the losses."""
+    data = fake_imagenet(tmp_path / "imagenet")  # 18 training images, 3 classes: 2 steps of 8 per epoch
+    cfg = tiny_config(tmp_path, "ce", epochs=2, steps=2,
+                      extra={"data": {"dataset": "imagenet", "num_classes": 3, "input_size": 32, "workers": 1}})
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_train(["--config", str(cfg), "--data", str(data), "--out", str(full)])
+    killed = run_train(["--config", str(cfg), "--data", str(data), "--out", str(cut), "train.debug_exit_at_step=3"],
+                       check=False)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    run_train(["--config", str(cfg), "--data", str(data), "--out", str(cut), "--resume"])
+    assert train_losses(full) == train_losses(cut)
+    a, b = load_checkpoint(full / "last.pth"), load_checkpoint(cut / "last.pth")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
