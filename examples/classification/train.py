@@ -261,7 +261,15 @@ def _run(args: argparse.Namespace, cfg: dict, info) -> dict:
     epochs = int(tcfg["epochs"])
 
     # ---------------------------------------------------------------- model, losses, optimizer
+    # torchvision:... weights are downloaded on first use: rank 0 fetches them into the cache, the others wait and
+    # read the cached file (instead of every process downloading the same file at once)
+    downloads = info.distributed and not synthetic and any(
+        str(cfg["model"].get(k) or "").startswith("torchvision:") for k in ("teacher_checkpoint", "student_checkpoint"))
+    if downloads and not info.is_main:
+        barrier()
     distiller = build_distiller(cfg, synthetic=synthetic, log=log)
+    if downloads and info.is_main:
+        barrier()
     if tcfg.get("sync_bn") and info.distributed:
         convert_sync_batchnorm(distiller, device)
     channels_last = bool(tcfg.get("channels_last", True)) and device.type == "cuda"

@@ -10,8 +10,10 @@ and autocast.
 Feature keys (``model.feature_channels`` gives their channels without running the model):
     "stage1" ... "stageK"  [N, C_k, H_k, W_k]  output of each stage, shallow to deep;
     "last"                 the same tensor as "stageK": the deepest map as the classifier head reads it (for
-                           networks with a final per-position norm before pooling -- WRN's BN-ReLU, Swin's
-                           LayerNorm, ViT's LayerNorm -- that norm is included);
+                           networks with a final per-position norm before pooling -- Swin's LayerNorm, ViT's
+                           LayerNorm -- that norm is included; WRNs are the exception: their last stage is the
+                           raw block3 output before the final BN-ReLU, as in CRD / mdistiller, whose feature
+                           the published WKD-F and FitNet code distil);
     "pooled"               [N, D] the vector fed to ``model.classifier`` (before any head dropout).
 ``logits == model.classifier(features["pooled"])`` except while a head dropout is active (torchvision MobileNetV2
 in train mode).

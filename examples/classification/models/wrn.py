@@ -3,9 +3,10 @@
 WRN-d-k: 3x3 stem conv with 16 channels, three ``NetworkBlock`` stages of (d - 4) / 6 pre-activation blocks with
 16k, 32k, 64k channels (strides 1, 2, 2), final BN-ReLU, global average pooling, ``fc``. Module names match CRD's.
 
-Stage features: block1 [N, 16k, 32, 32], block2 [N, 32k, 16, 16], and for stage3 the *activated* block3 output
-relu(bn1(block3)) [N, 64k, 8, 8] (the map that is pooled; the raw block3 output of a pre-activation net has no
-BN/ReLU yet), so ``pooled == stage3.mean((2, 3))``.
+Stage features: the raw outputs of block1 [N, 16k, 32, 32], block2 [N, 32k, 16, 16] and block3 [N, 64k, 8, 8],
+as CRD / mdistiller return them in ``feats`` (the published WKD-F and FitNet code distil these maps). The head
+pools the activated map relu(bn1(block3)), so for WRNs ``pooled == relu(bn1(stage3)).mean((2, 3))``, not the plain
+mean of stage3.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ class WideResNet(StagedNet):
         x = self.conv1(x)
         f1 = self.block1(x)
         f2 = self.block2(f1)
-        f3 = self.relu(self.bn1(self.block3(f2)))
-        return [f1, f2, f3], F.adaptive_avg_pool2d(f3, 1).flatten(1)
+        f3 = self.block3(f2)  # raw, as CRD's / mdistiller's feats[-1]; the final BN-ReLU belongs to the head
+        return [f1, f2, f3], F.adaptive_avg_pool2d(self.relu(self.bn1(f3)), 1).flatten(1)
 
 
 # name -> (depth, widen_factor), as in CRD's models/wrn.py
