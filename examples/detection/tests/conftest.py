@@ -20,9 +20,13 @@ TINY_RCNN = {"rpn_pre_nms_top_n_train": 150, "rpn_post_nms_top_n_train": 60, "rp
              "box_detections_per_img": 20}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _threads():
-    torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    """At most 2 intra-op threads for these tests (restored afterwards for other test directories)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
