@@ -198,7 +198,7 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
                             collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda")
 
     def run_eval(epoch: int) -> Optional[dict]:
-        prog = Progress(len(val_ds), f"eval epoch {epoch}", enabled=info.is_main)
+        prog = Progress(len(val_idx), f"eval epoch {epoch}", enabled=info.is_main)  # this rank's share
         metrics = evaluate(unwrap_model(ddp_model), val_loader, val_ds, device, amp, prog)
         prog.close()
         if info.is_main:
