@@ -307,3 +307,32 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(coco_root, tmp_path):
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(res["coco_bbox"]) == set(STAT_NAMES)
+
+
+@pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v2_fpn"])
+def test_imagenet_backbone_checkpoint_loads_freezes_and_uses_frozen_bn(arch, tmp_path):
+    """``student.backbone_checkpoint`` (a torchvision classification state dict) is loaded into the FPN body,
+    BatchNorm becomes FrozenBatchNorm2d and only the last 3 of 5 stages train (torchvision reference layout)."""
+    from torchvision.models import mobilenet_v2, resnet18
+    from torchvision.ops import FrozenBatchNorm2d
+    from examples.detection.models import build_backbone
+    torch.manual_seed(1)
+    net = resnet18(weights=None) if arch == "resnet18_fpn" else mobilenet_v2(weights=None)
+    torch.save(net.state_dict(), tmp_path / "imagenet.pth")
+    bb = build_backbone(arch, str(tmp_path / "imagenet.pth"), trainable_backbone_layers=3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
+    src = net.state_dict()
+    if arch == "resnet18_fpn":
+        torch.testing.assert_close(bb.body.state_dict()["layer3.0.conv1.weight"], src["layer3.0.conv1.weight"])
+        frozen = {n.split(".")[0] for n, p in bb.body.named_parameters() if not p.requires_grad}
+        trained = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}
+        assert frozen == {"conv1", "layer1"} and trained == {"layer2", "layer3", "layer4"}
+    else:
+        torch.testing.assert_close(bb.body.state_dict()["13.conv.0.0.weight"], src["features.13.conv.0.0.weight"])
+        frozen = {int(n.split(".")[0]) for n, p in bb.body.named_parameters() if not p.requires_grad}
+        trained = {int(n.split(".")[0]) for n, p in bb.body.named_parameters() if p.requires_grad}
+        assert frozen == {0, 1, 2, 3} and trained == set(range(4, 18))  # stages at strides 2 and 4 frozen
+    assert all(p.requires_grad for p in bb.fpn.parameters())
+    with pytest.raises(ValueError, match="does not fit"):
+        build_backbone("resnet50_fpn", str(tmp_path / "imagenet.pth"))
