@@ -42,7 +42,7 @@ NUM_CLASSES = 81
 
 def _mode_cfg(mode: str, covariance: str, grid: int) -> dict:
     wkd_l = {"loss_weight": 1.0, "cost": None, "kappa": 1.0, "temperature": 2.0, "weight": 10.0}
-    wkd_f = {"loss_weight": 0.05, "covariance": covariance, "grid": grid, "projector": "conv1x1"}
+    wkd_f = {"loss_weight": 0.05, "covariance": covariance, "grid": grid, "projector": "conv1x1_linear"}
     return {"student": {}, "kd": {"kd": {}}, "dkd": {"dkd": {"beta": 0.25, "temperature": 1.0}},
             "wkd_l": {"wkd_l": wkd_l}, "wkd_f": {"wkd_f": wkd_f}, "wkd_lf": {"wkd_l": wkd_l, "wkd_f": wkd_f}}[mode]
 

@@ -32,7 +32,7 @@ from torchvision.ops import box_iou
 from examples.common.config import load_config
 from wkd_kernels.interrelations import cka_distance
 
-from .builders import build_datasets, build_teacher_from_cfg
+from .builders import build_datasets, build_teacher_from_cfg, check_config_keys
 from .data import collate
 
 __all__ = ["collect_class_features", "build_cost", "main"]
@@ -107,7 +107,7 @@ def collect_class_features(teacher, dataset, feature: str = "box_head", max_per_
 
 
 def build_cost(per_class, counts, class_names, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """(distance [C, C], n) from per-class sample lists; errors name the classes with fewer than 2 samples."""
+    """(distance [C, C], n) from per-class sample lists; errors name the classes with fewer than 3 samples."""
     # n = 2 is degenerate: every centred 2 x 2 Gram matrix is a multiple of [[1, -1], [-1, 1]], so CKA = 1
     few = [f"{i}:{class_names[i]} ({len(s)})" for i, s in enumerate(per_class) if len(s) < 3]
     if few:
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     if a.max_per_class < 3:
         raise SystemExit(f"build_cost_matrix: --max-per-class must be >= 3, got {a.max_per_class}")
     cfg = load_config(a.config, a.overrides)
+    check_config_keys(cfg)
     if a.data:
         cfg.setdefault("data", {})["root"] = a.data
     if cfg.get("teacher") is None:

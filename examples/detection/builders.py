@@ -16,7 +16,35 @@ from .data import CocoDetectionDataset, coco_paths
 from .distill import DetectionDistiller, DistillLosses
 from .models import build_detector, build_teacher
 
-__all__ = ["section", "build_datasets", "build_student", "build_teacher_from_cfg", "build_distiller"]
+__all__ = ["section", "check_config_keys", "CONFIG_KEYS", "build_datasets", "build_student",
+           "build_teacher_from_cfg", "build_distiller"]
+
+# every key the detection scripts read (``distill`` sub-keys are checked by ``DistillLosses``,
+# ``model.rcnn_kwargs`` by ``models.build_detector``); a misspelt key is an error, not a silent default
+CONFIG_KEYS: dict[str, Optional[frozenset]] = {
+    "seed": None, "device": None, "amp": None, "tensorboard": None, "out_dir": None, "expected_map": None,
+    "distill": None,
+    "data": frozenset({"root", "train_split", "val_split", "workers", "flip_prob", "max_train_images",
+                       "max_val_images"}),
+    "model": frozenset({"train_min_size", "test_min_size", "max_size", "rcnn_kwargs", "box_head_dim"}),
+    "student": frozenset({"arch", "backbone_checkpoint", "trainable_backbone_layers"}),
+    "teacher": frozenset({"arch", "checkpoint", "box_head_dim", "allow_random_init"}),
+    "train": frozenset({"epochs", "batch_size", "base_lr", "base_batch", "momentum", "weight_decay", "warmup_iters",
+                        "warmup_factor", "lr_steps", "lr_gamma", "clip_grad_norm", "eval_batch_size",
+                        "eval_every_epochs", "log_interval", "checkpoint_interval", "stop_after_iters",
+                        "find_unused_parameters"}),
+}
+
+
+def check_config_keys(cfg: Mapping[str, Any]) -> None:
+    """Raise ValueError naming every unknown top-level or section key (e.g. ``train.lr`` for ``train.base_lr``)."""
+    bad = [k for k in cfg if k not in CONFIG_KEYS]
+    for name, allowed in CONFIG_KEYS.items():
+        if allowed is not None and isinstance(cfg.get(name), Mapping):
+            bad += [f"{name}.{k}" for k in cfg[name] if k not in allowed]
+    if bad:
+        raise ValueError(f"unknown config keys {sorted(bad)}; known: " + ", ".join(
+            k if v is None else f"{k}.{{{', '.join(sorted(v))}}}" for k, v in CONFIG_KEYS.items()))
 
 
 def section(cfg: Mapping[str, Any], name: str, required: tuple[str, ...] = ()) -> dict:

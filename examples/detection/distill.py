@@ -16,8 +16,8 @@
 
 R = the RoIs sampled by the student's box sampler (``box_batch_size_per_image`` per image, GT boxes included),
 K+1 classes with background at index 0; the distillation target is each RoI's assigned label (0 = background).
-The distillation losses (``DistillLosses``) then compare logits_s / logits_t (KD, DKD, WKD-L) and roi_s / roi_t
-(WKD-F). In eval mode the wrapper returns ``student(images)`` (torchvision detections).
+The distillation losses (``DistillLosses``) then compare logits_s / logits_t (KD, DKD, WKD-L) and
+projector(roi_s) / roi_t (WKD-F; the projector is linear by default, see ``WKD_F_PROJECTORS``). In eval mode the wrapper returns ``student(images)`` (torchvision detections).
 """
 from __future__ import annotations
 
@@ -31,9 +31,15 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from wkd_kernels.interrelations import sharpen
 from wkd_kernels.losses import DKDLoss, KDLoss, WKDFeatureLoss, WKDLogitLoss
 
-__all__ = ["DistillLosses", "DetectionDistiller", "StudentStepOutput", "load_cost", "METHODS"]
+__all__ = ["DistillLosses", "DetectionDistiller", "StudentStepOutput", "load_cost", "METHODS", "WKD_F_PROJECTORS"]
 
 METHODS = ("kd", "dkd", "wkd_l", "wkd_f")
+
+# WKD-F projectors: "conv1x1_linear" (default) = 1x1 conv + BatchNorm, no ReLU; the others are wkd_kernels' own
+# ("conv1x1" / "bottleneck" end in a ReLU, the published ConvReg design for post-ReLU classification features).
+# FPN outputs, hence the teacher's RoIAlign features, are signed (no activation after the FPN's 3x3 conv), and a
+# non-negative student side could never match their negative entries: OUR CHOICE is the linear projector.
+WKD_F_PROJECTORS = ("conv1x1_linear", "conv1x1", "bottleneck", None)
 
 _KEYS = {
     "kd": {"loss_weight", "temperature"},
@@ -121,12 +127,18 @@ class DistillLosses(nn.Module):
                                       log_domain=bool(c.get("log_domain", False)))
         if "wkd_f" in self.loss_weights:
             c = cfg["wkd_f"]
+            proj = c.get("projector", "conv1x1_linear")
+            if proj not in WKD_F_PROJECTORS:
+                raise ValueError(f"`distill.wkd_f.projector` must be one of {list(WKD_F_PROJECTORS)}, got {proj!r}")
             self.wkd_f = WKDFeatureLoss(roi_channels, roi_channels, covariance=c.get("covariance", "diag"),
                                         grid=c.get("grid", 1), mean_cov_ratio=c.get("mean_cov_ratio", 2.0),
-                                        eps=c.get("eps", 1e-5), projector=c.get("projector", "conv1x1"),
+                                        eps=c.get("eps", 1e-5), projector=None if proj == "conv1x1_linear" else proj,
                                         hidden_channels=c.get("hidden_channels", 256),
                                         method=c.get("method", "newton_schulz"), num_iters=c.get("num_iters", 20),
                                         path=c.get("path", "auto"))
+            if proj == "conv1x1_linear":  # WKDFeatureLoss applies self.projector before the Gaussians
+                self.wkd_f.projector = nn.Sequential(nn.Conv2d(roi_channels, roi_channels, kernel_size=1),
+                                                     nn.BatchNorm2d(roi_channels))
 
     @property
     def enabled(self) -> tuple[str, ...]:

@@ -141,8 +141,8 @@ def build_detector(arch: str, num_classes: int, min_size: Sequence[int] | int = 
 
     Args:
         num_classes: classes of the box predictor including background (index 0), e.g. 81 for COCO.
-        min_size: shorter side(s) of the internal resize; a tuple picks one at random per batch in training
-            (multi-scale), evaluation uses the last entry.
+        min_size: shorter side(s) of the internal resize; in training torchvision's transform picks one of them at
+            random for each image (multi-scale), evaluation uses the last entry.
         max_size: cap on the longer side.
         rcnn_kwargs: further ``FasterRCNN`` keyword arguments (RPN/box sampler sizes, thresholds, ...).
         box_head_dim: width of the two-layer MLP box head (torchvision: 1024; smaller only for tests).

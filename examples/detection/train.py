@@ -10,8 +10,9 @@ lr_steps (1x: 12 epochs, steps 8 and 11). Multi-scale training (``model.train_mi
 picked by torchvision's transform), test size ``model.test_min_size``.
 
 Outputs in --out: ``last.pth`` (everything needed to resume: student, distill modules, optimizer, scheduler, grad
-scaler, epoch, batch, iteration, RNG of every rank), written every ``train.checkpoint_interval`` iterations and at
-each epoch end; ``final.pth`` (student weights); ``metrics.csv`` + ``tb/`` (TensorBoard); ``results.json`` (COCO
+scaler, epoch, batch, iteration, RNG of every rank, and whether the epoch-end evaluation is still due: a resumed
+run runs it first), written every ``train.checkpoint_interval`` iterations and at each epoch end (before its
+evaluation); ``final.pth`` (student weights); ``metrics.csv`` + ``tb/`` (TensorBoard); ``results.json`` (COCO
 numbers of the last evaluation and the paper's ``expected_map``); ``config.yaml`` (the resolved config).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from examples.common.distributed import (DistInfo, all_reduce_mean, barrier, cle
 from examples.common.metrics_log import MetricLogger
 from examples.common.progress import Progress
 
-from .builders import build_datasets, build_distiller, optional_int, section
+from .builders import build_datasets, build_distiller, check_config_keys, optional_int, section
 from .coco_eval import evaluate
 from .data import GroupedEpochBatchSampler, collate, make_synthetic_coco
 
@@ -115,6 +116,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False) -> dic
 
 
 def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> dict[str, Any]:
+    check_config_keys(cfg)
     tr = section(cfg, "train")
     seed = int(cfg.get("seed", 0))
     amp = cfg.get("amp", "none")
@@ -182,14 +184,19 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
               f"{len(train_ds)} train / {len(val_ds)} val images, {iters_per_epoch} it/epoch x {epochs} epochs, "
               f"global batch {global_batch}, lr {lr:g}, {n_params / 1e6:.1f} M trainable parameters", flush=True)
 
-    def save(epoch: int, batch: int) -> None:
+    def eval_due(epoch_done: int) -> bool:
+        return epoch_done % eval_every == 0 or epoch_done == epochs
+
+    def save(epoch: int, batch: int, eval_pending: bool = False) -> None:
+        # eval_pending: written at an epoch end before that epoch's evaluation; a run resumed from this
+        # checkpoint evaluates first (same RNG state as the uninterrupted run, which evaluates here too)
         rng = _gather_rng(info)
         if info.is_main:
             save_checkpoint(out_dir / "last.pth", {
                 "model": model.student.state_dict(), "distill": model.losses.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "iteration": iteration,
-                "iters_per_epoch": iters_per_epoch, "rng": rng, "config": cfg})
+                "iters_per_epoch": iters_per_epoch, "rng": rng, "config": cfg, "eval_pending": eval_pending})
         barrier()
 
     eval_bs = int(tr.get("eval_batch_size", 2))
@@ -203,16 +210,19 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
         prog.close()
         if info.is_main:
             logger.log(iteration, {f"val/{k}": v for k, v in metrics.items()})
-            print(f"[eval] epoch {epoch}: " + " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()),
-                  flush=True)
+            # COCOeval reports -1 where the ground truth has no object of that size
+            print(f"[eval] epoch {epoch}: " + " ".join(f"{k} {100 * v:.2f}" if v >= 0 else f"{k} n/a"
+                                                       for k, v in metrics.items()), flush=True)
         return metrics
 
     losses_seen: list[float] = []
     metrics = None
     if stop_after is not None and iteration >= stop_after:  # e.g. 0: checkpoint the initial state and stop
-        save(start_epoch, start_batch)
+        save(start_epoch, start_batch, bool(ckpt is not None and ckpt.get("eval_pending")))
         logger.close()
         return {"losses": losses_seen, "metrics": None, "iteration": iteration, "stopped_early": True}
+    if ckpt is not None and ckpt.get("eval_pending") and start_batch == 0:
+        metrics = run_eval(start_epoch)  # the interrupted run stopped before (or during) this evaluation
     model.train()
     for epoch in range(start_epoch, epochs):
         train_ds.set_epoch(epoch)
@@ -220,7 +230,7 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
         loader = _loader(train_ds, sampler, workers, device, seed * 1000 + epoch)
         prog = Progress((iters_per_epoch - start_batch) * global_batch, f"epoch {epoch + 1}/{epochs}",
                         enabled=info.is_main)
-        t_last = time.perf_counter()
+        t_last, it_last = time.perf_counter(), iteration  # sec_per_iter: time / iterations since the last log
         for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
             images, targets = _to_device(images, targets, device)
             model.iteration = iteration
@@ -247,21 +257,21 @@ def _train(cfg: dict[str, Any], out_dir: Path, resume: bool, info: DistInfo) -> 
                 scalars["loss"] = float(all_reduce_mean(loss.detach().float()))
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
                 scalars["epoch"] = epoch + (batch_idx + 1) / iters_per_epoch
-                scalars["sec_per_iter"] = (now - t_last) / (log_interval if iteration != 1 else 1)
-                t_last = now
+                scalars["sec_per_iter"] = (now - t_last) / max(1, iteration - it_last)
+                t_last, it_last = now, iteration
                 logger.log(iteration, scalars, prefix="train/")
             last_batch = batch_idx + 1 == iters_per_epoch
             if ckpt_interval and iteration % ckpt_interval == 0 and not last_batch:
                 save(epoch, batch_idx + 1)
             if stop_after is not None and iteration >= stop_after:
-                save(epoch + 1, 0) if last_batch else save(epoch, batch_idx + 1)
+                save(epoch + 1, 0, eval_due(epoch + 1)) if last_batch else save(epoch, batch_idx + 1)
                 prog.close()
                 logger.close()
                 return {"losses": losses_seen, "metrics": None, "iteration": iteration, "stopped_early": True}
         prog.close()
         start_batch = 0
-        save(epoch + 1, 0)
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        save(epoch + 1, 0, eval_due(epoch + 1))
+        if eval_due(epoch + 1):
             metrics = run_eval(epoch + 1)
     if metrics is None and start_epoch >= epochs:
         metrics = run_eval(epochs)  # resumed a finished run: evaluate again

@@ -9,7 +9,7 @@ import torch
 
 from examples.common.checkpoint import load_checkpoint
 from examples.common.config import load_config
-from examples.detection.builders import build_datasets, build_distiller
+from examples.detection.builders import build_datasets, build_distiller, check_config_keys
 from examples.detection.coco_eval import STAT_NAMES, coco_stats, evaluate
 from examples.detection.data import CocoDetectionDataset, GroupedEpochBatchSampler, collate, coco_paths
 from examples.detection.distill import DistillLosses
@@ -55,6 +55,13 @@ def test_teacher_box_head_runs_on_the_students_sampled_rois(coco_root, teacher_c
     assert out.logits_s.shape == out.logits_t.shape == (R, ds.num_classes)
     assert out.roi_s.shape == out.roi_t.shape == (R, 256, 7, 7)
     assert out.labels.shape == (R,) and int(out.labels.max()) < ds.num_classes
+    # the teacher's FPN RoI features are signed, so the WKD-F projector must be able to output negative values
+    # (the default conv1x1_linear has no final ReLU, unlike the published ConvReg)
+    assert float(out.roi_t.min()) < 0
+    proj = m.losses.wkd_f.projector
+    assert not any(isinstance(mod, torch.nn.ReLU) for mod in proj.modules())
+    with torch.no_grad():
+        assert float(proj(out.roi_s).min()) < 0
     # replay: the teacher's own backbone + RoIAlign + box head on exactly these RoIs gives the same logits
     t = m.teacher
     with torch.no_grad():
@@ -171,6 +178,24 @@ def test_resume_reproduces_the_uninterrupted_run(coco_root, teacher_ckpt, cost_f
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_at_an_epoch_end_runs_the_pending_evaluation(coco_root, tmp_path):
+    """Stopped right after epoch 1's end checkpoint (before its COCO evaluation): the resumed run evaluates
+    epoch 1 first, then trains epoch 2 and evaluates it."""
+    cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
+    cfg["train"].update(epochs=2, eval_every_epochs=1, stop_after_iters=3)  # 3 iterations per epoch
+    first = train(cfg, tmp_path)
+    ck = load_checkpoint(tmp_path / "last.pth")
+    assert first["stopped_early"] and (ck["epoch"], ck["batch"], ck["eval_pending"]) == (1, 0, True)
+    assert "val/mAP" not in _csv_columns(tmp_path)
+    cfg["train"]["stop_after_iters"] = None
+    second = train(cfg, tmp_path, resume=True)
+    assert second["iteration"] == 6 and not second["stopped_early"]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("val/mAP")
+    evaluated = [int(r.split(",")[0]) for r in rows[1:] if r.split(",")[col] != ""]
+    assert evaluated == [3, 6]
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def test_evaluation_of_perfect_detections_is_one(coco_root):
     """Ground truth fed back as detections through ``evaluate``: label -> category id and xyxy -> xywh mapping."""
@@ -232,6 +257,7 @@ def test_shipped_configs_build_and_carry_the_paper_numbers():
     for pair, table in PAPER.items():
         for method in ("baseline", "kd", "dkd", "wkd_l", "wkd_f", "wkd_f_full", "wkd_lf"):
             cfg = load_config(CONFIGS / pair / f"{method}.yaml")
+            check_config_keys(cfg)
             assert cfg["train"]["epochs"] == 12 and cfg["train"]["lr_steps"] == [8, 11]
             assert cfg["model"]["train_min_size"] == [640, 672, 704, 736, 768, 800]
             if method in table:
@@ -246,7 +272,7 @@ def test_shipped_configs_build_and_carry_the_paper_numbers():
         assert load_config(CONFIGS / pair / "wkd_f_full.yaml")["distill"]["wkd_f"]["covariance"] == "full"
 
 
-def test_clear_errors(coco_root, teacher_ckpt):
+def test_clear_errors(coco_root, teacher_ckpt, tmp_path):
     cfg = tiny_cfg("r101_r18/kd.yaml", coco_root)
     with pytest.raises(ValueError, match="teacher.checkpoint"):
         build_distiller(cfg, 4)
@@ -255,10 +281,17 @@ def test_clear_errors(coco_root, teacher_ckpt):
         build_distiller(cfg, 4)
     with pytest.raises(ValueError, match="unknown keys"):
         DistillLosses({"wkd_f": {"covariance": "diag", "grdi": 2}}, 4)
+    with pytest.raises(ValueError, match="distill.wkd_f.projector"):
+        DistillLosses({"wkd_f": {"projector": "conv3x3"}}, 4)
     with pytest.raises(ValueError, match=r"\[4, 4\], expected \[81, 81\]"):
         DistillLosses({"wkd_l": {"cost": torch.rand(4, 4)}}, 81)
     with pytest.raises(ValueError, match="arch"):
         build_detector("resnet34_fpn", 4)
+    cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
+    cfg["train"]["lr"] = 0.01  # misspelt train.base_lr
+    cfg["sed"] = 1
+    with pytest.raises(ValueError, match=r"unknown config keys \['sed', 'train.lr'\]"):
+        train(cfg, tmp_path)
 
 
 def test_torchvision_resnet50_fpn_state_dict_loads_as_teacher_with_class_remap(tmp_path):
