@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from examples.common.config import check_keys
 from wkd_kernels import sharpen
 from wkd_kernels.losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDLogitLoss,
                                 cosine_weight)
@@ -56,20 +57,11 @@ _SECTION_KEYS = {
 _DISTILL_KEYS = {"method", "ce_weight", "ban", *_SECTION_KEYS}
 
 
-def _unknown(keys, known, where: str) -> None:
-    import difflib
-    for key in keys:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean `{where}.{close[0]}`?" if close else ""
-            raise ValueError(f"unknown key `{where}.{key}`{hint} (known: {', '.join(sorted(known))})")
-
-
 def _section(cfg: dict, name: str) -> dict:
     sec = cfg.get(name)
     if not isinstance(sec, dict):
         raise ValueError(f"distill.{name}: the method needs a `distill.{name}` mapping in the config, got {sec!r}")
-    _unknown(sec, _SECTION_KEYS[name], f"distill.{name}")  # a misspelt `decay_start` must not pass silently
+    check_keys(sec, {None: _SECTION_KEYS[name]}, "Distiller", prefix=f"distill.{name}")  # e.g. `decay_strat`
     return sec
 
 
@@ -141,7 +133,7 @@ class Distiller(nn.Module):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], distill_cfg: dict, total_epochs: int):
         super().__init__()
         method = distill_cfg.get("method")
-        _unknown(distill_cfg, _DISTILL_KEYS, "distill")
+        check_keys(distill_cfg, {None: _DISTILL_KEYS}, "Distiller", prefix="distill")
         if method not in METHODS:
             raise ValueError(f"distill.method must be one of {METHODS}, got {method!r}")
         if method in TEACHER_METHODS and teacher is None:

@@ -28,7 +28,7 @@ from torch import nn
 from examples.common.amp import AMP_MODES, make_grad_scaler
 from examples.common.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                         unwrap_model)
-from examples.common.config import load_config
+from examples.common.config import check_keys, load_config
 from examples.common.distributed import barrier, cleanup_distributed, init_distributed, seed_everything
 from examples.common.metrics_log import MetricLogger
 
@@ -79,29 +79,13 @@ KNOWN_KEYS = {
 }
 
 
-def check_known_keys(cfg: dict, where: str = "config") -> None:
-    """Raise ValueError naming any key of the config (top level, ``data``, ``model``, ``train``, ``cost_matrix``)
-    that the trainer does not read, with the closest known key."""
-    import difflib
-    for sec, known in KNOWN_KEYS.items():
-        node = cfg if sec is None else cfg.get(sec)
-        if not isinstance(node, dict):
-            continue
-        for key in node:
-            if key not in known:
-                name = key if sec is None else f"{sec}.{key}"
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = f"; did you mean `{close[0] if sec is None else f'{sec}.{close[0]}'}`?" if close else ""
-                raise ValueError(f"{where}: unknown key `{name}`{hint} (known: {', '.join(sorted(known))})")
-
-
 def resolve_config(args: argparse.Namespace) -> dict:
     """Load the config, apply ``--synthetic`` / ``--data`` / ``--device`` and check the keys the trainer needs."""
     cfg = load_config(args.config, args.overrides)
     for sec in ("data", "model", "train", "distill"):
         if not isinstance(cfg.get(sec), dict):
             raise ValueError(f"{args.config}: the config needs a `{sec}` mapping")
-    check_known_keys(cfg, args.config)
+    check_keys(cfg, KNOWN_KEYS, args.config)
     if args.synthetic:
         cfg["data"]["dataset"] = "synthetic"
     if args.data:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from examples.common.config import check_keys
+
 from .data import CocoDetectionDataset, coco_paths
 from .distill import DetectionDistiller, DistillLosses
 from .models import build_detector, build_teacher
@@ -38,13 +40,8 @@ CONFIG_KEYS: dict[str, Optional[frozenset]] = {
 
 def check_config_keys(cfg: Mapping[str, Any]) -> None:
     """Raise ValueError naming every unknown top-level or section key (e.g. ``train.lr`` for ``train.base_lr``)."""
-    bad = [k for k in cfg if k not in CONFIG_KEYS]
-    for name, allowed in CONFIG_KEYS.items():
-        if allowed is not None and isinstance(cfg.get(name), Mapping):
-            bad += [f"{name}.{k}" for k in cfg[name] if k not in allowed]
-    if bad:
-        raise ValueError(f"unknown config keys {sorted(bad)}; known: " + ", ".join(
-            k if v is None else f"{k}.{{{', '.join(sorted(v))}}}" for k, v in CONFIG_KEYS.items()))
+    check_keys(cfg, {None: frozenset(CONFIG_KEYS), **{k: v for k, v in CONFIG_KEYS.items() if v is not None}},
+               "detection config")
 
 
 def section(cfg: Mapping[str, Any], name: str, required: tuple[str, ...] = ()) -> dict:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
+from examples.common.config import check_keys
 from wkd_kernels.interrelations import sharpen
 from wkd_kernels.losses import DKDLoss, KDLoss, WKDFeatureLoss, WKDLogitLoss
 
@@ -88,9 +89,7 @@ class DistillLosses(nn.Module):
     def __init__(self, cfg: Optional[Mapping[str, Any]], num_classes: int, roi_channels: int = 256):
         super().__init__()
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(METHODS))
-        if unknown:
-            raise ValueError(f"`distill` has unknown methods {unknown}; known: {list(METHODS)}")
+        check_keys(cfg, {None: METHODS}, "DistillLosses", prefix="distill")
         self.loss_weights: dict[str, float] = {}
         self.dkd_warmup_iters = 0
         for name in METHODS:
@@ -99,9 +98,7 @@ class DistillLosses(nn.Module):
                 continue
             if not isinstance(c, Mapping):
                 raise ValueError(f"`distill.{name}` must be a mapping of options or null, got {c!r}")
-            bad = sorted(set(c) - _KEYS[name])
-            if bad:
-                raise ValueError(f"`distill.{name}` has unknown keys {bad}; allowed: {sorted(_KEYS[name])}")
+            check_keys(c, {None: _KEYS[name]}, "DistillLosses", prefix=f"distill.{name}")
             lw = c.get("loss_weight", 1.0)
             if isinstance(lw, bool) or not isinstance(lw, (int, float)) or lw < 0:
                 raise ValueError(f"`distill.{name}.loss_weight` must be a number >= 0, got {lw!r}")

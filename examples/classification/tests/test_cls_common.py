@@ -14,7 +14,7 @@ from examples.common import checkpoint as ckpt_mod
 from examples.common.amp import autocast, make_grad_scaler
 from examples.common.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                         unwrap_model)
-from examples.common.config import load_config
+from examples.common.config import check_keys, load_config
 from examples.common.distributed import all_reduce_mean, barrier, init_distributed
 from examples.common.metrics_log import MetricLogger
 from examples.common.progress import Progress
@@ -26,6 +26,21 @@ def test_config_base_merge_and_overrides(tmp_path):
     (tmp_path / "sub" / "child.yaml").write_text("_base_: ../base.yaml\na: {c: [3]}\ny: 2\n")
     cfg = load_config(tmp_path / "sub" / "child.yaml", ["a.b=0.5", "x=null", "new.key=[1, 2]", "s=bf16"])
     assert cfg == {"a": {"b": 0.5, "c": [3]}, "x": None, "y": 2, "new": {"key": [1, 2]}, "s": "bf16"}
+
+
+def test_check_keys_names_every_unknown_key_with_the_closest_known_one():
+    schema = {None: {"seed", "train", "distill"}, "train": {"epochs", "base_lr"}, "distill": None}
+    check_keys({"seed": 0, "train": {"epochs": 1}, "distill": {"anything": 1}}, schema)  # unchecked section passes
+    check_keys({"seed": 0, "train": None}, schema)  # a section that is not a mapping is skipped
+    with pytest.raises(ValueError) as e:
+        check_keys({"sed": 0, "train": {"epoch": 1, "lr": 2}}, schema, "x.yaml")
+    msg = str(e.value)
+    assert msg.startswith("x.yaml: unknown config keys `sed` (did you mean `seed`?), "
+                          "`train.epoch` (did you mean `train.epochs`?), `train.lr`; ")
+    assert "`top level`: distill, seed, train" in msg and "`train`: base_lr, epochs" in msg
+    with pytest.raises(ValueError, match=r"^D: unknown config key `distill.kd.temperatur` "
+                                         r"\(did you mean `distill.kd.temperature`\?\)"):
+        check_keys({"temperatur": 4}, {None: {"temperature", "weight"}}, "D", prefix="distill.kd")
 
 
 def test_config_errors_name_the_problem(tmp_path):
