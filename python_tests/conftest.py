@@ -61,6 +61,22 @@ def rand_cost(*shape, dtype=torch.float64, seed=1):
     return torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
+def capture_cuda_graph(step, warmup=1):
+    """Run ``step()`` ``warmup`` times on a side stream (kernels compile and caches fill outside the capture), then
+    capture one more call in a CUDA graph. Returns (graph, outputs of the captured call, outputs of the last warm-up
+    call); the captured outputs hold their values only after ``graph.replay()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured, eager
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

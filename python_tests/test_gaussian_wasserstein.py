@@ -8,6 +8,8 @@ import wkd_kernels as wk
 from wkd_kernels import reference as ref
 from wkd_kernels.gaussian import _cell_sizes
 
+from conftest import capture_cuda_graph
+
 ot = pytest.importorskip("ot")
 
 
@@ -180,14 +182,7 @@ def test_cuda_graph_capture_forward_backward():
         (g,) = torch.autograd.grad(w, x)
         return w.detach(), g
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = step()  # compiles the kernels and fills the cell-index cache outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured, eager = capture_cuda_graph(step)  # warm-up: compiles, fills the cell-index cache
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import load_cost_matrix, rand_cost, simplex
+from conftest import capture_cuda_graph, load_cost_matrix, rand_cost, simplex
 from wkd_kernels.reference import sinkhorn_reference
 
 F64, F32 = torch.float64, torch.float32
@@ -398,15 +398,7 @@ def test_cuda_graph_capture_forward_backward(shared, log_domain):
         return value, ga, gb
 
     sa, sb = a.clone(), b.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step(sa, sb)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(sa, sb)
+    graph, outs, _ = capture_cuda_graph(lambda: step(sa, sb), warmup=2)
     a2, b2, _ = problem(B, n, m, F32, shared, zeros=2, seed=10)
     sa.copy_(a2)
     sb.copy_(b2)
@@ -428,15 +420,7 @@ def test_cuda_graph_capture_through_autograd(cuda_backend):
         value = wk.sinkhorn(torch.softmax(logits, 1), b, cost, 0.05, 10, eps=1e-8).value.sum()
         return torch.autograd.grad(value, logits)[0]
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        grad = step()
+    graph, grad, _ = capture_cuda_graph(step, warmup=3)
     with torch.no_grad():
         logits.copy_(torch.randn(B, n, device="cuda"))
     graph.replay()
@@ -496,13 +480,8 @@ F64, F32 = torch.float64, torch.float32
 TOL = {F32: 1e-5, F64: 1e-10}
 GTOL = {F32: 1e-4, F64: 1e-9}
 
-def simplex(B, n, dtype, zeros, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, n, generator=g, dtype=F64) + 0.05
-    for i in range(B):
-        if zeros:
-            x[i, torch.randperm(n, generator=g)[:zeros]] = 0
-    return (x / x.sum(1, keepdim=True)).to(dtype)
+sys.path.insert(0, os.path.join(root, "python_tests"))
+from conftest import simplex  # torch and pytest only: it does not import wkd_kernels
 
 def rel(x, y, scale=None):
     x, y = x.double(), y.double()

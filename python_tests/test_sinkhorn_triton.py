@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 import wkd_kernels  # noqa: F401,E402  (registers torch.ops.wkd.*)
-from conftest import REPO, triton_device  # noqa: E402
+from conftest import REPO, capture_cuda_graph, simplex, triton_device  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
 from wkd_kernels.triton import sinkhorn as sk  # noqa: E402
 
@@ -39,15 +39,6 @@ def small_blocks(monkeypatch):
     """16-wide tiles, so that the small test sizes span several tiles in every dimension (with ragged edges)."""
     monkeypatch.setattr(sk, "DOT_CONFIG", {F32: (16, 16, 16, 4), F64: (16, 16, 16, 4)})
     monkeypatch.setattr(sk, "ROWS_CONFIG", {F32: (16, 16, 4), F64: (16, 16, 4)})
-
-
-def simplex(B, n, dtype, zeros=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, n, generator=g, dtype=F64) + 0.05
-    for i in range(B):
-        if zeros:
-            x[i, torch.randperm(n, generator=g)[:zeros]] = 0
-    return (x / x.sum(1, keepdim=True)).to(dtype)
 
 
 def problem(B, n, m, dtype, shared, zeros_a=0, zeros_b=0, seed=0):
@@ -299,14 +290,7 @@ def test_cuda_routing_opcheck_compile_and_graph_capture(monkeypatch):
         out = sk.sinkhorn_forward(*args)
         return out + sk.sinkhorn_backward(gv, a, b, cost, *out[1:], 0.1, 1e-8, False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured, eager = capture_cuda_graph(step)  # the warm-up compiles the kernels outside the capture
     graph.replay()
     torch.cuda.synchronize()
     for x, y in zip(captured, eager):
