@@ -36,41 +36,13 @@ from _common import device_name, print_table, save, time_fn, wkd_cost  # noqa: E
 
 from wkd_kernels.losses import (WKDFeatureLoss, WKDLogitLoss, dkd_loss, kd_loss,  # noqa: E402
                                 nkd_loss)
+from wkd_kernels.reference import published_wkd_logit_loss  # noqa: E402
 
 METHODS = ["CE", "KD", "DKD", "NKD", "WKD-L (published)", "WKD-L (ours)", "WKD-F diag (ours)", "WKD-F full (ours)",
            "WKD-L + WKD-F full (ours)"]
 
 WKDL_TEMPERATURE, WKDL_WEIGHT, WKDL_REG, WKDL_ITERS = 2.0, 30.0, 0.05, 10
 WKDF_WEIGHT = 2e-2
-
-
-# ---------------------------------------------------------------------------------------------- published WKD-L
-def published_wkd_logit_loss(s, t, y, cost, temperature, weight, reg=0.05, num_iters=10):
-    """WKD-L as published (issue 5 section 2), literally: every sample gathers its own (C-1) x (C-1) cost.
-
-    s, t: [B, C] logits (t detached); y: [B] int64; cost: [C, C]. Returns the scalar L_t + weight * mean_b WD_b.
-    Memory: B (C-1)^2 floats for the cost, the kernel and the flow each (about 1 GB each at B=256, C=1000).
-    """
-    B, C = s.shape
-    t = t.detach()
-    idx = y.view(B, 1)
-    loss_t = -(F.softmax(t, 1).gather(1, idx) * F.log_softmax(s, 1).gather(1, idx)).mean()
-    keep = torch.ones_like(s).scatter_(1, idx, 0.0).bool()  # [B, C]
-    s_nt, t_nt = s[keep].view(B, C - 1), t[keep].view(B, C - 1)
-    pair = keep.unsqueeze(1) & keep.unsqueeze(2)  # [B, C, C]
-    c = cost.unsqueeze(0).expand(B, C, C)[pair].view(B, C - 1, C - 1)
-    p = F.softmax(s_nt / temperature, -1).float().unsqueeze(-1)  # [B, C-1, 1]
-    q = F.softmax(t_nt / temperature, -1).float().unsqueeze(-1)
-    c = F.relu(c) + 1e-8
-    u = torch.full_like(p, 1.0 / (C - 1))
-    K = torch.exp(-c / reg)
-    Kt = K.transpose(2, 1)
-    for _ in range(num_iters):
-        v = q / (torch.bmm(Kt, u) + 1e-8)
-        u = p / (torch.bmm(K, v) + 1e-8)
-    flow = u.view(B, -1, 1) * K * v.view(B, 1, -1)
-    wd = (flow * c).sum((-1, -2)).mean()
-    return loss_t + weight * wd
 
 
 # ---------------------------------------------------------------------------------------------- models

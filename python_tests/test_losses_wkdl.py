@@ -14,36 +14,10 @@ import torch.nn.functional as F
 from conftest import load_cost_matrix
 from wkd_kernels.interrelations import sharpen
 from wkd_kernels.losses import WKDLogitLoss, cosine_weight, wkd_logit_loss
+from wkd_kernels.reference import published_wkd_logit_loss
 
 F32, F64 = torch.float32, torch.float64
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
-
-
-# ---------------------------------------------------------------------------------- the literal reference
-def published_wkd_logit_loss(s, t, y, cost, temperature, weight, reg=0.05, num_iters=10, dtype=F32):
-    """The published lines, literally: per-sample gathered (C-1)x(C-1) costs, autograd through the loop."""
-    s, t, cost = s.to(dtype), t.to(dtype).detach(), cost.to(dtype)
-    N, c = s.shape
-    label = y.view(N, 1)
-    s_t = torch.gather(F.log_softmax(s, dim=1), 1, label)
-    t_t = torch.gather(F.softmax(t, dim=1), 1, label).detach()
-    loss_t = -(t_t * s_t).mean()
-    mask = torch.ones_like(s).scatter_(1, label, 0).bool()
-    s_, t_ = s[mask].reshape(N, -1), t[mask].reshape(N, -1)
-    cm = cost.repeat(N, 1, 1)[(mask.unsqueeze(1) * mask.unsqueeze(2))].reshape(N, c - 1, c - 1)
-    p = F.softmax(s_ / temperature, dim=-1).to(dtype)
-    q = F.softmax(t_ / temperature, dim=-1).to(dtype)
-    cm = F.relu(cm) + 1e-8
-    w1, w2 = p.unsqueeze(-1), q.unsqueeze(-1)
-    u = 1 / (c - 1) * torch.ones_like(w1)
-    K = torch.exp(-cm / reg)
-    Kt = K.transpose(2, 1)
-    for _ in range(num_iters):
-        v = w2 / (torch.bmm(Kt, u) + 1e-8)
-        u = w1 / (torch.bmm(K, v) + 1e-8)
-    flow = u.reshape(N, -1, 1) * K * v.reshape(N, 1, -1)
-    wd = (flow * cm).sum(-1).sum(-1).mean()
-    return loss_t + weight * wd
 
 
 def make_logits(B, C, seed=0, scale=3.0, dtype=F32):

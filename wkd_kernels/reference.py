@@ -7,6 +7,7 @@ B x n x m kernel matrix when needed: meant for checking, not for speed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -131,3 +132,36 @@ def gaussian_wasserstein_reference(f_s: Tensor, f_t: Tensor, covariance: str = "
         return (mu_s - mu_t).square().sum(-1) + (torch.sqrt(v_s + eps) - torch.sqrt(v_t + eps)).square().sum(-1)
     eye = torch.eye(v_s.shape[-1], dtype=dtype, device=v_s.device)
     return bures_wasserstein_reference(mu_s, v_s + eps * eye, mu_t, v_t + eps * eye, dtype)
+
+
+def published_wkd_logit_loss(s: Tensor, t: Tensor, y: Tensor, cost: Tensor, temperature: float, weight: float,
+                             reg: float = 0.05, num_iters: int = 10, dtype: torch.dtype = torch.float32) -> Tensor:
+    """WKD-L as published, line by line: every sample gathers its own (C-1) x (C-1) cost; autograd through the loop.
+
+    s, t: [B, C] student / teacher logits (t is detached); y: [B] int64 targets; cost: [C, C] class cost (unitless).
+    Returns the scalar L_t + weight * mean_b WD_b, computed in ``dtype``. Memory: B C^2 floats for the repeated cost
+    and B (C-1)^2 for the gathered cost, the kernel and the flow each (about 1 GB each at B=256, C=1000, float32):
+    the cost wkd_kernels.WKDLogitLoss removes. The parity tests and bench/train_step_latency.py use it.
+    """
+    s, t, cost = s.to(dtype), t.to(dtype).detach(), cost.to(dtype)
+    N, c = s.shape
+    label = y.view(N, 1)
+    s_t = torch.gather(F.log_softmax(s, dim=1), 1, label)
+    t_t = torch.gather(F.softmax(t, dim=1), 1, label).detach()
+    loss_t = -(t_t * s_t).mean()
+    mask = torch.ones_like(s).scatter_(1, label, 0).bool()
+    s_, t_ = s[mask].reshape(N, -1), t[mask].reshape(N, -1)
+    cm = cost.repeat(N, 1, 1)[(mask.unsqueeze(1) * mask.unsqueeze(2))].reshape(N, c - 1, c - 1)
+    p = F.softmax(s_ / temperature, dim=-1).to(dtype)
+    q = F.softmax(t_ / temperature, dim=-1).to(dtype)
+    cm = F.relu(cm) + 1e-8
+    w1, w2 = p.unsqueeze(-1), q.unsqueeze(-1)
+    u = 1 / (c - 1) * torch.ones_like(w1)
+    K = torch.exp(-cm / reg)
+    Kt = K.transpose(2, 1)
+    for _ in range(num_iters):
+        v = w2 / (torch.bmm(Kt, u) + 1e-8)
+        u = w1 / (torch.bmm(K, v) + 1e-8)
+    flow = u.reshape(N, -1, 1) * K * v.reshape(N, 1, -1)
+    wd = (flow * cm).sum(-1).sum(-1).mean()
+    return loss_t + weight * wd
