@@ -32,6 +32,12 @@ def load_cost_matrix(name):
     return torch.load(d / name, weights_only=True)
 
 
+def import_pot():
+    """POT (``import ot``) for the comparisons with an independent library; skips the calling test with a reason when
+    POT is not installed (it is optional: the GPU test machine has none). Only tests that compare with POT call it."""
+    return pytest.importorskip("ot", reason="POT is not installed (pip install POT): comparison with POT skipped")
+
+
 def triton_device():
     """Device on which the Triton kernels can run here: cuda, or cpu under TRITON_INTERPRET=1; else skip."""
     if torch.cuda.is_available() and not TRITON_INTERPRET:
