@@ -1,15 +1,23 @@
-"""Build of record for wkd_kernels._C (design.md sections 1-2).
+"""Build of record for wkd_kernels._C (layout and dispatch: docs/design.md sections 1-2).
 
-The C++ CPU sources always build. The CUDA sources (csrc/cuda/*.cu) build when torch was built with
-CUDA and a CUDA toolkit (nvcc) is found; no GPU is needed to compile them. Overrides:
-  WKD_FORCE_CUDA=1   build the CUDA sources (fails loudly if torch or the toolkit cannot)
+The C++ CPU sources always build. The CUDA C++ sources (csrc/cuda/*.cu) build when torch was built with CUDA, a
+CUDA toolkit (nvcc) is found, and there is something to compile for: a visible GPU or an architecture asked for.
+With no GPU visible and no architecture asked for they are skipped (the Triton kernels need no build). Overrides:
+  TORCH_CUDA_ARCH_LIST  the GPU architectures, e.g. "9.0"; setting it also asks for the CUDA sources on a machine
+                        without a GPU (a login node)
+  WKD_FORCE_CUDA=1   build the CUDA sources (fails loudly if torch or the toolkit cannot); with no GPU visible and
+                     no TORCH_CUDA_ARCH_LIST, for "8.0;9.0"
   WKD_NO_CUDA=1      never build them
-  TORCH_CUDA_ARCH_LIST  the GPU architectures, e.g. "9.0" (with no GPU visible we default to "8.0;9.0"
-                        rather than every architecture torch knows)
+  WKD_BUILD_TEMP     where the object files are kept (default build/temp in the checkout)
+
+Objects are kept in build/temp between builds (`pip install -e .` would otherwise compile in a fresh temporary
+directory every time): ninja recompiles only the sources whose text, included headers or command line changed.
+Run pip with -v to see this script's [wkd_kernels] lines and ninja's [k/N] compile lines.
 """
 import glob
 import os
 import sys
+import time
 
 from setuptools import setup
 
@@ -22,6 +30,11 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_TEMP = os.path.abspath(os.environ.get("WKD_BUILD_TEMP") or os.path.join(HERE, "build", "temp"))
+
+
+def _say(msg):
+    print(f"[wkd_kernels] {msg}", flush=True)
 
 
 def _flag(name):
@@ -29,6 +42,7 @@ def _flag(name):
 
 
 def _want_cuda():
+    """(build the CUDA sources?, why)."""
     if _flag("WKD_NO_CUDA"):
         return False, "WKD_NO_CUDA=1"
     have_torch_cuda = torch.version.cuda is not None
@@ -44,7 +58,12 @@ def _want_cuda():
         return False, f"torch {torch.__version__} has no CUDA"
     if not have_toolkit:
         return False, "no CUDA toolkit found (set CUDA_HOME)"
-    return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return True, f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, toolkit at {CUDA_HOME}"
+    if torch.cuda.is_available():
+        return True, f"a GPU is visible ({torch.cuda.get_device_name()}), toolkit at {CUDA_HOME}"
+    return False, ("no GPU visible and no TORCH_CUDA_ARCH_LIST: skipped (set TORCH_CUDA_ARCH_LIST, e.g. \"9.0\", "
+                   "or WKD_FORCE_CUDA=1 to compile them here for another machine)")
 
 
 def _extension():
@@ -55,12 +74,17 @@ def _extension():
     if sys.platform != "win32":
         cxx += ["-fopenmp"]
     extra = {"cxx": cxx}
-    print(f"[wkd_kernels] CUDA sources: {'yes' if with_cuda else 'no'} ({why})")
+    _say(f"torch {torch.__version__} (CUDA {torch.version.cuda}), C++ compiler flags {' '.join(cxx)} "
+         "(needs a C++17 compiler with OpenMP)")
+    _say(f"CPU C++ sources: {' '.join(sources)}")
+    _say(f"CUDA C++ sources: {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        print(f"[wkd_kernels] TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}")
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        cu = sorted(glob.glob("csrc/cuda/*.cu"))
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' architectures"
+        _say(f"CUDA sources {' '.join(cu)} for TORCH_CUDA_ARCH_LIST={arch} (each architecture is one more nvcc pass)")
+        sources += cu
         define_macros.append(("WKD_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "-lineinfo"]
         return CUDAExtension(
@@ -73,7 +97,24 @@ def _extension():
     )
 
 
+class PersistentBuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with the object files kept in BUILD_TEMP across builds, and a line on what it does."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = BUILD_TEMP  # editable installs would otherwise get a new temporary directory each time
+
+    def run(self):
+        n_obj = len(glob.glob(os.path.join(BUILD_TEMP, "**", "*.o"), recursive=True))
+        _say(f"object files kept in {BUILD_TEMP} ({n_obj} there now"
+             + ("; ninja recompiles only what changed)" if n_obj else "; first build compiles everything)"))
+        _say("ninja's [k/N] lines below name each source it compiles; 'no work to do' means every object is current")
+        t0 = time.perf_counter()
+        super().run()
+        _say(f"extension built in {time.perf_counter() - t0:.0f} s")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": PersistentBuildExt},
 )
