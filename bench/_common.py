@@ -66,28 +66,66 @@ def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10) ->
             for name, t in times.items()}
 
 
-def find_data_dir():
-    for c in (os.environ.get("WKD_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data"):
-        if c and Path(c).is_dir():
-            return Path(c)
+# The released CKA distances of the paper, by class count (the README of `data/` describes them). They are not
+# shipped here (the official code, https://github.com/JiamingLv/WKD, carries no licence): copy the files of its
+# `wkd_cost_matrix/` folder under these names into data/ (git-ignored) or a folder named by --data-dir /
+# WKD_DATA_DIR, or build one with `python -m examples.classification.build_cost_matrix`.
+COST_FILES = {1000: "imagenet_resnet34_cka_distance.pth", 100: "cifar100_resnet32x4_cka_distance.pth"}
+DATA_HELP = ("folder with the released cost matrices (" + ", ".join(f"{n} for C={c}" for c, n in COST_FILES.items())
+             + "); default: $WKD_DATA_DIR, else data/ in the checkout; without them a random stand-in is used")
+
+
+def data_dir_candidates(data_dir=None) -> list:
+    """Where the cost matrices are looked for, in order: the argument, $WKD_DATA_DIR, data/ in the checkout."""
+    return [Path(c) for c in (data_dir, os.environ.get("WKD_DATA_DIR"), REPO / "data") if c]
+
+
+def find_data_dir(data_dir=None):
+    for c in data_dir_candidates(data_dir):
+        if c.is_dir():
+            return c
     return None
 
 
-def wkd_cost(num_classes: int, kappa: float = 1.0, dtype=torch.float32, seed: int = 0):
+def find_cost_file(num_classes: int, data_dir=None):
+    """The released distance file for this class count, or None."""
+    name = COST_FILES.get(num_classes)
+    if name is None:
+        return None
+    for c in data_dir_candidates(data_dir):
+        if (c / name).is_file():
+            return c / name
+    return None
+
+
+def stand_in_warning(num_classes: int, data_dir=None) -> str:
+    """The loud notice a run prints at its top when it falls back to a random cost."""
+    where = ", ".join(str(c) for c in data_dir_candidates(data_dir))
+    name = COST_FILES.get(num_classes)
+    what = (f"the released cost matrix {name} was not found (looked in: {where})" if name
+            else f"no released cost matrix exists for C={num_classes}")
+    bar = "#" * 100
+    return (f"{bar}\n# WARNING: C={num_classes}: {what}.\n# Using a RANDOM symmetric stand-in cost: the timings hold, "
+            "but this is not the paper's problem (its\n# released costs make K = exp(-c/0.05) nearly diagonal). "
+            "Get the files from the `wkd_cost_matrix/` folder of\n# the official code (https://github.com/JiamingLv/WKD) "
+            "into data/ or --data-dir / WKD_DATA_DIR, or build one\n# with `python -m examples.classification."
+            f"build_cost_matrix`.\n{bar}")
+
+
+def wkd_cost(num_classes: int, kappa: float = 1.0, dtype=torch.float32, seed: int = 0, data_dir=None):
     """The released CKA distance for C=1000 (ImageNet, ResNet34) or C=100 (CIFAR, resnet32x4), sharpened like
     WKD-L (c = relu(1 - exp(-kappa d)) + 1e-8); a random symmetric one with zero diagonal otherwise.
-    Returns (cost, source description)."""
-    names = {1000: "imagenet_resnet34_cka_distance.pth", 100: "cifar100_resnet32x4_cka_distance.pth"}
-    d = find_data_dir()
-    if d is not None and num_classes in names and (d / names[num_classes]).exists():
-        dist = torch.load(d / names[num_classes], weights_only=True).double()
-        src = names[num_classes]
+    Returns (cost, source description); the description starts with "random" for the stand-in."""
+    f = find_cost_file(num_classes, data_dir)
+    if f is not None:
+        dist = torch.load(f, weights_only=True).double()
+        src = f.name
     else:
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(num_classes, num_classes, generator=g, dtype=torch.float64)
         dist = (x + x.T) / 2
         dist.fill_diagonal_(0)
-        src = "random symmetric"
+        src = "random symmetric stand-in"
     cost = torch.relu(1 - torch.exp(-kappa * dist)) + 1e-8
     return cost.to(dtype), src
 
@@ -126,3 +164,47 @@ def save(rows: list[dict], meta: dict, csv_path=None, json_path=None):
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+def plot_times(rows: list[dict], path, title: str = "", columns=("fwd_ms", "fwd_bwd_ms")) -> None:
+    """Bar chart of time per method (log scale), one panel per size (B x C), one bar group per timing column.
+
+    Needs matplotlib (``pip install matplotlib`` or the package's ``plot`` extra); call ``need_matplotlib()``
+    before a long run so that a missing matplotlib fails at once."""
+    need_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys((r["B"], r["C"]) for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False)
+    for ax, (B, C) in zip(axes[0], sizes):
+        rs = [r for r in rows if (r["B"], r["C"]) == (B, C)]
+        methods = [r["method"] for r in rs]
+        width = 0.8 / len(columns)
+        for j, col in enumerate(columns):
+            xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rs))]
+            vals = [r.get(col) or 0 for r in rs]
+            bars = ax.bar(xs, vals, width, label=col.replace("_ms", "").replace("_", "+"))
+            for bar, v in zip(bars, vals):
+                if v:
+                    ax.annotate(_fmt(float(v)), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                                fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(rs)))
+        ax.set_xticklabels([m.replace(" (", "\n(") for m in methods], fontsize=7, rotation=20, ha="right")
+        ax.set_ylabel("median time per call [ms] (log)")
+        ax.set_title(f"B={B}, C={C}")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None

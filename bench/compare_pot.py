@@ -1,33 +1,54 @@
 """The main job: wkd_kernels.sinkhorn against POT and plain PyTorch, for WKD-L's problem.
 
-For each size (B rows, C classes), WKD-L's setting: one shared C x C cost (the released CKA distance of the
-paper when ../shared/data or data/ has it, sharpened c = relu(1 - exp(-d)) + 1e-8; random symmetric
-otherwise), reg 0.05, a fixed number of iterations (10), student/teacher softmax distributions with the target
-class given zero mass. Every method runs exactly `--iters` iterations (POT with stopThr=0 / tol=0: its default
-threshold is never reached in float32 and silently runs 1000 iterations).
+For each size (B rows, C classes), WKD-L's setting: one shared C x C cost (the released CKA distance of the paper
+when --data-dir / $WKD_DATA_DIR / data/ holds it, sharpened c = relu(1 - exp(-d)) + 1e-8; otherwise a random
+symmetric stand-in, announced loudly at the top), reg 0.05, a fixed number of iterations (10), student/teacher
+softmax distributions with the target class given zero mass. Every method runs exactly `--iters` iterations (POT
+with stopThr=0 / tol=0: its default threshold is never reached in float32 and silently runs 1000 iterations).
 
-Columns: forward and forward+backward (exact gradient w.r.t. the student distribution) median times after
-warm-up (ours and the plain PyTorch baselines timed round-robin, rep by rep, so that machine-speed drift
-hits all of them alike); speed-up of ours over POT's fastest path; max relative error of the value vs POT in float64 on the
-reduced (C-1)-class problems, i.e. the published WKD-L semantics. POT gets its best case: the per-row reduced
-cost matrices are gathered before the clock starts. POT's solve_batch materialises [B, C-1, C-1]; it runs on
-`--pot-batch-rows` rows and its time is scaled to B (marked "x<factor>").
+Columns: forward and forward+backward (exact gradient w.r.t. the student distribution) median times after warm-up
+(ours and the plain PyTorch baselines timed round-robin, rep by rep, so that machine-speed drift hits all of them
+alike); speed-up of ours over POT's fastest path; max relative error of the value vs a float64 reference on the
+reduced (C-1)-class problems of the first --ref-rows rows, i.e. the published WKD-L semantics: POT's sinkhorn2 in float64 when POT is
+installed, else wkd_kernels.reference.sinkhorn_reference in float64 (and the POT rows are skipped). POT gets its
+best case: the per-row reduced cost matrices are gathered before the clock starts. To stay within about 2 minutes
+and 2 GB on a 2-core CPU, the default run times POT on a subset of the rows and scales the time to B (note
+"<rows> rows x<factor>"): --pot-rows rows for the loop over ot.sinkhorn2, --pot-batch-rows for ot.batch.solve_batch
+(which materialises [rows, C-1, C-1] and its autodiff graph). `--full` is the configuration of the README's table
+(21 reps, POT's loop on all B rows; several minutes, about 2 GB more memory).
 
-Usage: python bench/compare_pot.py [--device cpu|cuda] [--sizes 256x1000,256x100] [--csv out.csv] [--json out.json]
+A line per method is printed as it finishes, then the table. --plot FILE.png draws the times (needs matplotlib).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name, print_table, save, time_fn, time_interleaved, wkd_cost  # noqa: E402
+from _common import (DATA_HELP, device_name, find_cost_file, need_matplotlib, plot_times, print_table, save,  # noqa: E402
+                     stand_in_warning, time_fn, time_interleaved, wkd_cost)
 
 import wkd_kernels as wk  # noqa: E402
+from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
+
+try:
+    import ot  # noqa: F401
+
+    HAVE_POT = True
+except ImportError:
+    HAVE_POT = False
+
+# Defaults of the flags that --full changes: (default run, --full). An explicit flag wins over both.
+PRESETS = {"reps": (10, 21), "pot_reps": (1, 1), "pot_rows": (32, 0), "pot_batch_rows": (8, 8), "ref_rows": (64, 0)}
+
+
+def say(*parts):
+    print(*parts, flush=True)
 
 
 def wkd_marginals(B, C, dtype, device, seed=0):
@@ -53,12 +74,20 @@ def plain_pytorch(a, b, cost, reg, iters, eps=0.0):
     return ((u @ (K * cost)) * v).sum(1)
 
 
-def reduced_problems(a, b, cost, y):
-    keep = torch.ones_like(a, dtype=torch.bool).scatter_(1, y[:, None].to(a.device), False)
+def keep_index(y, C):
+    """[B, C-1] indices of the non-target classes of each row."""
+    B = y.shape[0]
+    keep = torch.ones(B, C, dtype=torch.bool).scatter_(1, y[:, None].cpu(), False)
+    return keep.nonzero()[:, 1].view(B, C - 1)
+
+
+def reduced_problems(a, b, cost, y, rows=None):
+    """The published per-row (C-1)-class problems of the first `rows` rows: a, b [rows, C-1], Ms [rows, C-1, C-1]."""
     B, C = a.shape
-    idx = keep.nonzero()[:, 1].view(B, C - 1)
-    Ms = cost[idx[:, :, None], idx[:, None, :]]  # [B, C-1, C-1]
-    return a[keep].view(B, C - 1), b[keep].view(B, C - 1), Ms
+    rows = B if rows is None else min(rows, B)
+    idx = keep_index(y[:rows], C).to(a.device)
+    Ms = cost[idx[:, :, None], idx[:, None, :]]
+    return a[:rows].gather(1, idx), b[:rows].gather(1, idx), Ms
 
 
 def pot_sinkhorn2_loop(ar, br, Ms, reg, iters):
@@ -74,31 +103,57 @@ def pot_solve_batch(ar, br, Ms, reg, iters, grad):
     return ot.batch.solve_batch(Ms, reg, ar, br, max_iter=iters, tol=0, method="sinkhorn", grad=grad).value_linear
 
 
+def reference_values(a, b, cost, y, reg, iters, chunk=16):
+    """Float64 values of the reduced problems of every row, computed a few rows at a time (memory stays at
+    chunk x C x C doubles): POT's sinkhorn2 when POT is installed, else sinkhorn_reference."""
+    a64, b64, c64 = a.double().cpu(), b.double().cpu(), cost.double().cpu()
+    out = []
+    for s in range(0, a.shape[0], chunk):
+        ar, br, Ms = reduced_problems(a64[s:s + chunk], b64[s:s + chunk], c64, y[s:s + chunk])
+        if HAVE_POT:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out.append(pot_sinkhorn2_loop(ar, br, Ms, reg, iters))
+        else:
+            out.append(sinkhorn_reference(ar, br, Ms, reg, iters)[0])
+    return torch.cat(out)
+
+
 def rel_err(x, ref):
-    return ((x.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+    """Max relative error over the rows the reference covers (the first len(ref) rows of x, or all of x)."""
+    n = min(x.shape[0], ref.shape[0])
+    x, ref = x[:n].detach().double().cpu(), ref[:n]
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+def fmt_row(r):
+    t = lambda x: "-" if x is None else f"{x:.3g} ms"  # noqa: E731
+    extra = f", {r['note']}" if r.get("note") else ""
+    return (f"  B={r['B']} C={r['C']} {r['method']}: fwd {t(r['fwd_ms'])}, fwd+bwd {t(r['fwd_bwd_ms'])}, "
+            f"max rel err {r['max_rel_err']:.1e}{extra}")
 
 
 def bench_size(B, C, args, device, dtype):
-    cost, src = wkd_cost(C, dtype=dtype)
+    cost, src = wkd_cost(C, dtype=dtype, data_dir=args.data_dir)
     cost = cost.to(device)
     a, b, y = wkd_marginals(B, C, dtype, device)
     reg, T = args.reg, args.iters
     rows = []
-
-    # float64 POT reference on the reduced problems (the published semantics), computed once
-    ar64, br64, Ms64 = reduced_problems(a.double().cpu(), b.double().cpu(), cost.double().cpu(), y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = pot_sinkhorn2_loop(ar64, br64, Ms64, reg, T)
-    del Ms64
+    t0 = time.perf_counter()
+    n_ref = B if args.ref_rows <= 0 else min(B, args.ref_rows)
+    ref = reference_values(a[:n_ref], b[:n_ref], cost, y[:n_ref], reg, T)
+    say(f"  B={B} C={C}: float64 reference ({'POT sinkhorn2' if HAVE_POT else 'sinkhorn_reference'}) on the "
+        f"{n_ref} reduced problems of the first {n_ref} rows in {time.perf_counter() - t0:.1f} s")
 
     def row(method, fwd, fwdbwd, err, note="", mem=None):
         r = {"B": B, "C": C, "dtype": str(dtype).replace("torch.", ""), "method": method,
              "fwd_ms": fwd["median_ms"] if fwd else None, "fwd_bwd_ms": fwdbwd["median_ms"] if fwdbwd else None,
-             "max_rel_err_vs_pot64": err, "cost": src, "note": note}
+             "max_rel_err": err, "reference": "POT float64" if HAVE_POT else "sinkhorn_reference float64",
+             "cost": src, "note": note}
         if mem is not None:
             r["extra_mem_MB"] = mem
         rows.append(r)
+        say(fmt_row(r))
 
     def ours_fns():
         def fwd():
@@ -168,22 +223,31 @@ def bench_size(B, C, args, device, dtype):
     if device == "cuda":
         wk.set_cuda_backend("auto")
 
-    if not args.skip_pot:
-        ar, br, Ms = reduced_problems(a.cpu(), b.cpu(), cost.cpu(), y)
+    if HAVE_POT and not args.skip_pot:
+        n_loop = B if args.pot_rows <= 0 else min(B, args.pot_rows)
+        n_batch = B if args.pot_batch_rows <= 0 else min(B, args.pot_batch_rows)
+        ar, br, Ms = reduced_problems(a.cpu(), b.cpu(), cost.cpu(), y, max(n_loop, n_batch))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            la, lb, lM = ar[:n_loop], br[:n_loop], Ms[:n_loop]
 
             def pot_loop_fwdbwd():
-                x = ar.detach().requires_grad_()
-                pot_sinkhorn2_loop(x, br, Ms, reg, T).sum().backward()
+                x = la.detach().requires_grad_()
+                pot_sinkhorn2_loop(x, lb, lM, reg, T).sum().backward()
 
-            row("POT sinkhorn2, loop over rows (cpu)",
-                time_fn(lambda: pot_sinkhorn2_loop(ar, br, Ms, reg, T), "cpu", 1, args.pot_reps),
-                time_fn(pot_loop_fwdbwd, "cpu", 1, args.pot_reps),
-                rel_err(pot_sinkhorn2_loop(ar, br, Ms, reg, T), ref))
-            nb = min(B, args.pot_batch_rows)
-            scale = B / nb
-            sa, sb, sM = ar[:nb].contiguous(), br[:nb].contiguous(), Ms[:nb].contiguous()
+            scale = B / n_loop
+            tf = time_fn(lambda: pot_sinkhorn2_loop(la, lb, lM, reg, T), "cpu", 1, args.pot_reps)
+            tfb = time_fn(pot_loop_fwdbwd, "cpu", 1, args.pot_reps)
+            for t in (tf, tfb):
+                t["median_ms"] *= scale
+            row("POT sinkhorn2, loop over rows (cpu)", tf, tfb,
+                rel_err(pot_sinkhorn2_loop(la, lb, lM, reg, T), ref),
+                note=f"{n_loop} rows x{scale:g}" if scale != 1 else "")
+            del la, lb, lM
+
+            scale = B / n_batch
+            sa, sb, sM = ar[:n_batch].contiguous(), br[:n_batch].contiguous(), Ms[:n_batch].contiguous()
+            del ar, br, Ms
 
             def sb_fwdbwd():
                 x = sa.detach().requires_grad_()
@@ -193,9 +257,9 @@ def bench_size(B, C, args, device, dtype):
             tfb = time_fn(sb_fwdbwd, "cpu", 1, args.pot_reps)
             for t in (tf, tfb):
                 t["median_ms"] *= scale
-            err = rel_err(pot_solve_batch(sa, sb, sM, reg, T, "detach"), ref[:nb])
-            row("POT solve_batch (cpu)", tf, tfb, err, note=f"{nb} rows x{scale:g}" if scale != 1 else "")
-        del Ms
+            err = rel_err(pot_solve_batch(sa, sb, sM, reg, T, "detach"), ref)
+            row("POT solve_batch (cpu)", tf, tfb, err, note=f"{n_batch} rows x{scale:g}" if scale != 1 else "")
+            del sa, sb, sM
         pot_rows = [r for r in rows if r["method"].startswith("POT")]
         best_f = min(r["fwd_ms"] for r in pot_rows)
         best_fb = min(r["fwd_bwd_ms"] for r in pot_rows)
@@ -206,37 +270,106 @@ def bench_size(B, C, args, device, dtype):
     return rows
 
 
-def main(argv=None):
+def parse_sizes(text):
+    try:
+        return [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"--sizes: expected a comma-separated list of BxC, e.g. 256x1000,256x100; got {text!r}")
+
+
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--sizes", default="256x1000,256x100", help="comma-separated BxC list")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--reg", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--pot-reps", type=int, default=3)
-    ap.add_argument("--pot-batch-rows", type=int, default=32)
-    ap.add_argument("--skip-pot", action="store_true")
-    ap.add_argument("--csv")
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ap.add_argument("--device", default=dev, choices=["cpu", "cuda"],
+                    help=f"where ours and plain PyTorch run (POT always runs on the CPU); default: {dev} here "
+                         "(cuda when a GPU is visible)")
+    ap.add_argument("--sizes", default="256x1000,256x100",
+                    help="comma-separated BxC list (B rows, C classes); default: %(default)s")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="default: %(default)s")
+    ap.add_argument("--iters", type=int, default=10, help="Sinkhorn iterations, all methods; default: %(default)s")
+    ap.add_argument("--reg", type=float, default=0.05, help="entropic regularisation; default: %(default)s")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed calls before the timed ones (ours, plain PyTorch; POT: 1); default: %(default)s")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per method, median reported; default: %d (--full: %d)" % PRESETS["reps"])
+    ap.add_argument("--pot-reps", type=int, default=None,
+                    help="timed calls of each POT method; default: %d (--full: %d)" % PRESETS["pot_reps"])
+    ap.add_argument("--pot-rows", type=int, default=None,
+                    help="rows timed for POT's loop over ot.sinkhorn2, time scaled to B (0: all B rows); "
+                         "default: %d (--full: %d, i.e. all)" % PRESETS["pot_rows"])
+    ap.add_argument("--pot-batch-rows", type=int, default=None,
+                    help="rows timed for ot.batch.solve_batch, time scaled to B (0: all; it materialises "
+                         "[rows, C-1, C-1] and its autodiff graph); "
+                         "default: %d (--full: %d)" % PRESETS["pot_batch_rows"])
+    ap.add_argument("--ref-rows", type=int, default=None,
+                    help="rows whose reduced problem gets the float64 reference, i.e. where the error column is "
+                         "measured (0: all B rows); default: %d (--full: %d, i.e. all)" % PRESETS["ref_rows"])
+    ap.add_argument("--full", action="store_true",
+                    help="the README table's configuration: --reps 21 --pot-reps 1 --pot-rows 0 --pot-batch-rows 8 "
+                         "--ref-rows 0 "
+                         "(several minutes on a 2-core CPU); default: off")
+    ap.add_argument("--skip-pot", action="store_true",
+                    help="no POT rows (the float64 reference is still computed); default: off, and POT rows are "
+                         "skipped anyway when POT is not installed")
+    ap.add_argument("--data-dir", default=None, help=DATA_HELP)
+    ap.add_argument("--csv", metavar="FILE", help="also write the rows as CSV; default: none")
+    ap.add_argument("--json", metavar="FILE", help="also write rows and run metadata as JSON; default: none")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="draw time per method and size (needs matplotlib: pip install matplotlib); default: none")
+    return ap
+
+
+def resolve_args(args):
+    for key, (default, full) in PRESETS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, full if args.full else default)
+    return args
+
+
+def main(argv=None):
+    args = resolve_args(build_parser().parse_args(argv))
+    if args.plot:
+        need_matplotlib()  # fail now, not after the run
     dtype = getattr(torch, args.dtype)
-    sizes = [tuple(int(x) for x in s.lower().split("x")) for s in args.sizes.split(",") if s]
+    sizes = parse_sizes(args.sizes)
+    t_start = time.perf_counter()
+    for C in sorted({C for _, C in sizes}, reverse=True):
+        if find_cost_file(C, args.data_dir) is None:
+            say(stand_in_warning(C, args.data_dir))
+    ref_name = "POT ot.sinkhorn2 in float64" if HAVE_POT else "wkd_kernels.reference.sinkhorn_reference in float64"
+    if not HAVE_POT:
+        say("# POT is not installed (pip install POT): the POT rows are skipped and the errors are measured "
+            "against wkd_kernels.reference.sinkhorn_reference in float64 on the reduced problems")
     meta = {"device": device_name(args.device), "torch": torch.__version__, "build": wk.build_info(),
-            "iters": args.iters, "reg": args.reg, "dtype": args.dtype}
-    print(f"# compare_pot: device={meta['device']}, torch {torch.__version__}, dtype {args.dtype}, "
-          f"reg {args.reg}, {args.iters} iterations, medians of {args.reps} (POT: {args.pot_reps}) after warm-up")
+            "iters": args.iters, "reg": args.reg, "dtype": args.dtype, "reference": ref_name,
+            "pot": getattr(sys.modules.get("ot"), "__version__", None), "argv": sys.argv[1:]}
+    pot_note = ("POT skipped" if args.skip_pot or not HAVE_POT else
+                f"POT: {args.pot_reps} rep(s), loop on {args.pot_rows or 'all'} rows, "
+                f"solve_batch on {args.pot_batch_rows or 'all'} rows, scaled to B")
+    say(f"# compare_pot: device={meta['device']}, torch {torch.__version__}, dtype {args.dtype}, reg {args.reg}, "
+        f"{args.iters} iterations, medians of {args.reps} after {args.warmup} warm-up; {pot_note}; "
+        f"error reference: {ref_name}")
     rows = []
     for B, C in sizes:
         rows += bench_size(B, C, args, args.device, dtype)
-    cols = ["B", "C", "method", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_vs_pot", "speedup_fwd_bwd_vs_pot",
-            "max_rel_err_vs_pot64", "note"]
+    err_col = "max_rel_err_vs_pot64" if HAVE_POT else "max_rel_err_vs_ref64"
+    for r in rows:
+        r[err_col] = r["max_rel_err"]
+    cols = ["B", "C", "method", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_vs_pot", "speedup_fwd_bwd_vs_pot", err_col,
+            "note"]
+    if not any("speedup_fwd_bwd_vs_pot" in r for r in rows):
+        cols = [c for c in cols if not c.startswith("speedup")]
     if args.device == "cuda":
         cols.insert(-1, "extra_mem_MB")
+    say()
     print_table(rows, cols)
-    print("# cost:", ", ".join(sorted({f"C={r['C']}: {r['cost']}" for r in rows})))
+    say("# cost:", ", ".join(sorted({f"C={r['C']}: {r['cost']}" for r in rows})))
     save(rows, meta, args.csv, args.json)
+    if args.plot:
+        plot_times(rows, args.plot, title=f"compare_pot: {meta['device']}, torch {torch.__version__}, {args.dtype}, "
+                                          f"{args.iters} iterations")
+        say(f"# plot written to {args.plot}")
+    say(f"# done in {time.perf_counter() - t_start:.0f} s")
     return rows
 
 

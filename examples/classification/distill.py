@@ -87,7 +87,8 @@ def load_cost_matrix(path, kappa: float, num_classes: int) -> Tensor:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"distill.wkd_l.cost: cost-matrix file {p} does not exist (build one with "
-                                f"python -m examples.classification.build_cost_matrix, or use ../shared/data)")
+                                "python -m examples.classification.build_cost_matrix, or copy the paper's released "
+                                "one: examples/classification/README.md, 'Teachers and cost matrices')")
     obj = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         if "distance" not in obj:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default runs/<config path without .yaml>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pth if it exists")
     p.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"), help="overrides train.device")
+    p.add_argument("--cost", default=None, help="WKD-L class-distance file (sets distill.wkd_l.cost)")
+    p.add_argument("--cost-dir", default=None,
+                   help="folder where a bare file name in distill.wkd_l.cost is looked for (default: $WKD_DATA_DIR, "
+                        "then data/ in the checkout)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=2 train.amp=none")
     return p.parse_args(argv)
 
@@ -92,6 +97,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
         cfg["data"]["root"] = args.data
     if args.device:
         cfg["train"]["device"] = args.device
+    if args.cost:
+        if not isinstance(cfg["distill"].get("wkd_l"), dict):
+            raise ValueError(f"--cost: {args.config} has no distill.wkd_l section (method "
+                             f"{cfg['distill'].get('method')!r})")
+        cfg["distill"]["wkd_l"]["cost"] = args.cost
     for key in ("num_classes", "input_size"):
         if key not in cfg["data"]:
             raise ValueError(f"{args.config}: data.{key} is required")
@@ -109,6 +119,40 @@ def _resolve_path(path: str) -> str:
     """Paths in configs are relative to the repository root (or absolute, or ~)."""
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (REPO_ROOT / p))
+
+
+# The class distances released with the paper (not shipped: the official code, https://github.com/JiamingLv/WKD,
+# carries no licence). Copy the files of its `wkd_cost_matrix/` folder under these names into data/ (or a folder
+# named by --cost-dir / $WKD_DATA_DIR), or build one with `python -m examples.classification.build_cost_matrix`.
+RELEASED_COSTS = ("imagenet_resnet34_cka_distance.pth", "imagenet_resnet50_cka_distance.pth",
+                  "cifar100_resnet32x4_cka_distance.pth", "cifar100_wrn40_2_cka_distance.pth")
+
+
+def cost_search_dirs(cost_dir: Optional[str] = None) -> List[Path]:
+    """Folders searched for a bare cost file name, in order: ``cost_dir``, $WKD_DATA_DIR, data/ in the checkout."""
+    return [Path(d).expanduser() for d in (cost_dir, os.environ.get("WKD_DATA_DIR"), REPO_ROOT / "data") if d]
+
+
+def resolve_cost(cost: str, cost_dir: Optional[str] = None) -> tuple:
+    """(path of the cost file or None when absent, the places looked at).
+
+    A bare file name (``cifar100_resnet32x4_cka_distance.pth``) is looked for in ``cost_search_dirs``; a path with
+    a folder is relative to the repository root (or absolute, or ~)."""
+    if Path(cost).name == cost:
+        tried = [d / cost for d in cost_search_dirs(cost_dir)]
+    else:
+        tried = [Path(_resolve_path(cost))]
+    return next((p for p in tried if p.is_file()), None), tried
+
+
+def stand_in_banner(cost: str, tried) -> str:
+    bar = "#" * 100
+    how = ("copy the file from the `wkd_cost_matrix/` folder of the official code (https://github.com/JiamingLv/WKD) "
+           "into data/ or --cost-dir / WKD_DATA_DIR" if Path(cost).name in RELEASED_COSTS else
+           "build it with `python -m examples.classification.build_cost_matrix`")
+    return (f"{bar}\n# WARNING: WKD-L cost matrix {cost} not found (looked at: {', '.join(map(str, tried))}).\n"
+            f"# --synthetic: using a RANDOM stand-in cost; the loss values are not the paper's. To use the real one, "
+            f"\n# {how}, or pass --cost PATH.\n{bar}")
 
 
 def build_network(name: str, num_classes: int, weights: Optional[str], what: str, build_model) -> nn.Module:
@@ -161,7 +205,7 @@ def init_from_pretrained(model: nn.Module, path: str, what: str) -> List[str]:
     return skipped
 
 
-def build_distiller(cfg: dict, *, synthetic: bool, log=print) -> Distiller:
+def build_distiller(cfg: dict, *, synthetic: bool, log=print, cost_dir: Optional[str] = None) -> Distiller:
     """Student, frozen teacher and distillation modules from the ``model`` / ``distill`` / ``train`` config."""
     from .models import build_model
     mcfg, dcfg = cfg["model"], dict(cfg["distill"])
@@ -189,12 +233,22 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print) -> Distiller:
             log("warning: the teacher is randomly initialised (no model.teacher_checkpoint)")
         teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model)
     if isinstance(dcfg.get("wkd_l"), dict) and isinstance(dcfg["wkd_l"].get("cost"), str):
-        cost = _resolve_path(dcfg["wkd_l"]["cost"])
-        if synthetic and not Path(cost).is_file():
-            log(f"warning: --synthetic: cost matrix {cost} is missing; using a random stand-in")
+        name = dcfg["wkd_l"]["cost"]
+        path, tried = resolve_cost(name, cost_dir)
+        if path is not None:
+            cost = str(path)
+        elif synthetic:
+            log(f"warning: --synthetic: cost matrix {name} is missing; using a random stand-in")
             g = torch.Generator().manual_seed(0)
             d = torch.rand(K, K, generator=g)
             cost = ((d + d.T) / 2).fill_diagonal_(0.0)
+        else:
+            how = ("the paper's released matrices are not shipped: copy it from the `wkd_cost_matrix/` folder of "
+                   "https://github.com/JiamingLv/WKD into data/ (or --cost-dir / WKD_DATA_DIR)"
+                   if Path(name).name in RELEASED_COSTS else
+                   "build it with python -m examples.classification.build_cost_matrix")
+            raise FileNotFoundError(f"distill.wkd_l.cost: {name} not found (looked at: "
+                                    f"{', '.join(map(str, tried))}); {how}, or pass --cost PATH")
         dcfg["wkd_l"] = dict(dcfg["wkd_l"], cost=cost)
     return Distiller(student, teacher, dcfg, int(cfg["train"]["epochs"]))
 
@@ -212,6 +266,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
 def _run(args: argparse.Namespace, cfg: dict, info) -> dict:
     tcfg, dcfg = cfg["train"], cfg["data"]
     log = print if info.is_main else (lambda *a, **k: None)
+    wkd_l = cfg["distill"].get("wkd_l")
+    if dcfg.get("dataset") == "synthetic" and isinstance(wkd_l, dict) and isinstance(wkd_l.get("cost"), str):
+        path, tried = resolve_cost(wkd_l["cost"], args.cost_dir)
+        if path is None:  # say it first, not among the training lines
+            log(stand_in_banner(wkd_l["cost"], tried))
     out = Path(args.out) if args.out else _default_out(args.config)
     device = info.device
     if device.type == "cuda":
@@ -251,7 +310,7 @@ def _run(args: argparse.Namespace, cfg: dict, info) -> dict:
         str(cfg["model"].get(k) or "").startswith("torchvision:") for k in ("teacher_checkpoint", "student_checkpoint"))
     if downloads and not info.is_main:
         barrier()
-    distiller = build_distiller(cfg, synthetic=synthetic, log=log)
+    distiller = build_distiller(cfg, synthetic=synthetic, log=log, cost_dir=args.cost_dir)
     if downloads and info.is_main:
         barrier()
     if tcfg.get("sync_bn") and info.distributed:
