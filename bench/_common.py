@@ -107,7 +107,8 @@ def stand_in_warning(num_classes: int, data_dir=None) -> str:
     bar = "#" * 100
     return (f"{bar}\n# WARNING: C={num_classes}: {what}.\n# Using a RANDOM symmetric stand-in cost: the timings hold, "
             "but this is not the paper's problem (its\n# released costs make K = exp(-c/0.05) nearly diagonal). "
-            "Get the files from the `wkd_cost_matrix/` folder of\n# the official code (https://github.com/JiamingLv/WKD) "
+            "Get the files from the `wkd_cost_matrix/` folder of\n"
+            "# the official code (https://github.com/JiamingLv/WKD) "
             "into data/ or --data-dir / WKD_DATA_DIR, or build one\n# with `python -m examples.classification."
             f"build_cost_matrix`.\n{bar}")
 

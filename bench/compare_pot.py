@@ -9,13 +9,14 @@ with stopThr=0 / tol=0: its default threshold is never reached in float32 and si
 Columns: forward and forward+backward (exact gradient w.r.t. the student distribution) median times after warm-up
 (ours and the plain PyTorch baselines timed round-robin, rep by rep, so that machine-speed drift hits all of them
 alike); speed-up of ours over POT's fastest path; max relative error of the value vs a float64 reference on the
-reduced (C-1)-class problems of the first --ref-rows rows, i.e. the published WKD-L semantics: POT's sinkhorn2 in float64 when POT is
-installed, else wkd_kernels.reference.sinkhorn_reference in float64 (and the POT rows are skipped). POT gets its
-best case: the per-row reduced cost matrices are gathered before the clock starts. To stay within about 2 minutes
-and 2 GB on a 2-core CPU, the default run times POT on a subset of the rows and scales the time to B (note
-"<rows> rows x<factor>"): --pot-rows rows for the loop over ot.sinkhorn2, --pot-batch-rows for ot.batch.solve_batch
-(which materialises [rows, C-1, C-1] and its autodiff graph). `--full` is the configuration of the README's table
-(21 reps, POT's loop on all B rows; several minutes, about 2 GB more memory).
+reduced (C-1)-class problems of the first --ref-rows rows, i.e. the published WKD-L semantics: POT's sinkhorn2 in
+float64 when POT is installed, else wkd_kernels.reference.sinkhorn_reference in float64 (and the POT rows are
+skipped). POT gets its best case: the per-row reduced cost matrices are gathered before the clock starts. To
+stay within about 2 minutes and 2 GB on a 2-core CPU, the default run times POT on a subset of the rows and scales
+the time to B (note "<rows> rows x<factor>"): --pot-rows rows for the loop over ot.sinkhorn2, --pot-batch-rows for
+ot.batch.solve_batch (which materialises [rows, C-1, C-1] and its autodiff graph). `--full` is the configuration of
+the README's table (21 reps, POT's loop and the reference on all B rows: several minutes, and about 1 GB more
+memory for the [B, C-1, C-1] reduced costs at C=1000).
 
 A line per method is printed as it finishes, then the table. --plot FILE.png draws the times (needs matplotlib).
 """
@@ -30,8 +31,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (DATA_HELP, device_name, find_cost_file, need_matplotlib, plot_times, print_table, save,  # noqa: E402
-                     stand_in_warning, time_fn, time_interleaved, wkd_cost)
+from _common import (DATA_HELP, device_name, find_cost_file, need_matplotlib, plot_times,  # noqa: E402
+                     print_table, save, stand_in_warning, time_fn, time_interleaved, wkd_cost)
 
 import wkd_kernels as wk  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402

@@ -8,6 +8,8 @@ Public API:
     bures_wasserstein(mu1, S1, mu2, S2, method=..., num_iters=...) -> squared W2
     gaussian_wasserstein(f_s, f_t, covariance="full", grid=1, eps=1e-5, ...) -> squared W2 per sample (and cell)
     build_info(), HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON
+    the losses (WKDLogitLoss, WKDFeatureLoss, KD/DKD/NKD/FitNet, cosine_weight, make_projector) and
+    the category interrelations (cka_distance, sharpen, ...), also as wkd_kernels.losses / .interrelations
 The ops themselves are torch.ops.wkd.* (schemas in csrc/ops.cpp).
 """
 from ._build import HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON, build_info
@@ -16,7 +18,8 @@ from .ops import SinkhornResult, get_cuda_backend, set_cuda_backend, sinkhorn
 from . import interrelations, losses  # noqa: E402
 from .interrelations import centroid_cosine_distance, cka_distance, classifier_cosine_distance, sharpen
 from .losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDFeatureLossOutput, WKDLogitLoss,
-                     cosine_weight, dkd_loss, fitnet_loss, kd_loss, nkd_loss, wkd_feature_loss, wkd_logit_loss)
+                     cosine_weight, dkd_loss, fitnet_loss, kd_loss, make_projector, nkd_loss, wkd_feature_loss,
+                     wkd_logit_loss)
 
 __version__ = "0.1.0"
 
@@ -27,4 +30,5 @@ __all__ = [
     "interrelations", "losses", "cka_distance", "classifier_cosine_distance", "centroid_cosine_distance", "sharpen",
     "WKDLogitLoss", "wkd_logit_loss", "WKDFeatureLoss", "WKDFeatureLossOutput", "wkd_feature_loss",
     "KDLoss", "kd_loss", "DKDLoss", "dkd_loss", "NKDLoss", "nkd_loss", "FitNetLoss", "fitnet_loss", "cosine_weight",
+    "make_projector",
 ]

@@ -11,8 +11,8 @@ count by default, as in the paper), as
     pooled    [D]            (the pooled feature vector), or
     features  [C * H * W]    (the flattened map of ``--layer``, what the released CIFAR-100 matrices used).
 ``wkd_kernels.interrelations.cka_distance`` (linear kernel) turns the [K, n, D] tensor into the [K, K] class
-distance (symmetric, zero diagonal, in [0, 1]), saved with ``torch.save`` as float32 like the released files
-(``../shared/data``); WKD-L sharpens it with kappa when training. A JSON sidecar FILE.json records how it was
+distance (symmetric, zero diagonal, in [0, 1]), saved with ``torch.save`` as float32 like the files the paper
+released (the ``wkd_cost_matrix/`` folder of https://github.com/JiamingLv/WKD; not shipped here); WKD-L sharpens it with kappa when training. A JSON sidecar FILE.json records how it was
 made. ``--resume`` continues an interrupted run from FILE.partial.pth (written atomically every
 ``--save-every`` batches).
 """

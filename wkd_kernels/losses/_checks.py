@@ -1,6 +1,6 @@
 """Argument checks shared by the losses: shapes, dtypes and devices always (host-side, free); tensor values
 (non-finite logits, targets out of range) on CPU always and on CUDA only when asked, since reading them
-synchronises with the device (design.md section 2). Value checks are skipped while torch.compile traces."""
+synchronises with the device (docs/design.md section 2). Value checks are skipped while torch.compile traces."""
 from __future__ import annotations
 
 import math

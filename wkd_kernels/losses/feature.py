@@ -21,7 +21,7 @@ model by full C x C covariances and the per-cell term by the Gaussian (Bures-)Wa
     W^2 = |mu_s - mu_t|^2 + tr S_s + tr S_t - 2 tr (S_s^1/2 S_t S_s^1/2)^1/2
 
 computed by ``wkd_kernels.gaussian_wasserstein`` (nuclear-norm low-rank path when a cell has fewer positions than
-channels, design.md section 4), with the same normalisation: mean_loss is the mean term as above and cov_loss the
+channels, docs/design.md section 4), with the same normalisation: mean_loss is the mean term as above and cov_loss the
 covariance term (tr S_s + tr S_t - 2 tr (...)^1/2), both summed and divided by N G^2.
 """
 from __future__ import annotations

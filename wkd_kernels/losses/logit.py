@@ -12,7 +12,7 @@ Here nothing per sample is gathered: p and q are softmaxes over all C classes wi
 -inf (so p_y = q_y = 0 and the other entries equal the (C-1)-class softmaxes exactly), and
 ``wkd_kernels.sinkhorn`` runs on the one shared C x C cost relu(c) + 1e-8 with eps = 1e-8. A zero-mass class
 drops out of every Sinkhorn iteration (u_y = v_y = 0 from the start), so the iterates on the other classes are
-those of the (C-1)-class problem and WD_b equals the published number (design.md section 3). The gradient is the
+those of the (C-1)-class problem and WD_b equals the published number (docs/design.md section 3). The gradient is the
 exact gradient of the fixed-iteration computation (what autograd through the published loop gives), computed by
 the op without storing any B x C x C tensor.
 
