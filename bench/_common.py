@@ -98,19 +98,21 @@ def find_cost_file(num_classes: int, data_dir=None):
     return None
 
 
-def stand_in_warning(num_classes: int, data_dir=None) -> str:
-    """The loud notice a run prints at its top when it falls back to a random cost."""
+def stand_in_warning(class_counts, data_dir=None) -> str:
+    """The loud notice a run prints at its top when it falls back to a random cost for these class counts."""
     where = ", ".join(str(c) for c in data_dir_candidates(data_dir))
-    name = COST_FILES.get(num_classes)
-    what = (f"the released cost matrix {name} was not found (looked in: {where})" if name
-            else f"no released cost matrix exists for C={num_classes}")
+    lines = [f"# WARNING: C={c}: " + (f"the released cost matrix {COST_FILES[c]} was not found (looked in: {where})"
+                                      if c in COST_FILES else "no released cost matrix exists for this class count")
+             for c in class_counts]
     bar = "#" * 100
-    return (f"{bar}\n# WARNING: C={num_classes}: {what}.\n# Using a RANDOM symmetric stand-in cost: the timings hold, "
-            "but this is not the paper's problem (its\n# released costs make K = exp(-c/0.05) nearly diagonal). "
-            "Get the files from the `wkd_cost_matrix/` folder of\n"
-            "# the official code (https://github.com/JiamingLv/WKD) "
-            "into data/ or --data-dir / WKD_DATA_DIR, or build one\n# with `python -m examples.classification."
-            f"build_cost_matrix`.\n{bar}")
+    return "\n".join([bar, *lines,
+                      "# Using a RANDOM symmetric stand-in cost there: the timings hold, but it is not the paper's "
+                      "problem (its",
+                      "# released costs make K = exp(-c/0.05) nearly diagonal). Get the files from the "
+                      "`wkd_cost_matrix/` folder of",
+                      "# the official code (https://github.com/JiamingLv/WKD) into data/ or --data-dir / "
+                      "WKD_DATA_DIR, or build one",
+                      "# with `python -m examples.classification.build_cost_matrix`.", bar])
 
 
 def wkd_cost(num_classes: int, kappa: float = 1.0, dtype=torch.float32, seed: int = 0, data_dir=None):

@@ -128,7 +128,7 @@ def rel_err(x, ref):
 
 
 def fmt_row(r):
-    t = lambda x: "-" if x is None else f"{x:.3g} ms"  # noqa: E731
+    t = lambda x: "-" if x is None else (f"{x:.0f} ms" if x >= 100 else f"{x:.3g} ms")  # noqa: E731
     extra = f", {r['note']}" if r.get("note") else ""
     return (f"  B={r['B']} C={r['C']} {r['method']}: fwd {t(r['fwd_ms'])}, fwd+bwd {t(r['fwd_bwd_ms'])}, "
             f"max rel err {r['max_rel_err']:.1e}{extra}")
@@ -334,9 +334,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     sizes = parse_sizes(args.sizes)
     t_start = time.perf_counter()
-    for C in sorted({C for _, C in sizes}, reverse=True):
-        if find_cost_file(C, args.data_dir) is None:
-            say(stand_in_warning(C, args.data_dir))
+    missing = [C for C in dict.fromkeys(C for _, C in sizes) if find_cost_file(C, args.data_dir) is None]
+    if missing:
+        say(stand_in_warning(missing, args.data_dir))
     ref_name = "POT ot.sinkhorn2 in float64" if HAVE_POT else "wkd_kernels.reference.sinkhorn_reference in float64"
     if not HAVE_POT:
         say("# POT is not installed (pip install POT): the POT rows are skipped and the errors are measured "
