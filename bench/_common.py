@@ -183,7 +183,7 @@ def plot_times(rows: list[dict], path, title: str = "", columns=("fwd_ms", "fwd_
     fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False)
     for ax, (B, C) in zip(axes[0], sizes):
         rs = [r for r in rows if (r["B"], r["C"]) == (B, C)]
-        methods = [r["method"] for r in rs]
+        methods = [r["method"] + (f" [{r['note']}]" if r.get("note") else "") for r in rs]
         width = 0.8 / len(columns)
         for j, col in enumerate(columns):
             xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rs))]
