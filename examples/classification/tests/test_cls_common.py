@@ -104,7 +104,8 @@ def test_metric_logger_grows_header_and_appends_on_resume(tmp_path):
         log.log(3, {"top1": 50.0}, prefix="val/")
         log.drop_after(2)
         log.log(3, {"loss": 1.0})
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "loss", "lr", "val/top1"]
     assert [(r["step"], r["loss"]) for r in rows] == [("1", "1.5"), ("2", "1.25"), ("3", "1.0")]
     MetricLogger(tmp_path / "off", enabled=False).log(1, {"a": 1.0})

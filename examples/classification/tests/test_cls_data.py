@@ -34,7 +34,10 @@ def test_imagenet_folder_layout_trains(tmp_path):
 
 def test_real_data_needs_a_teacher_checkpoint(tmp_path):
     fake_imagenet(tmp_path / "imagenet")
-    cfg = tiny_config(tmp_path, "kd", extra={"data": {"dataset": "imagenet", "num_classes": 3, "input_size": 32}})
+    # workers: 0, since the loaders are built before the check: the config's 4 workers would only start processes
+    # (and torch's warning about more workers than this machine's cores) for nothing
+    cfg = tiny_config(tmp_path, "kd", extra={"data": {"dataset": "imagenet", "num_classes": 3, "input_size": 32,
+                                                      "workers": 0}})
     with pytest.raises(ValueError, match="model.teacher_checkpoint"):
         train.main(["--config", str(cfg), "--data", str(tmp_path / "imagenet"), "--out", str(tmp_path / "o")])
 
