@@ -126,3 +126,21 @@ def save(rows: list[dict], meta: dict, csv_path=None, json_path=None):
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+def capture_cuda_graph(step, warmup=1):
+    """Run ``step()`` ``warmup`` times on a side stream (kernels compile and caches fill outside the capture), then
+    capture one more call in a CUDA graph (python_tests/conftest.py has the same helper for the tests). Returns
+    (graph, outputs of the captured call, outputs of the last warm-up call); the captured outputs hold their values
+    only after ``graph.replay()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    eager = None
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured, eager
