@@ -31,8 +31,12 @@ float32 CPU op itself is at ~1e-6 / ~5e-5 on the ImageNet cost: the "cpu fp32 op
 triton-tf32x3 1e-3 / 3e-3; triton-tf32 is inexact by design (10-bit mantissa): its errors are "info" when above
 3e-2, never a failure (NaN and non-determinism still fail). det: value, grads, u, v bitwise equal over two poisoned
 runs, the autograd path and the graph replay. eager_ms / graph_ms: median forward+backward. mem_MB: peak memory
-of one eager forward+backward above what was allocated before it. The exit code is 1 when a check of our kernels
-failed or one of their rows raised; baseline and calibration errors are reported but do not change it.
+of one eager forward+backward above what was allocated before it; on CUDA a failed poisoning self-test (fresh
+buffers of the output shapes not all NaN) is said in the note. Calibration rows: eager_ms / graph_ms hold the
+time of one operation (one product, one read kernel, one launch, one exchange round), the note the rate.
+The exit code is 1 when a check of our kernels failed or one of their rows raised (on CPU also when the
+calibration kernels give wrong sums under the interpreter); baseline and calibration errors on the GPU are
+reported but do not change it.
 
 Budget: rows run in priority order (ours at 256x1000, baselines at 256x1000, 129x1001x999, the small sizes,
 calibration, then the optional tile sweep); once `--budget-s` seconds are spent (or too little is left for the
@@ -97,6 +101,7 @@ DEFAULT_SIZES = "256x1000,129x1001x999,256x100,256x91,2048x100,4096x81"
 SMOKE_SIZES = "8x20,5x13x11"
 # (value threshold, gradient threshold, failing?) per precision; see the module docstring.
 THRESHOLDS = {"exact": (1e-4, 5e-4, True), "tf32x3": (1e-3, 3e-3, True), "tf32": (3e-2, 3e-2, False)}
+STANDIN_MARK = "*"  # appended to a size label whose real cost matrix was absent
 DEFAULT_TILES = "32x64x16x8,64x32x32x4,32x32x32x4,16x64x32x4"
 COMPILE_NEED_S, ROW_NEED_S, MEASURE_CAP_S = 8.0, 2.0, 3.0
 COLUMNS = ["size", "method", "status", "err_val", "err_ga", "err_gb", "det", "eager_ms", "graph_ms", "mem_MB",
@@ -295,7 +300,9 @@ def _free_cached_blocks():
             continue
         small = seg.get("segment_type") == "small"
         for blk in seg.get("blocks", []):
-            if blk.get("state") == "inactive" and (small or blk["size"] > 2**20):
+            # Requests <= 1 MiB are served by the small pool, larger ones by the large pool: a free block the
+            # other pool holds cannot be reached (asking for its size would only allocate a new segment).
+            if blk.get("state") == "inactive" and (blk["size"] <= 2**20) == small:
                 sizes.append(int(blk["size"]))
     return sorted(sizes, reverse=True)
 
@@ -658,26 +665,7 @@ def calib_rows_exchange(args, device: str):
             r1, r2 = 8, 8 + args.exchange_rounds
             for R in (r1, r2):  # compile (each specialisation of `rounds`) and warm up outside the timing
                 exchange_run(P, R, G, GC, W, device)
-            times = {}
-            for R in (r1, r2):
-                ts = []
-                for _ in range(5):
-                    slot = torch.zeros(2 * P * W, dtype=torch.float32, device=device)
-                    ctr = torch.zeros(1, dtype=torch.int32, device=device)
-                    stat = torch.zeros(P, 3, dtype=torch.int32, device=device)
-                    k = calibration_kernels()["exchange"]
-                    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda.synchronize()
-                    ev0.record()
-                    k[(P,)](slot, ctr, stat, R, 1 << 20, P, G=G, GC=GC, W=W, num_warps=4)
-                    ev1.record()
-                    torch.cuda.synchronize()
-                    ts.append(ev0.elapsed_time(ev1))
-                    bad, late = int(stat[:, 0].sum()), int(stat[:, 1].sum())
-                    if bad or late:
-                        raise RuntimeError(f"{'timeout' if late else 'wrong sums'}: {late} timeouts, {bad} "
-                                           f"mismatches among {P} programs")
-                times[R] = statistics.median(ts)
+            times = {R: _time_exchange(P, R, G, GC, W) for R in (r1, r2)}
             us = (times[r2] - times[r1]) * 1e3 / (r2 - r1)
             row["eager"] = {"median_ms": us / 1e3, "reps": 5}
             row["status"] = "info"
@@ -691,6 +679,28 @@ def calib_rows_exchange(args, device: str):
             row["note"] = msg
         rows.append(row)
     return rows
+
+
+def _time_exchange(P: int, R: int, G: int, GC: int, W: int, reps: int = 5) -> float:
+    """Median ms of one launch of R exchange rounds (CUDA events); raises on a timeout or wrong sums."""
+    k = calibration_kernels()["exchange"]
+    ts = []
+    for _ in range(reps):
+        slot = torch.zeros(2 * P * W, dtype=torch.float32, device="cuda")
+        ctr = torch.zeros(1, dtype=torch.int32, device="cuda")
+        stat = torch.zeros(P, 3, dtype=torch.int32, device="cuda")
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        ev0.record()
+        k[(P,)](slot, ctr, stat, R, 1 << 20, P, G=G, GC=GC, W=W, num_warps=4)
+        ev1.record()
+        torch.cuda.synchronize()
+        ts.append(ev0.elapsed_time(ev1))
+        bad, late = int(stat[:, 0].sum()), int(stat[:, 1].sum())
+        if bad or late:
+            raise RuntimeError(f"{'timeout' if late else 'wrong sums'}: {late} timeouts, {bad} mismatches among "
+                               f"{P} programs")
+    return statistics.median(ts)
 
 
 def compile_exchange_sm90() -> str:
@@ -971,9 +981,10 @@ def meta_info(args, device, problems, backends, budget, skipped, data_dir):
             "elapsed_s": budget.elapsed(), "skipped": skipped, "data_dir": str(data_dir) if data_dir else None,
             "smoke": args.smoke, "argv": sys.argv[1:]}
     if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                    total_mem_GB=p.total_memory / 2**30)
+        with contextlib.suppress(Exception):  # after a sticky CUDA error the outputs must still be written
+            p = torch.cuda.get_device_properties(0)
+            info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                        total_mem_GB=p.total_memory / 2**30)
     return info
 
 
@@ -1064,6 +1075,8 @@ def parse_args(argv=None):
     ap.add_argument("--plot", default=None, metavar="FILE.png",
                     help="also plot forward+backward time per method and size (needs matplotlib; default: off)")
     args = ap.parse_args(argv)
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        ap.error(f"--data-dir {args.data_dir}: not a directory")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available (use --device cpu --smoke)")
     args.reps = args.reps if args.reps is not None else (1 if args.smoke else 30)
@@ -1074,6 +1087,17 @@ def parse_args(argv=None):
         ap.error("--iters must be >= 2 (the backward's first and middle steps are different kernels)")
     if args.backends is None:
         args.backends = ("cpu," if args.device == "cpu" else "cuda,") + "triton-ieee,triton-tf32x3,triton-tf32"
+    try:
+        for spec in args.sizes.split(","):
+            if spec.strip():
+                parse_size(spec)
+        for name in args.backends.split(","):
+            if name.strip():
+                make_backend(name.strip(), args.device)
+        if args.sweep_tiles:
+            parse_tiles(args.sweep_tiles)
+    except ValueError as e:
+        ap.error(str(e))
     return args
 
 
@@ -1084,6 +1108,7 @@ def announce_data(problems, data_dir):
             print(f"#### WARNING: {real[p.n]} not found (data dir: {data_dir}); size {p.label} uses a RANDOM "
                   "STAND-IN cost: its accuracy rows do not speak for the real problem ####", flush=True)
             p.src = "RANDOM STAND-IN (" + p.src + ")"
+            p.label += STANDIN_MARK
 
 
 def main(argv=None) -> int:
@@ -1115,6 +1140,9 @@ def main(argv=None) -> int:
     if not view:
         print(table)
     failed = [r for r in rows if r.get("failures")]
+    if any(p.label.endswith(STANDIN_MARK) for p in problems):
+        table += f"\n({STANDIN_MARK} after a size: the real cost matrix was not found, a RANDOM STAND-IN was used)"
+        print(table.splitlines()[-1])
     if skipped:
         table += f"\n(skipped, budget {args.budget_s:g} s: {', '.join(skipped)})"
         print(table.splitlines()[-1])
