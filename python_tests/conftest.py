@@ -4,6 +4,7 @@ Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is
 (the README's test command does that). GPU tests are marked `gpu` and skip without CUDA.
 """
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,30 @@ def capture_cuda_graph(step, warmup=1):
     with torch.cuda.graph(graph):
         captured = step()
     return graph, captured, eager
+
+
+_TEST_TIMEOUT_S = int(os.environ.get("WKD_TEST_TIMEOUT_S", "0") or 0)
+
+
+@pytest.fixture(autouse=True)
+def _per_test_timeout(request):
+    """With WKD_TEST_TIMEOUT_S=N (bench/gpu_suite.sh sets it; the GPU machine has no pytest-timeout), a test that runs
+    longer than N seconds fails with a TimeoutError instead of eating the whole suite's time (SIGALRM, main thread,
+    POSIX only; a kernel already launched finishes first)."""
+    if _TEST_TIMEOUT_S <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{request.node.nodeid} ran longer than WKD_TEST_TIMEOUT_S={_TEST_TIMEOUT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(_TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_collection_modifyitems(config, items):
