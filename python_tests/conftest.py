@@ -5,12 +5,15 @@ Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is
 """
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from _common import capture_cuda_graph  # noqa: E402,F401  (one copy, shared with the benchmarks)
 # Real cost matrices released with the paper: ../shared/data next to the checkout, or data/ inside it
 # (the GPU suite copies them there), or WKD_DATA_DIR.
 _DATA_CANDIDATES = [os.environ.get("WKD_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data"]
@@ -66,22 +69,6 @@ def rand_cost(*shape, dtype=torch.float64, seed=1):
     """Seeded uniform [0, 1) cost of the given shape."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def capture_cuda_graph(step, warmup=1):
-    """Run ``step()`` ``warmup`` times on a side stream (kernels compile and caches fill outside the capture), then
-    capture one more call in a CUDA graph. Returns (graph, outputs of the captured call, outputs of the last warm-up
-    call); the captured outputs hold their values only after ``graph.replay()``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            eager = step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    return graph, captured, eager
 
 
 _TEST_TIMEOUT_S = int(os.environ.get("WKD_TEST_TIMEOUT_S", "0") or 0)
