@@ -211,3 +211,21 @@ def need_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
+
+
+def capture_cuda_graph(step, warmup=1):
+    """Run ``step()`` ``warmup`` times on a side stream (kernels compile and caches fill outside the capture), then
+    capture one more call in a CUDA graph (python_tests/conftest.py has the same helper for the tests). Returns
+    (graph, outputs of the captured call, outputs of the last warm-up call); the captured outputs hold their values
+    only after ``graph.replay()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    eager = None
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured, eager

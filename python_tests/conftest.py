@@ -4,12 +4,16 @@ Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is
 (the README's test command does that). GPU tests are marked `gpu` and skip without CUDA.
 """
 import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from _common import capture_cuda_graph  # noqa: E402,F401  (one copy, shared with the benchmarks)
 # Real cost matrices released with the paper: ../shared/data next to the checkout, or data/ inside it
 # (the GPU suite copies them there), or WKD_DATA_DIR.
 _DATA_CANDIDATES = [os.environ.get("WKD_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data"]
@@ -67,20 +71,28 @@ def rand_cost(*shape, dtype=torch.float64, seed=1):
     return torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
-def capture_cuda_graph(step, warmup=1):
-    """Run ``step()`` ``warmup`` times on a side stream (kernels compile and caches fill outside the capture), then
-    capture one more call in a CUDA graph. Returns (graph, outputs of the captured call, outputs of the last warm-up
-    call); the captured outputs hold their values only after ``graph.replay()``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            eager = step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    return graph, captured, eager
+_TEST_TIMEOUT_S = int(os.environ.get("WKD_TEST_TIMEOUT_S", "0") or 0)
+
+
+@pytest.fixture(autouse=True)
+def _per_test_timeout(request):
+    """With WKD_TEST_TIMEOUT_S=N (bench/gpu_suite.sh sets it; the GPU machine has no pytest-timeout), a test that runs
+    longer than N seconds fails with a TimeoutError instead of eating the whole suite's time (SIGALRM, main thread,
+    POSIX only; a kernel already launched finishes first)."""
+    if _TEST_TIMEOUT_S <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{request.node.nodeid} ran longer than WKD_TEST_TIMEOUT_S={_TEST_TIMEOUT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(_TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_collection_modifyitems(config, items):

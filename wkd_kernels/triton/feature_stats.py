@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._support import explain_compile_errors
+
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------------------------
@@ -231,6 +233,7 @@ def _cells_max_m(H: int, W: int, G: int) -> int:
     return ch * cw
 
 
+@explain_compile_errors("wkd.feature_stats (Triton feature_stats_forward)")
 def feature_stats_forward(x: torch.Tensor, grid: int, full: bool, unbiased: bool):
     """mean [N, P, C] and var [N, P, C] / cov [N, P, C, C] of x [N, C, H, W] (arguments checked by the caller)."""
     x = x.contiguous()
@@ -256,6 +259,7 @@ def feature_stats_forward(x: torch.Tensor, grid: int, full: bool, unbiased: bool
     return mean, var
 
 
+@explain_compile_errors("wkd.feature_stats (Triton feature_stats_backward)")
 def feature_stats_backward(grad_mean: torch.Tensor, grad_var: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                            grid: int, full: bool, unbiased: bool) -> torch.Tensor:
     """Gradient w.r.t. x of <grad_mean, mean> + <grad_var, var or cov> (arguments checked by the caller)."""

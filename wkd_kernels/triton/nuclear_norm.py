@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .sqrtm import DOT_PRECISION
+from ._support import explain_compile_errors
+
+from . import sqrtm as _sq
 
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
@@ -62,6 +64,7 @@ def _nuclear_norm_torch(M: torch.Tensor, num_iters: int):
     return (X * M).sum((1, 2)), X
 
 
+@explain_compile_errors("wkd.nuclear_norm (Triton nuclear_norm_forward)")
 def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
     """(value [B], polar [B, p, q]) for M [B, p, q] (arguments checked by the caller)."""
     M = M.contiguous()
@@ -75,6 +78,6 @@ def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
     bp = max(16, triton.next_power_of_2(p))
     bq = max(16, triton.next_power_of_2(q))
     _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), ACC=_acc_dtype(M.dtype),
-                            BLOCK_P=bp, BLOCK_Q=bq, PREC="ieee" if M.dtype == torch.float64 else DOT_PRECISION,
+                            BLOCK_P=bp, BLOCK_Q=bq, PREC=_sq.dot_precision(M.dtype),
                             num_warps=8 if max(bp, bq) >= 64 else 4)
     return val, Q

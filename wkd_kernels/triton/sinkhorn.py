@@ -39,6 +39,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..ops import check_sinkhorn_args
+from ._support import explain_compile_errors
 
 __all__ = ["sinkhorn_forward", "sinkhorn_backward", "set_fp32_dot_precision", "get_fp32_dot_precision",
            "DOT_CONFIG", "ROWS_CONFIG"]
@@ -241,10 +242,10 @@ def _sinkhorn_fwd_dot_kernel(
         moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
         mmask = kmask[:, None] & cmask[None, :]
         kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
-        acc = tl.dot(x, kt, acc, input_precision=PREC)
+        acc = tl.dot(x, kt, acc, input_precision=PREC, out_dtype=DT)
         if FINAL:
             ct = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-            acc_y = tl.dot(x, kt * ct, acc_y, input_precision=PREC)
+            acc_y = tl.dot(x, kt * ct, acc_y, input_precision=PREC, out_dtype=DT)
     omask = rmask[:, None] & cmask[None, :]
     ooff = rows[:, None] * ND + cols[None, :]
     den = tl.where(omask, acc + _scalar(eps_hi, eps_lo, DT), 1.0)  # masked lanes: no 0/0
@@ -430,11 +431,11 @@ def _sinkhorn_bwd_dot_kernel(
         moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
         mmask = kmask[:, None] & cmask[None, :]
         kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
-        acc = tl.dot(x, kt, acc, input_precision=PREC)
+        acc = tl.dot(x, kt, acc, input_precision=PREC, out_dtype=DT)
         if FIRST:
             ut = _div(tl.load(a_ptr + loff, mask=lmask, other=0.0), tl.load(rT_ptr + loff, mask=lmask, other=1.0))
             ct = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-            acc2 = tl.dot(ut, kt * ct, acc2, input_precision=PREC)
+            acc2 = tl.dot(ut, kt * ct, acc2, input_precision=PREC, out_dtype=DT)
     omask = rmask[:, None] & cmask[None, :]
     ooff = rows[:, None] * ND + cols[None, :]
     den = tl.load(den_ptr + ooff, mask=omask, other=1.0)
@@ -708,6 +709,7 @@ def _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log
 # ----------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------
+@explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_forward)")
 def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: float, num_iters: int,
                      eps: float = 0.0, log_domain: bool = False, keep_history: bool = True):
     """Triton forward of ``torch.ops.wkd.sinkhorn`` (same arguments and outputs as the op).
@@ -722,6 +724,7 @@ def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: 
         return _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
 
 
+@explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_backward)")
 def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
                       u: torch.Tensor, v: torch.Tensor, hist_r: torch.Tensor, hist_s: torch.Tensor, reg: float,
                       eps: float = 0.0, log_domain: bool = False):

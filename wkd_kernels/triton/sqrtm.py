@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._support import explain_compile_errors
+
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------------------------
@@ -72,7 +74,9 @@ def _warps(block: int) -> int:
     return 8 if block >= 64 else 4
 
 
-def _prec(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for matrices of this dtype: DOT_PRECISION for float32 (read at each launch), "ieee" for
+    float64."""
     return "ieee" if dtype == torch.float64 else DOT_PRECISION
 
 
@@ -307,6 +311,7 @@ def _lyapunov_torch(Y: torch.Tensor, G: torch.Tensor, eigh: bool, num_iters: int
     return _sym(Cm) * 0.5
 
 
+@explain_compile_errors("wkd.sqrtm (Triton sqrtm_forward)")
 def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bool = False):
     """(S^1/2, pseudo-inverse of S^1/2 or None) of symmetric PSD S [B, n, n] (read as (S + S^T)/2; arguments checked
     by the caller). The inverse is available with method "eigh" only."""
@@ -326,14 +331,15 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bo
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if S.dtype == torch.float64 else _MAX_SWEEPS_F32
         _sqrtm_eigh_fwd[(B,)](S, Y, Z, n, n * _eps(S.dtype), _tiny(S.dtype), _pinv_rel(n, S.dtype),
-                              WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block, PREC=_prec(S.dtype),
+                              WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(S.dtype),
                               num_warps=_warps(block))
     else:
         _sqrtm_ns_fwd[(B,)](S, Y, n, int(num_iters), _tiny(S.dtype), 1.0 / _eps(S.dtype), _dev_max(n, S.dtype),
-                            ACC=acc, BLOCK=block, PREC=_prec(S.dtype), num_warps=_warps(block))
+                            ACC=acc, BLOCK=block, PREC=dot_precision(S.dtype), num_warps=_warps(block))
     return Y, (Z if want_inverse else None)
 
 
+@explain_compile_errors("wkd.sqrtm (Triton lyapunov)")
 def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> torch.Tensor:
     """Symmetric X with Y X + X Y = (G + G^T)/2 for symmetric PSD Y [B, n, n] (the sqrtm backward)."""
     Y = Y.contiguous()
@@ -350,10 +356,10 @@ def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> t
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if Y.dtype == torch.float64 else _MAX_SWEEPS_F32
         _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), _pinv_rel(n, Y.dtype) ** 0.5, ACC=acc,
-                             MAX_SWEEPS=sweeps, BLOCK=block, PREC=_prec(Y.dtype), num_warps=_warps(block))
+                             MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(Y.dtype), num_warps=_warps(block))
     else:
         _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), ACC=acc, BLOCK=block,
-                           PREC=_prec(Y.dtype), num_warps=_warps(block))
+                           PREC=dot_precision(Y.dtype), num_warps=_warps(block))
     return X
 
 

@@ -1,0 +1,254 @@
+"""Compile, for real GPU targets and without a GPU, every Triton kernel variant that the package's launchers produce.
+
+    python python_tests/triton_compile_matrix.py [--arch 80,90] [--only sinkhorn|gaussian] [--jobs N]
+
+How the variants are found: the launchers themselves run (``wkd_kernels.triton.sinkhorn.sinkhorn_forward`` and
+``sinkhorn_backward``, ``feature_stats_forward/backward``, ``sqrtm_forward``, ``lyapunov``, ``nuclear_norm_forward``,
+``bures_wasserstein_forward/backward``) on small CPU tensors over a grid of settings (dtype, every fp32 precision mode,
+shared and per-row cost, both domains, with and without history, eps = 0 and > 0, every matrix block size the
+Gaussian launchers can pick); ``JITFunction.run`` is replaced by a recorder, so every launch is captured with its
+real arguments instead of running. Each distinct variant -- kernel, argument types (pointer dtypes, integer / float
+scalars) and constexpr values, num_warps / num_stages -- is then compiled with ``triton.compile`` to the machine code
+of each requested target (``GPUTarget("cuda", 80 | 90, 32)``: Triton's frontend, its LLVM and the bundled ptxas).
+Integer-value specialisations that a real launch adds on top (arguments equal to 1, divisibility by 16) are not
+reproduced: they only add attributes to the same code.
+
+Works with Triton 3.2 and later (the ASTSource API changed in 3.3; both forms are handled). Do not set
+TRITON_INTERPRET (the launchers would run the interpreter instead of recording). Prints one line per failing variant,
+then ``compiled: <n> variants x <targets> targets (float32 <a>, float64 <b>, ...)`` and exits 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import inspect
+import os
+import sys
+import time
+import traceback
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("triton_compile_matrix: unset TRITON_INTERPRET (the launchers must record launches, not interpret them)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+# ------------------------------------------------------------------------------------------------ recording
+class Variant(collections.namedtuple("Variant", "kernel name signature constexprs options dtype")):
+    """One compilable kernel variant. signature: ((param, type), ...) over the non-constexpr parameters;
+    constexprs: ((param, value), ...); options: ((name, value), ...); dtype: the floating data type it computes in."""
+
+    def key(self):
+        return (self.name, self.signature, tuple((k, repr(v)) for k, v in self.constexprs), self.options)
+
+
+def _scalar_type(value) -> str:
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported scalar argument {value!r} ({type(value).__name__})")
+
+
+def _describe(fn: JITFunction, args, kwargs) -> Variant:
+    kwargs = dict(kwargs)
+    options = tuple(sorted((k, kwargs.pop(k)) for k in list(kwargs) if k in _LAUNCH_OPTIONS))
+    kwargs.pop("debug", None)
+    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, dtypes = [], [], []
+    for p in fn.params:
+        value = bound.arguments[p.name]
+        if p.is_constexpr:
+            constexprs.append((p.name, value))
+        elif isinstance(value, torch.Tensor):
+            signature.append((p.name, "*" + _TORCH_TO_TRITON[value.dtype]))
+            if value.dtype.is_floating_point:
+                dtypes.append(value.dtype)
+        else:
+            signature.append((p.name, _scalar_type(value)))
+    # the data type a variant computes in: float64 if any operand is float64, else float32 (half inputs included)
+    dtype = "float64" if torch.float64 in dtypes else ("float32" if dtypes else "none")
+    return Variant(fn, fn.__name__, tuple(signature), tuple(constexprs), options, dtype)
+
+
+class Recorder:
+    """Replaces JITFunction.run while active: each launch is recorded (deduplicated), nothing runs."""
+
+    def __init__(self):
+        self.variants: dict = {}
+        self.launches = 0
+
+    def __enter__(self):
+        self._orig = JITFunction.run
+        recorder = self
+
+        def run(fn, *args, grid=None, warmup=False, **kwargs):
+            recorder.launches += 1
+            v = _describe(fn, args, kwargs)
+            recorder.variants.setdefault(v.key(), v)
+            return None
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.run = self._orig
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ drivers
+def drive_sinkhorn():
+    """Every launch configuration of the Sinkhorn launchers (forward and backward)."""
+    from wkd_kernels.triton import sinkhorn as sk
+
+    saved = sk.FP32_DOT_PRECISION
+    B, n, m, T = 3, 5, 7, 2  # T = 2: first, middle and final half-iterations all occur
+    try:
+        for dt in (torch.float32, torch.float64):
+            precisions = ("ieee", "tf32x3", "tf32") if dt == torch.float32 else ("ieee",)
+            for prec in precisions:
+                sk.set_fp32_dot_precision(prec)
+                for shared in (True, False):
+                    for log_domain in (False, True):
+                        for eps in (0.0, 1e-8):
+                            a = torch.full((B, n), 1.0 / n, dtype=dt)
+                            b = torch.full((B, m), 1.0 / m, dtype=dt)
+                            cost = torch.rand((n, m) if shared else (B, n, m), dtype=dt)
+                            sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, False)
+                            out = sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, True)
+                            g = torch.ones(B, dtype=dt)
+                            sk.sinkhorn_backward(g, a, b, cost, *out[1:], 0.05, eps, log_domain)
+    finally:
+        sk.FP32_DOT_PRECISION = saved
+
+
+def drive_gaussian():
+    """Every block size / dtype / precision the Gaussian launchers pick (matrix sizes 1..64 map to blocks 16, 32, 64;
+    feature maps chosen so that every BLOCK_C, BLOCK_M, BLOCK_Q value occurs), plus the WKD-F shapes."""
+    from wkd_kernels.triton import bures_wasserstein as bw, feature_stats as fs, nuclear_norm as nn_, sqrtm as sq
+
+    saved = sq.DOT_PRECISION
+    try:
+        for dt in (torch.float32, torch.float64):
+            for prec in (("ieee", "tf32x3") if dt == torch.float32 else ("ieee",)):
+                sq.DOT_PRECISION = prec
+                for n in (3, 20, 40, 64):
+                    S = torch.eye(n, dtype=dt).expand(2, n, n).contiguous()
+                    for method in ("newton_schulz", "eigh"):
+                        Y, _ = sq.sqrtm_forward(S, method, 5)
+                        sq.sqrtm_forward(S, method, 5, want_inverse=(method == "eigh"))
+                        sq.lyapunov(Y, S, method, 5)
+                        mu = torch.zeros(2, n, dtype=dt)
+                        w2, R1, R2, Q = bw.bures_wasserstein_forward(mu, S, mu, S, method, 5)
+                        bw.bures_wasserstein_backward(torch.ones(2, dtype=dt), mu, mu, R1, R2, Q, method, 5)
+                for p, q in ((3, 5), (20, 40), (64, 64), (49, 49), (25, 25)):
+                    nn_.nuclear_norm_forward(torch.rand(2, p, q, dtype=dt), 5)
+        for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            # (C, H, W, grid): BLOCK_C 2..16, BLOCK_M 16..256, BLOCK_Q 16..128, full blocks 16 and 32, and the
+            # WKD-F shapes (ImageNet C=512 7x7, CIFAR C=256 8x8, grid 1/2/4)
+            for C, H, W, grid in ((1, 2, 2, 1), (3, 5, 5, 1), (6, 6, 6, 1), (16, 8, 8, 1), (40, 16, 16, 1),
+                                  (20, 23, 23, 1), (512, 7, 7, 1), (512, 7, 7, 4), (256, 8, 8, 2), (64, 28, 28, 4)):
+                x = torch.rand(2, C, H, W, dtype=dt)
+                for full in (False, True):
+                    mean, var = fs.feature_stats_forward(x, grid, full, True)
+                    fs.feature_stats_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, grid, full, True)
+    finally:
+        sq.DOT_PRECISION = saved
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+def _ast_source(v: Variant):
+    params = inspect.signature(triton.compiler.ASTSource.__init__).parameters
+    sig = dict(v.signature)
+    if "constexprs" in params:  # Triton >= 3.3: constexprs are part of the signature
+        full = {p.name: (sig[p.name] if p.name in sig else "constexpr") for p in v.kernel.params}
+        return triton.compiler.ASTSource(fn=v.kernel, signature=full, constexprs=dict(v.constexprs))
+    return triton.compiler.ASTSource(fn=v.kernel, signature=sig, constants=dict(v.constexprs))  # Triton 3.2
+
+
+def compile_variant(v: Variant, arch: int):
+    """Compile one variant for sm_<arch>; returns None or the error text."""
+    try:
+        triton.compile(_ast_source(v), target=GPUTarget("cuda", arch, 32), options=dict(v.options))
+        return None
+    except Exception as exc:  # noqa: BLE001  (any failure is a finding)
+        lines = f"{type(exc).__name__}: {exc}".strip().splitlines()[-6:]
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None:  # Triton's CompilationError shows the source; the reason is in the cause
+            lines.append(f"caused by {type(cause).__name__}: {str(cause).strip().splitlines()[-1:] or ''}")
+            cause = cause.__cause__ or cause.__context__
+        return "\n".join(lines)
+
+
+def _compile_job(args):
+    index, arch = args
+    v = _VARIANTS[index]
+    return index, arch, compile_variant(v, arch)
+
+
+_VARIANTS: list = []
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="80,90", help="comma-separated sm versions to compile for (default: 80,90)")
+    ap.add_argument("--only", choices=("sinkhorn", "gaussian"), default=None, help="one kernel family (default: all)")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="parallel compile processes (default: min(4, CPUs))")
+    args = ap.parse_args(argv)
+    archs = [int(a) for a in args.arch.split(",") if a.strip()]
+
+    t0 = time.time()
+    rec = Recorder()
+    with rec:
+        if args.only in (None, "sinkhorn"):
+            drive_sinkhorn()
+        if args.only in (None, "gaussian"):
+            drive_gaussian()
+    _VARIANTS[:] = sorted(rec.variants.values(), key=lambda v: (v.name, repr(v.key())))
+    print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)}), torch {torch.__version__}")
+    print(f"recorded {rec.launches} launches -> {len(_VARIANTS)} distinct variants; compiling for "
+          f"{', '.join(f'sm_{a}' for a in archs)} with {args.jobs} processes", flush=True)
+
+    jobs = [(i, a) for i in range(len(_VARIANTS)) for a in archs]
+    failures = []
+    if args.jobs > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            results = list(pool.map(_compile_job, jobs, chunksize=2))
+    else:
+        results = [_compile_job(j) for j in jobs]
+    for index, arch, err in results:
+        if err is not None:
+            failures.append((index, arch, err))
+
+    by_dtype = collections.Counter(v.dtype for v in _VARIANTS)
+    by_kernel = collections.Counter(v.name for v in _VARIANTS)
+    for index, arch, err in failures:
+        v = _VARIANTS[index]
+        consts = ", ".join(f"{k}={getattr(val, 'name', val)}" for k, val in v.constexprs)
+        print(f"FAILED sm_{arch} {v.name} [{v.dtype}] ({consts}; {dict(v.options)}):\n    "
+              + err.replace("\n", "\n    "))
+    print("variants per kernel: " + ", ".join(f"{k} {c}" for k, c in sorted(by_kernel.items())))
+    ok = len(jobs) - len(failures)
+    print(f"compiled: {ok} of {len(jobs)} ({len(_VARIANTS)} variants x {len(archs)} targets; variants by dtype: "
+          + ", ".join(f"{k} {c}" for k, c in sorted(by_dtype.items()))
+          + f") with triton {triton.__version__} in {time.time() - t0:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
