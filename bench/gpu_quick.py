@@ -1051,8 +1051,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(REPO / "bench_results"),
                     help="folder for gpu_quick.json and gpu_quick.md (default: bench_results/ in the repo)")
     ap.add_argument("--data-dir", default=None,
-                    help="folder with the released cost matrices (default: WKD_DATA_DIR, else data/ in the repo, "
-                         "else ../shared/data: bench/_common.find_data_dir)")
+                    help="folder with the released cost matrices (default: WKD_DATA_DIR, else data/ in the repo: "
+                         "bench/_common.find_data_dir)")
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="time budget in seconds: remaining rows are skipped once it is spent (default: 170)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default: 30; smoke 1)")

@@ -15,7 +15,7 @@ and channels_last by default. Methods (each adds its loss to the cross-entropy):
   WKD-L + WKD-F (full)
 
 plus the overhead of each over KD in %. The cost matrix is the released ImageNet CKA distance (sharpened, kappa 1)
-when ../shared/data or data/ has it, a random symmetric one otherwise (the latency does not depend on its values).
+when data/ or $WKD_DATA_DIR has it, a random symmetric one otherwise (the latency does not depend on its values).
 
 Usage:
     python bench/train_step_latency.py --device cuda --json out.json           (batch 256, 224 x 224: the paper)
