@@ -23,6 +23,15 @@ double dtype_eps(at::ScalarType st) {
 double dtype_tiny(at::ScalarType st) {
   return st == at::kDouble ? std::numeric_limits<double>::min() : double(std::numeric_limits<float>::min());
 }
+// Fewest Newton-Schulz steps before the convergence test may stop a matrix: singular values (polar iteration)
+// or eigenvalues of Y (root, Lyapunov) grow by 1.5 per step while small, so a small but non-zero one looks converged
+// (its contribution to a step is below rounding) until it has grown; after `min_steps` every one that matters at the
+// dtype's precision has grown. Polar: s / |M|_F >= eps, log(1 / eps) / log 1.5 steps (float32 40, float64 89);
+// roots: l / tr S >= eps, log(1 / sqrt(eps)) / log 1.5 steps (float32 20, float64 45).
+int64_t min_steps(at::ScalarType st, bool polar) {
+  const double e = dtype_eps(st);
+  return int64_t(std::ceil(std::log(polar ? 1.0 / e : 1.0 / std::sqrt(e)) / std::log(1.5)));
+}
 at::Tensor batch_trace(const at::Tensor& S) { return S.diagonal(0, -2, -1).sum(-1).view({S.size(0), 1, 1}); }
 }  // namespace
 
@@ -42,6 +51,8 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
   at::Tensor active = at::ones({B, 1, 1}, opts.dtype(at::kBool));
   const at::Tensor I125 = at::eye(n, opts).mul_(1.25);
   const double dev_max = double(n) / 16.0 + double(n) * std::sqrt(dtype_eps(st));
+  const double tol2 = std::pow(double(n) * dtype_eps(st), 2);
+  const int64_t kmin = min_steps(st, false);
   for (int64_t k = 0; k < num_iters; ++k) {
     at::baddbmm_out(T, I15, Z, Y, /*beta=*/1, /*alpha=*/-0.5);  // T = (3I - Z Y) / 2
     // T's eigenvalues lie in [1, 1.5] while the iteration is healthy (|T - 1.25 I|_F^2 <= n/16); larger means a
@@ -51,6 +62,11 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
     at::bmm_out(Y2, Y, T);
     at::bmm_out(Z2, T, Z);
     const at::Tensor zz = (Z2 * Z2).sum({1, 2}, /*keepdim=*/true);
+    // converged (tested after min_steps: every eigenvalue l >= eps tr S has grown): the step changed Y by at most
+    // tol |Y|_F (tol = n eps). Smaller eigenvalues are numerically 0: their roots (< sqrt(eps tr S)) are at the
+    // accuracy eigh reaches on them too.
+    const at::Tensor dY = Y2 - Y;
+    const at::Tensor conv = (dY * dY).sum({1, 2}, /*keepdim=*/true) <= (Y2 * Y2).sum({1, 2}, /*keepdim=*/true) * tol2;
     if (active.all().item<bool>()) {  // the common case: no copy
       std::swap(Y, Y2);
       std::swap(Z, Z2);
@@ -61,6 +77,7 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
       Z2 = at::empty_like(Z);
     }
     active = active.logical_and(zz <= limit);
+    if (k + 1 >= kmin) active = active.logical_and(conv.logical_not());
     if (!active.any().item<bool>()) break;
   }
   return Y.mul_(c.sqrt());
@@ -102,8 +119,10 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
   // sign([[A, C], [0, -A]]) = [[I, 2X], [0, -I]] with A X + X A = C. Newton-Schulz on the block matrix, started
   // at (Y, G) / tr Y, keeps the block form: B <- B (3I - B^2) / 2,  C <- (3C - B^2 C - C B^2 + B C B) / 2.
   const at::Tensor a = batch_trace(Y).clamp_min(dtype_tiny(st));
+  const double tol2 = std::pow(double(n) * dtype_eps(st), 2);
+  const int64_t kmin = min_steps(st, false);
   at::Tensor Bm = Y / a;
-  at::Tensor Cm = Gs / a;
+  at::Tensor Cm = at::where(a > dtype_tiny(st), Gs / a, at::zeros_like(Gs));
   const at::Tensor limit = Cm.square().sum({1, 2}, /*keepdim=*/true) / dtype_eps(st);
   at::Tensor P = at::empty_like(Bm), PC = at::empty_like(Bm), BC = at::empty_like(Bm), BCB = at::empty_like(Bm);
   at::Tensor B2 = at::empty_like(Bm);
@@ -117,6 +136,10 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
     const at::Tensor Cn = (Cm * 3.0 - PC - PC.transpose(-2, -1) + BCB).mul_(0.5);
     const at::Tensor Bn = Bm * 1.5 - B2 * 0.5;
     const at::Tensor cc = (Cn * Cn).sum({1, 2}, /*keepdim=*/true);
+    const at::Tensor dC = Cn - Cm, dB = Bn - Bm;
+    // converged: both blocks changed by less than tol of their norm (tol = n eps)
+    const at::Tensor conv = ((dC * dC).sum({1, 2}, true) <= cc * tol2)
+                                .logical_and((dB * dB).sum({1, 2}, true) <= (Bn * Bn).sum({1, 2}, true) * tol2);
     if (active.all().item<bool>()) {
       Cm = Cn;
       Bm = Bn;
@@ -125,9 +148,11 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
       Bm = at::where(active, Bn, Bm);
     }
     active = active.logical_and(cc <= limit);
+    if (k + 1 >= kmin) active = active.logical_and(conv.logical_not());
     if (!active.any().item<bool>()) break;
   }
-  return symmetrize(Cm).mul_(0.5);
+  // Y = 0 (S = 0): the pseudo-inverse solution is X = 0, as with eigh (G / tiny would overflow to inf and nan)
+  return at::where(a > dtype_tiny(st), symmetrize(Cm).mul_(0.5), at::zeros_like(Cm));
 }
 
 std::tuple<at::Tensor, at::Tensor> polar_newton_schulz(const at::Tensor& M, int64_t num_iters) {
@@ -137,10 +162,26 @@ std::tuple<at::Tensor, at::Tensor> polar_newton_schulz(const at::Tensor& M, int6
   at::Tensor X = M / f;
   const at::Tensor I15 = at::eye(q, M.options()).mul_(1.5).expand({B, q, q});
   at::Tensor T = at::empty({B, q, q}, M.options()), X2 = at::empty_like(X);
+  // Per matrix, after min_steps (float32 40, float64 89: every singular value s >= eps |M|_F has grown to q ~ 1) the
+  // iteration stops once a step raises the value <X, M> by at most tol <X, M> (tol = min(p, q) eps; the value only
+  // grows, each singular value's q_i rising monotonically to 1). num_iters bounds it.
+  const double tol = double(std::min(M.size(1), q)) * dtype_eps(M.scalar_type());
+  const int64_t kmin = min_steps(M.scalar_type(), true);
+  at::Tensor val = (X * M).sum({1, 2});
+  at::Tensor active = at::ones({B}, M.options().dtype(at::kBool));
   for (int64_t k = 0; k < num_iters; ++k) {
     at::baddbmm_out(T, I15, X.transpose(-2, -1), X, /*beta=*/1, /*alpha=*/-0.5);  // (3I - X^T X) / 2
     at::bmm_out(X2, X, T);
-    std::swap(X, X2);
+    const at::Tensor val2 = (X2 * M).sum({1, 2});
+    if (active.all().item<bool>()) {
+      std::swap(X, X2);
+    } else {
+      X = at::where(active.view({B, 1, 1}), X2, X);
+      X2 = at::empty_like(X);
+    }
+    if (k + 1 >= kmin) active = active.logical_and(val2 - val > val2.abs() * tol);
+    val = at::where(active, val2, val);
+    if (!active.any().item<bool>()) break;
   }
   return {(X * M).sum({1, 2}), X};
 }
@@ -159,6 +200,7 @@ at::Tensor sqrtm_cpu(const at::Tensor& S_in, c10::string_view method, int64_t nu
   check_finite(S_in, "S", kFwd);
   check_symmetric(S_in, "S", kFwd);
   const at::Tensor S = cpu::symmetrize(S_in.contiguous());
+  check_psd(S, "S", kFwd);
   if (method == "eigh") return std::get<0>(cpu::sqrtm_eigh(S, /*want_pinv=*/false));
   return cpu::sqrtm_newton_schulz(S, num_iters);
 }
