@@ -215,7 +215,7 @@ def _resolve_iters(num_iters, dtype: torch.dtype, op: str) -> int:
         return default_num_iters(dtype)
     try:
         return as_int(num_iters, "num_iters", op)
-    except TypeError:
+    except ValueError:
         raise ValueError(f"{op}: `num_iters` must be an integer >= 1 or None, got {num_iters!r}") from None
 
 
@@ -764,7 +764,7 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
     _check_same(f_t, f_s, "f_t", "f_s", op)
     try:
         eps = as_real(eps, "eps", op)
-    except TypeError:
+    except ValueError:
         raise ValueError(f"{op}: `eps` must be a finite number >= 0 (Python/NumPy scalar or 0-d tensor), got "
                          f"{type(eps).__name__} {eps!r}") from None
     if not (eps >= 0) or math.isinf(eps):
@@ -772,7 +772,8 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
     check_method(method, op)
     num_iters = _resolve_iters(num_iters, _stats_dtype(f_s.dtype), op)
     check_num_iters(num_iters, op)
-    if not f_s.is_cuda or _values_check_requested(check_values):  # here, so that errors name f_s / f_t
+    if not torch.compiler.is_compiling() and (not f_s.is_cuda or _values_check_requested(check_values)):
+        # here (also on CPU, where the kernels would check their own arguments), so that errors name f_s / f_t
         check_finite_values(f_s, "f_s", op)
         check_finite_values(f_t, "f_t", op)
     N, C, H, W = f_s.shape

@@ -70,11 +70,11 @@ def as_real(value, name: str, op: str) -> float:
     """``value`` as a Python float: int, float, NumPy scalars and 0-d real tensors are accepted (not bool)."""
     if isinstance(value, Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{op}: `{name}` must be a real number (a Python/NumPy scalar or a 0-d tensor), got a "
+            raise ValueError(f"{op}: `{name}` must be a real number (a Python/NumPy scalar or a 0-d tensor), got a "
                             f"tensor of shape {list(value.shape)} and dtype {value.dtype}")
         return float(value.item())
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: `{name}` must be a real number (a Python/NumPy scalar or a 0-d tensor), got "
+        raise ValueError(f"{op}: `{name}` must be a real number (a Python/NumPy scalar or a 0-d tensor), got "
                         f"{type(value).__name__} {value!r}")
     return float(value)
 
@@ -83,15 +83,15 @@ def as_int(value, name: str, op: str) -> int:
     """``value`` as a Python int: int, NumPy integers and 0-d integer tensors (not bool, not floats)."""
     if isinstance(value, Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            raise TypeError(f"{op}: `{name}` must be an integer (a Python/NumPy integer or a 0-d integer tensor), got a "
+            raise ValueError(f"{op}: `{name}` must be an integer (a Python/NumPy integer or a 0-d integer tensor), got a "
                             f"tensor of shape {list(value.shape)} and dtype {value.dtype}")
         return int(value.item())
     if isinstance(value, bool) or type(value).__name__ == "bool_":
-        raise TypeError(f"{op}: `{name}` must be an integer, got {value!r}")
+        raise ValueError(f"{op}: `{name}` must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"{op}: `{name}` must be an integer, got {type(value).__name__} {value!r}") from None
+        raise ValueError(f"{op}: `{name}` must be an integer, got {type(value).__name__} {value!r}") from None
 
 
 def as_bool(value, name: str, op: str) -> bool:

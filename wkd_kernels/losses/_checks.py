@@ -29,7 +29,7 @@ def check_number(value, name: str, fn: str, *, positive: bool = False, nonneg: b
         return value
     try:  # Python, NumPy and 0-d tensor scalars
         value = as_real(value, name, fn)
-    except TypeError:
+    except ValueError:
         raise ValueError(f"{fn}: `{name}` must be a finite real number (Python/NumPy scalar or 0-d tensor), got "
                          f"{type(value).__name__} {value!r}") from None
     if not math.isfinite(value):
@@ -44,7 +44,7 @@ def check_number(value, name: str, fn: str, *, positive: bool = False, nonneg: b
 def check_int(value, name: str, fn: str, minimum: int = 1) -> int:
     try:  # Python, NumPy and 0-d integer tensor scalars
         v = as_int(value, name, fn)
-    except TypeError:
+    except ValueError:
         v = None
     if v is None or v < minimum:
         raise ValueError(f"{fn}: `{name}` must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
