@@ -32,6 +32,8 @@ int64_t min_steps(at::ScalarType st, bool polar) {
   const double e = dtype_eps(st);
   return int64_t(std::ceil(std::log(polar ? 1.0 / e : 1.0 / std::sqrt(e)) / std::log(1.5)));
 }
+// Squared Frobenius norm per matrix [B, 1, 1], by a reduction (no squared copy of the batch).
+at::Tensor sqnorm(const at::Tensor& X) { return at::linalg_vector_norm(X, 2, {1, 2}, /*keepdim=*/true).square_(); }
 at::Tensor batch_trace(const at::Tensor& S) { return S.diagonal(0, -2, -1).sum(-1).view({S.size(0), 1, 1}); }
 }  // namespace
 
@@ -65,8 +67,8 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
     // converged (tested after min_steps: every eigenvalue l >= eps tr S has grown): the step changed Y by at most
     // tol |Y|_F (tol = n eps). Smaller eigenvalues are numerically 0: their roots (< sqrt(eps tr S)) are at the
     // accuracy eigh reaches on them too.
-    const at::Tensor dY = Y2 - Y;
-    const at::Tensor conv = (dY * dY).sum({1, 2}, /*keepdim=*/true) <= (Y2 * Y2).sum({1, 2}, /*keepdim=*/true) * tol2;
+    at::Tensor dY = at::sub_out(T, Y2, Y);  // T is free again: no extra [B, n, n]
+    const at::Tensor conv = sqnorm(dY) <= sqnorm(Y2) * tol2;
     if (active.all().item<bool>()) {  // the common case: no copy
       std::swap(Y, Y2);
       std::swap(Z, Z2);
@@ -135,11 +137,10 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
     at::bmm_out(B2, Bm, P);
     const at::Tensor Cn = (Cm * 3.0 - PC - PC.transpose(-2, -1) + BCB).mul_(0.5);
     const at::Tensor Bn = Bm * 1.5 - B2 * 0.5;
-    const at::Tensor cc = (Cn * Cn).sum({1, 2}, /*keepdim=*/true);
-    const at::Tensor dC = Cn - Cm, dB = Bn - Bm;
+    const at::Tensor cc = sqnorm(Cn);
+    const at::Tensor dC = at::sub_out(PC, Cn, Cm), dB = at::sub_out(BC, Bn, Bm);  // free buffers: no extra memory
     // converged: both blocks changed by less than tol of their norm (tol = n eps)
-    const at::Tensor conv = ((dC * dC).sum({1, 2}, true) <= cc * tol2)
-                                .logical_and((dB * dB).sum({1, 2}, true) <= (Bn * Bn).sum({1, 2}, true) * tol2);
+    const at::Tensor conv = (sqnorm(dC) <= cc * tol2).logical_and(sqnorm(dB) <= sqnorm(Bn) * tol2);
     if (active.all().item<bool>()) {
       Cm = Cn;
       Bm = Bn;
@@ -167,12 +168,13 @@ std::tuple<at::Tensor, at::Tensor> polar_newton_schulz(const at::Tensor& M, int6
   // grows, each singular value's q_i rising monotonically to 1). num_iters bounds it.
   const double tol = double(std::min(M.size(1), q)) * dtype_eps(M.scalar_type());
   const int64_t kmin = min_steps(M.scalar_type(), true);
+  const at::Tensor Mflat = M.reshape({B, -1, 1});
   at::Tensor val = (X * M).sum({1, 2});
   at::Tensor active = at::ones({B}, M.options().dtype(at::kBool));
   for (int64_t k = 0; k < num_iters; ++k) {
     at::baddbmm_out(T, I15, X.transpose(-2, -1), X, /*beta=*/1, /*alpha=*/-0.5);  // (3I - X^T X) / 2
     at::bmm_out(X2, X, T);
-    const at::Tensor val2 = (X2 * M).sum({1, 2});
+    const at::Tensor val2 = at::bmm(X2.reshape({B, 1, -1}), Mflat).view({B});  // <X2, M> without a [B, p, q] copy
     if (active.all().item<bool>()) {
       std::swap(X, X2);
     } else {
