@@ -111,7 +111,8 @@ inline void check_psd(const at::Tensor& S, const char* name, const char* op) {
   const double lmin = at::linalg_eigvalsh(Sd[b]).min().item<double>();
   TORCH_CHECK_VALUE(false, op, ": `", name, "` must be positive semi-definite, but matrix ", b,
                     " of the batch has the eigenvalue ", lmin, " (|S|_F = ", fro.view({-1})[b].item<double>(),
-                    "); negative eigenvalues below -", tau, " |S|_F are rejected (rounding-level ones are clamped to 0)");
+                    "); negative eigenvalues below -", tau,
+                    " |S|_F are rejected (rounding-level ones are clamped to 0)");
 }
 
 inline void check_method(c10::string_view method, const char* op) {

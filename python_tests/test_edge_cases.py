@@ -499,8 +499,8 @@ def test_item7_numpy_and_tensor_scalars_accepted():
 
     s, t, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
     ref = wkd_logit_loss(s, t, y, cost.float(), 2.0, 1.0)
-    assert torch.equal(wkd_logit_loss(s, t, y, cost.float(), np.float32(2.0), torch.tensor(1.0), num_iters=np.int64(10)),
-                       ref)
+    got = wkd_logit_loss(s, t, y, cost.float(), np.float32(2.0), torch.tensor(1.0), num_iters=np.int64(10))
+    assert torch.equal(got, ref)
     with pytest.raises(TypeError, match="`log_domain`"):
         WKDLogitLoss(cost, 2.0, 1.0, log_domain="no")
     f = torch.randn(2, 3, 4, 4, dtype=F64)
@@ -530,13 +530,25 @@ def test_item7_errors_name_the_users_arguments():
             wk.gaussian_wasserstein(g, f, path=path)
 
 
-@pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_item7_eps0_constant_feature_map_gradient_is_finite(covariance):
+def test_item7_logits_over_temperature_overflow_names_the_users_arguments():
+    from wkd_kernels.losses import dkd_loss, kd_loss, nkd_loss, wkd_logit_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(4, 5, generator=g) * 1e30, torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
+    cost = torch.rand(5, 5, generator=g)
+    for f in (lambda: wkd_logit_loss(s, t, y, cost, 1e-30, 1.0), lambda: kd_loss(s, t, 1e-30),
+              lambda: nkd_loss(s, t, y, 1e-30), lambda: dkd_loss(s, t, y, temperature=1e-30)):
+        with pytest.raises(ValueError, match=r"`student_logits` / `temperature`"):  # was `a` / a NaN loss
+            f()
+
+
+@pytest.mark.parametrize("covariance,path", [("diag", "auto"), ("full", "low_rank"), ("full", "dense")])
+def test_item7_eps0_constant_feature_map_gradient_is_finite(covariance, path):
     from wkd_kernels.losses import wkd_feature_loss
 
     f_s = torch.ones(2, 3, 4, 4, dtype=F64, requires_grad=True)  # constant: every variance is 0
     f_t = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
-    w = wk.gaussian_wasserstein(f_s, f_t, covariance, eps=0.0, path="low_rank" if covariance == "full" else "auto")
+    w = wk.gaussian_wasserstein(f_s, f_t, covariance, eps=0.0, path=path)
     (gw,) = torch.autograd.grad(w.sum(), f_s)
     assert torch.isfinite(gw).all()  # was all NaN
     if covariance == "diag":

@@ -525,7 +525,8 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = N
             the end); smaller ones are under-estimated (error <= sqrt(l) each). After log(1/sqrt(eps))/log(1.5)
             steps (float32 20, float64 45: every l >= eps tr S has converged) a matrix stops once a step changes Y
             by at most n eps |Y|_F (a per-matrix mask; no host synchronisation on GPU). With the default bound a
-            float64 caller gets float64 accuracy on well-conditioned S (relative error ~ n eps cond(S)^1/2). On rank-deficient S the coupled iteration would
+            float64 caller gets float64 accuracy on well-conditioned S (relative error ~ n eps cond(S)^1/2).
+            On rank-deficient S the coupled iteration would
             diverge after ~20 steps in float32 (~45 in float64: Z grows by 1.5 per step in the null space and
             amplifies rounding), and on rounding-level negative eigenvalues sooner; each matrix therefore stops early
             once |Z|_F^2 > 1/eps or before a step whose T leaves [1, 1.5] (num_iters is an upper bound). Accuracy

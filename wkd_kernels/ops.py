@@ -83,8 +83,8 @@ def as_int(value, name: str, op: str) -> int:
     """``value`` as a Python int: int, NumPy integers and 0-d integer tensors (not bool, not floats)."""
     if isinstance(value, Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            raise ValueError(f"{op}: `{name}` must be an integer (a Python/NumPy integer or a 0-d integer tensor), got a "
-                            f"tensor of shape {list(value.shape)} and dtype {value.dtype}")
+            raise ValueError(f"{op}: `{name}` must be an integer (a Python/NumPy integer or a 0-d integer tensor), "
+                             f"got a tensor of shape {list(value.shape)} and dtype {value.dtype}")
         return int(value.item())
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         raise ValueError(f"{op}: `{name}` must be an integer, got {value!r}")

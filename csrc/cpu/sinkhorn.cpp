@@ -160,8 +160,9 @@ const char* dtype_name(at::ScalarType st) { return st == at::kFloat ? "float32" 
                       " (it underflows where cost / reg > ", st == at::kFloat ? 103 : 745,
                       "): the scaling iterations would divide by 0. Use log_domain=True, or a larger `reg`");
   }
-  TORCH_CHECK_VALUE(false, op, ": -cost / reg overflows to -inf in ", dtype_name(st), " on a whole row or column of `cost` with `reg` = ",
-                    reg, " (even with log_domain=True): use a larger `reg` or rescale `cost`");
+  TORCH_CHECK_VALUE(false, op, ": -cost / reg overflows to -inf in ", dtype_name(st),
+                    " on a whole row or column of `cost` with `reg` = ", reg,
+                    " (even with log_domain=True): use a larger `reg` or rescale `cost`");
 }
 
 // --------------------------------- one row, forward ---------------------------------

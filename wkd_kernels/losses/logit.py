@@ -98,6 +98,11 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
     removed = F.one_hot(y, C).bool()
     p = F.softmax((s / temperature).masked_fill(removed, float("-inf")), dim=1)
     q = F.softmax((t / temperature).masked_fill(removed, float("-inf")), dim=1)
+    if values_check_wanted(s, check_values):  # name the user's arguments, not the op's internal `a` / `b`
+        for name, d in (("student_logits", p), ("teacher_logits", q)):
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"{fn}: softmax(`{name}` / `temperature`) is not finite: `{name}` / `temperature` "
+                                 f"(temperature = {temperature}) overflows {dt}")
     with torch.autocast(device_type=s.device.type, enabled=False):
         wd = sinkhorn(p, q, cost, reg, num_iters, eps=SINKHORN_EPS, grad=grad, log_domain=log_domain,
                       check_values=False).value

@@ -3,8 +3,8 @@ per matrix M [p, q] (p, q <= MAX_N, zero-padded to a register tile).
 
   _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, at most num_iters times
                       X <- X (3I - X^T X) / 2, after log(1/eps)/log(1.5) steps (float32 40,
-                      float64 89) stopping once a step raises <X, M> by at most min(p, q) eps of it (two fp32 ``tl.dot`` per step, precision
-                      as sqrtm.DOT_PRECISION); polar = X,
+                      float64 89) stopping once a step raises <X, M> by at most min(p, q) eps of it
+                      (two fp32 ``tl.dot`` per step, precision as sqrtm.DOT_PRECISION); polar = X,
                       value = <polar, M> = sum_i q(s_i) s_i (q -> 1 on every nonzero singular value s_i).
 The backward of the nuclear norm is grad * polar (no kernel). Larger matrices use the same iteration as batched
 torch products.

@@ -363,7 +363,8 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bo
                               num_warps=_warps(block))
     else:
         _sqrtm_ns_fwd[(B,)](S, Y, n, int(num_iters), _tiny(S.dtype), 1.0 / _eps(S.dtype), _dev_max(n, S.dtype),
-                            _tol(n, S.dtype), _min_steps(S.dtype), ACC=acc, BLOCK=block, PREC=_prec(S.dtype), num_warps=_warps(block))
+                            _tol(n, S.dtype), _min_steps(S.dtype), ACC=acc, BLOCK=block, PREC=_prec(S.dtype),
+                            num_warps=_warps(block))
     return Y, (Z if want_inverse else None)
 
 
