@@ -15,8 +15,8 @@ Public functions: :func:`feature_stats`, :func:`sqrtm`, :func:`nuclear_norm`, :f
 Accuracy of the two square-root methods (documented in :func:`sqrtm`, pinned by python_tests/test_gaussian_sqrtm.py
 and test_edge_cases.py): Newton-Schulz converges for every eigenvalue l with l / tr S >~ 1.5^(-2 num_iters); with the
 default ``num_iters=None`` the bound comes from the dtype (float32 45, float64 100 steps) and each matrix stops once
-converged (after the steps every eigenvalue l >= eps tr S needs: float32 20, float64 45), so a float64 caller gets a
-float64-accurate root of well-conditioned input; on rank-deficient input it stops (per matrix) before rounding in the
+converged (its residual |I - Z Y|_F, which sees every eigenvalue, below sqrt(n eps); one more step squares it), so a
+float64 caller gets a float64-accurate root of well-conditioned input; on rank-deficient input it stops (per matrix) before rounding in the
 null space is amplified, leaving relative errors of the root ~1e-4 in float32 (~1e-8 in float64). ``eigh`` is exact
 to rounding; on rank-deficient input the error is that of the eigenvalues near 0, ~n eps |S| each, ~sqrt(n eps |S|)
 in the root. The polar iteration of :func:`nuclear_norm` likewise runs at least log(1/eps)/log(1.5) steps (float32 40,
@@ -205,8 +205,11 @@ _AUTO_ITERS = {torch.float32: 45, torch.float64: 100}
 def default_num_iters(dtype: torch.dtype) -> int:
     """Bound on the Newton-Schulz steps when ``num_iters=None`` (the default): 45 in float32, 100 in float64 --
     enough for every singular value / eigenvalue above eps (|M|_F or tr S) to converge (they grow by 1.5 per
-    step, then converge quadratically). Each matrix stops as soon as it has converged (a step changes its value /
-    root by at most n eps relative), so the bound is only reached on matrices that need it."""
+    step, then converge quadratically). Each matrix stops as soon as it has converged -- roots (and the backward's
+    Lyapunov solve): once the residual |I - Z Y|_F^2 (|B^2 - I|_F^2) <= n eps, which sees every eigenvalue; polar
+    iteration: after log(1/eps)/log(1.5) steps (float32 40, float64 89; a small singular value cannot be told from 0
+    earlier) once a step raises the value by at most min(p, q) eps of it -- so the bound is only reached by matrices
+    that need it (rank-deficient roots stop at the |Z| safeguard instead)."""
     return _AUTO_ITERS.get(dtype, 45)
 
 
@@ -522,10 +525,10 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = N
         method: ``"newton_schulz"`` (default): coupled Newton-Schulz with trace pre-normalisation,
             Y0 = S / tr S, Z0 = I, T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z, for at most ``num_iters`` steps -- GEMMs
             only, the fast path on GPU. Eigenvalues l with l / tr S >~ 1.5^(-2 num_iters) converge (quadratically at
-            the end); smaller ones are under-estimated (error <= sqrt(l) each). After log(1/sqrt(eps))/log(1.5)
-            steps (float32 20, float64 45: every l >= eps tr S has converged) a matrix stops once a step changes Y
-            by at most n eps |Y|_F (a per-matrix mask; no host synchronisation on GPU). With the default bound a
-            float64 caller gets float64 accuracy on well-conditioned S (relative error ~ n eps cond(S)^1/2).
+            the end); smaller ones are under-estimated (error <= sqrt(l) each). A matrix stops once converged:
+            |I - Z Y|_F^2 <= n eps (the residual sees every eigenvalue, small ones included; the step taken then
+            squares it), a per-matrix mask (no host synchronisation on GPU). With the default bound a float64
+            caller gets float64 accuracy on well-conditioned S (relative error ~ n eps cond(S)^1/2).
             On rank-deficient S the coupled iteration would
             diverge after ~20 steps in float32 (~45 in float64: Z grows by 1.5 per step in the null space and
             amplifies rounding), and on rounding-level negative eigenvalues sooner; each matrix therefore stops early

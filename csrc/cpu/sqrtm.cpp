@@ -23,14 +23,13 @@ double dtype_eps(at::ScalarType st) {
 double dtype_tiny(at::ScalarType st) {
   return st == at::kDouble ? std::numeric_limits<double>::min() : double(std::numeric_limits<float>::min());
 }
-// Fewest Newton-Schulz steps before the convergence test may stop a matrix: singular values (polar iteration)
-// or eigenvalues of Y (root, Lyapunov) grow by 1.5 per step while small, so a small but non-zero one looks converged
-// (its contribution to a step is below rounding) until it has grown; after `min_steps` every one that matters at the
-// dtype's precision has grown. Polar: s / |M|_F >= eps, log(1 / eps) / log 1.5 steps (float32 40, float64 89);
-// roots: l / tr S >= eps, log(1 / sqrt(eps)) / log 1.5 steps (float32 20, float64 45).
-int64_t min_steps(at::ScalarType st, bool polar) {
-  const double e = dtype_eps(st);
-  return int64_t(std::ceil(std::log(polar ? 1.0 / e : 1.0 / std::sqrt(e)) / std::log(1.5)));
+// Fewest polar Newton-Schulz steps before the convergence test may stop a matrix: singular values grow by 1.5 per
+// step while small, so a small but non-zero one looks converged (its contribution to a step is below rounding, and
+// no residual tells it from an exact 0) until it has grown; after `min_steps` every s >= eps |M|_F has:
+// log(1 / eps) / log 1.5 steps (float32 40, float64 89).
+// (The roots need no such floor: their residual I - Z Y, resp. B^2 - I, sees every eigenvalue.)
+int64_t min_steps(at::ScalarType st) {
+  return int64_t(std::ceil(std::log(1.0 / dtype_eps(st)) / std::log(1.5)));
 }
 // Squared Frobenius norm per matrix [B, 1, 1], by a reduction (no squared copy of the batch).
 at::Tensor sqnorm(const at::Tensor& X) { return at::linalg_vector_norm(X, 2, {1, 2}, /*keepdim=*/true).square_(); }
@@ -53,22 +52,21 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
   at::Tensor active = at::ones({B, 1, 1}, opts.dtype(at::kBool));
   const at::Tensor I125 = at::eye(n, opts).mul_(1.25);
   const double dev_max = double(n) / 16.0 + double(n) * std::sqrt(dtype_eps(st));
-  const double tol2 = std::pow(double(n) * dtype_eps(st), 2);
-  const int64_t kmin = min_steps(st, false);
+  const double res_tol = double(n) * dtype_eps(st);
   for (int64_t k = 0; k < num_iters; ++k) {
     at::baddbmm_out(T, I15, Z, Y, /*beta=*/1, /*alpha=*/-0.5);  // T = (3I - Z Y) / 2
     // T's eigenvalues lie in [1, 1.5] while the iteration is healthy (|T - 1.25 I|_F^2 <= n/16); larger means a
     // negative eigenvalue (S indefinite at rounding level) about to blow up: this matrix stops before the step.
-    const at::Tensor D = T - I125;
+    at::Tensor D = T - I125;
     active = active.logical_and((D * D).sum({1, 2}, /*keepdim=*/true) <= dev_max);
+    // Converged: the residual I - Z Y = 2 (T - I) is below sqrt(n eps) (|.|_F^2 <= n eps) -- every eigenvalue,
+    // small ones included (their z y is far from 1 until they have converged); this last step squares it.
+    // Rank-deficient S never gets there: the |Z| limit stops it (see matfun.h).
+    D.diagonal(0, -2, -1).add_(0.25);  // D = T - I
+    const at::Tensor conv = sqnorm(D).mul_(4.0) <= res_tol;
     at::bmm_out(Y2, Y, T);
     at::bmm_out(Z2, T, Z);
     const at::Tensor zz = (Z2 * Z2).sum({1, 2}, /*keepdim=*/true);
-    // converged (tested after min_steps: every eigenvalue l >= eps tr S has grown): the step changed Y by at most
-    // tol |Y|_F (tol = n eps). Smaller eigenvalues are numerically 0: their roots (< sqrt(eps tr S)) are at the
-    // accuracy eigh reaches on them too.
-    at::Tensor dY = at::sub_out(T, Y2, Y);  // T is free again: no extra [B, n, n]
-    const at::Tensor conv = sqnorm(dY) <= sqnorm(Y2) * tol2;
     if (active.all().item<bool>()) {  // the common case: no copy
       std::swap(Y, Y2);
       std::swap(Z, Z2);
@@ -78,8 +76,7 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
       Y2 = at::empty_like(Y);
       Z2 = at::empty_like(Z);
     }
-    active = active.logical_and(zz <= limit);
-    if (k + 1 >= kmin) active = active.logical_and(conv.logical_not());
+    active = active.logical_and(zz <= limit).logical_and(conv.logical_not());
     if (!active.any().item<bool>()) break;
   }
   return Y.mul_(c.sqrt());
@@ -121,8 +118,8 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
   // sign([[A, C], [0, -A]]) = [[I, 2X], [0, -I]] with A X + X A = C. Newton-Schulz on the block matrix, started
   // at (Y, G) / tr Y, keeps the block form: B <- B (3I - B^2) / 2,  C <- (3C - B^2 C - C B^2 + B C B) / 2.
   const at::Tensor a = batch_trace(Y).clamp_min(dtype_tiny(st));
-  const double tol2 = std::pow(double(n) * dtype_eps(st), 2);
-  const int64_t kmin = min_steps(st, false);
+  const double res_tol = double(n) * dtype_eps(st);
+  const at::Tensor I = at::eye(n, Y.options());
   at::Tensor Bm = Y / a;
   at::Tensor Cm = at::where(a > dtype_tiny(st), Gs / a, at::zeros_like(Gs));
   const at::Tensor limit = Cm.square().sum({1, 2}, /*keepdim=*/true) / dtype_eps(st);
@@ -138,9 +135,9 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
     const at::Tensor Cn = (Cm * 3.0 - PC - PC.transpose(-2, -1) + BCB).mul_(0.5);
     const at::Tensor Bn = Bm * 1.5 - B2 * 0.5;
     const at::Tensor cc = sqnorm(Cn);
-    const at::Tensor dC = at::sub_out(PC, Cn, Cm), dB = at::sub_out(BC, Bn, Bm);  // free buffers: no extra memory
-    // converged: both blocks changed by less than tol of their norm (tol = n eps)
-    const at::Tensor conv = (sqnorm(dC) <= cc * tol2).logical_and(sqnorm(dB) <= sqnorm(Bn) * tol2);
+    // converged: B^2 = I to sqrt(n eps) (|B^2 - I|_F^2 <= n eps; this step squares it; C converges with B, its
+    // fixed point once B^2 = I). Singular Y never gets there: the |C| limit stops it.
+    const at::Tensor conv = sqnorm(at::sub_out(PC, P, I)) <= res_tol;  // PC is free: no extra [B, n, n]
     if (active.all().item<bool>()) {
       Cm = Cn;
       Bm = Bn;
@@ -148,8 +145,7 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
       Cm = at::where(active, Cn, Cm);
       Bm = at::where(active, Bn, Bm);
     }
-    active = active.logical_and(cc <= limit);
-    if (k + 1 >= kmin) active = active.logical_and(conv.logical_not());
+    active = active.logical_and(cc <= limit).logical_and(conv.logical_not());
     if (!active.any().item<bool>()) break;
   }
   // Y = 0 (S = 0): the pseudo-inverse solution is X = 0, as with eigh (G / tiny would overflow to inf and nan)
@@ -167,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> polar_newton_schulz(const at::Tensor& M, int6
   // iteration stops once a step raises the value <X, M> by at most tol <X, M> (tol = min(p, q) eps; the value only
   // grows, each singular value's q_i rising monotonically to 1). num_iters bounds it.
   const double tol = double(std::min(M.size(1), q)) * dtype_eps(M.scalar_type());
-  const int64_t kmin = min_steps(M.scalar_type(), true);
+  const int64_t kmin = min_steps(M.scalar_type());
   const at::Tensor Mflat = M.reshape({B, -1, 1});
   at::Tensor val = (X * M).sum({1, 2});
   at::Tensor active = at::ones({B}, M.options().dtype(at::kBool));

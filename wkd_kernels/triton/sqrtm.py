@@ -23,8 +23,6 @@ Matrices larger than MAX_N run the same mathematics as batched ``torch`` product
 """
 from __future__ import annotations
 
-import math
-
 import os
 
 import torch
@@ -63,13 +61,9 @@ def _pinv_rel(n: int, dtype: torch.dtype) -> float:
 
 
 def _tol(n: int, dtype: torch.dtype) -> float:
-    """Relative change below which a Newton-Schulz iteration counts as converged: n eps (as csrc/cpu/sqrtm.cpp)."""
+    """Squared Frobenius residual (|I - Z Y|^2, |B^2 - I|^2) at which a Newton-Schulz iteration has converged: n eps
+    (as csrc/cpu/sqrtm.cpp); the step taken then squares it."""
     return n * _eps(dtype)
-
-
-def _min_steps(dtype: torch.dtype) -> int:
-    """Steps before the convergence test (every eigenvalue >= eps tr S has grown): log(1/sqrt(eps))/log(1.5)."""
-    return math.ceil(math.log(1.0 / math.sqrt(_eps(dtype))) / math.log(1.5))
 
 
 def _dev_max(n: int, dtype: torch.dtype) -> float:
@@ -164,7 +158,7 @@ def _jacobi_eigh(A, TOL, TINY, MAX_SWEEPS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sqrtm_ns_fwd(S_ptr, Y_ptr, n, num_iters, TINY, LIMIT, DEV_MAX, TOL, KMIN, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _sqrtm_ns_fwd(S_ptr, Y_ptr, n, num_iters, TINY, LIMIT, DEV_MAX, RES_TOL, ACC: tl.constexpr, BLOCK: tl.constexpr,
         PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * n * n
@@ -179,24 +173,24 @@ def _sqrtm_ns_fwd(S_ptr, Y_ptr, n, num_iters, TINY, LIMIT, DEV_MAX, TOL, KMIN, A
     # step and the coupled iteration would amplify rounding until it diverges: the matrix stops there. (2) T's
     # eigenvalues stay in [1, 1.5] for PSD S; |T - 1.25 I|_F^2 > n/16 (+ rounding) means a negative eigenvalue about
     # to blow up: the matrix stops before that step.
-    # (3) converged (after KMIN steps): the step changed Y by at most TOL |Y|_F (TOL = n eps, as the CPU kernel).
+    # (3) converged: |I - Z Y|_F^2 = 4 |T - I|_F^2 <= RES_TOL (n eps; every eigenvalue, small ones included, as the
+    # CPU kernel); this last step squares the residual.
     while go:
         T = 1.5 * eye - 0.5 * tl.dot(Z, Y, input_precision=PREC)
         D = T - 1.25 * eye
         ok = tl.sum(tl.sum(D * D, axis=1), axis=0) <= DEV_MAX
-        Yn = tl.dot(Y, T, input_precision=PREC)
-        dY = Yn - Y
-        moved = tl.sum(tl.sum(dY * dY, axis=1), axis=0) > TOL * TOL * tl.sum(tl.sum(Yn * Yn, axis=1), axis=0)
-        Y = tl.where(ok, Yn, Y)
+        E = T - eye
+        moving = 4.0 * tl.sum(tl.sum(E * E, axis=1), axis=0) > RES_TOL
+        Y = tl.where(ok, tl.dot(Y, T, input_precision=PREC), Y)
         Z = tl.where(ok, tl.dot(T, Z, input_precision=PREC), Z)
         zz = tl.sum(tl.sum(Z * Z, axis=1), axis=0)
         k += 1
-        go = ok & (moved | (k < KMIN)) & (zz <= LIMIT) & (k < num_iters)
+        go = ok & moving & (zz <= LIMIT) & (k < num_iters)
     _store_mat(Y_ptr + base, Y * tl.sqrt(c), n, BLOCK)
 
 
 @triton.jit
-def _lyap_ns_bwd(G_ptr, Y_ptr, X_ptr, n, num_iters, TINY, INV_EPS, TOL, KMIN, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _lyap_ns_bwd(G_ptr, Y_ptr, X_ptr, n, num_iters, TINY, INV_EPS, RES_TOL, ACC: tl.constexpr, BLOCK: tl.constexpr,
         PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * n * n
@@ -211,22 +205,18 @@ def _lyap_ns_bwd(G_ptr, Y_ptr, X_ptr, n, num_iters, TINY, INV_EPS, TOL, KMIN, AC
     k = 0
     moved = k < num_iters
     # same safeguard as the forward: |C|_F grows past |C_0|_F / sqrt(eps) only when Y is numerically singular;
-    # converged when both blocks moved by at most TOL of their norm
+    # converged once |B^2 - I|_F^2 <= RES_TOL (n eps; this last step squares it; C converges with B)
+    eye = _eye(n, ACC, BLOCK)
     while (k < num_iters) & (cc <= limit) & moved:
         # ordered to keep at most four tiles live (register pressure at BLOCK = 64)
         P = tl.dot(Bm, Bm, input_precision=PREC)
+        E = P - eye
+        moved = tl.sum(tl.sum(E * E, axis=1), axis=0) > RES_TOL
         Cn = 3.0 * Cm + tl.dot(tl.dot(Bm, Cm, input_precision=PREC), Bm, input_precision=PREC)
         PC = tl.dot(P, Cm, input_precision=PREC)
-        Cn = 0.5 * (Cn - PC - tl.trans(PC))
-        dC = Cn - Cm
-        dcc = tl.sum(tl.sum(dC * dC, axis=1), axis=0)
-        Cm = Cn
-        Bn = 1.5 * Bm - 0.5 * tl.dot(Bm, P, input_precision=PREC)
-        dB = Bn - Bm
-        dbb = tl.sum(tl.sum(dB * dB, axis=1), axis=0)
-        Bm = Bn
+        Cm = 0.5 * (Cn - PC - tl.trans(PC))
+        Bm = 1.5 * Bm - 0.5 * tl.dot(Bm, P, input_precision=PREC)
         cc = tl.sum(tl.sum(Cm * Cm, axis=1), axis=0)
-        moved = (dcc > TOL * TOL * cc) | (dbb > TOL * TOL * tl.sum(tl.sum(Bm * Bm, axis=1), axis=0)) | (k < KMIN - 1)
         k += 1
     X = 0.25 * (Cm + tl.trans(Cm))
     _store_mat(X_ptr + base, X, n, BLOCK)
@@ -299,14 +289,14 @@ def _sqrtm_torch(S: torch.Tensor, eigh: bool, num_iters: int, want_inverse: bool
     Y = S / c
     Z = eye.expand_as(S).clone()
     active = torch.ones((S.shape[0], 1, 1), dtype=torch.bool, device=S.device)
-    tol2, kmin = _tol(n, S.dtype) ** 2, _min_steps(S.dtype)
-    for k in range(num_iters):
+    res_tol = _tol(n, S.dtype)
+    for _ in range(num_iters):
         T = torch.baddbmm(1.5 * eye, Z, Y, beta=1.0, alpha=-0.5)
         active = active & ((T - 1.25 * eye).square().sum((1, 2), keepdim=True) <= _dev_max(n, S.dtype))
         Yn, Zn = Y @ T, T @ Z
-        moved = (Yn - Y).square().sum((1, 2), keepdim=True) > tol2 * Yn.square().sum((1, 2), keepdim=True)
+        moving = 4.0 * (T - eye).square().sum((1, 2), keepdim=True) > res_tol
         Y, Z = torch.where(active, Yn, Y), torch.where(active, Zn, Z)
-        active = active & (moved | (k + 1 < kmin)) & (Zn.square().sum((1, 2), keepdim=True) <= 1.0 / _eps(S.dtype))
+        active = active & moving & (Zn.square().sum((1, 2), keepdim=True) <= 1.0 / _eps(S.dtype))
     return Y * c.sqrt(), None
 
 
@@ -326,17 +316,17 @@ def _lyapunov_torch(Y: torch.Tensor, G: torch.Tensor, eigh: bool, num_iters: int
     Bm, Cm = Y / a, torch.where(tr > _tiny(Y.dtype), G / a, torch.zeros_like(G))  # Y = 0: X = 0
     limit = Cm.square().sum((1, 2), keepdim=True) / _eps(Y.dtype)
     active = torch.ones((Y.shape[0], 1, 1), dtype=torch.bool, device=Y.device)
-    tol2, kmin = _tol(n, Y.dtype) ** 2, _min_steps(Y.dtype)
-    for k in range(num_iters):
+    res_tol = _tol(n, Y.dtype)
+    eye = torch.eye(n, dtype=Y.dtype, device=Y.device)
+    for _ in range(num_iters):
         P = Bm @ Bm
         PC = P @ Cm
         Cn = 0.5 * (3.0 * Cm - PC - PC.mT + (Bm @ Cm) @ Bm)
         Bn = 1.5 * Bm - 0.5 * (Bm @ P)
         cc = Cn.square().sum((1, 2), keepdim=True)
-        moved = ((Cn - Cm).square().sum((1, 2), keepdim=True) > tol2 * cc) | (
-            (Bn - Bm).square().sum((1, 2), keepdim=True) > tol2 * Bn.square().sum((1, 2), keepdim=True))
+        moving = (P - eye).square().sum((1, 2), keepdim=True) > res_tol
         Cm, Bm = torch.where(active, Cn, Cm), torch.where(active, Bn, Bm)
-        active = active & (moved | (k + 1 < kmin)) & (cc <= limit)
+        active = active & moving & (cc <= limit)
     return _sym(Cm) * 0.5
 
 
@@ -363,7 +353,7 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bo
                               num_warps=_warps(block))
     else:
         _sqrtm_ns_fwd[(B,)](S, Y, n, int(num_iters), _tiny(S.dtype), 1.0 / _eps(S.dtype), _dev_max(n, S.dtype),
-                            _tol(n, S.dtype), _min_steps(S.dtype), ACC=acc, BLOCK=block, PREC=_prec(S.dtype),
+                            _tol(n, S.dtype), ACC=acc, BLOCK=block, PREC=_prec(S.dtype),
                             num_warps=_warps(block))
     return Y, (Z if want_inverse else None)
 
@@ -386,8 +376,7 @@ def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> t
         _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), _pinv_rel(n, Y.dtype) ** 0.5, ACC=acc,
                              MAX_SWEEPS=sweeps, BLOCK=block, PREC=_prec(Y.dtype), num_warps=_warps(block))
     else:
-        _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), _tol(n, Y.dtype),
-                           _min_steps(Y.dtype), ACC=acc, BLOCK=block,
+        _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), _tol(n, Y.dtype), ACC=acc, BLOCK=block,
                            PREC=_prec(Y.dtype), num_warps=_warps(block))
     return X
 
