@@ -521,6 +521,19 @@ for (B, n, m, T), dtype, shared, log, eps in itertools.product(shapes, (F64, F32
         for name, x, y in zip(("grad_a", "grad_b"), got, want):
             if rel(x, y, scale) > GTOL[dtype]:
                 bad.append(f"{tag} {name} vs {what}: {rel(x, y, scale):.3g}")
+# issue 16 item 1: a zero-mass row whose K entry dominates its column (cost gap 50 reg) made the CPU op's shared
+# first half-iteration cancel to 0 (NaN); the CUDA kernels compute K^T u0 by a product and must stay finite.
+for dtype in (F64, F32):
+    n = 16
+    c1 = 1 - torch.eye(n, dtype=dtype)
+    a1 = torch.full((1, n), 1 / (n - 1), dtype=dtype)
+    a1[0, 0] = 0
+    for shared, log in itertools.product((True, False), (False, True)):
+        c = c1 if shared else c1.expand(1, n, n).contiguous()
+        got = torch.ops.wkd.sinkhorn_cuda_native(a1, a1.clone(), c, 0.02, 10, 0.0, log, True)[0]
+        want = ref.sinkhorn_reference(a1, a1.clone(), c1, 0.02, 10)[0]
+        if not torch.isfinite(got).all() or rel(got, want) > TOL[dtype]:
+            bad.append(f"issue16 item 1 {dtype} shared={shared} log={log}: {got} vs {want}")
 print("\n".join(bad) if bad else "EMULATION OK")
 sys.exit(1 if bad else 0)
 '''

@@ -12,15 +12,23 @@ GPU kernels in wkd_kernels/triton/{feature_stats,sqrtm,nuclear_norm,bures_wasser
 Public functions: :func:`feature_stats`, :func:`sqrtm`, :func:`nuclear_norm`, :func:`bures_wasserstein`,
 :func:`gaussian_wasserstein` (the WKD-F distance between feature maps, with the low-rank path of design.md 4).
 
-Accuracy of the two square-root methods (documented in :func:`sqrtm`, pinned by python_tests/test_gaussian_sqrtm.py):
-Newton-Schulz converges for every eigenvalue l with l / tr S >~ 1.5^(-2 num_iters); on rank-deficient input it stops
-(per matrix) before rounding in the null space is amplified, leaving relative errors of the root ~1e-4 in float32
-(~1e-8 in float64 once converged). ``eigh`` is exact to rounding; on rank-deficient input the error is that of the
-eigenvalues near 0, ~n eps |S| each, ~sqrt(n eps |S|) in the root.
+Accuracy of the two square-root methods (documented in :func:`sqrtm`, pinned by python_tests/test_gaussian_sqrtm.py
+and test_edge_cases.py): Newton-Schulz converges for every eigenvalue l with l / tr S >~ 1.5^(-2 num_iters); with the
+default ``num_iters=None`` the bound comes from the dtype (float32 45, float64 100 steps) and each matrix stops once
+converged (its residual |I - Z Y|_F, which sees every eigenvalue, below sqrt(n eps); one more step squares it), so a
+float64 caller gets a float64-accurate root of well-conditioned input; on rank-deficient input it stops (per matrix) before rounding in the
+null space is amplified, leaving relative errors of the root ~1e-4 in float32 (~1e-8 in float64). ``eigh`` is exact
+to rounding; on rank-deficient input the error is that of the eigenvalues near 0, ~n eps |S| each, ~sqrt(n eps |S|)
+in the root. The polar iteration of :func:`nuclear_norm` likewise runs at least log(1/eps)/log(1.5) steps (float32 40,
+float64 89: every singular value >= eps |M|_F converged) and then stops per matrix once the value no longer grows.
+Clearly indefinite input (an eigenvalue below -max(sqrt(eps), 100 n eps) |S|_F, or a negative trace) is an error on
+CPU and with ``check_values=True``; on CUDA without value checks a negative trace gives NaN. Double backward
+(differentiating a gradient) raises a clear error.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import List, Optional, Tuple
 
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _build  # noqa: F401  (loads wkd_kernels._C, which defines the schemas)
+from .ops import as_int, as_real, first_order_only
 
 __all__ = ["feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein", "gaussian_wasserstein"]
 
@@ -50,7 +59,8 @@ def _cell_sizes(H: int, W: int, grid: int) -> List[int]:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """Python and NumPy integers (not bool)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def check_feature_stats_args(x: Tensor, grid: int, unbiased: bool, op: str = "wkd.feature_stats") -> None:
@@ -157,6 +167,59 @@ def check_symmetric_values(S: Tensor, name: str, op: str) -> None:
     if not bool((asym <= scale * 1e-4).all()):
         raise ValueError(f"{op}: `{name}` must be symmetric (|S - S^T| <= 1e-4 max|S| per matrix); the largest "
                          f"asymmetry is {float(asym.max())}")
+
+
+def check_psd_values(S: Tensor, name: str, op: str) -> None:
+    """The CUDA counterpart (check_values=True) of the CPU kernels' test (csrc/gaussian_common.h, check_psd):
+    reject S with an eigenvalue below -tau |S|_F, tau = max(sqrt(eps), 100 n eps); rounding-level ones pass."""
+    if S.numel() == 0:
+        return
+    n = S.shape[-1]
+    eps = torch.finfo(S.dtype).eps
+    tau = max(math.sqrt(eps), 100.0 * n * eps)
+    Sd = ((S + S.mT) * 0.5).double()
+    fro = Sd.flatten(1).norm(dim=1)[:, None, None]
+    eye = torch.eye(n, dtype=torch.float64, device=S.device)
+    info = torch.linalg.cholesky_ex(Sd + eye * (fro * tau + torch.finfo(torch.float64).tiny)).info
+    bad = info != 0
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        lmin = float(torch.linalg.eigvalsh(Sd[b]).min())
+        raise ValueError(f"{op}: `{name}` must be positive semi-definite, but matrix {b} of the batch has the "
+                         f"eigenvalue {lmin:.6g} (|S|_F = {float(fro[b]):.6g}); negative eigenvalues below "
+                         f"-{tau:.3g} |S|_F are rejected (rounding-level ones are clamped to 0)")
+
+
+def _nan_unless_psd_trace(S: Tensor, out: Tensor) -> Tensor:
+    """Without value checks (CUDA): NaN for a matrix whose trace is negative, or zero while S != 0 (never PSD),
+    instead of the huge finite numbers of a root divided by a clamped trace. Device-side, no synchronisation."""
+    tr = S.diagonal(0, -2, -1).sum(-1)
+    bad = (tr < 0) | ((tr <= 0) & (S.flatten(1).abs().amax(1) > 0))
+    shape = [-1] + [1] * (out.dim() - 1)
+    return torch.where(bad.view(shape), torch.full_like(out, float("nan")), out)
+
+
+_AUTO_ITERS = {torch.float32: 45, torch.float64: 100}
+
+
+def default_num_iters(dtype: torch.dtype) -> int:
+    """Bound on the Newton-Schulz steps when ``num_iters=None`` (the default): 45 in float32, 100 in float64 --
+    enough for every singular value / eigenvalue above eps (|M|_F or tr S) to converge (they grow by 1.5 per
+    step, then converge quadratically). Each matrix stops as soon as it has converged -- roots (and the backward's
+    Lyapunov solve): once the residual |I - Z Y|_F^2 (|B^2 - I|_F^2) <= n eps, which sees every eigenvalue; polar
+    iteration: after log(1/eps)/log(1.5) steps (float32 40, float64 89; a small singular value cannot be told from 0
+    earlier) once a step raises the value by at most min(p, q) eps of it -- so the bound is only reached by matrices
+    that need it (rank-deficient roots stop at the |Z| safeguard instead)."""
+    return _AUTO_ITERS.get(dtype, 45)
+
+
+def _resolve_iters(num_iters, dtype: torch.dtype, op: str) -> int:
+    if num_iters is None:
+        return default_num_iters(dtype)
+    try:
+        return as_int(num_iters, "num_iters", op)
+    except ValueError:
+        raise ValueError(f"{op}: `num_iters` must be an integer >= 1 or None, got {num_iters!r}") from None
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -327,6 +390,7 @@ def _bures_wasserstein_backward_cuda(grad_w2, mu1, mu2, sqrt_S1, sqrt_S2, polar,
 def _feature_stats_setup_context(ctx, inputs, output):
     x, grid, full, unbiased = inputs
     mean, _ = output
+    ctx.set_materialize_grads(False)  # an unused output gets no zero tensor (the backward fills in what it needs)
     ctx.save_for_backward(x, mean)
     ctx.grid, ctx.full, ctx.unbiased = grid, full, unbiased
     ctx.var_shape = output[1].shape
@@ -334,14 +398,16 @@ def _feature_stats_setup_context(ctx, inputs, output):
 
 def _feature_stats_backward(ctx, grad_mean, grad_var):
     x, mean = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or (grad_mean is None and grad_var is None):
         return None, None, None, None
     if grad_mean is None:
         grad_mean = torch.zeros_like(mean)
     if grad_var is None:
         grad_var = mean.new_zeros(ctx.var_shape)
-    gx = torch.ops.wkd.feature_stats_backward(grad_mean.contiguous(), grad_var.contiguous(), x, mean, ctx.grid,
-                                              ctx.full, ctx.unbiased)
+    with torch.no_grad():
+        gx = torch.ops.wkd.feature_stats_backward(grad_mean.contiguous(), grad_var.contiguous(), x, mean, ctx.grid,
+                                                  ctx.full, ctx.unbiased)
+    (gx,) = first_order_only((gx,), (x, grad_mean, grad_var), "wkd.feature_stats")
     return gx, None, None, None
 
 
@@ -357,7 +423,10 @@ def _sqrtm_setup_context(ctx, inputs, output):
 
 def _sqrtm_backward(ctx, grad_Y):
     (Y,) = ctx.saved_tensors
-    return torch.ops.wkd.sqrtm_backward(grad_Y.contiguous(), Y, ctx.method, ctx.num_iters), None, None
+    with torch.no_grad():
+        gS = torch.ops.wkd.sqrtm_backward(grad_Y.contiguous(), Y, ctx.method, ctx.num_iters)
+    (gS,) = first_order_only((gS,), (Y, grad_Y), "wkd.sqrtm")
+    return gS, None, None
 
 
 torch.library.register_autograd("wkd::sqrtm", _sqrtm_backward, setup_context=_sqrtm_setup_context)
@@ -366,12 +435,18 @@ torch.library.register_autograd("wkd::sqrtm", _sqrtm_backward, setup_context=_sq
 def _nuclear_norm_setup_context(ctx, inputs, output):
     _, polar = output
     ctx.mark_non_differentiable(polar)
+    ctx.set_materialize_grads(False)  # no zero [B, p, q] for the unused polar output
     ctx.save_for_backward(polar)
 
 
 def _nuclear_norm_backward(ctx, grad_value, grad_polar):
     (polar,) = ctx.saved_tensors
-    return grad_value[:, None, None] * polar, None
+    if grad_value is None:
+        return None, None
+    with torch.no_grad():
+        gM = grad_value[:, None, None] * polar
+    (gM,) = first_order_only((gM,), (polar, grad_value), "wkd.nuclear_norm")
+    return gM, None
 
 
 torch.library.register_autograd("wkd::nuclear_norm", _nuclear_norm_backward,
@@ -382,15 +457,21 @@ def _bures_setup_context(ctx, inputs, output):
     mu1, _, mu2, _, method, num_iters = inputs
     _, R1, R2, Q = output
     ctx.mark_non_differentiable(R1, R2, Q)
+    ctx.set_materialize_grads(False)  # no zero [B, n, n] tensors for the three unused outputs
     ctx.save_for_backward(mu1, mu2, R1, R2, Q)
     ctx.method, ctx.num_iters = method, num_iters
 
 
 def _bures_backward(ctx, grad_w2, grad_R1, grad_R2, grad_Q):
     mu1, mu2, R1, R2, Q = ctx.saved_tensors
-    g = torch.ops.wkd.bures_wasserstein_backward(grad_w2.contiguous(), mu1, mu2, R1, R2, Q, ctx.method,
-                                                 ctx.num_iters)
-    return tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:4])) + (None, None)
+    if grad_w2 is None:
+        return None, None, None, None, None, None
+    with torch.no_grad():
+        g = torch.ops.wkd.bures_wasserstein_backward(grad_w2.contiguous(), mu1, mu2, R1, R2, Q, ctx.method,
+                                                     ctx.num_iters)
+    g = first_order_only(tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:4])),
+                         (mu1, mu2, R1, grad_w2), "wkd.bures_wasserstein")
+    return tuple(g) + (None, None)
 
 
 torch.library.register_autograd("wkd::bures_wasserstein", _bures_backward, setup_context=_bures_setup_context)
@@ -434,7 +515,7 @@ def feature_stats(x: Tensor, grid: int = 1, covariance: str = "diag", unbiased: 
     return mean, var
 
 
-def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: int = 20, *,
+def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = None, *,
           check_values: Optional[bool] = None) -> Tensor:
     """Principal square root of a batch of symmetric positive semi-definite matrices, with backward.
 
@@ -442,9 +523,13 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: int = 20, *,
         S: [..., n, n] symmetric PSD (symmetric to 1e-4 relative; read as (S + S^T) / 2). float32/float64
             (float16/bfloat16 computed and returned in float32).
         method: ``"newton_schulz"`` (default): coupled Newton-Schulz with trace pre-normalisation,
-            Y0 = S / tr S, Z0 = I, T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z, for ``num_iters`` steps -- GEMMs only, the
-            fast path on GPU. Eigenvalues l with l / tr S >~ 1.5^(-2 num_iters) converge (quadratically at the end);
-            smaller ones are under-estimated (error <= sqrt(l) each). On rank-deficient S the coupled iteration would
+            Y0 = S / tr S, Z0 = I, T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z, for at most ``num_iters`` steps -- GEMMs
+            only, the fast path on GPU. Eigenvalues l with l / tr S >~ 1.5^(-2 num_iters) converge (quadratically at
+            the end); smaller ones are under-estimated (error <= sqrt(l) each). A matrix stops once converged:
+            |I - Z Y|_F^2 <= n eps (the residual sees every eigenvalue, small ones included; the step taken then
+            squares it), a per-matrix mask (no host synchronisation on GPU). With the default bound a float64
+            caller gets float64 accuracy on well-conditioned S (relative error ~ n eps cond(S)^1/2).
+            On rank-deficient S the coupled iteration would
             diverge after ~20 steps in float32 (~45 in float64: Z grows by 1.5 per step in the null space and
             amplifies rounding), and on rounding-level negative eigenvalues sooner; each matrix therefore stops early
             once |Z|_F^2 > 1/eps or before a step whose T leaves [1, 1.5] (num_iters is an upper bound). Accuracy
@@ -454,15 +539,21 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: int = 20, *,
             torch.linalg.eigh above), negative eigenvalues clamped to 0: exact to rounding, also on rank-deficient S,
             where the error is that of the eigenvalues (~ n eps |S| each, ~ sqrt(n eps |S|) in the root: ~1e-6
             relative in float32, ~1e-8 in float64).
-        num_iters: Newton-Schulz steps (forward and backward; an upper bound, see above); ignored by ``"eigh"``.
-        check_values: check finiteness and symmetry (always on CPU; on CUDA only when True or WKD_CHECK_VALUES=1).
+            Both methods accept rounding-level negative eigenvalues (clamped) and reject clearly indefinite S: an
+            eigenvalue below -max(sqrt(eps), 100 n eps) |S|_F (float32, n = 64: 7.6e-4; float64: 1.5e-8) raises a
+            ValueError on CPU and with check_values on CUDA; without value checks on CUDA a negative trace gives NaN.
+        num_iters: Newton-Schulz steps (forward and backward; an upper bound, see above); ``None`` (default): 45
+            in float32, 100 in float64 (:func:`default_num_iters`). Ignored by ``"eigh"``.
+        check_values: check finiteness, symmetry and positive semi-definiteness (always on CPU; on CUDA only when
+            True or WKD_CHECK_VALUES=1).
 
     Returns:
         [..., n, n] S^1/2 in the units of sqrt(S). The backward solves S^1/2 X + X S^1/2 = sym(grad) (Newton-Schulz on
-        the sign of [[S^1/2, grad], [0, -S^1/2]], with the same safeguard, or the eigenbasis). Where S is singular
-        the true gradient is infinite: ``eigh`` drops the pairs of (numerically) zero eigenvalues (pseudo-inverse,
-        below 10 n eps max l), Newton-Schulz returns a finite value (its iteration stops once the solution grows past
-        |grad| / sqrt(eps)).
+        the sign of [[S^1/2, grad], [0, -S^1/2]], with the same safeguard and convergence test, or the eigenbasis).
+        Where S is singular the true gradient is infinite: ``eigh`` drops the pairs of (numerically) zero eigenvalues
+        (pseudo-inverse, below 10 n eps max l), Newton-Schulz returns a finite value (its iteration stops once the
+        solution grows past |grad| / sqrt(eps); at S = 0 both return 0). Double backward is not supported (a clear
+        error).
     """
     op = "wkd.sqrtm"
     if not isinstance(S, Tensor):
@@ -470,26 +561,36 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: int = 20, *,
     if S.dim() < 2:
         raise ValueError(f"{op}: `S` must be [..., n, n], got shape {list(S.shape)}")
     check_method(method, op)
-    check_num_iters(num_iters, op)
     S = _upcast(S)
+    num_iters = _resolve_iters(num_iters, S.dtype, op)
+    check_num_iters(num_iters, op)
     lead, n = S.shape[:-2], S.shape[-1]
     S3 = S.reshape(-1, S.shape[-2], n)
     check_square_batch(S3, "S", op)
-    if S3.is_cuda and _values_check_requested(check_values):
+    checked = not S3.is_cuda or _values_check_requested(check_values)
+    if S3.is_cuda and checked:
         check_finite_values(S3, "S", op)
         check_symmetric_values(S3, "S", op)
-    return torch.ops.wkd.sqrtm(S3, method, int(num_iters)).reshape(*lead, n, n)
+        check_psd_values(S3, "S", op)
+    Y = torch.ops.wkd.sqrtm(S3, method, int(num_iters))
+    if not checked:
+        Y = _nan_unless_psd_trace(S3, Y)
+    return Y.reshape(*lead, n, n)
 
 
-def nuclear_norm(M: Tensor, num_iters: int = 20, *, check_values: Optional[bool] = None) -> Tensor:
+def nuclear_norm(M: Tensor, num_iters: Optional[int] = None, *, check_values: Optional[bool] = None) -> Tensor:
     """Nuclear norm (sum of singular values) of a batch of matrices by the Newton-Schulz polar iteration.
 
-    X0 = M / |M|_F, then ``num_iters`` times X <- X (3I - X^T X) / 2; the value is <X, M>. Singular values s with
-    s / |M|_F >~ 1.5^-num_iters converge; smaller ones are under-counted (error <= their sum). The gradient is the
-    polar factor U V^T (bounded, a subgradient where M is rank-deficient).
+    X0 = M / |M|_F, then at most ``num_iters`` times X <- X (3I - X^T X) / 2; the value is <X, M>. Singular values s
+    with s / |M|_F >~ 1.5^-num_iters converge; smaller ones are under-counted (error <= their sum). After
+    log(1/eps)/log(1.5) steps (float32 40, float64 89: every s >= eps |M|_F has converged) a matrix stops once a
+    step raises its value by at most min(p, q) eps of it. With the default ``num_iters=None`` (float32 45, float64
+    100) the value is accurate to ~min(p, q) eps relative: a float64 caller gets float64 accuracy. The gradient is
+    the polar factor U V^T (bounded, a subgradient where M is rank-deficient); double backward raises an error.
 
     Args:
         M: [..., p, q] float32/float64 (half computed in float32). check_values: see :func:`sqrtm`.
+        num_iters: bound on the steps; ``None``: from the dtype (see above).
     Returns:
         [...] in the units of M.
     """
@@ -497,6 +598,7 @@ def nuclear_norm(M: Tensor, num_iters: int = 20, *, check_values: Optional[bool]
     if not isinstance(M, Tensor) or M.dim() < 2:
         raise ValueError(f"{op}: `M` must be a tensor [..., p, q]")
     M = _upcast(M)
+    num_iters = _resolve_iters(num_iters, M.dtype, op)
     lead = M.shape[:-2]
     M3 = M.reshape(-1, M.shape[-2], M.shape[-1])
     check_nuclear_norm_args(M3, num_iters, op)
@@ -506,7 +608,7 @@ def nuclear_norm(M: Tensor, num_iters: int = 20, *, check_values: Optional[bool]
 
 
 def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: str = "newton_schulz",
-                      num_iters: int = 20, *, check_values: Optional[bool] = None) -> Tensor:
+                      num_iters: Optional[int] = None, *, check_values: Optional[bool] = None) -> Tensor:
     """Squared 2-Wasserstein distance between Gaussians N(mu1, S1) and N(mu2, S2), batched:
 
         W^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2
@@ -517,7 +619,10 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
             cross term as the nuclear norm |S2^1/2 S1^1/2|_* = tr (S1^1/2 S2 S1^1/2)^1/2 by the polar Newton-Schulz
             iteration (:func:`nuclear_norm`) -- never a root of the mid matrix S1^1/2 S2 S1^1/2, whose condition number
             is the product of both (and which the coupled iteration cannot take stably when it is singular).
-            ``"eigh"``: the three roots by eigendecomposition (exact).
+            ``"eigh"``: the three roots by eigendecomposition (exact). ``num_iters=None`` (default): the bound from
+            the dtype, see :func:`sqrtm` and :func:`nuclear_norm` (float64 accuracy for a float64 caller).
+            Clearly indefinite covariances are rejected as in :func:`sqrtm` (NaN on CUDA without value checks
+            when a trace is negative), never a negative squared distance from them.
         check_values: see :func:`sqrtm`.
     Returns:
         [...] squared distance in squared units of mu (POT's ``ot.gaussian.bures_wasserstein_distance`` squared).
@@ -537,14 +642,28 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
         if list(t.shape) != want:
             raise ValueError(f"{op}: `{name}` must be {want} to match `S1` {list(S1.shape)}, got {list(t.shape)}")
     mu1, S1, mu2, S2 = (_upcast(t) for t in (mu1, S1, mu2, S2))
+    num_iters = _resolve_iters(num_iters, S1.dtype, op)
     a, A, b, Bm = mu1.reshape(-1, n), S1.reshape(-1, S1.shape[-2], n), mu2.reshape(-1, n), S2.reshape(-1, n, n)
     _check_bures_all(a, A, b, Bm, method, num_iters, op)
-    if A.is_cuda and _values_check_requested(check_values):
+    checked = not A.is_cuda or _values_check_requested(check_values)
+    if A.is_cuda and checked:
         for name, t in (("mu1", a), ("S1", A), ("mu2", b), ("S2", Bm)):
             check_finite_values(t, name, op)
         check_symmetric_values(A, "S1", op)
         check_symmetric_values(Bm, "S2", op)
-    return torch.ops.wkd.bures_wasserstein(a, A, b, Bm, method, int(num_iters))[0].reshape(lead)
+        check_psd_values(A, "S1", op)
+        check_psd_values(Bm, "S2", op)
+    w2 = torch.ops.wkd.bures_wasserstein(a, A, b, Bm, method, int(num_iters))[0]
+    if not checked:
+        w2 = _nan_unless_psd_trace(Bm, _nan_unless_psd_trace(A, w2))
+    return w2.reshape(lead)
+
+
+def _sqrt0(v: Tensor) -> Tensor:
+    """sqrt(v) whose gradient at v = 0 is 0 instead of inf (a constant channel with eps = 0 would otherwise give
+    inf * 0 = NaN in every entry of its gradient); 0 is a subgradient of the distance there."""
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
 
 _CELL_INDEX_CACHE: dict = {}
@@ -599,7 +718,7 @@ def _low_rank_w2(f_s: Tensor, f_t: Tensor, grid: int, unbiased: bool, method: st
 
 
 def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", grid: int = 1, eps: float = 1e-5, *,
-                         unbiased: bool = True, method: str = "newton_schulz", num_iters: int = 20,
+                         unbiased: bool = True, method: str = "newton_schulz", num_iters: Optional[int] = None,
                          path: str = "auto", check_values: Optional[bool] = None) -> Tensor:
     """Squared 2-Wasserstein distance between the Gaussians of two feature maps, per sample (and grid cell): WKD-F.
 
@@ -622,10 +741,14 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
         covariance: ``"full"`` or ``"diag"``.
         grid: cells per side (1 <= grid <= min(H, W)).
         eps: >= 0, added to the variances (diag) or to the covariance diagonal (C x C path); keeps the gradient
-            finite for constant channels. 1e-5 is the published WKD-F value.
+            finite for constant channels. 1e-5 is the published WKD-F value. With eps = 0 the diag path's
+            sqrt(var) takes the subgradient 0 at a zero variance (a finite gradient, not NaN).
         unbiased: divide by m - 1 (published) or m.
         method, num_iters: square-root / nuclear-norm method (see :func:`sqrtm`; ``"eigh"`` on the low-rank path
             computes tr (M^T M)^1/2 with the exact root, which squares M's condition number: less accurate in float32).
+            ``num_iters=None`` (default): the bound from the dtype (float32 45, float64 100; each matrix stops once
+            converged), so that the low-rank path is float64-accurate for a float64 caller even when the cross-Gram
+            has a small non-zero singular value (the former fixed 20 steps left W^2 off by ~1e-5 relative there).
         path: ``"auto"``, ``"low_rank"`` or ``"dense"`` (C x C) to force one full-covariance path.
         check_values: see :func:`sqrtm`.
 
@@ -643,11 +766,18 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
         raise ValueError(f"{op}: `f_t` must have the shape of `f_s` {list(f_s.shape)}, got "
                          f"{list(f_t.shape) if isinstance(f_t, Tensor) else type(f_t).__name__}")
     _check_same(f_t, f_s, "f_t", "f_s", op)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or math.isinf(eps):
+    try:
+        eps = as_real(eps, "eps", op)
+    except ValueError:
+        raise ValueError(f"{op}: `eps` must be a finite number >= 0 (Python/NumPy scalar or 0-d tensor), got "
+                         f"{type(eps).__name__} {eps!r}") from None
+    if not (eps >= 0) or math.isinf(eps):
         raise ValueError(f"{op}: `eps` must be a finite number >= 0, got {eps!r}")
     check_method(method, op)
+    num_iters = _resolve_iters(num_iters, _stats_dtype(f_s.dtype), op)
     check_num_iters(num_iters, op)
-    if f_s.is_cuda and _values_check_requested(check_values):
+    if not torch.compiler.is_compiling() and (not f_s.is_cuda or _values_check_requested(check_values)):
+        # here (also on CPU, where the kernels would check their own arguments), so that errors name f_s / f_t
         check_finite_values(f_s, "f_s", op)
         check_finite_values(f_t, "f_t", op)
     N, C, H, W = f_s.shape
@@ -655,7 +785,7 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
     if covariance == "diag":
         mu_s, v_s = torch.ops.wkd.feature_stats(f_s, int(grid), False, bool(unbiased))
         mu_t, v_t = torch.ops.wkd.feature_stats(f_t, int(grid), False, bool(unbiased))
-        w2 = (mu_s - mu_t).square().sum(-1) + (torch.sqrt(v_s + eps) - torch.sqrt(v_t + eps)).square().sum(-1)
+        w2 = (mu_s - mu_t).square().sum(-1) + (_sqrt0(v_s + eps) - _sqrt0(v_t + eps)).square().sum(-1)
     else:
         low_rank = path == "low_rank" or (path == "auto" and max(_cell_sizes(H, W, grid)) < C)
         if low_rank:

@@ -7,8 +7,11 @@ and the user-facing functions with their docs.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -58,6 +61,74 @@ def _values_check_requested(check_values: Optional[bool]) -> bool:
     if check_values is not None:
         return bool(check_values)
     return os.environ.get("WKD_CHECK_VALUES", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scalar arguments: Python, NumPy and 0-d tensor scalars are accepted and converted; anything else is named
+# ----------------------------------------------------------------------------------------------------------
+def as_real(value, name: str, op: str) -> float:
+    """``value`` as a Python float: int, float, NumPy scalars and 0-d real tensors are accepted (not bool)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{op}: `{name}` must be a real number (a Python/NumPy scalar or a 0-d tensor), got a "
+                            f"tensor of shape {list(value.shape)} and dtype {value.dtype}")
+        return float(value.item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: `{name}` must be a real number (a Python/NumPy scalar or a 0-d tensor), got "
+                        f"{type(value).__name__} {value!r}")
+    return float(value)
+
+
+def as_int(value, name: str, op: str) -> int:
+    """``value`` as a Python int: int, NumPy integers and 0-d integer tensors (not bool, not floats)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise ValueError(f"{op}: `{name}` must be an integer (a Python/NumPy integer or a 0-d integer tensor), "
+                             f"got a tensor of shape {list(value.shape)} and dtype {value.dtype}")
+        return int(value.item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise ValueError(f"{op}: `{name}` must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{op}: `{name}` must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def as_bool(value, name: str, op: str) -> bool:
+    """``value`` as a bool: True/False (also NumPy bools and 0-d bool tensors); strings, numbers etc. are rejected."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype == torch.bool:
+        return bool(value.item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{op}: `{name}` must be True or False, got {type(value).__name__} {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Double backward: not supported by any op; differentiating a gradient raises this clear error
+# ----------------------------------------------------------------------------------------------------------
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on ``x`` whose backward raises: attached to the gradients an op's backward returns under
+    ``create_graph=True`` (anchored on the op's differentiable input, so that the result requires grad)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, op):
+        ctx.op = op
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"{ctx.op}: double backward (differentiating a gradient computed with create_graph=True) "
+                           "is not supported; the first-order gradient is exact")
+
+
+def first_order_only(grads, anchors, op: str):
+    """Mark the gradients returned by an op's backward as not differentiable again (no cost without create_graph)."""
+    if not torch.is_grad_enabled():
+        return grads
+    anchor = next((t for t in anchors if isinstance(t, Tensor) and t.requires_grad), None)
+    if anchor is None:
+        return grads
+    return tuple(_FirstOrderOnly.apply(g, anchor, op) if isinstance(g, Tensor) else g for g in grads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,6 +187,44 @@ def check_sinkhorn_values(a: Tensor, b: Tensor, cost: Tensor, op: str = "wkd.sin
         raise ValueError(f"{op}: `cost` must be non-negative")
 
 
+# exp(x) underflows to 0 (below the smallest subnormal) for x < -UNDERFLOW[dtype]
+_UNDERFLOW = {torch.float32: 103.0, torch.float64: 745.0}
+
+
+def kernel_underflows(cost: Tensor, reg: float) -> bool:
+    """True when K = exp(-cost / reg) has a row or a column that is entirely 0 in the dtype of ``cost`` (reads
+    the values: a synchronisation on a GPU). The scaling iterations then divide by 0."""
+    K = torch.exp(cost / -reg)
+    nz = K > 0
+    return bool((~nz.any(-1)).any()) or bool((~nz.any(-2)).any())
+
+
+def check_sinkhorn_kernel_range(cost: Tensor, reg: float, log_domain: bool, op: str = "wkd.sinkhorn") -> None:
+    """The CUDA counterpart of the CPU op's check (run with check_values=True): K must not underflow on a whole
+    row or column in the scaling domain, -cost/reg must not overflow on one in the log domain."""
+    if cost.dtype == torch.float32 and float(torch.tensor(reg, dtype=torch.float32)) == 0.0:
+        raise ValueError(f"{op}: `reg` = {reg} underflows to 0 in float32 (cost / reg is computed in the dtype of the "
+                         "inputs); use a larger `reg` or float64")
+    if not log_domain:
+        if kernel_underflows(cost, reg):
+            raise ValueError(f"{op}: K = exp(-cost / reg) underflows to 0 in {cost.dtype} on a whole row or column of "
+                             f"`cost` with `reg` = {reg} (it underflows where cost / reg > "
+                             f"{_UNDERFLOW[cost.dtype]:.0f}): the scaling iterations would divide by 0. Use "
+                             "log_domain=True, or a larger `reg`")
+    else:
+        fin = torch.isfinite(cost / -reg)
+        if bool((~fin.any(-1)).any()) or bool((~fin.any(-2)).any()):
+            raise ValueError(f"{op}: -cost / reg overflows to -inf in {cost.dtype} on a whole row or column of `cost` "
+                             f"with `reg` = {reg} (even with log_domain=True): use a larger `reg` or rescale `cost`")
+
+
+def auto_log_domain(cost_max: float, reg: float, dtype: torch.dtype) -> bool:
+    """The rule of ``log_domain="auto"`` (the losses, whose cost is a fixed buffer): the log domain exactly when
+    some entry of K = exp(-cost / reg) would leave the normal range of the compute dtype, i.e. when
+    max(cost) / reg > -log(tiny) (float32: 87.3; float64: 708.4); the faster scaling domain otherwise."""
+    return cost_max / reg > -math.log(torch.finfo(dtype).tiny)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fake kernels
 # ----------------------------------------------------------------------------------------------------------
@@ -165,8 +274,12 @@ def _sinkhorn_backward_cuda(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, e
 # ----------------------------------------------------------------------------------------------------------
 def _sinkhorn_setup_context(ctx, inputs, output):
     a, b, cost, reg, num_iters, eps, log_domain, keep_history = inputs
+    if cost.requires_grad:
+        raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
     value, u, v, hist_r, hist_s = output
     ctx.mark_non_differentiable(u, v, hist_r, hist_s)
+    # no zero tensors for the unused gradients of u, v and the history (a second history's worth of memory)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(a, b, cost, u, v, hist_r, hist_s)
     ctx.reg, ctx.eps, ctx.log_domain = reg, eps, log_domain
 
@@ -183,16 +296,18 @@ def _envelope_potential(scaling: Tensor, mass: Tensor, reg: float, log_domain: b
 def _sinkhorn_backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s):
     a, b, cost, u, v, hist_r, hist_s = ctx.saved_tensors
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_a or need_b):
+    if not (need_a or need_b) or grad_value is None:
         return None, None, None, None, None, None, None, None
-    if hist_r.shape[0] > 0:
-        ga, gb = torch.ops.wkd.sinkhorn_backward(grad_value.contiguous(), a, b, cost, u, v, hist_r, hist_s, ctx.reg,
-                                                 ctx.eps, ctx.log_domain)
-    else:  # envelope gradient (no history kept)
-        g = grad_value.unsqueeze(1)
-        ga = g * _envelope_potential(u, a, ctx.reg, ctx.log_domain)
-        gb = g * _envelope_potential(v, b, ctx.reg, ctx.log_domain)
-    return (ga if need_a else None, gb if need_b else None, None, None, None, None, None, None)
+    with torch.no_grad():
+        if hist_r.shape[0] > 0:
+            ga, gb = torch.ops.wkd.sinkhorn_backward(grad_value.contiguous(), a, b, cost, u, v, hist_r, hist_s,
+                                                     ctx.reg, ctx.eps, ctx.log_domain)
+        else:  # envelope gradient (no history kept)
+            g = grad_value.unsqueeze(1)
+            ga = g * _envelope_potential(u, a, ctx.reg, ctx.log_domain)
+            gb = g * _envelope_potential(v, b, ctx.reg, ctx.log_domain)
+    ga, gb = first_order_only((ga if need_a else None, gb if need_b else None), (a, b, grad_value), "wkd.sinkhorn")
+    return (ga, gb, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("wkd::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
@@ -218,7 +333,8 @@ class SinkhornResult(NamedTuple):
 
 
 def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, eps: float = 0.0,
-             grad: str = "exact", log_domain: bool = False, check_values: Optional[bool] = None) -> SinkhornResult:
+             grad: str = "exact", log_domain: Union[bool, str] = False,
+             check_values: Optional[bool] = None) -> SinkhornResult:
     """Fixed-iteration entropic OT (Sinkhorn) per row, batched, without ever forming a B x n x m tensor.
 
     With K = exp(-cost / reg) and per row: u0 = 1/|supp a| on the support of a (0 elsewhere), then ``num_iters``
@@ -241,23 +357,42 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
             ``b`` (what autograd through the loop gives), storing O(B (n + m) num_iters) numbers;
             ``"envelope"``: the dual potentials reg*log u, reg*log v centred over the support (POT's
             ``grad='envelope'``; cheaper, approximate for the transport cost, 0 on zero-mass entries).
-        log_domain: iterate on log-scalings with log-sum-exp: needed when ``cost/reg`` is large enough for K to
-            underflow (e.g. reg=1e-3 with cost in [0, 1]); slower.
-        check_values: check for non-finite or negative entries and empty rows. Always done on CPU; on CUDA only
-            when True (or env ``WKD_CHECK_VALUES=1``) since it synchronises with the device.
+        log_domain: ``True``: iterate on log-scalings with log-sum-exp, needed when ``cost/reg`` is large enough
+            for K to underflow (e.g. reg=1e-3 with cost in [0, 1] in float32); slower. ``False`` (default): the
+            scaling domain. ``"auto"``: the log domain exactly when some entry of K would leave the normal range of
+            the compute dtype, max(cost) / reg > -log(tiny) (float32: 87.3, float64: 708.4); it reads max(cost), a
+            synchronisation on a GPU (the losses, whose cost is a fixed buffer, decide once per cost instead).
+            In the scaling domain an underflowing K is never silent on CPU: a whole row or column of K at 0 raises
+            a ValueError naming ``reg`` and ``log_domain``, and so does a non-finite value or gradient. On CUDA the
+            kernels do not read the values: there an underflowing K gives NaN unless ``check_values=True``, which
+            runs the same row/column test.
+        check_values: check for non-finite or negative entries, empty rows, and (see ``log_domain``) the range of
+            K. Always done on CPU; on CUDA only when True (or env ``WKD_CHECK_VALUES=1``) since it synchronises
+            with the device.
+        Scalars (``reg``, ``num_iters``, ``eps``) may be Python, NumPy or 0-d tensor scalars.
 
     Returns:
         :class:`SinkhornResult` ``(value [B], log_u [B, n], log_v [B, m])``, float32 for half inputs.
     """
+    op = "wkd.sinkhorn"
     if grad not in ("exact", "envelope"):
-        raise ValueError(f"wkd.sinkhorn: `grad` must be 'exact' or 'envelope', got {grad!r}")
+        raise ValueError(f"{op}: `grad` must be 'exact' or 'envelope', got {grad!r}")
+    reg, num_iters, eps = as_real(reg, "reg", op), as_int(num_iters, "num_iters", op), as_real(eps, "eps", op)
+    if not (isinstance(log_domain, str) and log_domain == "auto"):
+        try:
+            log_domain = as_bool(log_domain, "log_domain", op)
+        except TypeError:
+            raise TypeError(f"{op}: `log_domain` must be True, False or 'auto', got {log_domain!r}") from None
     check_sinkhorn_args(a, b, cost, reg, num_iters, eps, allow_half=True)
     if cost.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
     if a.dtype in _HALF:
         a, b, cost = a.float(), b.float(), cost.float()
+    if log_domain == "auto":
+        log_domain = a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype)
     if a.is_cuda and _values_check_requested(check_values):
         check_sinkhorn_values(a, b, cost)
+        check_sinkhorn_kernel_range(cost, reg, log_domain)
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     keep_history = needs_grad and grad == "exact"
     value, u, v, _, _ = torch.ops.wkd.sinkhorn(a, b, cost, float(reg), int(num_iters), float(eps),

@@ -40,6 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bures_wasserstein_cpu
   check_symmetric(S2_in, "S2", kFwd);
   const int64_t B = S1_in.size(0);
   const at::Tensor S1 = cpu::symmetrize(S1_in.contiguous()), S2 = cpu::symmetrize(S2_in.contiguous());
+  check_psd(S1, "S1", kFwd);
+  check_psd(S2, "S2", kFwd);
   at::Tensor R1, R2, Q, cross;
   if (method == "eigh") {
     R1 = std::get<0>(cpu::sqrtm_eigh(S1, false));

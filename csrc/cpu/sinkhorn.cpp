@@ -131,6 +131,40 @@ void kernel_matrix(const T* C, T* out, int64_t nm, T reg, bool log_domain) {
   }
 }
 
+// K (scaling) or L (log domain) of one [n, m] block is usable when no row and no column is entirely 0 (K: exp
+// underflowed) or -inf (L: -cost/reg overflowed): otherwise every iteration divides by 0 on it.
+template <typename T>
+bool kernel_block_ok(const T* M, int64_t n, int64_t m, bool log_domain) {
+  const T dead = log_domain ? -std::numeric_limits<T>::infinity() : T(0);
+  std::vector<char> col(m, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Mi = M + i * m;
+    bool any = false;
+    for (int64_t j = 0; j < m; ++j) {
+      if (Mi[j] != dead) {
+        any = true;
+        col[j] = 1;
+      }
+    }
+    if (!any) return false;
+  }
+  return std::all_of(col.begin(), col.end(), [](char c) { return c != 0; });
+}
+
+const char* dtype_name(at::ScalarType st) { return st == at::kFloat ? "float32" : "float64"; }
+
+[[noreturn]] void kernel_range_error(const char* op, at::ScalarType st, double reg, bool log_domain) {
+  if (!log_domain) {
+    TORCH_CHECK_VALUE(false, op, ": K = exp(-cost / reg) underflows to 0 in ", dtype_name(st),
+                      " on a whole row or column of `cost` with `reg` = ", reg,
+                      " (it underflows where cost / reg > ", st == at::kFloat ? 103 : 745,
+                      "): the scaling iterations would divide by 0. Use log_domain=True, or a larger `reg`");
+  }
+  TORCH_CHECK_VALUE(false, op, ": -cost / reg overflows to -inf in ", dtype_name(st),
+                    " on a whole row or column of `cost` with `reg` = ", reg,
+                    " (even with log_domain=True): use a larger `reg` or rescale `cost`");
+}
+
 // --------------------------------- one row, forward ---------------------------------
 // M: K or L of this row; C: cost of this row. Writes value, u/v (log u/log v in the log domain)
 // and, when r_hist/s_hist are non-null, r_t/s_t and finally y = (K∘C) v_T (logs in the log domain)
@@ -289,28 +323,48 @@ void rows_parallel(int64_t B, int64_t len, const F& f) {
 }
 
 // s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
-// accumulated in float64 (the subtraction cancels). Returns false when rows have too many zeros.
+// accumulated in float64. Returns false when rows have too many zeros.
+// The subtraction cancels where the zero-mass rows carry most of a column (e.g. a zero-mass row whose
+// K entry is 1 over a column of exp(-37) entries: the difference is exactly 0 and v = b / 0): such a
+// column is recomputed exactly over the support (a contiguous row of K^T, only for the affected
+// columns: O(n) each). "Most" is dtype-aware: the float64 difference has an absolute error of a few
+// float64 ulps of the column sum, so it is kept when that is below the output dtype's rounding
+// (float32: the column sum exceeds the difference by < 2^20; float64: by < 2).
 bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, at::Tensor& s_out) {
   const int64_t B = a.size(0), n = a.size(1), m = K.size(1);
+  if (B == 0) return false;  // (max() of an empty batch)
   const at::Tensor zero_mask = a.le(0);
   const int64_t max_zeros = zero_mask.sum(1).max().item<int64_t>();
   if (max_zeros * 8 > n) return false;
   const at::Tensor colsum = K.sum(0, /*keepdim=*/false, at::kDouble);
+  const at::Tensor KT = max_zeros > 0 ? K.t().contiguous() : at::Tensor();  // [m, n]: column j of K contiguous
   const bool* zm = zero_mask.data_ptr<bool>();
   const double* cs = colsum.data_ptr<double>();
+  const double keep_ratio = s_out.scalar_type() == at::kFloat ? std::ldexp(1.0, -20) : 0.5;
   AT_DISPATCH_FLOATING_TYPES(s_out.scalar_type(), "wkd_first_half", [&] {
     const scalar_t* kp = K.data_ptr<scalar_t>();
+    const scalar_t* ktp = max_zeros > 0 ? KT.data_ptr<scalar_t>() : nullptr;
     scalar_t* out = s_out.data_ptr<scalar_t>();
     at::parallel_for(0, B, std::max<int64_t>(1, 65536 / m), [&](int64_t b0, int64_t b1) {
       std::vector<double> acc(m);
       for (int64_t bi = b0; bi < b1; ++bi) {
         std::copy(cs, cs + m, acc.begin());
+        const bool* zrow = zm + bi * n;
         int64_t zeros = 0;
         for (int64_t i = 0; i < n; ++i) {
-          if (!zm[bi * n + i]) continue;
+          if (!zrow[i]) continue;
           ++zeros;
           const scalar_t* Ki = kp + i * m;
           for (int64_t j = 0; j < m; ++j) acc[j] -= double(Ki[j]);
+        }
+        if (zeros > 0) {
+          for (int64_t j = 0; j < m; ++j) {
+            if (acc[j] > cs[j] * keep_ratio) continue;
+            const scalar_t* KTj = ktp + j * n;  // cancelled: sum over the support exactly
+            double exact = 0;
+            for (int64_t i = 0; i < n; ++i) exact += zrow[i] ? 0.0 : double(KTj[i]);
+            acc[j] = exact;
+          }
         }
         const double inv = 1.0 / double(n - zeros);
         for (int64_t j = 0; j < m; ++j) out[bi * m + j] = static_cast<scalar_t>(acc[j] * inv + eps);
@@ -328,6 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_s
     bool keep_history) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const at::Tensor K = at::exp(cost.div(-reg));
+  if (!kernel_block_ok<T>(K.data_ptr<T>(), n, m, false)) kernel_range_error(kFwd, a.scalar_type(), reg, false);
   at::Tensor hist_r = at::empty({keep_history ? T_iters + 1 : 0, B, n}, a.options());
   at::Tensor hist_s = at::empty({keep_history ? T_iters : 0, B, m}, a.options());
   at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty({B, n}, a.options());
@@ -454,7 +509,12 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
                   at::Tensor& hist_r, at::Tensor& hist_s, bool keep_history) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   at::Tensor shared_M;
-  if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
+  if (shared) {
+    shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
+    if (!kernel_block_ok<T>(shared_M.data_ptr<T>(), n, m, log_domain))
+      kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
+  }
+  std::atomic<bool> range_ok{true};
   const T* a_p = a.data_ptr<T>();
   const T* b_p = b.data_ptr<T>();
   const T* c_p = cost.data_ptr<T>();
@@ -472,11 +532,16 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
       if (!shared) {
         kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
         M = Mbuf.data();
+        if (!kernel_block_ok<T>(M, n, m, log_domain)) {
+          range_ok.store(false);
+          continue;
+        }
       }
       forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi, u_p + bi * n,
                      v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr, B * n, B * m);
     }
   });
+  if (!range_ok.load()) kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
 }
 
 template <typename T>
@@ -542,6 +607,16 @@ void check_values_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   if (!ok) check_sinkhorn_values(a, b, cost, op);
 }
 
+// Scaling domain, valid inputs: a non-finite result can only come from K = exp(-cost / reg) underflowing where it
+// matters (a row of K that vanishes on the support of b, ...) or from the scalings overflowing. Reading [B] values
+// is free next to the GEMMs; on CPU the op therefore never returns such a NaN silently.
+void check_result_finite(const at::Tensor& t, at::ScalarType st, double reg, const char* op) {
+  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), op, ": the scaling-domain iterations gave a non-finite ",
+                    op == kBwd ? "gradient" : "value", " with `reg` = ", reg, " in ", dtype_name(st),
+                    ": K = exp(-cost / reg) underflows (cost / reg > ", st == at::kFloat ? 87 : 708,
+                    " somewhere) or the scalings overflow. Use log_domain=True, or a larger `reg`");
+}
+
 // --------------------------------- op entry points ---------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
@@ -549,10 +624,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
   const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
   check_values_cpu(a, b, cost, kFwd);
+  const bool f32 = a.scalar_type() == at::kFloat;
+  TORCH_CHECK_VALUE(!f32 || static_cast<float>(reg) > 0.f, kFwd, ": `reg` = ", reg,
+                    " underflows to 0 in float32 (cost / reg is computed in the dtype of the inputs); use a larger "
+                    "`reg` or float64");
   if (d.shared_cost && !log_domain) {
-    return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu_blas", [&] {
+    auto out = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu_blas", [&] {
       return forward_shared_blas<scalar_t>(a, b, cost, reg, num_iters, eps, keep_history);
     });
+    check_result_finite(std::get<0>(out), a.scalar_type(), reg, kFwd);
+    return out;
   }
   at::Tensor value = at::empty({d.B}, a.options());
   at::Tensor u = at::empty({d.B, d.n}, a.options());
@@ -563,6 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
     forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain, d.shared_cost, value, u, v, hist_r, hist_s,
                            keep_history);
   });
+  if (!log_domain) check_result_finite(value, a.scalar_type(), reg, kFwd);
   return {value, u, v, hist_r, hist_s};
 }
 
@@ -576,16 +658,22 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
   const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous();
   const at::Tensor g = grad_value.contiguous();
+  at::Tensor ga, gb;
   if (d.shared_cost && !log_domain) {
-    return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu_blas", [&] {
+    std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu_blas", [&] {
       return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, reg);
     });
+  } else {
+    ga = at::empty_like(a);
+    gb = at::empty_like(b);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
+      backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, reg, log_domain, d.shared_cost, ga, gb);
+    });
   }
-  at::Tensor ga = at::empty_like(a);
-  at::Tensor gb = at::empty_like(b);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
-    backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, reg, log_domain, d.shared_cost, ga, gb);
-  });
+  if (!log_domain && at::isfinite(g).all().item<bool>()) {
+    check_result_finite(ga, a.scalar_type(), reg, kBwd);
+    check_result_finite(gb, a.scalar_type(), reg, kBwd);
+  }
   return {ga, gb};
 }
 

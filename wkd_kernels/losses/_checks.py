@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import _values_check_requested
+from ..ops import _values_check_requested, as_int, as_real
 
 
 def values_check_wanted(t: Tensor, check_values: Optional[bool]) -> bool:
@@ -27,7 +27,12 @@ def check_number(value, name: str, fn: str, *, positive: bool = False, nonneg: b
     and is returned unchecked: it was checked when the eager code (or the module's setter) last saw it."""
     if torch.compiler.is_compiling():
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:  # Python, NumPy and 0-d tensor scalars
+        value = as_real(value, name, fn)
+    except ValueError:
+        raise ValueError(f"{fn}: `{name}` must be a finite real number (Python/NumPy scalar or 0-d tensor), got "
+                         f"{type(value).__name__} {value!r}") from None
+    if not math.isfinite(value):
         raise ValueError(f"{fn}: `{name}` must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{fn}: `{name}` must be > 0, got {value!r}")
@@ -37,9 +42,13 @@ def check_number(value, name: str, fn: str, *, positive: bool = False, nonneg: b
 
 
 def check_int(value, name: str, fn: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{fn}: `{name}` must be an integer >= {minimum}, got {value!r}")
-    return value
+    try:  # Python, NumPy and 0-d integer tensor scalars
+        v = as_int(value, name, fn)
+    except ValueError:
+        v = None
+    if v is None or v < minimum:
+        raise ValueError(f"{fn}: `{name}` must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    return v
 
 
 def check_logits(student: Tensor, teacher: Tensor, fn: str, min_classes: int = 1) -> tuple[int, int]:

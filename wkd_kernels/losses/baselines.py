@@ -21,15 +21,19 @@ from .projectors import make_projector
 __all__ = ["kd_loss", "KDLoss", "dkd_loss", "DKDLoss", "nkd_loss", "NKDLoss", "fitnet_loss", "FitNetLoss"]
 
 
-def _prep(student_logits, teacher_logits, fn, check_values, target=None, min_classes=1):
+def _prep(student_logits, teacher_logits, fn, check_values, target=None, min_classes=1, tau=None):
     B, C = check_logits(student_logits, teacher_logits, fn, min_classes=min_classes)
     if target is not None:
         check_target(target, B, C, student_logits.device, fn)
+    dt = compute_dtype(student_logits)
     if values_check_wanted(student_logits, check_values):
         check_logit_values(student_logits, teacher_logits, fn)
         if target is not None:
             check_target_values(target, C, fn)
-    dt = compute_dtype(student_logits)
+        if tau is not None:  # logits / temperature beyond the dtype's range: NaN losses otherwise
+            for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+                if not bool(torch.isfinite(t.detach().to(dt) / tau).all()):
+                    raise ValueError(f"{fn}: `{name}` / `temperature` (temperature = {tau}) overflows {dt}")
     return student_logits.to(dt), teacher_logits.detach().to(dt)
 
 
@@ -55,7 +59,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     """
     fn = "kd_loss"
     tau = check_number(temperature, "temperature", fn, positive=True)
-    s, t = _prep(student_logits, teacher_logits, fn, check_values)
+    s, t = _prep(student_logits, teacher_logits, fn, check_values, tau=tau)
     return _kl_rows(F.log_softmax(t / tau, 1), F.log_softmax(s / tau, 1)).mean() * (tau * tau)
 
 
@@ -96,7 +100,7 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
     alpha = check_number(alpha, "alpha", fn, nonneg=True)
     beta = check_number(beta, "beta", fn, nonneg=True)
     tau = check_number(temperature, "temperature", fn, positive=True)
-    s, t = _prep(student_logits, teacher_logits, fn, check_values, target, min_classes=2)
+    s, t = _prep(student_logits, teacher_logits, fn, check_values, target, min_classes=2, tau=tau)
     y = target_index(target)
     C = s.shape[1]
     removed = F.one_hot(y, C).bool()
@@ -151,7 +155,7 @@ def nkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, tem
     fn = "nkd_loss"
     tau = check_number(temperature, "temperature", fn, positive=True)
     gamma = check_number(gamma, "gamma", fn, nonneg=True)
-    s, t = _prep(student_logits, teacher_logits, fn, check_values, target, min_classes=2)
+    s, t = _prep(student_logits, teacher_logits, fn, check_values, target, min_classes=2, tau=tau)
     y = target_index(target)
     loss_t = target_term(F.log_softmax(s, 1), F.softmax(t, 1), y)
     removed = F.one_hot(y, s.shape[1]).bool()

@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..gaussian import cell_bounds, gaussian_wasserstein
+from ..gaussian import _sqrt0, cell_bounds, gaussian_wasserstein
 from ._checks import check_int, check_number, values_check_wanted
 from .projectors import make_projector
 
@@ -94,7 +94,7 @@ def _check_options(covariance, grid, mean_cov_ratio, eps, weight, method, num_it
     weight = check_number(weight, "weight", fn, nonneg=True)
     if method not in ("newton_schulz", "eigh"):
         raise ValueError(f"{fn}: `method` must be 'newton_schulz' or 'eigh', got {method!r}")
-    num_iters = check_int(num_iters, "num_iters", fn)
+    num_iters = None if num_iters is None else check_int(num_iters, "num_iters", fn)
     if path not in ("auto", "low_rank", "dense"):
         raise ValueError(f"{fn}: `path` must be 'auto', 'low_rank' or 'dense', got {path!r}")
     return mean_cov_ratio, eps, weight, num_iters
@@ -122,7 +122,7 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
             if mu_s.dtype != mu_t.dtype:  # float64 against float32 / half: compare in float32
                 mu_s, var_s, mu_t, var_t = (t.float() for t in (mu_s, var_s, mu_t, var_t))
             mean_loss = (mu_s - mu_t).square().sum() / norm
-            cov_loss = (torch.sqrt(var_s + eps) - torch.sqrt(var_t + eps)).square().sum() / norm
+            cov_loss = (_sqrt0(var_s + eps) - _sqrt0(var_t + eps)).square().sum() / norm
         else:
             if f_s.dtype != f_t.dtype or f_s.dtype in _HALF:
                 dt = torch.float64 if f_s.dtype == f_t.dtype == torch.float64 else torch.float32
@@ -140,7 +140,7 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
 
 def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covariance: str = "diag", grid: int = 1,
                      mean_cov_ratio: float = 2.0, eps: float = 1e-5, *, weight: float = 1.0,
-                     method: str = "newton_schulz", num_iters: int = 20, path: str = "auto",
+                     method: str = "newton_schulz", num_iters: Optional[int] = None, path: str = "auto",
                      check_values: Optional[bool] = None) -> WKDFeatureLossOutput:
     """WKD-F loss, functional form, on an already projected student map (see :class:`WKDFeatureLoss`).
 
@@ -202,7 +202,7 @@ class WKDFeatureLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, covariance: str = "diag", grid: int = 1,
                  mean_cov_ratio: float = 2.0, eps: float = 1e-5, projector: Optional[str] = "bottleneck", *,
                  hidden_channels: int = 256, weight: float = 1.0, method: str = "newton_schulz",
-                 num_iters: int = 20, path: str = "auto", check_values: Optional[bool] = None):
+                 num_iters: Optional[int] = None, path: str = "auto", check_values: Optional[bool] = None):
         super().__init__()
         fn = "WKDFeatureLoss"
         self.mean_cov_ratio, self.eps, _, self.num_iters = _check_options(

@@ -23,13 +23,13 @@ class.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import sinkhorn
+from ..ops import as_bool, auto_log_domain, sinkhorn
 from ._checks import (check_int, check_logit_values, check_logits, check_number, check_target, check_target_values,
                       compute_dtype, target_index, values_check_wanted)
 
@@ -98,10 +98,24 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
     removed = F.one_hot(y, C).bool()
     p = F.softmax((s / temperature).masked_fill(removed, float("-inf")), dim=1)
     q = F.softmax((t / temperature).masked_fill(removed, float("-inf")), dim=1)
+    if values_check_wanted(s, check_values):  # name the user's arguments, not the op's internal `a` / `b`
+        for name, d in (("student_logits", p), ("teacher_logits", q)):
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"{fn}: softmax(`{name}` / `temperature`) is not finite: `{name}` / `temperature` "
+                                 f"(temperature = {temperature}) overflows {dt}")
     with torch.autocast(device_type=s.device.type, enabled=False):
         wd = sinkhorn(p, q, cost, reg, num_iters, eps=SINKHORN_EPS, grad=grad, log_domain=log_domain,
                       check_values=False).value
     return loss_t + weight * wd.mean()
+
+
+def _check_log_domain(log_domain, fn):
+    if isinstance(log_domain, str) and log_domain == "auto":
+        return "auto"
+    try:
+        return as_bool(log_domain, "log_domain", fn)
+    except TypeError:
+        raise TypeError(f"{fn}: `log_domain` must be True, False or 'auto', got {log_domain!r}") from None
 
 
 def _check_common(student_logits, teacher_logits, target, temperature, weight, reg, num_iters, grad, fn):
@@ -118,7 +132,8 @@ def _check_common(student_logits, teacher_logits, target, temperature, weight, r
 
 def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, cost: Tensor,
                    temperature: float, weight: float, reg: float = 0.05, num_iters: int = 10, *,
-                   grad: str = "exact", log_domain: bool = False, check_values: Optional[bool] = None) -> Tensor:
+                   grad: str = "exact", log_domain: Union[bool, str] = False,
+                   check_values: Optional[bool] = None) -> Tensor:
     """WKD-L loss, functional form (see :class:`WKDLogitLoss`; this one preprocesses ``cost`` on every call).
 
     Args:
@@ -132,7 +147,10 @@ def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
         reg: entropic regularisation lambda > 0 in cost units (published default 0.05).
         num_iters: Sinkhorn iterations >= 1 (published default 10).
         grad: ``"exact"`` (default, what autograd through the published loop gives) or ``"envelope"``.
-        log_domain: log-domain Sinkhorn, for reg small enough that exp(-cost/reg) underflows.
+        log_domain: log-domain Sinkhorn, for reg small enough that exp(-cost/reg) underflows; ``"auto"``: the log
+            domain exactly when max(cost) / reg > -log(tiny) of the compute dtype (float32: 87.3, float64: 708.4),
+            see ``wkd_kernels.sinkhorn`` (it reads max(cost): a synchronisation per call on CUDA; the module
+            decides once per cost). On CPU an underflowing K in the scaling domain raises a clear error.
         check_values: check logits are finite and targets in range (always on CPU unless False; on CUDA only
             when True or env ``WKD_CHECK_VALUES=1``, as it synchronises). Skipped under torch.compile.
 
@@ -142,6 +160,7 @@ def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
     fn = "wkd_logit_loss"
     B, C, temperature, weight, reg, num_iters = _check_common(student_logits, teacher_logits, target, temperature,
                                                               weight, reg, num_iters, grad, fn)
+    log_domain = _check_log_domain(log_domain, fn)
     if not isinstance(cost, Tensor):
         raise TypeError(f"{fn}: `cost` must be a torch.Tensor [C, C], got {type(cost).__name__}")
     if cost.device != student_logits.device:
@@ -165,24 +184,29 @@ class WKDLogitLoss(nn.Module):
         weight: gamma >= 0 of the Wasserstein term; a plain attribute, update it per epoch with ``cosine_weight``.
         reg: entropic regularisation lambda > 0 (default 0.05, as published).
         num_iters: Sinkhorn iterations (default 10, as published).
-        grad, log_domain, check_values: as in :func:`wkd_logit_loss`.
+        grad, check_values: as in :func:`wkd_logit_loss`.
+        log_domain: ``"auto"`` (default): the log domain exactly when K = exp(-cost / reg) would have an entry
+            below the normal range of the compute dtype, max(cost) / reg > -log(tiny) (float32: 87.3, float64:
+            708.4; max(cost) is read once, here), the faster scaling domain otherwise (always, with the published
+            reg = 0.05 and a cost in [0, 1]); or ``True`` / ``False`` to force one.
 
     Shapes:
         forward(student_logits [B, C], teacher_logits [B, C], target [B] or [B, C]) -> scalar loss.
     """
 
     def __init__(self, cost: Tensor, temperature: float, weight: float, reg: float = 0.05, num_iters: int = 10, *,
-                 grad: str = "exact", log_domain: bool = False, check_values: Optional[bool] = None):
+                 grad: str = "exact", log_domain: Union[bool, str] = "auto", check_values: Optional[bool] = None):
         super().__init__()
         fn = "WKDLogitLoss"
         self.register_buffer("cost", prepare_wkd_cost(cost, None, fn, check_values=True), persistent=False)
+        self._cost_max = float(self.cost.max())  # for log_domain="auto" (the cost is fixed)
         self.temperature = check_number(temperature, "temperature", fn, positive=True)
         self.weight = weight  # checked by the setter
         self.reg = check_number(reg, "reg", fn, positive=True)
         self.num_iters = check_int(num_iters, "num_iters", fn)
         if grad not in ("exact", "envelope"):
             raise ValueError(f"{fn}: `grad` must be 'exact' or 'envelope', got {grad!r}")
-        self.grad, self.log_domain, self.check_values = grad, bool(log_domain), check_values
+        self.grad, self.log_domain, self.check_values = grad, _check_log_domain(log_domain, fn), check_values
 
     @property
     def weight(self) -> float:
@@ -199,7 +223,7 @@ class WKDLogitLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, temperature={self.temperature}, weight={self.weight}, "
-                f"reg={self.reg}, num_iters={self.num_iters}, grad={self.grad!r}, log_domain={self.log_domain}")
+                f"reg={self.reg}, num_iters={self.num_iters}, grad={self.grad!r}, log_domain={self.log_domain!r}")
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
         fn = "WKDLogitLoss"
@@ -212,5 +236,8 @@ class WKDLogitLoss(nn.Module):
         if self.cost.device != student_logits.device:
             raise ValueError(f"{fn}: `cost` is on {self.cost.device} but the logits are on "
                              f"{student_logits.device}; move the loss with .to(device)")
+        log_domain = self.log_domain
+        if log_domain == "auto":
+            log_domain = auto_log_domain(self._cost_max, reg, compute_dtype(student_logits))
         return _wkd_logit_loss(student_logits, teacher_logits, target, self.cost, temperature, weight, reg,
-                               num_iters, self.grad, self.log_domain, self.check_values, fn)
+                               num_iters, self.grad, log_domain, self.check_values, fn)

@@ -1,14 +1,17 @@
 """Triton kernel of ``wkd::nuclear_norm`` (design.md section 4, the low-rank Bures-Wasserstein path), one program
 per matrix M [p, q] (p, q <= MAX_N, zero-padded to a register tile).
 
-  _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, num_iters times
-                      X <- X (3I - X^T X) / 2 (two fp32 ``tl.dot`` per step, precision
-                      as sqrtm.DOT_PRECISION); polar = X,
+  _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, at most num_iters times
+                      X <- X (3I - X^T X) / 2, after log(1/eps)/log(1.5) steps (float32 40,
+                      float64 89) stopping once a step raises <X, M> by at most min(p, q) eps of it
+                      (two fp32 ``tl.dot`` per step, precision as sqrtm.DOT_PRECISION); polar = X,
                       value = <polar, M> = sum_i q(s_i) s_i (q -> 1 on every nonzero singular value s_i).
 The backward of the nuclear norm is grad * polar (no kernel). Larger matrices use the same iteration as batched
 torch products.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -32,7 +35,7 @@ def _acc_dtype(dtype: torch.dtype):
 # Kernels
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _nuclear_norm_fwd(M_ptr, Q_ptr, val_ptr, p, q, num_iters, TINY, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+def _nuclear_norm_fwd(M_ptr, Q_ptr, val_ptr, p, q, num_iters, TINY, TOL, KMIN, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                       BLOCK_Q: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * p * q
@@ -44,11 +47,19 @@ def _nuclear_norm_fwd(M_ptr, Q_ptr, val_ptr, p, q, num_iters, TINY, ACC: tl.cons
     f = tl.maximum(tl.sqrt(tl.sum(tl.sum(M * M, axis=1), axis=0)), TINY)
     X = M / f
     eye = tl.where(rq[:, None] == rq[None, :], 1.5, 0.0).to(ACC)
-    for _ in range(num_iters):
+    val = tl.sum(tl.sum(X * M, axis=1), axis=0)
+    k = 0
+    go = k < num_iters
+    # after KMIN steps, stops once a step raises the value by at most TOL * value (the value only grows)
+    while go:
         T = eye - 0.5 * tl.dot(tl.trans(X), X, input_precision=PREC)
         X = tl.dot(X, T, input_precision=PREC)
+        val2 = tl.sum(tl.sum(X * M, axis=1), axis=0)
+        k += 1
+        go = ((val2 - val > TOL * tl.abs(val2)) | (k < KMIN)) & (k < num_iters)
+        val = val2
     tl.store(Q_ptr + base + offs, X, mask=msk)
-    tl.store(val_ptr + b, tl.sum(tl.sum(X * M, axis=1), axis=0))
+    tl.store(val_ptr + b, val)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -59,9 +70,28 @@ def _nuclear_norm_torch(M: torch.Tensor, num_iters: int):
     f = M.flatten(1).norm(dim=1).clamp_min(torch.finfo(M.dtype).tiny)[:, None, None]
     X = M / f
     eye15 = 1.5 * torch.eye(q, dtype=M.dtype, device=M.device)
-    for _ in range(num_iters):
-        X = X @ torch.baddbmm(eye15, X.mT, X, beta=1.0, alpha=-0.5)
-    return (X * M).sum((1, 2)), X
+    val = (X * M).sum((1, 2))
+    active = torch.ones_like(val, dtype=torch.bool)
+    tol = _tol(M)
+    kmin = _min_steps(M.dtype)
+    for k in range(num_iters):  # per-matrix stop as in the kernel, by a mask (no host synchronisation)
+        Xn = X @ torch.baddbmm(eye15, X.mT, X, beta=1.0, alpha=-0.5)
+        X = torch.where(active[:, None, None], Xn, X)
+        val2 = (X * M).sum((1, 2))
+        if k + 1 >= kmin:
+            active = active & (val2 - val > tol * val2.abs())
+        val = val2
+    return val, X
+
+
+def _min_steps(dtype: torch.dtype) -> int:
+    """Steps before the stop test (every singular value >= eps |M|_F has grown): log(1/eps)/log(1.5), 40 / 89."""
+    return math.ceil(math.log(1.0 / torch.finfo(dtype).eps) / math.log(1.5))
+
+
+def _tol(M: torch.Tensor) -> float:
+    """Relative tolerance of the stop: min(p, q) eps (see csrc/cpu/sqrtm.cpp, polar_newton_schulz)."""
+    return float(min(M.shape[-2], M.shape[-1]) * torch.finfo(M.dtype).eps)
 
 
 @explain_compile_errors("wkd.nuclear_norm (Triton nuclear_norm_forward)")
@@ -77,7 +107,13 @@ def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
         return val, Q
     bp = max(16, triton.next_power_of_2(p))
     bq = max(16, triton.next_power_of_2(q))
+<<<<<<< HEAD
     _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), ACC=_acc_dtype(M.dtype),
                             BLOCK_P=bp, BLOCK_Q=bq, PREC=_sq.dot_precision(M.dtype),
+=======
+    _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), _tol(M),
+                            _min_steps(M.dtype), ACC=_acc_dtype(M.dtype),
+                            BLOCK_P=bp, BLOCK_Q=bq, PREC="ieee" if M.dtype == torch.float64 else DOT_PRECISION,
+>>>>>>> issue16
                             num_warps=8 if max(bp, bq) >= 64 else 4)
     return val, Q

@@ -62,6 +62,12 @@ def _pinv_rel(n: int, dtype: torch.dtype) -> float:
     return 10.0 * n * _eps(dtype)
 
 
+def _tol(n: int, dtype: torch.dtype) -> float:
+    """Squared Frobenius residual (|I - Z Y|^2, |B^2 - I|^2) at which a Newton-Schulz iteration has converged: n eps
+    (as csrc/cpu/sqrtm.cpp); the step taken then squares it."""
+    return n * _eps(dtype)
+
+
 def _dev_max(n: int, dtype: torch.dtype) -> float:
     return n / 16.0 + n * _eps(dtype) ** 0.5
 
@@ -156,7 +162,7 @@ def _jacobi_eigh(A, TOL, TINY, MAX_SWEEPS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sqrtm_ns_fwd(S_ptr, Y_ptr, n, num_iters, TINY, LIMIT, DEV_MAX, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _sqrtm_ns_fwd(S_ptr, Y_ptr, n, num_iters, TINY, LIMIT, DEV_MAX, RES_TOL, ACC: tl.constexpr, BLOCK: tl.constexpr,
         PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * n * n
@@ -171,35 +177,45 @@ def _sqrtm_ns_fwd(S_ptr, Y_ptr, n, num_iters, TINY, LIMIT, DEV_MAX, ACC: tl.cons
     # step and the coupled iteration would amplify rounding until it diverges: the matrix stops there. (2) T's
     # eigenvalues stay in [1, 1.5] for PSD S; |T - 1.25 I|_F^2 > n/16 (+ rounding) means a negative eigenvalue about
     # to blow up: the matrix stops before that step.
+    # (3) converged: |I - Z Y|_F^2 = 4 |T - I|_F^2 <= RES_TOL (n eps; every eigenvalue, small ones included, as the
+    # CPU kernel); this last step squares the residual.
     while go:
         T = 1.5 * eye - 0.5 * tl.dot(Z, Y, input_precision=PREC)
         D = T - 1.25 * eye
         ok = tl.sum(tl.sum(D * D, axis=1), axis=0) <= DEV_MAX
+        E = T - eye
+        moving = 4.0 * tl.sum(tl.sum(E * E, axis=1), axis=0) > RES_TOL
         Y = tl.where(ok, tl.dot(Y, T, input_precision=PREC), Y)
         Z = tl.where(ok, tl.dot(T, Z, input_precision=PREC), Z)
         zz = tl.sum(tl.sum(Z * Z, axis=1), axis=0)
         k += 1
-        go = ok & (zz <= LIMIT) & (k < num_iters)
+        go = ok & moving & (zz <= LIMIT) & (k < num_iters)
     _store_mat(Y_ptr + base, Y * tl.sqrt(c), n, BLOCK)
 
 
 @triton.jit
-def _lyap_ns_bwd(G_ptr, Y_ptr, X_ptr, n, num_iters, TINY, INV_EPS, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _lyap_ns_bwd(G_ptr, Y_ptr, X_ptr, n, num_iters, TINY, INV_EPS, RES_TOL, ACC: tl.constexpr, BLOCK: tl.constexpr,
         PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * n * n
     Y = _load_sym(Y_ptr + base, n, ACC, BLOCK)
     G = _load_sym(G_ptr + base, n, ACC, BLOCK)
-    a = tl.maximum(_trace(Y, BLOCK), TINY)
+    tr = _trace(Y, BLOCK)
+    a = tl.maximum(tr, TINY)
     Bm = Y / a
-    Cm = G / a
+    Cm = tl.where(tr > TINY, G / a, 0.0)  # Y = 0 (S = 0): X = 0, as with eigh (G / tiny would overflow)
     cc = tl.sum(tl.sum(Cm * Cm, axis=1), axis=0)
     limit = cc * INV_EPS
     k = 0
-    # same safeguard as the forward: |C|_F grows past |C_0|_F / sqrt(eps) only when Y is numerically singular
-    while (k < num_iters) & (cc <= limit):
+    moved = k < num_iters
+    # same safeguard as the forward: |C|_F grows past |C_0|_F / sqrt(eps) only when Y is numerically singular;
+    # converged once |B^2 - I|_F^2 <= RES_TOL (n eps; this last step squares it; C converges with B)
+    eye = _eye(n, ACC, BLOCK)
+    while (k < num_iters) & (cc <= limit) & moved:
         # ordered to keep at most four tiles live (register pressure at BLOCK = 64)
         P = tl.dot(Bm, Bm, input_precision=PREC)
+        E = P - eye
+        moved = tl.sum(tl.sum(E * E, axis=1), axis=0) > RES_TOL
         Cn = 3.0 * Cm + tl.dot(tl.dot(Bm, Cm, input_precision=PREC), Bm, input_precision=PREC)
         PC = tl.dot(P, Cm, input_precision=PREC)
         Cm = 0.5 * (Cn - PC - tl.trans(PC))
@@ -277,12 +293,14 @@ def _sqrtm_torch(S: torch.Tensor, eigh: bool, num_iters: int, want_inverse: bool
     Y = S / c
     Z = eye.expand_as(S).clone()
     active = torch.ones((S.shape[0], 1, 1), dtype=torch.bool, device=S.device)
+    res_tol = _tol(n, S.dtype)
     for _ in range(num_iters):
         T = torch.baddbmm(1.5 * eye, Z, Y, beta=1.0, alpha=-0.5)
         active = active & ((T - 1.25 * eye).square().sum((1, 2), keepdim=True) <= _dev_max(n, S.dtype))
         Yn, Zn = Y @ T, T @ Z
+        moving = 4.0 * (T - eye).square().sum((1, 2), keepdim=True) > res_tol
         Y, Z = torch.where(active, Yn, Y), torch.where(active, Zn, Z)
-        active = active & (Zn.square().sum((1, 2), keepdim=True) <= 1.0 / _eps(S.dtype))
+        active = active & moving & (Zn.square().sum((1, 2), keepdim=True) <= 1.0 / _eps(S.dtype))
     return Y * c.sqrt(), None
 
 
@@ -297,17 +315,22 @@ def _lyapunov_torch(Y: torch.Tensor, G: torch.Tensor, eigh: bool, num_iters: int
         thr = mu.amax(-1, keepdim=True).unsqueeze(-1) * _pinv_rel(n, Y.dtype) ** 0.5
         K = torch.where(den > thr, 1.0 / den.clamp_min(_tiny(Y.dtype)), torch.zeros_like(den))
         return _sym(V @ (H * K) @ V.mT)
-    a = Y.diagonal(0, -2, -1).sum(-1).clamp_min(_tiny(Y.dtype))[:, None, None]
-    Bm, Cm = Y / a, G / a
+    tr = Y.diagonal(0, -2, -1).sum(-1)[:, None, None]
+    a = tr.clamp_min(_tiny(Y.dtype))
+    Bm, Cm = Y / a, torch.where(tr > _tiny(Y.dtype), G / a, torch.zeros_like(G))  # Y = 0: X = 0
     limit = Cm.square().sum((1, 2), keepdim=True) / _eps(Y.dtype)
     active = torch.ones((Y.shape[0], 1, 1), dtype=torch.bool, device=Y.device)
+    res_tol = _tol(n, Y.dtype)
+    eye = torch.eye(n, dtype=Y.dtype, device=Y.device)
     for _ in range(num_iters):
         P = Bm @ Bm
         PC = P @ Cm
         Cn = 0.5 * (3.0 * Cm - PC - PC.mT + (Bm @ Cm) @ Bm)
         Bn = 1.5 * Bm - 0.5 * (Bm @ P)
+        cc = Cn.square().sum((1, 2), keepdim=True)
+        moving = (P - eye).square().sum((1, 2), keepdim=True) > res_tol
         Cm, Bm = torch.where(active, Cn, Cm), torch.where(active, Bn, Bm)
-        active = active & (Cn.square().sum((1, 2), keepdim=True) <= limit)
+        active = active & moving & (cc <= limit)
     return _sym(Cm) * 0.5
 
 
@@ -335,7 +358,8 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bo
                               num_warps=_warps(block))
     else:
         _sqrtm_ns_fwd[(B,)](S, Y, n, int(num_iters), _tiny(S.dtype), 1.0 / _eps(S.dtype), _dev_max(n, S.dtype),
-                            ACC=acc, BLOCK=block, PREC=dot_precision(S.dtype), num_warps=_warps(block))
+                            _tol(n, S.dtype), ACC=acc, BLOCK=block, PREC=dot_precision(S.dtype),
+                            num_warps=_warps(block))
     return Y, (Z if want_inverse else None)
 
 
@@ -358,8 +382,8 @@ def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> t
         _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), _pinv_rel(n, Y.dtype) ** 0.5, ACC=acc,
                              MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(Y.dtype), num_warps=_warps(block))
     else:
-        _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), ACC=acc, BLOCK=block,
-                           PREC=dot_precision(Y.dtype), num_warps=_warps(block))
+        _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), _tol(n, Y.dtype),
+                           ACC=acc, BLOCK=block, PREC=dot_precision(Y.dtype), num_warps=_warps(block))
     return X
 
 
