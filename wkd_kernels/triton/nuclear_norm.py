@@ -107,13 +107,8 @@ def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
         return val, Q
     bp = max(16, triton.next_power_of_2(p))
     bq = max(16, triton.next_power_of_2(q))
-<<<<<<< HEAD
-    _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), ACC=_acc_dtype(M.dtype),
-                            BLOCK_P=bp, BLOCK_Q=bq, PREC=_sq.dot_precision(M.dtype),
-=======
     _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), _tol(M),
                             _min_steps(M.dtype), ACC=_acc_dtype(M.dtype),
-                            BLOCK_P=bp, BLOCK_Q=bq, PREC="ieee" if M.dtype == torch.float64 else DOT_PRECISION,
->>>>>>> issue16
+                            BLOCK_P=bp, BLOCK_Q=bq, PREC=_sq.dot_precision(M.dtype),
                             num_warps=8 if max(bp, bq) >= 64 else 4)
     return val, Q
