@@ -45,7 +45,7 @@ except ImportError:
     HAVE_POT = False
 
 # Defaults of the flags that --full changes: (default run, --full). An explicit flag wins over both.
-PRESETS = {"reps": (10, 21), "pot_reps": (1, 1), "pot_rows": (32, 0), "pot_batch_rows": (8, 8), "ref_rows": (64, 0)}
+PRESETS = {"reps": (10, 21), "pot_reps": (1, 1), "pot_rows": (16, 0), "pot_batch_rows": (8, 8), "ref_rows": (32, 0)}
 
 
 def say(*parts):
