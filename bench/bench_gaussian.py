@@ -6,7 +6,7 @@ backward w.r.t. the student features ("fwd+bwd") are timed (median after warm-up
   diag  published : the published WKD-F formula in plain PyTorch (slice every cell, mean/var, sqrt(var + eps)).
   full  eigh      : C x C covariances (plain PyTorch) and the Bures formula with torch.linalg.eigh square roots.
         pot       : POT's ot.gaussian.bures_wasserstein_distance (torch backend, paired) on the same covariances.
-        svdvals   : the low-rank identity of design.md 4 with torch.linalg.svdvals of the m x m cross-Gram.
+        svdvals   : the low-rank identity of docs/design.md 4 with torch.linalg.svdvals of the m x m cross-Gram.
         eigvalsh  : the same with torch.linalg.eigvalsh of M^T M.
         ns_matmul : the same with 20 coupled Newton-Schulz steps on M^T M as plain batched matmuls (autograd).
 The low-rank baselines apply where every cell has m < C positions. A baseline whose first repetition on a

@@ -1,5 +1,5 @@
 // Host-side argument checks and grid-cell geometry shared by the CPU kernels of the Gaussian ops of WKD-F
-// (wkd::feature_stats, wkd::sqrtm, wkd::nuclear_norm, wkd::bures_wasserstein and their backwards; design.md
+// (wkd::feature_stats, wkd::sqrtm, wkd::nuclear_norm, wkd::bures_wasserstein and their backwards; docs/design.md
 // section 4). Shape/dtype/scalar checks read no data; the value checks (finite, symmetric) read the data and are
 // called by the CPU kernels only (on CUDA the Python wrappers run them on request).
 #pragma once

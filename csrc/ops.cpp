@@ -15,7 +15,7 @@ PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(wkd, m) {
-  // Fixed-iteration Sinkhorn per row (design.md section 3). With K = exp(-cost/reg):
+  // Fixed-iteration Sinkhorn per row (docs/design.md section 3). With K = exp(-cost/reg):
   //   u0 = 1/|supp a| on supp a;  repeat num_iters: s = K^T u + eps, v = b/s;  r = K v + eps, u = a/r
   //   value = sum_ij u_i K_ij v_j cost_ij                                   (transport cost, [B])
   // Outputs: value [B]; u [B,n], v [B,m] (log u, log v when log_domain); hist_r [T+1,B,n] = r of every
@@ -40,7 +40,7 @@ TORCH_LIBRARY(wkd, m) {
       "sinkhorn_backward_cuda_native(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor u, Tensor v, "
       "Tensor hist_r, Tensor hist_s, float reg, float eps=0.0, bool log_domain=False) -> (Tensor grad_a, "
       "Tensor grad_b)");
-  // ---- Gaussian ops for WKD-F (design.md section 4) are added below this line. ----
+  // ---- Gaussian ops for WKD-F (docs/design.md section 4) are added below this line. ----
   // Per-sample, per-cell, per-channel statistics of a feature map x [N, C, H, W] over the spatial positions of each
   // of the G x G adaptive-pooling cells (start = floor(i H / G), end = ceil((i + 1) H / G); cells may overlap),
   // P = G * G cells in row-major order. mean [N, P, C]; var [N, P, C] (full=False) or cov [N, P, C, C] (full=True),

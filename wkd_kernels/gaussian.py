@@ -1,4 +1,4 @@
-"""Gaussian ops for WKD-F (design.md section 4): typed wrappers, fake kernels, autograd, CUDA routing, public API.
+"""Gaussian ops for WKD-F (docs/design.md section 4): typed wrappers, fake kernels, autograd, CUDA routing, public API.
 
 Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/{feature_stats,sqrtm,nuclear_norm,bures_wasserstein}.cpp,
 GPU kernels in wkd_kernels/triton/{feature_stats,sqrtm,nuclear_norm,bures_wasserstein}.py):
@@ -10,7 +10,7 @@ GPU kernels in wkd_kernels/triton/{feature_stats,sqrtm,nuclear_norm,bures_wasser
       -> (w2 [B], S1^1/2, S2^1/2, polar factor of S2^1/2 S1^1/2)                                + _backward
 
 Public functions: :func:`feature_stats`, :func:`sqrtm`, :func:`nuclear_norm`, :func:`bures_wasserstein`,
-:func:`gaussian_wasserstein` (the WKD-F distance between feature maps, with the low-rank path of design.md 4).
+:func:`gaussian_wasserstein` (the WKD-F distance between feature maps, with the low-rank path of docs/design.md 4).
 
 Accuracy of the two square-root methods (documented in :func:`sqrtm`, pinned by python_tests/test_gaussian_sqrtm.py
 and test_edge_cases.py): Newton-Schulz converges for every eigenvalue l with l / tr S >~ 1.5^(-2 num_iters); with the
@@ -687,7 +687,7 @@ def _cell_gather_index(H: int, W: int, grid: int, device):
 
 
 def _low_rank_w2(f_s: Tensor, f_t: Tensor, grid: int, unbiased: bool, method: str, num_iters: int) -> Tensor:
-    """W^2 per sample and cell with tr (S_s^1/2 S_t^1/2 ...)^1/2 = |Xs^T Xt|_* / den (design.md section 4): [N, P]."""
+    """W^2 per sample and cell with tr (S_s^1/2 S_t^1/2 ...)^1/2 = |Xs^T Xt|_* / den (docs/design.md section 4): [N, P]."""
     N, C, H, W = f_s.shape
     xs, xt = f_s.flatten(2), f_t.flatten(2)
     if grid == 1:

@@ -1,6 +1,6 @@
 """Float64 pure-PyTorch references of every op (tests and benchmarks compare against them).
 
-They follow the op contracts of design.md literally, loop by loop, and are differentiable by autograd, so
+They follow the op contracts of docs/design.md literally, loop by loop, and are differentiable by autograd, so
 ``torch.autograd.grad`` through them gives the exact gradient the kernels must reproduce. They form the
 B x n x m kernel matrix when needed: meant for checking, not for speed.
 """
@@ -13,7 +13,7 @@ from torch import Tensor
 
 def sinkhorn_reference(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, eps: float = 0.0,
                        log_domain: bool = False, dtype: torch.dtype = torch.float64):
-    """Literal fixed-iteration Sinkhorn (design.md section 3), computed in ``dtype`` (float64 by default).
+    """Literal fixed-iteration Sinkhorn (docs/design.md section 3), computed in ``dtype`` (float64 by default).
 
     a [B, n], b [B, m], cost [n, m] or [B, n, m]. Returns (value [B], u [B, n], v [B, m]) in the scaling
     domain, or (value, log u, log v) with ``log_domain=True`` (same mathematics, log-sum-exp iterations).
@@ -51,7 +51,7 @@ def sinkhorn_reference(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gaussian ops for WKD-F (design.md section 4): float64 references
+# Gaussian ops for WKD-F (docs/design.md section 4): float64 references
 # ----------------------------------------------------------------------------------------------------------------
 def cell_bounds_reference(size: int, grid: int):
     """Adaptive-pooling cells along one axis: [(floor(i size / grid), ceil((i + 1) size / grid)) for i < grid]."""

@@ -1,4 +1,4 @@
-// CPU kernels of wkd::bures_wasserstein and wkd::bures_wasserstein_backward (design.md section 4):
+// CPU kernels of wkd::bures_wasserstein and wkd::bures_wasserstein_backward (docs/design.md section 4):
 // squared 2-Wasserstein distance between Gaussians N(mu1, S1) and N(mu2, S2), batched:
 //   W^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (R1 S2 R1)^{1/2},   R_i = S_i^{1/2}
 // and tr (R1 S2 R1)^{1/2} = tr ((R2 R1)^T (R2 R1))^{1/2} = |R2 R1|_*: the cross term is the nuclear norm of the

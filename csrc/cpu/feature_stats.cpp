@@ -1,4 +1,4 @@
-// CPU kernels of wkd::feature_stats and wkd::feature_stats_backward (design.md section 4).
+// CPU kernels of wkd::feature_stats and wkd::feature_stats_backward (docs/design.md section 4).
 //
 // x [N, C, H, W] -> per sample n, grid cell p (G x G adaptive-pooling cells, row-major) and channel c:
 //   mean[n, p, c] = sum_{k in cell p} x[n, c, k] / m_p

@@ -1,5 +1,5 @@
 // CPU kernel of wkd::nuclear_norm: nuclear norm ||M||_* = sum of singular values of a batch of matrices M [B, p, q]
-// by the Newton-Schulz iteration for the orthogonal polar factor (design.md section 4, the low-rank path of the
+// by the Newton-Schulz iteration for the orthogonal polar factor (docs/design.md section 4, the low-rank path of the
 // Bures-Wasserstein distance: tr (S1^1/2 S2 S1^1/2)^1/2 = ||X1^T X2||_* / m).
 //
 //   X0 = M / ||M||_F;   num_iters times: X <- X (3I - X^T X) / 2;   polar = X;   value = <polar, M> = tr(polar^T M)

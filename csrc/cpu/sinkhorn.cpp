@@ -1,4 +1,4 @@
-// CPU kernels of wkd::sinkhorn and wkd::sinkhorn_backward (contract: design.md section 3).
+// CPU kernels of wkd::sinkhorn and wkd::sinkhorn_backward (contract: docs/design.md section 3).
 //
 // Two paths:
 //  * shared cost [n, m], scaling domain: every half-iteration of the whole batch is one BLAS product

@@ -1,5 +1,5 @@
 // CPU kernels of wkd::sqrtm and wkd::sqrtm_backward, and the batched matrix functions (matfun.h) that
-// wkd::bures_wasserstein builds on (design.md section 4).
+// wkd::bures_wasserstein builds on (docs/design.md section 4).
 //
 // Newton-Schulz runs as batched BLAS products over the whole batch (3 per step forward, 5 per step backward);
 // "eigh" uses LAPACK (ATen's linalg_eigh) in float64 whatever the input dtype (the exact method; on CPU the

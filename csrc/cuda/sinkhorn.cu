@@ -1,5 +1,5 @@
 // Hand-written CUDA C++ kernels of wkd::sinkhorn_cuda_native and wkd::sinkhorn_backward_cuda_native
-// (same schemas and outputs as wkd::sinkhorn / wkd::sinkhorn_backward; contract: design.md section 3; the
+// (same schemas and outputs as wkd::sinkhorn / wkd::sinkhorn_backward; contract: docs/design.md section 3; the
 // recurrences mirror csrc/cpu/sinkhorn.cpp line by line).
 //
 // Shared cost [n, m], scaling domain (the WKD-L case): every half-iteration of the whole batch is one

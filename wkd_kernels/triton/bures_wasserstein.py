@@ -1,4 +1,4 @@
-"""GPU implementation of ``wkd::bures_wasserstein`` and its backward (design.md section 4): the square roots, the
+"""GPU implementation of ``wkd::bures_wasserstein`` and its backward (docs/design.md section 4): the square roots, the
 polar iteration and the Lyapunov solves are the one-program-per-matrix Triton kernels of ``sqrtm.py`` and
 ``nuclear_norm.py`` (each launched once for S1 and S2 together); the n x n products between them are batched torch
 (cuBLAS) products.

@@ -1,4 +1,4 @@
-"""Triton kernels of ``wkd::feature_stats`` and ``wkd::feature_stats_backward`` (design.md section 4).
+"""Triton kernels of ``wkd::feature_stats`` and ``wkd::feature_stats_backward`` (docs/design.md section 4).
 
 x [N, C, H, W] -> per sample n, grid cell p (G x G adaptive-pooling cells, row-major; start = floor(i H / G),
 end = ceil((i + 1) H / G)) and channel c: mean [N, P, C] and either var [N, P, C] or cov [N, P, C, C], divided by

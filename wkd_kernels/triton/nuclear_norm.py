@@ -1,4 +1,4 @@
-"""Triton kernel of ``wkd::nuclear_norm`` (design.md section 4, the low-rank Bures-Wasserstein path), one program
+"""Triton kernel of ``wkd::nuclear_norm`` (docs/design.md section 4, the low-rank Bures-Wasserstein path), one program
 per matrix M [p, q] (p, q <= MAX_N, zero-padded to a register tile).
 
   _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, at most num_iters times

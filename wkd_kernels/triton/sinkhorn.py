@@ -1,4 +1,4 @@
-"""Triton kernels of ``torch.ops.wkd.sinkhorn`` and ``torch.ops.wkd.sinkhorn_backward`` (design.md section 3).
+"""Triton kernels of ``torch.ops.wkd.sinkhorn`` and ``torch.ops.wkd.sinkhorn_backward`` (docs/design.md section 3).
 
 Same contract, recurrences and output layout as the CPU kernels (csrc/cpu/sinkhorn.cpp). Per row, with
 K = exp(-cost / reg): u0 = 1/|supp a| on supp(a), 0 elsewhere; ``num_iters`` times ``s = K^T u + eps, v = b / s;

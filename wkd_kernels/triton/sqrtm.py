@@ -1,4 +1,4 @@
-"""Triton kernels of ``wkd::sqrtm`` and ``wkd::sqrtm_backward`` (design.md section 4), one program per matrix.
+"""Triton kernels of ``wkd::sqrtm`` and ``wkd::sqrtm_backward`` (docs/design.md section 4), one program per matrix.
 
 Every matrix (n <= MAX_N) lives in registers as one zero-padded BLOCK x BLOCK tile (BLOCK = next power of two >= 16);
 products are ``tl.dot`` in full fp32 (``input_precision="ieee"``: TF32 would cost three digits; "tf32x3" selectable, see
