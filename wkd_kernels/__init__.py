@@ -1,10 +1,10 @@
 """wkd-kernels: fused kernels for Wasserstein-distance knowledge distillation (WKD).
 
 Public API:
-    sinkhorn(a, b, cost, reg, num_iters, *, eps=0.0, grad="exact", log_domain=False) -> SinkhornResult
+    sinkhorn(a, b, cost, reg, num_iters, *, eps=0.0, grad="exact", log_domain=False | True | "auto") -> SinkhornResult
     set_cuda_backend("triton" | "cuda" | "auto"), get_cuda_backend()
     feature_stats(x, grid=1, covariance="diag", unbiased=True) -> (mean, var | cov)
-    sqrtm(S, method="newton_schulz", num_iters=20), nuclear_norm(M, num_iters=20)
+    sqrtm(S, method="newton_schulz", num_iters=None), nuclear_norm(M, num_iters=None)
     bures_wasserstein(mu1, S1, mu2, S2, method=..., num_iters=...) -> squared W2
     gaussian_wasserstein(f_s, f_t, covariance="full", grid=1, eps=1e-5, ...) -> squared W2 per sample (and cell)
     build_info(), HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON
