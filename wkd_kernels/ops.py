@@ -94,6 +94,16 @@ def as_int(value, name: str, op: str) -> int:
         raise ValueError(f"{op}: `{name}` must be an integer, got {type(value).__name__} {value!r}") from None
 
 
+def as_log_domain(value, op: str):
+    """``log_domain`` as True, False or "auto" (the Sinkhorn wrapper and the WKD-L losses accept the same values)."""
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    try:
+        return as_bool(value, "log_domain", op)
+    except TypeError:
+        raise TypeError(f"{op}: `log_domain` must be True, False or 'auto', got {value!r}") from None
+
+
 def as_bool(value, name: str, op: str) -> bool:
     """``value`` as a bool: True/False (also NumPy bools and 0-d bool tensors); strings, numbers etc. are rejected."""
     if isinstance(value, Tensor) and value.dim() == 0 and value.dtype == torch.bool:
@@ -378,11 +388,7 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     if grad not in ("exact", "envelope"):
         raise ValueError(f"{op}: `grad` must be 'exact' or 'envelope', got {grad!r}")
     reg, num_iters, eps = as_real(reg, "reg", op), as_int(num_iters, "num_iters", op), as_real(eps, "eps", op)
-    if not (isinstance(log_domain, str) and log_domain == "auto"):
-        try:
-            log_domain = as_bool(log_domain, "log_domain", op)
-        except TypeError:
-            raise TypeError(f"{op}: `log_domain` must be True, False or 'auto', got {log_domain!r}") from None
+    log_domain = as_log_domain(log_domain, op)
     check_sinkhorn_args(a, b, cost, reg, num_iters, eps, allow_half=True)
     if cost.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import as_bool, auto_log_domain, sinkhorn
+from ..ops import as_log_domain, auto_log_domain, sinkhorn
 from ._checks import (check_int, check_logit_values, check_logits, check_number, check_target, check_target_values,
                       compute_dtype, target_index, values_check_wanted)
 
@@ -109,15 +109,6 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
     return loss_t + weight * wd.mean()
 
 
-def _check_log_domain(log_domain, fn):
-    if isinstance(log_domain, str) and log_domain == "auto":
-        return "auto"
-    try:
-        return as_bool(log_domain, "log_domain", fn)
-    except TypeError:
-        raise TypeError(f"{fn}: `log_domain` must be True, False or 'auto', got {log_domain!r}") from None
-
-
 def _check_common(student_logits, teacher_logits, target, temperature, weight, reg, num_iters, grad, fn):
     B, C = check_logits(student_logits, teacher_logits, fn, min_classes=2)
     check_target(target, B, C, student_logits.device, fn)
@@ -160,7 +151,7 @@ def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
     fn = "wkd_logit_loss"
     B, C, temperature, weight, reg, num_iters = _check_common(student_logits, teacher_logits, target, temperature,
                                                               weight, reg, num_iters, grad, fn)
-    log_domain = _check_log_domain(log_domain, fn)
+    log_domain = as_log_domain(log_domain, fn)
     if not isinstance(cost, Tensor):
         raise TypeError(f"{fn}: `cost` must be a torch.Tensor [C, C], got {type(cost).__name__}")
     if cost.device != student_logits.device:
@@ -206,7 +197,7 @@ class WKDLogitLoss(nn.Module):
         self.num_iters = check_int(num_iters, "num_iters", fn)
         if grad not in ("exact", "envelope"):
             raise ValueError(f"{fn}: `grad` must be 'exact' or 'envelope', got {grad!r}")
-        self.grad, self.log_domain, self.check_values = grad, _check_log_domain(log_domain, fn), check_values
+        self.grad, self.log_domain, self.check_values = grad, as_log_domain(log_domain, fn), check_values
 
     @property
     def weight(self) -> float:
