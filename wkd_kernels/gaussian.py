@@ -659,7 +659,7 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
     return w2.reshape(lead)
 
 
-def _sqrt0(v: Tensor) -> Tensor:
+def sqrt_zero_subgradient(v: Tensor) -> Tensor:
     """sqrt(v) whose gradient at v = 0 is 0 instead of inf (a constant channel with eps = 0 would otherwise give
     inf * 0 = NaN in every entry of its gradient); 0 is a subgradient of the distance there."""
     pos = v > 0
@@ -785,7 +785,8 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
     if covariance == "diag":
         mu_s, v_s = torch.ops.wkd.feature_stats(f_s, int(grid), False, bool(unbiased))
         mu_t, v_t = torch.ops.wkd.feature_stats(f_t, int(grid), False, bool(unbiased))
-        w2 = (mu_s - mu_t).square().sum(-1) + (_sqrt0(v_s + eps) - _sqrt0(v_t + eps)).square().sum(-1)
+        w2 = (mu_s - mu_t).square().sum(-1) + (sqrt_zero_subgradient(v_s + eps)
+                                               - sqrt_zero_subgradient(v_t + eps)).square().sum(-1)
     else:
         low_rank = path == "low_rank" or (path == "auto" and max(_cell_sizes(H, W, grid)) < C)
         if low_rank:

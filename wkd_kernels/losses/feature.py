@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..gaussian import _sqrt0, cell_bounds, gaussian_wasserstein
+from ..gaussian import cell_bounds, gaussian_wasserstein, sqrt_zero_subgradient
 from ._checks import check_int, check_number, values_check_wanted
 from .projectors import make_projector
 
@@ -122,7 +122,7 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
             if mu_s.dtype != mu_t.dtype:  # float64 against float32 / half: compare in float32
                 mu_s, var_s, mu_t, var_t = (t.float() for t in (mu_s, var_s, mu_t, var_t))
             mean_loss = (mu_s - mu_t).square().sum() / norm
-            cov_loss = (_sqrt0(var_s + eps) - _sqrt0(var_t + eps)).square().sum() / norm
+            cov_loss = (sqrt_zero_subgradient(var_s + eps) - sqrt_zero_subgradient(var_t + eps)).square().sum() / norm
         else:
             if f_s.dtype != f_t.dtype or f_s.dtype in _HALF:
                 dt = torch.float64 if f_s.dtype == f_t.dtype == torch.float64 else torch.float32
