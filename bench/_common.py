@@ -215,7 +215,7 @@ def need_matplotlib() -> None:
 
 def capture_cuda_graph(step, warmup=1):
     """Run ``step()`` ``warmup`` times on a side stream (kernels compile and caches fill outside the capture), then
-    capture one more call in a CUDA graph (python_tests/conftest.py has the same helper for the tests). Returns
+    capture one more call in a CUDA graph (python_tests/conftest.py uses this one too). Returns
     (graph, outputs of the captured call, outputs of the last warm-up call); the captured outputs hold their values
     only after ``graph.replay()``."""
     side = torch.cuda.Stream()

@@ -52,11 +52,17 @@ def say(*parts):
     print(*parts, flush=True)
 
 
-def wkd_marginals(B, C, dtype, device, seed=0):
-    """Softmax distributions of random student/teacher logits (temperature 2) with the target's mass removed."""
+def wkd_logits(B, C, seed=0):
+    """Seeded random student logits s [B, C], teacher logits t = 3 * randn [B, C] and targets y [B] (CPU, float32)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, C, (B,), generator=g)
     s, t = torch.randn(B, C, generator=g), 3 * torch.randn(B, C, generator=g)
+    return s, t, y
+
+
+def wkd_marginals(B, C, dtype, device, seed=0):
+    """Softmax distributions of random student/teacher logits (temperature 2) with the target's mass removed."""
+    s, t, y = wkd_logits(B, C, seed)
     mask = torch.ones(B, C).scatter_(1, y[:, None], 0.0)
     p, q = torch.softmax(s / 2, 1) * mask, torch.softmax(t / 2, 1) * mask
     p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)

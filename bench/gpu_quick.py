@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import REPO, capture_cuda_graph, device_name, find_data_dir, print_table, time_fn, wkd_cost  # noqa: E402
-from compare_pot import plain_pytorch  # noqa: E402
+from compare_pot import plain_pytorch, wkd_logits  # noqa: E402
 
 import wkd_kernels as wk  # noqa: E402
 from wkd_kernels import ops as wk_ops  # noqa: E402
@@ -144,9 +144,7 @@ def parse_size(spec: str):
 
 def wkd_problem(B: int, C: int, seed: int = 0) -> Problem:
     """WKD-L's marginals: softmax(logits / 2) with the target class given zero mass, shared sharpened cost."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, C, (B,), generator=g)
-    s, t = torch.randn(B, C, generator=g), 3 * torch.randn(B, C, generator=g)
+    s, t, y = wkd_logits(B, C, seed)
     removed = F.one_hot(y, C).bool()
     a = torch.softmax((s / TEMPERATURE).masked_fill(removed, float("-inf")), 1)
     b = torch.softmax((t / TEMPERATURE).masked_fill(removed, float("-inf")), 1)
