@@ -66,7 +66,7 @@ def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10) ->
             for name, t in times.items()}
 
 
-# The released CKA distances of the paper, by class count (the README of `data/` describes them). They are not
+# The released CKA distances of the paper, by class count. They are not
 # shipped here (the official code, https://github.com/JiamingLv/WKD, carries no licence): copy the files of its
 # `wkd_cost_matrix/` folder under these names into data/ (git-ignored) or a folder named by --data-dir /
 # WKD_DATA_DIR, or build one with `python -m examples.classification.build_cost_matrix`.
