@@ -37,7 +37,8 @@ from _common import device_name, print_table, save, time_fn  # noqa: E402
 
 import wkd_kernels as wk  # noqa: E402
 from wkd_kernels import reference as ref  # noqa: E402
-from wkd_kernels.gaussian import _cell_gather_index, _cell_sizes  # noqa: E402
+from wkd_kernels.ops.checks import cell_sizes  # noqa: E402
+from wkd_kernels.ops.gaussian_wasserstein import cell_gather_index  # noqa: E402
 
 FULL_GRID = ["256x512x7x7", "256x2048x7x7", "256x64x56x56", "256x256x14x14"]
 CPU_DEFAULT = ["8x512x7x7", "8x2048x7x7", "8x64x56x56", "8x256x14x14", "32x512x7x7"]
@@ -89,7 +90,7 @@ def pot_full(f_s, f_t, grid):
 def _cross_gram(f_s, f_t, grid):
     """Centred cell features -> (mean term, trace terms, M = Xs^T Xt, den): the low-rank identity in plain torch."""
     N, C, H, W = f_s.shape
-    idx, mask, m = _cell_gather_index(H, W, grid, f_s.device)
+    idx, mask, m = cell_gather_index(H, W, grid, f_s.device)
     mask, m = mask.to(f_s.dtype), m.to(f_s.dtype)
     Xs = f_s.flatten(2)[:, :, idx].permute(0, 2, 1, 3) * mask[None, :, None, :]
     Xt = f_t.flatten(2)[:, :, idx].permute(0, 2, 1, 3) * mask[None, :, None, :]
@@ -233,7 +234,7 @@ def main():
             for grid in grids:
                 if grid > min(H, W):
                     continue
-                low_rank = max(_cell_sizes(H, W, grid)) < C
+                low_rank = max(cell_sizes(H, W, grid)) < C
                 path = "diag" if cov == "diag" else ("low-rank" if low_rank else "CxC")
 
                 def ours(a, b, cov=cov, grid=grid):

@@ -6,7 +6,7 @@ import torch
 
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
-from wkd_kernels.gaussian import _cell_sizes
+from wkd_kernels.ops.checks import cell_sizes
 
 from conftest import capture_cuda_graph, import_pot
 
@@ -27,7 +27,7 @@ def _rel(a, b):
                                         ((2, 24, 7, 7), 4), ((2, 12, 5, 7), 3)])
 def test_low_rank_path_vs_float64_eigendecomposition(shape, grid):
     f_s, f_t = _feats(shape)
-    assert max(_cell_sizes(shape[2], shape[3], grid)) < shape[1]  # m < C: "auto" takes the low-rank path
+    assert max(cell_sizes(shape[2], shape[3], grid)) < shape[1]  # m < C: "auto" takes the low-rank path
     expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", grid, eps=0.0)  # C x C eigh, clamped
     w64 = wk.gaussian_wasserstein(f_s, f_t, "full", grid, eps=0.0, num_iters=40)
     assert w64.shape == ((shape[0],) if grid == 1 else (shape[0], grid * grid))

@@ -1,20 +1,22 @@
 """wkd-kernels: fused kernels for Wasserstein-distance knowledge distillation (WKD).
 
 Public API:
-    sinkhorn(a, b, cost, reg, num_iters, *, eps=0.0, grad="exact", log_domain=False | True | "auto") -> SinkhornResult
-    set_cuda_backend("triton" | "cuda" | "auto"), get_cuda_backend()
-    feature_stats(x, grid=1, covariance="diag", unbiased=True) -> (mean, var | cov)
-    sqrtm(S, method="newton_schulz", num_iters=None), nuclear_norm(M, num_iters=None)
-    bures_wasserstein(mu1, S1, mu2, S2, method=..., num_iters=...) -> squared W2
+    sinkhorn(a, b, cost, reg, num_iters, *, eps=0.0, grad="exact", log_domain=False | True | "auto",
+             backend=None, precision=None, check_values=None) -> SinkhornResult
+    feature_stats(x, grid=1, covariance="diag", unbiased=True, *, backend=None) -> (mean, var | cov)
+    sqrtm(S, method="newton_schulz", num_iters=None, *, backend=None, precision=None), nuclear_norm(M, ...)
+    bures_wasserstein(mu1, S1, mu2, S2, method=..., num_iters=..., *, backend=None, precision=None) -> squared W2
     gaussian_wasserstein(f_s, f_t, covariance="full", grid=1, eps=1e-5, ...) -> squared W2 per sample (and cell)
+    settings: the defaults of backend / precision / check_values (settings.override(...), settings.set_defaults)
     build_info(), HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON
     the losses (WKDLogitLoss, WKDFeatureLoss, KD/DKD/NKD/FitNet, cosine_weight, make_projector) and
     the category interrelations (cka_distance, sharpen, ...), also as wkd_kernels.losses / .interrelations
 The ops themselves are torch.ops.wkd.* (schemas in csrc/ops.cpp).
 """
 from ._build import HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON, build_info
-from .gaussian import bures_wasserstein, feature_stats, gaussian_wasserstein, nuclear_norm, sqrtm
-from .ops import SinkhornResult, get_cuda_backend, set_cuda_backend, sinkhorn
+from . import settings
+from .ops import (GaussianW2Terms, SinkhornResult, bures_wasserstein, feature_stats, gaussian_wasserstein,
+                  gaussian_wasserstein_terms, nuclear_norm, sinkhorn, sqrtm)
 from . import interrelations, losses  # noqa: E402
 from .interrelations import centroid_cosine_distance, cka_distance, classifier_cosine_distance, sharpen
 from .losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDFeatureLossOutput, WKDLogitLoss,
@@ -25,8 +27,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HAS_C_EXT", "HAS_CUDA_EXT", "HAS_TRITON", "build_info",
-    "SinkhornResult", "sinkhorn", "set_cuda_backend", "get_cuda_backend",
+    "settings", "SinkhornResult", "sinkhorn",
     "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein", "gaussian_wasserstein",
+    "gaussian_wasserstein_terms", "GaussianW2Terms",
     "interrelations", "losses", "cka_distance", "classifier_cosine_distance", "centroid_cosine_distance", "sharpen",
     "WKDLogitLoss", "wkd_logit_loss", "WKDFeatureLoss", "WKDFeatureLossOutput", "wkd_feature_loss",
     "KDLoss", "kd_loss", "DKDLoss", "dkd_loss", "NKDLoss", "nkd_loss", "FitNetLoss", "fitnet_loss", "cosine_weight",

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import (check_logit_values, check_logits, check_number, check_target, check_target_values,
-                      compute_dtype, target_index, values_check_wanted)
+from ..ops.checks import (check_logit_values, check_logits, check_number, check_target, check_target_values,
+                      compute_dtype, target_index, loss_values_check_wanted)
 from .logit import target_term
 from .projectors import make_projector
 
@@ -26,7 +26,7 @@ def _prep(student_logits, teacher_logits, fn, check_values, target=None, min_cla
     if target is not None:
         check_target(target, B, C, student_logits.device, fn)
     dt = compute_dtype(student_logits)
-    if values_check_wanted(student_logits, check_values):
+    if loss_values_check_wanted(student_logits, check_values):
         check_logit_values(student_logits, teacher_logits, fn)
         if target is not None:
             check_target_values(target, C, fn)

@@ -31,8 +31,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..gaussian import cell_bounds, gaussian_wasserstein, sqrt_zero_subgradient
-from ._checks import check_int, check_number, values_check_wanted
+from .. import settings
+from ..ops.checks import cell_bounds, check_int, check_number, loss_values_check_wanted
+from ..ops.common import resolve_backend
+from ..ops.feature_stats import feature_stats_op
+from ..ops.gaussian_wasserstein import gaussian_wasserstein_terms, sqrt_zero_subgradient
 from .projectors import make_projector
 
 __all__ = ["WKDFeatureLoss", "wkd_feature_loss", "WKDFeatureLossOutput"]
@@ -102,11 +105,12 @@ def _check_options(covariance, grid, mean_cov_ratio, eps, weight, method, num_it
 
 def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean_cov_ratio: float, eps: float,
                       weight: float, method: str, num_iters: int, path: str, check_values: Optional[bool],
-                      fn: str, s_name: str = "student_features") -> WKDFeatureLossOutput:
+                      fn: str, s_name: str = "student_features", backend: Optional[str] = None,
+                      precision: Optional[str] = None) -> WKDFeatureLossOutput:
     """Core of WKD-F on checked arguments (``f_s`` already projected)."""
     N, C, H, W = f_t.shape
     grid = _check_grid(grid, H, W, fn)
-    if values_check_wanted(f_s, check_values):
+    if loss_values_check_wanted(f_s, check_values):
         for name, t in ((s_name, f_s), ("teacher_features", f_t)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{fn}: `{name}` contains non-finite values (inf or nan)")
@@ -117,8 +121,9 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
     with torch.autocast(device_type=f_s.device.type, enabled=False):
         if covariance == "diag":
             # Half inputs are read as they are (fp32 accumulation inside the op); the statistics come back fp32.
-            mu_s, var_s = torch.ops.wkd.feature_stats(f_s, grid, False, True)  # [N, G*G, C] each
-            mu_t, var_t = torch.ops.wkd.feature_stats(f_t, grid, False, True)
+            kind = resolve_backend(backend, f_s, fn, has_cuda_cpp=False)
+            mu_s, var_s = feature_stats_op(f_s, grid, False, True, kind)  # [N, G*G, C] each
+            mu_t, var_t = feature_stats_op(f_t, grid, False, True, kind)
             if mu_s.dtype != mu_t.dtype:  # float64 against float32 / half: compare in float32
                 mu_s, var_s, mu_t, var_t = (t.float() for t in (mu_s, var_s, mu_t, var_t))
             mean_loss = (mu_s - mu_t).square().sum() / norm
@@ -127,13 +132,12 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
             if f_s.dtype != f_t.dtype or f_s.dtype in _HALF:
                 dt = torch.float64 if f_s.dtype == f_t.dtype == torch.float64 else torch.float32
                 f_s, f_t = f_s.to(dt), f_t.to(dt)
-            w2 = gaussian_wasserstein(f_s, f_t, "full", grid, eps, unbiased=True, method=method,
-                                      num_iters=num_iters, path=path, check_values=False)  # [N] or [N, G*G]
-            mu_s, _ = torch.ops.wkd.feature_stats(f_s, grid, False, True)
-            mu_t, _ = torch.ops.wkd.feature_stats(f_t, grid, False, True)
-            mean_loss = (mu_s - mu_t).square().sum() / norm
-            # W^2 minus its mean term = the covariance term, tr S_s + tr S_t - 2 tr (S_s^1/2 S_t S_s^1/2)^1/2.
-            cov_loss = w2.sum() / norm - mean_loss
+            # the two terms of W^2 from one pass of the statistics ([N] or [N, G*G] each)
+            terms = gaussian_wasserstein_terms(f_s, f_t, "full", grid, eps, unbiased=True, method=method,
+                                               num_iters=num_iters, path=path, backend=backend, precision=precision,
+                                               check_values=False)
+            mean_loss = terms.mean.sum() / norm
+            cov_loss = terms.cov.sum() / norm  # tr S_s + tr S_t - 2 tr (S_s^1/2 S_t S_s^1/2)^1/2
     loss = weight * (mean_cov_ratio * mean_loss + cov_loss)
     return WKDFeatureLossOutput(loss, mean_loss, cov_loss)
 
@@ -141,6 +145,7 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
 def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covariance: str = "diag", grid: int = 1,
                      mean_cov_ratio: float = 2.0, eps: float = 1e-5, *, weight: float = 1.0,
                      method: str = "newton_schulz", num_iters: Optional[int] = None, path: str = "auto",
+                     backend: Optional[str] = None, precision: Optional[str] = None,
                      check_values: Optional[bool] = None) -> WKDFeatureLossOutput:
     """WKD-F loss, functional form, on an already projected student map (see :class:`WKDFeatureLoss`).
 
@@ -156,8 +161,10 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
             full-covariance path (the low-rank path is exact without it), in squared feature units.
         weight: >= 0 factor of the whole loss (e.g. from ``cosine_weight``); the parts are not scaled by it.
         method, num_iters, path: full covariance only, see ``wkd_kernels.gaussian_wasserstein``.
-        check_values: reject non-finite features (always on CPU unless False; on CUDA only when True or env
-            ``WKD_CHECK_VALUES=1``, as it synchronises). Skipped under torch.compile.
+        backend, precision: which kernels (``"auto"``, ``"cpu"``, ``"triton"``) and the float32 product precision
+            of the Triton ones (``"ieee"``, ``"tf32x3"``); None: the settings (``wkd_kernels.settings``).
+        check_values: reject non-finite features (always on CPU unless False; on CUDA only when True or the
+            ``check_values`` setting says so, as it synchronises). Skipped under torch.compile.
 
     Returns:
         :class:`WKDFeatureLossOutput` ``(loss, mean_loss, cov_loss)``: scalars, squared feature units, float32
@@ -170,8 +177,9 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
     if student_features.shape[1] != teacher_features.shape[1]:
         raise ValueError(f"{fn}: `student_features` has {student_features.shape[1]} channels but `teacher_features` "
                          f"has {teacher_features.shape[1]}; project the student map first (or use WKDFeatureLoss)")
+    precision = settings.resolve_precision(precision, "gaussian", fn)
     return _wkd_feature_loss(student_features, teacher_features, covariance, grid, mean_cov_ratio, eps, weight,
-                             method, num_iters, path, check_values, fn)
+                             method, num_iters, path, check_values, fn, backend=backend, precision=precision)
 
 
 class WKDFeatureLoss(nn.Module):
@@ -192,7 +200,7 @@ class WKDFeatureLoss(nn.Module):
         hidden_channels: bottleneck width (default 256, as published).
         weight: >= 0 factor of the whole loss; a plain attribute (update it per epoch with ``cosine_weight``).
         method, num_iters, path: full covariance only, see ``wkd_kernels.gaussian_wasserstein``.
-        check_values: as in :func:`wkd_feature_loss`.
+        backend, precision, check_values: as in :func:`wkd_feature_loss` (None: the settings at call time).
 
     Shapes:
         forward(student_features [N, Cs, H, W], teacher_features [N, Ct, H, W]) -> WKDFeatureLossOutput of three
@@ -202,7 +210,8 @@ class WKDFeatureLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, covariance: str = "diag", grid: int = 1,
                  mean_cov_ratio: float = 2.0, eps: float = 1e-5, projector: Optional[str] = "bottleneck", *,
                  hidden_channels: int = 256, weight: float = 1.0, method: str = "newton_schulz",
-                 num_iters: Optional[int] = None, path: str = "auto", check_values: Optional[bool] = None):
+                 num_iters: Optional[int] = None, path: str = "auto", backend: Optional[str] = None,
+                 precision: Optional[str] = None, check_values: Optional[bool] = None):
         super().__init__()
         fn = "WKDFeatureLoss"
         self.mean_cov_ratio, self.eps, _, self.num_iters = _check_options(
@@ -210,6 +219,8 @@ class WKDFeatureLoss(nn.Module):
         self.covariance, self.grid, self.method, self.path = covariance, grid, method, path
         self.weight = weight  # checked by the setter
         self.check_values = check_values
+        self.backend = backend
+        self.precision = None if precision is None else settings.resolve_precision(precision, "gaussian", fn)
         self.projector = make_projector(projector, student_channels, teacher_channels, hidden_channels, fn=fn)
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
 
@@ -236,4 +247,5 @@ class WKDFeatureLoss(nn.Module):
         weight = check_number(self.weight, "weight", fn, nonneg=True)
         return _wkd_feature_loss(f_s, teacher_features, self.covariance, self.grid, self.mean_cov_ratio, self.eps,
                                  weight, self.method, self.num_iters, self.path, self.check_values, fn,
-                                 s_name="projected student_features")
+                                 s_name="projected student_features", backend=self.backend,
+                                 precision=settings.resolve_precision(self.precision, "gaussian", fn))

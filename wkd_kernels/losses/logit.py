@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import as_log_domain, auto_log_domain, sinkhorn
-from ._checks import (check_int, check_logit_values, check_logits, check_number, check_target, check_target_values,
-                      compute_dtype, target_index, values_check_wanted)
+from .. import settings
+from ..ops.checks import as_log_domain, auto_log_domain
+from ..ops.sinkhorn import sinkhorn
+from ..ops.checks import (check_int, check_logit_values, check_logits, check_number, check_target, check_target_values,
+                      compute_dtype, target_index, loss_values_check_wanted)
 
 __all__ = ["WKDLogitLoss", "wkd_logit_loss", "prepare_wkd_cost", "target_term"]
 
@@ -80,10 +82,10 @@ def target_term(log_p_student: Tensor, p_teacher: Tensor, y: Tensor) -> Tensor:
 
 def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperature: float, weight: float,
                     reg: float, num_iters: int, grad: str, log_domain: bool, check_values: Optional[bool],
-                    fn: str) -> Tensor:
+                    fn: str, backend: Optional[str] = None, precision: Optional[str] = None) -> Tensor:
     """Core of WKD-L on checked arguments; ``cost`` is already relu(cost) + 1e-8."""
     B, C = s.shape
-    if values_check_wanted(s, check_values):
+    if loss_values_check_wanted(s, check_values):
         check_logit_values(s, t, fn)
         check_target_values(target, C, fn)
     dt = compute_dtype(s)
@@ -98,14 +100,14 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
     removed = F.one_hot(y, C).bool()
     p = F.softmax((s / temperature).masked_fill(removed, float("-inf")), dim=1)
     q = F.softmax((t / temperature).masked_fill(removed, float("-inf")), dim=1)
-    if values_check_wanted(s, check_values):  # name the user's arguments, not the op's internal `a` / `b`
+    if loss_values_check_wanted(s, check_values):  # name the user's arguments, not the op's internal `a` / `b`
         for name, d in (("student_logits", p), ("teacher_logits", q)):
             if not bool(torch.isfinite(d).all()):
                 raise ValueError(f"{fn}: softmax(`{name}` / `temperature`) is not finite: `{name}` / `temperature` "
                                  f"(temperature = {temperature}) overflows {dt}")
     with torch.autocast(device_type=s.device.type, enabled=False):
         wd = sinkhorn(p, q, cost, reg, num_iters, eps=SINKHORN_EPS, grad=grad, log_domain=log_domain,
-                      check_values=False).value
+                      backend=backend, precision=precision, check_values=False).value
     return loss_t + weight * wd.mean()
 
 
@@ -123,8 +125,8 @@ def _check_common(student_logits, teacher_logits, target, temperature, weight, r
 
 def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, cost: Tensor,
                    temperature: float, weight: float, reg: float = 0.05, num_iters: int = 10, *,
-                   grad: str = "exact", log_domain: Union[bool, str] = False,
-                   check_values: Optional[bool] = None) -> Tensor:
+                   grad: str = "exact", log_domain: Union[bool, str] = False, backend: Optional[str] = None,
+                   precision: Optional[str] = None, check_values: Optional[bool] = None) -> Tensor:
     """WKD-L loss, functional form (see :class:`WKDLogitLoss`; this one preprocesses ``cost`` on every call).
 
     Args:
@@ -142,8 +144,11 @@ def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
             domain exactly when max(cost) / reg > -log(tiny) of the compute dtype (float32: 87.3, float64: 708.4),
             see ``wkd_kernels.sinkhorn`` (it reads max(cost): a synchronisation per call on CUDA; the module
             decides once per cost). On CPU an underflowing K in the scaling domain raises a clear error.
+        backend, precision: the Sinkhorn kernels (``"auto"``, ``"cpu"``, ``"triton"``, ``"cuda"``) and the float32
+            product precision of the Triton ones (``"ieee"``, ``"tf32x3"``, ``"tf32"``), see
+            ``wkd_kernels.sinkhorn``; None: the settings (``wkd_kernels.settings``).
         check_values: check logits are finite and targets in range (always on CPU unless False; on CUDA only
-            when True or env ``WKD_CHECK_VALUES=1``, as it synchronises). Skipped under torch.compile.
+            when True or the ``check_values`` setting says so, as it synchronises). Skipped under torch.compile.
 
     Returns:
         Scalar loss L_t + weight * mean_b WD_b, float32 (float64 for float64 logits).
@@ -156,9 +161,9 @@ def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
         raise TypeError(f"{fn}: `cost` must be a torch.Tensor [C, C], got {type(cost).__name__}")
     if cost.device != student_logits.device:
         raise ValueError(f"{fn}: `cost` is on {cost.device} but the logits are on {student_logits.device}")
-    cost = prepare_wkd_cost(cost, C, fn, check_values=values_check_wanted(cost, check_values))
+    cost = prepare_wkd_cost(cost, C, fn, check_values=loss_values_check_wanted(cost, check_values))
     return _wkd_logit_loss(student_logits, teacher_logits, target, cost, temperature, weight, reg, num_iters, grad,
-                           log_domain, check_values, fn)
+                           log_domain, check_values, fn, backend, precision)
 
 
 class WKDLogitLoss(nn.Module):
@@ -175,7 +180,7 @@ class WKDLogitLoss(nn.Module):
         weight: gamma >= 0 of the Wasserstein term; a plain attribute, update it per epoch with ``cosine_weight``.
         reg: entropic regularisation lambda > 0 (default 0.05, as published).
         num_iters: Sinkhorn iterations (default 10, as published).
-        grad, check_values: as in :func:`wkd_logit_loss`.
+        grad, backend, precision, check_values: as in :func:`wkd_logit_loss` (None: the settings at call time).
         log_domain: ``"auto"`` (default): the log domain exactly when K = exp(-cost / reg) would have an entry
             below the normal range of the compute dtype, max(cost) / reg > -log(tiny) (float32: 87.3, float64:
             708.4; max(cost) is read once, here), the faster scaling domain otherwise (always, with the published
@@ -186,7 +191,8 @@ class WKDLogitLoss(nn.Module):
     """
 
     def __init__(self, cost: Tensor, temperature: float, weight: float, reg: float = 0.05, num_iters: int = 10, *,
-                 grad: str = "exact", log_domain: Union[bool, str] = "auto", check_values: Optional[bool] = None):
+                 grad: str = "exact", log_domain: Union[bool, str] = "auto", backend: Optional[str] = None,
+                 precision: Optional[str] = None, check_values: Optional[bool] = None):
         super().__init__()
         fn = "WKDLogitLoss"
         self.register_buffer("cost", prepare_wkd_cost(cost, None, fn, check_values=True), persistent=False)
@@ -198,6 +204,8 @@ class WKDLogitLoss(nn.Module):
         if grad not in ("exact", "envelope"):
             raise ValueError(f"{fn}: `grad` must be 'exact' or 'envelope', got {grad!r}")
         self.grad, self.log_domain, self.check_values = grad, as_log_domain(log_domain, fn), check_values
+        self.backend = backend
+        self.precision = None if precision is None else settings.resolve_precision(precision, "sinkhorn", fn)
 
     @property
     def weight(self) -> float:
@@ -231,4 +239,4 @@ class WKDLogitLoss(nn.Module):
         if log_domain == "auto":
             log_domain = auto_log_domain(self._cost_max, reg, compute_dtype(student_logits))
         return _wkd_logit_loss(student_logits, teacher_logits, target, self.cost, temperature, weight, reg,
-                               num_iters, self.grad, log_domain, self.check_values, fn)
+                               num_iters, self.grad, log_domain, self.check_values, fn, self.backend, self.precision)

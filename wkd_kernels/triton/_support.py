@@ -1,4 +1,5 @@
-"""Which Triton versions the kernels support, and one clear error when the installed one cannot compile them.
+"""What the Triton kernels share: the supported Triton versions (one clear error when the installed one cannot compile
+them), the accumulator dtype and the ``tl.dot`` precision rule.
 
 Supported: Triton >= 3.5 (the release paired with torch 2.9; torch 2.11 ships 3.6). Older releases lack what the
 kernels use, as the compile matrix showed: Triton 3.2, 3.3 and 3.4 cannot compile a float64 ``tl.dot`` ("Unsupported
@@ -11,10 +12,12 @@ from __future__ import annotations
 import functools
 import re
 
+import torch
 import triton
+import triton.language as tl
 
 __all__ = ["MIN_TRITON", "TESTED_TRITON", "triton_version", "supported", "support_message", "require_supported",
-           "explain_compile_errors"]
+           "explain_compile_errors", "acc_dtype", "dot_precision"]
 
 MIN_TRITON = (3, 5)
 TESTED_TRITON = ("3.5.1", "3.6.0", "3.8.0")
@@ -85,3 +88,14 @@ def explain_compile_errors(what: str):
         return launcher
 
     return wrap
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The Triton accumulation dtype of a kernel on ``dtype`` data: float64 for float64, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(precision: str, dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: the caller's ``precision`` for float32 operands, "ieee" for float64 (fp64 products
+    have no reduced mode)."""
+    return "ieee" if dtype == torch.float64 else precision

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._support import explain_compile_errors
+from ._support import acc_dtype, explain_compile_errors
 
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
@@ -36,10 +36,6 @@ _FULL_BWD_BLOCK_J = 16    # channels per GEMM step (full backward)
 _FULL_BWD_BLOCK_Q = 64    # spatial positions per program (full backward)
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,7 +237,7 @@ def feature_stats_forward(x: torch.Tensor, grid: int, full: bool, unbiased: bool
     G = int(grid)
     P = G * G
     sdt = _stats_dtype(x.dtype)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     mean = torch.empty((N, P, C), dtype=sdt, device=x.device)
     var = torch.empty((N, P, C, C) if full else (N, P, C), dtype=sdt, device=x.device)
     if N == 0:
@@ -267,7 +263,7 @@ def feature_stats_backward(grad_mean: torch.Tensor, grad_var: torch.Tensor, x: t
     N, C, H, W = x.shape
     G = int(grid)
     P = G * G
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     gx = torch.empty_like(x)
     if N == 0:
         return gx

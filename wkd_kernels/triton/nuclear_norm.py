@@ -4,7 +4,7 @@ per matrix M [p, q] (p, q <= MAX_N, zero-padded to a register tile).
   _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, at most num_iters times
                       X <- X (3I - X^T X) / 2, after log(1/eps)/log(1.5) steps (float32 40,
                       float64 89) stopping once a step raises <X, M> by at most min(p, q) eps of it
-                      (two fp32 ``tl.dot`` per step, precision as sqrtm.DOT_PRECISION); polar = X,
+                      (two ``tl.dot`` per step, float32 precision from the ``precision`` argument); polar = X,
                       value = <polar, M> = sum_i q(s_i) s_i (q -> 1 on every nonzero singular value s_i).
 The backward of the nuclear norm is grad * polar (no kernel). Larger matrices use the same iteration as batched
 torch products.
@@ -17,18 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._support import explain_compile_errors
-
-from . import sqrtm as _sq
+from ._support import acc_dtype, dot_precision, explain_compile_errors
 
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------------------------
 MAX_N = 64
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,7 +89,7 @@ def _tol(M: torch.Tensor) -> float:
 
 
 @explain_compile_errors("wkd.nuclear_norm (Triton nuclear_norm_forward)")
-def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
+def nuclear_norm_forward(M: torch.Tensor, num_iters: int, precision: str = "ieee"):
     """(value [B], polar [B, p, q]) for M [B, p, q] (arguments checked by the caller)."""
     M = M.contiguous()
     B, p, q = M.shape
@@ -108,7 +102,7 @@ def nuclear_norm_forward(M: torch.Tensor, num_iters: int):
     bp = max(16, triton.next_power_of_2(p))
     bq = max(16, triton.next_power_of_2(q))
     _nuclear_norm_fwd[(B,)](M, Q, val, p, q, int(num_iters), float(torch.finfo(M.dtype).tiny), _tol(M),
-                            _min_steps(M.dtype), ACC=_acc_dtype(M.dtype),
-                            BLOCK_P=bp, BLOCK_Q=bq, PREC=_sq.dot_precision(M.dtype),
+                            _min_steps(M.dtype), ACC=acc_dtype(M.dtype),
+                            BLOCK_P=bp, BLOCK_Q=bq, PREC=dot_precision(precision, M.dtype),
                             num_warps=8 if max(bp, bq) >= 64 else 4)
     return val, Q

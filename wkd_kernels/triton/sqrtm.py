@@ -1,8 +1,8 @@
 """Triton kernels of ``wkd::sqrtm`` and ``wkd::sqrtm_backward`` (docs/design.md section 4), one program per matrix.
 
 Every matrix (n <= MAX_N) lives in registers as one zero-padded BLOCK x BLOCK tile (BLOCK = next power of two >= 16);
-products are ``tl.dot`` in full fp32 (``input_precision="ieee"``: TF32 would cost three digits; "tf32x3" selectable, see
-DOT_PRECISION) or fp64.
+products are ``tl.dot`` in full fp32 (``precision="ieee"``: TF32 would cost three digits; "tf32x3" selectable by the
+launchers' ``precision`` argument) or fp64.
 
   _sqrtm_ns_fwd    coupled Newton-Schulz with trace pre-normalisation: Y0 = S / tr S, Z0 = I, num_iters times
                    T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z;  S^1/2 = sqrt(tr S) Y. Safeguards: the matrix stops once
@@ -23,30 +23,18 @@ Matrices larger than MAX_N run the same mathematics as batched ``torch`` product
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._support import explain_compile_errors
+from ._support import acc_dtype, dot_precision, explain_compile_errors
 
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------------------------
 MAX_N = 64                 # largest matrix handled by the one-program kernels
-# tl.dot precision for float32 matrices: "ieee" (default: exact fp32 FMA, what the tests verify) or "tf32x3" (three
-# TF32 tensor-core products, ~fp32 accuracy, far fewer registers at BLOCK = 64; unverified on a GPU so far). Set by
-# the environment variable WKD_GAUSSIAN_DOT_PRECISION. float64 always uses fp64 products.
-DOT_PRECISION = os.environ.get("WKD_GAUSSIAN_DOT_PRECISION", "ieee").strip().lower()
-if DOT_PRECISION not in ("ieee", "tf32x3"):
-    raise ValueError(f"WKD_GAUSSIAN_DOT_PRECISION must be 'ieee' or 'tf32x3', got {DOT_PRECISION!r}")
 _MAX_SWEEPS_F32 = 12       # Jacobi sweeps (a sweep = BLOCK - 1 rounds); converged earlier when off(A) <= tol ||A||
 _MAX_SWEEPS_F64 = 16
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -78,12 +66,6 @@ def _block(n: int) -> int:
 
 def _warps(block: int) -> int:
     return 8 if block >= 64 else 4
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for matrices of this dtype: DOT_PRECISION for float32 (read at each launch), "ieee" for
-    float64."""
-    return "ieee" if dtype == torch.float64 else DOT_PRECISION
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -335,9 +317,10 @@ def _lyapunov_torch(Y: torch.Tensor, G: torch.Tensor, eigh: bool, num_iters: int
 
 
 @explain_compile_errors("wkd.sqrtm (Triton sqrtm_forward)")
-def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bool = False):
+def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, precision: str = "ieee", want_inverse: bool = False):
     """(S^1/2, pseudo-inverse of S^1/2 or None) of symmetric PSD S [B, n, n] (read as (S + S^T)/2; arguments checked
-    by the caller). The inverse is available with method "eigh" only."""
+    by the caller). The inverse is available with method "eigh" only. ``precision``: tl.dot input precision for float32
+    ("ieee" or "tf32x3"; float64 always ieee)."""
     S = S.contiguous()
     B, n, _ = S.shape
     eigh = method == "eigh"
@@ -350,21 +333,21 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, want_inverse: bo
     if B == 0:
         return Y, (Z if want_inverse else None)
     block = _block(n)
-    acc = _acc_dtype(S.dtype)
+    acc = acc_dtype(S.dtype)
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if S.dtype == torch.float64 else _MAX_SWEEPS_F32
         _sqrtm_eigh_fwd[(B,)](S, Y, Z, n, n * _eps(S.dtype), _tiny(S.dtype), _pinv_rel(n, S.dtype),
-                              WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(S.dtype),
+                              WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(precision, S.dtype),
                               num_warps=_warps(block))
     else:
         _sqrtm_ns_fwd[(B,)](S, Y, n, int(num_iters), _tiny(S.dtype), 1.0 / _eps(S.dtype), _dev_max(n, S.dtype),
-                            _tol(n, S.dtype), ACC=acc, BLOCK=block, PREC=dot_precision(S.dtype),
+                            _tol(n, S.dtype), ACC=acc, BLOCK=block, PREC=dot_precision(precision, S.dtype),
                             num_warps=_warps(block))
     return Y, (Z if want_inverse else None)
 
 
 @explain_compile_errors("wkd.sqrtm (Triton lyapunov)")
-def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> torch.Tensor:
+def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int, precision: str = "ieee") -> torch.Tensor:
     """Symmetric X with Y X + X Y = (G + G^T)/2 for symmetric PSD Y [B, n, n] (the sqrtm backward)."""
     Y = Y.contiguous()
     G = G.contiguous()
@@ -376,17 +359,18 @@ def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int) -> t
     if B == 0:
         return X
     block = _block(n)
-    acc = _acc_dtype(Y.dtype)
+    acc = acc_dtype(Y.dtype)
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if Y.dtype == torch.float64 else _MAX_SWEEPS_F32
         _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), _pinv_rel(n, Y.dtype) ** 0.5, ACC=acc,
-                             MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(Y.dtype), num_warps=_warps(block))
+                             MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(precision, Y.dtype), num_warps=_warps(block))
     else:
         _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), _tol(n, Y.dtype),
-                           ACC=acc, BLOCK=block, PREC=dot_precision(Y.dtype), num_warps=_warps(block))
+                           ACC=acc, BLOCK=block, PREC=dot_precision(precision, Y.dtype), num_warps=_warps(block))
     return X
 
 
-def sqrtm_backward(grad_Y: torch.Tensor, Y: torch.Tensor, method: str, num_iters: int) -> torch.Tensor:
+def sqrtm_backward(grad_Y: torch.Tensor, Y: torch.Tensor, method: str, num_iters: int,
+                   precision: str = "ieee") -> torch.Tensor:
     """dL/dS = X with Y X + X Y = sym(grad_Y)."""
-    return lyapunov(Y, grad_Y, method, num_iters)
+    return lyapunov(Y, grad_Y, method, num_iters, precision)

@@ -1,0 +1,134 @@
+"""What every op module shares: the backend choice, the first-order-only guard of the backward formulas, half
+upcasting and the Newton-Schulz step bound of the Gaussian ops (docs/design.md section 2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _build, settings
+from .checks import HALF, as_int
+
+
+def resolve_backend(backend: Optional[str], t: Tensor, op: str, *, has_cuda_cpp: bool,
+                    precision: str = "ieee") -> str:
+    """The kernels that serve ``op`` for tensors like ``t``: ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    ``backend`` is the caller's argument (None: :func:`wkd_kernels.settings.current`). ``"auto"`` on a CPU tensor is
+    the C++ CPU kernel; on a CUDA tensor the CUDA C++ kernel when the op has one (``has_cuda_cpp``), the build has
+    it and ``precision`` is ``"ieee"`` (the CUDA C++ kernels compute in float32/float64 FMA only), else Triton. That
+    CUDA rule is **not measured yet** (no GPU has run bench/gpu_suite.sh); see wkd_kernels.settings.
+    """
+    if backend is None:
+        backend = settings.current().backend
+    if backend not in settings.BACKENDS:
+        raise ValueError(f"{op}: `backend` must be one of {settings.BACKENDS}, got {backend!r}")
+    dev = t.device.type
+    if dev == "cpu":
+        if backend in ("auto", "cpu"):
+            return "cpu"
+        if backend == "triton":
+            if not settings.TRITON_INTERPRET:
+                raise ValueError(f"{op}: backend='triton' runs on CUDA tensors (on CPU tensors only under "
+                                 "TRITON_INTERPRET=1, set before triton is imported); these are CPU tensors")
+            _require_triton(op)
+            return "triton"
+        raise ValueError(f"{op}: backend='cuda' (the CUDA C++ kernels) needs CUDA tensors; these are CPU tensors")
+    if dev != "cuda":
+        raise ValueError(f"{op}: tensors on {t.device} are not supported (CPU and CUDA only)")
+    if backend == "cpu":
+        raise ValueError(f"{op}: backend='cpu' needs CPU tensors; these are on {t.device}")
+    cpp_ok = has_cuda_cpp and _build.HAS_CUDA_EXT
+    if backend == "cuda":
+        if not has_cuda_cpp:
+            raise ValueError(f"{op}: there is no CUDA C++ kernel for this op; use backend='triton' or 'auto'")
+        if not _build.HAS_CUDA_EXT:
+            raise RuntimeError(f"{op}: backend='cuda': this build has no CUDA C++ kernels (build info: "
+                               f"{_build.build_info()}); rebuild with a CUDA toolkit or use backend='triton'")
+        if precision != "ieee":
+            raise ValueError(f"{op}: backend='cuda' computes float32 products in IEEE float32 only; "
+                             f"precision={precision!r} needs backend='triton'")
+        return "cuda"
+    if backend == "auto" and cpp_ok and precision == "ieee":
+        return "cuda"
+    _require_triton(op)
+    return "triton"
+
+
+def _require_triton(op: str) -> None:
+    if not _build.HAS_TRITON:
+        raise RuntimeError(f"{op}: the Triton kernels need the `triton` package (pip install 'triton>=3.5'); "
+                           "it is not importable here")
+
+
+def upcast(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 (the ops compute half inputs in float32); other dtypes unchanged."""
+    return t.float() if t.dtype in HALF else t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Double backward: not supported by any op; differentiating a gradient raises this clear error
+# ----------------------------------------------------------------------------------------------------------
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on ``x`` whose backward raises: attached to the gradients an op's backward returns under
+    ``create_graph=True`` (anchored on the op's differentiable input, so that the result requires grad)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, op):
+        ctx.op = op
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"{ctx.op}: double backward (differentiating a gradient computed with create_graph=True) "
+                           "is not supported; the first-order gradient is exact")
+
+
+def first_order_only(grads, anchors, op: str):
+    """Mark the gradients returned by an op's backward as not differentiable again (no cost without create_graph)."""
+    if not torch.is_grad_enabled():
+        return grads
+    anchor = next((t for t in anchors if isinstance(t, Tensor) and t.requires_grad), None)
+    if anchor is None:
+        return grads
+    return tuple(_FirstOrderOnly.apply(g, anchor, op) if isinstance(g, Tensor) else g for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Newton-Schulz step bound of the Gaussian ops (sqrtm, nuclear_norm, bures_wasserstein, gaussian_wasserstein)
+# ----------------------------------------------------------------------------------------------------------
+_AUTO_ITERS = {torch.float32: 45, torch.float64: 100}
+
+
+def default_num_iters(dtype: torch.dtype) -> int:
+    """Bound on the Newton-Schulz steps when ``num_iters=None`` (the default): 45 in float32, 100 in float64 --
+    enough for every singular value / eigenvalue above eps (|M|_F or tr S) to converge (they grow by 1.5 per
+    step, then converge quadratically). Each matrix stops as soon as it has converged -- roots (and the backward's
+    Lyapunov solve): once the residual |I - Z Y|_F^2 (|B^2 - I|_F^2) <= n eps, which sees every eigenvalue; polar
+    iteration: after log(1/eps)/log(1.5) steps (float32 40, float64 89; a small singular value cannot be told from 0
+    earlier) once a step raises the value by at most min(p, q) eps of it -- so the bound is only reached by matrices
+    that need it (rank-deficient roots stop at the |Z| safeguard instead)."""
+    return _AUTO_ITERS.get(dtype, 45)
+
+
+def resolve_iters(num_iters, dtype: torch.dtype, op: str) -> int:
+    """``num_iters`` as an int >= 1; None -> :func:`default_num_iters` of ``dtype``."""
+    if num_iters is None:
+        return default_num_iters(dtype)
+    try:
+        n = as_int(num_iters, "num_iters", op)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{op}: `num_iters` must be an integer >= 1 or None, got {num_iters!r}")
+    return n
+
+
+def nan_unless_psd_trace(S: Tensor, out: Tensor) -> Tensor:
+    """Without value checks (CUDA): NaN for a matrix whose trace is negative, or zero while S != 0 (never PSD),
+    instead of the huge finite numbers of a root divided by a clamped trace. Device-side, no synchronisation."""
+    tr = S.diagonal(0, -2, -1).sum(-1)
+    bad = (tr < 0) | ((tr <= 0) & (S.flatten(1).abs().amax(1) > 0))
+    shape = [-1] + [1] * (out.dim() - 1)
+    return torch.where(bad.view(shape), torch.full_like(out, float("nan")), out)

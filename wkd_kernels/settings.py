@@ -1,0 +1,140 @@
+"""The package's defaults: one settings object, read from the environment once, overridable per call or per block.
+
+Every public op and loss takes ``backend=`` and ``precision=`` (and ``check_values=``) arguments; ``None`` (their
+default) means "the current setting". The current settings start from the environment when ``wkd_kernels`` is
+imported (the only place the package reads these variables) and can be changed for a block of code::
+
+    import wkd_kernels as wk
+    with wk.settings.override(backend="triton", sinkhorn_precision="tf32x3"):
+        loss = criterion(student_logits, teacher_logits, target)
+    wk.settings.current()              # Settings(backend='auto', ...)
+    wk.settings.set_defaults(check_values=True)   # for the rest of the process
+
+``override`` is a context manager over a :class:`contextvars.ContextVar`, so it is local to the thread (and asyncio
+task) that enters it. A CUDA graph or a ``torch.compile`` graph keeps the choices it was captured with.
+
+Fields (environment variable, default):
+
+* ``backend`` (``WKD_BACKEND``, ``"auto"``): which kernels run the ops. ``"cpu"``: the C++ CPU kernels (CPU tensors
+  only); ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``); ``"cuda"``: the
+  hand-written CUDA C++ kernels (Sinkhorn only; needs a build with CUDA). ``"auto"``: the C++ kernels on CPU
+  tensors; on CUDA tensors the CUDA C++ Sinkhorn when it was built and the precision is ``"ieee"``, the Triton
+  kernels otherwise and for the Gaussian ops. **The CUDA choice of "auto" is not a measured one yet**: no GPU has
+  run the suite that compares the two (bench/gpu_suite.sh); it is the rule above until one does.
+* ``sinkhorn_precision`` (``WKD_SINKHORN_PRECISION``, ``"ieee"``): ``tl.dot`` input precision of the Triton
+  Sinkhorn kernels for float32: ``"ieee"`` (float32 FMA), ``"tf32x3"`` (tensor cores, near-float32 accuracy),
+  ``"tf32"`` (fastest, ~1e-4 relative on WKD-L's value; the README's precision table). float64 is always IEEE.
+* ``gaussian_precision`` (``WKD_GAUSSIAN_PRECISION``, ``"ieee"``): the same for the Triton square-root, polar and
+  Lyapunov kernels of WKD-F: ``"ieee"`` or ``"tf32x3"``.
+* ``check_values`` (``WKD_CHECK_VALUES``, off): also run the checks that read the data (non-finite entries,
+  negative masses, PSD-ness, underflow of K) on CUDA tensors, where they synchronise with the device. They always
+  run on CPU tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import difflib
+import os
+from typing import Iterator, Optional
+
+__all__ = ["Settings", "TRITON_INTERPRET", "current", "override", "set_defaults", "BACKENDS", "SINKHORN_PRECISIONS",
+           "GAUSSIAN_PRECISIONS", "resolve_precision"]
+
+BACKENDS = ("auto", "cpu", "triton", "cuda")
+SINKHORN_PRECISIONS = ("ieee", "tf32x3", "tf32")
+GAUSSIAN_PRECISIONS = ("ieee", "tf32x3")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The defaults the ops and losses use where an argument is ``None`` (see the module docstring)."""
+
+    backend: str = "auto"
+    sinkhorn_precision: str = "ieee"
+    gaussian_precision: str = "ieee"
+    check_values: bool = False
+
+    def __post_init__(self):
+        _check_choice(self.backend, BACKENDS, "backend", "wkd_kernels.settings")
+        _check_choice(self.sinkhorn_precision, SINKHORN_PRECISIONS, "sinkhorn_precision", "wkd_kernels.settings")
+        _check_choice(self.gaussian_precision, GAUSSIAN_PRECISIONS, "gaussian_precision", "wkd_kernels.settings")
+        if not isinstance(self.check_values, bool):
+            raise TypeError(f"wkd_kernels.settings: `check_values` must be True or False, got {self.check_values!r}")
+
+
+def _check_choice(value, choices, name: str, where: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{where}: `{name}` must be one of {choices}, got {value!r}")
+
+
+def _from_environment(environ=os.environ) -> Settings:
+    def flag(var: str) -> bool:
+        raw = environ.get(var, "").strip().lower()
+        if raw in _TRUE:
+            return True
+        if raw in _FALSE:
+            return False
+        raise ValueError(f"{var} must be one of {_TRUE + _FALSE[:-1]}, got {raw!r}")
+
+    def choice(var: str, choices, default: str) -> str:
+        raw = environ.get(var, default).strip().lower()
+        if raw not in choices:
+            raise ValueError(f"{var} must be one of {choices}, got {raw!r}")
+        return raw
+
+    return Settings(backend=choice("WKD_BACKEND", BACKENDS, "auto"),
+                    sinkhorn_precision=choice("WKD_SINKHORN_PRECISION", SINKHORN_PRECISIONS, "ieee"),
+                    gaussian_precision=choice("WKD_GAUSSIAN_PRECISION", GAUSSIAN_PRECISIONS, "ieee"),
+                    check_values=flag("WKD_CHECK_VALUES"))
+
+
+# Triton's own switch (read by Triton when it is imported): its kernels then run on CPU tensors, interpreted.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+_DEFAULTS = [_from_environment()]  # the process-wide defaults (the one environment read)
+_OVERRIDE: contextvars.ContextVar[Optional[Settings]] = contextvars.ContextVar("wkd_kernels_settings", default=None)
+
+
+def current() -> Settings:
+    """The settings in effect here: the innermost :func:`override`, else the process defaults."""
+    s = _OVERRIDE.get()
+    return _DEFAULTS[0] if s is None else s
+
+
+def _replace(base: Settings, changes: dict, where: str) -> Settings:
+    names = [f.name for f in dataclasses.fields(Settings)]
+    for key in changes:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{where}: unknown setting {key!r} (settings: {names}){hint}")
+    return dataclasses.replace(base, **changes)
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[Settings]:
+    """Change some settings inside a ``with`` block (thread- and task-local); yields the settings in effect."""
+    new = _replace(current(), changes, "wkd_kernels.settings.override")
+    token = _OVERRIDE.set(new)
+    try:
+        yield new
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def set_defaults(**changes) -> Settings:
+    """Change the process-wide defaults (what :func:`current` returns outside any :func:`override`); returns them."""
+    _DEFAULTS[0] = _replace(_DEFAULTS[0], changes, "wkd_kernels.settings.set_defaults")
+    return _DEFAULTS[0]
+
+
+def resolve_precision(precision: Optional[str], family: str, op: str) -> str:
+    """``precision`` checked against the op family's modes ("sinkhorn" or "gaussian"); None -> the setting."""
+    choices = SINKHORN_PRECISIONS if family == "sinkhorn" else GAUSSIAN_PRECISIONS
+    if precision is None:
+        return getattr(current(), f"{family}_precision")
+    _check_choice(precision, choices, "precision", op)
+    return precision
