@@ -22,8 +22,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
         LOAD_ERROR = None
 
 if HAS_C_EXT:
-    # The CUDA kernels register a CUDA implementation of the *_cuda_native ops.
-    HAS_CUDA_EXT = torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn_cuda_native", "CUDA")
+    # The CUDA C++ kernels register on the CUDA key of wkd::sinkhorn (read before wkd_kernels.ops registers the
+    # Triton kernels there in a build without them).
+    HAS_CUDA_EXT = torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn", "CUDA")
 else:  # pragma: no cover
     warnings.warn(
         f"wkd_kernels: the compiled extension failed to load ({LOAD_ERROR}). It was built for a specific "

@@ -1,9 +1,11 @@
-"""Typed wrappers over torch.ops.wkd.*, fake kernels, autograd and CUDA routing.
+"""Typed wrappers over torch.ops.wkd.*, fake kernels, autograd and the Triton registrations.
 
-The op schemas live in csrc/ops.cpp, the CPU kernels in csrc/cpu/, the CUDA C++ kernels in csrc/cuda/ and the
-Triton kernels in wkd_kernels/triton/. This module adds what Python does best: fake (meta) kernels for
-torch.compile, the autograd formulas, the switch between the Triton and CUDA C++ kernels for CUDA tensors,
-and the user-facing functions with their docs.
+The op schemas (and the Sinkhorn contract) live in csrc/ops.cpp, the CPU kernels in csrc/cpu/, the CUDA C++ kernels
+in csrc/cuda/ (registered on the CUDA key of wkd::sinkhorn / wkd::sinkhorn_backward) and the Triton kernels in
+wkd_kernels/triton/ (wkd::sinkhorn_triton / wkd::sinkhorn_triton_backward, registered here for every device type;
+also the CUDA kernels of wkd::sinkhorn when the package was built without CUDA C++). This module adds what Python
+does best: argument checks before the Triton kernels, fake (meta) kernels for torch.compile, the autograd formulas,
+the choice between the Triton and CUDA C++ kernels for CUDA tensors, and the user-facing functions with their docs.
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ if _cuda_backend not in _CUDA_BACKENDS:
 
 
 def set_cuda_backend(backend: str) -> None:
-    """Choose which kernels serve ``torch.ops.wkd.*`` on CUDA tensors.
+    """Choose which kernels :func:`sinkhorn` uses on CUDA tensors.
 
-    ``"triton"``: the Triton kernels (wkd_kernels/triton); ``"cuda"``: the hand-written CUDA C++ kernels
-    (csrc/cuda, needs the package built with CUDA); ``"auto"`` (default): the faster one as measured by
-    bench/compare_pot.py, see the README. The environment variable ``WKD_CUDA_BACKEND`` sets the initial value.
+    ``"triton"``: the Triton kernels (``torch.ops.wkd.sinkhorn_triton``, wkd_kernels/triton); ``"cuda"``: the
+    hand-written CUDA C++ kernels (the CUDA kernels of ``torch.ops.wkd.sinkhorn``, csrc/cuda, needs the package
+    built with CUDA); ``"auto"`` (default): the CUDA C++ kernels when built, else Triton (not yet a measured choice,
+    see the README). The environment variable ``WKD_CUDA_BACKEND`` sets the initial value. ``torch.ops.wkd.sinkhorn``
+    itself always runs the CUDA C++ kernels on CUDA tensors when they were built (Triton otherwise).
     """
     global _cuda_backend
     if backend not in _CUDA_BACKENDS:
@@ -55,6 +59,15 @@ def get_cuda_backend() -> str:
         # Measured default: see README "Choosing the CUDA backend". Falls back to what is available.
         return "cuda" if _build.HAS_CUDA_EXT else "triton"
     return _cuda_backend
+
+
+# tl.dot input precision of the Triton Sinkhorn kernels for float32 when the caller does not choose one (wk.sinkhorn
+# and wkd::sinkhorn's Triton CUDA kernel): "ieee" (float32 FMA accuracy), "tf32x3" or "tf32" (tensor cores).
+# Read once from WKD_TRITON_FP32_PRECISION.
+_TRITON_PRECISIONS = ("ieee", "tf32x3", "tf32")
+_triton_fp32_precision = os.environ.get("WKD_TRITON_FP32_PRECISION", "ieee").strip().lower()
+if _triton_fp32_precision not in _TRITON_PRECISIONS:
+    raise ValueError(f"WKD_TRITON_FP32_PRECISION must be one of {_TRITON_PRECISIONS}, got {_triton_fp32_precision!r}")
 
 
 def _values_check_requested(check_values: Optional[bool]) -> bool:
@@ -142,7 +155,8 @@ def first_order_only(grads, anchors, op: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sinkhorn: argument checks shared by the fake kernel and the Triton path (the C++ kernels check in C++)
+# Sinkhorn: argument checks shared by the fake kernels and the Triton kernels (the C++ kernels check in C++,
+# csrc/sinkhorn_common.h, with the same messages)
 # ----------------------------------------------------------------------------------------------------------
 def check_sinkhorn_args(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, eps: float,
                         op: str = "wkd.sinkhorn", allow_half: bool = False) -> bool:
@@ -181,6 +195,35 @@ def check_sinkhorn_args(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iter
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or eps == float("inf"):
         raise ValueError(f"{op}: `eps` must be a finite number >= 0, got {eps!r}")
     return shared
+
+
+def check_sinkhorn_backward_args(grad_value: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tensor, y: Tensor,
+                                 op: str = "wkd.sinkhorn_backward") -> None:
+    """The backward's tensors beyond (a, b, cost): grad_value [B] and the history hist_r [T, B, n], hist_s [T, B, m],
+    y [B, n] of a keep_history=True forward (T >= 1), in the dtype and on the device of ``a``."""
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    if grad_value.dim() != 1 or grad_value.shape[0] != B:
+        raise ValueError(f"{op}: `grad_value` must be [B] = [{B}], got {list(grad_value.shape)}")
+    if hist_r.dim() != 3 or hist_r.shape[0] < 1 or hist_r.shape[1] != B or hist_r.shape[2] != n:
+        raise ValueError(f"{op}: `hist_r` must be [num_iters, B, n] with num_iters >= 1 (run the forward with "
+                         f"keep_history=True), got {list(hist_r.shape)}")
+    want = [hist_r.shape[0], B, m]
+    if list(hist_s.shape) != want:
+        raise ValueError(f"{op}: `hist_s` must be [num_iters, B, m] = {want}, got {list(hist_s.shape)}")
+    if list(y.shape) != [B, n]:
+        raise ValueError(f"{op}: `y` must be [B, n] = {[B, n]} (run the forward with keep_history=True), got "
+                         f"{list(y.shape)}")
+    for name, t in (("grad_value", grad_value), ("hist_r", hist_r), ("hist_s", hist_s), ("y", y)):
+        if t.dtype != a.dtype:
+            raise TypeError(f"{op}: all tensors must share the dtype of `a` ({a.dtype}), `{name}` is {t.dtype}")
+        if t.device != a.device:
+            raise ValueError(f"{op}: all tensors must be on the device of `a` ({a.device}), `{name}` is on "
+                             f"{t.device}")
+
+
+def check_triton_precision(precision, op: str = "wkd.sinkhorn_triton") -> None:
+    if precision not in _TRITON_PRECISIONS:
+        raise ValueError(f"{op}: `precision` must be one of {_TRITON_PRECISIONS}, got {precision!r}")
 
 
 def check_sinkhorn_values(a: Tensor, b: Tensor, cost: Tensor, op: str = "wkd.sinkhorn") -> None:
@@ -238,60 +281,103 @@ def auto_log_domain(cost_max: float, reg: float, dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Fake kernels
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.register_fake("wkd::sinkhorn")
-def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True):
-    check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
+def _sinkhorn_meta(op, a, b, cost, reg, num_iters, eps, keep_history):
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps, op=op)
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     H = num_iters if keep_history else 0
-    return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(H + int(keep_history), B, n),
-            a.new_empty(H, B, m))
+    return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(H, B, n), a.new_empty(H, B, m),
+            a.new_empty(B if keep_history else 0, n))
 
 
-@torch.library.register_fake("wkd::sinkhorn_backward")
-def _sinkhorn_backward_fake(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps=0.0, log_domain=False):
-    check_sinkhorn_args(a, b, cost, reg, 1, eps, op="wkd.sinkhorn_backward")
+def _sinkhorn_backward_meta(op, grad_value, a, b, cost, hist_r, hist_s, y, reg):
+    check_sinkhorn_args(a, b, cost, reg, 1, 0.0, op=op)
+    check_sinkhorn_backward_args(grad_value, a, b, hist_r, hist_s, y, op=op)
     return torch.empty_like(a), torch.empty_like(b)
 
 
-torch.library.register_fake("wkd::sinkhorn_cuda_native")(_sinkhorn_fake)
-torch.library.register_fake("wkd::sinkhorn_backward_cuda_native")(_sinkhorn_backward_fake)
+@torch.library.register_fake("wkd::sinkhorn")
+def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True):
+    return _sinkhorn_meta("wkd.sinkhorn", a, b, cost, reg, num_iters, eps, keep_history)
+
+
+@torch.library.register_fake("wkd::sinkhorn_backward")
+def _sinkhorn_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False):
+    return _sinkhorn_backward_meta("wkd.sinkhorn_backward", grad_value, a, b, cost, hist_r, hist_s, y, reg)
+
+
+@torch.library.register_fake("wkd::sinkhorn_triton")
+def _sinkhorn_triton_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee"):
+    check_triton_precision(precision, "wkd.sinkhorn_triton")
+    return _sinkhorn_meta("wkd.sinkhorn_triton", a, b, cost, reg, num_iters, eps, keep_history)
+
+
+@torch.library.register_fake("wkd::sinkhorn_triton_backward")
+def _sinkhorn_triton_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False,
+                                   precision="ieee"):
+    check_triton_precision(precision, "wkd.sinkhorn_triton_backward")
+    return _sinkhorn_backward_meta("wkd.sinkhorn_triton_backward", grad_value, a, b, cost, hist_r, hist_s, y, reg)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CUDA routing: torch.ops.wkd.sinkhorn on CUDA tensors -> Triton or the CUDA C++ kernels
+# Triton kernels: wkd::sinkhorn_triton(_backward) on every device type (CUDA, or CPU under TRITON_INTERPRET=1),
+# checked here first (the launchers do not check); also wkd::sinkhorn(_backward) on CUDA when the package was
+# built without the CUDA C++ kernels (otherwise csrc/cuda/sinkhorn.cu registers those on the CUDA key)
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.register_kernel("wkd::sinkhorn", "cuda")
-def _sinkhorn_cuda(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True):
-    if get_cuda_backend() == "cuda":
-        return torch.ops.wkd.sinkhorn_cuda_native(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+def _triton_forward(op, a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision):
+    check_triton_precision(precision, op)
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps, op=op)
     from .triton import sinkhorn as _tri
 
-    return _tri.sinkhorn_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+    return _tri.sinkhorn_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
 
 
-@torch.library.register_kernel("wkd::sinkhorn_backward", "cuda")
-def _sinkhorn_backward_cuda(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps=0.0, log_domain=False):
-    if get_cuda_backend() == "cuda":
-        return torch.ops.wkd.sinkhorn_backward_cuda_native(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps,
-                                                          log_domain)
+def _triton_backward(op, grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision):
+    check_triton_precision(precision, op)
+    check_sinkhorn_args(a, b, cost, reg, 1, 0.0, op=op)
+    check_sinkhorn_backward_args(grad_value, a, b, hist_r, hist_s, y, op=op)
     from .triton import sinkhorn as _tri
 
-    return _tri.sinkhorn_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log_domain)
+    return _tri.sinkhorn_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
+
+
+@torch.library.register_kernel("wkd::sinkhorn_triton", None)
+def _sinkhorn_triton(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee"):
+    return _triton_forward("wkd.sinkhorn_triton", a, b, cost, reg, num_iters, eps, log_domain, keep_history,
+                           precision)
+
+
+@torch.library.register_kernel("wkd::sinkhorn_triton_backward", None)
+def _sinkhorn_triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee"):
+    return _triton_backward("wkd.sinkhorn_triton_backward", grad_value, a, b, cost, hist_r, hist_s, y, reg,
+                            log_domain, precision)
+
+
+if not _build.HAS_CUDA_EXT:
+    @torch.library.register_kernel("wkd::sinkhorn", "cuda")
+    def _sinkhorn_cuda(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True):
+        return _triton_forward("wkd.sinkhorn", a, b, cost, reg, num_iters, eps, log_domain, keep_history,
+                               _triton_fp32_precision)
+
+    @torch.library.register_kernel("wkd::sinkhorn_backward", "cuda")
+    def _sinkhorn_backward_cuda(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False):
+        return _triton_backward("wkd.sinkhorn_backward", grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
+                                _triton_fp32_precision)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd (the same formula for wkd::sinkhorn and wkd::sinkhorn_triton; each calls its own backward op)
 # ----------------------------------------------------------------------------------------------------------
 def _sinkhorn_setup_context(ctx, inputs, output):
-    a, b, cost, reg, num_iters, eps, log_domain, keep_history = inputs
+    a, b, cost, reg, num_iters, eps, log_domain, keep_history = inputs[:8]
     if cost.requires_grad:
         raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
-    value, u, v, hist_r, hist_s = output
-    ctx.mark_non_differentiable(u, v, hist_r, hist_s)
+    value, u, v, hist_r, hist_s, y = output
+    ctx.mark_non_differentiable(u, v, hist_r, hist_s, y)
     # no zero tensors for the unused gradients of u, v and the history (a second history's worth of memory)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(a, b, cost, u, v, hist_r, hist_s)
-    ctx.reg, ctx.eps, ctx.log_domain = reg, eps, log_domain
+    ctx.save_for_backward(a, b, cost, u, v, hist_r, hist_s, y)
+    ctx.reg, ctx.log_domain = reg, log_domain
+    ctx.precision = inputs[8] if len(inputs) > 8 else None  # wkd::sinkhorn_triton only
 
 
 def _envelope_potential(scaling: Tensor, mass: Tensor, reg: float, log_domain: bool) -> Tensor:
@@ -303,24 +389,30 @@ def _envelope_potential(scaling: Tensor, mass: Tensor, reg: float, log_domain: b
     return torch.where(supp, f - mean, torch.zeros_like(f))
 
 
-def _sinkhorn_backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s):
-    a, b, cost, u, v, hist_r, hist_s = ctx.saved_tensors
+def _sinkhorn_backward(ctx, grad_value, *unused_grads):
+    a, b, cost, u, v, hist_r, hist_s, y = ctx.saved_tensors
+    n_inputs = 8 if ctx.precision is None else 9
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b) or grad_value is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * n_inputs
     with torch.no_grad():
         if hist_r.shape[0] > 0:
-            ga, gb = torch.ops.wkd.sinkhorn_backward(grad_value.contiguous(), a, b, cost, u, v, hist_r, hist_s,
-                                                     ctx.reg, ctx.eps, ctx.log_domain)
+            g = grad_value.contiguous()
+            if ctx.precision is None:
+                ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg, ctx.log_domain)
+            else:
+                ga, gb = torch.ops.wkd.sinkhorn_triton_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg,
+                                                                ctx.log_domain, ctx.precision)
         else:  # envelope gradient (no history kept)
             g = grad_value.unsqueeze(1)
             ga = g * _envelope_potential(u, a, ctx.reg, ctx.log_domain)
             gb = g * _envelope_potential(v, b, ctx.reg, ctx.log_domain)
     ga, gb = first_order_only((ga if need_a else None, gb if need_b else None), (a, b, grad_value), "wkd.sinkhorn")
-    return (ga, gb, None, None, None, None, None, None)
+    return (ga, gb) + (None,) * (n_inputs - 2)
 
 
 torch.library.register_autograd("wkd::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
+torch.library.register_autograd("wkd::sinkhorn_triton", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,8 +493,11 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         check_sinkhorn_kernel_range(cost, reg, log_domain)
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     keep_history = needs_grad and grad == "exact"
-    value, u, v, _, _ = torch.ops.wkd.sinkhorn(a, b, cost, float(reg), int(num_iters), float(eps),
-                                               bool(log_domain), keep_history)
+    args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
+    if a.is_cuda and get_cuda_backend() == "triton":
+        value, u, v = torch.ops.wkd.sinkhorn_triton(*args, _triton_fp32_precision)[:3]
+    else:
+        value, u, v = torch.ops.wkd.sinkhorn(*args)[:3]
     if log_domain:
         log_u, log_v = u, v
     else:
