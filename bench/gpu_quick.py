@@ -1,9 +1,9 @@
 """gpu_quick: one short process that answers the first questions about the Sinkhorn kernels on a GPU.
 
 Most important first, at B x C in {256x1000 (the released ImageNet cost), 129x1001x999 (random, non-square, odd),
-256x100, 256x91, 2048x100, 4096x81 (CIFAR/COCO-like)}, for each backend of torch.ops.wkd.sinkhorn on CUDA
-("cuda": the CUDA C++ kernels; "triton-ieee", "triton-tf32x3", "triton-tf32": the Triton kernels with that tl.dot
-input precision for float32):
+256x100, 256x91, 2048x100, 4096x81 (CIFAR/COCO-like)}, for each Sinkhorn backend on CUDA ("cuda": the CUDA C++
+kernels of torch.ops.wkd.sinkhorn; "triton-ieee", "triton-tf32x3", "triton-tf32": torch.ops.wkd.sinkhorn_triton with
+that tl.dot input precision for float32):
 
 1. correctness of the value and of both exact gradients (w.r.t. a and b, with a fixed non-uniform grad_value)
    against the float64 CPU op on the same float32 inputs, with the caching allocator's free memory filled with NaN
@@ -44,7 +44,7 @@ next row: 8 s for a row that JIT-compiles new Triton variants, 2 s otherwise) th
 and listed once. Timing reps are cut so that one measurement takes at most ~3 s.
 
 On CPU (`--device cpu --smoke`): tiny sizes, backends "cpu" (the C++ op) and, with TRITON_INTERPRET=1, the Triton
-kernels through wkd_kernels.triton.sinkhorn directly on CPU tensors; CUDA graphs, CUDA events, poisoning and the
+kernels through torch.ops.wkd.sinkhorn_triton on CPU tensors; CUDA graphs, CUDA events, poisoning and the
 timed calibration are n/a, but the device-independent code runs (the read and exchange kernels run under the
 interpreter with one program; without the interpreter the calibration kernels are compiled for sm_90 when possible);
 smoke runs 3 Sinkhorn iterations instead of 10 (every kernel variant still runs) to stay within seconds.
@@ -182,7 +182,7 @@ def reference(pb: Problem) -> dict:
         a, b, c = (t.detach().cpu().double() for t in (pb.a, pb.b, pb.cost))
         out = torch.ops.wkd.sinkhorn(a, b, c, REG, ITERS, EPS, False, True)
         g = grad_weights(pb.B, "cpu").double()
-        ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, c, *out[1:], REG, EPS, False)
+        ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, c, *out[3:], REG, False)
         pb.ref = {"value": out[0], "u": out[1], "v": out[2], "grad_a": ga, "grad_b": gb}
     return pb.ref
 
@@ -202,8 +202,7 @@ class Backend:
     name: str  # "cuda", "cpu", "triton-ieee", ...
     precision: str  # "exact", "tf32x3", "tf32" (threshold class)
     cuda_backend: str = None  # value for wk.set_cuda_backend
-    triton_precision: str = None  # value for sk.set_fp32_dot_precision
-    direct: bool = False  # call wkd_kernels.triton.sinkhorn directly (Triton on CPU tensors)
+    triton_precision: str = None  # Triton backends: the `precision` of torch.ops.wkd.sinkhorn_triton
 
 
 def make_backend(name: str, device: str) -> Backend:
@@ -213,8 +212,7 @@ def make_backend(name: str, device: str) -> Backend:
         p = name.split("-", 1)[1]
         if p not in ("ieee", "tf32x3", "tf32"):
             raise ValueError(f"unknown backend {name!r}")
-        return Backend(name, "exact" if p == "ieee" else p, cuda_backend="triton", triton_precision=p,
-                       direct=device == "cpu")
+        return Backend(name, "exact" if p == "ieee" else p, triton_precision=p)
     raise ValueError(f"unknown backend {name!r}: choose from cuda, cpu, triton-ieee, triton-tf32x3, triton-tf32")
 
 
@@ -237,19 +235,15 @@ def backend_unavailable(bk: Backend, device: str):
 
 @contextlib.contextmanager
 def backend_settings(bk: Backend):
-    """Select the backend / precision for the duration of a row, then restore the previous global settings."""
+    """Select the backend of wk.sinkhorn for the duration of a row, then restore the previous global setting (the
+    Triton backends call torch.ops.wkd.sinkhorn_triton with their precision: no global state)."""
     old_backend = wk_ops._cuda_backend
-    old_prec = sk.get_fp32_dot_precision() if sk is not None else None
     try:
         if bk.cuda_backend:
             wk.set_cuda_backend(bk.cuda_backend)
-        if bk.triton_precision:
-            sk.set_fp32_dot_precision(bk.triton_precision)
         yield
     finally:
         wk_ops._cuda_backend = old_backend
-        if sk is not None:
-            sk.set_fp32_dot_precision(old_prec)
 
 
 @contextlib.contextmanager
@@ -282,7 +276,7 @@ def tile_config(cfg):
 def op_shapes(pb: Problem):
     """Shapes of the buffers the forward and backward allocate (outputs and temporaries)."""
     B, n, m, T = pb.B, pb.n, pb.m, ITERS
-    return [(B,), (B, n), (B, m), (T + 1, B, n), (T, B, m), (n, m), (B, max(1, -(-n // 16))), (1,),
+    return [(B,), (B, n), (B, m), (T, B, n), (T, B, m), (n, m), (B, max(1, -(-n // 16))), (1,),
             (B, n), (B, m), (B, n), (B, m)]
 
 
@@ -377,30 +371,34 @@ def bits_equal(xs, ys) -> bool:
 
 # ============================================================================================ rows: ours
 def op_call(bk: Backend, pb: Problem, g: torch.Tensor, device: str):
-    """Forward (with history) then backward through the public ops (or the Triton functions directly on CPU),
-    the allocator poisoned before each call. Returns (value, u, v, grad_a, grad_b)."""
-    fwd = sk.sinkhorn_forward if bk.direct else torch.ops.wkd.sinkhorn
-    bwd = sk.sinkhorn_backward if bk.direct else torch.ops.wkd.sinkhorn_backward
+    """Forward (with history) then backward through the ops (torch.ops.wkd.sinkhorn / sinkhorn_backward, or
+    sinkhorn_triton / sinkhorn_triton_backward with the backend's precision: on CUDA tensors, or on CPU tensors under
+    the interpreter), the allocator poisoned before each call. Returns (value, u, v, grad_a, grad_b)."""
     poison(pb, device)
-    out = fwd(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True)
-    poison(pb, device)
-    ga, gb = bwd(g, pb.a, pb.b, pb.cost, *out[1:], REG, EPS, False)
+    if bk.triton_precision:
+        out = torch.ops.wkd.sinkhorn_triton(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True, bk.triton_precision)
+        poison(pb, device)
+        ga, gb = torch.ops.wkd.sinkhorn_triton_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False,
+                                                        bk.triton_precision)
+    else:
+        out = torch.ops.wkd.sinkhorn(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True)
+        poison(pb, device)
+        ga, gb = torch.ops.wkd.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False)
     sync(device)
     return out[0], out[1], out[2], ga, gb
 
 
 def ours_step(bk: Backend, pb: Problem, g: torch.Tensor):
-    """One forward+backward as a training step does it: wk.sinkhorn with autograd (Triton directly on CPU)."""
-    if bk.direct:
-        def step():
-            out = sk.sinkhorn_forward(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True)
-            ga, gb = sk.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[1:], REG, EPS, False)
-            return out[0], ga, gb
-        return step
+    """One forward+backward as a training step does it: with autograd, through wk.sinkhorn (cuda, cpu) or through
+    torch.ops.wkd.sinkhorn_triton with the backend's precision (what wk.sinkhorn runs with the Triton backend)."""
     xa, xb = pb.a.detach().clone().requires_grad_(), pb.b.detach().clone().requires_grad_()
 
     def step():
-        value = wk.sinkhorn(xa, xb, pb.cost, REG, ITERS, eps=EPS).value
+        if bk.triton_precision:
+            value = torch.ops.wkd.sinkhorn_triton(xa, xb, pb.cost, REG, ITERS, EPS, False, True,
+                                                  bk.triton_precision)[0]
+        else:
+            value = wk.sinkhorn(xa, xb, pb.cost, REG, ITERS, eps=EPS).value
         ga, gb = torch.autograd.grad(value, (xa, xb), grad_outputs=g)
         return value, ga, gb
     return step
@@ -458,7 +456,7 @@ def row_ours(pb: Problem, bk: Backend, args, device: str, timing: bool = True, m
     if device == "cuda" and not row["poison_effective"]:
         row["note"] = "poisoning not effective (self-test)"
     elif device != "cuda":
-        row["note"] = "cpu: no caching allocator to poison" + ("; Triton via interpreter" if bk.direct else "")
+        row["note"] = "cpu: no caching allocator to poison" + ("; Triton via interpreter" if bk.triton_precision else "")
     judge(row, bk.precision, extra)
     return row
 

@@ -1,5 +1,6 @@
-// The one schema block of the wkd library. Backends register kernels in csrc/cpu/*.cpp and
-// csrc/cuda/*.cu; fake kernels and autograd are registered in Python (wkd_kernels/ops.py).
+// The one schema block of the wkd library. The C++ kernels register on the CPU key (csrc/cpu/*.cpp) and the CUDA
+// key (csrc/cuda/*.cu) of these ops; the *_triton ops' kernels, the fake kernels and autograd are registered in
+// Python (wkd_kernels/ops.py, wkd_kernels/gaussian.py).
 #include <torch/library.h>
 
 #ifdef WKD_PYTHON_MODULE
@@ -15,31 +16,40 @@ PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(wkd, m) {
-  // Fixed-iteration Sinkhorn per row (docs/design.md section 3). With K = exp(-cost/reg):
-  //   u0 = 1/|supp a| on supp a;  repeat num_iters: s = K^T u + eps, v = b/s;  r = K v + eps, u = a/r
-  //   value = sum_ij u_i K_ij v_j cost_ij                                   (transport cost, [B])
-  // Outputs: value [B]; u [B,n], v [B,m] (log u, log v when log_domain); hist_r [T+1,B,n] = r of every
-  // iteration then y = (K∘C) v_T (value = sum_i u_i y_i), hist_s [T,B,m] = s of every iteration (all as
-  // logs when log_domain), or [0,B,*] when keep_history is false. The exact backward needs the history; without it the autograd formula
-  // falls back to the envelope (dual-potential) gradient.
+  // ---- Sinkhorn. The contract of wkd::sinkhorn, wkd::sinkhorn_backward and their Triton twins (stated here only).
+  // Per row of a batch, fixed-iteration entropic OT between a [B, n] and b [B, m] with cost [n, m] (shared by the
+  // batch) or [B, n, m]; float32 or float64, one dtype and one device. With K = exp(-cost / reg):
+  //   u_0 = 1/|supp a| on supp a, 0 elsewhere;  for t = 1..T (T = num_iters):
+  //     s_t = K^T u_{t-1} + eps,  v_t = b / s_t;   r_t = K v_t + eps,  u_t = a / r_t
+  //   y = (K∘cost) v_T,  value = sum_i u_T,i y_i = sum_ij u_i K_ij v_j cost_ij      (the transport cost, not the
+  //   entropic objective; with eps = 0 each row equals POT's sinkhorn2(..., numItermax=T, stopThr=0))
+  // Zero-mass entries of a / b remove their rows / columns exactly (the result is that of the reduced problem).
+  // log_domain: the same iteration on log-scalings with log-sum-exp (for small reg, where K underflows).
+  // Outputs: value [B]; u [B, n], v [B, m] = u_T, v_T (log u_T, log v_T when log_domain);
+  //   with keep_history: hist_r [T, B, n] = r_1..r_T, hist_s [T, B, m] = s_1..s_T, y [B, n] (all as logs when
+  //   log_domain: log r_t, log s_t, log y); without: hist_r [0, B, n], hist_s [0, B, m], y [0, n].
+  // O(B (n + m) T) memory, never a B x n x m tensor; no host synchronisation on a GPU.
   m.def(
       "sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, "
       "bool log_domain=False, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, "
-      "Tensor hist_s)");
-  // Exact gradient of value w.r.t. a and b through the fixed-iteration loop, from the forward's history.
+      "Tensor hist_s, Tensor y)");
+  // The exact gradient of sum_b grad_value_b value_b w.r.t. a and b through the fixed-iteration loop above, by a
+  // reverse sweep over the history of a keep_history=True forward (hist_r [T, B, n], hist_s [T, B, m], y [B, n] as
+  // it returned them, T >= 1) with the same reg and log_domain; eps is not an input (r_t and s_t contain it).
+  // No gradient w.r.t. cost. (Without history the autograd formula uses the envelope gradient instead.)
   m.def(
-      "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor u, Tensor v, Tensor hist_r, "
-      "Tensor hist_s, float reg, float eps=0.0, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
-  // The hand-written CUDA C++ kernels of the two ops above, same schemas. wkd::sinkhorn on CUDA tensors
-  // routes here or to the Triton kernels (wkd_kernels.set_cuda_backend); these have only a CUDA kernel.
+      "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
+      "Tensor y, float reg, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
+  // Triton kernels of the two ops above (wkd_kernels/triton/sinkhorn.py), same contract; registered from Python for
+  // every device type (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). precision: the tl.dot input
+  // precision for float32, "ieee" | "tf32x3" | "tf32" (float64 ignores it).
   m.def(
-      "sinkhorn_cuda_native(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, "
-      "bool log_domain=False, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, "
-      "Tensor hist_s)");
+      "sinkhorn_triton(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, "
+      "bool log_domain=False, bool keep_history=True, str precision=\"ieee\") -> (Tensor value, Tensor u, "
+      "Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
   m.def(
-      "sinkhorn_backward_cuda_native(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor u, Tensor v, "
-      "Tensor hist_r, Tensor hist_s, float reg, float eps=0.0, bool log_domain=False) -> (Tensor grad_a, "
-      "Tensor grad_b)");
+      "sinkhorn_triton_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
+      "Tensor y, float reg, bool log_domain=False, str precision=\"ieee\") -> (Tensor grad_a, Tensor grad_b)");
   // ---- Gaussian ops for WKD-F (docs/design.md section 4) are added below this line. ----
   // Per-sample, per-cell, per-channel statistics of a feature map x [N, C, H, W] over the spatial positions of each
   // of the G x G adaptive-pooling cells (start = floor(i H / G), end = ceil((i + 1) H / G); cells may overlap),
@@ -69,4 +79,23 @@ TORCH_LIBRARY(wkd, m) {
       "bures_wasserstein_backward(Tensor grad_w2, Tensor mu1, Tensor mu2, Tensor sqrt_S1, Tensor sqrt_S2, "
       "Tensor polar, str method=\"newton_schulz\", int num_iters=20) -> (Tensor grad_mu1, Tensor grad_S1, "
       "Tensor grad_mu2, Tensor grad_S2)");
+  // Triton kernels of the Gaussian ops above (wkd_kernels/triton/), same arguments, outputs and contracts, registered
+  // from Python for every device type (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). precision: the tl.dot
+  // input precision for float32, "ieee" | "tf32x3" (float64 ignores it).
+  m.def("feature_stats_triton(Tensor x, int grid=1, bool full=False, bool unbiased=True) -> (Tensor mean, Tensor var)");
+  m.def(
+      "feature_stats_triton_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean, int grid, bool full, "
+      "bool unbiased) -> Tensor");
+  m.def("sqrtm_triton(Tensor S, str method=\"newton_schulz\", int num_iters=20, str precision=\"ieee\") -> Tensor");
+  m.def(
+      "sqrtm_triton_backward(Tensor grad_Y, Tensor Y, str method=\"newton_schulz\", int num_iters=20, "
+      "str precision=\"ieee\") -> Tensor");
+  m.def("nuclear_norm_triton(Tensor M, int num_iters=20, str precision=\"ieee\") -> (Tensor value, Tensor polar)");
+  m.def(
+      "bures_wasserstein_triton(Tensor mu1, Tensor S1, Tensor mu2, Tensor S2, str method=\"newton_schulz\", "
+      "int num_iters=20, str precision=\"ieee\") -> (Tensor w2, Tensor sqrt_S1, Tensor sqrt_S2, Tensor polar)");
+  m.def(
+      "bures_wasserstein_triton_backward(Tensor grad_w2, Tensor mu1, Tensor mu2, Tensor sqrt_S1, Tensor sqrt_S2, "
+      "Tensor polar, str method=\"newton_schulz\", int num_iters=20, str precision=\"ieee\") -> (Tensor grad_mu1, "
+      "Tensor grad_S1, Tensor grad_mu2, Tensor grad_S2)");
 }

@@ -1,4 +1,5 @@
-// Host-side argument checks shared by every backend of wkd::sinkhorn and wkd::sinkhorn_backward.
+// Host-side argument checks of the C++ kernels (CPU and CUDA) of wkd::sinkhorn and wkd::sinkhorn_backward; the
+// Python validator (wkd_kernels/ops.py) gives the same messages before the Triton kernels, which do not check.
 // They read only shapes, dtypes, devices and scalars: free, and never synchronise a device.
 #pragma once
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@ struct SinkhornDims {
   bool shared_cost;  // cost is [n, m] (true) or [B, n, m] (false)
 };
 
+// The forward's arguments (contract: the schema comment in csrc/ops.cpp). The backward passes num_iters = 1, eps = 0
+// (it has neither).
 inline SinkhornDims check_sinkhorn_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                                         double reg, int64_t num_iters, double eps, const char* op) {
   TORCH_CHECK_VALUE(a.dim() == 2, op, ": `a` must be 2-D [B, n], got shape ", a.sizes());
@@ -56,22 +59,24 @@ inline void check_sinkhorn_values(const at::Tensor& a, const at::Tensor& b, cons
   TORCH_CHECK_VALUE(!(b.sum(1) <= 0).any().item<bool>(), op, ": every row of `b` needs positive mass (a row sums to 0)");
 }
 
+// The backward's tensors beyond (a, b, cost): grad_value [B] and the forward's history hist_r [T, B, n],
+// hist_s [T, B, m], y [B, n] with T >= 1, in the dtype and on the device of `a`.
 inline void check_sinkhorn_backward_args(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b,
-                                         const at::Tensor& u, const at::Tensor& v, const at::Tensor& hist_r,
-                                         const at::Tensor& hist_s, const char* op) {
+                                         const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y,
+                                         const char* op) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   TORCH_CHECK_VALUE(grad_value.dim() == 1 && grad_value.size(0) == B, op, ": `grad_value` must be [B] = [", B,
                     "], got ", grad_value.sizes());
-  TORCH_CHECK_VALUE(u.sizes() == a.sizes(), op, ": `u` must have the shape of `a` ", a.sizes(), ", got ", u.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == b.sizes(), op, ": `v` must have the shape of `b` ", b.sizes(), ", got ", v.sizes());
-  TORCH_CHECK_VALUE(hist_r.dim() == 3 && hist_r.size(0) >= 2 && hist_r.size(1) == B && hist_r.size(2) == n, op,
-                    ": `hist_r` must be [num_iters + 1, B, n] with num_iters >= 1 (run the forward with "
+  TORCH_CHECK_VALUE(hist_r.dim() == 3 && hist_r.size(0) >= 1 && hist_r.size(1) == B && hist_r.size(2) == n, op,
+                    ": `hist_r` must be [num_iters, B, n] with num_iters >= 1 (run the forward with "
                     "keep_history=True), got ", hist_r.sizes());
-  TORCH_CHECK_VALUE(hist_s.dim() == 3 && hist_s.size(0) == hist_r.size(0) - 1 && hist_s.size(1) == B &&
+  TORCH_CHECK_VALUE(hist_s.dim() == 3 && hist_s.size(0) == hist_r.size(0) && hist_s.size(1) == B &&
                         hist_s.size(2) == m,
-                    op, ": `hist_s` must be [num_iters, B, m] = [", hist_r.size(0) - 1, ", ", B, ", ", m, "], got ",
+                    op, ": `hist_s` must be [num_iters, B, m] = [", hist_r.size(0), ", ", B, ", ", m, "], got ",
                     hist_s.sizes());
-  for (const at::Tensor* t : {&grad_value, &u, &v, &hist_r, &hist_s}) {
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == B && y.size(1) == n, op, ": `y` must be [B, n] = [", B, ", ", n,
+                    "] (run the forward with keep_history=True), got ", y.sizes());
+  for (const at::Tensor* t : {&grad_value, &hist_r, &hist_s, &y}) {
     TORCH_CHECK_TYPE(t->scalar_type() == a.scalar_type(), op, ": all tensors must share the dtype of `a` (",
                      a.scalar_type(), "), got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->device() == a.device(), op, ": all tensors must be on the device of `a` (", a.device(),

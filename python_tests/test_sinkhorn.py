@@ -91,17 +91,22 @@ def test_outputs_match_reference(shared, log_domain, eps):
 
 
 def test_history_layout():
-    """hist_r = r_1..r_T then (K∘C) v_T; hist_s = s_1..s_T; value = sum_i u_i y_i."""
+    """hist_r [T, B, n] = r_1..r_T, hist_s [T, B, m] = s_1..s_T, y [B, n] = (K∘C) v_T, value = sum_i u_i y_i
+    (csrc/ops.cpp); the log domain stores their logs; without history [0, B, n], [0, B, m], [0, n]."""
     B, n, m, T = 2, 5, 4, 3
-    a, b, cost = simplex(B, n), simplex(B, m, seed=2), rand_cost(n, m)
-    value, u, v, hr, hs = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, False, True)
-    assert hr.shape == (T + 1, B, n) and hs.shape == (T, B, m)
-    K = torch.exp(-cost / 0.3)
-    assert torch.allclose(u, a / hr[T - 1]) and torch.allclose(v, b / hs[T - 1])
-    assert torch.allclose(hr[T], v @ (K * cost).T)
-    assert torch.allclose(value, (u * hr[T]).sum(1))
-    *_, hr0, hs0 = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, False, False)
-    assert hr0.shape == (0, B, n) and hs0.shape == (0, B, m)
+    a, b = simplex(B, n), simplex(B, m, seed=2)
+    for cost in (rand_cost(n, m), rand_cost(B, n, m)):
+        value, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, False, True)
+        assert hr.shape == (T, B, n) and hs.shape == (T, B, m) and y.shape == (B, n)
+        K = torch.exp(-cost / 0.3).expand(B, n, m)
+        assert torch.allclose(u, a / hr[T - 1]) and torch.allclose(v, b / hs[T - 1])
+        assert torch.allclose(y, torch.einsum("bij,bj->bi", K * cost.expand(B, n, m), v))
+        assert torch.allclose(value, (u * y).sum(1))
+        *_, hr0, hs0, y0 = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, False, False)
+        assert hr0.shape == (0, B, n) and hs0.shape == (0, B, m) and y0.shape == (0, n)
+        *_, lhr, lhs, ly = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, True, True)
+        for x, want in ((lhr, hr), (lhs, hs), (ly, y)):
+            assert torch.allclose(x.exp(), want)
 
 
 # ------------------------------------------------------------------------------------------ gradients
@@ -249,9 +254,9 @@ def test_opcheck(args):
 
 def test_opcheck_backward_op():
     a, b, cost = simplex(3, 5), simplex(3, 4, seed=2), rand_cost(5, 4)
-    value, u, v, hr, hs = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, 4, 0.0, False, True)
+    value, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, 4, 0.0, False, True)
     torch.library.opcheck(torch.ops.wkd.sinkhorn_backward.default,
-                          (torch.ones(3, dtype=F64), a, b, cost, u, v, hr, hs, 0.1, 0.0, False))
+                          (torch.ones(3, dtype=F64), a, b, cost, hr, hs, y, 0.1, False))
 
 
 def test_torch_compile_fullgraph():
@@ -354,26 +359,18 @@ def test_cost_gradient_is_refused():
 
 def test_backward_op_checks_history():
     a, b, c = good()
-    value, u, v, hr, hs = torch.ops.wkd.sinkhorn(a, b, c, 0.1, 3, 0.0, False, False)
+    value, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, c, 0.1, 3, 0.0, False, False)
+    assert hr.shape == (0, 2, 4) and hs.shape == (0, 2, 3) and y.shape == (0, 4)
     with pytest.raises(ValueError, match="`hist_r` must be"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, u, v, hr, hs, 0.1, 0.0, False)
-    _, u, v, hr, hs = torch.ops.wkd.sinkhorn(a, b, c, 0.1, 3, 0.0, False, True)
+        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs, y, 0.1, False)
+    _, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, c, 0.1, 3, 0.0, False, True)
+    assert hr.shape == (3, 2, 4) and hs.shape == (3, 2, 3) and y.shape == (2, 4)
     with pytest.raises(ValueError, match="`grad_value` must be"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(3, dtype=F64), a, b, c, u, v, hr, hs, 0.1, 0.0, False)
+        torch.ops.wkd.sinkhorn_backward(torch.ones(3, dtype=F64), a, b, c, hr, hs, y, 0.1, False)
+    with pytest.raises(ValueError, match="`hist_s` must be"):
+        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs[:2], y, 0.1, False)
+    with pytest.raises(ValueError, match="`y` must be"):
+        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs, y[:1], 0.1, False)
+    with pytest.raises(TypeError, match="dtype of `a`"):
+        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs, y.float(), 0.1, False)
 
-
-def test_cuda_backend_switch():
-    with pytest.raises(ValueError, match="`backend` must be"):
-        wk.set_cuda_backend("cublas")
-    before = wk.ops._cuda_backend
-    try:
-        wk.set_cuda_backend("triton")
-        assert wk.get_cuda_backend() == "triton"
-        if wk.HAS_CUDA_EXT:
-            wk.set_cuda_backend("cuda")
-            assert wk.get_cuda_backend() == "cuda"
-        else:
-            with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernels"):
-                wk.set_cuda_backend("cuda")
-    finally:
-        wk.ops._cuda_backend = before

@@ -1,18 +1,19 @@
-"""The hand-written CUDA C++ Sinkhorn kernels (csrc/cuda/sinkhorn.cu).
+"""The hand-written CUDA C++ Sinkhorn kernels (csrc/cuda/sinkhorn.cu), the CUDA kernels of torch.ops.wkd.sinkhorn
+and torch.ops.wkd.sinkhorn_backward.
 
-torch.ops.wkd.sinkhorn_cuda_native / sinkhorn_backward_cuda_native against the float64 reference (autograd through
-it for the gradient) and the CPU op; both CUDA backends through torch.ops.wkd.sinkhorn; opcheck, torch.compile,
-CUDA-graph capture, no host synchronisation, the real ImageNet cost at B=256.
+Those ops on CUDA tensors against the float64 reference (autograd through it for the gradient) and the CPU op; both
+CUDA backends through wk.sinkhorn; opcheck, torch.compile, CUDA-graph capture, no host synchronisation, the real
+ImageNet cost at B=256.
 
 Every GPU test is marked `gpu` and skips without CUDA (conftest.py). Without a GPU, the same kernel source can be
 checked on the CPU: test_kernels_under_host_emulation (opt-in, WKD_TEST_CUDA_EMULATION=1, a few minutes) compiles
 csrc/cuda/sinkhorn.cu as host C++ against csrc/cuda/cuda_emu.cuh (a cooperative-fiber emulation of blocks, barriers
-and warp shuffles) and compares the emulated kernels with the CPU op, for both tile configurations.
+and warp shuffles) and compares the emulated kernels with the CPU op, for both tile configurations: the programs
+are in python_tests/cuda_emulation/.
 """
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from wkd_kernels.reference import sinkhorn_reference
 
 F64, F32 = torch.float64, torch.float32
 REPO = Path(__file__).resolve().parents[1]
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
+OUTPUTS = ("value", "u", "v", "hist_r", "hist_s", "y")
 # Relative tolerance (max abs error / max abs reference) per dtype: values and potentials, and gradients.
 TOL = {F32: 1e-5, F64: 1e-10}
 GRAD_TOL = {F32: 1e-4, F64: 1e-9}
@@ -66,7 +69,15 @@ def problem(B, n, m, dtype, shared, zeros=0, device="cuda", seed=0):
 
 
 def native(a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True):
-    return torch.ops.wkd.sinkhorn_cuda_native(a, b, cost, reg, T, eps, log_domain, keep)
+    """torch.ops.wkd.sinkhorn on CUDA tensors: the CUDA C++ kernels (need_native() checked they were built)."""
+    assert a.is_cuda
+    return torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, keep)
+
+
+def native_backward(g, a, b, cost, out, reg, log_domain=False):
+    """torch.ops.wkd.sinkhorn_backward on CUDA tensors from a forward's outputs `out` (its hist_r, hist_s, y)."""
+    assert a.is_cuda
+    return torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *out[3:], reg, log_domain)
 
 
 def cpu_op(a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True):
@@ -101,7 +112,8 @@ def test_forward_matches_reference_and_cpu(B, n, m, dtype, shared, log_domain, e
             scale = max(1.0, y[fin].abs().max().item()) if log_domain and fin.any() else None
             assert rel(x, y, scale) <= 2 * TOL[dtype]
         cpu = cpu_op(a, b, cost, reg, T, eps, log_domain)
-        for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), out, cpu):
+        assert len(out) == len(cpu) == len(OUTPUTS)
+        for name, x, y in zip(OUTPUTS, out, cpu):
             assert x.shape == y.shape, name
             assert rel(x, y) <= TOL[dtype], name
 
@@ -116,7 +128,7 @@ def test_forward_big_tiles_match_cpu(B, n, m, dtype):
         a, b, cost = problem(B, n, m, dtype, True, zeros)
         out = native(a, b, cost, 0.05, 10, 1e-8)
         cpu = cpu_op(a, b, cost, 0.05, 10, 1e-8)
-        for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), out, cpu):
+        for name, x, y in zip(OUTPUTS, out, cpu):
             assert rel(x, y) <= TOL[dtype], name
         cpu64 = cpu_op(a.double(), b.double(), cost.double(), 0.05, 10, 1e-8)
         assert rel(out[0], cpu64[0]) <= TOL[dtype]
@@ -129,13 +141,13 @@ def test_history_layout_and_no_history(shared, log_domain):
     need_native()
     B, n, m, T = 3, 6, 5, 4
     a, b, cost = problem(B, n, m, F64, shared)
-    value, u, v, hr, hs = native(a, b, cost, 0.3, T, 0.0, log_domain, True)
-    assert hr.shape == (T + 1, B, n) and hs.shape == (T, B, m)
+    value, u, v, hr, hs, y = native(a, b, cost, 0.3, T, 0.0, log_domain, True)
+    assert hr.shape == (T, B, n) and hs.shape == (T, B, m) and y.shape == (B, n)
     if not log_domain:
         assert torch.allclose(u, a / hr[T - 1]) and torch.allclose(v, b / hs[T - 1])
-        assert torch.allclose(value, (u * hr[T]).sum(1))
-    value0, u0, v0, hr0, hs0 = native(a, b, cost, 0.3, T, 0.0, log_domain, False)
-    assert hr0.shape == (0, B, n) and hs0.shape == (0, B, m)
+        assert torch.allclose(value, (u * y).sum(1))
+    value0, u0, v0, hr0, hs0, y0 = native(a, b, cost, 0.3, T, 0.0, log_domain, False)
+    assert hr0.shape == (0, B, n) and hs0.shape == (0, B, m) and y0.shape == (0, n)
     assert torch.equal(value0, value) and torch.equal(u0, u) and torch.equal(v0, v)
 
 
@@ -163,8 +175,8 @@ def test_deterministic():
     for x, y in zip(first, second):
         assert torch.equal(x, y)
     g = torch.randn(256, device="cuda")
-    ga1 = torch.ops.wkd.sinkhorn_backward_cuda_native(g, a, b, cost, *first[1:], 0.05, 1e-8, False)
-    ga2 = torch.ops.wkd.sinkhorn_backward_cuda_native(g, a, b, cost, *first[1:], 0.05, 1e-8, False)
+    ga1 = native_backward(g, a, b, cost, first, 0.05)
+    ga2 = native_backward(g, a, b, cost, first, 0.05)
     assert torch.equal(ga1[0], ga2[0]) and torch.equal(ga1[1], ga2[1])
 
 
@@ -198,9 +210,12 @@ def test_bad_input_raises_same_messages():
     with pytest.raises(TypeError, match="`cost` has dtype"):
         native(a, b, cost.float(), 0.1, 3)
     with pytest.raises(ValueError, match="`hist_r` must be"):
-        _, u, v, hr, hs = native(a, b, cost, 0.1, 3, keep=False)
-        torch.ops.wkd.sinkhorn_backward_cuda_native(torch.ones(2, dtype=F64, device="cuda"), a, b, cost, u, v, hr, hs,
-                                                   0.1, 0.0, False)
+        out = native(a, b, cost, 0.1, 3, keep=False)
+        native_backward(torch.ones(2, dtype=F64, device="cuda"), a, b, cost, out, 0.1)
+    out = native(a, b, cost, 0.1, 3)
+    with pytest.raises(ValueError, match="`y` must be"):
+        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64, device="cuda"), a, b, cost, out[3], out[4],
+                                        out[5][:1], 0.1, False)
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -228,13 +243,13 @@ def test_backward_matches_autograd_reference_and_cpu(B, n, m, dtype, shared, log
     T, reg = 5, 0.1
     for zeros in (0, 2):
         a, b, cost = problem(B, n, m, dtype, shared, zeros)
-        value, u, v, hr, hs = native(a, b, cost, reg, T, eps, log_domain)
+        out = native(a, b, cost, reg, T, eps, log_domain)
         g = torch.randn(B, generator=torch.Generator().manual_seed(7), dtype=F64).to(dtype).cuda()
-        got = torch.ops.wkd.sinkhorn_backward_cuda_native(g, a, b, cost, u, v, hr, hs, reg, eps, log_domain)
+        got = native_backward(g, a, b, cost, out, reg, log_domain)
         assert got[0].shape == a.shape and got[1].shape == b.shape and got[0].is_cuda
         check_grads(got, ref_grads(a, b, cost, reg, T, eps, g), GRAD_TOL[dtype])
-        cpu = torch.ops.wkd.sinkhorn_backward(g.cpu(), a.cpu(), b.cpu(), cost.cpu(), u.cpu(), v.cpu(), hr.cpu(),
-                                              hs.cpu(), reg, eps, log_domain)
+        cpu = torch.ops.wkd.sinkhorn_backward(g.cpu(), a.cpu(), b.cpu(), cost.cpu(), *(t.cpu() for t in out[3:]),
+                                              reg, log_domain)
         check_grads(got, cpu, GRAD_TOL[dtype])
 
 
@@ -246,7 +261,7 @@ def test_backward_number_of_iterations(T):
         a, b, cost = problem(5, 20, 17, F64, shared, zeros=1)
         out = native(a, b, cost, 0.1, T, 1e-8, log_domain)
         g = torch.ones(5, dtype=F64, device="cuda")
-        got = torch.ops.wkd.sinkhorn_backward_cuda_native(g, a, b, cost, *out[1:], 0.1, 1e-8, log_domain)
+        got = native_backward(g, a, b, cost, out, 0.1, log_domain)
         check_grads(got, ref_grads(a, b, cost, 0.1, T, 1e-8, g), GRAD_TOL[F64])
 
 
@@ -258,10 +273,10 @@ def test_backward_big_tiles_match_cpu(B, n, m, dtype):
     a, b, cost = problem(B, n, m, dtype, True, zeros=1)
     out = native(a, b, cost, 0.05, 10, 1e-8)
     g = torch.randn(B, generator=torch.Generator().manual_seed(3), dtype=F64).to(dtype).cuda()
-    got = torch.ops.wkd.sinkhorn_backward_cuda_native(g, a, b, cost, *out[1:], 0.05, 1e-8, False)
+    got = native_backward(g, a, b, cost, out, 0.05)
     c64 = [t.double().cpu() for t in (a, b, cost)]
     o64 = cpu_op(*c64, 0.05, 10, 1e-8)
-    want = torch.ops.wkd.sinkhorn_backward(g.double().cpu(), *c64, *o64[1:], 0.05, 1e-8, False)
+    want = torch.ops.wkd.sinkhorn_backward(g.double().cpu(), *c64, *o64[3:], 0.05, False)
     check_grads(got, want, GRAD_TOL[dtype])
 
 
@@ -328,17 +343,20 @@ def test_opcheck_wkd_sinkhorn_cuda(cuda_backend):
 
 @pytest.mark.gpu
 def test_opcheck_native_ops():
+    """The CUDA C++ kernels are the CUDA kernels of wkd::sinkhorn / wkd::sinkhorn_backward themselves."""
     need_native()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn_backward", "CUDA")
     for shared in (True, False):
         for log_domain in (False, True):
             a, b, cost = problem(3, 9, 7, F64, shared, zeros=1)
             eps = 1e-8 if log_domain else 0.0
             args = (a, b, cost, 0.1, 4, eps, log_domain, True)
-            torch.library.opcheck(torch.ops.wkd.sinkhorn_cuda_native.default, args)
-            _, u, v, hr, hs = native(*args[:3], 0.1, 4, eps, log_domain)
+            torch.library.opcheck(torch.ops.wkd.sinkhorn.default, args)
+            out = native(*args)
             g = torch.ones(3, dtype=F64, device="cuda")
-            torch.library.opcheck(torch.ops.wkd.sinkhorn_backward_cuda_native.default,
-                                  (g, a, b, cost, u, v, hr, hs, 0.1, eps, log_domain))
+            torch.library.opcheck(torch.ops.wkd.sinkhorn_backward.default,
+                                  (g, a, b, cost, *out[3:], 0.1, log_domain))
 
 
 @pytest.mark.gpu
@@ -393,9 +411,9 @@ def test_cuda_graph_capture_forward_backward(shared, log_domain):
     g = torch.ones(B, device="cuda")
 
     def step(a, b):
-        value, u, v, hr, hs = native(a, b, cost, reg, T, eps, log_domain)
-        ga, gb = torch.ops.wkd.sinkhorn_backward_cuda_native(g, a, b, cost, u, v, hr, hs, reg, eps, log_domain)
-        return value, ga, gb
+        out = native(a, b, cost, reg, T, eps, log_domain)
+        ga, gb = native_backward(g, a, b, cost, out, reg, log_domain)
+        return out[0], ga, gb
 
     sa, sb = a.clone(), b.clone()
     graph, outs, _ = capture_cuda_graph(lambda: step(sa, sb), warmup=2)
@@ -451,94 +469,13 @@ def test_real_imagenet_cost_b256(log_domain):
     if not log_domain:  # (the CPU log domain runs row by row: slow at this size, compared in float64 only)
         assert rel(out[0], cpu_op(a, b, cost, reg, T, eps, log_domain)[0]) <= 1e-5
     gv = torch.ones(B)
-    got = torch.ops.wkd.sinkhorn_backward_cuda_native(gv.cuda(), a.cuda(), b.cuda(), cost.cuda(), *out[1:], reg, eps,
-                                                     log_domain)
-    want = torch.ops.wkd.sinkhorn_backward(gv.double(), a.double(), b.double(), cost.double(), *cpu64[1:], reg, eps,
+    got = native_backward(gv.cuda(), a.cuda(), b.cuda(), cost.cuda(), out, reg, log_domain)
+    want = torch.ops.wkd.sinkhorn_backward(gv.double(), a.double(), b.double(), cost.double(), *cpu64[3:], reg,
                                            log_domain)
     check_grads(got, want, 1e-4)
 
 
 # ------------------------------------------------------------------------------------------ host emulation (no GPU)
-_EMU_SCRIPT = r'''
-import importlib.util, itertools, os, sys
-import torch
-import torch.utils.cpp_extension as ce
-
-root, bdir = sys.argv[1], sys.argv[2]
-os.makedirs(bdir, exist_ok=True)
-wrapper = os.path.join(bdir, "emu_sinkhorn_cuda.cpp")
-src = '#define WKD_CUDA_EMULATE 1\n#include "%s/csrc/cuda/sinkhorn.cu"\n' % root
-if not os.path.exists(wrapper) or open(wrapper).read() != src:
-    open(wrapper, "w").write(src)
-ce.load(name="wkd_cuda_emu", sources=[f"{root}/csrc/ops.cpp", f"{root}/csrc/cpu/sinkhorn.cpp", wrapper],
-        build_directory=bdir, extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        is_python_module=False, with_cuda=False)
-spec = importlib.util.spec_from_file_location("ref", os.path.join(root, "wkd_kernels", "reference.py"))
-ref = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ref)
-F64, F32 = torch.float64, torch.float32
-TOL = {F32: 1e-5, F64: 1e-10}
-GTOL = {F32: 1e-4, F64: 1e-9}
-
-sys.path.insert(0, os.path.join(root, "python_tests"))
-from conftest import simplex  # torch and pytest only: it does not import wkd_kernels
-
-def rel(x, y, scale=None):
-    x, y = x.double(), y.double()
-    fin = torch.isfinite(y)
-    assert torch.equal(fin, torch.isfinite(x)), "non-finite entries differ"
-    if not fin.any():
-        return 0.0
-    scale = y[fin].abs().max().item() if scale is None else scale
-    return ((x[fin] - y[fin]).abs().max() / max(scale, 1e-300)).item()
-
-bad = []
-shapes = [(1, 1, 1, 1), (3, 7, 5, 3), (5, 33, 65, 2), (4, 40, 36, 2), (6, 20, 9, 1)]
-for (B, n, m, T), dtype, shared, log, eps in itertools.product(shapes, (F64, F32), (True, False), (False, True),
-                                                                (0.0, 1e-8)):
-    zeros = 2 if n > 3 else 0
-    a, b = simplex(B, n, dtype, zeros, 1), simplex(B, m, dtype, min(zeros, m - 1), 2)
-    cost = torch.rand(*((n, m) if shared else (B, n, m)), generator=torch.Generator().manual_seed(3),
-                      dtype=F64).to(dtype)
-    tag = f"{(B, n, m, T)} {dtype} shared={shared} log={log} eps={eps}"
-    for keep in (True, False):
-        out = torch.ops.wkd.sinkhorn_cuda_native(a, b, cost, 0.1, T, eps, log, keep)
-        cpu = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, T, eps, log, keep)
-        for name, x, y in zip(("value", "u", "v", "hist_r", "hist_s"), out, cpu):
-            if x.shape != y.shape or (x.numel() and rel(x, y) > TOL[dtype]):
-                bad.append(f"{tag} keep={keep} {name}")
-    value, u, v, hr, hs = torch.ops.wkd.sinkhorn_cuda_native(a, b, cost, 0.1, T, eps, log, True)
-    if rel(value, ref.sinkhorn_reference(a, b, cost, 0.1, T, eps=eps, log_domain=log)[0]) > TOL[dtype]:
-        bad.append(f"{tag} value vs reference")
-    gv = torch.randn(B, generator=torch.Generator().manual_seed(4), dtype=F64).to(dtype)
-    got = torch.ops.wkd.sinkhorn_backward_cuda_native(gv, a, b, cost, u, v, hr, hs, 0.1, eps, log)
-    cpu = torch.ops.wkd.sinkhorn_backward(gv, a, b, cost, u, v, hr, hs, 0.1, eps, log)
-    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
-    val = ref.sinkhorn_reference(a64, b64, cost.double(), 0.1, T, eps=eps)[0]
-    rg = torch.autograd.grad((val * gv.double()).sum(), (a64, b64))
-    for what, want in (("cpu", cpu), ("reference", rg)):
-        scale = max(w.abs().max().item() for w in want)
-        for name, x, y in zip(("grad_a", "grad_b"), got, want):
-            if rel(x, y, scale) > GTOL[dtype]:
-                bad.append(f"{tag} {name} vs {what}: {rel(x, y, scale):.3g}")
-# issue 16 item 1: a zero-mass row whose K entry dominates its column (cost gap 50 reg) made the CPU op's shared
-# first half-iteration cancel to 0 (NaN); the CUDA kernels compute K^T u0 by a product and must stay finite.
-for dtype in (F64, F32):
-    n = 16
-    c1 = 1 - torch.eye(n, dtype=dtype)
-    a1 = torch.full((1, n), 1 / (n - 1), dtype=dtype)
-    a1[0, 0] = 0
-    for shared, log in itertools.product((True, False), (False, True)):
-        c = c1 if shared else c1.expand(1, n, n).contiguous()
-        got = torch.ops.wkd.sinkhorn_cuda_native(a1, a1.clone(), c, 0.02, 10, 0.0, log, True)[0]
-        want = ref.sinkhorn_reference(a1, a1.clone(), c1, 0.02, 10)[0]
-        if not torch.isfinite(got).all() or rel(got, want) > TOL[dtype]:
-            bad.append(f"issue16 item 1 {dtype} shared={shared} log={log}: {got} vs {want}")
-print("\n".join(bad) if bad else "EMULATION OK")
-sys.exit(1 if bad else 0)
-'''
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
                     reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
@@ -546,15 +483,16 @@ sys.exit(1 if bad else 0)
 def test_kernels_under_host_emulation(tmp_path, sms):
     """The CUDA kernel source, run on CPU tensors by the fiber emulator, against the CPU op and the reference.
 
-    WKD_EMU_SMS sets the emulated multiprocessor count: 1 makes every product take the 32 x 64 tiles, 1000 the
-    16 x 32 tiles. Runs in a subprocess (the emulated library registers the `wkd` namespace itself). Set
+    python_tests/cuda_emulation/check_emulated_kernels.py builds emu_sinkhorn_cuda.cpp (csrc/cuda/sinkhorn.cu with
+    WKD_CUDA_EMULATE: the library wkd_cuda_emu, loadable next to wkd_kernels._C) and compares its ops with
+    torch.ops.wkd.*. WKD_EMU_SMS sets the emulated multiprocessor count: 1 makes every product take the 32 x 64
+    tiles, 1000 the 16 x 32 tiles. Runs in a subprocess (a fault in the emulator does not take pytest down). Set
     WKD_EMU_BUILD_DIR to reuse the build between runs.
     """
-    script = tmp_path / "emu_check.py"
-    script.write_text(textwrap.dedent(_EMU_SCRIPT))
     bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
     env = dict(os.environ, WKD_EMU_SMS=str(sms))
-    proc = subprocess.run([sys.executable, str(script), str(REPO), bdir], env=env, capture_output=True, text=True,
-                          timeout=3600)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(EMULATION / "check_emulated_kernels.py"), bdir], env=env,
+                          capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "EMULATION OK" in proc.stdout

@@ -112,25 +112,20 @@ def drive_sinkhorn():
     """Every launch configuration of the Sinkhorn launchers (forward and backward)."""
     from wkd_kernels.triton import sinkhorn as sk
 
-    saved = sk.FP32_DOT_PRECISION
     B, n, m, T = 3, 5, 7, 2  # T = 2: first, middle and final half-iterations all occur
-    try:
-        for dt in (torch.float32, torch.float64):
-            precisions = ("ieee", "tf32x3", "tf32") if dt == torch.float32 else ("ieee",)
-            for prec in precisions:
-                sk.set_fp32_dot_precision(prec)
-                for shared in (True, False):
-                    for log_domain in (False, True):
-                        for eps in (0.0, 1e-8):
-                            a = torch.full((B, n), 1.0 / n, dtype=dt)
-                            b = torch.full((B, m), 1.0 / m, dtype=dt)
-                            cost = torch.rand((n, m) if shared else (B, n, m), dtype=dt)
-                            sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, False)
-                            out = sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, True)
-                            g = torch.ones(B, dtype=dt)
-                            sk.sinkhorn_backward(g, a, b, cost, *out[1:], 0.05, eps, log_domain)
-    finally:
-        sk.FP32_DOT_PRECISION = saved
+    for dt in (torch.float32, torch.float64):
+        precisions = sk.FP32_PRECISIONS if dt == torch.float32 else ("ieee",)
+        for prec in precisions:
+            for shared in (True, False):
+                for log_domain in (False, True):
+                    for eps in (0.0, 1e-8):
+                        a = torch.full((B, n), 1.0 / n, dtype=dt)
+                        b = torch.full((B, m), 1.0 / m, dtype=dt)
+                        cost = torch.rand((n, m) if shared else (B, n, m), dtype=dt)
+                        sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, False, prec)
+                        out = sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, True, prec)
+                        g = torch.ones(B, dtype=dt)
+                        sk.sinkhorn_backward(g, a, b, cost, *out[3:], 0.05, log_domain, prec)
 
 
 def drive_gaussian():

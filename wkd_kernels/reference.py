@@ -13,7 +13,8 @@ from torch import Tensor
 
 def sinkhorn_reference(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, eps: float = 0.0,
                        log_domain: bool = False, dtype: torch.dtype = torch.float64):
-    """Literal fixed-iteration Sinkhorn (docs/design.md section 3), computed in ``dtype`` (float64 by default).
+    """Literal fixed-iteration Sinkhorn (the contract of wkd::sinkhorn in csrc/ops.cpp), computed in ``dtype``
+    (float64 by default).
 
     a [B, n], b [B, m], cost [n, m] or [B, n, m]. Returns (value [B], u [B, n], v [B, m]) in the scaling
     domain, or (value, log u, log v) with ``log_domain=True`` (same mathematics, log-sum-exp iterations).

@@ -1,4 +1,4 @@
-// CPU kernels of wkd::sinkhorn and wkd::sinkhorn_backward (contract: docs/design.md section 3).
+// CPU kernels of wkd::sinkhorn and wkd::sinkhorn_backward (contract: the schema comment in csrc/ops.cpp).
 //
 // Two paths:
 //  * shared cost [n, m], scaling domain: every half-iteration of the whole batch is one BLAS product
@@ -167,11 +167,12 @@ const char* dtype_name(at::ScalarType st) { return st == at::kFloat ? "float32" 
 
 // --------------------------------- one row, forward ---------------------------------
 // M: K or L of this row; C: cost of this row. Writes value, u/v (log u/log v in the log domain)
-// and, when r_hist/s_hist are non-null, r_t/s_t and finally y = (K∘C) v_T (logs in the log domain)
-// at stride B*n / B*m.
+// and, when r_hist/s_hist/y_out are non-null, r_t/s_t (at stride B*n / B*m) and y = (K∘C) v_T (logs in the
+// log domain).
 template <typename T>
 void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int64_t m, int64_t T_iters, T eps,
-                 bool log_domain, T* value, T* u, T* v, T* r_hist, T* s_hist, int64_t r_stride, int64_t s_stride) {
+                 bool log_domain, T* value, T* u, T* v, T* r_hist, T* s_hist, T* y_out, int64_t r_stride,
+                 int64_t s_stride) {
   std::vector<T> r(n), s(m), tmp(std::max(n, m));
   int64_t cnt = 0;
   for (int64_t i = 0; i < n; ++i) cnt += a[i] > T(0);
@@ -199,7 +200,7 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
     T acc = 0;
     for (int64_t i = 0; i < n; ++i) acc += u[i] * tmp[i];
     *value = acc;
-    if (r_hist) std::copy(tmp.begin(), tmp.begin() + n, r_hist + T_iters * r_stride);
+    if (y_out) std::copy(tmp.begin(), tmp.begin() + n, y_out);
   } else {
     std::vector<T> mx(std::max(n, m)), sm(std::max(n, m));
     const T ninf = -std::numeric_limits<T>::infinity();
@@ -227,7 +228,7 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
       if (u[i] != ninf && sm[i] != T(0)) acc += std::exp(u[i] + mx[i]) * sm[i];
     }
     *value = acc;
-    if (r_hist) std::copy(tmp.begin(), tmp.begin() + n, r_hist + T_iters * r_stride);
+    if (y_out) std::copy(tmp.begin(), tmp.begin() + n, y_out);
   }
 }
 
@@ -238,8 +239,8 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
 //                  w_{t-1} = -K (z_t v_t) / r_{t-1}        (t > 1; u0 is a constant)
 template <typename T>
 void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n, int64_t m, int64_t T_iters,
-                  bool log_domain, const T* r_hist, const T* s_hist, int64_t r_stride, int64_t s_stride, T* ga,
-                  T* gb) {
+                  bool log_domain, const T* r_hist, const T* s_hist, const T* y_in, int64_t r_stride,
+                  int64_t s_stride, T* ga, T* gb) {
   std::vector<T> w(n), z(m), direct(m), ut(n), vt(m), x(n), y(m), tmp(std::max(n, m));
   std::fill(ga, ga + n, T(0));
   std::fill(gb, gb + m, T(0));
@@ -254,7 +255,7 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
       for (int64_t j = 0; j < m; ++j) vt[j] = b[j] / s[j];
     };
     load_uv(last);
-    const T* kcv = r_at(T_iters);  // y = (K∘C) v_T, stored by the forward
+    const T* kcv = y_in;  // y = (K∘C) v_T, stored by the forward
     for (int64_t i = 0; i < n; ++i) w[i] = g * kcv[i] / r_at(last)[i];
     vec_mat<T>(M, C, ut.data(), direct.data(), n, m);
     for (int64_t t = last; t >= 0; --t) {
@@ -287,7 +288,7 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
       for (int64_t j = 0; j < m; ++j) vt[j] = logb[j] - s[j];
     };
     load_uv(last);
-    const T* log_y = r_at(T_iters);  // log (K∘C) v_T, stored by the forward
+    const T* log_y = y_in;  // log (K∘C) v_T, stored by the forward
     const T ninf = -std::numeric_limits<T>::infinity();
     for (int64_t i = 0; i < n; ++i) w[i] = log_y[i] == ninf ? T(0) : g * std::exp(log_y[i] - r_at(last)[i]);
     col_reduce<T>(M, C, ut.data(), nullptr, mx.data(), sm.data(), n, m);
@@ -375,15 +376,15 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
 }
 
 // Forward: s_t = U K + eps (one GEMM), v = b / s; r_t = V K^T + eps (one GEMM), u = a / r.
-// History: hist_r[0..T-1] = r_t, hist_r[T] = y = (K∘C) v_T (the value is sum_i u_i y_i; the backward reuses y).
+// History: hist_r[t] = r_t, hist_s[t] = s_t; y = (K∘C) v_T (the value is sum_i u_i y_i; the backward reuses y).
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_shared_blas(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_shared_blas(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters, double eps,
     bool keep_history) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const at::Tensor K = at::exp(cost.div(-reg));
   if (!kernel_block_ok<T>(K.data_ptr<T>(), n, m, false)) kernel_range_error(kFwd, a.scalar_type(), reg, false);
-  at::Tensor hist_r = at::empty({keep_history ? T_iters + 1 : 0, B, n}, a.options());
+  at::Tensor hist_r = at::empty({keep_history ? T_iters : 0, B, n}, a.options());
   at::Tensor hist_s = at::empty({keep_history ? T_iters : 0, B, m}, a.options());
   at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty({B, n}, a.options());
   at::Tensor s_tmp = keep_history ? at::Tensor() : at::empty({B, m}, a.options());
@@ -422,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_s
       }
     });
   }
-  at::Tensor y = keep_history ? hist_r[T_iters] : at::empty({B, n}, a.options());
+  at::Tensor y = at::empty({B, n}, a.options());
   at::mm_out(y, v, K.mul(cost).t());
   const at::Tensor value = at::empty({B}, a.options());
   T* val_p = value.data_ptr<T>();
@@ -432,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_s
     for (int64_t i = o; i < o + n; ++i) acc += u_p[i] * y_p[i];
     val_p[bi] = acc;
   });
-  return {value, u, v, hist_r, hist_s};
+  return {value, u, v, hist_r, hist_s, keep_history ? y : at::empty({0, n}, a.options())};
 }
 
 // Backward (see backward_row for the recurrences): two GEMMs per iteration (one in the first), fused passes.
@@ -440,7 +441,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_value, const at::Tensor& a,
                                                         const at::Tensor& b, const at::Tensor& cost,
                                                         const at::Tensor& hist_r, const at::Tensor& hist_s,
-                                                        double reg) {
+                                                        const at::Tensor& y, double reg) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const at::Tensor K = at::exp(cost.div(-reg));
@@ -449,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
   const T* g_p = grad_value.data_ptr<T>();
   const T* hr = hist_r.data_ptr<T>();
   const T* hs = hist_s.data_ptr<T>();
-  const T* y_p = hr + T_iters * B * n;
+  const T* y_p = y.data_ptr<T>();
   at::Tensor ga = at::empty_like(a), gb = at::empty_like(b);
   at::Tensor x = at::empty({B, n}, a.options()), ut = at::empty({B, n}, a.options());
   at::Tensor zv = at::empty({B, m}, a.options()), tmp_m = at::empty({B, m}, a.options());
@@ -506,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
 template <typename T>
 void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
                   double eps, bool log_domain, bool shared, at::Tensor& value, at::Tensor& u, at::Tensor& v,
-                  at::Tensor& hist_r, at::Tensor& hist_s, bool keep_history) {
+                  at::Tensor& hist_r, at::Tensor& hist_s, at::Tensor& y, bool keep_history) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   at::Tensor shared_M;
   if (shared) {
@@ -523,6 +524,7 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
   T* v_p = v.data_ptr<T>();
   T* hr = keep_history ? hist_r.data_ptr<T>() : nullptr;
   T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
+  T* yp = keep_history ? y.data_ptr<T>() : nullptr;
   const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> Mbuf(shared ? 0 : n * m);
@@ -538,7 +540,8 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
         }
       }
       forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi, u_p + bi * n,
-                     v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr, B * n, B * m);
+                     v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr, yp ? yp + bi * n : nullptr,
+                     B * n, B * m);
     }
   });
   if (!range_ok.load()) kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
@@ -546,8 +549,8 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
 
 template <typename T>
 void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
-                   const at::Tensor& hist_r, const at::Tensor& hist_s, double reg, bool log_domain, bool shared,
-                   at::Tensor& ga, at::Tensor& gb) {
+                   const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
+                   bool log_domain, bool shared, at::Tensor& ga, at::Tensor& gb) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_s.size(0);
   at::Tensor shared_M;
   if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
@@ -557,6 +560,7 @@ void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::
   const T* g_p = grad_value.data_ptr<T>();
   const T* hr = hist_r.data_ptr<T>();
   const T* hs = hist_s.data_ptr<T>();
+  const T* yp = y.data_ptr<T>();
   T* ga_p = ga.data_ptr<T>();
   T* gb_p = gb.data_ptr<T>();
   const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
@@ -570,7 +574,7 @@ void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::
         M = Mbuf.data();
       }
       backward_row<T>(M, C, a_p + bi * n, b_p + bi * m, g_p[bi], n, m, T_iters, log_domain, hr + bi * n, hs + bi * m,
-                      B * n, B * m, ga_p + bi * n, gb_p + bi * m);
+                      yp + bi * n, B * n, B * m, ga_p + bi * n, gb_p + bi * m);
     }
   });
 }
@@ -618,7 +622,7 @@ void check_result_finite(const at::Tensor& t, at::ScalarType st, double reg, con
 }
 
 // --------------------------------- op entry points ---------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
     double eps, bool log_domain, bool keep_history) {
   const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
@@ -638,36 +642,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
   at::Tensor value = at::empty({d.B}, a.options());
   at::Tensor u = at::empty({d.B, d.n}, a.options());
   at::Tensor v = at::empty({d.B, d.m}, a.options());
-  at::Tensor hist_r = at::empty({keep_history ? num_iters + 1 : 0, d.B, d.n}, a.options());
+  at::Tensor hist_r = at::empty({keep_history ? num_iters : 0, d.B, d.n}, a.options());
   at::Tensor hist_s = at::empty({keep_history ? num_iters : 0, d.B, d.m}, a.options());
+  at::Tensor y = keep_history ? at::empty({d.B, d.n}, a.options()) : at::empty({0, d.n}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
     forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain, d.shared_cost, value, u, v, hist_r, hist_s,
-                           keep_history);
+                           y, keep_history);
   });
   if (!log_domain) check_result_finite(value, a.scalar_type(), reg, kFwd);
-  return {value, u, v, hist_r, hist_s};
+  return {value, u, v, hist_r, hist_s, y};
 }
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_value, const at::Tensor& a_in,
                                                          const at::Tensor& b_in, const at::Tensor& cost_in,
-                                                         const at::Tensor& u, const at::Tensor& v,
                                                          const at::Tensor& hist_r_in, const at::Tensor& hist_s_in,
-                                                         double reg, double eps, bool log_domain) {
-  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, eps, kBwd);
-  check_sinkhorn_backward_args(grad_value, a_in, b_in, u, v, hist_r_in, hist_s_in, kBwd);
+                                                         const at::Tensor& y_in, double reg, bool log_domain) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, 0.0, kBwd);
+  check_sinkhorn_backward_args(grad_value, a_in, b_in, hist_r_in, hist_s_in, y_in, kBwd);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
-  const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous();
+  const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous(), y = y_in.contiguous();
   const at::Tensor g = grad_value.contiguous();
   at::Tensor ga, gb;
   if (d.shared_cost && !log_domain) {
     std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu_blas", [&] {
-      return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, reg);
+      return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg);
     });
   } else {
     ga = at::empty_like(a);
     gb = at::empty_like(b);
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
-      backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, reg, log_domain, d.shared_cost, ga, gb);
+      backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, d.shared_cost, ga, gb);
     });
   }
   if (!log_domain && at::isfinite(g).all().item<bool>()) {

@@ -1,6 +1,5 @@
-// Hand-written CUDA C++ kernels of wkd::sinkhorn_cuda_native and wkd::sinkhorn_backward_cuda_native
-// (same schemas and outputs as wkd::sinkhorn / wkd::sinkhorn_backward; contract: docs/design.md section 3; the
-// recurrences mirror csrc/cpu/sinkhorn.cpp line by line).
+// Hand-written CUDA C++ kernels of wkd::sinkhorn and wkd::sinkhorn_backward, registered on their CUDA dispatch key
+// (contract: the schema comment in csrc/ops.cpp; the recurrences mirror csrc/cpu/sinkhorn.cpp line by line).
 //
 // Shared cost [n, m], scaling domain (the WKD-L case): every half-iteration of the whole batch is one
 // [B, k] x [k, N] product done by gemm_epi_kernel, a tiled shared-memory SIMT GEMM whose epilogue fuses
@@ -31,9 +30,11 @@
 // bare CUDA toolkit may lack); the SM count comes from cudaDeviceGetAttribute, cached per device.
 //
 // WKD_CUDA_EMULATE (verification only, never set by the build): compile this same file as host C++ against
-// cuda_emu.cuh, a cooperative-fiber emulator of the CUDA subset used here, registering the two ops for CPU
-// tensors, so the kernels and their launch code can be checked against the CPU op without a GPU
-// (python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation).
+// cuda_emu.cuh, a cooperative-fiber emulator of the CUDA subset used here. That build defines its own library,
+// wkd_cuda_emu::sinkhorn / wkd_cuda_emu::sinkhorn_backward (the schemas of wkd::sinkhorn / wkd::sinkhorn_backward)
+// with the emulated kernels as CPU kernels, so it loads next to wkd_kernels._C and the kernels and their launch
+// code can be checked against the CPU op without a GPU (python_tests/cuda_emulation/,
+// python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -64,8 +65,13 @@
 namespace wkd {
 namespace {
 
-constexpr const char* kFwd = "wkd.sinkhorn_cuda_native";
-constexpr const char* kBwd = "wkd.sinkhorn_backward_cuda_native";
+#ifndef WKD_CUDA_EMULATE
+constexpr const char* kFwd = "wkd.sinkhorn";
+constexpr const char* kBwd = "wkd.sinkhorn_backward";
+#else
+constexpr const char* kFwd = "wkd_cuda_emu.sinkhorn";
+constexpr const char* kBwd = "wkd_cuda_emu.sinkhorn_backward";
+#endif
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -369,7 +375,7 @@ struct EpiScale {
 };
 
 // Last forward half-iteration with W2 = [K^T, (K∘C)^T] interleaved by column (N = 2n): output columns 2i and
-// 2i + 1 hold r_T,i - eps and y_i. Writes u = a / r_T, hist_r[T-1] = r_T and hist_r[T] = y (if kept), and
+// 2i + 1 hold r_T,i - eps and y_i. Writes u = a / r_T, hist_r[T-1] = r_T and y (if kept), and
 // value[row] = sum_i u_i y_i: per-block partials reduced over the tile row's threads by shuffles, stored in
 // part[blockIdx.x, row]; the last block of each row-block (atomic ticket) sums them in column-block order.
 template <typename T>
@@ -377,7 +383,7 @@ struct EpiLast {
   const T* a;
   T* u;
   T* hist_r;  // nullable: hist_r[T-1]
-  T* hist_y;  // nullable: hist_r[T]
+  T* hist_y;  // nullable: y
   T eps;
   int64_t n;
   T* part;                // [gridDim.x, rows]
@@ -619,7 +625,7 @@ __global__ void __launch_bounds__(kPrepThreads)
 template <typename T>
 void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
                     double eps, bool keep, at::Tensor& value, at::Tensor& u, at::Tensor& v, at::Tensor& hist_r,
-                    at::Tensor& hist_s) {
+                    at::Tensor& hist_s, at::Tensor& y) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
   const int sms = sm_count();
@@ -641,6 +647,7 @@ void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   unsigned int* tk_p = reinterpret_cast<unsigned int*>(tickets.data_ptr<int>());
   T* hr = keep ? hist_r.data_ptr<T>() : nullptr;
   T* hs = keep ? hist_s.data_ptr<T>() : nullptr;
+  T* yp = keep ? y.data_ptr<T>() : nullptr;
 
   auto* prep = &prep_forward_kernel<T>;
   WKD_LAUNCH(prep, static_cast<unsigned>(ntiles + B), kPrepThreads, stream, cost.data_ptr<T>(), n, m,
@@ -656,7 +663,7 @@ void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
                      stream);
     } else {
       // r_T and y = (K∘C) v_T in one product; u, history, value
-      EpiLast<T> epi{a_p, u_p, keep ? hr + t * B * n : nullptr, keep ? hr + T_iters * B * n : nullptr, e, n,
+      EpiLast<T> epi{a_p, u_p, keep ? hr + t * B * n : nullptr, yp, e, n,
                      part.data_ptr<T>(), tk_p, value.data_ptr<T>()};
       launch_gemm<T>(v_p, m, W2_p, 2 * n, B, m, 2 * n, epi, sms, stream);
     }
@@ -665,8 +672,8 @@ void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 
 template <typename T>
 void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
-                     const at::Tensor& hist_r, const at::Tensor& hist_s, double reg, at::Tensor& ga,
-                     at::Tensor& gb) {
+                     const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
+                     at::Tensor& ga, at::Tensor& gb) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const cudaStream_t stream = current_stream();
@@ -692,7 +699,7 @@ void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor&
   auto* prep = &prep_backward_kernel<T>;
   WKD_LAUNCH(prep, static_cast<unsigned>(ntiles + B), kPrepThreads, stream, cost.data_ptr<T>(), n, m,
              static_cast<T>(-reg), tiles_m, ntiles, M2_p, KT_p, a_p, g.data_ptr<T>(), hr + last * B * n,
-             hr + T_iters * B * n, ga_p, A1_p);
+             y.data_ptr<T>(), ga_p, A1_p);
   WKD_LAUNCH_CHECK();
 
   // t = T: z_T = (g (K∘C)^T u_T - K^T (w_T u_T)) / s_T
@@ -740,7 +747,7 @@ __global__ void __launch_bounds__(kRowThreads)
     rows_forward_kernel(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ cost,
                         int64_t cost_bstride, const T* __restrict__ Lmat, int64_t B, int64_t n, int64_t m,
                         int T_iters, T nreg, T eps, T log_eps, bool has_eps, T* __restrict__ value, T* u, T* v,
-                        T* __restrict__ hr, T* __restrict__ hs) {
+                        T* __restrict__ hr, T* __restrict__ hs, T* __restrict__ yout) {
   const int64_t bi = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* C = cost + bi * cost_bstride;
@@ -842,7 +849,7 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       const T y = warp_sum(acc);
       if (lane == 0) {
-        if (hr) hr[int64_t(T_iters) * Bn + bi * n + i] = y;
+        if (yout) yout[bi * n + i] = y;
         part += ur[i] * y;
       }
     } else {
@@ -859,7 +866,7 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       acc = warp_sum(acc);
       if (lane == 0) {
-        if (hr) hr[int64_t(T_iters) * Bn + bi * n + i] = mi + safe_log(acc);
+        if (yout) yout[bi * n + i] = mi + safe_log(acc);
         const T ui = ur[i];
         if (ui != NINF && acc != T(0)) part += dexp(ui + mi) * acc;
       }
@@ -882,8 +889,8 @@ __global__ void __launch_bounds__(kRowThreads)
     rows_backward_kernel(const T* __restrict__ g, const T* __restrict__ a, const T* __restrict__ b,
                          const T* __restrict__ cost, int64_t cost_bstride, const T* __restrict__ Lmat, int64_t B,
                          int64_t n, int64_t m,
-                         int T_iters, T nreg, const T* __restrict__ hr, const T* __restrict__ hs, T* ga, T* gb,
-                         T* scr_n, T* scr_m) {
+                         int T_iters, T nreg, const T* __restrict__ hr, const T* __restrict__ hs,
+                         const T* __restrict__ yin, T* ga, T* gb, T* scr_n, T* scr_m) {
   const int64_t bi = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* C = cost + bi * cost_bstride;
@@ -905,7 +912,7 @@ __global__ void __launch_bounds__(kRowThreads)
 
   if (!LOG) {
     const T* rL = R(last);
-    const T* y = R(T_iters);
+    const T* y = yin + bi * n;
     for (int64_t i = tid; i < n; i += kRowThreads) {
       const T ut = ar[i] / rL[i];
       const T w = gv * y[i] / rL[i];
@@ -956,7 +963,7 @@ __global__ void __launch_bounds__(kRowThreads)
     }
   } else {
     const T* rL = R(last);
-    const T* ly = R(T_iters);
+    const T* ly = yin + bi * n;
     const T* sL = S(last);
     for (int64_t i = tid; i < n; i += kRowThreads) {
       s1[i] = safe_log(ar[i]) - rL[i];
@@ -1021,7 +1028,7 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------------------------------------------------ op entry points
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
     double eps, bool log_domain, bool keep_history) {
   const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
@@ -1035,15 +1042,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
   at::Tensor value = at::empty({B}, a.options());
   at::Tensor u = at::empty({B, n}, a.options());
   at::Tensor v = at::empty({B, m}, a.options());
-  at::Tensor hist_r = at::empty({keep_history ? num_iters + 1 : 0, B, n}, a.options());
+  at::Tensor hist_r = at::empty({keep_history ? num_iters : 0, B, n}, a.options());
   at::Tensor hist_s = at::empty({keep_history ? num_iters : 0, B, m}, a.options());
-  if (B == 0) return {value, u, v, hist_r, hist_s};
+  at::Tensor y = at::empty({keep_history ? B : 0, n}, a.options());
+  if (B == 0) return {value, u, v, hist_r, hist_s, y};
   TORCH_CHECK_VALUE(ceil_div(B, 16) <= 65535, kFwd, ": batch too large for the CUDA kernels (B=", B, ")");
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cuda", [&] {
     using T = scalar_t;
     if (d.shared_cost && !log_domain) {
-      forward_shared<T>(a, b, cost, reg, num_iters, eps, keep_history, value, u, v, hist_r, hist_s);
+      forward_shared<T>(a, b, cost, reg, num_iters, eps, keep_history, value, u, v, hist_r, hist_s, y);
       return;
     }
     const T e = static_cast<T>(eps);
@@ -1051,32 +1059,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
     const T log_eps = has_eps ? static_cast<T>(std::log(e)) : T(0);
     T* hr = keep_history ? hist_r.data_ptr<T>() : nullptr;
     T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
+    T* yp = keep_history ? y.data_ptr<T>() : nullptr;
     const int64_t cstride = d.shared_cost ? 0 : n * m;
     const at::Tensor L = shared_log_kernel<T>(cost, d.shared_cost, log_domain, reg, stream);
     const T* L_p = L.defined() ? L.data_ptr<T>() : nullptr;
     auto* kern = log_domain ? &rows_forward_kernel<T, true> : &rows_forward_kernel<T, false>;
     WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream, a.data_ptr<T>(), b.data_ptr<T>(),
                cost.data_ptr<T>(), cstride, L_p, B, n, m, static_cast<int>(num_iters), static_cast<T>(-reg), e,
-               log_eps, has_eps, value.data_ptr<T>(), u.data_ptr<T>(), v.data_ptr<T>(), hr, hs);
+               log_eps, has_eps, value.data_ptr<T>(), u.data_ptr<T>(), v.data_ptr<T>(), hr, hs, yp);
     WKD_LAUNCH_CHECK();
   });
-  return {value, u, v, hist_r, hist_s};
+  return {value, u, v, hist_r, hist_s, y};
 }
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad_value, const at::Tensor& a_in,
                                                           const at::Tensor& b_in, const at::Tensor& cost_in,
-                                                          const at::Tensor& u, const at::Tensor& v,
                                                           const at::Tensor& hist_r_in, const at::Tensor& hist_s_in,
-                                                          double reg, double eps, bool log_domain) {
-  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, eps, kBwd);
-  check_sinkhorn_backward_args(grad_value, a_in, b_in, u, v, hist_r_in, hist_s_in, kBwd);
+                                                          const at::Tensor& y_in, double reg, bool log_domain) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, 0.0, kBwd);
+  check_sinkhorn_backward_args(grad_value, a_in, b_in, hist_r_in, hist_s_in, y_in, kBwd);
   TORCH_CHECK_VALUE(hist_s_in.size(0) <= INT_MAX, kBwd, ": history too long: ", hist_s_in.size(0));
 #ifndef WKD_CUDA_EMULATE
   TORCH_CHECK_VALUE(a_in.is_cuda(), kBwd, ": expects CUDA tensors, got ", a_in.device());
   const c10::cuda::CUDAGuard guard(a_in.device());
 #endif
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
-  const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous();
+  const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous(), y = y_in.contiguous();
   const at::Tensor g = grad_value.contiguous();
   at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
   at::Tensor gb = at::empty_like(b, at::MemoryFormat::Contiguous);
@@ -1088,7 +1096,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cuda", [&] {
     using T = scalar_t;
     if (d.shared_cost && !log_domain) {
-      backward_shared<T>(g, a, b, cost, hist_r, hist_s, reg, ga, gb);
+      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb);
       return;
     }
     const at::Tensor scr_n = at::empty({B, 2 * n}, a.options()), scr_m = at::empty({B, 2 * m}, a.options());
@@ -1098,8 +1106,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
     auto* kern = log_domain ? &rows_backward_kernel<T, true> : &rows_backward_kernel<T, false>;
     WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream, g.data_ptr<T>(), a.data_ptr<T>(),
                b.data_ptr<T>(), cost.data_ptr<T>(), cstride, L_p, B, n, m, T_iters, static_cast<T>(-reg),
-               hist_r.data_ptr<T>(), hist_s.data_ptr<T>(), ga.data_ptr<T>(), gb.data_ptr<T>(), scr_n.data_ptr<T>(),
-               scr_m.data_ptr<T>());
+               hist_r.data_ptr<T>(), hist_s.data_ptr<T>(), y.data_ptr<T>(), ga.data_ptr<T>(), gb.data_ptr<T>(),
+               scr_n.data_ptr<T>(), scr_m.data_ptr<T>());
     WKD_LAUNCH_CHECK();
   });
   return {ga, gb};
@@ -1109,13 +1117,24 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
 
 #ifndef WKD_CUDA_EMULATE
 TORCH_LIBRARY_IMPL(wkd, CUDA, m) {
-  m.impl("sinkhorn_cuda_native", &sinkhorn_cuda);
-  m.impl("sinkhorn_backward_cuda_native", &sinkhorn_backward_cuda);
+  m.impl("sinkhorn", &sinkhorn_cuda);
+  m.impl("sinkhorn_backward", &sinkhorn_backward_cuda);
 }
 #else
-TORCH_LIBRARY_IMPL(wkd, CPU, m) {  // the emulated kernels, on CPU tensors (verification build only)
-  m.impl("sinkhorn_cuda_native", &sinkhorn_cuda);
-  m.impl("sinkhorn_backward_cuda_native", &sinkhorn_backward_cuda);
+// Verification build only: the emulated kernels on CPU tensors, in a library of their own (the schemas of
+// wkd::sinkhorn and wkd::sinkhorn_backward, csrc/ops.cpp), so that it loads next to wkd_kernels._C.
+TORCH_LIBRARY(wkd_cuda_emu, m) {
+  m.def(
+      "sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, "
+      "bool log_domain=False, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, "
+      "Tensor hist_s, Tensor y)");
+  m.def(
+      "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
+      "Tensor y, float reg, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
+}
+TORCH_LIBRARY_IMPL(wkd_cuda_emu, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn_cuda);
+  m.impl("sinkhorn_backward", &sinkhorn_backward_cuda);
 }
 #endif
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from .checks import (check_bures_all, check_bures_backward_args, check_finite_values, check_psd_values,
+from .checks import (check_bures_all, check_bures_backward_args, check_finite_values, check_precision, check_psd_values,
                      check_symmetric_values, values_check_requested)
 from .common import first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, upcast
 
@@ -27,12 +27,14 @@ __all__ = ["bures_wasserstein"]
 
 
 def _fake(mu1, S1, mu2, S2, method="newton_schulz", num_iters=20, precision="ieee"):
+    check_precision(precision, "gaussian", "wkd.bures_wasserstein")
     check_bures_all(mu1, S1, mu2, S2, method, num_iters)
     return S1.new_empty((S1.shape[0],)), torch.empty_like(S1), torch.empty_like(S1), torch.empty_like(S1)
 
 
 def _backward_fake(grad_w2, mu1, mu2, sqrt_S1, sqrt_S2, polar, method="newton_schulz", num_iters=20,
                    precision="ieee"):
+    check_precision(precision, "gaussian", "wkd.bures_wasserstein_backward")
     check_bures_backward_args(grad_w2, mu1, mu2, sqrt_S1, sqrt_S2, polar, method, num_iters)
     return torch.empty_like(mu1), torch.empty_like(sqrt_S1), torch.empty_like(mu2), torch.empty_like(sqrt_S1)
 
@@ -50,6 +52,7 @@ def _triton_forward(mu1, S1, mu2, S2, method="newton_schulz", num_iters=20, prec
     from ..triton import nuclear_norm as tri_nn
     from ..triton import sqrtm as tri_sq
 
+    _fake(mu1, S1, mu2, S2, method, num_iters, precision)  # the checks (the launchers do not check)
     B = S1.shape[0]
     S1, S2 = _sym(S1), _sym(S2)
     R, _ = tri_sq.sqrtm_forward(torch.cat([S1, S2], 0), method, num_iters, precision)
@@ -68,6 +71,7 @@ def _triton_backward(grad, mu1, mu2, R1, R2, Q, method="newton_schulz", num_iter
     """(grad_mu1, grad_S1, grad_mu2, grad_S2) of W^2 (arguments checked by the caller)."""
     from ..triton import sqrtm as tri_sq
 
+    _backward_fake(grad, mu1, mu2, R1, R2, Q, method, num_iters, precision)
     B, n, _ = R1.shape
     g = grad.view(B, 1, 1)
     eye = torch.eye(n, dtype=R1.dtype, device=R1.device)

@@ -102,6 +102,14 @@ class _FirstOrderOnly(torch.autograd.Function):
         ctx.op = op
 
 
+def check_precision(precision, family: str, op: str) -> None:
+    """``precision`` of a Triton op: one of the family's modes ("sinkhorn": ieee/tf32x3/tf32, "gaussian":
+    ieee/tf32x3)."""
+    choices = settings.SINKHORN_PRECISIONS if family == "sinkhorn" else settings.GAUSSIAN_PRECISIONS
+    if precision not in choices:
+        raise ValueError(f"{op}: `precision` must be one of {choices}, got {precision!r}")
+
+
 def as_choice(value, choices, name: str, op: str) -> str:
     """``value`` if it is one of ``choices`` (strings), else a ValueError listing them."""
     if not isinstance(value, str) or value not in choices:

@@ -34,12 +34,14 @@ def _backward_fake(grad_mean, grad_var, x, mean, grid, full, unbiased):
 def _triton_forward(x, grid=1, full=False, unbiased=True):
     from ..triton import feature_stats as tri
 
+    check_feature_stats_args(x, grid, unbiased)  # the launchers do not check
     return tri.feature_stats_forward(x, grid, full, unbiased)
 
 
 def _triton_backward(grad_mean, grad_var, x, mean, grid, full, unbiased):
     from ..triton import feature_stats as tri
 
+    check_feature_stats_backward_args(grad_mean, grad_var, x, mean, grid, full, unbiased)
     return tri.feature_stats_backward(grad_mean, grad_var, x, mean, grid, full, unbiased)
 
 

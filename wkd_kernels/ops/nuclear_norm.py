@@ -13,13 +13,14 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from .checks import check_finite_values, check_nuclear_norm_args, values_check_requested
+from .checks import check_finite_values, check_nuclear_norm_args, check_precision, values_check_requested
 from .common import first_order_only, resolve_backend, resolve_iters, upcast
 
 __all__ = ["nuclear_norm"]
 
 
 def _fake(M, num_iters=20, precision="ieee"):
+    check_precision(precision, "gaussian", "wkd.nuclear_norm")
     check_nuclear_norm_args(M, num_iters)
     return M.new_empty((M.shape[0],)), torch.empty_like(M)
 
@@ -27,6 +28,7 @@ def _fake(M, num_iters=20, precision="ieee"):
 def _triton_forward(M, num_iters=20, precision="ieee"):
     from ..triton import nuclear_norm as tri
 
+    _fake(M, num_iters, precision)  # the checks (the launchers do not check)
     return tri.nuclear_norm_forward(M, num_iters, precision)
 
 

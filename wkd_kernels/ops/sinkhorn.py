@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _build, settings
-from .checks import (HALF, as_int, as_log_domain, as_real, auto_log_domain, check_sinkhorn_args,
+from .checks import (HALF, as_int, check_precision, as_log_domain, as_real, auto_log_domain, check_sinkhorn_args,
                      check_sinkhorn_backward_args, check_sinkhorn_kernel_range, check_sinkhorn_values,
                      values_check_requested)
 from .common import first_order_only, resolve_backend
@@ -26,6 +26,7 @@ __all__ = ["SinkhornResult", "sinkhorn"]
 # Fake kernels (shapes for torch.compile and opcheck); the Triton ops have the same outputs
 # ----------------------------------------------------------------------------------------------------------
 def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee"):
+    check_precision(precision, "sinkhorn", "wkd.sinkhorn")
     check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     T = num_iters if keep_history else 0
@@ -34,6 +35,7 @@ def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_h
 
 
 def _sinkhorn_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee"):
+    check_precision(precision, "sinkhorn", "wkd.sinkhorn_backward")
     check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg)
     return torch.empty_like(a), torch.empty_like(b)
 
@@ -51,12 +53,16 @@ torch.library.register_fake("wkd::sinkhorn_triton_backward")(_sinkhorn_backward_
 def _triton_forward(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee"):
     from ..triton import sinkhorn as tri
 
+    check_precision(precision, "sinkhorn", "wkd.sinkhorn")
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps)  # the launchers do not check
     return tri.sinkhorn_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
 
 
 def _triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee"):
     from ..triton import sinkhorn as tri
 
+    check_precision(precision, "sinkhorn", "wkd.sinkhorn_backward")
+    check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg)
     return tri.sinkhorn_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from .checks import (check_finite_values, check_method, check_psd_values, check_sqrtm_args,
+from .checks import (check_finite_values, check_precision, check_method, check_psd_values, check_sqrtm_args,
                      check_sqrtm_backward_args, check_square_batch, check_symmetric_values, values_check_requested)
 from .common import first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, upcast
 
@@ -23,11 +23,13 @@ __all__ = ["sqrtm"]
 
 
 def _fake(S, method="newton_schulz", num_iters=20, precision="ieee"):
+    check_precision(precision, "gaussian", "wkd.sqrtm")
     check_sqrtm_args(S, method, num_iters)
     return torch.empty_like(S)
 
 
 def _backward_fake(grad_Y, Y, method="newton_schulz", num_iters=20, precision="ieee"):
+    check_precision(precision, "gaussian", "wkd.sqrtm_backward")
     check_sqrtm_backward_args(grad_Y, Y, method, num_iters)
     return torch.empty_like(Y)
 
@@ -35,12 +37,14 @@ def _backward_fake(grad_Y, Y, method="newton_schulz", num_iters=20, precision="i
 def _triton_forward(S, method="newton_schulz", num_iters=20, precision="ieee"):
     from ..triton import sqrtm as tri
 
+    _fake(S, method, num_iters, precision)  # the checks (the launchers do not check)
     return tri.sqrtm_forward(S, method, num_iters, precision)[0]
 
 
 def _triton_backward(grad_Y, Y, method="newton_schulz", num_iters=20, precision="ieee"):
     from ..triton import sqrtm as tri
 
+    _backward_fake(grad_Y, Y, method, num_iters, precision)
     return tri.sqrtm_backward(grad_Y, Y, method, num_iters, precision)
 
 

@@ -1,11 +1,12 @@
-"""Triton kernels of ``torch.ops.wkd.sinkhorn`` and ``torch.ops.wkd.sinkhorn_backward`` (docs/design.md section 3).
+"""Triton kernels of ``torch.ops.wkd.sinkhorn_triton`` and ``torch.ops.wkd.sinkhorn_triton_backward``.
 
-Same contract, recurrences and output layout as the CPU kernels (csrc/cpu/sinkhorn.cpp). Per row, with
-K = exp(-cost / reg): u0 = 1/|supp a| on supp(a), 0 elsewhere; ``num_iters`` times ``s = K^T u + eps, v = b / s;
-r = K v + eps, u = a / r``; value = sum_i u_i y_i with y = (K∘cost) v_T. Outputs: value [B], u [B, n], v [B, m]
-(log u, log v in the log domain), hist_r [T+1, B, n] = r_1..r_T then y, hist_s [T, B, m] = s_1..s_T (logs in the
-log domain; [0, B, *] without history). The backward is the exact gradient of value w.r.t. a and b through the
-fixed loop, a reverse sweep over the stored r_t, s_t (never B x n x m).
+Contract: the schema comment of wkd::sinkhorn in csrc/ops.cpp; same recurrences and output layout as the CPU
+kernels (csrc/cpu/sinkhorn.cpp): value [B], u [B, n], v [B, m], hist_r [T, B, n], hist_s [T, B, m], y [B, n]
+(logs in the log domain; [0, B, *] and [0, n] without history). The backward is the exact gradient of value w.r.t.
+a and b through the fixed loop, a reverse sweep over the stored r_t, s_t and y (never B x n x m).
+
+The launchers do not validate their arguments (wkd_kernels/ops.py does, before any kernel); they only make the
+inputs contiguous.
 
 Kernel structure (one launch per half-iteration, epilogues fused):
 
@@ -21,8 +22,8 @@ Kernel structure (one launch per half-iteration, epilogues fused):
   with an online max-shifted log-sum-exp (log domain) or a plain sum (scaling domain), same epilogues.
 
 float32 inputs compute and accumulate in float32, float64 in float64. ``tl.dot`` on float32 uses
-``input_precision=FP32_DOT_PRECISION`` ("ieee" by default: float32 FMA accuracy; "tf32x3" or "tf32" use tensor
-cores), see :func:`set_fp32_dot_precision`. Launches never read device data on the host (no ``.item()``, no
+``input_precision=precision`` (the launchers' argument: "ieee", float32 FMA accuracy; "tf32x3": tensor cores, 3 TF32
+products, near float32 accuracy; "tf32": one TF32 product, relative error ~1e-3); float64 always "ieee". Launches never read device data on the host (no ``.item()``, no
 data-dependent Python branching): the ops are CUDA-graph capturable. Under ``TRITON_INTERPRET=1`` the kernels run
 on CPU tensors (the tests do that).
 """
@@ -38,11 +39,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..ops import check_sinkhorn_args
 from ._support import explain_compile_errors
 
-__all__ = ["sinkhorn_forward", "sinkhorn_backward", "set_fp32_dot_precision", "get_fp32_dot_precision",
-           "DOT_CONFIG", "ROWS_CONFIG"]
+__all__ = ["sinkhorn_forward", "sinkhorn_backward", "FP32_PRECISIONS", "DOT_CONFIG", "ROWS_CONFIG"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants and settings
@@ -51,10 +50,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # libdevice exp/log/log1p (accurate float32) are used outside the hot inner loops; the interpreter has no libdevice.
 _ACCURATE = not _INTERPRET
 
-_FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
-FP32_DOT_PRECISION = os.environ.get("WKD_TRITON_FP32_PRECISION", "ieee").strip().lower()
-if FP32_DOT_PRECISION not in _FP32_PRECISIONS:
-    raise ValueError(f"WKD_TRITON_FP32_PRECISION must be one of {_FP32_PRECISIONS}, got {FP32_DOT_PRECISION!r}")
+# The tl.dot input precisions the launchers accept for float32 (`precision`).
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 # tl.dot kernels (shared cost, scaling domain): (BLOCK_B, BLOCK_N, BLOCK_K, num_warps) per dtype.
 # B=256, n=m=1000 float32 gives 8 x 16 = 128 programs per half-iteration (one wave on an H100/H200).
@@ -548,22 +545,25 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
+def _dot_precision(dtype: torch.dtype, precision: str) -> str:
+    assert precision in FP32_PRECISIONS, precision
+    return precision if dtype == torch.float32 else "ieee"
 
 
-def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history):
-    shared = check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
+def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision):
+    assert a.dim() == 2 and b.dim() == 2 and cost.dim() in (2, 3) and num_iters >= 1, "validated by the caller"
+    shared = cost.dim() == 2
     a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     T = int(num_iters)
     dt, dev = a.dtype, a.device
     u = torch.empty(B, n, dtype=dt, device=dev)
     v = torch.empty(B, m, dtype=dt, device=dev)
-    hist_r = torch.empty(T + 1 if keep_history else 0, B, n, dtype=dt, device=dev)
+    hist_r = torch.empty(T if keep_history else 0, B, n, dtype=dt, device=dev)
     hist_s = torch.empty(T if keep_history else 0, B, m, dtype=dt, device=dev)
+    y = torch.empty(B if keep_history else 0, n, dtype=dt, device=dev)
     if B == 0:
-        return torch.empty(0, dtype=dt, device=dev), u, v, hist_r, hist_s
+        return torch.empty(0, dtype=dt, device=dev), u, v, hist_r, hist_s, y
     reg_hi, reg_lo = _split(reg)
     eps_hi, eps_lo = _split(eps)
     leps_hi, leps_lo = _split(math.log(eps)) if eps > 0 else (0.0, 0.0)
@@ -574,6 +574,8 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history):
     def slot(h, t):
         return h[t] if keep_history else dummy
 
+    y_out = y if keep_history else dummy
+
     if shared and not log_domain:
         BB, BN, BK, warps = DOT_CONFIG[dt]
         kmat = torch.empty(n, m, dtype=dt, device=dev)
@@ -581,7 +583,7 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history):
                                                                  ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
         n_part = triton.cdiv(n, BN)
         part = torch.empty(B, n_part, dtype=dt, device=dev)
-        prec = _dot_precision(dt)
+        prec = _dot_precision(dt, precision)
         for t in range(T):
             final = t == T - 1
             _sinkhorn_fwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
@@ -589,7 +591,7 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history):
                 FINAL=False, STORE_HIST=keep_history, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
                 num_warps=warps)
             _sinkhorn_fwd_dot_kernel[(triton.cdiv(B, BB), n_part)](
-                v, kmat, cost, a, u, slot(hist_r, t), slot(hist_r, T) if final else dummy, part if final else dummy,
+                v, kmat, cost, a, u, slot(hist_r, t), y_out if final else dummy, part if final else dummy,
                 B, m, n, 1, m, n_part, eps_hi, eps_lo,
                 FINAL=final, STORE_HIST=keep_history, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
                 num_warps=warps)
@@ -615,41 +617,18 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history):
                 n, m, stride_b, m, 1, stride_b, 1, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
                 FINAL=False, STORE_HIST=keep_history, **common)
             _sinkhorn_fwd_rows_kernel[(B, n_part)](
-                v, mat, cost, a, u, slot(hist_r, t), slot(hist_r, T) if final else dummy, part if final else dummy,
+                v, mat, cost, a, u, slot(hist_r, t), y_out if final else dummy, part if final else dummy,
                 m, n, stride_b, 1, m, stride_b, n_part, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
                 FINAL=final, STORE_HIST=keep_history, **common)
     value = part.sum(1)
-    return value, u, v, hist_r, hist_s
+    return value, u, v, hist_r, hist_s, y
 
 
-def _check_backward_args(grad_value, a, b, u, v, hist_r, hist_s, op="wkd.sinkhorn_backward"):
-    """Shapes, dtypes and devices of the backward's extra tensors (host-side, as the C++ check)."""
-    B, n, m = a.shape[0], a.shape[1], b.shape[1]
-    if grad_value.dim() != 1 or grad_value.shape[0] != B:
-        raise ValueError(f"{op}: `grad_value` must be [B] = [{B}], got {list(grad_value.shape)}")
-    if u.shape != a.shape:
-        raise ValueError(f"{op}: `u` must have the shape of `a` {list(a.shape)}, got {list(u.shape)}")
-    if v.shape != b.shape:
-        raise ValueError(f"{op}: `v` must have the shape of `b` {list(b.shape)}, got {list(v.shape)}")
-    if hist_r.dim() != 3 or hist_r.shape[0] < 2 or hist_r.shape[1] != B or hist_r.shape[2] != n:
-        raise ValueError(f"{op}: `hist_r` must be [num_iters + 1, B, n] with num_iters >= 1 (run the forward with "
-                         f"keep_history=True), got {list(hist_r.shape)}")
-    want = [hist_r.shape[0] - 1, B, m]
-    if list(hist_s.shape) != want:
-        raise ValueError(f"{op}: `hist_s` must be {want}, got {list(hist_s.shape)}")
-    for name, t in (("grad_value", grad_value), ("u", u), ("v", v), ("hist_r", hist_r), ("hist_s", hist_s)):
-        if t.dtype != a.dtype:
-            raise TypeError(f"{op}: all tensors must share the dtype of `a` ({a.dtype}), `{name}` is {t.dtype}")
-        if t.device != a.device:
-            raise ValueError(f"{op}: all tensors must be on the device of `a` ({a.device}), `{name}` is on "
-                             f"{t.device}")
-
-
-def _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log_domain):
-    shared = check_sinkhorn_args(a, b, cost, reg, 1, eps, op="wkd.sinkhorn_backward")
-    _check_backward_args(grad_value, a, b, u, v, hist_r, hist_s)
+def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision):
+    assert hist_r.dim() == 3 and hist_r.shape[0] >= 1 and hist_s.shape[0] == hist_r.shape[0], "validated by the caller"
+    shared = cost.dim() == 2
     a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
-    g, hist_r, hist_s = grad_value.contiguous(), hist_r.contiguous(), hist_s.contiguous()
+    g, hist_r, hist_s, y = grad_value.contiguous(), hist_r.contiguous(), hist_s.contiguous(), y.contiguous()
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     T = hist_s.shape[0]
     dt, dev = a.dtype, a.device
@@ -662,14 +641,14 @@ def _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log
     reg_hi, reg_lo = _split(reg)
 
     _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n, ELEM_BLOCK),)](
-        g, a, hist_r[T - 1], hist_r[T], ga, x, B * n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+        g, a, hist_r[T - 1], y, ga, x, B * n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
 
     if shared and not log_domain:
         BB, BN, BK, warps = DOT_CONFIG[dt]
         kmat = torch.empty(n, m, dtype=dt, device=dev)
         _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
                                                                  ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
-        prec = _dot_precision(dt)
+        prec = _dot_precision(dt, precision)
         for t in range(T - 1, -1, -1):
             _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
                 x, kmat, cost, a, hist_r[T - 1], g, hist_s[t], b, gb, zv, B, n, m, m, 1,
@@ -709,48 +688,30 @@ def _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log
 # ----------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------
-@explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_forward)")
+@explain_compile_errors("wkd.sinkhorn_triton (Triton sinkhorn_forward)")
 def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: float, num_iters: int,
-                     eps: float = 0.0, log_domain: bool = False, keep_history: bool = True):
-    """Triton forward of ``torch.ops.wkd.sinkhorn`` (same arguments and outputs as the op).
+                     eps: float = 0.0, log_domain: bool = False, keep_history: bool = True, precision: str = "ieee"):
+    """Triton forward of ``torch.ops.wkd.sinkhorn_triton`` (the arguments and outputs of ``wkd::sinkhorn``, whose
+    contract is in csrc/ops.cpp, plus the float32 ``tl.dot`` input ``precision``: "ieee" | "tf32x3" | "tf32").
 
     a [B, n], b [B, m], cost [n, m] (shared) or [B, n, m]; float32 or float64, on one device (CUDA, or CPU under
-    TRITON_INTERPRET=1). Returns ``(value [B], u [B, n], v [B, m], hist_r, hist_s)``: u, v are the final scalings
-    (log u, log v when ``log_domain``); with ``keep_history`` hist_r [T+1, B, n] = r_1..r_T then
-    y = (K∘cost) v_T and hist_s [T, B, m] = s_1..s_T (logs in the log domain), else [0, B, n] and [0, B, m].
+    TRITON_INTERPRET=1); not validated here. Returns ``(value [B], u [B, n], v [B, m], hist_r [T, B, n],
+    hist_s [T, B, m], y [B, n])`` ([0, B, n], [0, B, m], [0, n] without ``keep_history``).
     Launches 2 * num_iters fused half-iteration kernels plus 2 or 3 small ones; no host synchronisation.
     """
     with _device_guard(a):
-        return _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+        return _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
 
 
-@explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_backward)")
+@explain_compile_errors("wkd.sinkhorn_triton_backward (Triton sinkhorn_backward)")
 def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
-                      u: torch.Tensor, v: torch.Tensor, hist_r: torch.Tensor, hist_s: torch.Tensor, reg: float,
-                      eps: float = 0.0, log_domain: bool = False):
-    """Triton backward of ``torch.ops.wkd.sinkhorn_backward``: the exact gradient of value w.r.t. a and b.
+                      hist_r: torch.Tensor, hist_s: torch.Tensor, y: torch.Tensor, reg: float,
+                      log_domain: bool = False, precision: str = "ieee"):
+    """Triton backward of ``torch.ops.wkd.sinkhorn_triton_backward``: the exact gradient of value w.r.t. a and b
+    from the history (hist_r, hist_s, y) of a keep_history=True forward; not validated here.
 
-    Takes the forward's history (keep_history=True; u and v are accepted for the schema and not read).
     Returns ``(grad_a [B, n], grad_b [B, m])``. Launches 2 * num_iters - 1 fused product kernels plus 1 or 2
     small ones; extra memory O(B (n + m)) plus the [n, m] kernel buffer; no host synchronisation.
     """
     with _device_guard(a):
-        return _launch_backward(grad_value, a, b, cost, u, v, hist_r, hist_s, reg, eps, log_domain)
-
-
-def set_fp32_dot_precision(precision: str) -> None:
-    """Input precision of ``tl.dot`` for float32 inputs (shared cost, scaling domain): ``"ieee"`` (default: float32
-    FMA, float32-level accuracy), ``"tf32x3"`` (tensor cores, 3 TF32 products: near float32 accuracy) or ``"tf32"``
-    (fastest, relative error ~1e-3). The environment variable ``WKD_TRITON_FP32_PRECISION`` sets the initial value.
-    Read at each launch (a CUDA graph keeps the precision it was captured with). float64 always uses "ieee".
-    """
-    global FP32_DOT_PRECISION
-    p = str(precision).strip().lower()
-    if p not in _FP32_PRECISIONS:
-        raise ValueError(f"set_fp32_dot_precision: `precision` must be one of {_FP32_PRECISIONS}, got {precision!r}")
-    FP32_DOT_PRECISION = p
-
-
-def get_fp32_dot_precision() -> str:
-    """The current ``tl.dot`` input precision for float32 inputs (see :func:`set_fp32_dot_precision`)."""
-    return FP32_DOT_PRECISION
+        return _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
