@@ -162,22 +162,15 @@ def bench_size(B, C, args, device, dtype):
         rows.append(r)
         say(fmt_row(r))
 
-    def ours_fns():
+    def ours_fns(bk):
         def fwd():
-            return wk.sinkhorn(a, b, cost, reg, T).value
+            return wk.sinkhorn(a, b, cost, reg, T, backend=bk).value
 
         def fwdbwd():
             x = a.detach().requires_grad_()
-            wk.sinkhorn(x, b, cost, reg, T).value.sum().backward()
+            wk.sinkhorn(x, b, cost, reg, T, backend=bk).value.sum().backward()
             return x.grad
         return fwd, fwdbwd
-
-    def with_backend(bk, fn):
-        def run():
-            if bk:
-                wk.set_cuda_backend(bk)
-            return fn()
-        return run
 
     def peak_extra_mb(fn):
         if device != "cuda":
@@ -194,7 +187,7 @@ def bench_size(B, C, args, device, dtype):
     fast = {}
     backends = [None] if device == "cpu" else [bk for bk in ("triton", "cuda") if bk == "triton" or wk.HAS_CUDA_EXT]
     for bk in backends:
-        fwd, fwdbwd = (with_backend(bk, f) for f in ours_fns())
+        fwd, fwdbwd = ours_fns(bk)
         fast[f"wkd_kernels ({bk or 'cpu'})"] = (fwd, fwdbwd, rel_err(fwd(), ref))
 
     def plain_fwd():
@@ -227,8 +220,6 @@ def bench_size(B, C, args, device, dtype):
     t_fb = time_interleaved({k: fb for k, (_, fb, _) in fast.items()}, device, args.warmup, args.reps)
     for name, (_, fwdbwd, err) in fast.items():
         row(name, t_f.get(name), t_fb[name], err, mem=peak_extra_mb(fwdbwd))
-    if device == "cuda":
-        wk.set_cuda_backend("auto")
 
     if HAVE_POT and not args.skip_pot:
         n_loop = B if args.pot_rows <= 0 else min(B, args.pot_rows)

@@ -82,7 +82,6 @@ from _common import REPO, capture_cuda_graph, device_name, find_data_dir, print_
 from compare_pot import plain_pytorch, wkd_logits  # noqa: E402
 
 import wkd_kernels as wk  # noqa: E402
-from wkd_kernels import ops as wk_ops  # noqa: E402
 from wkd_kernels.reference import published_wkd_logit_loss  # noqa: E402
 
 try:
@@ -201,18 +200,18 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 class Backend:
     name: str  # "cuda", "cpu", "triton-ieee", ...
     precision: str  # "exact", "tf32x3", "tf32" (threshold class)
-    cuda_backend: str = None  # value for wk.set_cuda_backend
+    wk_backend: str = None  # the `backend` argument of wk.sinkhorn ("cuda", "cpu", "triton")
     triton_precision: str = None  # Triton backends: the `precision` of torch.ops.wkd.sinkhorn_triton
 
 
 def make_backend(name: str, device: str) -> Backend:
     if name in ("cuda", "cpu"):
-        return Backend(name, "exact", cuda_backend="cuda" if name == "cuda" else None)
+        return Backend(name, "exact", wk_backend=name)
     if name.startswith("triton-"):
         p = name.split("-", 1)[1]
         if p not in ("ieee", "tf32x3", "tf32"):
             raise ValueError(f"unknown backend {name!r}")
-        return Backend(name, "exact" if p == "ieee" else p, triton_precision=p)
+        return Backend(name, "exact" if p == "ieee" else p, wk_backend="triton", triton_precision=p)
     raise ValueError(f"unknown backend {name!r}: choose from cuda, cpu, triton-ieee, triton-tf32x3, triton-tf32")
 
 
@@ -231,19 +230,6 @@ def backend_unavailable(bk: Backend, device: str):
         if device == "cpu" and not INTERPRET:
             return "n/a", "Triton on CPU needs TRITON_INTERPRET=1"
     return None
-
-
-@contextlib.contextmanager
-def backend_settings(bk: Backend):
-    """Select the backend of wk.sinkhorn for the duration of a row, then restore the previous global setting (the
-    Triton backends call torch.ops.wkd.sinkhorn_triton with their precision: no global state)."""
-    old_backend = wk_ops._cuda_backend
-    try:
-        if bk.cuda_backend:
-            wk.set_cuda_backend(bk.cuda_backend)
-        yield
-    finally:
-        wk_ops._cuda_backend = old_backend
 
 
 @contextlib.contextmanager
@@ -389,16 +375,13 @@ def op_call(bk: Backend, pb: Problem, g: torch.Tensor, device: str):
 
 
 def ours_step(bk: Backend, pb: Problem, g: torch.Tensor):
-    """One forward+backward as a training step does it: with autograd, through wk.sinkhorn (cuda, cpu) or through
-    torch.ops.wkd.sinkhorn_triton with the backend's precision (what wk.sinkhorn runs with the Triton backend)."""
+    """One forward+backward as a training step does it: with autograd, through wk.sinkhorn with the row's backend
+    and precision."""
     xa, xb = pb.a.detach().clone().requires_grad_(), pb.b.detach().clone().requires_grad_()
 
     def step():
-        if bk.triton_precision:
-            value = torch.ops.wkd.sinkhorn_triton(xa, xb, pb.cost, REG, ITERS, EPS, False, True,
-                                                  bk.triton_precision)[0]
-        else:
-            value = wk.sinkhorn(xa, xb, pb.cost, REG, ITERS, eps=EPS).value
+        value = wk.sinkhorn(xa, xb, pb.cost, REG, ITERS, eps=EPS, backend=bk.wk_backend,
+                            precision=bk.triton_precision).value
         ga, gb = torch.autograd.grad(value, (xa, xb), grad_outputs=g)
         return value, ga, gb
     return step
@@ -434,22 +417,21 @@ def row_ours(pb: Problem, bk: Backend, args, device: str, timing: bool = True, m
         return row
     ref = reference(pb)
     g = grad_weights(pb.B, device)
-    with backend_settings(bk):
-        first = op_call(bk, pb, g, device)
-        second = op_call(bk, pb, g, device)
-        for key, name, x in zip(("err_val", "err_u", "err_v", "err_ga", "err_gb"),
-                                ("value", "u", "v", "grad_a", "grad_b"), first):
-            row[key] = rel_err(x, ref[name])
-        checks = {"two_runs_equal": bits_equal(first, second)}
-        row["poison_effective"] = poison_effective(pb, device)
-        timing_error = None
-        if timing:
-            try:  # the correctness results above survive a failing measurement or capture
-                time_ours(row, checks, ours_step(bk, pb, g), first, args, device)
-            except Exception as e:  # noqa: BLE001
-                timing_error = f"timing/capture raised {one_line(e)}"
-                with contextlib.suppress(Exception):
-                    sync(device)
+    first = op_call(bk, pb, g, device)
+    second = op_call(bk, pb, g, device)
+    for key, name, x in zip(("err_val", "err_u", "err_v", "err_ga", "err_gb"),
+                            ("value", "u", "v", "grad_a", "grad_b"), first):
+        row[key] = rel_err(x, ref[name])
+    checks = {"two_runs_equal": bits_equal(first, second)}
+    row["poison_effective"] = poison_effective(pb, device)
+    timing_error = None
+    if timing:
+        try:  # the correctness results above survive a failing measurement or capture
+            time_ours(row, checks, ours_step(bk, pb, g), first, args, device)
+        except Exception as e:  # noqa: BLE001
+            timing_error = f"timing/capture raised {one_line(e)}"
+            with contextlib.suppress(Exception):
+                sync(device)
     row["checks"] = checks
     row["det"] = "yes" if all(checks.values()) else "NO"
     extra = [f"{k} is False" for k, v in checks.items() if not v] + ([timing_error] if timing_error else [])
@@ -482,7 +464,7 @@ def one_line(e: BaseException) -> str:
 def row_cpu_floor(pb: Problem, args, device: str) -> dict:
     """Accuracy of the float32 C++ CPU op vs float64: the floor any float32 backend can be compared with."""
     cpu = dataclasses.replace(pb).to("cpu")  # shallow copy: shares the cached reference
-    row = row_ours(cpu, Backend("cpu", "exact"), args, "cpu", timing=False, method="cpu fp32 op (floor)")
+    row = row_ours(cpu, Backend("cpu", "exact", wk_backend="cpu"), args, "cpu", timing=False, method="cpu fp32 op (floor)")
     row["status"] = "info" if row["status"] == "ok" else row["status"]
     row["note"] = "float32 CPU op vs float64: accuracy floor (not timed)"
     return row
