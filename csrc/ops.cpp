@@ -1,6 +1,6 @@
 // The one schema block of the wkd library. The C++ kernels register on the CPU key (csrc/cpu/*.cpp) and the CUDA
 // key (csrc/cuda/*.cu) of these ops; the *_triton ops' kernels, the fake kernels and autograd are registered in
-// Python (wkd_kernels/ops.py, wkd_kernels/gaussian.py).
+// Python (wkd_kernels/ops/<op>.py).
 #include <torch/library.h>
 
 #ifdef WKD_PYTHON_MODULE

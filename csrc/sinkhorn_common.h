@@ -1,5 +1,5 @@
 // Host-side argument checks of the C++ kernels (CPU and CUDA) of wkd::sinkhorn and wkd::sinkhorn_backward; the
-// Python validator (wkd_kernels/ops.py) gives the same messages before the Triton kernels, which do not check.
+// Python validator (wkd_kernels/ops/checks.py) gives the same messages before the Triton kernels, which do not check.
 // They read only shapes, dtypes, devices and scalars: free, and never synchronise a device.
 #pragma once
 #include <ATen/ATen.h>

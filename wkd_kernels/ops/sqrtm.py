@@ -5,7 +5,7 @@ csrc/cpu/sqrtm.cpp (``wkd::sqrtm``; the shared matrix-function bodies in csrc/cp
 wkd_kernels/triton/sqrtm.py (``wkd::sqrtm_triton`` on every device type, and the CUDA kernel of ``wkd::sqrtm`` at
 precision "ieee": there is no CUDA C++ one). Reference: :func:`wkd_kernels.reference.sqrtm_reference`.
 
-Accuracy of the two methods (pinned by python_tests/test_sqrtm.py and test_edge_cases.py): see :func:`sqrtm`.
+Accuracy of the two methods (pinned by the sqrtm tests in python_tests/ and test_edge_cases.py): see :func:`sqrtm`.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ kernels (csrc/cpu/sinkhorn.cpp): value [B], u [B, n], v [B, m], hist_r [T, B, n]
 (logs in the log domain; [0, B, *] and [0, n] without history). The backward is the exact gradient of value w.r.t.
 a and b through the fixed loop, a reverse sweep over the stored r_t, s_t and y (never B x n x m).
 
-The launchers do not validate their arguments (wkd_kernels/ops.py does, before any kernel); they only make the
+The launchers do not validate their arguments (wkd_kernels/ops/checks.py does, before any kernel); they only make the
 inputs contiguous.
 
 Kernel structure (one launch per half-iteration, epilogues fused):
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import struct
 
 import torch
@@ -39,6 +38,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..settings import TRITON_INTERPRET
 from ._support import explain_compile_errors
 
 __all__ = ["sinkhorn_forward", "sinkhorn_backward", "FP32_PRECISIONS", "DOT_CONFIG", "ROWS_CONFIG"]
@@ -46,7 +46,7 @@ __all__ = ["sinkhorn_forward", "sinkhorn_backward", "FP32_PRECISIONS", "DOT_CONF
 # ----------------------------------------------------------------------------------------------------------
 # Constants and settings
 # ----------------------------------------------------------------------------------------------------------
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = TRITON_INTERPRET
 # libdevice exp/log/log1p (accurate float32) are used outside the hot inner loops; the interpreter has no libdevice.
 _ACCURATE = not _INTERPRET
 
