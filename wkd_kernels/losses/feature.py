@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import settings
-from ..ops.checks import cell_bounds, check_int, check_number, loss_values_check_wanted
+from ..ops.checks import HALF, cell_bounds, check_int, check_number, loss_values_check_wanted
 from ..ops.common import resolve_backend
 from ..ops.feature_stats import feature_stats_op
 from ..ops.gaussian_wasserstein import gaussian_wasserstein_terms, sqrt_zero_subgradient
@@ -41,7 +41,6 @@ from .projectors import make_projector
 __all__ = ["WKDFeatureLoss", "wkd_feature_loss", "WKDFeatureLossOutput"]
 
 _COVARIANCES = ("diag", "full")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class WKDFeatureLossOutput(NamedTuple):
@@ -129,7 +128,7 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
             mean_loss = (mu_s - mu_t).square().sum() / norm
             cov_loss = (sqrt_zero_subgradient(var_s + eps) - sqrt_zero_subgradient(var_t + eps)).square().sum() / norm
         else:
-            if f_s.dtype != f_t.dtype or f_s.dtype in _HALF:
+            if f_s.dtype != f_t.dtype or f_s.dtype in HALF:
                 dt = torch.float64 if f_s.dtype == f_t.dtype == torch.float64 else torch.float32
                 f_s, f_t = f_s.to(dt), f_t.to(dt)
             # the two terms of W^2 from one pass of the statistics ([N] or [N, G*G] each)
