@@ -16,7 +16,7 @@ from cls_helpers import CONFIGS  # noqa: E402
 
 from examples.common.config import load_config  # noqa: E402
 from examples.classification import train  # noqa: E402
-from examples.classification.distill import METHODS  # noqa: E402
+from examples.classification.distill import CLS_METHODS as METHODS  # noqa: E402
 
 ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if "_base_" not in p.parts)
 # test-data lookup: the released matrices are not in the repository; CI has them in ../shared/data
