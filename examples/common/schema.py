@@ -268,13 +268,19 @@ def _type_name(tp) -> str:
     return f"{name} or null" if optional else name
 
 
+# keys of the two former trainers' dialects -> their name here (named in the error instead of a look-alike)
+RENAMED = {"base_lr": "lr", "lr_steps": "milestones", "lr_gamma": "gamma", "log_interval": "log_every",
+           "eval_every_epochs": "eval_every", "checkpoint_interval": "checkpoint_every", "loss_weight": "weight"}
+
+
 def _walk(cls, raw: dict, prefix: str, bad: list, wrong: list) -> dict:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            close = [RENAMED[key]] if RENAMED.get(key) in fields else \
+                difflib.get_close_matches(str(key), sorted(fields), n=1)
             name = f"{prefix}{key}"
             bad.append(f"`{name}`" + (f" (did you mean `{prefix}{close[0]}`?)" if close else ""))
     for name, f in fields.items():
@@ -304,8 +310,9 @@ def _walk(cls, raw: dict, prefix: str, bad: list, wrong: list) -> dict:
     return out
 
 
-def resolve(schema, raw: dict, where: str = "config") -> dict:
+def resolve(schema, raw: dict, where: str = "config", prefix: str = "") -> dict:
     """``raw`` checked against the dataclass ``schema`` with every missing key defaulted; a new plain dict.
+    ``prefix``: the dotted place of ``raw`` in the whole config (``"distill."``), for the messages.
 
     Raises:
         ConfigError naming every unknown key (with the closest valid one) and every value of the wrong type.
@@ -313,7 +320,7 @@ def resolve(schema, raw: dict, where: str = "config") -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a mapping, got {type(raw).__name__}")
     bad, wrong = [], []
-    out = _walk(schema, raw, "", bad, wrong)
+    out = _walk(schema, raw, prefix, bad, wrong)
     msgs = []
     if bad:
         msgs.append(f"unknown config key{'s' if len(bad) > 1 else ''} " + ", ".join(bad))
