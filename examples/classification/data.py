@@ -165,10 +165,3 @@ def build_loaders(train_set: Dataset, val_set: Dataset, *, batch_size: int, rank
         raise ValueError(f"train.batch_size: the training set has {len(train_set)} samples, fewer than one global "
                          f"batch of {batch_size * world_size}")
     return train, sampler, val
-
-
-def steps_in_epoch(loader_len: int, steps_per_epoch: Optional[int]) -> int:
-    """Steps of one epoch: the loader length, capped by ``train.steps_per_epoch`` when set."""
-    if steps_per_epoch is None:
-        return loader_len
-    return max(1, min(loader_len, int(steps_per_epoch)))

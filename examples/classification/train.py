@@ -32,7 +32,7 @@ from examples.common.methods import get_method
 from examples.common.schema import ClassificationConfig, resolve
 from examples.common.trainer import Task, Trainer, per_process_batch
 
-from .data import build_datasets, build_loaders, steps_in_epoch
+from .data import build_datasets, build_loaders
 from .distill import CLS_METHODS, Distiller
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -243,7 +243,6 @@ class ClassificationTask(Task):
             train_set, val_set, batch_size=per_proc, rank=info.rank, world_size=info.world_size,
             seed=tcfg["seed"], workers=workers, pin_memory=self.device.type == "cuda",
             eval_batch_size=tcfg["eval_batch_size"] or per_proc)
-        self.steps = steps_in_epoch(len(self.train_loader), tcfg["steps_per_epoch"])
         # torchvision:... weights are downloaded on first use: rank 0 fetches them, the others wait for the cache
         downloads = info.distributed and not self.synthetic and any(
             str(cfg["model"][k] or "").startswith("torchvision:") for k in ("teacher_checkpoint", "student_checkpoint"))
@@ -263,7 +262,7 @@ class ClassificationTask(Task):
         return {"model": self.distiller.student, "distill": self.distiller.losses}
 
     def iters_per_epoch(self) -> int:
-        return self.steps
+        return len(self.train_loader)
 
     def on_epoch(self, epoch: int) -> Dict[str, float]:
         self.sampler.set_epoch(epoch)

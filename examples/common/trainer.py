@@ -166,6 +166,8 @@ class Trainer:
         if tcfg["amp"] not in AMP_MODES:
             raise ValueError(f"train.amp must be one of {AMP_MODES}, got {tcfg['amp']!r}")
         amp, epochs, ipe = tcfg["amp"], int(tcfg["epochs"]), task.iters_per_epoch()
+        if tcfg["steps_per_epoch"] is not None:  # smoke runs: the first steps of every epoch
+            ipe = max(1, min(ipe, int(tcfg["steps_per_epoch"])))
         global_batch = int(tcfg["batch_size"])
         per_proc = per_process_batch(global_batch, info.world_size)
         lr = scaled_lr(tcfg["lr"], global_batch, tcfg["base_batch"])
