@@ -119,7 +119,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: dict, iters_per_epoc
     warm = int(tcfg["warmup_iters"]) or int(round(float(tcfg["warmup_epochs"]) * iters_per_epoch))
     total = int(tcfg["epochs"]) * iters_per_epoch
     if tcfg["scheduler"] == "multistep":
-        steps = [int(m) * iters_per_epoch - warm for m in tcfg["milestones"]]
+        # milestones at or after the last epoch never apply (short runs of long recipes): left out
+        steps = [int(m) * iters_per_epoch - warm for m in tcfg["milestones"] if int(m) < int(tcfg["epochs"])]
         if any(s < 0 for s in steps):
             raise ValueError(f"train.milestones {tcfg['milestones']}: a milestone falls inside the {warm}-iteration "
                              "warm-up")
