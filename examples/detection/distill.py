@@ -87,6 +87,9 @@ class DistillLosses(nn.Module):
         super().__init__()
         cfg = resolve(DistillConfig, dict(cfg or {}), "distill", prefix="distill.")
         self.method = get_method(cfg["method"], DET_METHODS)
+        if cfg["ce_weight"] != 1.0 or cfg["ban"]:
+            raise ValueError("`distill.ce_weight` / `distill.ban` are classification options (detection trains the "
+                             "student's own Faster R-CNN losses unweighted)")
         self.dkd_warmup_iters = 0
         self.kd = self.dkd = self.wkd_l = self.wkd_f = None
         terms = self.method.terms
