@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from examples.common.checkpoint import unwrap_model
 from examples.common.config import load_config
 from examples.common.distributed import barrier, cleanup_distributed, init_distributed, is_distributed, \
     seed_everything

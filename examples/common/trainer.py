@@ -14,8 +14,9 @@ one training step (the named loss terms) and its evaluation; the loop does the r
   device until the epoch ends.
 * One train-state layout (``last.pth``, :data:`STATE_FORMAT`): model + distillation modules, optimizer,
   scheduler, grad scaler, epoch / batch / step, iterations per epoch, best score, ``eval_pending``, RNG states of
-  every rank, world size, resolved config. Written atomically at every epoch end (before its evaluation, again
-  after it) and every ``checkpoint_every`` iterations when the task resumes inside an epoch. ``resume=True``
+  every rank, world size, resolved config. Written atomically at every epoch end (after its evaluation, or before
+  it for tasks with long evaluations: ``Task.checkpoint_before_eval``) and every ``checkpoint_every`` iterations
+  when the task resumes inside an epoch. ``resume=True``
   continues from it bit for bit on CPU (a run stopped before an epoch's evaluation evaluates first).
 * ``metrics.jsonl`` + TensorBoard (``tb/``) on rank 0: ``train/*`` loss terms, lr, scheduled weights; ``val/*``.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,8 @@ class Task:
     name = "task"                      # stored in the checkpoint
     score_key: Optional[str] = None    # evaluation metric whose maximum is kept in best.pth (None: no best.pth)
     mid_epoch_resume = False           # True: batches(epoch, start_batch) resumes inside an epoch exactly
+    checkpoint_before_eval = False     # True (long evaluations): last.pth is written before an epoch's evaluation
+    #                                    (eval_pending: a resumed run evaluates first), not again after it
     channels_last = False              # convert the model to channels_last on CUDA (train.channels_last)
 
     model: nn.Module                   # what is trained (student + distillation modules; the teacher outside)
@@ -273,7 +276,8 @@ class Trainer:
             return stopped()
         if eval_pending and start_batch == 0 and start_epoch > 0:
             metrics = run_eval(start_epoch)  # the interrupted run stopped before (or during) this evaluation
-            save(start_epoch, 0, False)
+            if not task.checkpoint_before_eval:
+                save(start_epoch, 0, False)
         log_every, ckpt_every = int(tcfg["log_every"]), tcfg["checkpoint_every"]
         if ckpt_every and not task.mid_epoch_resume:
             raise ValueError(f"train.checkpoint_every: the {task.name} task checkpoints at epoch ends only (null)")
@@ -348,9 +352,12 @@ class Trainer:
                 rates.append((n_done - 1) * global_batch / max(time.perf_counter() - t0, 1e-9))
             start_batch = 0
             due = eval_due(epoch + 1)
-            save(epoch + 1, 0, due)
-            if due:
+            if due and task.checkpoint_before_eval:
+                save(epoch + 1, 0, True)
                 metrics = run_eval(epoch + 1)
+            else:
+                if due:
+                    metrics = run_eval(epoch + 1)
                 save(epoch + 1, 0, False)
             if stop_epochs is not None and epoch + 1 >= int(stop_epochs) and epoch + 1 < epochs:
                 log(f"stopping after epoch {epoch + 1} (train.stop_after_epochs); continue with --resume")

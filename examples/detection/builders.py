@@ -10,7 +10,7 @@ The keys, types and defaults: ``examples.common.schema.DetectionConfig`` (``reso
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from examples.common.schema import DetectionConfig, resolve
 

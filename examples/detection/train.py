@@ -68,6 +68,7 @@ class DetectionTask(Task):
     name = "detection"
     score_key = "mAP"
     mid_epoch_resume = True  # the batch sampler skips the batches done; flips are a function of (seed, epoch, i)
+    checkpoint_before_eval = True  # COCO evaluation is long: checkpoint first, a resumed run evaluates first
 
     def __init__(self, cfg: dict, info: DistInfo):
         self.cfg, self.info, self.device = cfg, info, info.device
