@@ -161,8 +161,9 @@ def _synthetic_stand_ins(cfg: dict, out: Path) -> None:
             if path.is_file():
                 break
             time.sleep(0.1)
-        print(f"[train] --synthetic: WKD-L cost {wkd_l['cost']} not found, using a RANDOM stand-in ({path}); "
-              "the loss values are not the paper's", flush=True)
+        what = "no distill.wkd_l.cost" if wkd_l["cost"] is None else f"WKD-L cost {wkd_l['cost']} not found"
+        print(f"[train] --synthetic: {what}, using a RANDOM stand-in ({path}); the loss values are not the paper's",
+              flush=True)
         wkd_l["cost"] = str(path)
 
 
