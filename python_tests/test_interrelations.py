@@ -189,6 +189,17 @@ def test_sharpen():
     assert torch.allclose(d32.grad, torch.exp(-d32.detach()))
 
 
+def test_sharpen_kappa_zero_is_no_sharpening():
+    """kappa = 0 leaves the distance as the cost (the published code sharpens only for kappa > 0), as a copy."""
+    d = torch.rand(4, 4, dtype=F64)
+    for kappa in (0, 0.0):
+        c = ir.sharpen(d, kappa)
+        assert torch.equal(c, d) and c.data_ptr() != d.data_ptr() and c.dtype == d.dtype
+    d32 = d.float().requires_grad_()
+    ir.sharpen(d32, 0).sum().backward()
+    assert torch.equal(d32.grad, torch.ones_like(d32))
+
+
 def test_real_matrix_roundtrip():
     """The released CIFAR-100 matrix: sharpening keeps it in [0, 1)."""
     from conftest import load_cost_matrix
@@ -213,7 +224,7 @@ def test_real_matrix_roundtrip():
     (lambda: ir.classifier_cosine_distance(torch.randn(3, 4, 2)), "weight"),
     (lambda: ir.classifier_cosine_distance(torch.zeros(3, 4)), "zero-norm"),
     (lambda: ir.centroid_cosine_distance(torch.randn(3, 4)), "class_features"),
-    (lambda: ir.sharpen(torch.rand(3, 3), 0.0), "kappa"),
+    (lambda: ir.sharpen(torch.rand(3, 3), -1.0), "kappa"),
     (lambda: ir.sharpen(torch.rand(3, 3), float("nan")), "kappa"),
     (lambda: ir.sharpen([0.1], 1.0), "distance"),
 ])

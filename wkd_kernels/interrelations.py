@@ -270,16 +270,22 @@ def sharpen(distance: Tensor, kappa: float) -> Tensor:
 
     Args:
         distance: [C, C] (or any shape) non-negative distances d, unitless.
-        kappa: sharpening factor > 0 (1 for ResNet34->ResNet18 and CIFAR-100, 2 for ResNet50->MobileNetV1).
-            Larger kappa pushes every non-zero distance towards 1.
+        kappa: sharpening factor >= 0 (1 for ResNet34->ResNet18 and CIFAR-100, 2 for ResNet50->MobileNetV1).
+            Larger kappa pushes every non-zero distance towards 1. ``kappa = 0`` means "no sharpening", as in the
+            published WKD code (which sharpens only when kappa > 0): the distance itself is the cost (a copy of
+            ``distance`` is returned; ``1 - exp(-0 * d)`` would be all zeros, a cost that makes WKD-L vanish).
 
     Returns:
-        Tensor of the shape and dtype of ``distance``, values in [0, 1) for d >= 0. Differentiable.
+        Tensor of the shape and dtype of ``distance``, values in [0, 1) for d >= 0 and kappa > 0 (``distance``'s
+        values for kappa = 0). Differentiable.
     """
     fn = "sharpen"
     if not isinstance(distance, Tensor):
         raise TypeError(f"{fn}: `distance` must be a torch.Tensor, got {type(distance).__name__}")
     if not distance.is_floating_point():
         raise TypeError(f"{fn}: `distance` must be a floating-point tensor, got {distance.dtype}")
-    _check_positive(kappa, "kappa", fn)
+    if not (isinstance(kappa, (int, float)) and not isinstance(kappa, bool) and kappa == 0):
+        _check_positive(kappa, "kappa", fn)
+    if kappa == 0:
+        return distance.clone()
     return -torch.expm1(-float(kappa) * distance)

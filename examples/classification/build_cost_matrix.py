@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from tqdm.auto import tqdm
 from torch.utils.data import DataLoader, Subset
 
 from examples.common.amp import autocast
 from examples.common.checkpoint import load_checkpoint, save_checkpoint
 from examples.common.config import load_config
-from examples.common.progress import Progress
+from examples.common.schema import ClassificationConfig, resolve
 from wkd_kernels.interrelations import cka_distance
 
 from .data import build_datasets
@@ -82,16 +83,15 @@ def _write_tensor(path: Path, tensor: torch.Tensor) -> None:
 
 def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve(ClassificationConfig, load_config(args.config, args.overrides), args.config)
     dcfg, mcfg = dict(cfg["data"]), cfg["model"]
     if args.synthetic:
         dcfg["dataset"] = "synthetic"
     if args.data:
         dcfg["root"] = args.data
-    cm_cfg = cfg.get("cost_matrix") or {}
-    source = args.source or cm_cfg.get("source", "logits")
-    layer = args.layer or cm_cfg.get("layer", "last")
-    if not mcfg.get("teacher"):
+    source = args.source or cfg["cost_matrix"]["source"]
+    layer = args.layer or cfg["cost_matrix"]["layer"]
+    if not mcfg["teacher"]:
         raise ValueError(f"{args.config}: model.teacher is required (the network whose classes are compared)")
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda"
                           else "cpu")
@@ -100,8 +100,8 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
 
     from .models import build_model
     torch.manual_seed(args.seed)  # a randomly initialised (synthetic-run) teacher is the same on every run
-    ckpt = mcfg.get("teacher_checkpoint")
-    if ckpt is None and dcfg.get("dataset") != "synthetic":
+    ckpt = mcfg["teacher_checkpoint"]
+    if ckpt is None and dcfg["dataset"] != "synthetic":
         raise ValueError("model.teacher_checkpoint is not set: a cost matrix of a random teacher is meaningless "
                          "(allowed only with --synthetic)")
     K = int(dcfg["num_classes"])
@@ -140,15 +140,16 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     if args.workers is not None:
         workers = args.workers
     elif dcfg["dataset"] == "synthetic":
-        workers = int(dcfg.get("synthetic_workers", 0))
+        workers = dcfg["synthetic_workers"]
     else:
-        workers = int(dcfg.get("workers", 8))
+        workers = dcfg["workers"]
     loader = DataLoader(Subset(train_set, keep_from), batch_size=args.batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     print(f"teacher {mcfg['teacher']} on {device}: {n} samples per class x {K} classes, source={source}"
           + (f" ({layer})" if source == "features" else "") + (f", resuming at index {start}" if state else ""))
     pos = 0
-    with Progress(len(keep_from), "cost matrix", enabled=not args.no_progress) as bar, torch.no_grad():
+    with tqdm(total=len(keep_from), desc="cost matrix", unit="img", disable=args.no_progress) as bar, \
+            torch.no_grad():
         for b, (images, ys) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             with autocast(device, args.amp):

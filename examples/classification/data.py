@@ -1,6 +1,6 @@
 """Datasets and loaders: ImageNet (``train/`` and ``val/`` folders), CIFAR-100 (torchvision format), synthetic.
 
-Config keys (section ``data``):
+Config keys (section ``data``; types and defaults: ``examples.common.schema.ClsDataConfig``):
     dataset: ``imagenet`` | ``cifar100`` | ``synthetic`` (``--synthetic`` forces the latter)
     root: dataset directory (ImageNet: holds ``train/`` and ``val/`` class folders; CIFAR-100: the directory that
         holds ``cifar-100-python/``, nothing is downloaded)
@@ -103,16 +103,18 @@ def build_datasets(data_cfg: dict, *, train_transform: bool = True) -> Tuple[Dat
     Args:
         train_transform: False gives the training set the evaluation transform (what the cost-matrix tool uses).
     """
-    dataset = data_cfg.get("dataset")
+    from examples.common.schema import ClsDataConfig, resolve
+    data_cfg = resolve(ClsDataConfig, dict(data_cfg), "data", prefix="data.")
+    dataset = data_cfg["dataset"]
     if dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
     num_classes, input_size = int(data_cfg["num_classes"]), int(data_cfg["input_size"])
     if dataset == "synthetic":
-        seed = int(data_cfg.get("synthetic_seed", 0))
-        train = SyntheticDataset(int(data_cfg.get("synthetic_size", 256)), num_classes, input_size, seed=seed)
-        val = SyntheticDataset(int(data_cfg.get("synthetic_val_size", 64)), num_classes, input_size, seed=seed + 1)
+        seed = data_cfg["synthetic_seed"]
+        train = SyntheticDataset(data_cfg["synthetic_size"], num_classes, input_size, seed=seed)
+        val = SyntheticDataset(data_cfg["synthetic_val_size"], num_classes, input_size, seed=seed + 1)
         return train, val
-    root = data_cfg.get("root")
+    root = data_cfg["root"]
     if not root:
         raise ValueError(f"data.root is not set: pass --data DIR (the {dataset} directory) or --synthetic")
     root = Path(root).expanduser()
@@ -165,10 +167,3 @@ def build_loaders(train_set: Dataset, val_set: Dataset, *, batch_size: int, rank
         raise ValueError(f"train.batch_size: the training set has {len(train_set)} samples, fewer than one global "
                          f"batch of {batch_size * world_size}")
     return train, sampler, val
-
-
-def steps_in_epoch(loader_len: int, steps_per_epoch: Optional[int]) -> int:
-    """Steps of one epoch: the loader length, capped by ``train.steps_per_epoch`` when set."""
-    if steps_per_epoch is None:
-        return loader_len
-    return max(1, min(loader_len, int(steps_per_epoch)))

@@ -6,23 +6,24 @@
 DDP). ``forward(images, targets)`` returns ``(logits, terms)``: the student's logits and a dict of named, already
 weighted loss terms whose sum is the training loss.
 
-Config section ``distill`` (all weights are the loss factors of the paper's recipes):
+Config section ``distill`` (keys, types and defaults: ``examples.common.schema.DistillConfig``; the method names:
+``examples.common.methods.METHODS``, all of which classification supports):
     method: ce | kd | dkd | nkd | fitnet | wkd_l | wkd_f | wkd_lf
     ce_weight: factor of the cross-entropy term (default 1.0)
     ban: true for born-again self-KD (teacher = a previous generation of the same architecture; checked)
-    kd:     {temperature, weight}
-    dkd:    {alpha, beta, temperature, warmup_epochs}            (factor min(epoch / warmup, 1), as DKD)
-    nkd:    {temperature, gamma, weight}
-    fitnet: {weight, layer, projector}
-    wkd_l:  {cost, kappa, temperature, weight, decay_start, reg, num_iters}
-    wkd_f:  {weight, mean_cov_ratio, grid, projector, layer, decay_start, covariance, eps}
+    kd: {temperature, weight}; dkd: {alpha, beta, temperature, weight, warmup_epochs}; nkd: {temperature, gamma,
+    weight}; fitnet: {weight, layer, projector}; wkd_l: {cost, kappa, temperature, weight, decay_start, reg,
+    num_iters}; wkd_f: {weight, mean_cov_ratio, grid, projector, layer, decay_start, covariance, eps, ...}
 ``decay_start`` is E0 of :func:`wkd_kernels.cosine_weight`, evaluated at the 1-based epoch e = epoch + 1 as in
 the published trainer (weight constant while e <= E0, cosine decay to 0 in the last epoch); null or
 E0 >= epochs keeps the weight constant. DKD's warm-up factor is min(e / warmup, 1), likewise 1-based.
 
-Feature maps of different spatial sizes (e.g. ViT-S 14x14 tokens vs ResNet18 7x7 at 224): the student map is
-brought to the teacher's H x W before the projector (adaptive average pooling when larger, bilinear
-interpolation when smaller), so WKD-F's Gaussians and FitNet's MSE compare the same grid cells.
+Feature maps of different spatial sizes: ``projector: convreg`` (WKD-F, FitNet) is the published ConvReg
+(``wkd_kernels.losses.make_projector``: stride-2 conv when the student map is 2x the teacher's, transposed conv
+when half, valid conv otherwise), as the WRN-40-2 -> ShuffleNetV1 configs use (8x8 teacher, 4x4 student). With
+another projector (the cross-architecture pairs, e.g. ViT-S 14x14 tokens vs ResNet18 7x7 at 224) the student map
+is brought to the teacher's H x W before the projector (adaptive average pooling when larger, bilinear
+interpolation when smaller: **our choice**), so WKD-F's Gaussians and FitNet's MSE compare the same grid cells.
 """
 from __future__ import annotations
 
@@ -33,43 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.common.config import check_keys
+from examples.common.methods import METHODS, get_method
+from examples.common.schema import DistillConfig, resolve
 from wkd_kernels import sharpen
 from wkd_kernels.losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDLogitLoss,
-                                cosine_weight)
+                                cosine_weight, make_projector)
 
-__all__ = ["Distiller", "METHODS", "TEACHER_METHODS", "load_cost_matrix", "match_spatial", "scheduled_weight"]
+__all__ = ["Distiller", "CLS_METHODS", "load_cost_matrix", "match_spatial", "scheduled_weight"]
 
-METHODS = ("ce", "kd", "dkd", "nkd", "fitnet", "wkd_l", "wkd_f", "wkd_lf")
-TEACHER_METHODS = tuple(m for m in METHODS if m != "ce")
-_LOGIT_METHODS = ("kd", "dkd", "nkd", "wkd_l", "wkd_lf")
-_FEATURE_METHODS = ("fitnet", "wkd_f", "wkd_lf")
+CLS_METHODS = tuple(METHODS)  # classification runs every method of the shared registry
 
 
-_SECTION_KEYS = {
-    "kd": {"temperature", "weight"},
-    "dkd": {"alpha", "beta", "temperature", "warmup_epochs"},
-    "nkd": {"temperature", "gamma", "weight"},
-    "fitnet": {"weight", "layer", "projector"},
-    "wkd_l": {"cost", "kappa", "temperature", "weight", "decay_start", "reg", "num_iters"},
-    "wkd_f": {"weight", "mean_cov_ratio", "grid", "projector", "layer", "decay_start", "covariance", "eps"},
-}
-_DISTILL_KEYS = {"method", "ce_weight", "ban", *_SECTION_KEYS}
-
-
-def _section(cfg: dict, name: str) -> dict:
-    sec = cfg.get(name)
-    if not isinstance(sec, dict):
-        raise ValueError(f"distill.{name}: the method needs a `distill.{name}` mapping in the config, got {sec!r}")
-    check_keys(sec, {None: _SECTION_KEYS[name]}, "Distiller", prefix=f"distill.{name}")  # e.g. `decay_strat`
-    return sec
-
-
-def _get(sec: dict, key: str, where: str, default=None, required: bool = False):
-    if key not in sec or sec[key] is None:
-        if required:
-            raise ValueError(f"{where}.{key} is required")
-        return default
+def _required(sec: dict, key: str, where: str):
+    if sec[key] is None:
+        raise ValueError(f"{where}.{key} is required")
     return sec[key]
 
 
@@ -121,6 +99,20 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> Tensor:
     return F.interpolate(f_s, size=(ht, wt), mode="bilinear", align_corners=False)
 
 
+def _feature_sizes(student: nn.Module, teacher: nn.Module, layer: str, input_size: int):
+    """(H, W) of ``layer`` in the student and the teacher at ``input_size`` (one no-grad eval forward)."""
+    sizes = []
+    for net in (student, teacher):
+        p = next(net.parameters())
+        x = torch.zeros(2, 3, input_size, input_size, dtype=p.dtype, device=p.device)
+        was = net.training
+        net.eval()
+        with torch.no_grad():
+            sizes.append(tuple(net(x).features[layer].shape[-2:]))
+        net.train(was)
+    return sizes
+
+
 class Distiller(nn.Module):
     """Student + distillation modules; see the module docstring.
 
@@ -131,16 +123,16 @@ class Distiller(nn.Module):
         total_epochs: training epochs (for the cosine weight schedules and DKD's warm-up).
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], distill_cfg: dict, total_epochs: int):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], distill_cfg: dict, total_epochs: int,
+                 input_size: Optional[int] = None):
         super().__init__()
-        method = distill_cfg.get("method")
-        check_keys(distill_cfg, {None: _DISTILL_KEYS}, "Distiller", prefix="distill")
-        if method not in METHODS:
-            raise ValueError(f"distill.method must be one of {METHODS}, got {method!r}")
-        if method in TEACHER_METHODS and teacher is None:
+        distill_cfg = resolve(DistillConfig, distill_cfg, "distill", prefix="distill.")  # defaults, unknown keys (`decay_strat`)
+        spec = get_method(distill_cfg["method"], CLS_METHODS)
+        method = spec.name
+        if spec.needs_teacher and teacher is None:
             raise ValueError(f"distill.method={method!r} needs a teacher (model.teacher)")
-        self.method, self.cfg, self.total_epochs = method, distill_cfg, int(total_epochs)
-        self.ce_weight = float(distill_cfg.get("ce_weight", 1.0))
+        self.method, self.terms, self.cfg, self.total_epochs = method, spec.terms, distill_cfg, int(total_epochs)
+        self.ce_weight = float(distill_cfg["ce_weight"])
         self.student = student
         self.losses = nn.ModuleDict()
         self._teacher = [teacher] if teacher is not None else []  # a list: not a submodule, not in state_dict
@@ -148,53 +140,55 @@ class Distiller(nn.Module):
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            if distill_cfg.get("ban"):
+            if distill_cfg["ban"]:
                 if type(teacher) is not type(student) or \
                         sum(p.numel() for p in teacher.parameters()) != sum(p.numel() for p in student.parameters()):
                     raise ValueError("distill.ban: born-again training needs a teacher of the student's architecture")
         num_classes = student.classifier.out_features
         self._epoch = 0
+        c = distill_cfg
         if method == "kd":
-            sec = _section(distill_cfg, "kd")
-            self.losses["kd"] = KDLoss(float(_get(sec, "temperature", "distill.kd", 4.0)))
+            self.losses["kd"] = KDLoss(c["kd"]["temperature"])
         elif method == "dkd":
-            sec = _section(distill_cfg, "dkd")
-            self.losses["dkd"] = DKDLoss(float(_get(sec, "alpha", "distill.dkd", 1.0)),
-                                         float(_get(sec, "beta", "distill.dkd", 8.0)),
-                                         float(_get(sec, "temperature", "distill.dkd", 4.0)))
+            self.losses["dkd"] = DKDLoss(c["dkd"]["alpha"], c["dkd"]["beta"], c["dkd"]["temperature"])
         elif method == "nkd":
-            sec = _section(distill_cfg, "nkd")
-            self.losses["nkd"] = NKDLoss(float(_get(sec, "temperature", "distill.nkd", 1.0)),
-                                         float(_get(sec, "gamma", "distill.nkd", 1.5)))
-        if method in ("wkd_l", "wkd_lf"):
-            sec = _section(distill_cfg, "wkd_l")
-            cost = load_cost_matrix(_get(sec, "cost", "distill.wkd_l", required=True),
-                                    float(_get(sec, "kappa", "distill.wkd_l", 1.0)), num_classes)
-            self.losses["wkd_l"] = WKDLogitLoss(cost, float(_get(sec, "temperature", "distill.wkd_l", required=True)),
-                                                float(_get(sec, "weight", "distill.wkd_l", required=True)),
-                                                reg=float(_get(sec, "reg", "distill.wkd_l", 0.05)),
-                                                num_iters=int(_get(sec, "num_iters", "distill.wkd_l", 10)))
-        if method in ("wkd_f", "wkd_lf", "fitnet"):
-            name = "fitnet" if method == "fitnet" else "wkd_f"
-            sec = _section(distill_cfg, name)
-            layer = _get(sec, "layer", f"distill.{name}", "last")
+            self.losses["nkd"] = NKDLoss(c["nkd"]["temperature"], c["nkd"]["gamma"])
+        if "wkd_l" in spec.terms:
+            sec = c["wkd_l"]
+            cost = load_cost_matrix(_required(sec, "cost", "distill.wkd_l"), sec["kappa"], num_classes)
+            self.losses["wkd_l"] = WKDLogitLoss(cost, float(_required(sec, "temperature", "distill.wkd_l")),
+                                                float(_required(sec, "weight", "distill.wkd_l")), reg=sec["reg"],
+                                                num_iters=sec["num_iters"], log_domain=sec["log_domain"])
+        self.feature_term = next((t for t in spec.terms if t in ("fitnet", "wkd_f")), None)
+        if self.feature_term is not None:
+            name = self.feature_term
+            sec = c[name]
+            layer = sec["layer"]
             for model, who in ((student, "student"), (teacher, "teacher")):
                 if layer not in model.feature_channels:
                     raise ValueError(f"distill.{name}.layer={layer!r} is not a feature of the {who}; choose from "
                                      f"{sorted(model.feature_channels)}")
             cs, ct = student.feature_channels[layer], teacher.feature_channels[layer]
             self.feature_layer = layer
+            self.spatial_projector = sec["projector"] == "convreg"
+            proj = sec["projector"]
+            if self.spatial_projector:  # the published ConvReg needs both maps' sizes: one probe forward
+                if input_size is None:
+                    raise ValueError(f"distill.{name}.projector=convreg needs the input size (data.input_size)")
+                s_size, t_size = _feature_sizes(student, teacher, layer, int(input_size))
+                proj = make_projector("convreg", cs, ct, fn=f"distill.{name}.projector", student_size=s_size,
+                                      teacher_size=t_size)
+                cs = ct  # the loss sees the projected map
+                self.losses[f"{name}_projector"] = proj
+                proj = None
             if name == "fitnet":
-                self.losses["fitnet"] = FitNetLoss(cs, ct, projector=_get(sec, "projector", "distill.fitnet",
-                                                                          "conv1x1"))
+                self.losses["fitnet"] = FitNetLoss(cs, ct, projector=proj)
             else:
                 self.losses["wkd_f"] = WKDFeatureLoss(
-                    cs, ct, covariance=_get(sec, "covariance", "distill.wkd_f", "diag"),
-                    grid=int(_get(sec, "grid", "distill.wkd_f", 1)),
-                    mean_cov_ratio=float(_get(sec, "mean_cov_ratio", "distill.wkd_f", 2.0)),
-                    eps=float(_get(sec, "eps", "distill.wkd_f", 1e-5)),
-                    projector=_get(sec, "projector", "distill.wkd_f", "bottleneck"),
-                    weight=float(_get(sec, "weight", "distill.wkd_f", required=True)))
+                    cs, ct, covariance=sec["covariance"], grid=sec["grid"], mean_cov_ratio=sec["mean_cov_ratio"],
+                    eps=sec["eps"], projector=proj, hidden_channels=sec["hidden_channels"],
+                    weight=float(_required(sec, "weight", "distill.wkd_f")), method=sec["method"],
+                    num_iters=sec["num_iters"], path=sec["path"])
         self.set_epoch(0)
 
     @property
@@ -221,18 +215,18 @@ class Distiller(nn.Module):
             if name in self.losses:
                 sec = self.cfg[name]
                 # 1-based epoch, as the published (mdistiller) trainer passes it: the weight reaches 0 in the last
-                w = scheduled_weight(float(sec["weight"]), sec.get("decay_start"), self._epoch + 1,
+                w = scheduled_weight(float(sec["weight"]), sec["decay_start"], self._epoch + 1,
                                      self.total_epochs)
                 self.losses[name].weight = w
                 weights[f"w_{name}"] = w
         return weights
 
     def _dkd_factor(self) -> float:
-        warm = float(self.cfg["dkd"].get("warmup_epochs") or 0)
+        warm = float(self.cfg["dkd"]["warmup_epochs"])
         return 1.0 if warm <= 0 else min((self._epoch + 1) / warm, 1.0)
 
     def forward(self, images: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        need_features = self.method in _FEATURE_METHODS  # logit-only methods run the plain networks
+        need_features = self.feature_term is not None  # logit-only methods run the plain networks
         out_s = self.student(images, features=need_features)
         s = out_s.logits
         terms: Dict[str, Tensor] = {}
@@ -246,18 +240,23 @@ class Distiller(nn.Module):
         s32 = s.float()
         m, cfg = self.method, self.cfg
         if m == "kd":
-            terms["kd"] = float(cfg["kd"].get("weight", 1.0)) * self.losses["kd"](s32, t)
+            terms["kd"] = float(cfg["kd"]["weight"]) * self.losses["kd"](s32, t)
         elif m == "dkd":
-            terms["dkd"] = self._dkd_factor() * self.losses["dkd"](s32, t, targets)
+            terms["dkd"] = (float(cfg["dkd"]["weight"]) * self._dkd_factor()) * self.losses["dkd"](s32, t, targets)
         elif m == "nkd":
-            terms["nkd"] = float(cfg["nkd"].get("weight", 1.0)) * self.losses["nkd"](s32, t, targets)
-        if m in ("wkd_l", "wkd_lf"):
+            terms["nkd"] = float(cfg["nkd"]["weight"]) * self.losses["nkd"](s32, t, targets)
+        if "wkd_l" in self.terms:
             terms["wkd_l"] = self.losses["wkd_l"](s32, t, targets)
-        if m in _FEATURE_METHODS:
+        if self.feature_term is not None:
+            name = self.feature_term
             f_t = out_t.features[self.feature_layer].float()
-            f_s = match_spatial(out_s.features[self.feature_layer], f_t)
-            if m == "fitnet":
-                terms["fitnet"] = float(cfg["fitnet"].get("weight", 1.0)) * self.losses["fitnet"](f_s, f_t)
+            f_s = out_s.features[self.feature_layer]
+            if self.spatial_projector:  # the published ConvReg changes the spatial size itself
+                f_s = self.losses[f"{name}_projector"](f_s)
+            else:
+                f_s = match_spatial(f_s, f_t)
+            if name == "fitnet":
+                terms["fitnet"] = float(cfg["fitnet"]["weight"]) * self.losses["fitnet"](f_s, f_t)
             else:
                 terms["wkd_f"] = self.losses["wkd_f"](f_s, f_t).loss
         return s, terms

@@ -1,16 +1,15 @@
 """Train a classifier with one of the distillation methods (the one entry point of the classification example).
 
     python -m examples.classification.train --config CONFIG [--synthetic] [--data DIR] [--out DIR] [--resume]
-        [--device auto|cuda|cpu] [key.sub=value ...]
+        [--device auto|cuda|cpu] [--cost FILE] [--cost-dir DIR] [key.sub=value ...]
     torchrun --nproc_per_node N -m examples.classification.train --config CONFIG ...
 
-``train.batch_size`` in a config is the *global* batch (the paper's), split over the processes; the learning rate
-is ``train.lr * global_batch / train.base_batch`` (printed at start), so overriding the batch keeps the recipe.
-Outputs in ``--out`` (default ``runs/<config path>``): ``metrics.csv`` and TensorBoard ``tb/`` (train loss terms,
-lr, val top-1/top-5), ``last.pth`` (written atomically at every epoch end: student, distillation modules,
-optimizer, scheduler, grad scaler, RNG states of every rank, epoch, step, best top-1), ``best.pth`` (student
-weights of the best epoch) and ``summary.json``. ``--resume`` continues from ``last.pth``; the continued run
-reproduces the loss sequence of an uninterrupted one.
+The loop, DDP, AMP, lr schedule, resume, checkpoints and logging are ``examples.common.trainer``'s; this file is the
+classification task (data, student + teacher + losses from ``distill.py``, top-1 / top-5 evaluation). The config
+schema (keys, types, defaults) is ``examples.common.schema.ClassificationConfig``. ``train.batch_size`` is the
+*global* batch (the paper's), split over the processes; lr = ``train.lr * batch_size / train.base_batch``.
+Outputs in ``--out`` (default ``runs/<config path>``): ``metrics.jsonl`` and ``tb/``, ``last.pth`` (the trainer's
+train state), ``best.pth`` (student weights of the best top-1), ``config.yaml`` and ``summary.json``.
 """
 from __future__ import annotations
 
@@ -18,27 +17,23 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from examples.common.amp import AMP_MODES, make_grad_scaler
-from examples.common.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
-                                        unwrap_model)
-from examples.common.config import check_keys, load_config
-from examples.common.distributed import barrier, cleanup_distributed, init_distributed, seed_everything
-from examples.common.metrics_log import MetricLogger
+from examples.common.config import load_config
+from examples.common.distributed import barrier, cleanup_distributed, init_distributed, is_distributed, \
+    seed_everything
+from examples.common.methods import get_method
+from examples.common.schema import ClassificationConfig, resolve
+from examples.common.trainer import Task, Trainer, per_process_batch
 
-from .data import build_datasets, build_loaders, steps_in_epoch
-from .distill import TEACHER_METHODS, Distiller
-from .engine import build_lr_lambda, build_optimizer, evaluate, scaled_lr, train_one_epoch
-from .sync_bn import convert_sync_batchnorm
+from .data import build_datasets, build_loaders
+from .distill import CLS_METHODS, Distiller
 
-CHECKPOINT_FORMAT = "wkd_examples.classification/1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -68,49 +63,22 @@ def _default_out(config: str) -> Path:
     return Path("runs") / rel.with_suffix("")
 
 
-# Every key the trainer reads: a misspelt key (``train.epoch=1``) is an error instead of being silently ignored.
-KNOWN_KEYS = {
-    None: {"data", "model", "train", "distill", "cost_matrix", "expected_top1"},
-    "data": {"dataset", "root", "num_classes", "input_size", "workers", "synthetic_size", "synthetic_val_size",
-             "synthetic_seed", "synthetic_workers"},
-    "model": {"student", "teacher", "teacher_checkpoint", "student_checkpoint", "student_init",
-              "allow_random_teacher"},
-    "train": {"device", "epochs", "batch_size", "base_batch", "lr", "optimizer", "momentum", "nesterov", "betas",
-              "weight_decay", "scheduler", "milestones", "gamma", "min_lr_ratio", "warmup_epochs", "amp",
-              "channels_last", "compile", "sync_bn", "find_unused_parameters", "seed", "log_every", "eval_every",
-              "eval_batch_size", "steps_per_epoch", "stop_after_epochs", "debug_exit_at_step", "progress",
-              "tensorboard"},
-    "cost_matrix": {"source", "layer"},
-}
-
-
 def resolve_config(args: argparse.Namespace) -> dict:
-    """Load the config, apply ``--synthetic`` / ``--data`` / ``--device`` and check the keys the trainer needs."""
-    cfg = load_config(args.config, args.overrides)
-    for sec in ("data", "model", "train", "distill"):
-        if not isinstance(cfg.get(sec), dict):
-            raise ValueError(f"{args.config}: the config needs a `{sec}` mapping")
-    check_keys(cfg, KNOWN_KEYS, args.config)
+    """Load the config, check it against the schema (defaults filled in), apply --synthetic / --data / --device /
+    --cost."""
+    cfg = resolve(ClassificationConfig, load_config(args.config, args.overrides), args.config)
     if args.synthetic:
         cfg["data"]["dataset"] = "synthetic"
     if args.data:
         cfg["data"]["root"] = args.data
     if args.device:
         cfg["train"]["device"] = args.device
+    method = get_method(cfg["distill"]["method"], CLS_METHODS)
     if args.cost:
-        if not isinstance(cfg["distill"].get("wkd_l"), dict):
-            raise ValueError(f"--cost: {args.config} has no distill.wkd_l section (method "
-                             f"{cfg['distill'].get('method')!r})")
+        if "wkd_l" not in method.terms:
+            raise ValueError(f"--cost: {args.config} does not use WKD-L (method {method.name!r})")
         cfg["distill"]["wkd_l"]["cost"] = args.cost
-    for key in ("num_classes", "input_size"):
-        if key not in cfg["data"]:
-            raise ValueError(f"{args.config}: data.{key} is required")
-    for key in ("epochs", "batch_size", "lr"):
-        if key not in cfg["train"]:
-            raise ValueError(f"{args.config}: train.{key} is required")
-    if cfg["train"].get("amp", "none") not in AMP_MODES:
-        raise ValueError(f"train.amp must be one of {AMP_MODES}, got {cfg['train'].get('amp')!r}")
-    if "student" not in cfg["model"]:
+    if not cfg["model"]["student"]:
         raise ValueError(f"{args.config}: model.student is required")
     return cfg
 
@@ -208,31 +176,33 @@ def init_from_pretrained(model: nn.Module, path: str, what: str) -> List[str]:
 def build_distiller(cfg: dict, *, synthetic: bool, log=print, cost_dir: Optional[str] = None) -> Distiller:
     """Student, frozen teacher and distillation modules from the ``model`` / ``distill`` / ``train`` config."""
     from .models import build_model
+    cfg = resolve(ClassificationConfig, cfg, "classification config")
     mcfg, dcfg = cfg["model"], dict(cfg["distill"])
+    method = get_method(dcfg["method"], CLS_METHODS)
     K = int(cfg["data"]["num_classes"])
-    student = build_network(mcfg["student"], K, mcfg.get("student_checkpoint"), "model.student_checkpoint",
+    student = build_network(mcfg["student"], K, mcfg["student_checkpoint"], "model.student_checkpoint",
                             build_model)
-    if mcfg.get("student_init"):
-        if mcfg.get("student_checkpoint"):
+    if mcfg["student_init"]:
+        if mcfg["student_checkpoint"]:
             raise ValueError("model.student_init and model.student_checkpoint are exclusive")
         skipped = init_from_pretrained(student, mcfg["student_init"], "model.student_init")
         log(f"student initialised from {mcfg['student_init']} (new classifier: {skipped or 'none'})")
     teacher = None
-    if dcfg.get("method") in TEACHER_METHODS:
-        if not mcfg.get("teacher"):
+    if method.needs_teacher:
+        if not mcfg["teacher"]:
             raise ValueError(f"distill.method={dcfg['method']!r} needs model.teacher")
-        ckpt = mcfg.get("teacher_checkpoint")
+        ckpt = mcfg["teacher_checkpoint"]
         if ckpt is not None and synthetic and (str(ckpt).startswith("torchvision:")
                                                or not Path(_resolve_path(ckpt)).is_file()):
             log(f"warning: --synthetic: teacher weights {ckpt} not used (missing file or a download)")
             ckpt = None
         if ckpt is None:
-            if not (synthetic or mcfg.get("allow_random_teacher")):
+            if not (synthetic or mcfg["allow_random_teacher"]):
                 raise ValueError("model.teacher_checkpoint is not set: distilling from a randomly initialised "
                                  "teacher is only allowed with --synthetic or model.allow_random_teacher=true")
             log("warning: the teacher is randomly initialised (no model.teacher_checkpoint)")
         teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model)
-    if isinstance(dcfg.get("wkd_l"), dict) and isinstance(dcfg["wkd_l"].get("cost"), str):
+    if "wkd_l" in method.terms and isinstance(dcfg["wkd_l"]["cost"], str):
         name = dcfg["wkd_l"]["cost"]
         path, tried = resolve_cost(name, cost_dir)
         if path is not None:
@@ -250,204 +220,131 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print, cost_dir: Optional
             raise FileNotFoundError(f"distill.wkd_l.cost: {name} not found (looked at: "
                                     f"{', '.join(map(str, tried))}); {how}, or pass --cost PATH")
         dcfg["wkd_l"] = dict(dcfg["wkd_l"], cost=cost)
-    return Distiller(student, teacher, dcfg, int(cfg["train"]["epochs"]))
+    return Distiller(student, teacher, dcfg, int(cfg["train"]["epochs"]), input_size=int(cfg["data"]["input_size"]))
+
+
+class ClassificationTask(Task):
+    """Classification hooks of the common trainer: DistributedSampler batches, the Distiller's loss terms (with
+    the scheduled WKD weights of every epoch), sharded top-1 / top-5 evaluation, summary.json."""
+    name = "classification"
+    score_key = "top1"
+    channels_last = True
+
+    def __init__(self, cfg: dict, args: argparse.Namespace, info, log):
+        self.cfg, self.info, self.args = cfg, info, args
+        tcfg, dcfg = cfg["train"], cfg["data"]
+        self.device = info.device
+        per_proc = per_process_batch(int(tcfg["batch_size"]), info.world_size)
+        self.synthetic = dcfg["dataset"] == "synthetic"
+        train_set, val_set = build_datasets(dcfg)
+        workers = dcfg["synthetic_workers"] if self.synthetic else dcfg["workers"]
+        self.train_loader, self.sampler, self.val_loader = build_loaders(
+            train_set, val_set, batch_size=per_proc, rank=info.rank, world_size=info.world_size,
+            seed=tcfg["seed"], workers=workers, pin_memory=self.device.type == "cuda",
+            eval_batch_size=tcfg["eval_batch_size"] or per_proc)
+        # torchvision:... weights are downloaded on first use: rank 0 fetches them, the others wait for the cache
+        downloads = info.distributed and not self.synthetic and any(
+            str(cfg["model"][k] or "").startswith("torchvision:") for k in ("teacher_checkpoint", "student_checkpoint"))
+        if downloads and not info.is_main:
+            barrier()
+        self.model = self.distiller = build_distiller(cfg, synthetic=self.synthetic, log=log, cost_dir=args.cost_dir)
+        if downloads and info.is_main:
+            barrier()
+        self.channels_last_on = tcfg["channels_last"] and self.device.type == "cuda"
+        d = self.distiller
+        log(f"method {d.method}: student {cfg['model']['student']} "
+            f"({sum(p.numel() for p in d.student.parameters()) / 1e6:.2f}M params), teacher "
+            f"{cfg['model']['teacher'] if d.teacher is not None else None}, distillation modules "
+            f"{sum(p.numel() for p in d.losses.parameters()) / 1e6:.3f}M params")
+
+    def state_modules(self) -> Dict[str, nn.Module]:
+        return {"model": self.distiller.student, "distill": self.distiller.losses}
+
+    def iters_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def on_epoch(self, epoch: int) -> Dict[str, float]:
+        self.sampler.set_epoch(epoch)
+        return self.distiller.set_epoch(epoch)
+
+    def batches(self, epoch: int, start_batch: int):
+        # the training workers start anew every epoch (not persistent): their augmentation seeds come from the
+        # process RNG at the start of the epoch, which --resume restores
+        return iter(self.train_loader)
+
+    def step(self, model: nn.Module, batch, step: int):
+        images, targets = batch
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.channels_last_on:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return model(images, targets)[1]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, epoch: int) -> Dict[str, float]:
+        """Top-1 / top-5 (%) and mean cross-entropy of the student over the sharded val set, summed over ranks."""
+        from examples.common.amp import autocast
+        student = model.student
+        was = student.training
+        student.eval()
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct1, correct5, count, loss sum
+        for images, targets in self.val_loader:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.channels_last_on:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.cfg["train"]["amp"]):
+                logits = student(images, features=False).logits
+            logits = logits.float()
+            hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+            stats += torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                  torch.tensor(targets.numel(), dtype=torch.float64, device=self.device),
+                                  torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()])
+        if is_distributed():
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        student.train(was)
+        c1, c5, n, loss = stats.tolist()
+        n = max(n, 1.0)
+        return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n}
+
+    def finish(self, out: Path, summary: dict) -> dict:
+        cfg, d, metrics = self.cfg, self.distiller, summary["metrics"] or {}
+        summary = {**summary, "config": str(self.args.config), "method": d.method, "student": cfg["model"]["student"],
+                   "teacher": cfg["model"]["teacher"] if d.teacher is not None else None,
+                   "expected_top1": cfg["expected_top1"], "best_top1": summary["best"],
+                   "final_top1": metrics.get("top1"), "final_top5": metrics.get("top5"),
+                   "synthetic": self.synthetic}
+        if self.info.is_main:
+            keep = {k: v for k, v in summary.items() if k != "losses"}
+            with open(out / "summary.json.tmp", "w") as f:
+                json.dump({**keep, "resolved_config": cfg}, f, indent=2)
+            (out / "summary.json.tmp").replace(out / "summary.json")
+            print(json.dumps({k: v for k, v in keep.items() if k != "metrics"}, indent=2))
+        return summary
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
-    info = init_distributed(cfg["train"].get("device", "auto"))
+    info = init_distributed(cfg["train"]["device"])
     try:
-        return _run(args, cfg, info)
+        log = print if info.is_main else (lambda *a, **k: None)
+        wkd_l = cfg["distill"]["wkd_l"]
+        if (cfg["data"]["dataset"] == "synthetic" and "wkd_l" in get_method(cfg["distill"]["method"], CLS_METHODS).terms
+                and isinstance(wkd_l["cost"], str)):
+            path, tried = resolve_cost(wkd_l["cost"], args.cost_dir)
+            if path is None:  # say it first, not among the training lines
+                log(stand_in_banner(wkd_l["cost"], tried))
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(cfg["train"]["seed"], 0)  # identical initialisation on every rank
+        task = ClassificationTask(cfg, args, info, log)
+        out = Path(args.out) if args.out else _default_out(args.config)
+        return Trainer(cfg, task, info, out, resume=args.resume, log=log).run()
     finally:
         cleanup_distributed()
-
-
-def _run(args: argparse.Namespace, cfg: dict, info) -> dict:
-    tcfg, dcfg = cfg["train"], cfg["data"]
-    log = print if info.is_main else (lambda *a, **k: None)
-    wkd_l = cfg["distill"].get("wkd_l")
-    if dcfg.get("dataset") == "synthetic" and isinstance(wkd_l, dict) and isinstance(wkd_l.get("cost"), str):
-        path, tried = resolve_cost(wkd_l["cost"], args.cost_dir)
-        if path is None:  # say it first, not among the training lines
-            log(stand_in_banner(wkd_l["cost"], tried))
-    out = Path(args.out) if args.out else _default_out(args.config)
-    device = info.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.deterministic = False
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed = int(tcfg.get("seed", 0))
-    seed_everything(seed, 0)  # identical initialisation on every rank (DDP also broadcasts from rank 0)
-
-    # ---------------------------------------------------------------- batch and learning rate
-    global_batch = int(tcfg["batch_size"])
-    if global_batch % info.world_size:
-        raise ValueError(f"train.batch_size (the global batch, {global_batch}) must be divisible by the number of "
-                         f"processes ({info.world_size})")
-    per_proc = global_batch // info.world_size
-    base_batch = int(tcfg.get("base_batch", global_batch))
-    lr = scaled_lr(float(tcfg["lr"]), global_batch, base_batch)
-    log(f"world size {info.world_size} on {device}; global batch {global_batch} ({per_proc} per process); "
-        f"lr = {tcfg['lr']} * {global_batch} / {base_batch} = {lr:g}")
-
-    # ---------------------------------------------------------------- data
-    synthetic = dcfg.get("dataset") == "synthetic"
-    train_set, val_set = build_datasets(dcfg)
-    workers = int(dcfg.get("synthetic_workers", 0)) if synthetic else int(dcfg.get("workers", 8))
-    train_loader, sampler, val_loader = build_loaders(
-        train_set, val_set, batch_size=per_proc, rank=info.rank, world_size=info.world_size, seed=seed,
-        workers=workers, pin_memory=device.type == "cuda", eval_batch_size=int(tcfg.get("eval_batch_size",
-                                                                                        per_proc)))
-    steps = steps_in_epoch(len(train_loader), tcfg.get("steps_per_epoch"))
-    epochs = int(tcfg["epochs"])
-
-    # ---------------------------------------------------------------- model, losses, optimizer
-    # torchvision:... weights are downloaded on first use: rank 0 fetches them into the cache, the others wait and
-    # read the cached file (instead of every process downloading the same file at once)
-    downloads = info.distributed and not synthetic and any(
-        str(cfg["model"].get(k) or "").startswith("torchvision:") for k in ("teacher_checkpoint", "student_checkpoint"))
-    if downloads and not info.is_main:
-        barrier()
-    distiller = build_distiller(cfg, synthetic=synthetic, log=log, cost_dir=args.cost_dir)
-    if downloads and info.is_main:
-        barrier()
-    if tcfg.get("sync_bn") and info.distributed:
-        convert_sync_batchnorm(distiller, device)
-    channels_last = bool(tcfg.get("channels_last", True)) and device.type == "cuda"
-    distiller.to(device)
-    if channels_last:
-        distiller.to(memory_format=torch.channels_last)
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    n_extra = sum(p.numel() for p in distiller.losses.parameters())
-    log(f"method {distiller.method}: student {cfg['model']['student']} "
-        f"({sum(p.numel() for p in distiller.student.parameters()) / 1e6:.2f}M params), "
-        f"teacher {cfg['model'].get('teacher') if distiller.teacher is not None else None}, "
-        f"distillation modules {n_extra / 1e6:.3f}M params")
-    optimizer = build_optimizer(params, tcfg, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(tcfg, steps))
-    amp = tcfg.get("amp", "none")
-    scaler = make_grad_scaler(device, amp)
-
-    model: nn.Module = distiller
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(tcfg.get("find_unused_parameters", False)))
-    if tcfg.get("compile"):
-        model = torch.compile(model)
-
-    # ---------------------------------------------------------------- resume
-    start_epoch, global_step, best_top1 = 0, 0, -1.0
-    rng_to_restore = None
-    last_path = out / "last.pth"
-    if args.resume:
-        state = load_checkpoint(last_path)
-        if state is None:
-            log(f"--resume: {last_path} does not exist, starting from scratch")
-        else:
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"--resume: {last_path} is not a checkpoint of this trainer")
-            if state.get("world_size") != info.world_size:
-                log(f"warning: resuming a run of world size {state.get('world_size')} with {info.world_size}; "
-                    f"the data order continues but the RNG streams differ")
-            distiller.student.load_state_dict(state["model"])
-            distiller.losses.load_state_dict(state["distill"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, global_step = int(state["epoch"]), int(state["step"])
-            best_top1 = float(state.get("best_top1", -1.0))
-            rngs = state.get("rng_per_rank") or []
-            rng_to_restore = rngs[info.rank] if info.rank < len(rngs) else (rngs[0] if rngs else None)
-            log(f"resumed from {last_path}: epoch {start_epoch}, step {global_step}, best top-1 {best_top1:.2f}")
-    logger = MetricLogger(out, enabled=info.is_main, tensorboard=bool(tcfg.get("tensorboard", True)))
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        logger.drop_after(global_step)  # rows an interrupted run logged after its last checkpoint
-        with open(out / "config.yaml", "w") as f:
-            import yaml
-            yaml.safe_dump(cfg, f, sort_keys=False)
-    seed_everything(seed, info.rank)  # per-rank streams for augmentation
-    if rng_to_restore is not None:
-        restore_rng_state(rng_to_restore)
-
-    if start_epoch >= epochs:
-        log(f"{last_path} already holds all {epochs} epochs; nothing to do")
-        logger.close()
-        done = out / "summary.json"
-        return json.loads(done.read_text()) if done.is_file() else {"best_top1": best_top1, "epochs": epochs}
-
-    # ---------------------------------------------------------------- loop
-    log_every = int(tcfg.get("log_every", 20))
-    eval_every = int(tcfg.get("eval_every", 1))
-    stop_after = tcfg.get("stop_after_epochs")
-    exit_at = tcfg.get("debug_exit_at_step")
-    show = info.is_main and bool(tcfg.get("progress", True))
-    t_start, rates, last_eval = time.time(), [], {}
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        weights = distiller.set_epoch(epoch)
-        res = train_one_epoch(model, optimizer, scheduler, scaler, train_loader, device=device, amp=amp,
-                              steps=steps, global_step=global_step, global_batch=global_batch, logger=logger,
-                              log_every=log_every, epoch=epoch, progress_enabled=show,
-                              channels_last=channels_last, extra_scalars=weights,
-                              exit_at_step=int(exit_at) if exit_at is not None else None)
-        global_step = res["global_step"]
-        if res["images_per_s"] > 0:
-            rates.append(res["images_per_s"])
-        is_last = epoch + 1 == epochs
-        if (epoch + 1) % eval_every == 0 or is_last:
-            last_eval = evaluate(unwrap_model(model).student, val_loader, device=device, amp=amp,
-                                 channels_last=channels_last, progress_enabled=False)
-            logger.log(global_step, {"top1": last_eval["top1"], "top5": last_eval["top5"],
-                                     "loss": last_eval["loss"], "epoch": epoch}, prefix="val/")
-            improved = last_eval["top1"] > best_top1
-            best_top1 = max(best_top1, last_eval["top1"])
-            log(f"epoch {epoch}: train loss {res['loss']:.4f}, val top-1 {last_eval['top1']:.2f} "
-                f"top-5 {last_eval['top5']:.2f} (best {best_top1:.2f}), {res['images_per_s']:.1f} img/s")
-            if improved and info.is_main:
-                save_checkpoint(out / "best.pth", {"format": CHECKPOINT_FORMAT, "model":
-                                                   distiller.student.state_dict(), "epoch": epoch + 1,
-                                                   "top1": best_top1, "config": cfg})
-        rng = capture_rng_state()
-        if info.distributed:
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if info.is_main:
-            save_checkpoint(last_path, {
-                "format": CHECKPOINT_FORMAT, "model": distiller.student.state_dict(),
-                "distill": distiller.losses.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "step": global_step, "best_top1": best_top1, "rng_per_rank": rngs, "world_size": info.world_size,
-                "config": cfg})
-        barrier()
-        if stop_after is not None and epoch + 1 >= int(stop_after) and not is_last:
-            log(f"stopping after epoch {epoch + 1} (train.stop_after_epochs); continue with --resume")
-            logger.close()
-            return {"stopped_at_epoch": epoch + 1}
-
-    wall = time.time() - t_start
-    summary = {
-        "config": str(args.config), "method": distiller.method, "student": cfg["model"]["student"],
-        "teacher": cfg["model"].get("teacher") if distiller.teacher is not None else None,
-        "expected_top1": cfg.get("expected_top1"), "best_top1": best_top1,
-        "final_top1": last_eval.get("top1"), "final_top5": last_eval.get("top5"), "epochs": epochs,
-        "steps": global_step, "images_per_s": sum(rates) / len(rates) if rates else None,
-        "wall_time_s": wall, "world_size": info.world_size, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "global_batch": global_batch, "lr": lr, "amp": amp, "synthetic": synthetic, "resolved_config": cfg,
-    }
-    if info.is_main:
-        with open(out / "summary.json.tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        (out / "summary.json.tmp").replace(out / "summary.json")
-        log(json.dumps({k: v for k, v in summary.items() if k != "resolved_config"}, indent=2))
-    logger.close()
-    return summary
 
 
 if __name__ == "__main__":

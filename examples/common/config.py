@@ -1,13 +1,13 @@
-"""YAML configs with ``_base_`` inheritance and dotted command-line overrides."""
+"""YAML configs with ``_base_`` inheritance and dotted command-line overrides (the keys: ``schema.py``)."""
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Collection, Iterable, List, Mapping, Optional, Union
+from typing import Iterable, List, Union
 
 import yaml
 
-__all__ = ["load_config", "apply_overrides", "deep_merge", "check_keys"]
+__all__ = ["load_config", "apply_overrides", "deep_merge"]
 
 
 def deep_merge(base: dict, child: dict) -> dict:
@@ -94,38 +94,3 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> dict:
     """
     cfg = _load(Path(path), [])
     return apply_overrides(cfg, list(overrides))
-
-
-def check_keys(cfg: Mapping, schema: Mapping[Optional[str], Optional[Collection[str]]], where: str = "config",
-               prefix: str = "") -> None:
-    """Raise ValueError naming every key a program does not read, so a misspelt key is an error, not a default.
-
-    Args:
-        cfg: the config (or a section of it).
-        schema: the known keys: ``None`` -> the keys allowed at the top of ``cfg``; ``"section"`` -> the keys allowed
-            in ``cfg["section"]`` (a value of ``None`` leaves that section unchecked; a section that is absent or not
-            a mapping is skipped).
-        where: what the message names first (a file, a class).
-        prefix: dotted path of ``cfg`` inside the whole config (``"distill.wkd_l"``), for the key names.
-
-    The message lists each unknown key by its dotted name, with the closest known key when there is one.
-    """
-    import difflib
-
-    bad, known_lists = [], []
-    for sec, known in schema.items():
-        node = cfg if sec is None else cfg.get(sec)
-        if known is None or not isinstance(node, Mapping):
-            continue
-        path = ".".join(p for p in (prefix, sec) if p)
-        unknown = [key for key in node if key not in known]
-        for key in unknown:
-            name = f"{path}.{key}" if path else str(key)
-            close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1)
-            hint = f" (did you mean `{f'{path}.{close[0]}' if path else close[0]}`?)" if close else ""
-            bad.append(f"`{name}`{hint}")
-        if unknown:
-            known_lists.append(f"`{path or 'top level'}`: {', '.join(sorted(map(str, known)))}")
-    if bad:
-        raise ValueError(f"{where}: unknown config key{'s' if len(bad) > 1 else ''} " + ", ".join(bad) +
-                         "; known keys in " + "; ".join(known_lists))

@@ -41,10 +41,12 @@ NUM_CLASSES = 81
 
 
 def _mode_cfg(mode: str, covariance: str, grid: int) -> dict:
-    wkd_l = {"loss_weight": 1.0, "cost": None, "kappa": 1.0, "temperature": 2.0, "weight": 10.0}
-    wkd_f = {"loss_weight": 0.05, "covariance": covariance, "grid": grid, "projector": "conv1x1_linear"}
-    return {"student": {}, "kd": {"kd": {}}, "dkd": {"dkd": {"beta": 0.25, "temperature": 1.0}},
-            "wkd_l": {"wkd_l": wkd_l}, "wkd_f": {"wkd_f": wkd_f}, "wkd_lf": {"wkd_l": wkd_l, "wkd_f": wkd_f}}[mode]
+    wkd_l = {"cost": None, "kappa": 1.0, "temperature": 2.0, "weight": 10.0}
+    wkd_f = {"weight": 0.05, "covariance": covariance, "grid": grid, "projector": "conv1x1_linear", "num_iters": 20}
+    return {"student": {"method": "ce"}, "kd": {"method": "kd", "kd": {"temperature": 1.0}},
+            "dkd": {"method": "dkd", "dkd": {"beta": 0.25, "temperature": 1.0}},
+            "wkd_l": {"method": "wkd_l", "wkd_l": wkd_l}, "wkd_f": {"method": "wkd_f", "wkd_f": wkd_f},
+            "wkd_lf": {"method": "wkd_lf", "wkd_l": wkd_l, "wkd_f": wkd_f}}[mode]
 
 
 MODES = ("student", "kd", "dkd", "wkd_l", "wkd_f", "wkd_lf")
@@ -107,7 +109,7 @@ def bench(pair: str, batch: int, size: int, modes, steps: int, warmup: int, amp:
         for mode in modes:
             cfg = _mode_cfg(mode, covariance, grid)
             if "wkd_l" in cfg:
-                cfg["wkd_l"]["cost"] = d
+                cfg["wkd_l"] = dict(cfg["wkd_l"], cost=d)
             torch.manual_seed(0)  # every mode starts from the same student
             student = build_detector(s_arch, NUM_CLASSES, size, max_size, backbone_checkpoint=str(s_file))
             losses = DistillLosses(cfg, NUM_CLASSES)

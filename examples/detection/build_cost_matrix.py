@@ -32,7 +32,7 @@ from torchvision.ops import box_iou
 from examples.common.config import load_config
 from wkd_kernels.interrelations import cka_distance
 
-from .builders import build_datasets, build_teacher_from_cfg, check_config_keys
+from .builders import build_datasets, build_teacher_from_cfg, resolve_config
 from .data import collate
 
 __all__ = ["collect_class_features", "build_cost", "main"]
@@ -140,13 +140,12 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.max_per_class < 3:
         raise SystemExit(f"build_cost_matrix: --max-per-class must be >= 3, got {a.max_per_class}")
-    cfg = load_config(a.config, a.overrides)
-    check_config_keys(cfg)
+    cfg = resolve_config(load_config(a.config, a.overrides), a.config)
     if a.data:
-        cfg.setdefault("data", {})["root"] = a.data
-    if cfg.get("teacher") is None:
+        cfg["data"]["root"] = a.data
+    if cfg["teacher"] is None:
         raise SystemExit(f"build_cost_matrix: {a.config} has no `teacher` section")
-    cfg.setdefault("data", {})["flip_prob"] = 0.0
+    cfg["data"]["flip_prob"] = 0.0
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     ds, _ = build_datasets(cfg, seed=a.seed, val=False)
@@ -159,7 +158,7 @@ def main(argv=None) -> int:
     torch.save({"distance": d, "class_names": ds.class_names, "cat_ids": ds.cat_ids, "n_per_class": n,
                 "counts": counts, "feature": a.feature,
                 "background": f"{a.bg_per_image} RPN proposals per image with IoU < 0.5 to every GT box",
-                "teacher": cfg["teacher"]["arch"], "checkpoint": cfg["teacher"].get("checkpoint")}, out)
+                "teacher": cfg["teacher"]["arch"], "checkpoint": cfg["teacher"]["checkpoint"]}, out)
     off = d[~torch.eye(len(d), dtype=torch.bool)]
     print(f"[cost] {out}: [{len(d)}, {len(d)}] 1 - CKA of teacher {a.feature} features, n = {n} per class "
           f"(class counts min {min(counts)}, max {max(counts)}); off-diagonal min {off.min():.4f} "

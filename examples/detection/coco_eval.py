@@ -60,7 +60,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, amp: str =
         model: a detector (or ``DetectionDistiller``) whose eval-mode call returns torchvision detections.
         loader: yields (list of images [3, H, W], list of target dicts with "image_id").
         dataset: the ``CocoDetectionDataset`` (for ``coco`` and ``cat_ids``).
-        progress: optional ``Progress`` updated per batch.
+        progress: optional progress bar (``tqdm``) updated per batch.
 
     Returns:
         dict of the 12 COCO numbers on rank 0, None on other ranks.

@@ -28,27 +28,23 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-from examples.common.config import check_keys
+from examples.common.methods import get_method
+from examples.common.schema import DistillConfig, resolve
 from wkd_kernels.interrelations import sharpen
 from wkd_kernels.losses import DKDLoss, KDLoss, WKDFeatureLoss, WKDLogitLoss
 
-__all__ = ["DistillLosses", "DetectionDistiller", "StudentStepOutput", "load_cost", "METHODS", "WKD_F_PROJECTORS"]
+__all__ = ["DistillLosses", "DetectionDistiller", "StudentStepOutput", "load_cost", "DET_METHODS",
+           "WKD_F_PROJECTORS"]
 
-METHODS = ("kd", "dkd", "wkd_l", "wkd_f")
+# the methods of the shared registry (examples.common.methods) that detection runs
+DET_METHODS = ("ce", "kd", "dkd", "wkd_l", "wkd_f", "wkd_lf")
 
-# WKD-F projectors: "conv1x1_linear" (default) = 1x1 conv + BatchNorm, no ReLU; the others are wkd_kernels' own
-# ("conv1x1" / "bottleneck" end in a ReLU, the published ConvReg design for post-ReLU classification features).
-# FPN outputs, hence the teacher's RoIAlign features, are signed (no activation after the FPN's 3x3 conv), and a
-# non-negative student side could never match their negative entries: OUR CHOICE is the linear projector.
+# WKD-F projectors (wkd_kernels.losses.make_projector): "conv1x1_linear" (the configs' choice) = 1x1 conv +
+# BatchNorm, no ReLU; "conv1x1" / "bottleneck" end in a ReLU, the published ConvReg design for post-ReLU
+# classification features. FPN outputs, hence the teacher's RoIAlign features, are signed (no activation after the
+# FPN's 3x3 conv), and a non-negative student side could never match their negative entries: OUR CHOICE is the
+# linear projector. (Student and teacher RoI features are both [R, 256, 7, 7]: no spatial change.)
 WKD_F_PROJECTORS = ("conv1x1_linear", "conv1x1", "bottleneck", None)
-
-_KEYS = {
-    "kd": {"loss_weight", "temperature"},
-    "dkd": {"loss_weight", "alpha", "beta", "temperature", "warmup_iters"},
-    "wkd_l": {"loss_weight", "cost", "kappa", "temperature", "weight", "reg", "num_iters", "log_domain"},
-    "wkd_f": {"loss_weight", "covariance", "grid", "mean_cov_ratio", "eps", "projector", "hidden_channels",
-              "method", "num_iters", "path"},
-}
 
 
 def load_cost(path: str, num_classes: int) -> Tensor:
@@ -75,87 +71,83 @@ class DistillLosses(nn.Module):
     """The configured distillation terms on the student's sampled RoIs.
 
     Args:
-        cfg: the ``distill`` section, e.g. ``{"wkd_l": {...}, "wkd_f": {...}}``; a method is on when its key holds a
-            mapping (missing or null: off). Each takes ``loss_weight`` (the factor in the total loss) and the
-            options of its loss class (see ``_KEYS``). ``wkd_l.cost`` is a path (see ``load_cost``) or a tensor.
+        cfg: the ``distill`` section (``examples.common.schema.DistillConfig``): ``method`` (one of
+            ``DET_METHODS``) and the sections of its terms; each term's ``weight`` is its factor in the total loss
+            (WKD-L: the loss's own gamma), the other keys the options of its loss class. ``wkd_l.cost`` is a path
+            (see ``load_cost``) or a tensor.
         num_classes: K + 1, background included.
         roi_channels: channels of the RoIAlign features (256 for FPN students and teachers).
 
     forward(logits_s [R, K+1], logits_t [R, K+1], labels [R], roi_s [R, 256, 7, 7], roi_t [R, 256, 7, 7],
-            iteration) -> dict of scalar losses "loss_kd", "loss_dkd", "loss_wkd_l", "loss_wkd_f" (the enabled ones,
-            already multiplied by their loss weights).
+            iteration) -> dict of scalar losses "loss_kd", "loss_dkd", "loss_wkd_l", "loss_wkd_f" (the method's,
+            already multiplied by their weights).
     """
 
     def __init__(self, cfg: Optional[Mapping[str, Any]], num_classes: int, roi_channels: int = 256):
         super().__init__()
-        cfg = dict(cfg or {})
-        check_keys(cfg, {None: METHODS}, "DistillLosses", prefix="distill")
-        self.loss_weights: dict[str, float] = {}
+        cfg = resolve(DistillConfig, dict(cfg or {}), "distill", prefix="distill.")
+        self.method = get_method(cfg["method"], DET_METHODS)
+        if cfg["ce_weight"] != 1.0 or cfg["ban"]:
+            raise ValueError("`distill.ce_weight` / `distill.ban` are classification options (detection trains the "
+                             "student's own Faster R-CNN losses unweighted)")
         self.dkd_warmup_iters = 0
-        for name in METHODS:
-            c = cfg.get(name)
-            if c is None:
-                continue
-            if not isinstance(c, Mapping):
-                raise ValueError(f"`distill.{name}` must be a mapping of options or null, got {c!r}")
-            check_keys(c, {None: _KEYS[name]}, "DistillLosses", prefix=f"distill.{name}")
-            lw = c.get("loss_weight", 1.0)
-            if isinstance(lw, bool) or not isinstance(lw, (int, float)) or lw < 0:
-                raise ValueError(f"`distill.{name}.loss_weight` must be a number >= 0, got {lw!r}")
-            self.loss_weights[name] = float(lw)
         self.kd = self.dkd = self.wkd_l = self.wkd_f = None
-        if "kd" in self.loss_weights:
-            self.kd = KDLoss(cfg["kd"].get("temperature", 1.0))
-        if "dkd" in self.loss_weights:
+        terms = self.method.terms
+        self.weights = {t: float(cfg[t]["weight"]) for t in terms if t != "wkd_l"}
+        if "kd" in terms:
+            self.kd = KDLoss(cfg["kd"]["temperature"])
+        if "dkd" in terms:
             c = cfg["dkd"]
-            self.dkd = DKDLoss(c.get("alpha", 1.0), c.get("beta", 0.25), c.get("temperature", 1.0))
-            self.dkd_warmup_iters = int(c.get("warmup_iters", 0))
-        if "wkd_l" in self.loss_weights:
+            self.dkd = DKDLoss(c["alpha"], c["beta"], c["temperature"])
+            self.dkd_warmup_iters = int(c["warmup_iters"])
+            if c["warmup_epochs"]:
+                raise ValueError("`distill.dkd.warmup_epochs`: detection warms DKD up over iterations "
+                                 "(distill.dkd.warmup_iters)")
+        if "wkd_l" in terms:
             c = cfg["wkd_l"]
-            cost = c.get("cost")
+            cost = c["cost"]
             if cost is None:
                 raise ValueError("`distill.wkd_l.cost` is required: a [C, C] class-distance file from "
                                  "`python -m examples.detection.build_cost_matrix`")
             d = cost.float() if isinstance(cost, Tensor) else load_cost(str(cost), num_classes)
             if d.shape != (num_classes, num_classes):
                 raise ValueError(f"`distill.wkd_l.cost` is {list(d.shape)}, expected [{num_classes}, {num_classes}]")
-            self.wkd_l = WKDLogitLoss(sharpen(d, c.get("kappa", 1.0)), c.get("temperature", 2.0),
-                                      c.get("weight", 10.0), c.get("reg", 0.05), c.get("num_iters", 10),
-                                      log_domain=bool(c.get("log_domain", False)))
-        if "wkd_f" in self.loss_weights:
+            for key in ("temperature", "weight"):
+                if c[key] is None:
+                    raise ValueError(f"`distill.wkd_l.{key}` is required")
+            self.wkd_l = WKDLogitLoss(sharpen(d, c["kappa"]), c["temperature"], c["weight"], c["reg"],
+                                      c["num_iters"], log_domain=c["log_domain"])
+        if "wkd_f" in terms:
             c = cfg["wkd_f"]
-            proj = c.get("projector", "conv1x1_linear")
-            if proj not in WKD_F_PROJECTORS:
-                raise ValueError(f"`distill.wkd_f.projector` must be one of {list(WKD_F_PROJECTORS)}, got {proj!r}")
-            self.wkd_f = WKDFeatureLoss(roi_channels, roi_channels, covariance=c.get("covariance", "diag"),
-                                        grid=c.get("grid", 1), mean_cov_ratio=c.get("mean_cov_ratio", 2.0),
-                                        eps=c.get("eps", 1e-5), projector=None if proj == "conv1x1_linear" else proj,
-                                        hidden_channels=c.get("hidden_channels", 256),
-                                        method=c.get("method", "newton_schulz"), num_iters=c.get("num_iters", 20),
-                                        path=c.get("path", "auto"))
-            if proj == "conv1x1_linear":  # WKDFeatureLoss applies self.projector before the Gaussians
-                self.wkd_f.projector = nn.Sequential(nn.Conv2d(roi_channels, roi_channels, kernel_size=1),
-                                                     nn.BatchNorm2d(roi_channels))
+            if c["weight"] is None:
+                raise ValueError("`distill.wkd_f.weight` is required")
+            if c["projector"] not in WKD_F_PROJECTORS:
+                raise ValueError(f"`distill.wkd_f.projector` must be one of {list(WKD_F_PROJECTORS)}, got "
+                                 f"{c['projector']!r}")
+            self.wkd_f = WKDFeatureLoss(roi_channels, roi_channels, covariance=c["covariance"], grid=c["grid"],
+                                        mean_cov_ratio=c["mean_cov_ratio"], eps=c["eps"], projector=c["projector"],
+                                        hidden_channels=c["hidden_channels"], method=c["method"],
+                                        num_iters=c["num_iters"], path=c["path"])
 
     @property
     def enabled(self) -> tuple[str, ...]:
-        return tuple(self.loss_weights)
+        return self.method.terms
 
     @property
     def needs_teacher(self) -> bool:
-        return bool(self.loss_weights)
+        return self.method.needs_teacher
 
     def forward(self, logits_s: Tensor, logits_t: Tensor, labels: Tensor, roi_s: Tensor, roi_t: Tensor,
                 iteration: int = 0) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        w = self.loss_weights
+        w = self.weights
         if self.kd is not None:
             out["loss_kd"] = w["kd"] * self.kd(logits_s, logits_t)
         if self.dkd is not None:
             ramp = min(1.0, (iteration + 1) / self.dkd_warmup_iters) if self.dkd_warmup_iters > 0 else 1.0
             out["loss_dkd"] = (w["dkd"] * ramp) * self.dkd(logits_s, logits_t, labels)
         if self.wkd_l is not None:
-            out["loss_wkd_l"] = w["wkd_l"] * self.wkd_l(logits_s, logits_t, labels)
+            out["loss_wkd_l"] = self.wkd_l(logits_s, logits_t, labels)
         if self.wkd_f is not None:
             out["loss_wkd_f"] = w["wkd_f"] * self.wkd_f(roi_s, roi_t).loss
         return out

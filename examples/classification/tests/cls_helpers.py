@@ -1,7 +1,6 @@
 """Shared helpers of the classification-example tests (tiny configs, subprocess runs, CSV reading)."""
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -96,15 +95,15 @@ def subprocess_env() -> Dict[str, str]:
     return env
 
 
-def run_train(args: List[str], *, nproc: int = 1, timeout: float = 180.0,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m examples.classification.train ARGS`` (or torchrun with ``nproc`` gloo processes)."""
+def run_train(args: List[str], *, nproc: int = 1, timeout: float = 180.0, check: bool = True,
+              module: str = "examples.classification.train") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` (or torchrun with ``nproc`` gloo processes); MODULE: the trainer, or the tests'
+    ``gloo_sync_bn`` entry point (the trainer with a CPU SyncBatchNorm)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "examples.classification.train", *args]
+        cmd = [sys.executable, "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "examples.classification.train",
-               *args]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *args]
     proc = subprocess.run(cmd, cwd=str(REPO), env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
@@ -114,12 +113,12 @@ def run_train(args: List[str], *, nproc: int = 1, timeout: float = 180.0,
 
 
 def train_losses(out: Path, key: str = "train/loss") -> Dict[int, float]:
-    """step -> value of ``key`` from out/metrics.csv (train rows only)."""
+    """step -> value of ``key`` from out/metrics.jsonl (the lines that have it)."""
+    from examples.common.metrics_log import read_metrics
     rows = {}
-    with open(out / "metrics.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            if r.get(key):
-                step = int(r["step"])
-                assert step not in rows, f"step {step} logged twice in {out / 'metrics.csv'}"
-                rows[step] = float(r[key])
+    for r in read_metrics(out / "metrics.jsonl"):
+        if key in r:
+            step = int(r["step"])
+            assert step not in rows, f"step {step} logged twice in {out / 'metrics.jsonl'}"
+            rows[step] = float(r[key])
     return rows

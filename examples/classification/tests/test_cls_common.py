@@ -1,7 +1,8 @@
-"""examples/common: config inheritance/overrides, atomic checkpoints, RNG capture, CSV logger, AMP helpers."""
+"""examples/common: config inheritance/overrides, the schema, atomic checkpoints, RNG capture, JSON-lines logger,
+AMP helpers, the lr schedules."""
 from __future__ import annotations
 
-import csv
+import json
 import os
 import random
 
@@ -14,10 +15,11 @@ from examples.common import checkpoint as ckpt_mod
 from examples.common.amp import autocast, make_grad_scaler
 from examples.common.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                         unwrap_model)
-from examples.common.config import check_keys, load_config
+from examples.common.config import load_config
 from examples.common.distributed import all_reduce_mean, barrier, init_distributed
-from examples.common.metrics_log import MetricLogger
-from examples.common.progress import Progress
+from examples.common.metrics_log import MetricLogger, read_metrics
+from examples.common.schema import ClassificationConfig, ConfigError, DetectionConfig, TrainConfig, resolve
+from examples.common.trainer import build_scheduler
 
 
 def test_config_base_merge_and_overrides(tmp_path):
@@ -28,19 +30,51 @@ def test_config_base_merge_and_overrides(tmp_path):
     assert cfg == {"a": {"b": 0.5, "c": [3]}, "x": None, "y": 2, "new": {"key": [1, 2]}, "s": "bf16"}
 
 
-def test_check_keys_names_every_unknown_key_with_the_closest_known_one():
-    schema = {None: {"seed", "train", "distill"}, "train": {"epochs", "base_lr"}, "distill": None}
-    check_keys({"seed": 0, "train": {"epochs": 1}, "distill": {"anything": 1}}, schema)  # unchecked section passes
-    check_keys({"seed": 0, "train": None}, schema)  # a section that is not a mapping is skipped
-    with pytest.raises(ValueError) as e:
-        check_keys({"sed": 0, "train": {"epoch": 1, "lr": 2}}, schema, "x.yaml")
+def test_schema_names_every_unknown_key_with_the_closest_known_one():
+    cfg = resolve(ClassificationConfig, {"train": {"epochs": 1}, "model": {"student": "resnet8x4"}})
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["log_every"] == TrainConfig.log_every  # defaults filled
+    assert cfg["distill"]["wkd_l"]["reg"] == 0.05 and cfg["data"]["workers"] == 8
+    assert resolve(ClassificationConfig, cfg) == cfg  # idempotent
+    with pytest.raises(ConfigError) as e:
+        resolve(ClassificationConfig, {"sed": 0, "train": {"epoch": 1, "lrr": 2}}, "x.yaml")
     msg = str(e.value)
-    assert msg.startswith("x.yaml: unknown config keys `sed` (did you mean `seed`?), "
-                          "`train.epoch` (did you mean `train.epochs`?), `train.lr`; ")
-    assert "`top level`: distill, seed, train" in msg and "`train`: base_lr, epochs" in msg
-    with pytest.raises(ValueError, match=r"^D: unknown config key `distill.kd.temperatur` "
-                                         r"\(did you mean `distill.kd.temperature`\?\)"):
-        check_keys({"temperatur": 4}, {None: {"temperature", "weight"}}, "D", prefix="distill.kd")
+    assert msg.startswith("x.yaml: unknown config keys `sed`, `train.epoch` (did you mean `train.epochs`?), "
+                          "`train.lrr` (did you mean `train.lr`?)"), msg
+    with pytest.raises(ConfigError, match=r"^D: unknown config key `distill.kd.temperatur` "
+                                          r"\(did you mean `distill.kd.temperature`\?\)"):
+        resolve(DetectionConfig, {"distill": {"kd": {"temperatur": 4}}}, "D")
+    with pytest.raises(ConfigError, match=r"`train.epochs` must be int, got 'two'"):
+        resolve(ClassificationConfig, {"train": {"epochs": "two"}})
+    assert resolve(DetectionConfig, {"teacher": None})["teacher"] is None
+    assert resolve(DetectionConfig, {"teacher": {"arch": "resnet18_fpn"}})["teacher"]["allow_random_init"] is False
+
+
+def test_schedules_are_torch_lr_schedulers():
+    """multistep after a linear warm-up (SequentialLR of LinearLR + MultiStepLR): factor(it) =
+    warmup(it) * gamma ** #milestones passed, with warmup(it) = f + (1 - f) it / W; cosine after warm-up."""
+    def factors(**upd):
+        tcfg = resolve(TrainConfig, {"lr": 1.0, "epochs": 12, **upd})
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(opt, tcfg, 10)
+        out = []
+        for _ in range(120):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, sched
+
+    f, sched = factors(milestones=[8, 11], warmup_iters=5, warmup_factor=0.001)
+    assert type(sched).__name__ == "SequentialLR"
+    assert f[0] == pytest.approx(0.001) and f[2] == pytest.approx(0.001 + 0.999 * 2 / 5)
+    assert f[5] == pytest.approx(1.0) and f[79] == pytest.approx(1.0)
+    assert f[80] == pytest.approx(0.1) and f[110] == pytest.approx(0.01)
+    f, sched = factors(milestones=[3])
+    assert type(sched).__name__ == "MultiStepLR" and f[29] == 1.0 and f[30] == pytest.approx(0.1)
+    f, _ = factors(scheduler="cosine", warmup_epochs=1, min_lr_ratio=0.1)
+    assert f[10] == pytest.approx(1.0) and f[65] == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-6)
+    assert min(f[10:]) >= 0.1 - 1e-9
+    with pytest.raises(ValueError, match="exclusive"):
+        factors(warmup_iters=5, warmup_epochs=1)
 
 
 def test_config_errors_name_the_problem(tmp_path):
@@ -96,23 +130,23 @@ def test_unwrap_model_strips_compile_wrapper():
     assert unwrap_model(m) is m
 
 
-def test_metric_logger_grows_header_and_appends_on_resume(tmp_path):
+def test_metric_logger_writes_json_lines_and_appends_on_resume(tmp_path):
     with MetricLogger(tmp_path, tensorboard=False) as log:
         log.log(1, {"loss": 1.5})
         log.log(2, {"loss": 1.25, "lr": torch.tensor(0.1)}, prefix="")
     with MetricLogger(tmp_path, tensorboard=False) as log:  # a resumed run
         log.log(3, {"top1": 50.0}, prefix="val/")
         log.drop_after(2)
-        log.log(3, {"loss": 1.0})
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "loss", "lr", "val/top1"]
-    assert [(r["step"], r["loss"]) for r in rows] == [("1", "1.5"), ("2", "1.25"), ("3", "1.0")]
+        log.log(3, {"loss": 1.0, "bad": float("nan")})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.5), (2, 1.25), (3, 1.0)]
+    assert rows[1]["lr"] == pytest.approx(0.1) and rows[2]["bad"] == "nan"
+    assert all(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
     MetricLogger(tmp_path / "off", enabled=False).log(1, {"a": 1.0})
     assert not (tmp_path / "off").exists()
 
 
-def test_amp_and_progress_and_single_process_distributed():
+def test_amp_and_single_process_distributed():
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="amp"):
         autocast(cpu, "fp8")
@@ -124,7 +158,3 @@ def test_amp_and_progress_and_single_process_distributed():
     t = torch.tensor([1.0, 2.0])
     assert all_reduce_mean(t) is t
     barrier()
-    with Progress(3, "t", enabled=False) as p:
-        for _ in range(3):
-            p.update(8, loss=0.1)
-    assert p.items == 24

@@ -16,7 +16,7 @@ from cls_helpers import CONFIGS  # noqa: E402
 
 from examples.common.config import load_config  # noqa: E402
 from examples.classification import train  # noqa: E402
-from examples.classification.distill import METHODS  # noqa: E402
+from examples.classification.distill import CLS_METHODS as METHODS  # noqa: E402
 
 ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if "_base_" not in p.parts)
 # test-data lookup: the released matrices are not in the repository; CI has them in ../shared/data
@@ -186,3 +186,57 @@ def test_wkd_l_sharpens_the_released_distance_exactly_once(tmp_path):
                          {"method": "wkd_l", "wkd_l": {"cost": str(tmp_path / "d.pth"), "kappa": kappa,
                                                        "temperature": 2, "weight": 1.0}}, total_epochs=2)
         assert torch.allclose(dist.losses["wkd_l"].cost, 1 - torch.exp(-kappa * d) + 1e-8, atol=1e-7)
+
+
+def _raw_chain(path: Path) -> list:
+    """The YAML mappings of ``path`` and its ``_base_`` files (what a config states itself, before defaults)."""
+    import yaml
+    data = yaml.safe_load(path.read_text()) or {}
+    bases = data.get("_base_") or []
+    out = [data]
+    for b in [bases] if isinstance(bases, str) else bases:
+        out += _raw_chain(path.parent / b)
+    return out
+
+
+@pytest.mark.parametrize("rel", [r for r in REL if r.startswith("imagenet/")])
+def test_imagenet_configs_state_their_wkd_f_grid(rel):
+    """The published WKD-F grid on ImageNet is 4, the library's default 1: every ImageNet config using WKD-F says
+    which it means instead of relying on a default."""
+    cfg = load_config(CONFIGS / rel)
+    if cfg["distill"]["method"] in ("wkd_f", "wkd_lf"):
+        stated = [m["distill"]["wkd_f"]["grid"] for m in _raw_chain(CONFIGS / rel)
+                  if "grid" in (m.get("distill") or {}).get("wkd_f", {})]
+        assert stated and stated[0] == 4, rel
+
+
+@pytest.mark.parametrize("method", ["wkd_f", "wkd_lf", "fitnet"])
+def test_wrn_to_shufflenet_uses_the_published_convreg_projector(method, tmp_path):
+    """WRN-40-2 (8x8 last stage, 16x16 stage 2) -> ShuffleNetV1 (4x4, 8x8): a transposed conv to the teacher's size,
+    no bilinear resize of the student map."""
+    rel = f"cifar100/wrn40_2_snv1/{method}.yaml"
+    cfg = _cfg_for_build(rel, tmp_path)
+    term = "fitnet" if method == "fitnet" else "wkd_f"
+    assert cfg["distill"][term]["projector"] == "convreg"
+    torch.manual_seed(0)
+    d = train.build_distiller(cfg, synthetic=True, log=lambda *a: None).train()
+    proj = d.losses[f"{term}_projector"]
+    assert isinstance(proj[0], torch.nn.ConvTranspose2d) and (proj[0].kernel_size, proj[0].stride) == ((4, 4), (2, 2))
+    calls = []
+    import examples.classification.distill as distill_mod
+    real = distill_mod.match_spatial
+    distill_mod.match_spatial = lambda *a: calls.append(a) or real(*a)
+    try:
+        _, terms = d(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    finally:
+        distill_mod.match_spatial = real
+    assert not calls and torch.isfinite(terms[term])
+    sum(terms.values()).backward()
+    assert proj[0].weight.grad is not None
+
+
+def test_imagenet_dkd_follows_mdistiller():
+    """mdistiller's ImageNet DKD configs: alpha 1 (its default), beta 0.5 (r34_r18) / 2.0 (r50_mv1), T 1, warm-up 1."""
+    for pair, beta in (("r34_r18", 0.5), ("r50_mv1", 2.0)):
+        dkd = load_config(CONFIGS / f"imagenet/{pair}/dkd.yaml")["distill"]["dkd"]
+        assert (dkd["alpha"], dkd["beta"], dkd["temperature"], dkd["warmup_epochs"]) == (1.0, beta, 1.0, 1), pair

@@ -1,7 +1,8 @@
 """2-process gloo DDP (torchrun in a subprocess) matches the single-process run on the same global batch.
 
 Same global batch (8 = 2 x 4), same data order (DistributedSampler permutation depends on seed and epoch only),
-synchronised BatchNorm (``train.sync_bn``; GlooSyncBatchNorm on the CPU), so the logged losses (averaged over the
+synchronised BatchNorm (``train.sync_bn``; the tests' GlooSyncBatchNorm stands in for nn.SyncBatchNorm on the
+CPU: ``gloo_sync_bn.py``), so the logged losses (averaged over the
 ranks) and the final weights must agree up to float rounding. WKD-L + WKD-F covers the logit loss, the feature loss
 and its trained projector.
 """
@@ -23,7 +24,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     cfg = tiny_config(tmp_path, "wkd_lf", epochs=2, steps=2, batch=8, extra={"train": {"sync_bn": True}})
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train.main(["--config", str(cfg), "--out", str(single)])  # in-process: the reference needs no launcher
-    proc = run_train(["--config", str(cfg), "--out", str(ddp)], nproc=2)
+    proc = run_train(["--config", str(cfg), "--out", str(ddp)], nproc=2,
+                     module="examples.classification.tests.gloo_sync_bn")
     assert "world size 2" in proc.stdout and "4 per process" in proc.stdout
     for key in ("train/loss", "train/loss_ce", "train/loss_wkd_l", "train/loss_wkd_f"):
         a, b = train_losses(single, key), train_losses(ddp, key)

@@ -44,8 +44,8 @@ def test_stop_after_epochs_then_resume(tmp_path):
     cfg = tiny_config(tmp_path, "fitnet", epochs=2, steps=2)
     full, cut = tmp_path / "full", tmp_path / "cut"
     train.main(["--config", str(cfg), "--out", str(full)])
-    assert train.main(["--config", str(cfg), "--out", str(cut), "train.stop_after_epochs=1"]) == {
-        "stopped_at_epoch": 1}
+    stopped = train.main(["--config", str(cfg), "--out", str(cut), "train.stop_after_epochs=1"])
+    assert stopped["stopped_early"] and stopped["stopped_at_epoch"] == 1
     assert not (cut / "summary.json").exists()
     train.main(["--config", str(cfg), "--out", str(cut), "--resume"])
     assert train_losses(full) == train_losses(cut)

@@ -39,13 +39,11 @@ def coco_root(tmp_path_factory) -> Path:
 def tiny_cfg(config: str, coco_root: Path, **sections) -> dict:
     """A shipped config shrunk for CPU tests: 80-96 px, batch 2, small samplers and box head, no TensorBoard."""
     cfg = load_config(CONFIGS / config)
-    cfg["device"] = "cpu"
-    cfg["tensorboard"] = False
     cfg["data"].update(root=str(coco_root), workers=0)
     cfg["model"].update(train_min_size=[80, 96], test_min_size=96, max_size=128, rcnn_kwargs=dict(TINY_RCNN),
                         box_head_dim=128)
-    cfg["train"].update(batch_size=2, epochs=1, warmup_iters=2, log_interval=1, eval_every_epochs=100,
-                        checkpoint_interval=None)
+    cfg["train"].update(device="cpu", tensorboard=False, progress=False, batch_size=2, epochs=1, warmup_iters=2,
+                        log_every=1, eval_every=100, checkpoint_every=None)
     for name, upd in sections.items():
         if isinstance(upd, dict) and isinstance(cfg.get(name), dict):
             cfg[name] = {**cfg[name], **upd}
@@ -61,7 +59,7 @@ def baseline_run(coco_root, tmp_path_factory):
     from examples.detection.train import train
     out = tmp_path_factory.mktemp("baseline")
     cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
-    cfg["train"]["eval_every_epochs"] = 1
+    cfg["train"]["eval_every"] = 1
     summary = train(cfg, out)
     return out, summary
 

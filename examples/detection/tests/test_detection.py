@@ -9,12 +9,14 @@ import torch
 
 from examples.common.checkpoint import load_checkpoint
 from examples.common.config import load_config
-from examples.detection.builders import build_datasets, build_distiller, check_config_keys
+from examples.common.metrics_log import read_metrics
+from examples.common.trainer import build_scheduler
+from examples.detection.builders import build_datasets, build_distiller, resolve_config
 from examples.detection.coco_eval import STAT_NAMES, coco_stats, evaluate
 from examples.detection.data import CocoDetectionDataset, GroupedEpochBatchSampler, collate, coco_paths
 from examples.detection.distill import DistillLosses
 from examples.detection.models import MOBILENET_V2_TAPS, build_detector, feature_strides
-from examples.detection.train import WarmupMultiStep, train
+from examples.detection.train import train
 from wkd_kernels.interrelations import sharpen
 from wkd_kernels.losses import WKDLogitLoss
 
@@ -45,6 +47,9 @@ def test_mobilenet_v2_fpn_has_four_levels_at_strides_4_to_32():
 def test_teacher_box_head_runs_on_the_students_sampled_rois(coco_root, teacher_ckpt, cost_file):
     cfg = distill_cfg("r101_r18/wkd_lf.yaml", coco_root, teacher_ckpt, cost_file)
     cfg["model"]["train_min_size"] = [96]  # one size: the transform is deterministic and can be replayed
+    # room for every positive RoI (25% of 512 > 60 proposals + GT boxes): the sampler then keeps all GT boxes
+    # whatever the RNG state (with 32 RoIs per image, 8 positives, it may drop some)
+    cfg["model"]["rcnn_kwargs"]["box_batch_size_per_image"] = 512
     ds, _ = build_datasets(cfg, val=False)
     m = build_distiller(cfg, ds.num_classes, ds.cat_ids, keep_tensors=True).train()
     images, targets = collate([ds[0], ds[1]])
@@ -111,9 +116,9 @@ EXPECTED_TERMS = {"kd": {"loss_kd"}, "dkd": {"loss_dkd"}, "wkd_l": {"loss_wkd_l"
                   "wkd_f_full": {"loss_wkd_f"}, "wkd_lf_grid2": {"loss_wkd_l", "loss_wkd_f"}}
 
 
-def _csv_columns(out):
-    with open(out / "metrics.csv") as f:
-        return f.readline().strip().split(",")
+def _columns(out):
+    """Every key logged in out/metrics.jsonl."""
+    return {k for row in read_metrics(out / "metrics.jsonl") for k in row}
 
 
 def test_baseline_trains_and_evaluates_with_pycocotools(baseline_run):
@@ -123,7 +128,7 @@ def test_baseline_trains_and_evaluates_with_pycocotools(baseline_run):
     assert set(res["coco_bbox"]) == set(STAT_NAMES)
     assert all(isinstance(v, float) and -1.0 <= v <= 1.0 for v in res["coco_bbox"].values())
     assert res["expected_map"] == PAPER["r101_r18"]["baseline"]
-    cols = _csv_columns(out)
+    cols = _columns(out)
     assert "val/mAP" in cols and "train/loss_classifier" in cols
 
 
@@ -138,11 +143,11 @@ def test_each_method_trains_two_steps(case, coco_root, teacher_ckpt, cost_file, 
     summary = train(cfg, tmp_path, resume=True)
     assert len(summary["losses"]) == 2 and all(math.isfinite(x) for x in summary["losses"])
     after = load_checkpoint(tmp_path / "last.pth")
-    assert after["iteration"] == 2
+    assert after["step"] == 2
     changed = [k for k, v in after["model"].items() if v.is_floating_point() and not torch.equal(v, init["model"][k])]
     assert any(k.startswith("roi_heads.box_predictor") for k in changed)
     assert any(k.startswith("backbone.body") for k in changed)
-    cols = _csv_columns(tmp_path)
+    cols = _columns(tmp_path)
     for term in EXPECTED_TERMS[case]:
         assert f"train/{term}" in cols
     if "wkd_f" in case or "wkd_lf" in case:  # the projector trains too
@@ -165,7 +170,7 @@ def test_resume_reproduces_the_uninterrupted_run(coco_root, teacher_ckpt, cost_f
     second = train(cfg, tmp_path / "cut", resume=True)
     assert straight["losses"] == first["losses"] + second["losses"]
     a, b = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(tmp_path / "cut" / "last.pth")
-    assert (a["epoch"], a["batch"], a["iteration"]) == (b["epoch"], b["batch"], b["iteration"]) == (1, 1, 4)
+    assert (a["epoch"], a["batch"], a["step"]) == (b["epoch"], b["batch"], b["step"]) == (1, 1, 4)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["distill"]:
@@ -174,7 +179,7 @@ def test_resume_reproduces_the_uninterrupted_run(coco_root, teacher_ckpt, cost_f
     ma = a["optimizer"]["state"]
     for i in ma:
         assert torch.equal(ma[i]["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
-    steps = [int(line.split(",")[0]) for line in (tmp_path / "cut" / "metrics.csv").read_text().splitlines()[1:]]
+    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
 
 
@@ -182,17 +187,15 @@ def test_resume_at_an_epoch_end_runs_the_pending_evaluation(coco_root, tmp_path)
     """Stopped right after epoch 1's end checkpoint (before its COCO evaluation): the resumed run evaluates
     epoch 1 first, then trains epoch 2 and evaluates it."""
     cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
-    cfg["train"].update(epochs=2, eval_every_epochs=1, stop_after_iters=3)  # 3 iterations per epoch
+    cfg["train"].update(epochs=2, eval_every=1, stop_after_iters=3)  # 3 iterations per epoch
     first = train(cfg, tmp_path)
     ck = load_checkpoint(tmp_path / "last.pth")
     assert first["stopped_early"] and (ck["epoch"], ck["batch"], ck["eval_pending"]) == (1, 0, True)
-    assert "val/mAP" not in _csv_columns(tmp_path)
+    assert "val/mAP" not in _columns(tmp_path)
     cfg["train"]["stop_after_iters"] = None
     second = train(cfg, tmp_path, resume=True)
-    assert second["iteration"] == 6 and not second["stopped_early"]
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    col = rows[0].split(",").index("val/mAP")
-    evaluated = [int(r.split(",")[0]) for r in rows[1:] if r.split(",")[col] != ""]
+    assert second["steps"] == 6 and not second["stopped_early"]
+    evaluated = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val/mAP" in r]
     assert evaluated == [3, 6]
 
 
@@ -248,17 +251,29 @@ def test_sampler_partitions_ranks_and_skips_on_resume():
 
 
 def test_warmup_multistep_schedule():
-    f = WarmupMultiStep(iters_per_epoch=10, milestones=[8, 11], warmup_iters=5, warmup_factor=0.001)
-    assert f(0) == pytest.approx(0.001) and f(5) == 1.0 and f(79) == 1.0
-    assert f(80) == pytest.approx(0.1) and f(110) == pytest.approx(0.01)
+    """The 1x schedule of the configs (LinearLR warm-up + MultiStepLR in a SequentialLR), factor per iteration."""
+    cfg = resolve_config(load_config(CONFIGS / "r101_r18/baseline.yaml"))
+    tcfg = dict(cfg["train"], warmup_iters=5, lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, tcfg, iters_per_epoch=10)
+    f = []
+    for _ in range(111):
+        f.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert f[0] == pytest.approx(0.001) and f[5] == pytest.approx(1.0) and f[79] == pytest.approx(1.0)
+    assert f[80] == pytest.approx(0.1) and f[110] == pytest.approx(0.01)
 
 
 def test_shipped_configs_build_and_carry_the_paper_numbers():
     for pair, table in PAPER.items():
         for method in ("baseline", "kd", "dkd", "wkd_l", "wkd_f", "wkd_f_full", "wkd_lf"):
-            cfg = load_config(CONFIGS / pair / f"{method}.yaml")
-            check_config_keys(cfg)
-            assert cfg["train"]["epochs"] == 12 and cfg["train"]["lr_steps"] == [8, 11]
+            cfg = resolve_config(load_config(CONFIGS / pair / f"{method}.yaml"))
+            assert cfg["train"]["epochs"] == 12 and cfg["train"]["milestones"] == [8, 11]
+            # the global batch of the recipe (8 GPUs x 2 images) at lr 0.02 per 16 images
+            assert (cfg["train"]["batch_size"], cfg["train"]["lr"], cfg["train"]["base_batch"]) == (16, 0.02, 16)
+            assert cfg["distill"]["method"] == ("ce" if method == "baseline" else
+                                                "wkd_f" if method == "wkd_f_full" else method)
             assert cfg["model"]["train_min_size"] == [640, 672, 704, 736, 768, 800]
             if method in table:
                 assert cfg["expected_map"] == table[method], (pair, method)
@@ -280,17 +295,20 @@ def test_clear_errors(coco_root, teacher_ckpt, tmp_path):
     with pytest.raises(ValueError, match="distill.wkd_l.cost"):
         build_distiller(cfg, 4)
     with pytest.raises(ValueError, match=r"unknown config key `distill.wkd_f.grdi` \(did you mean `distill.wkd_f.grid`\?\)"):
-        DistillLosses({"wkd_f": {"covariance": "diag", "grdi": 2}}, 4)
+        DistillLosses({"method": "wkd_f", "wkd_f": {"covariance": "diag", "grdi": 2}}, 4)
     with pytest.raises(ValueError, match="distill.wkd_f.projector"):
-        DistillLosses({"wkd_f": {"projector": "conv3x3"}}, 4)
+        DistillLosses({"method": "wkd_f", "wkd_f": {"weight": 1.0, "projector": "conv3x3"}}, 4)
     with pytest.raises(ValueError, match=r"\[4, 4\], expected \[81, 81\]"):
-        DistillLosses({"wkd_l": {"cost": torch.rand(4, 4)}}, 81)
+        DistillLosses({"method": "wkd_l", "wkd_l": {"cost": torch.rand(4, 4), "temperature": 2, "weight": 1}}, 81)
+    with pytest.raises(ValueError, match=r"`distill.method` must be one of .* got 'wkd_ll' \(did you mean 'wkd_l'\?\)"):
+        DistillLosses({"method": "wkd_ll"}, 81)
     with pytest.raises(ValueError, match="arch"):
         build_detector("resnet34_fpn", 4)
     cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
-    cfg["train"]["lr"] = 0.01  # misspelt train.base_lr
-    cfg["sed"] = 1
-    with pytest.raises(ValueError, match=r"unknown config keys `sed` \(did you mean `seed`\?\), `train.lr`"):
+    cfg["train"]["base_lr"] = 0.01  # the old name of train.lr
+    cfg["train"]["sed"] = 1
+    with pytest.raises(ValueError, match=r"unknown config keys `train.base_lr` \(did you mean `train.lr`\?\), "
+                                         r"`train.sed` \(did you mean `train.seed`\?\)"):
         train(cfg, tmp_path)
 
 
@@ -325,7 +343,7 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(coco_root, tmp_path):
     import yaml
 
     cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
-    cfg["train"]["eval_every_epochs"] = 1
+    cfg["train"].update(eval_every=1, batch_size=4)  # the global batch: 2 images per process
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     repo = CONFIGS.parents[2]
@@ -334,10 +352,10 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(coco_root, tmp_path):
                         "--out", str(tmp_path / "out")], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "2 process(es)" in r.stdout
+    assert "world size 2" in r.stdout and "2 per process" in r.stdout
     ck = load_checkpoint(tmp_path / "out" / "last.pth")
-    assert ck["iters_per_epoch"] == 2 and ck["iteration"] == 2 and len(ck["rng"]) == 2
-    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+    assert ck["iters_per_epoch"] == 2 and ck["step"] == 2 and len(ck["rng_per_rank"]) == 2
+    assert not torch.equal(ck["rng_per_rank"][0]["torch"], ck["rng_per_rank"][1]["torch"])
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(res["coco_bbox"]) == set(STAT_NAMES)
 

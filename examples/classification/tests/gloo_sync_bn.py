@@ -1,14 +1,18 @@
-"""Synchronised BatchNorm for DDP on any device (``train.sync_bn``).
+"""Test helper: synchronised BatchNorm on the CPU (gloo), and an entry point running the trainer with it.
 
-``nn.SyncBatchNorm`` only runs on GPUs; :class:`GlooSyncBatchNorm` does the same on the CPU (gloo): batch
-statistics are summed over all processes with the differentiable ``torch.distributed.nn.functional.all_reduce``,
-so a world of w processes with batch b normalises exactly like one process with batch w * b (up to float
-rounding), which is what the DDP-equivalence test relies on.
+``nn.SyncBatchNorm`` (what ``train.sync_bn`` uses) only runs on GPUs; :class:`GlooSyncBatchNorm` does the same on
+the CPU: batch statistics are summed over all processes with the differentiable
+``torch.distributed.nn.functional.all_reduce``, so a world of w processes with batch b normalises exactly like one
+process with batch w * b (up to float rounding), which is what the DDP-equivalence test relies on. Not part of
+the product: ``python -m examples.classification.tests.gloo_sync_bn ARGS`` runs ``examples.classification.train``
+with the trainer's ``convert_sync_batchnorm`` replaced by :func:`convert_sync_batchnorm` below.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+import sys
 
 from examples.common.distributed import is_distributed
 
@@ -55,3 +59,14 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     for name, child in module.named_children():
         setattr(module, name, convert_sync_batchnorm(child, device))
     return module
+
+
+def main(argv=None):
+    import examples.common.trainer as trainer
+    from examples.classification import train
+    trainer.convert_sync_batchnorm = convert_sync_batchnorm
+    return train.main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
