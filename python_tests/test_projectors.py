@@ -62,3 +62,16 @@ def test_a_module_is_used_as_is():
     assert torch.isfinite(loss) and m[0].weight.grad is not None
     with pytest.raises(ValueError, match="projector"):
         make_projector("conv3x3", 3, 4)
+
+
+def test_wkd_feature_loss_with_the_size_changing_projector():
+    """WKDFeatureLoss(projector="convreg") compares maps of different spatial size (the projector resizes the student
+    map); the sizes are checked after the projector."""
+    torch.manual_seed(0)
+    loss = WKDFeatureLoss(8, 16, projector="convreg", student_size=(8, 8), teacher_size=(4, 4))
+    out = loss(torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4))
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None for p in loss.projector.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="after the projector"):
+        loss(torch.randn(2, 8, 6, 6), torch.randn(2, 16, 4, 4))

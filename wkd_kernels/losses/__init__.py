@@ -7,7 +7,8 @@
     wkd_feature_loss(student_features, teacher_features, covariance="diag", grid=1, mean_cov_ratio=2.0, eps=1e-5)
     KDLoss / kd_loss, DKDLoss / dkd_loss, NKDLoss / nkd_loss, FitNetLoss / fitnet_loss
     cosine_weight(epoch, base_weight, decay_start_epoch, total_epochs)
-    make_projector("conv1x1" | "bottleneck" | None, student_channels, teacher_channels)
+    make_projector("conv1x1" | "conv1x1_linear" | "bottleneck" | "convreg" | None | module, student_channels,
+                   teacher_channels, student_size=..., teacher_size=...)
 """
 from .baselines import DKDLoss, FitNetLoss, KDLoss, NKDLoss, dkd_loss, fitnet_loss, kd_loss, nkd_loss
 from .feature import WKDFeatureLoss, WKDFeatureLossOutput, wkd_feature_loss

@@ -55,7 +55,8 @@ class WKDFeatureLossOutput(NamedTuple):
 
 
 def _check_features(f_s, f_t, fn: str, s_name: str = "student_features", t_name: str = "teacher_features",
-                    s_channels: Optional[int] = None, t_channels: Optional[int] = None) -> None:
+                    s_channels: Optional[int] = None, t_channels: Optional[int] = None,
+                    same_size: bool = True) -> None:
     for name, t, c in ((s_name, f_s, s_channels), (t_name, f_t, t_channels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: `{name}` must be a torch.Tensor [N, C, H, W], got {type(t).__name__}")
@@ -69,7 +70,7 @@ def _check_features(f_s, f_t, fn: str, s_name: str = "student_features", t_name:
             raise ValueError(f"{fn}: `{name}` is empty (shape {list(t.shape)})")
     if f_s.shape[0] != f_t.shape[0]:
         raise ValueError(f"{fn}: `{s_name}` has batch size {f_s.shape[0]} but `{t_name}` has {f_t.shape[0]}")
-    if f_s.shape[2:] != f_t.shape[2:]:
+    if same_size and f_s.shape[2:] != f_t.shape[2:]:
         raise ValueError(f"{fn}: spatial sizes differ: `{s_name}` is {f_s.shape[2]} x {f_s.shape[3]}, `{t_name}` is "
                          f"{f_t.shape[2]} x {f_t.shape[3]} (H x W must match)")
     if f_s.device != f_t.device:
@@ -155,6 +156,9 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
             as a constant (detached).
         covariance: ``"diag"`` (the published WKD-F) or ``"full"`` (full C x C covariances, Bures-Wasserstein).
         grid: G, cells per side of the adaptive-pooling partition, 1 <= G <= min(H, W), every cell >= 2 positions.
+            Default 1 (one Gaussian per channel over the whole map); the published WKD code defaults to 4 (its
+            ImageNet recipes and WRN-40-2 -> ShuffleNetV1 use G = 4, ResNet32x4 -> ResNet8x4 uses 1): pass
+            ``grid=4`` to reproduce those (G = 4 needs an 8 x 8 map or larger).
         mean_cov_ratio: factor of the mean term (published default 2.0), >= 0.
         eps: >= 0 added to the variances (diag; published 1e-5) or to the covariance diagonal on the dense
             full-covariance path (the low-rank path is exact without it), in squared feature units.
@@ -190,13 +194,19 @@ class WKDFeatureLoss(nn.Module):
     Args:
         student_channels, teacher_channels: Cs, Ct of the two [N, C, H, W] maps (same N, H, W).
         covariance: ``"diag"`` or ``"full"``.
-        grid: G, cells per side (adaptive-pooling cells; 1 = whole map). Checked against H, W at call time.
+        grid: G, cells per side (adaptive-pooling cells). Default 1 (one Gaussian per channel over the whole map);
+            the published WKD code defaults to 4 (its ImageNet recipes and WRN-40-2 -> ShuffleNetV1 use G = 4,
+            ResNet32x4 -> ResNet8x4 uses 1): pass ``grid=4`` to reproduce those. Every cell needs >= 2 positions
+            (G = 4 needs an 8 x 8 map or larger); checked against H, W at call time.
         mean_cov_ratio: factor of the mean term (published default 2.0).
         eps: added to the variances / covariance diagonal (published 1e-5), squared feature units.
         projector: ``"bottleneck"`` (default: 1x1 -> 3x3 -> 1x1 conv with ``hidden_channels``, BN, ReLU, the
-            published ConvRegBottleNeck), ``"conv1x1"`` (1x1 conv + BN + ReLU, ConvReg) or ``None`` (identity, needs
-            Cs == Ct). Its parameters belong to this module: add ``loss.parameters()`` to the optimiser.
+            published ConvRegBottleNeck), ``"conv1x1"`` (1x1 conv + BN + ReLU), ``"conv1x1_linear"`` (1x1 conv + BN),
+            ``"convreg"`` (the published spatial-size-changing ConvReg: needs ``student_size`` and ``teacher_size``),
+            an ``nn.Module``, or ``None`` (identity, needs Cs == Ct); see ``make_projector``. Its parameters belong to this module: add ``loss.parameters()`` to the optimiser.
         hidden_channels: bottleneck width (default 256, as published).
+        student_size, teacher_size: (H, W) of the student and teacher maps, for ``projector="convreg"`` (the maps may
+            then differ in size; the projected student map must have the teacher's size).
         weight: >= 0 factor of the whole loss; a plain attribute (update it per epoch with ``cosine_weight``).
         method, num_iters, path: full covariance only, see ``wkd_kernels.gaussian_wasserstein``.
         backend, precision, check_values: as in :func:`wkd_feature_loss` (None: the settings at call time).
@@ -208,7 +218,8 @@ class WKDFeatureLoss(nn.Module):
 
     def __init__(self, student_channels: int, teacher_channels: int, covariance: str = "diag", grid: int = 1,
                  mean_cov_ratio: float = 2.0, eps: float = 1e-5, projector: Optional[str] = "bottleneck", *,
-                 hidden_channels: int = 256, weight: float = 1.0, method: str = "newton_schulz",
+                 hidden_channels: int = 256, student_size=None, teacher_size=None, weight: float = 1.0,
+                 method: str = "newton_schulz",
                  num_iters: Optional[int] = None, path: str = "auto", backend: Optional[str] = None,
                  precision: Optional[str] = None, check_values: Optional[bool] = None):
         super().__init__()
@@ -220,7 +231,9 @@ class WKDFeatureLoss(nn.Module):
         self.check_values = check_values
         self.backend = backend
         self.precision = None if precision is None else settings.resolve_precision(precision, "gaussian", fn)
-        self.projector = make_projector(projector, student_channels, teacher_channels, hidden_channels, fn=fn)
+        self.projector = make_projector(projector, student_channels, teacher_channels, hidden_channels, fn=fn,
+                                        student_size=student_size, teacher_size=teacher_size)
+        self.resizes = projector == "convreg" or isinstance(projector, nn.Module)
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
 
     @property
@@ -240,9 +253,12 @@ class WKDFeatureLoss(nn.Module):
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> WKDFeatureLossOutput:
         fn = "WKDFeatureLoss"
         _check_features(student_features, teacher_features, fn, s_channels=self.student_channels,
-                        t_channels=self.teacher_channels)
+                        t_channels=self.teacher_channels, same_size=not self.resizes)
         _check_grid(self.grid, teacher_features.shape[2], teacher_features.shape[3], fn)
         f_s = self.projector(student_features)
+        if f_s.shape[1:] != teacher_features.shape[1:]:
+            raise ValueError(f"{fn}: the projected student map is {list(f_s.shape[1:])} but `teacher_features` is "
+                             f"{list(teacher_features.shape[1:])} ([C, H, W] must match after the projector)")
         weight = check_number(self.weight, "weight", fn, nonneg=True)
         return _wkd_feature_loss(f_s, teacher_features, self.covariance, self.grid, self.mean_cov_ratio, self.eps,
                                  weight, self.method, self.num_iters, self.path, self.check_values, fn,
