@@ -834,7 +834,7 @@ def _sinkhorn_fwd_onchip_kernel(
         u = tl.where(a > 0, -_safe_log(total, ACCURATE)[:, None], float("-inf"))
     else:
         la = a  # unused
-        u = tl.where(a > 0, _div(tl.full([BLOCK_B], 1.0, DT), total)[:, None], 0.0)
+        u = tl.where(a > 0, _div(tl.full([BLOCK_B], 1.0, DT), tl.where(total > 0, total, 1.0))[:, None], 0.0)
     y = tl.zeros([BLOCK_B, NP], dtype=DT)  # y (scaling) or the shifted sum of cost * exp (log), last iteration
     hr_t = hr_ptr + aoff  # history slot t (advanced by B * n per iteration)
     hs_t = hs_ptr + rows[:, None] * m
@@ -857,7 +857,7 @@ def _sinkhorn_fwd_onchip_kernel(
                 else:
                     neg = -(c / reg)
             else:
-                c = bt  # unused
+                c = bt  # unused (scaling domain with the K buffer)
                 neg = bt  # unused
             if LOG:
                 lt = tl.where(mmask, neg, float("-inf"))  # L tile [NP, BLOCK_N]
@@ -891,9 +891,11 @@ def _sinkhorn_fwd_onchip_kernel(
                 vt = _div(bt, den)
                 acc = tl.dot(vt, tl.trans(kt), acc, input_precision=PREC, out_dtype=DT)
                 if last:
-                    if not FROM_COST:
-                        c = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-                    y = tl.dot(vt, tl.trans(kt * c), y, input_precision=PREC, out_dtype=DT)
+                    if FROM_COST:
+                        kc = kt * c
+                    else:
+                        kc = kt * tl.load(cost_ptr + moff, mask=mmask, other=0.0)
+                    y = tl.dot(vt, tl.trans(kc), y, input_precision=PREC, out_dtype=DT)
             if STORE_HIST:
                 tl.store(hs_t + cj[None, :], den, mask=bmask)
             if last:
@@ -1023,9 +1025,11 @@ def _sinkhorn_bwd_onchip_kernel(
                 st = tl.load(hs_t + cj[None, :], mask=bmask, other=1.0)  # s_{t+1}
                 kx = tl.dot(x, kt, input_precision=PREC, out_dtype=DT)
                 if first:
-                    if not FROM_COST:
-                        c = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-                    kc = tl.dot(lu, kt * c, input_precision=PREC, out_dtype=DT)
+                    if FROM_COST:
+                        kct = kt * c
+                    else:
+                        kct = kt * tl.load(cost_ptr + moff, mask=mmask, other=0.0)
+                    kc = tl.dot(lu, kct, input_precision=PREC, out_dtype=DT)
                     z = _div(g * kc - kx, st)
                 else:
                     z = _div(-kx, st)
@@ -1159,3 +1163,7 @@ def sinkhorn_backward_onchip(grad_value: torch.Tensor, a: torch.Tensor, b: torch
     One launch (two with ONCHIP_K_BUFFER), no host synchronisation, extra memory O(1) (registers only)."""
     with _device_guard(a):
         return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
+
+
+__all__ += ["sinkhorn_forward_onchip", "sinkhorn_backward_onchip", "onchip_fits", "ONCHIP_CONFIG", "ONCHIP_K_BUFFER",
+            "ONCHIP_MAX_C"]
