@@ -1077,6 +1077,12 @@ def _onchip_config(dtype: torch.dtype, log_domain: bool, n: int):
     raise ValueError(f"on-chip Sinkhorn: n = {n} exceeds the configuration table (onchip_fits is False)")
 
 
+def _onchip_prec(precision: str, dtype: torch.dtype, log_domain: bool) -> str:
+    """tl.dot input precision: the requested one for float32 in the scaling domain, else "ieee" (float64; the log
+    domain has no tl.dot: one compiled variant instead of three)."""
+    return str(precision) if dtype == torch.float32 and not log_domain else "ieee"
+
+
 def _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dtype):
     """The K buffer (scaling domain with ONCHIP_K_BUFFER) built by one launch, or None (K computed per tile)."""
     if log_domain or not ONCHIP_K_BUFFER[dtype]:
@@ -1111,9 +1117,9 @@ def _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
         a, b, cost, cost if kmat is None else kmat, value, u, v,
         hist_r if keep_history else dummy, hist_s if keep_history else dummy, y if keep_history else dummy,
         B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
-        LOG=bool(log_domain), FROM_COST=kmat is None, HAS_EPS=eps > 0, STORE_HIST=bool(keep_history),
-        ACCURATE=_ACCURATE, PREC=precision if dt == torch.float32 else "ieee", BLOCK_B=bb, BLOCK_N=bn, NP=NP,
-        num_warps=warps)
+        LOG=bool(log_domain), FROM_COST=kmat is None, HAS_EPS=bool(log_domain) and eps > 0,
+        STORE_HIST=bool(keep_history), ACCURATE=_ACCURATE, PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb,
+        BLOCK_N=bn, NP=NP, num_warps=warps)
     return value, u, v, hist_r, hist_s, y
 
 
@@ -1134,7 +1140,7 @@ def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
     _sinkhorn_bwd_onchip_kernel[(triton.cdiv(B, bb),)](
         g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, B, n, m, T, reg_hi, reg_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, ACCURATE=_ACCURATE,
-        PREC=precision if dt == torch.float32 else "ieee", BLOCK_B=bb, BLOCK_N=bn, NP=NP, MP=MP, num_warps=warps)
+        PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb, BLOCK_N=bn, NP=NP, MP=MP, num_warps=warps)
     return ga, gb
 
 
