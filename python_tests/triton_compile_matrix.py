@@ -133,6 +133,34 @@ def drive_sinkhorn():
         sk.FP32_DOT_PRECISION = saved
 
 
+def drive_sinkhorn_onchip(sizes=(100, 256)):
+    """Every launch configuration of the single-launch (on-chip) Sinkhorn launchers: both dtypes, every fp32
+    precision (scaling domain), both domains, eps = 0 and > 0 (log domain), with and without history, the K buffer
+    on and off, at the given n = m (each picks its row of ONCHIP_CONFIG)."""
+    from wkd_kernels.triton import sinkhorn as sk
+
+    saved = dict(sk.ONCHIP_K_BUFFER)
+    B, T = 3, 2
+    try:
+        for dt in (torch.float32, torch.float64):
+            for n in sizes:
+                a = torch.full((B, n), 1.0 / n, dtype=dt)
+                cost = torch.rand(n, n, dtype=dt)
+                g = torch.ones(B, dtype=dt)
+                for log_domain in (False, True):
+                    precisions = ("ieee", "tf32x3", "tf32") if dt == torch.float32 and not log_domain else ("ieee",)
+                    for prec in precisions:
+                        for eps in ((0.0, 1e-8) if log_domain else (0.0,)):
+                            for kbuf in ((False, True) if not log_domain else (False,)):
+                                sk.ONCHIP_K_BUFFER[dt] = kbuf
+                                sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, False, prec)
+                                out = sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, True, prec)
+                                sk.sinkhorn_backward_onchip(g, a, a, cost, *out[3:], 0.05, log_domain, prec)
+    finally:
+        sk.ONCHIP_K_BUFFER.clear()
+        sk.ONCHIP_K_BUFFER.update(saved)
+
+
 def drive_gaussian():
     """Every block size / dtype / precision the Gaussian launchers pick (matrix sizes 1..64 map to blocks 16, 32, 64;
     feature maps chosen so that every BLOCK_C, BLOCK_M, BLOCK_Q value occurs), plus the WKD-F shapes."""
@@ -214,6 +242,7 @@ def main(argv=None) -> int:
     with rec:
         if args.only in (None, "sinkhorn"):
             drive_sinkhorn()
+            drive_sinkhorn_onchip()
         if args.only in (None, "gaussian"):
             drive_gaussian()
     _VARIANTS[:] = sorted(rec.variants.values(), key=lambda v: (v.name, repr(v.key())))
