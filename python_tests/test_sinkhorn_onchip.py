@@ -194,13 +194,12 @@ def test_onchip_fits():
     assert sk.onchip_fits(81, 91, F32)
     assert not sk.onchip_fits(257, 100, F32) and not sk.onchip_fits(100, 257, F32)
     assert not sk.onchip_fits(1000, 1000, F32) and not sk.onchip_fits(100, 100, torch.float16)
-    for dt in (F32, F64):  # every size the rule admits has a configuration row
+    for dt in (F32, F64):  # the configuration table's constraints
         for log_domain in (False, True):
-            for n in (1, 16, 17, 100, 128, 129, 256):
-                bb, bn, warps, NP = sk._onchip_config(dt, log_domain, n)
-                assert NP >= n and NP & (NP - 1) == 0 and bn & (bn - 1) == 0 and bb & (bb - 1) == 0
-                if not log_domain:
-                    assert bb >= 16 and bn >= 16  # tl.dot
+            bb, bn, bk, warps = sk._onchip_config(dt, log_domain)
+            assert all(x & (x - 1) == 0 for x in (bb, bn, bk, warps))
+            if not log_domain:
+                assert min(bb, bn, bk) >= 16  # tl.dot
 
 
 # ------------------------------------------------------------------------------------------------ launch count
@@ -343,7 +342,7 @@ def compile_report(archs=(80, 90), jobs=2) -> int:
         table[(index, arch)] = rep
     print(f"triton {triton.__version__}: {rec.launches} launches -> {len(_VARIANTS)} variants x "
           f"{', '.join(f'sm_{a}' for a in archs)}; registers / spill stores / spill loads (bytes) per arch")
-    keys = ("LOG", "FROM_COST", "HAS_EPS", "STORE_HIST", "PREC", "BLOCK_B", "BLOCK_N", "NP")
+    keys = ("LOG", "FROM_COST", "HAS_EPS", "STORE_HIST", "PREC", "BLOCK_B", "BLOCK_N", "BLOCK_K")
     for i, v in enumerate(_VARIANTS):
         c = dict(v.constexprs)
         desc = " ".join(f"{k}={c[k]}" for k in keys if k in c) + f" warps={dict(v.options).get('num_warps', 4)}"

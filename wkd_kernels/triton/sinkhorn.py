@@ -763,42 +763,31 @@ def get_fp32_dot_precision() -> str:
 # s_1..s_T, y [B, n] = (K∘cost) v_T separately (logs in the log domain); without history [0, B, n], [0, B, m] and
 # y [0, n]. Same recurrences, eps and log-domain handling as the per-half-iteration kernels above.
 #
-# Structure (one program = BLOCK_B rows, grid = cdiv(B, BLOCK_B), no inter-program communication):
-# * forward: the full-width left scaling u [BLOCK_B, NP] (NP = n padded to a power of two >= 16) stays in registers
-#   for all num_iters iterations. Each iteration walks the m columns in BLOCK_N-wide tiles of K (or L = -cost/reg);
-#   per tile: s_j = u K[:, j] + eps (complete: the reduced dimension n is whole), v_j = b_j / s_j, and at once
-#   r += v_j K[:, j]^T, so one tile of K serves both half-iterations and v is never re-read: it lives one tile at
-#   a time in registers (v_T is stored in the last iteration). After the tile loop r = r + eps, u = a / r. The last
-#   iteration also accumulates y += v_j (K∘C)[:, j]^T; the value sum_i u_i y_i is reduced in the epilogue.
-#   Scaling domain: the two products are tl.dot (input precision PREC); log domain: a [BLOCK_B, NP, BLOCK_N]
-#   register tile of log u_i + L_ij, a full max-shifted log-sum-exp over i for s_j, an online max-shifted one over
-#   the j tiles for r (as _lse_update).
-# * backward: the reverse sweep of _launch_backward in the same fused form: x = w_t u_t [BLOCK_B, NP] (log: w_t)
-#   in registers; per K tile: z_j = ((g (K∘C)^T u_T)_j at the first step - (K^T x)_j) / s_t,j (complete), then
-#   r-side accumulation K (z v)_j; after the tile loop w = -K(z v) / r_{t-1}, ga += w, x = w u_{t-1}. grad_b, the
-#   streamed sum over steps of the z_j tiles, is kept in registers as a [BLOCK_B, MP / BLOCK_N, BLOCK_N] tile into
-#   which each z_j is added at its own slot (a select, no memory round trip, deterministic order).
-# * K = exp(-cost/reg) (L = -cost/reg) is computed on the fly from `cost`, tile by tile (the repeated cost reads
-#   hit L1/L2: 40 KB at C=100 float32), or, scaling domain with ONCHIP_K_BUFFER[dtype], read from a K buffer built
-#   by _sinkhorn_kmat_kernel (one extra launch per direction). Launches: forward 1 (2 with the K buffer), backward
-#   1 (2): at most 4 for forward + backward. No host synchronisation, no data-dependent host branching (graph-
-#   capturable).
+# Structure: one program owns BLOCK_B rows (grid = cdiv(B, BLOCK_B)) and runs every half-iteration of them in one
+# launch; programs never communicate. Each half-iteration is the per-half-iteration kernels' product, looped over
+# all output tiles [BLOCK_B, BLOCK_N] of the program's rows, the reduced dimension in BLOCK_K chunks (tl.dot in the
+# scaling domain, an online max-shifted log-sum-exp over a [BLOCK_B, BLOCK_K, BLOCK_N] tile in the log domain),
+# epilogues fused (eps, the division, history, y and the value in the last r-half). The scalings of the program's
+# rows live in its own rows of the u / v outputs (backward: of two [B, n], [B, m] scratch buffers) -- written by one
+# half-iteration, read chunk by chunk by the next after a CTA barrier (tl.debug_barrier: bar.sync orders the global
+# accesses of the block); at C <= 256 they are a few KB per program and stay in L1/L2, as do the K (or cost) tiles,
+# re-read by every half-iteration. Why not whole-row scalings in registers: Triton cannot slice a register tensor, so
+# a product over the whole reduced dimension would be one tl.dot with K = n, which the FMA lowering ("ieee")
+# materialises per thread (K x (rows + columns) per thread): 255 registers and ~1 KB of spills on sm_90 in a first
+# version of these kernels; the tiled form keeps the per-thread operands at BLOCK_K x (rows + columns).
+# K = exp(-cost/reg) (L = -cost/reg) is computed per tile from `cost`, or read (scaling domain with
+# ONCHIP_K_BUFFER[dtype]) from a K buffer built by _sinkhorn_kmat_kernel (one extra launch per direction).
+# Launches: forward 1 (2 with the K buffer), backward 1 (2): at most 4 for forward + backward. No host
+# synchronisation, no data-dependent host branching (graph-capturable).
 ONCHIP_MAX_C = 256
 
-# Launch configuration, per dtype and domain: rows of (largest padded n NP, BLOCK_B, BLOCK_N, num_warps), the first
-# row with NP <= its first field is used. UNTUNED: sized from the sm_90 ptxas register/spill reports only
-# (python_tests/test_sinkhorn_onchip.py prints them); no GPU has timed these kernels yet -- tune here. Scaling domain
-# (tl.dot): BLOCK_B and BLOCK_N must be powers of two >= 16; log domain (register tile BLOCK_B x NP x BLOCK_N):
-# powers of two.
+# Launch configuration per dtype and domain: (BLOCK_B, BLOCK_N, BLOCK_K, num_warps). UNTUNED: sized from the sm_90
+# ptxas register / spill reports only (python_tests/test_sinkhorn_onchip.py prints them); no GPU has timed these
+# kernels yet -- tune here. Scaling domain (tl.dot): powers of two >= 16; log domain: powers of two (register tile
+# BLOCK_B x BLOCK_K x BLOCK_N).
 ONCHIP_CONFIG = {
-    torch.float32: {
-        "scaling": ((64, 16, 16, 4), (128, 16, 16, 4), (256, 16, 16, 8)),
-        "log": ((64, 4, 16, 4), (128, 4, 16, 4), (256, 2, 16, 8)),
-    },
-    torch.float64: {
-        "scaling": ((64, 16, 16, 4), (128, 16, 16, 4), (256, 16, 16, 8)),
-        "log": ((64, 4, 16, 4), (128, 2, 16, 4), (256, 2, 16, 8)),
-    },
+    torch.float32: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
+    torch.float64: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
 }
 # Scaling domain: read K from a buffer built once per call (True, one extra launch per direction) instead of
 # exp(-cost/reg) per tile (False). Untuned as well.
@@ -806,256 +795,327 @@ ONCHIP_K_BUFFER = {torch.float32: False, torch.float64: False}
 
 
 @triton.jit
+def _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG: tl.constexpr, FROM_COST: tl.constexpr,
+                 WANT_COST: tl.constexpr, ACCURATE: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of L = -cost/reg (LOG; -inf outside the mask) or K (0 outside), and the cost tile
+    (when WANT_COST or computed from it; else the K tile again, unused)."""
+    if LOG or FROM_COST or WANT_COST:
+        c = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
+    if LOG or FROM_COST:
+        if c.dtype == tl.float32:
+            neg = -tl.math.div_rn(c, reg)
+        else:
+            neg = -(c / reg)
+        if LOG:
+            tile = tl.where(mmask, neg, float("-inf"))
+        else:
+            if ACCURATE:
+                tile = libdevice.exp(neg)
+            else:
+                tile = tl.exp(neg)
+            tile = tl.where(mmask, tile, 0.0)
+    else:
+        tile = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
+    if not (LOG or FROM_COST or WANT_COST):
+        c = tile
+    return tile, c
+
+
+@triton.jit
 def _sinkhorn_fwd_onchip_kernel(
     a_ptr, b_ptr, cost_ptr, kmat_ptr,  # a [B, n], b [B, m], cost [n, m], K [n, m] (scaling, not FROM_COST)
-    value_ptr, u_ptr, v_ptr,  # out: value [B], u [B, n], v [B, m] (log u, log v when LOG)
+    value_ptr, u_ptr, v_ptr,  # out: value [B], u [B, n], v [B, m] (log u, log v when LOG); u, v: the live scalings
     hr_ptr, hs_ptr, y_ptr,  # out (STORE_HIST): hist_r [T, B, n], hist_s [T, B, m], y [B, n]
     B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
     LOG: tl.constexpr, FROM_COST: tl.constexpr, HAS_EPS: tl.constexpr, STORE_HIST: tl.constexpr,
-    ACCURATE: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NP: tl.constexpr,
+    ACCURATE: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """All num_iters Sinkhorn iterations and the value for BLOCK_B rows (shared cost), see the section comment."""
     pid = tl.program_id(0)
     DT = a_ptr.dtype.element_ty
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    ci = tl.arange(0, NP).to(tl.int64)
     rmask = rows < B
-    imask = ci < n
-    omask = rmask[:, None] & imask[None, :]
-    aoff = rows[:, None] * n + ci[None, :]
-    a = tl.load(a_ptr + aoff, mask=omask, other=0.0)
     reg = _scalar(reg_hi, reg_lo, DT)
     eps = _scalar(eps_hi, eps_lo, DT)
     log_eps = _scalar(leps_hi, leps_lo, DT)
     # u0 = 1/|supp a| on supp(a), 0 elsewhere (log: -log|supp a|, -inf)
-    total = tl.sum((a > 0).to(tl.int32), axis=1).to(DT)
+    cnt = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for k0 in range(0, n, BLOCK_N):
+        ci = (k0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        omask = rmask[:, None] & (ci < n)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * n + ci[None, :], mask=omask, other=0.0)
+        cnt += tl.sum((a > 0).to(tl.int32), axis=1)
+    total = cnt.to(DT)
     if LOG:
-        la = _safe_log(a, ACCURATE)
-        u = tl.where(a > 0, -_safe_log(total, ACCURATE)[:, None], float("-inf"))
+        val0 = -_safe_log(total, ACCURATE)
+        zero = float("-inf")
     else:
-        la = a  # unused
-        u = tl.where(a > 0, _div(tl.full([BLOCK_B], 1.0, DT), tl.where(total > 0, total, 1.0))[:, None], 0.0)
-    y = tl.zeros([BLOCK_B, NP], dtype=DT)  # y (scaling) or the shifted sum of cost * exp (log), last iteration
-    hr_t = hr_ptr + aoff  # history slot t (advanced by B * n per iteration)
-    hs_t = hs_ptr + rows[:, None] * m
+        val0 = _div(tl.full([BLOCK_B], 1.0, DT), tl.where(total > 0, total, 1.0))
+        zero = 0.0
+    for k0 in range(0, n, BLOCK_N):
+        ci = (k0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        omask = rmask[:, None] & (ci < n)[None, :]
+        aoff = rows[:, None] * n + ci[None, :]
+        a = tl.load(a_ptr + aoff, mask=omask, other=0.0)
+        tl.store(u_ptr + aoff, tl.where(a > 0, val0[:, None], zero).to(DT), mask=omask)
+    tl.debug_barrier()
+    value = tl.zeros([BLOCK_B], dtype=DT)
+    hs_t = hs_ptr  # history slot t, advanced by B * m (B * n) per iteration
+    hr_t = hr_ptr
     for t in range(0, T):
-        last = t == T - 1
-        acc = tl.zeros([BLOCK_B, NP], dtype=DT)  # scaling: K v; log: the shifted sum of exp(log v + L)
-        mx = tl.full([BLOCK_B, NP], float("-inf"), DT)  # log: running max of log v_j + L_ij over the j tiles
+        # ---- s-half: s = K^T u + eps, v = b / s (log: log s = LSE_i(log u_i + L_ij) (+) log eps, log v = log b - log s)
         for j0 in range(0, m, BLOCK_N):
             cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             jmask = cj < m
-            moff = ci[:, None] * m + cj[None, :]
-            mmask = imask[:, None] & jmask[None, :]
-            bmask = rmask[:, None] & jmask[None, :]
-            boff = rows[:, None] * m + cj[None, :]
-            bt = tl.load(b_ptr + boff, mask=bmask, other=0.0)
-            if LOG or FROM_COST:
-                c = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-                if c.dtype == tl.float32:
-                    neg = -tl.math.div_rn(c, reg)
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+            for k0 in range(0, n, BLOCK_K):
+                ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                kmask = ck < n
+                lmask = rmask[:, None] & kmask[None, :]
+                mmask = kmask[:, None] & jmask[None, :]
+                tile, c = _onchip_tile(cost_ptr, kmat_ptr, ck[:, None] * m + cj[None, :], mmask, reg, LOG, FROM_COST,
+                                       False, ACCURATE)
+                if LOG:
+                    x = tl.load(u_ptr + rows[:, None] * n + ck[None, :], mask=lmask, other=float("-inf"))
+                    val = x[:, :, None] + tile[None, :, :]  # [BLOCK_B, BLOCK_K, BLOCK_N]
+                    new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                    ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                    alpha = _exp(mx - ref, ACCURATE)  # 0 while nothing finite was seen
+                    acc = acc * alpha + tl.sum(tl.exp(val - ref[:, None, :]), axis=1)
+                    mx = new_mx
                 else:
-                    neg = -(c / reg)
-            else:
-                c = bt  # unused (scaling domain with the K buffer)
-                neg = bt  # unused
+                    x = tl.load(u_ptr + rows[:, None] * n + ck[None, :], mask=lmask, other=0.0)
+                    acc = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=DT)
+            omask = rmask[:, None] & jmask[None, :]
+            ooff = rows[:, None] * m + cj[None, :]
+            mass = tl.load(b_ptr + ooff, mask=omask, other=0.0)
             if LOG:
-                lt = tl.where(mmask, neg, float("-inf"))  # L tile [NP, BLOCK_N]
-                val = u[:, :, None] + lt[None, :, :]  # [BLOCK_B, NP, BLOCK_N]
-                mxs = tl.max(val, axis=1)
-                refs = tl.where(mxs == float("-inf"), 0.0, mxs)
-                sms = tl.sum(tl.exp(val - refs[:, None, :]), axis=1)
-                den = _log_add_eps(mxs + _safe_log(sms, ACCURATE), log_eps, HAS_EPS, ACCURATE)
-                den = tl.where(bmask, den, 0.0)  # masked lanes: no -inf - -inf
-                vt = _safe_log(bt, ACCURATE) - den
-                val2 = vt[:, None, :] + lt[None, :, :]
-                new_mx = tl.maximum(mx, tl.max(val2, axis=2))
-                ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-                alpha = _exp(mx - ref, ACCURATE)
-                e = tl.exp(val2 - ref[:, :, None])
-                acc = acc * alpha + tl.sum(e, axis=2)
-                if last:
-                    y = y * alpha + tl.sum(e * c[None, :, :], axis=2)
-                mx = new_mx
+                den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
+                den = tl.where(omask, den, 0.0)  # masked lanes: no -inf - -inf
+                scal = _safe_log(mass, ACCURATE) - den
             else:
-                if FROM_COST:
-                    if ACCURATE:
-                        kt = libdevice.exp(neg)
-                    else:
-                        kt = tl.exp(neg)
-                    kt = tl.where(mmask, kt, 0.0)
-                else:
-                    kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
-                s = tl.dot(u, kt, input_precision=PREC, out_dtype=DT)
-                den = tl.where(bmask, s + eps, 1.0)  # masked lanes: no 0/0
-                vt = _div(bt, den)
-                acc = tl.dot(vt, tl.trans(kt), acc, input_precision=PREC, out_dtype=DT)
-                if last:
-                    if FROM_COST:
-                        kc = kt * c
-                    else:
-                        kc = kt * tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-                    y = tl.dot(vt, tl.trans(kc), y, input_precision=PREC, out_dtype=DT)
+                den = tl.where(omask, acc + eps, 1.0)  # masked lanes: no 0/0
+                scal = _div(mass, den)
+            tl.store(v_ptr + ooff, scal, mask=omask)
             if STORE_HIST:
-                tl.store(hs_t + cj[None, :], den, mask=bmask)
+                tl.store(hs_t + ooff, den, mask=omask)
+        tl.debug_barrier()
+        # ---- r-half: r = K v + eps, u = a / r; in the last iteration also y = (K∘C) v and the value sum u y
+        last = t == T - 1
+        for i0 in range(0, n, BLOCK_N):
+            ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            imask = ci < n
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            acc_y = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+            for k0 in range(0, m, BLOCK_K):
+                ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                kmask = ck < m
+                lmask = rmask[:, None] & kmask[None, :]
+                mmask = kmask[:, None] & imask[None, :]
+                moff = ci[None, :] * m + ck[:, None]  # K^T tile: [BLOCK_K (j), BLOCK_N (i)]
+                if last:
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, True, ACCURATE)
+                else:
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, False, ACCURATE)
+                if LOG:
+                    x = tl.load(v_ptr + rows[:, None] * m + ck[None, :], mask=lmask, other=float("-inf"))
+                    val = x[:, :, None] + tile[None, :, :]
+                    new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                    ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                    alpha = _exp(mx - ref, ACCURATE)
+                    e = tl.exp(val - ref[:, None, :])
+                    acc = acc * alpha + tl.sum(e, axis=1)
+                    if last:
+                        acc_y = acc_y * alpha + tl.sum(c[None, :, :] * e, axis=1)
+                    mx = new_mx
+                else:
+                    x = tl.load(v_ptr + rows[:, None] * m + ck[None, :], mask=lmask, other=0.0)
+                    acc = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=DT)
+                    if last:
+                        acc_y = tl.dot(x, tile * c, acc_y, input_precision=PREC, out_dtype=DT)
+            omask = rmask[:, None] & imask[None, :]
+            ooff = rows[:, None] * n + ci[None, :]
+            mass = tl.load(a_ptr + ooff, mask=omask, other=0.0)
+            if LOG:
+                den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
+                den = tl.where(omask, den, 0.0)
+                scal = _safe_log(mass, ACCURATE) - den
+            else:
+                den = tl.where(omask, acc + eps, 1.0)
+                scal = _div(mass, den)
+            tl.store(u_ptr + ooff, scal, mask=omask)
+            if STORE_HIST:
+                tl.store(hr_t + ooff, den, mask=omask)
             if last:
-                tl.store(v_ptr + boff, vt, mask=bmask)
-        if LOG:
-            den_r = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
-            den_r = tl.where(omask, den_r, 0.0)
-            u = la - den_r
-        else:
-            den_r = tl.where(omask, acc + eps, 1.0)
-            u = _div(a, den_r)
-        if STORE_HIST:
-            tl.store(hr_t, den_r, mask=omask)
-        hr_t += B * n
+                if LOG:
+                    yv = mx + _safe_log(acc_y, ACCURATE)  # log y
+                    term = tl.where((scal != float("-inf")) & (acc_y != 0), _exp(scal + mx, ACCURATE) * acc_y, 0.0)
+                else:
+                    yv = acc_y
+                    term = scal * acc_y
+                if STORE_HIST:
+                    tl.store(y_ptr + ooff, yv, mask=omask)
+                value += tl.sum(tl.where(omask, term, 0.0), axis=1)
+        tl.debug_barrier()
         hs_t += B * m
-    if LOG:
-        yv = mx + _safe_log(y, ACCURATE)  # log y
-        term = tl.where((u != float("-inf")) & (y != 0), _exp(u + mx, ACCURATE) * y, 0.0)
-    else:
-        yv = y
-        term = u * y
-    value = tl.sum(tl.where(omask, term, 0.0), axis=1)
+        hr_t += B * n
     tl.store(value_ptr + rows, value, mask=rmask)
-    tl.store(u_ptr + aoff, u, mask=omask)
-    if STORE_HIST:
-        tl.store(y_ptr + aoff, yv, mask=omask)
 
 
 @triton.jit
 def _sinkhorn_bwd_onchip_kernel(
     g_ptr, a_ptr, b_ptr, cost_ptr, kmat_ptr,  # grad_value [B], a [B, n], b [B, m], cost [n, m], K (not FROM_COST)
     hr_ptr, hs_ptr, y_ptr,  # the forward's hist_r [T, B, n], hist_s [T, B, m], y [B, n] (logs when LOG)
-    ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m]
+    ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m] (accumulated in place)
+    xs_ptr, zs_ptr,  # scratch [B, n], [B, m]: the left operands w_t u_t and z_t v_t (log: w_t and z_t)
     B, n, m, T, reg_hi, reg_lo,
     LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole reverse sweep of _launch_backward (same recurrences and epilogues) for BLOCK_B rows."""
     pid = tl.program_id(0)
     DT = a_ptr.dtype.element_ty
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    ci = tl.arange(0, NP).to(tl.int64)
     rmask = rows < B
-    imask = ci < n
-    omask = rmask[:, None] & imask[None, :]
-    aoff = rows[:, None] * n + ci[None, :]
-    a = tl.load(a_ptr + aoff, mask=omask, other=0.0)
-    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
     reg = _scalar(reg_hi, reg_lo, DT)
-    hr_t = hr_ptr + (T - 1) * B * n + aoff  # r_T (slot T - 1), moved back by B * n per step
-    hs_t = hs_ptr + (T - 1) * B * m + rows[:, None] * m
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
+    hr_t = hr_ptr + (T - 1) * B * n  # r_{t+1} = slot t, from t = T - 1 down
+    hs_t = hs_ptr + (T - 1) * B * m
     # w_T = g y / r_T; ga = w_T; x = w_T u_T (log: w_T = g exp(log y - log r_T), 0 where y = 0; x = w_T)
-    if LOG:
-        r = tl.load(hr_t, mask=omask, other=0.0)
-        yv = tl.load(y_ptr + aoff, mask=omask, other=float("-inf"))
-        w = tl.where(yv == float("-inf"), 0.0, g * _exp(yv - r, ACCURATE))
-        x = w
-        la = _safe_log(a, ACCURATE)
-        lu = la - r  # log u_T
-    else:
-        r = tl.load(hr_t, mask=omask, other=1.0)
-        yv = tl.load(y_ptr + aoff, mask=omask, other=0.0)
-        w = _div(g * yv, r)
-        la = a  # unused
-        lu = _div(a, r)  # u_T
-        x = w * lu
-    ga = w
-    NC: tl.constexpr = MP // BLOCK_N
-    gb = tl.zeros([BLOCK_B, NC, BLOCK_N], dtype=DT)  # grad_b, tile j0 // BLOCK_N in slot [:, j0 // BLOCK_N, :]
-    slots = tl.arange(0, NC)
-    for step in range(0, T):  # t = T - 1 - step: S side of s_{t+1}, then (t > 0) R side of r_t
+    for i0 in range(0, n, BLOCK_N):
+        ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        omask = rmask[:, None] & (ci < n)[None, :]
+        ooff = rows[:, None] * n + ci[None, :]
+        if LOG:
+            r = tl.load(hr_t + ooff, mask=omask, other=0.0)
+            yv = tl.load(y_ptr + ooff, mask=omask, other=float("-inf"))
+            w = tl.where(yv == float("-inf"), 0.0, g * _exp(yv - r, ACCURATE))
+            x = w
+        else:
+            r = tl.load(hr_t + ooff, mask=omask, other=1.0)
+            yv = tl.load(y_ptr + ooff, mask=omask, other=0.0)
+            a = tl.load(a_ptr + ooff, mask=omask, other=0.0)
+            w = _div(g * yv, r)
+            x = w * _div(a, r)
+        tl.store(ga_ptr + ooff, w, mask=omask)
+        tl.store(xs_ptr + ooff, x, mask=omask)
+    tl.debug_barrier()
+    for step in range(0, T):  # t = T - 1 - step: S side (s_{t+1}, left u_{t+1}), then if t > 0 R side (r_t)
         first = step == 0
         more = step < T - 1
-        acc = tl.zeros([BLOCK_B, NP], dtype=DT)  # R side: K (z v) (log: shifted sum)
-        mx = tl.full([BLOCK_B, NP], float("-inf"), DT)
+        # ---- S side: z = ((g (K∘C)^T u_T if first) - K^T x) / s, gb (+)= z, zs = z v (log: coefficient z)
         for j0 in range(0, m, BLOCK_N):
             cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             jmask = cj < m
-            moff = ci[:, None] * m + cj[None, :]
-            mmask = imask[:, None] & jmask[None, :]
-            bmask = rmask[:, None] & jmask[None, :]
-            boff = rows[:, None] * m + cj[None, :]
-            if LOG or FROM_COST:
-                c = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-                if c.dtype == tl.float32:
-                    neg = -tl.math.div_rn(c, reg)
-                else:
-                    neg = -(c / reg)
-            else:
-                c = tl.zeros([NP, BLOCK_N], dtype=DT)  # unused
-                neg = c  # unused
-            if LOG:
-                lt = tl.where(mmask, neg, float("-inf"))
-                st = tl.load(hs_t + cj[None, :], mask=bmask, other=0.0)  # log s_{t+1}
-                val = lu[:, :, None] + lt[None, :, :]
-                mxs = tl.max(val, axis=1)
-                refs = tl.where(mxs == float("-inf"), 0.0, mxs)
-                e = tl.exp(val - refs[:, None, :])
-                sm = tl.sum(x[:, :, None] * e, axis=1)
-                f = _exp(mxs - st, ACCURATE)
-                prod = tl.where(sm == 0, 0.0, f * sm)
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            acc2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+            for k0 in range(0, n, BLOCK_K):
+                ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                kmask = ck < n
+                lmask = rmask[:, None] & kmask[None, :]
+                loff = rows[:, None] * n + ck[None, :]
+                mmask = kmask[:, None] & jmask[None, :]
+                moff = ck[:, None] * m + cj[None, :]
                 if first:
-                    sm2 = tl.sum(c[None, :, :] * e, axis=1)
-                    direct = tl.where(sm2 == 0, 0.0, g * f * sm2)
-                    z = direct - prod
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, True, ACCURATE)
                 else:
-                    z = -prod
-                if more:
-                    bt = tl.load(b_ptr + boff, mask=bmask, other=0.0)
-                    pos = bmask & (bt > 0)
-                    lv = tl.where(pos, _safe_log(bt, ACCURATE) - st, float("-inf"))  # log v_{t+1}
-                    val2 = lv[:, None, :] + lt[None, :, :]
-                    new_mx = tl.maximum(mx, tl.max(val2, axis=2))
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, False, ACCURATE)
+                coef = tl.load(xs_ptr + loff, mask=lmask, other=0.0)
+                lm = tl.load(a_ptr + loff, mask=lmask, other=0.0)
+                if LOG:
+                    lh = tl.load(hr_t + loff, mask=lmask, other=0.0)
+                    pos = lmask & (lm > 0)
+                    p = tl.where(pos, _safe_log(lm, ACCURATE) - lh, float("-inf"))  # log u_{t+1}
+                    val = p[:, :, None] + tile[None, :, :]
+                    new_mx = tl.maximum(mx, tl.max(val, axis=1))
                     ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
                     alpha = _exp(mx - ref, ACCURATE)
-                    acc = acc * alpha + tl.sum(z[:, None, :] * tl.exp(val2 - ref[:, :, None]), axis=2)
+                    e = tl.exp(val - ref[:, None, :])
+                    acc = acc * alpha + tl.sum(coef[:, :, None] * e, axis=1)
+                    if first:
+                        acc2 = acc2 * alpha + tl.sum(c[None, :, :] * e, axis=1)
                     mx = new_mx
-            else:
-                if FROM_COST:
-                    if ACCURATE:
-                        kt = libdevice.exp(neg)
-                    else:
-                        kt = tl.exp(neg)
-                    kt = tl.where(mmask, kt, 0.0)
                 else:
-                    kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
-                st = tl.load(hs_t + cj[None, :], mask=bmask, other=1.0)  # s_{t+1}
-                kx = tl.dot(x, kt, input_precision=PREC, out_dtype=DT)
-                if first:
-                    if FROM_COST:
-                        kct = kt * c
-                    else:
-                        kct = kt * tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-                    kc = tl.dot(lu, kct, input_precision=PREC, out_dtype=DT)
-                    z = _div(g * kc - kx, st)
-                else:
-                    z = _div(-kx, st)
-                if more:
-                    bt = tl.load(b_ptr + boff, mask=bmask, other=0.0)
-                    zv = z * _div(bt, st)
-                    acc = tl.dot(zv, tl.trans(kt), acc, input_precision=PREC, out_dtype=DT)
-            gb += tl.where((slots == j0 // BLOCK_N)[None, :, None], z[:, None, :], 0.0)
-        if more:
-            hr_t -= B * n  # r_t (slot t - 1)
-            hs_t -= B * m
+                    acc = tl.dot(coef, tile, acc, input_precision=PREC, out_dtype=DT)
+                    if first:
+                        ut = _div(lm, tl.load(hr_t + loff, mask=lmask, other=1.0))  # u_T
+                        acc2 = tl.dot(ut, tile * c, acc2, input_precision=PREC, out_dtype=DT)
+            omask = rmask[:, None] & jmask[None, :]
+            ooff = rows[:, None] * m + cj[None, :]
             if LOG:
-                r = tl.load(hr_t, mask=omask, other=0.0)
-                w = tl.where(acc == 0, 0.0, -_exp(mx - r, ACCURATE) * acc)
-                x = w
-                lu = la - r  # log u_t
+                den = tl.load(hs_t + ooff, mask=omask, other=0.0)
+                f = _exp(mx - den, ACCURATE)
+                prod = tl.where(acc == 0, 0.0, f * acc)
+                if first:
+                    z = tl.where(acc2 == 0, 0.0, g * f * acc2) - prod
+                else:
+                    z = -prod
+                out = z
             else:
-                r = tl.load(hr_t, mask=omask, other=1.0)
-                w = -_div(acc, r)
-                lu = _div(a, r)  # u_t
-                x = w * lu
-            ga = ga + w
-    tl.store(ga_ptr + aoff, ga, mask=omask)
-    cm = tl.arange(0, MP).to(tl.int64)
-    tl.store(gb_ptr + rows[:, None] * m + cm[None, :], tl.reshape(gb, [BLOCK_B, MP]),
-             mask=rmask[:, None] & (cm < m)[None, :])
+                den = tl.load(hs_t + ooff, mask=omask, other=1.0)
+                mass = tl.load(b_ptr + ooff, mask=omask, other=0.0)
+                if first:
+                    z = _div(g * acc2 - acc, den)
+                else:
+                    z = _div(-acc, den)
+                out = z * _div(mass, den)
+            if first:
+                grad = z
+            else:
+                grad = tl.load(gb_ptr + ooff, mask=omask, other=0.0) + z
+            tl.store(gb_ptr + ooff, grad, mask=omask)
+            if more:
+                tl.store(zs_ptr + ooff, out, mask=omask)
+        tl.debug_barrier()
+        # ---- R side (t > 0): w = -K(z v) / r_t, ga += w, xs = w u_t (log: coefficient w)
+        if more:
+            hr_p = hr_t - B * n  # r_t
+            for i0 in range(0, n, BLOCK_N):
+                ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+                imask = ci < n
+                acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+                mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+                for k0 in range(0, m, BLOCK_K):
+                    ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                    kmask = ck < m
+                    lmask = rmask[:, None] & kmask[None, :]
+                    loff = rows[:, None] * m + ck[None, :]
+                    mmask = kmask[:, None] & imask[None, :]
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, ci[None, :] * m + ck[:, None], mmask, reg, LOG,
+                                           FROM_COST, False, ACCURATE)
+                    coef = tl.load(zs_ptr + loff, mask=lmask, other=0.0)
+                    if LOG:
+                        lm = tl.load(b_ptr + loff, mask=lmask, other=0.0)
+                        lh = tl.load(hs_t + loff, mask=lmask, other=0.0)
+                        pos = lmask & (lm > 0)
+                        p = tl.where(pos, _safe_log(lm, ACCURATE) - lh, float("-inf"))  # log v_{t+1}
+                        val = p[:, :, None] + tile[None, :, :]
+                        new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                        ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                        alpha = _exp(mx - ref, ACCURATE)
+                        acc = acc * alpha + tl.sum(coef[:, :, None] * tl.exp(val - ref[:, None, :]), axis=1)
+                        mx = new_mx
+                    else:
+                        acc = tl.dot(coef, tile, acc, input_precision=PREC, out_dtype=DT)
+                omask = rmask[:, None] & imask[None, :]
+                ooff = rows[:, None] * n + ci[None, :]
+                if LOG:
+                    den = tl.load(hr_p + ooff, mask=omask, other=0.0)
+                    w = tl.where(acc == 0, 0.0, -_exp(mx - den, ACCURATE) * acc)
+                    x = w
+                else:
+                    den = tl.load(hr_p + ooff, mask=omask, other=1.0)
+                    mass = tl.load(a_ptr + ooff, mask=omask, other=0.0)
+                    w = -_div(acc, den)
+                    x = w * _div(mass, den)
+                tl.store(ga_ptr + ooff, tl.load(ga_ptr + ooff, mask=omask, other=0.0) + w, mask=omask)
+                tl.store(xs_ptr + ooff, x, mask=omask)
+            tl.debug_barrier()
+        hr_t -= B * n
+        hs_t -= B * m
 
 
 def onchip_fits(n: int, m: int, dtype: torch.dtype) -> bool:
@@ -1064,17 +1124,9 @@ def onchip_fits(n: int, m: int, dtype: torch.dtype) -> bool:
     return dtype in ONCHIP_CONFIG and 1 <= int(n) <= ONCHIP_MAX_C and 1 <= int(m) <= ONCHIP_MAX_C
 
 
-def _pad16(x: int) -> int:
-    return max(16, triton.next_power_of_2(int(x)))
-
-
-def _onchip_config(dtype: torch.dtype, log_domain: bool, n: int):
-    """(BLOCK_B, BLOCK_N, num_warps, NP) from ONCHIP_CONFIG for a padded n."""
-    NP = _pad16(n)
-    for np_max, bb, bn, warps in ONCHIP_CONFIG[dtype]["log" if log_domain else "scaling"]:
-        if NP <= np_max:
-            return bb, bn, warps, NP
-    raise ValueError(f"on-chip Sinkhorn: n = {n} exceeds the configuration table (onchip_fits is False)")
+def _onchip_config(dtype: torch.dtype, log_domain: bool):
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) from ONCHIP_CONFIG."""
+    return ONCHIP_CONFIG[dtype]["log" if log_domain else "scaling"]
 
 
 def _onchip_prec(precision: str, dtype: torch.dtype, log_domain: bool) -> str:
@@ -1107,7 +1159,7 @@ def _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
     y = torch.empty(B if keep_history else 0, n, dtype=dt, device=dev)
     if B == 0:
         return value, u, v, hist_r, hist_s, y
-    bb, bn, warps, NP = _onchip_config(dt, log_domain, n)
+    bb, bn, bk, warps = _onchip_config(dt, log_domain)
     reg_hi, reg_lo = _split(reg)
     eps_hi, eps_lo = _split(eps)
     leps_hi, leps_lo = _split(math.log(eps)) if eps > 0 else (0.0, 0.0)
@@ -1119,7 +1171,7 @@ def _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
         B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, HAS_EPS=bool(log_domain) and eps > 0,
         STORE_HIST=bool(keep_history), ACCURATE=_ACCURATE, PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb,
-        BLOCK_N=bn, NP=NP, num_warps=warps)
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return value, u, v, hist_r, hist_s, y
 
 
@@ -1133,14 +1185,15 @@ def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
     gb = torch.empty(B, m, dtype=dt, device=dev)
     if B == 0:
         return ga, gb
-    bb, bn, warps, NP = _onchip_config(dt, log_domain, n)
-    MP = max(bn, triton.next_power_of_2(m))
+    bb, bn, bk, warps = _onchip_config(dt, log_domain)
     reg_hi, reg_lo = _split(reg)
     kmat = _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dt)
+    xs = torch.empty(B, n, dtype=dt, device=dev)  # scratch: the left operands of the S-side / R-side products
+    zs = torch.empty(B, m, dtype=dt, device=dev)
     _sinkhorn_bwd_onchip_kernel[(triton.cdiv(B, bb),)](
-        g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, B, n, m, T, reg_hi, reg_lo,
+        g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, xs, zs, B, n, m, T, reg_hi, reg_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, ACCURATE=_ACCURATE,
-        PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb, BLOCK_N=bn, NP=NP, MP=MP, num_warps=warps)
+        PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return ga, gb
 
 
@@ -1166,7 +1219,7 @@ def sinkhorn_backward_onchip(grad_value: torch.Tensor, a: torch.Tensor, b: torch
                              log_domain: bool = False, precision: str = "ieee"):
     """Single-launch Triton backward (exact gradient of value w.r.t. a and b through the fixed loop) from the
     history of :func:`sinkhorn_forward_onchip` (new layout, keep_history=True). Returns ``(grad_a, grad_b)``.
-    One launch (two with ONCHIP_K_BUFFER), no host synchronisation, extra memory O(1) (registers only)."""
+    One launch (two with ONCHIP_K_BUFFER), no host synchronisation, extra memory two [B, n], [B, m] scratch buffers."""
     with _device_guard(a):
         return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
 
