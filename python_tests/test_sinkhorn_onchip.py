@@ -112,6 +112,19 @@ def check(a, b, cost, reg, T, eps, log_domain, dev, precision="ieee", tol=None, 
     return out, (ga, gb)
 
 
+def _use_big_tiles(monkeypatch, dev):
+    """Under the interpreter, 64-wide tiles for C >= 81 (the default 16 / 32-wide ones run ~10x more interpreted ops;
+    they are exercised by the smaller sizes, the rectangular test and test_default_config_c100)."""
+    if dev == "cpu":
+        monkeypatch.setattr(sk, "ONCHIP_CONFIG", {dt: {"scaling": (16, 64, 64, 4), "log": (8, 64, 64, 4)}
+                                                  for dt in (F32, F64)})
+
+
+@pytest.fixture
+def big_tiles(monkeypatch, dev):
+    _use_big_tiles(monkeypatch, dev)
+
+
 # ------------------------------------------------------------------------------------------------ forward + backward
 # (C, B, T): odd B; few iterations at the large sizes (the interpreter runs them on the CPU)
 SIZES = [(1, 5, 3), (3, 7, 4), (81, 7, 3), (91, 5, 3), (100, 7, 3), (256, 5, 2)]
@@ -121,7 +134,9 @@ SIZES = [(1, 5, 3), (3, 7, 4), (81, 7, 3), (91, 5, 3), (100, 7, 3), (256, 5, 2)]
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("C,B,T", SIZES, ids=[f"C{c}" for c, _, _ in SIZES])
-def test_forward_backward(dev, C, B, T, dtype, log_domain, eps):
+def test_forward_backward(dev, monkeypatch, C, B, T, dtype, log_domain, eps):
+    if C >= 81:
+        _use_big_tiles(monkeypatch, dev)
     # zero mass: one entry of a per row (WKD-L's target class) from C = 3 on, and one of b from C = 81 on
     a, b, cost = problem(B, C, C, dtype, zeros_a=1 if C >= 3 else 0, zeros_b=1 if C >= 81 else 0, seed=C)
     check(a, b, cost, 0.1, T, eps, log_domain, dev)
@@ -131,12 +146,19 @@ def test_forward_backward(dev, C, B, T, dtype, log_domain, eps):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_rectangular_multi_program(dev, dtype, log_domain):
     """n != m, m not a multiple of BLOCK_N, B spanning several programs with a ragged last one, several zeros."""
-    a, b, cost = problem(37, 45, 23, dtype, zeros_a=3, zeros_b=2, seed=5)
+    a, b, cost = problem(19, 45, 23, dtype, zeros_a=3, zeros_b=2, seed=5)
     check(a, b, cost, 0.07, 4, 1e-8, log_domain, dev)
 
 
+@pytest.mark.parametrize("dtype,log_domain", [(F32, False), (F64, True)], ids=["f32-scaling", "f64-log"])
+def test_default_config_c100(dev, dtype, log_domain):
+    """The default ONCHIP_CONFIG tiles at C = 100 (ragged last tiles in both dimensions)."""
+    a, b, cost = problem(5, 100, 100, dtype, zeros_a=1, zeros_b=1, seed=11)
+    check(a, b, cost, 0.1, 2, 1e-8, log_domain, dev)
+
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_log_domain_small_reg(dev, dtype):
+def test_log_domain_small_reg(dev, big_tiles, dtype):
     """reg small enough that K underflows in float32: the log domain still matches the float64 log reference."""
     a, b, cost = problem(5, 91, 91, dtype, zeros_a=1, seed=9)
     reg, T = 0.004, 3
@@ -153,7 +175,7 @@ def test_log_domain_small_reg(dev, dtype):
 
 
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-def test_keep_history_false(dev, log_domain):
+def test_keep_history_false(dev, big_tiles, log_domain):
     a, b, cost = problem(7, 100, 100, F64, zeros_a=1, seed=3)
     on = sk.sinkhorn_forward_onchip(a.to(dev), b.to(dev), cost.to(dev), 0.1, 3, 1e-8, log_domain, True, "ieee")
     off = sk.sinkhorn_forward_onchip(a.to(dev), b.to(dev), cost.to(dev), 0.1, 3, 1e-8, log_domain, False, "ieee")
@@ -162,7 +184,7 @@ def test_keep_history_false(dev, log_domain):
         assert torch.equal(x, y), name  # same code path, same rounding
 
 
-def test_k_buffer_matches_on_the_fly(dev, monkeypatch):
+def test_k_buffer_matches_on_the_fly(dev, big_tiles, monkeypatch):
     """ONCHIP_K_BUFFER (K built once by the element-wise kernel) gives the on-the-fly results."""
     a, b, cost = problem(7, 81, 81, F64, zeros_a=1, seed=4)
     want = check(a, b, cost, 0.1, 3, 0.0, False, dev, cpu=False)
@@ -173,7 +195,7 @@ def test_k_buffer_matches_on_the_fly(dev, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
-def test_fp32_precisions(dev, precision):
+def test_fp32_precisions(dev, big_tiles, precision):
     """The tensor-core precisions run (under the interpreter they compute like ieee); on a GPU tf32 has ~1e-3."""
     a, b, cost = problem(5, 100, 100, F32, zeros_a=1, seed=6)
     loose = 5e-2 if precision == "tf32" and dev == "cuda" else 1e-4
@@ -231,7 +253,7 @@ def _count_launches(monkeypatch):
 @pytest.mark.parametrize("log_domain,kbuf", [(False, False), (False, True), (True, False)],
                          ids=["scaling", "scaling-k_buffer", "log"])
 @pytest.mark.parametrize("C", [3, 100, 256])
-def test_launch_count(dev, monkeypatch, C, log_domain, kbuf):
+def test_launch_count(dev, big_tiles, monkeypatch, C, log_domain, kbuf):
     a, b, cost = problem(5, C, C, F32, zeros_a=1, seed=C)
     ad, bd, cd = a.to(dev), b.to(dev), cost.to(dev)
     monkeypatch.setitem(sk.ONCHIP_K_BUFFER, F32, kbuf)
