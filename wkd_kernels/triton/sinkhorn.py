@@ -970,7 +970,7 @@ def _sinkhorn_bwd_onchip_kernel(
     hr_ptr, hs_ptr, y_ptr,  # the forward's hist_r [T, B, n], hist_s [T, B, m], y [B, n] (logs when LOG)
     ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m] (accumulated in place)
     xs_ptr, zs_ptr,  # scratch [B, n], [B, m]: the left operands w_t u_t and z_t v_t (log: w_t and z_t)
-    B, n, m, T, reg_hi, reg_lo,
+    B, n, m, T, last_r, last_s, reg_hi, reg_lo,  # last_r = (T - 1) B n, last_s = (T - 1) B m (host ints: int64 if large)
     LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -981,8 +981,8 @@ def _sinkhorn_bwd_onchip_kernel(
     rmask = rows < B
     reg = _scalar(reg_hi, reg_lo, DT)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
-    hr_t = hr_ptr + (T - 1) * B * n  # r_{t+1} = slot t, from t = T - 1 down
-    hs_t = hs_ptr + (T - 1) * B * m
+    hr_t = hr_ptr + last_r  # r_{t+1} = slot t, from t = T - 1 down
+    hs_t = hs_ptr + last_s
     # w_T = g y / r_T; ga = w_T; x = w_T u_T (log: w_T = g exp(log y - log r_T), 0 where y = 0; x = w_T)
     for i0 in range(0, n, BLOCK_N):
         ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -1191,7 +1191,8 @@ def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
     xs = torch.empty(B, n, dtype=dt, device=dev)  # scratch: the left operands of the S-side / R-side products
     zs = torch.empty(B, m, dtype=dt, device=dev)
     _sinkhorn_bwd_onchip_kernel[(triton.cdiv(B, bb),)](
-        g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, xs, zs, B, n, m, T, reg_hi, reg_lo,
+        g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, xs, zs, B, n, m, T, (T - 1) * B * n,
+        (T - 1) * B * m, reg_hi, reg_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, ACCURATE=_ACCURATE,
         PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return ga, gb
