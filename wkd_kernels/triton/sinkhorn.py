@@ -865,7 +865,7 @@ def _sinkhorn_fwd_onchip_kernel(
     hs_t = hs_ptr  # history slot t, advanced by B * m (B * n) per iteration
     hr_t = hr_ptr
     for t in range(0, T):
-        # ---- s-half: s = K^T u + eps, v = b / s (log: log s = LSE_i(log u_i + L_ij) (+) log eps, log v = log b - log s)
+        # ---- s-half: s = K^T u + eps, v = b / s (log: log s = LSE_i(log u_i + L_ij) (+) log eps, log v = log b - log s
         for j0 in range(0, m, BLOCK_N):
             cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             jmask = cj < m
@@ -972,7 +972,7 @@ def _sinkhorn_bwd_onchip_kernel(
     hr_ptr, hs_ptr, y_ptr,  # the forward's hist_r [T, B, n], hist_s [T, B, m], y [B, n] (logs when LOG)
     ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m] (accumulated in place)
     xs_ptr, zs_ptr,  # scratch [B, n], [B, m]: the left operands w_t u_t and z_t v_t (log: w_t and z_t)
-    B, n, m, T, last_r, last_s, reg_hi, reg_lo,  # last_r = (T - 1) B n, last_s = (T - 1) B m (host ints: int64 if large)
+    B, n, m, T, last_r, last_s, reg_hi, reg_lo,  # last_r = (T - 1) B n, last_s = (T - 1) B m (host ints, int64 if big)
     LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
