@@ -865,7 +865,7 @@ def _sinkhorn_fwd_onchip_kernel(
     hs_t = hs_ptr  # history slot t, advanced by B * m (B * n) per iteration
     hr_t = hr_ptr
     for t in range(0, T):
-        # ---- s-half: s = K^T u + eps, v = b / s (log: log s = LSE_i(log u_i + L_ij) (+) log eps, log v = log b - log s
+        # ---- s-half: s = K^T u + eps, v = b / s; log: log s = LSE_i(log u_i + L_ij) (+) log eps, log v = log b - log s
         for j0 in range(0, m, BLOCK_N):
             cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             jmask = cj < m
