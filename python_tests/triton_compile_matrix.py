@@ -113,19 +113,52 @@ def drive_sinkhorn():
     from wkd_kernels.triton import sinkhorn as sk
 
     B, n, m, T = 3, 5, 7, 2  # T = 2: first, middle and final half-iterations all occur
-    for dt in (torch.float32, torch.float64):
-        precisions = sk.FP32_PRECISIONS if dt == torch.float32 else ("ieee",)
-        for prec in precisions:
-            for shared in (True, False):
+    saved = sk.ONCHIP_MAX_C
+    sk.ONCHIP_MAX_C = 0  # the per-half-iteration kernels at every size (drive_sinkhorn_onchip drives the others)
+    try:
+        for dt in (torch.float32, torch.float64):
+            precisions = sk.FP32_PRECISIONS if dt == torch.float32 else ("ieee",)
+            for prec in precisions:
+                for shared in (True, False):
+                    for log_domain in (False, True):
+                        for eps in (0.0, 1e-8):
+                            a = torch.full((B, n), 1.0 / n, dtype=dt)
+                            b = torch.full((B, m), 1.0 / m, dtype=dt)
+                            cost = torch.rand((n, m) if shared else (B, n, m), dtype=dt)
+                            sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, False, prec)
+                            out = sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, True, prec)
+                            g = torch.ones(B, dtype=dt)
+                            sk.sinkhorn_backward(g, a, b, cost, *out[3:], 0.05, log_domain, prec)
+    finally:
+        sk.ONCHIP_MAX_C = saved
+
+
+def drive_sinkhorn_onchip(sizes=(100,)):
+    """Every launch configuration of the single-launch (on-chip) Sinkhorn launchers: both dtypes, every fp32
+    precision (scaling domain), both domains, eps = 0 and > 0 (log domain), with and without history, the K buffer
+    on and off, at the given n = m (the variants do not depend on the size)."""
+    from wkd_kernels.triton import sinkhorn as sk
+
+    saved = dict(sk.ONCHIP_K_BUFFER)
+    B, T = 3, 2
+    try:
+        for dt in (torch.float32, torch.float64):
+            for n in sizes:
+                a = torch.full((B, n), 1.0 / n, dtype=dt)
+                cost = torch.rand(n, n, dtype=dt)
+                g = torch.ones(B, dtype=dt)
                 for log_domain in (False, True):
-                    for eps in (0.0, 1e-8):
-                        a = torch.full((B, n), 1.0 / n, dtype=dt)
-                        b = torch.full((B, m), 1.0 / m, dtype=dt)
-                        cost = torch.rand((n, m) if shared else (B, n, m), dtype=dt)
-                        sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, False, prec)
-                        out = sk.sinkhorn_forward(a, b, cost, 0.05, T, eps, log_domain, True, prec)
-                        g = torch.ones(B, dtype=dt)
-                        sk.sinkhorn_backward(g, a, b, cost, *out[3:], 0.05, log_domain, prec)
+                    precisions = ("ieee", "tf32x3", "tf32") if dt == torch.float32 and not log_domain else ("ieee",)
+                    for prec in precisions:
+                        for eps in ((0.0, 1e-8) if log_domain else (0.0,)):
+                            for kbuf in ((False, True) if not log_domain else (False,)):
+                                sk.ONCHIP_K_BUFFER[dt] = kbuf
+                                sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, False, prec)
+                                out = sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, True, prec)
+                                sk.sinkhorn_backward_onchip(g, a, a, cost, *out[3:], 0.05, log_domain, prec)
+    finally:
+        sk.ONCHIP_K_BUFFER.clear()
+        sk.ONCHIP_K_BUFFER.update(saved)
 
 
 def drive_gaussian():
@@ -209,6 +242,7 @@ def main(argv=None) -> int:
     with rec:
         if args.only in (None, "sinkhorn"):
             drive_sinkhorn()
+            drive_sinkhorn_onchip()
         if args.only in (None, "gaussian"):
             drive_gaussian()
     _VARIANTS[:] = sorted(rec.variants.values(), key=lambda v: (v.name, repr(v.key())))

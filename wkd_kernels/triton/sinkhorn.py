@@ -697,9 +697,13 @@ def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: 
     a [B, n], b [B, m], cost [n, m] (shared) or [B, n, m]; float32 or float64, on one device (CUDA, or CPU under
     TRITON_INTERPRET=1); not validated here. Returns ``(value [B], u [B, n], v [B, m], hist_r [T, B, n],
     hist_s [T, B, m], y [B, n])`` ([0, B, n], [0, B, m], [0, n] without ``keep_history``).
-    Launches 2 * num_iters fused half-iteration kernels plus 2 or 3 small ones; no host synchronisation.
+    A shared cost with ``onchip_fits(n, m, dtype)`` (n, m <= ONCHIP_MAX_C) runs the single-launch kernel
+    (:func:`sinkhorn_forward_onchip`: one launch); otherwise 2 * num_iters fused half-iteration kernels plus 2 or 3
+    small ones. No host synchronisation either way.
     """
     with _device_guard(a):
+        if cost.dim() == 2 and onchip_fits(a.shape[1], b.shape[1], a.dtype):
+            return _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
         return _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
 
 
@@ -710,8 +714,488 @@ def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """Triton backward of ``torch.ops.wkd.sinkhorn_triton_backward``: the exact gradient of value w.r.t. a and b
     from the history (hist_r, hist_s, y) of a keep_history=True forward; not validated here.
 
-    Returns ``(grad_a [B, n], grad_b [B, m])``. Launches 2 * num_iters - 1 fused product kernels plus 1 or 2
-    small ones; extra memory O(B (n + m)) plus the [n, m] kernel buffer; no host synchronisation.
+    Returns ``(grad_a [B, n], grad_b [B, m])``. Size rule as in :func:`sinkhorn_forward`: the single-launch kernel
+    (:func:`sinkhorn_backward_onchip`) for a small shared cost, else 2 * num_iters - 1 fused product kernels plus 1
+    or 2 small ones; extra memory O(B (n + m)) plus the [n, m] kernel buffer; no host synchronisation.
     """
     with _device_guard(a):
+        if cost.dim() == 2 and onchip_fits(a.shape[1], b.shape[1], a.dtype):  # the same rule as the forward's
+            return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
         return _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
+
+
+# ==========================================================================================================
+# Single-launch ("on-chip") kernels for small C (issue 13, item 1): n, m <= ONCHIP_MAX_C, shared cost
+# ==========================================================================================================
+# Output layout (the schema comment of wkd::sinkhorn in csrc/ops.cpp): hist_r [T, B, n] = r_1..r_T, hist_s [T, B, m] =
+# s_1..s_T, y [B, n] = (K∘cost) v_T separately (logs in the log domain); without history [0, B, n], [0, B, m] and
+# y [0, n]. Same recurrences, eps and log-domain handling as the per-half-iteration kernels above.
+#
+# Structure: one program owns BLOCK_B rows (grid = cdiv(B, BLOCK_B)) and runs every half-iteration of them in one
+# launch; programs never communicate. Each half-iteration is the per-half-iteration kernels' product, looped over
+# all output tiles [BLOCK_B, BLOCK_N] of the program's rows, the reduced dimension in BLOCK_K chunks (tl.dot in the
+# scaling domain, an online max-shifted log-sum-exp over a [BLOCK_B, BLOCK_K, BLOCK_N] tile in the log domain),
+# epilogues fused (eps, the division, history, y and the value in the last r-half). The scalings of the program's
+# rows live in its own rows of the u / v outputs (backward: of two [B, n], [B, m] scratch buffers) -- written by one
+# half-iteration, read chunk by chunk by the next after a CTA barrier (tl.debug_barrier: bar.sync orders the global
+# accesses of the block); at C <= 256 they are a few KB per program and stay in L1/L2, as do the K (or cost) tiles,
+# re-read by every half-iteration. Why not whole-row scalings in registers: Triton cannot slice a register tensor, so
+# a product over the whole reduced dimension would be one tl.dot with K = n, which the FMA lowering ("ieee")
+# materialises per thread (K x (rows + columns) per thread): 255 registers and ~1 KB of spills on sm_90 in a first
+# version of these kernels; the tiled form keeps the per-thread operands at BLOCK_K x (rows + columns).
+# K = exp(-cost/reg) (L = -cost/reg) is computed per tile from `cost`, or read (scaling domain with
+# ONCHIP_K_BUFFER[dtype]) from a K buffer built by _sinkhorn_kmat_kernel (one extra launch per direction).
+# Launches: forward 1 (2 with the K buffer), backward 1 (2): at most 4 for forward + backward. No host
+# synchronisation, no data-dependent host branching (graph-capturable).
+# Size rule of the dispatch in sinkhorn_forward / sinkhorn_backward: a shared cost with n, m <= ONCHIP_MAX_C runs the
+# single-launch kernels (the tests and the compile matrix set it to 0 to drive the per-half-iteration kernels).
+ONCHIP_MAX_C = 256
+
+# Launch configuration per dtype and domain: (BLOCK_B, BLOCK_N, BLOCK_K, num_warps). UNTUNED: sized from the sm_90
+# ptxas register / spill reports only (`python python_tests/test_sinkhorn_onchip.py --compile` prints them; with
+# these values, sm_90: forward 96-230 registers, backward 128-234, spills 0-32 bytes, over all 36 variants); no GPU
+# has timed these kernels yet -- tune here. Scaling domain (tl.dot): powers of two >= 16; log domain: powers of two
+# (register tile BLOCK_B x BLOCK_K x BLOCK_N). BLOCK_B = 16 gives B / 16 programs: 16 at B = 256, a fraction of an
+# H100/H200's 132 SMs -- a first thing for the GPU run to weigh against the per-program work.
+ONCHIP_CONFIG = {
+    torch.float32: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
+    torch.float64: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
+}
+# Scaling domain: read K from a buffer built once per call (True, one extra launch per direction) instead of
+# exp(-cost/reg) per tile (False). Untuned as well.
+ONCHIP_K_BUFFER = {torch.float32: False, torch.float64: False}
+
+
+@triton.jit
+def _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG: tl.constexpr, FROM_COST: tl.constexpr,
+                 WANT_COST: tl.constexpr, ACCURATE: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of L = -cost/reg (LOG; -inf outside the mask) or K (0 outside), and the cost tile
+    (when WANT_COST or computed from it; else the K tile again, unused)."""
+    if LOG or FROM_COST or WANT_COST:
+        c = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
+    if LOG or FROM_COST:
+        if c.dtype == tl.float32:
+            neg = -tl.math.div_rn(c, reg)
+        else:
+            neg = -(c / reg)
+        if LOG:
+            tile = tl.where(mmask, neg, float("-inf"))
+        else:
+            if ACCURATE:
+                tile = libdevice.exp(neg)
+            else:
+                tile = tl.exp(neg)
+            tile = tl.where(mmask, tile, 0.0)
+    else:
+        tile = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
+    if not (LOG or FROM_COST or WANT_COST):
+        c = tile
+    return tile, c
+
+
+@triton.jit
+def _sinkhorn_fwd_onchip_kernel(
+    a_ptr, b_ptr, cost_ptr, kmat_ptr,  # a [B, n], b [B, m], cost [n, m], K [n, m] (scaling, not FROM_COST)
+    value_ptr, u_ptr, v_ptr,  # out: value [B], u [B, n], v [B, m] (log u, log v when LOG); u, v: the live scalings
+    hr_ptr, hs_ptr, y_ptr,  # out (STORE_HIST): hist_r [T, B, n], hist_s [T, B, m], y [B, n]
+    B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
+    LOG: tl.constexpr, FROM_COST: tl.constexpr, HAS_EPS: tl.constexpr, STORE_HIST: tl.constexpr,
+    ACCURATE: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """All num_iters Sinkhorn iterations and the value for BLOCK_B rows (shared cost), see the section comment."""
+    pid = tl.program_id(0)
+    DT = a_ptr.dtype.element_ty
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    reg = _scalar(reg_hi, reg_lo, DT)
+    eps = _scalar(eps_hi, eps_lo, DT)
+    log_eps = _scalar(leps_hi, leps_lo, DT)
+    # u0 = 1/|supp a| on supp(a), 0 elsewhere (log: -log|supp a|, -inf)
+    cnt = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for k0 in range(0, n, BLOCK_N):
+        ci = (k0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        omask = rmask[:, None] & (ci < n)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * n + ci[None, :], mask=omask, other=0.0)
+        cnt += tl.sum((a > 0).to(tl.int32), axis=1)
+    total = cnt.to(DT)
+    if LOG:
+        val0 = -_safe_log(total, ACCURATE)
+        zero = float("-inf")
+    else:
+        val0 = _div(tl.full([BLOCK_B], 1.0, DT), tl.where(total > 0, total, 1.0))
+        zero = 0.0
+    for k0 in range(0, n, BLOCK_N):
+        ci = (k0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        omask = rmask[:, None] & (ci < n)[None, :]
+        aoff = rows[:, None] * n + ci[None, :]
+        a = tl.load(a_ptr + aoff, mask=omask, other=0.0)
+        tl.store(u_ptr + aoff, tl.where(a > 0, val0[:, None], zero).to(DT), mask=omask)
+    tl.debug_barrier()
+    value = tl.zeros([BLOCK_B], dtype=DT)
+    hs_t = hs_ptr  # history slot t, advanced by B * m (B * n) per iteration
+    hr_t = hr_ptr
+    for t in range(0, T):
+        # ---- s-half: s = K^T u + eps, v = b / s; log: log s = LSE_i(log u_i + L_ij) (+) log eps, log v = log b - log s
+        for j0 in range(0, m, BLOCK_N):
+            cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            jmask = cj < m
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+            for k0 in range(0, n, BLOCK_K):
+                ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                kmask = ck < n
+                lmask = rmask[:, None] & kmask[None, :]
+                mmask = kmask[:, None] & jmask[None, :]
+                tile, c = _onchip_tile(cost_ptr, kmat_ptr, ck[:, None] * m + cj[None, :], mmask, reg, LOG, FROM_COST,
+                                       False, ACCURATE)
+                if LOG:
+                    x = tl.load(u_ptr + rows[:, None] * n + ck[None, :], mask=lmask, other=float("-inf"))
+                    val = x[:, :, None] + tile[None, :, :]  # [BLOCK_B, BLOCK_K, BLOCK_N]
+                    new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                    ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                    alpha = _exp(mx - ref, ACCURATE)  # 0 while nothing finite was seen
+                    acc = acc * alpha + tl.sum(tl.exp(val - ref[:, None, :]), axis=1)
+                    mx = new_mx
+                else:
+                    x = tl.load(u_ptr + rows[:, None] * n + ck[None, :], mask=lmask, other=0.0)
+                    acc = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=DT)
+            omask = rmask[:, None] & jmask[None, :]
+            ooff = rows[:, None] * m + cj[None, :]
+            mass = tl.load(b_ptr + ooff, mask=omask, other=0.0)
+            if LOG:
+                den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
+                den = tl.where(omask, den, 0.0)  # masked lanes: no -inf - -inf
+                scal = _safe_log(mass, ACCURATE) - den
+            else:
+                den = tl.where(omask, acc + eps, 1.0)  # masked lanes: no 0/0
+                scal = _div(mass, den)
+            tl.store(v_ptr + ooff, scal, mask=omask)
+            if STORE_HIST:
+                tl.store(hs_t + ooff, den, mask=omask)
+        tl.debug_barrier()
+        # ---- r-half: r = K v + eps, u = a / r; in the last iteration also y = (K∘C) v and the value sum u y
+        last = t == T - 1
+        for i0 in range(0, n, BLOCK_N):
+            ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            imask = ci < n
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            acc_y = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+            for k0 in range(0, m, BLOCK_K):
+                ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                kmask = ck < m
+                lmask = rmask[:, None] & kmask[None, :]
+                mmask = kmask[:, None] & imask[None, :]
+                moff = ci[None, :] * m + ck[:, None]  # K^T tile: [BLOCK_K (j), BLOCK_N (i)]
+                if last:
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, True, ACCURATE)
+                else:
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, False, ACCURATE)
+                if LOG:
+                    x = tl.load(v_ptr + rows[:, None] * m + ck[None, :], mask=lmask, other=float("-inf"))
+                    val = x[:, :, None] + tile[None, :, :]
+                    new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                    ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                    alpha = _exp(mx - ref, ACCURATE)
+                    e = tl.exp(val - ref[:, None, :])
+                    acc = acc * alpha + tl.sum(e, axis=1)
+                    if last:
+                        acc_y = acc_y * alpha + tl.sum(c[None, :, :] * e, axis=1)
+                    mx = new_mx
+                else:
+                    x = tl.load(v_ptr + rows[:, None] * m + ck[None, :], mask=lmask, other=0.0)
+                    acc = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=DT)
+                    if last:
+                        acc_y = tl.dot(x, tile * c, acc_y, input_precision=PREC, out_dtype=DT)
+            omask = rmask[:, None] & imask[None, :]
+            ooff = rows[:, None] * n + ci[None, :]
+            mass = tl.load(a_ptr + ooff, mask=omask, other=0.0)
+            if LOG:
+                den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
+                den = tl.where(omask, den, 0.0)
+                scal = _safe_log(mass, ACCURATE) - den
+            else:
+                den = tl.where(omask, acc + eps, 1.0)
+                scal = _div(mass, den)
+            tl.store(u_ptr + ooff, scal, mask=omask)
+            if STORE_HIST:
+                tl.store(hr_t + ooff, den, mask=omask)
+            if last:
+                if LOG:
+                    yv = mx + _safe_log(acc_y, ACCURATE)  # log y
+                    term = tl.where((scal != float("-inf")) & (acc_y != 0), _exp(scal + mx, ACCURATE) * acc_y, 0.0)
+                else:
+                    yv = acc_y
+                    term = scal * acc_y
+                if STORE_HIST:
+                    tl.store(y_ptr + ooff, yv, mask=omask)
+                value += tl.sum(tl.where(omask, term, 0.0), axis=1)
+        tl.debug_barrier()
+        hs_t += B * m
+        hr_t += B * n
+    tl.store(value_ptr + rows, value, mask=rmask)
+
+
+@triton.jit
+def _sinkhorn_bwd_onchip_kernel(
+    g_ptr, a_ptr, b_ptr, cost_ptr, kmat_ptr,  # grad_value [B], a [B, n], b [B, m], cost [n, m], K (not FROM_COST)
+    hr_ptr, hs_ptr, y_ptr,  # the forward's hist_r [T, B, n], hist_s [T, B, m], y [B, n] (logs when LOG)
+    ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m] (accumulated in place)
+    xs_ptr, zs_ptr,  # scratch [B, n], [B, m]: the left operands w_t u_t and z_t v_t (log: w_t and z_t)
+    B, n, m, T, last_r, last_s, reg_hi, reg_lo,  # last_r = (T - 1) B n, last_s = (T - 1) B m (host ints, int64 if big)
+    LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The whole reverse sweep of _launch_backward (same recurrences and epilogues) for BLOCK_B rows."""
+    pid = tl.program_id(0)
+    DT = a_ptr.dtype.element_ty
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    reg = _scalar(reg_hi, reg_lo, DT)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
+    hr_t = hr_ptr + last_r  # r_{t+1} = slot t, from t = T - 1 down
+    hs_t = hs_ptr + last_s
+    # w_T = g y / r_T; ga = w_T; x = w_T u_T (log: w_T = g exp(log y - log r_T), 0 where y = 0; x = w_T)
+    for i0 in range(0, n, BLOCK_N):
+        ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        omask = rmask[:, None] & (ci < n)[None, :]
+        ooff = rows[:, None] * n + ci[None, :]
+        if LOG:
+            r = tl.load(hr_t + ooff, mask=omask, other=0.0)
+            yv = tl.load(y_ptr + ooff, mask=omask, other=float("-inf"))
+            w = tl.where(yv == float("-inf"), 0.0, g * _exp(yv - r, ACCURATE))
+            x = w
+        else:
+            r = tl.load(hr_t + ooff, mask=omask, other=1.0)
+            yv = tl.load(y_ptr + ooff, mask=omask, other=0.0)
+            a = tl.load(a_ptr + ooff, mask=omask, other=0.0)
+            w = _div(g * yv, r)
+            x = w * _div(a, r)
+        tl.store(ga_ptr + ooff, w, mask=omask)
+        tl.store(xs_ptr + ooff, x, mask=omask)
+    tl.debug_barrier()
+    for step in range(0, T):  # t = T - 1 - step: S side (s_{t+1}, left u_{t+1}), then if t > 0 R side (r_t)
+        first = step == 0
+        more = step < T - 1
+        # ---- S side: z = ((g (K∘C)^T u_T if first) - K^T x) / s, gb (+)= z, zs = z v (log: coefficient z)
+        for j0 in range(0, m, BLOCK_N):
+            cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            jmask = cj < m
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            acc2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+            mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+            for k0 in range(0, n, BLOCK_K):
+                ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                kmask = ck < n
+                lmask = rmask[:, None] & kmask[None, :]
+                loff = rows[:, None] * n + ck[None, :]
+                mmask = kmask[:, None] & jmask[None, :]
+                moff = ck[:, None] * m + cj[None, :]
+                if first:
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, True, ACCURATE)
+                else:
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG, FROM_COST, False, ACCURATE)
+                coef = tl.load(xs_ptr + loff, mask=lmask, other=0.0)
+                lm = tl.load(a_ptr + loff, mask=lmask, other=0.0)
+                if LOG:
+                    lh = tl.load(hr_t + loff, mask=lmask, other=0.0)
+                    pos = lmask & (lm > 0)
+                    p = tl.where(pos, _safe_log(lm, ACCURATE) - lh, float("-inf"))  # log u_{t+1}
+                    val = p[:, :, None] + tile[None, :, :]
+                    new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                    ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                    alpha = _exp(mx - ref, ACCURATE)
+                    e = tl.exp(val - ref[:, None, :])
+                    acc = acc * alpha + tl.sum(coef[:, :, None] * e, axis=1)
+                    if first:
+                        acc2 = acc2 * alpha + tl.sum(c[None, :, :] * e, axis=1)
+                    mx = new_mx
+                else:
+                    acc = tl.dot(coef, tile, acc, input_precision=PREC, out_dtype=DT)
+                    if first:
+                        ut = _div(lm, tl.load(hr_t + loff, mask=lmask, other=1.0))  # u_T
+                        acc2 = tl.dot(ut, tile * c, acc2, input_precision=PREC, out_dtype=DT)
+            omask = rmask[:, None] & jmask[None, :]
+            ooff = rows[:, None] * m + cj[None, :]
+            if LOG:
+                den = tl.load(hs_t + ooff, mask=omask, other=0.0)
+                f = _exp(mx - den, ACCURATE)
+                prod = tl.where(acc == 0, 0.0, f * acc)
+                if first:
+                    z = tl.where(acc2 == 0, 0.0, g * f * acc2) - prod
+                else:
+                    z = -prod
+                out = z
+            else:
+                den = tl.load(hs_t + ooff, mask=omask, other=1.0)
+                mass = tl.load(b_ptr + ooff, mask=omask, other=0.0)
+                if first:
+                    z = _div(g * acc2 - acc, den)
+                else:
+                    z = _div(-acc, den)
+                out = z * _div(mass, den)
+            if first:
+                grad = z
+            else:
+                grad = tl.load(gb_ptr + ooff, mask=omask, other=0.0) + z
+            tl.store(gb_ptr + ooff, grad, mask=omask)
+            if more:
+                tl.store(zs_ptr + ooff, out, mask=omask)
+        tl.debug_barrier()
+        # ---- R side (t > 0): w = -K(z v) / r_t, ga += w, xs = w u_t (log: coefficient w)
+        if more:
+            hr_p = hr_t - B * n  # r_t
+            for i0 in range(0, n, BLOCK_N):
+                ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+                imask = ci < n
+                acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
+                mx = tl.full([BLOCK_B, BLOCK_N], float("-inf"), DT)
+                for k0 in range(0, m, BLOCK_K):
+                    ck = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                    kmask = ck < m
+                    lmask = rmask[:, None] & kmask[None, :]
+                    loff = rows[:, None] * m + ck[None, :]
+                    mmask = kmask[:, None] & imask[None, :]
+                    tile, c = _onchip_tile(cost_ptr, kmat_ptr, ci[None, :] * m + ck[:, None], mmask, reg, LOG,
+                                           FROM_COST, False, ACCURATE)
+                    coef = tl.load(zs_ptr + loff, mask=lmask, other=0.0)
+                    if LOG:
+                        lm = tl.load(b_ptr + loff, mask=lmask, other=0.0)
+                        lh = tl.load(hs_t + loff, mask=lmask, other=0.0)
+                        pos = lmask & (lm > 0)
+                        p = tl.where(pos, _safe_log(lm, ACCURATE) - lh, float("-inf"))  # log v_{t+1}
+                        val = p[:, :, None] + tile[None, :, :]
+                        new_mx = tl.maximum(mx, tl.max(val, axis=1))
+                        ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                        alpha = _exp(mx - ref, ACCURATE)
+                        acc = acc * alpha + tl.sum(coef[:, :, None] * tl.exp(val - ref[:, None, :]), axis=1)
+                        mx = new_mx
+                    else:
+                        acc = tl.dot(coef, tile, acc, input_precision=PREC, out_dtype=DT)
+                omask = rmask[:, None] & imask[None, :]
+                ooff = rows[:, None] * n + ci[None, :]
+                if LOG:
+                    den = tl.load(hr_p + ooff, mask=omask, other=0.0)
+                    w = tl.where(acc == 0, 0.0, -_exp(mx - den, ACCURATE) * acc)
+                    x = w
+                else:
+                    den = tl.load(hr_p + ooff, mask=omask, other=1.0)
+                    mass = tl.load(a_ptr + ooff, mask=omask, other=0.0)
+                    w = -_div(acc, den)
+                    x = w * _div(mass, den)
+                tl.store(ga_ptr + ooff, tl.load(ga_ptr + ooff, mask=omask, other=0.0) + w, mask=omask)
+                tl.store(xs_ptr + ooff, x, mask=omask)
+            tl.debug_barrier()
+        hr_t -= B * n
+        hs_t -= B * m
+
+
+def onchip_fits(n: int, m: int, dtype: torch.dtype) -> bool:
+    """Size rule of the single-launch kernels (shared cost only; the caller checks that): 1 <= n, m <= 256 and a
+    float32 / float64 dtype. Larger C uses the per-half-iteration kernels."""
+    return dtype in ONCHIP_CONFIG and 1 <= int(n) <= ONCHIP_MAX_C and 1 <= int(m) <= ONCHIP_MAX_C
+
+
+def _onchip_config(dtype: torch.dtype, log_domain: bool):
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) from ONCHIP_CONFIG."""
+    return ONCHIP_CONFIG[dtype]["log" if log_domain else "scaling"]
+
+
+def _onchip_prec(precision: str, dtype: torch.dtype, log_domain: bool) -> str:
+    """tl.dot input precision: the requested one for float32 in the scaling domain, else "ieee" (float64; the log
+    domain has no tl.dot: one compiled variant instead of three)."""
+    return str(precision) if dtype == torch.float32 and not log_domain else "ieee"
+
+
+def _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dtype):
+    """The K buffer (scaling domain with ONCHIP_K_BUFFER) built by one launch, or None (K computed per tile)."""
+    if log_domain or not ONCHIP_K_BUFFER[dtype]:
+        return None
+    n, m = cost.shape
+    kmat = torch.empty(n, m, dtype=cost.dtype, device=cost.device)
+    _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
+                                                             ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+    return kmat
+
+
+def _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision):
+    a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    T = int(num_iters)
+    dt, dev = a.dtype, a.device
+    value = torch.empty(B, dtype=dt, device=dev)
+    u = torch.empty(B, n, dtype=dt, device=dev)
+    v = torch.empty(B, m, dtype=dt, device=dev)
+    hist_r = torch.empty(T if keep_history else 0, B, n, dtype=dt, device=dev)
+    hist_s = torch.empty(T if keep_history else 0, B, m, dtype=dt, device=dev)
+    y = torch.empty(B if keep_history else 0, n, dtype=dt, device=dev)
+    if B == 0:
+        return value, u, v, hist_r, hist_s, y
+    bb, bn, bk, warps = _onchip_config(dt, log_domain)
+    reg_hi, reg_lo = _split(reg)
+    eps_hi, eps_lo = _split(eps)
+    leps_hi, leps_lo = _split(math.log(eps)) if eps > 0 else (0.0, 0.0)
+    kmat = _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dt)
+    dummy = torch.empty(1, dtype=dt, device=dev)  # never-written placeholder for disabled outputs
+    _sinkhorn_fwd_onchip_kernel[(triton.cdiv(B, bb),)](
+        a, b, cost, cost if kmat is None else kmat, value, u, v,
+        hist_r if keep_history else dummy, hist_s if keep_history else dummy, y if keep_history else dummy,
+        B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
+        LOG=bool(log_domain), FROM_COST=kmat is None, HAS_EPS=bool(log_domain) and eps > 0,
+        STORE_HIST=bool(keep_history), ACCURATE=_ACCURATE, PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return value, u, v, hist_r, hist_s, y
+
+
+def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision):
+    a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
+    g, hist_r, hist_s, y = grad_value.contiguous(), hist_r.contiguous(), hist_s.contiguous(), y.contiguous()
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    T = hist_s.shape[0]
+    dt, dev = a.dtype, a.device
+    ga = torch.empty(B, n, dtype=dt, device=dev)
+    gb = torch.empty(B, m, dtype=dt, device=dev)
+    if B == 0:
+        return ga, gb
+    bb, bn, bk, warps = _onchip_config(dt, log_domain)
+    reg_hi, reg_lo = _split(reg)
+    kmat = _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dt)
+    xs = torch.empty(B, n, dtype=dt, device=dev)  # scratch: the left operands of the S-side / R-side products
+    zs = torch.empty(B, m, dtype=dt, device=dev)
+    _sinkhorn_bwd_onchip_kernel[(triton.cdiv(B, bb),)](
+        g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, xs, zs, B, n, m, T, (T - 1) * B * n,
+        (T - 1) * B * m, reg_hi, reg_lo,
+        LOG=bool(log_domain), FROM_COST=kmat is None, ACCURATE=_ACCURATE,
+        PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return ga, gb
+
+
+@explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_forward_onchip)")
+def sinkhorn_forward_onchip(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: float, num_iters: int,
+                            eps: float = 0.0, log_domain: bool = False, keep_history: bool = True,
+                            precision: str = "ieee"):
+    """Single-launch Triton forward for a shared cost [n, m] with ``onchip_fits(n, m, dtype)``.
+
+    Returns ``(value [B], u [B, n], v [B, m], hist_r, hist_s, y)`` in the new layout: hist_r [T, B, n] = r_1..r_T,
+    hist_s [T, B, m] = s_1..s_T, y [B, n] = (K∘cost) v_T (logs in the log domain), or [0, B, n], [0, B, m], [0, n]
+    without history. ``precision``: tl.dot input precision for float32 in the scaling domain ("ieee", "tf32x3",
+    "tf32"); float64 and the log domain ignore it. Arguments are not validated (the op's validator does that).
+    One launch (two with ONCHIP_K_BUFFER), no host synchronisation.
+    """
+    with _device_guard(a):
+        return _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
+
+
+@explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_backward_onchip)")
+def sinkhorn_backward_onchip(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
+                             hist_r: torch.Tensor, hist_s: torch.Tensor, y: torch.Tensor, reg: float,
+                             log_domain: bool = False, precision: str = "ieee"):
+    """Single-launch Triton backward (exact gradient of value w.r.t. a and b through the fixed loop) from the
+    history of :func:`sinkhorn_forward_onchip` (new layout, keep_history=True). Returns ``(grad_a, grad_b)``.
+    One launch (two with ONCHIP_K_BUFFER), no host synchronisation, extra memory two [B, n], [B, m] scratch buffers."""
+    with _device_guard(a):
+        return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
+
+
+__all__ += ["sinkhorn_forward_onchip", "sinkhorn_backward_onchip", "onchip_fits", "ONCHIP_CONFIG", "ONCHIP_K_BUFFER",
+            "ONCHIP_MAX_C"]
