@@ -496,3 +496,30 @@ def test_kernels_under_host_emulation(tmp_path, sms):
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "EMULATION OK" in proc.stdout
+
+
+# ---------------------------------------------- host emulation of the single-launch kernels (issue 13 item 1)
+# Self-contained (its own imports), so that it can move with the emulation test above.
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
+                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+def test_single_launch_kernels_under_host_emulation(tmp_path):
+    """The single-launch kernels (shared cost, C <= 256), emulated, against the CPU op and the float64 reference.
+
+    python_tests/cuda_emulation/check_small_c_kernels.py: C in {1, 3, 81, 91, 100, 256} and n != m, odd B, zero-mass
+    entries, both domains, float32/float64, eps 0 and 1e-8, history on/off, forward and backward; 1 launch per
+    direction (2 with the kernel matrix off chip), bitwise today's kernels in the scaling domain, and every entry of
+    the tile table of today's kernels. Set WKD_EMU_BUILD_DIR to reuse the build between runs.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
+    env = dict(os.environ, WKD_EMU_SMS="8")
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(here / "cuda_emulation" / "check_small_c_kernels.py"), bdir],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "SMALL-C EMULATION OK" in proc.stdout
