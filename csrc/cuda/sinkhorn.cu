@@ -571,7 +571,7 @@ int gemm_tile_choice() {
 // Leading dimension of the kernel matrices formed by the prep kernels (W operands): a multiple of 16 elements, so
 // that their rows are 16-byte aligned and the W-tile loads are 16-byte vectors whatever n and m (the padding
 // columns are never written and only feed output columns >= N, which the epilogues drop).
-inline int64_t padded_ld(int64_t cols) { return ceil_div(cols, 16) * 16; }
+__host__ __device__ __forceinline__ int64_t padded_ld(int64_t cols) { return (cols + 15) / 16 * 16; }
 
 template <typename T, int I, class Epi>
 void launch_tile(const T* A, int64_t lda, const T* W, int64_t ldw, int64_t rows, int64_t Kd, int64_t N, bool vA,
