@@ -1126,19 +1126,22 @@ __global__ void __launch_bounds__(kRowThreads)
 //     backward's w/x, z/zv and the grad_a / grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
 //     global scratch); nothing synchronises with the host: graph-capturable.
 //   * The kernel matrix M (K = exp(-C/reg) in the scaling domain, L = -C/reg in the log domain) is held in shared
-//     memory when M and the row state fit in the opt-in limit (float32 up to C ~ 235, float64 up to C ~ 165 on
-//     sm_90): each CTA forms it from cost with the same expression as the prep kernels (exp(c / -reg), c / -reg),
+//     memory when M and the state of at least one row fit in the opt-in limit (sm_90, 227 KiB: float32 up to
+//     C = 237, float64 up to C = 167; fewer rows per CTA when needed): each CTA forms it from cost with the same expression as the prep kernels (exp(c / -reg), c / -reg),
 //     row stride ldk = m rounded up to odd, so that both passes are bank-conflict free (the column pass reads
 //     M[i][j] with lanes over j, the row pass with lanes over i). Otherwise small_build_kernel writes M [n, m] and
 //     M^T [m, n] to global memory once and the passes read them with coalesced lanes (L2-resident: <= 512 KiB).
 //     K∘C (y, the backward's direct term) is formed on the fly as K_ij * C_ij, the prep kernels' rounding.
-//   * Every output (a row r and a column j, or a row i) is one thread's sequential loop over the reduction index in
+//   * Each output (a batch row r and a column j, or a row i) is a sequential loop over the reduction index in
 //     increasing order. Scaling domain: acc = fma(x_k, M_k, acc), the operations of gemm_epi_kernel's k-loop in
 //     its order, so u, v, the history, y and the gradients are bitwise those of the per-half-iteration kernels
-//     (the backward's first product too: the g u_T (K∘C) terms, then the -w_T u_T K terms, the 2n-long k-loop over
-//     [K∘C ; K]); the value sum_i u_i y_i is one thread's sequential sum (the GEMM path reduces it by shuffles and
-//     block partials: equal to rounding). Log domain: the max / sum loops of rows_forward_kernel /
+//     (the backward's first product too: the g u_T (K∘C) terms, then the -w_T u_T K terms, the 2n-long k-loop
+//     over [K∘C ; K]); a thread computes kSmallRB (4) batch rows of one column at a time (rows_dot: one M read
+//     serves the 4 rows, the rows' state is read 16 bytes at a time: 8 shared reads per 16 FMAs in float32 instead
+//     of 32). The value sum_i u_i y_i is one thread's sequential sum per row (the GEMM path reduces it by shuffles
+//     and block partials: equal to rounding). Log domain: the max / sum loops of rows_forward_kernel /
 //     rows_backward_kernel, one thread per output (their row passes sum warp-strided: equal to rounding).
+//   * State arrays have row strides rounded up to 4 elements (16-byte aligned rows).
 //   Barriers: 2 per iteration (+3) forward, 2 per iteration (+2) backward.
 // ======================================================================================================
 constexpr int kSmallMaxC = 256;
@@ -1206,24 +1209,81 @@ __device__ __forceinline__ SmallM<T> small_matrix(const SmallArgs<T>& p, T* Ms) 
   return SmallM<T>{Ms, p.ldk, Ms, p.ldk, 1};
 }
 
+// RB rows of x (each a row of the CTA's state in shared memory, 16-byte aligned, stride a multiple of 4) times one
+// column of a matrix read by get(k): acc[q] = fma(x[q][k], get(k), acc[q]) for k = 0..K-1 in increasing order
+// (gemm_epi_kernel's k-loop). x is read four k at a time (one 16-byte read per row, float32; two, float64) and each
+// get(k) serves the RB rows: (RB + 4) shared reads per 4 RB FMAs, instead of 2 per FMA.
+// rows_dot_acc continues into acc; rows_dot starts from 0.
+template <typename T, int RB, class Get>
+__device__ __forceinline__ void rows_dot_acc(const T* const (&x)[RB], int64_t K, const Get& get, T (&acc)[RB]) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    T xv[RB][4];
+#pragma unroll
+    for (int q = 0; q < RB; ++q) lds4(x[q] + k, xv[q]);
+    T mk[4];
+#pragma unroll
+    for (int d = 0; d < 4; ++d) mk[d] = get(k + d);
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+#pragma unroll
+      for (int q = 0; q < RB; ++q) acc[q] = fma(xv[q][d], mk[d], acc[q]);
+  }
+  for (; k < K; ++k) {
+    const T mk = get(k);
+#pragma unroll
+    for (int q = 0; q < RB; ++q) acc[q] = fma(x[q][k], mk, acc[q]);
+  }
+}
+
+template <typename T, int RB, class Get>
+__device__ __forceinline__ void rows_dot(const T* const (&x)[RB], int64_t K, const Get& get, T (&acc)[RB]) {
+#pragma unroll
+  for (int q = 0; q < RB; ++q) acc[q] = T(0);
+  rows_dot_acc<T, RB>(x, K, get, acc);
+}
+
+// Rows per thread in the scaling-domain passes (register blocking over the CTA's batch rows).
+constexpr int kSmallRB = 4;
+
+// Work items of a scaling pass: (group of kSmallRB rows g, output column c), c fastest (lanes over c). For each
+// item, body(c, rows of the group (pointers into the state array x with row stride ldx), nvalid).
+template <typename T, class Body>
+__device__ __forceinline__ void for_row_groups(int64_t rows, int64_t N, const T* x, int64_t ldx, const Body& body) {
+  const int64_t groups = (rows + kSmallRB - 1) / kSmallRB;
+  for (int64_t it = threadIdx.x; it < groups * N; it += blockDim.x) {
+    const int64_t g = it / N, c = it - g * N;
+    const int64_t r0 = g * kSmallRB;
+    const T* xr[kSmallRB];
+#pragma unroll
+    for (int q = 0; q < kSmallRB; ++q) xr[q] = x + (r0 + q < rows ? r0 + q : rows - 1) * ldx;  // (clamped: unused)
+    body(c, r0, xr);
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
+
 template <typename T, bool LOG>
 __global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const SmallArgs<T> p) {
-  const int64_t n = p.n, m = p.m, B = p.B;
+  constexpr int RB = kSmallRB;
+  const int64_t n = p.n, m = p.m, B = p.B, ldn = round4(n), ldm = round4(m);
   const int nt = blockDim.x, tid = threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.x) * p.R;
-  const int64_t rows = std::min<int64_t>(p.R, B - row0);
+  const int64_t rows = B - row0 < p.R ? B - row0 : int64_t(p.R);
   const T NINF = ninf<T>();
   T* sm = dyn_smem<T>();
-  T* us = sm + (p.M ? 0 : n * p.ldk);  // [R, n]: u (log u)
-  T* vs = us + p.R * n;                // [R, m]: v (log v)
-  T* ys = vs + p.R * m;                // [R, n]: y (log domain: the row maxima of the final pass)
-  T* zs = ys + p.R * n;                // [R, n]: log domain: the final pass's sums
+  T* us = sm + (p.M ? 0 : round4(n * p.ldk));  // [R, ldn]: u (log u)
+  T* vs = us + p.R * ldn;                        // [R, ldm]: v (log v)
+  T* ys = vs + p.R * ldm;                        // [R, ldn]: y (log domain: the row maxima of the final pass)
+  T* zs = ys + p.R * ldn;                        // [R, ldn]: log domain: the final pass's sums
   const SmallM<T> M = small_matrix<T, LOG>(p, sm);
-  const T* a = p.a + row0 * n;
+  const T* a = p.a + row0 * n;  // global [rows, n] / [rows, m] blocks: index o = r * n + i (r * m + j)
   const T* b = p.b + row0 * m;
   const int64_t Bn = B * n, Bm = B * m;
   T* hr = p.hr ? p.hr + row0 * n : nullptr;
   T* hs = p.hs ? p.hs + row0 * m : nullptr;
+  auto sn = [&](int64_t o) { return (o / n) * ldn + o % n; };  // global index -> state index
+  auto sm_ = [&](int64_t o) { return (o / m) * ldm + o % m; };
 
   // u_0 = 1/|supp a| on supp a (each thread counts its row's support: n <= 256)
   for (int64_t o = tid; o < rows * n; o += nt) {
@@ -1231,22 +1291,29 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const S
     int cnt = 0;
     for (int64_t k = 0; k < n; ++k) cnt += ar[k] > T(0);
     const T u0 = LOG ? -dlog(T(cnt)) : T(1) / T(cnt);
-    us[o] = a[o] > T(0) ? u0 : (LOG ? NINF : T(0));
+    us[sn(o)] = a[o] > T(0) ? u0 : (LOG ? NINF : T(0));
   }
   __syncthreads();
 
   for (int t = 0; t < p.T_iters; ++t) {
     // column pass: s_t = K^T u_{t-1} + eps (log: log-sum-exp), v_t = b / s_t
-    for (int64_t o = tid; o < rows * m; o += nt) {
-      const int64_t j = o % m;
-      const T* ur = us + (o / m) * n;
-      T s;
-      if (!LOG) {
-        T acc = T(0);
-        for (int64_t i = 0; i < n; ++i) acc = fma(ur[i], M.col(i, j), acc);
-        s = acc + p.eps;
-        vs[o] = b[o] / s;
-      } else {
+    if (!LOG) {
+      for_row_groups<T>(rows, m, us, ldn, [&](int64_t j, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, n, [&](int64_t i) { return M.col(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * m + j;
+          const T s = acc[q] + p.eps;
+          vs[(r0 + q) * ldm + j] = b[o] / s;
+          if (hs) hs[t * Bm + o] = s;
+        }
+      });
+    } else {
+      for (int64_t o = tid; o < rows * m; o += nt) {
+        const int64_t j = o % m;
+        const T* ur = us + (o / m) * ldn;
         T mx = NINF;
         for (int64_t i = 0; i < n; ++i) {
           const T ui = ur[i];
@@ -1259,23 +1326,30 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const S
           if (ui == NINF) continue;
           sum += dexp(ui + M.col(i, j) - mx);
         }
-        s = log_add_eps(mx + safe_log(sum), p.log_eps, p.has_eps);
-        vs[o] = safe_log(b[o]) - s;
+        const T s = log_add_eps(mx + safe_log(sum), p.log_eps, p.has_eps);
+        vs[sm_(o)] = safe_log(b[o]) - s;
+        if (hs) hs[t * Bm + o] = s;
       }
-      if (hs) hs[t * Bm + o] = s;
     }
     __syncthreads();
     // row pass: r_t = K v_t + eps (log: log-sum-exp), u_t = a / r_t
-    for (int64_t o = tid; o < rows * n; o += nt) {
-      const int64_t i = o % n;
-      const T* vr = vs + (o / n) * m;
-      T r;
-      if (!LOG) {
-        T acc = T(0);
-        for (int64_t j = 0; j < m; ++j) acc = fma(vr[j], M.row(i, j), acc);
-        r = acc + p.eps;
-        us[o] = a[o] / r;
-      } else {
+    if (!LOG) {
+      for_row_groups<T>(rows, n, vs, ldm, [&](int64_t i, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, m, [&](int64_t j) { return M.row(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * n + i;
+          const T r = acc[q] + p.eps;
+          us[(r0 + q) * ldn + i] = a[o] / r;
+          if (hr) hr[t * Bn + o] = r;
+        }
+      });
+    } else {
+      for (int64_t o = tid; o < rows * n; o += nt) {
+        const int64_t i = o % n;
+        const T* vr = vs + (o / n) * ldm;
         T mi = NINF;
         for (int64_t j = 0; j < m; ++j) mi = smax(mi, M.row(i, j) + vr[j]);
         T acc = T(0);
@@ -1286,25 +1360,32 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const S
             acc += dexp(M.row(i, j) + vj - mi);
           }
         }
-        r = log_add_eps(mi + safe_log(acc), p.log_eps, p.has_eps);
-        us[o] = safe_log(a[o]) - r;
+        const T r = log_add_eps(mi + safe_log(acc), p.log_eps, p.has_eps);
+        us[sn(o)] = safe_log(a[o]) - r;
+        if (hr) hr[t * Bn + o] = r;
       }
-      if (hr) hr[t * Bn + o] = r;
     }
     __syncthreads();
   }
 
   // y = (K∘C) v_T (log: log y)
-  for (int64_t o = tid; o < rows * n; o += nt) {
-    const int64_t i = o % n;
-    const T* vr = vs + (o / n) * m;
-    const T* Ci = p.cost + i * m;
-    if (!LOG) {
-      T acc = T(0);
-      for (int64_t j = 0; j < m; ++j) acc = fma(vr[j], M.row(i, j) * Ci[j], acc);
-      ys[o] = acc;
-      if (p.y) p.y[row0 * n + o] = acc;
-    } else {
+  if (!LOG) {
+    for_row_groups<T>(rows, n, vs, ldm, [&](int64_t i, int64_t r0, const T* const(&xr)[RB]) {
+      const T* Ci = p.cost + i * m;
+      T acc[RB];
+      rows_dot<T, RB>(xr, m, [&](int64_t j) { return M.row(i, j) * Ci[j]; }, acc);
+#pragma unroll
+      for (int q = 0; q < RB; ++q) {
+        if (r0 + q >= rows) break;
+        ys[(r0 + q) * ldn + i] = acc[q];
+        if (p.y) p.y[(row0 + r0 + q) * n + i] = acc[q];
+      }
+    });
+  } else {
+    for (int64_t o = tid; o < rows * n; o += nt) {
+      const int64_t i = o % n;
+      const T* vr = vs + (o / n) * ldm;
+      const T* Ci = p.cost + i * m;
       T mi = NINF;
       for (int64_t j = 0; j < m; ++j) mi = smax(mi, M.row(i, j) + vr[j]);
       T acc = T(0);
@@ -1315,18 +1396,18 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const S
           acc += Ci[j] * dexp(M.row(i, j) + vj - mi);
         }
       }
-      ys[o] = mi;
-      zs[o] = acc;
+      ys[sn(o)] = mi;
+      zs[sn(o)] = acc;
       if (p.y) p.y[row0 * n + o] = mi + safe_log(acc);
     }
   }
   __syncthreads();
-  for (int64_t o = tid; o < rows * n; o += nt) p.u[row0 * n + o] = us[o];
-  for (int64_t o = tid; o < rows * m; o += nt) p.v[row0 * m + o] = vs[o];
+  for (int64_t o = tid; o < rows * n; o += nt) p.u[row0 * n + o] = us[sn(o)];
+  for (int64_t o = tid; o < rows * m; o += nt) p.v[row0 * m + o] = vs[sm_(o)];
   // value = sum_i u_i y_i, one thread per row, in index order
   for (int64_t r = tid; r < rows; r += nt) {
     T s = T(0);
-    for (int64_t i = r * n; i < (r + 1) * n; ++i) {
+    for (int64_t i = r * ldn; i < r * ldn + n; ++i) {
       if (!LOG) {
         s += us[i] * ys[i];
       } else {
@@ -1344,18 +1425,19 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const S
 //   log:     xa = log u_t, xb = w_t; zs = z_t, qs = log v_t.
 template <typename T, bool LOG>
 __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const SmallArgs<T> p) {
-  const int64_t n = p.n, m = p.m, B = p.B;
+  constexpr int RB = kSmallRB;
+  const int64_t n = p.n, m = p.m, B = p.B, ldn = round4(n), ldm = round4(m);
   const int nt = blockDim.x, tid = threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.x) * p.R;
-  const int64_t rows = std::min<int64_t>(p.R, B - row0);
+  const int64_t rows = B - row0 < p.R ? B - row0 : int64_t(p.R);
   const T NINF = ninf<T>();
   T* sm = dyn_smem<T>();
-  T* gas = sm + (p.M ? 0 : n * p.ldk);  // [R, n]
-  T* xa = gas + p.R * n;                // [R, n]
-  T* xb = xa + p.R * n;                 // [R, n]
-  T* gbs = xb + p.R * n;                // [R, m]
-  T* zs = gbs + p.R * m;                // [R, m]
-  T* qs = zs + p.R * m;                 // [R, m]
+  T* gas = sm + (p.M ? 0 : round4(n * p.ldk));  // [R, ldn]
+  T* xa = gas + p.R * ldn;                        // [R, ldn]
+  T* xb = xa + p.R * ldn;                         // [R, ldn]
+  T* gbs = xb + p.R * ldn;                        // [R, ldm]
+  T* zs = gbs + p.R * ldm;                        // [R, ldm]
+  T* qs = zs + p.R * ldm;                         // [R, ldm]
   const SmallM<T> M = small_matrix<T, LOG>(p, sm);
   const T* a = p.a + row0 * n;
   const T* b = p.b + row0 * m;
@@ -1365,6 +1447,8 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
   auto R = [&](int64_t t) { return p.hr_in + t * Bn + row0 * n; };
   auto S = [&](int64_t t) { return p.hs_in + t * Bm + row0 * m; };
   const T* yv = p.y_in + row0 * n;
+  auto sn = [&](int64_t o) { return (o / n) * ldn + o % n; };
+  auto sm_ = [&](int64_t o) { return (o / m) * ldm + o % m; };
 
   if (!LOG) {
     // w_T = g y / r_T; grad_a = w_T; A1 = [g u_T | -w_T u_T]
@@ -1374,54 +1458,66 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
       const T r = rL[o];
       const T ut = a[o] / r;
       const T w = gv * yv[o] / r;
-      gas[o] = w;
-      xa[o] = gv * ut;
-      xb[o] = -(w * ut);
+      const int64_t k = sn(o);
+      gas[k] = w;
+      xa[k] = gv * ut;
+      xb[k] = -(w * ut);
     }
     __syncthreads();
     // z_T = (g (K∘C)^T u_T - K^T (w_T u_T)) / s_T; grad_b = z_T; zv = z_T v_T
     {
       const T* s = S(last);
-      for (int64_t o = tid; o < rows * m; o += nt) {
-        const int64_t j = o % m;
-        const T* x1 = xa + (o / m) * n;
-        const T* x2 = xb + (o / m) * n;
-        T acc = T(0);
-        for (int64_t i = 0; i < n; ++i) acc = fma(x1[i], M.col(i, j) * p.cost[i * m + j], acc);
-        for (int64_t i = 0; i < n; ++i) acc = fma(x2[i], M.col(i, j), acc);
-        const T sv = s[o];
-        const T z = acc / sv;
-        gbs[o] = z;
-        zs[o] = z * (b[o] / sv);
-      }
+      for_row_groups<T>(rows, m, xa, ldn, [&](int64_t j, int64_t r0, const T* const(&xr)[RB]) {
+        const T* x2[RB];
+#pragma unroll
+        for (int q = 0; q < RB; ++q) x2[q] = xb + (xr[q] - xa);
+        T acc[RB];
+        rows_dot<T, RB>(xr, n, [&](int64_t i) { return M.col(i, j) * p.cost[i * m + j]; }, acc);
+        rows_dot_acc<T, RB>(x2, n, [&](int64_t i) { return M.col(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * m + j, k = (r0 + q) * ldm + j;
+          const T sv = s[o];
+          const T z = acc[q] / sv;
+          gbs[k] = z;
+          zs[k] = z * (b[o] / sv);
+        }
+      });
     }
     __syncthreads();
     for (int t = last; t >= 1; --t) {
       // w_{t-1} = -K (z_t v_t) / r_{t-1}; grad_a += w; x = w u_{t-1}
       const T* rp = R(t - 1);
-      for (int64_t o = tid; o < rows * n; o += nt) {
-        const int64_t i = o % n;
-        const T* zr = zs + (o / n) * m;
-        T acc = T(0);
-        for (int64_t j = 0; j < m; ++j) acc = fma(zr[j], M.row(i, j), acc);
-        const T rv = rp[o];
-        const T w = -acc / rv;
-        gas[o] += w;
-        xa[o] = w * (a[o] / rv);
-      }
+      for_row_groups<T>(rows, n, zs, ldm, [&](int64_t i, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, m, [&](int64_t j) { return M.row(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * n + i, k = (r0 + q) * ldn + i;
+          const T rv = rp[o];
+          const T w = -acc[q] / rv;
+          gas[k] += w;
+          xa[k] = w * (a[o] / rv);
+        }
+      });
       __syncthreads();
       // z_{t-1} = -K^T x / s_{t-1}; grad_b += z; zv = z v_{t-1}
       const T* sp = S(t - 1);
-      for (int64_t o = tid; o < rows * m; o += nt) {
-        const int64_t j = o % m;
-        const T* x1 = xa + (o / m) * n;
-        T acc = T(0);
-        for (int64_t i = 0; i < n; ++i) acc = fma(x1[i], M.col(i, j), acc);
-        const T sv = sp[o];
-        const T z = -acc / sv;
-        gbs[o] += z;
-        zs[o] = z * (b[o] / sv);
-      }
+      for_row_groups<T>(rows, m, xa, ldn, [&](int64_t j, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, n, [&](int64_t i) { return M.col(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * m + j, k = (r0 + q) * ldm + j;
+          const T sv = sp[o];
+          const T z = -acc[q] / sv;
+          gbs[k] += z;
+          zs[k] = z * (b[o] / sv);
+        }
+      });
       __syncthreads();
     }
   } else {
@@ -1429,27 +1525,28 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
       const T* rL = R(last);
       const T* sL = S(last);
       for (int64_t o = tid; o < rows * n; o += nt) {
-        xa[o] = safe_log(a[o]) - rL[o];
-        xb[o] = yv[o] == NINF ? T(0) : g[o / n] * dexp(yv[o] - rL[o]);
-        gas[o] = T(0);
+        const int64_t k = sn(o);
+        xa[k] = safe_log(a[o]) - rL[o];
+        xb[k] = yv[o] == NINF ? T(0) : g[o / n] * dexp(yv[o] - rL[o]);
+        gas[k] = T(0);
       }
-      for (int64_t o = tid; o < rows * m; o += nt) qs[o] = safe_log(b[o]) - sL[o];
+      for (int64_t o = tid; o < rows * m; o += nt) qs[sm_(o)] = safe_log(b[o]) - sL[o];
     }
     __syncthreads();
     for (int t = last; t >= 0; --t) {
       if (t != last) {
         const T* rt = R(t);
         const T* st = S(t);
-        for (int64_t o = tid; o < rows * n; o += nt) xa[o] = safe_log(a[o]) - rt[o];
-        for (int64_t o = tid; o < rows * m; o += nt) qs[o] = safe_log(b[o]) - st[o];
+        for (int64_t o = tid; o < rows * n; o += nt) xa[sn(o)] = safe_log(a[o]) - rt[o];
+        for (int64_t o = tid; o < rows * m; o += nt) qs[sm_(o)] = safe_log(b[o]) - st[o];
       }
-      for (int64_t o = tid; o < rows * n; o += nt) gas[o] += xb[o];
+      for (int64_t o = tid; o < rows * n; o += nt) gas[sn(o)] += xb[sn(o)];
       __syncthreads();
       const T* s = S(t);
       for (int64_t o = tid; o < rows * m; o += nt) {
         const int64_t j = o % m;
-        const T* lu = xa + (o / m) * n;
-        const T* wr = xb + (o / m) * n;
+        const T* lu = xa + (o / m) * ldn;
+        const T* wr = xb + (o / m) * ldn;
         T mx = NINF;
         for (int64_t i = 0; i < n; ++i) {
           const T ui = lu[i];
@@ -1468,16 +1565,17 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
         const T prod = sw == T(0) ? T(0) : dexp(mx - s[o]) * sw;
         const T direct = (t == last && sc != T(0)) ? g[o / m] * dexp(mx - s[o]) * sc : T(0);
         const T z = direct - prod;
-        gbs[o] = t == last ? z : gbs[o] + z;
-        zs[o] = z;
+        const int64_t k = sm_(o);
+        gbs[k] = t == last ? z : gbs[k] + z;
+        zs[k] = z;
       }
       __syncthreads();
       if (t == 0) break;
       const T* rp = R(t - 1);
       for (int64_t o = tid; o < rows * n; o += nt) {
         const int64_t i = o % n;
-        const T* lv = qs + (o / n) * m;
-        const T* zr = zs + (o / n) * m;
+        const T* lv = qs + (o / n) * ldm;
+        const T* zr = zs + (o / n) * ldm;
         T mi = NINF;
         for (int64_t j = 0; j < m; ++j) mi = smax(mi, M.row(i, j) + lv[j]);
         T acc = T(0);
@@ -1488,13 +1586,13 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
             acc += zj * dexp(M.row(i, j) + vj - mi);
           }
         }
-        xb[o] = acc == T(0) ? T(0) : -dexp(mi - rp[o]) * acc;
+        xb[sn(o)] = acc == T(0) ? T(0) : -dexp(mi - rp[o]) * acc;
       }
       __syncthreads();
     }
   }
-  for (int64_t o = tid; o < rows * n; o += nt) p.ga[row0 * n + o] = gas[o];
-  for (int64_t o = tid; o < rows * m; o += nt) p.gb[row0 * m + o] = gbs[o];
+  for (int64_t o = tid; o < rows * n; o += nt) p.ga[row0 * n + o] = gas[sn(o)];
+  for (int64_t o = tid; o < rows * m; o += nt) p.gb[row0 * m + o] = gbs[sm_(o)];
 }
 
 // Global M [n, m] and M^T [m, n] (K, or L in the log domain) when M does not fit in shared memory: 32 x 32 tiles
@@ -1560,19 +1658,27 @@ struct SmallPlan {
   size_t smem = 0;
 };
 
+// arrays_n / arrays_m: state arrays of n / m values per row; rb: rows per work item (kSmallRB in the scaling
+// domain, 1 in the log domain).
 template <typename T>
-SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m) {
+SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m, int rb) {
   SmallPlan pl;
   const int64_t sms = sm_count();
   const size_t limit = static_cast<size_t>(smem_optin_bytes());
   pl.R = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kSmallMaxRows, B / (2 * sms))));
-  auto state_bytes = [&](int R) { return size_t(R) * size_t(arrays_n * n + arrays_m * m) * sizeof(T); };
+  auto state_bytes = [&](int R) {
+    return size_t(R) * size_t(arrays_n * round4(n) + arrays_m * round4(m)) * sizeof(T);
+  };
   while (pl.R > 1 && state_bytes(pl.R) > limit) --pl.R;
   pl.ldk = m | 1;
-  const size_t mbytes = size_t(n) * size_t(pl.ldk) * sizeof(T);
-  pl.m_in_smem = mbytes + state_bytes(pl.R) <= limit;
+  const size_t mbytes = size_t(round4(n * pl.ldk)) * sizeof(T);
+  // M on chip if it fits next to the state of at least one row (fewer rows per CTA then, more CTAs).
+  int r_on = pl.R;
+  while (r_on > 1 && mbytes + state_bytes(r_on) > limit) --r_on;
+  pl.m_in_smem = mbytes + state_bytes(r_on) <= limit;
+  if (pl.m_in_smem) pl.R = r_on;
   pl.smem = state_bytes(pl.R) + (pl.m_in_smem ? mbytes : 0);
-  const int64_t work = int64_t(pl.R) * std::max(n, m);
+  const int64_t work = ceil_div(pl.R, rb) * std::max(n, m);
   pl.threads = static_cast<int>(std::min<int64_t>(kSmallMaxThreads, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
   return pl;
 }
@@ -1609,7 +1715,7 @@ void forward_small(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c
                    at::Tensor& hist_r, at::Tensor& hist_s, at::Tensor& y) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
-  const SmallPlan pl = small_plan<T>(B, n, m, 3, 1);
+  const SmallPlan pl = small_plan<T>(B, n, m, 3, 1, log_domain ? 1 : kSmallRB);
   const auto mats = small_global_matrix<T>(pl, cost, reg, log_domain, stream);
   SmallArgs<T> p{};
   p.a = a.data_ptr<T>();
@@ -1645,7 +1751,7 @@ void backward_small(const at::Tensor& g, const at::Tensor& a, const at::Tensor& 
                     bool log_domain, at::Tensor& ga, at::Tensor& gb) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
-  const SmallPlan pl = small_plan<T>(B, n, m, 3, 3);
+  const SmallPlan pl = small_plan<T>(B, n, m, 3, 3, log_domain ? 1 : kSmallRB);
   const auto mats = small_global_matrix<T>(pl, cost, reg, log_domain, stream);
   SmallArgs<T> p{};
   p.a = a.data_ptr<T>();

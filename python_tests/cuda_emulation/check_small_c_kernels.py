@@ -79,12 +79,13 @@ def same(x, y):
 
 def expected_launches(B, n, m, dtype, smem, sms=int(os.environ.get("WKD_EMU_SMS", "8"))):
     """(forward, backward) launches of the single-launch path: 1 each, +1 (the build kernel) where the kernel
-    matrix (row stride m rounded up to odd) and the rows' state (forward 3n + m, backward 3n + 3m values per row,
-    rows per CTA = B / (2 SMs) clamped to [1, 16]) exceed the shared memory per block (csrc/cuda/sinkhorn.cu
-    small_plan)."""
-    rows = max(1, min(16, B // (2 * sms)))
-    mat = n * (m | 1) * dtype.itemsize
-    return tuple(1 if mat + rows * (3 * n + k * m) * dtype.itemsize <= smem else 2 for k in (1, 3))
+    matrix (row stride m rounded up to odd) does not fit in the shared memory per block next to the state of one
+    row (forward 3n + m, backward 3n + 3m values, each rounded up to 4): csrc/cuda/sinkhorn.cu small_plan."""
+    def r4(x):
+        return (x + 3) // 4 * 4
+
+    mat = r4(n * (m | 1)) * dtype.itemsize
+    return tuple(1 if mat + (3 * r4(n) + k * r4(m)) * dtype.itemsize <= smem else 2 for k in (1, 3))
 
 
 def run_case(B, n, m, T, dtype, log, eps, reg=0.1, smem=SMEM_SM90, seed=0):
