@@ -84,8 +84,9 @@ def cpu_op(a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True):
     return torch.ops.wkd.sinkhorn(a.cpu(), b.cpu(), cost.cpu(), reg, T, eps, log_domain, keep)
 
 
-# Odd sizes, one-element rows, tile edges (16/32/64), unaligned rows (no 16-byte loads) and aligned ones; on an
-# H100/H200 these small shapes take the 16 x 32 tiles, SIZES_BIG the 32 x 64 tiles.
+# Odd sizes, one-element rows, tile edges (16/32/64), unaligned rows (no 16-byte loads) and aligned ones. With a
+# shared cost, shapes with n, m <= 256 take the single-launch kernels; (64, 129, 257) takes the per-half-iteration
+# kernels' 16 x 32 tiles on an H100/H200, SIZES_BIG their 32 x 64 tiles.
 SHAPES = [(1, 1, 1), (3, 7, 5), (5, 33, 65), (4, 40, 36), (17, 70, 37), (2, 13, 64), (33, 64, 128), (64, 129, 257)]
 SIZES_BIG = [(129, 1001, 999), (256, 1000, 1000)]
 
