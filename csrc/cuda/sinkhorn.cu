@@ -543,8 +543,9 @@ struct EpiW {
 // Choice: the host argument `tile` of forward_shared / backward_shared (launch_gemm): kTileAuto is today's rule
 // (0 when it gives at least half a wave of blocks, else 1); 0..kNumTiles-1 forces an entry. The op passes
 // gemm_tile_choice<T>(): the compile-time constants WKD_SINKHORN_CUDA_TILE_F32 / WKD_SINKHORN_CUDA_TILE_F64
-// (default kTileAuto; a benchmark build sweeps them with -DWKD_SINKHORN_CUDA_TILE_F32=2, ...; no environment is
-// read), or, under emulation only, wkd_cuda_emu::configure(tile=...).
+// (default kTileAuto; a benchmark build sweeps them with -DWKD_SINKHORN_CUDA_TILE_F32=2, ..., e.g.
+// NVCC_APPEND_FLAGS="-DWKD_SINKHORN_CUDA_TILE_F32=2" pip install -e . (nvcc reads that variable itself); the
+// library reads no environment), or, under emulation only, wkd_cuda_emu::configure(tile=...).
 struct TileCfg {
   int bm, bn, tm, tn, min_blocks;
 };
