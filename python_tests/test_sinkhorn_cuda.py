@@ -84,8 +84,9 @@ def cpu_op(a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True):
     return torch.ops.wkd.sinkhorn(a.cpu(), b.cpu(), cost.cpu(), reg, T, eps, log_domain, keep)
 
 
-# Odd sizes, one-element rows, tile edges (16/32/64), unaligned rows (no 16-byte loads) and aligned ones; on an
-# H100/H200 these small shapes take the 16 x 32 tiles, SIZES_BIG the 32 x 64 tiles.
+# Odd sizes, one-element rows, tile edges (16/32/64), unaligned rows (no 16-byte loads) and aligned ones. With a
+# shared cost, shapes with n, m <= 256 take the single-launch kernels; (64, 129, 257) takes the per-half-iteration
+# kernels' 16 x 32 tiles on an H100/H200, SIZES_BIG their 32 x 64 tiles.
 SHAPES = [(1, 1, 1), (3, 7, 5), (5, 33, 65), (4, 40, 36), (17, 70, 37), (2, 13, 64), (33, 64, 128), (64, 129, 257)]
 SIZES_BIG = [(129, 1001, 999), (256, 1000, 1000)]
 
@@ -496,3 +497,30 @@ def test_kernels_under_host_emulation(tmp_path, sms):
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "EMULATION OK" in proc.stdout
+
+
+# ---------------------------------------------- host emulation of the single-launch kernels (issue 13 item 1)
+# Self-contained (its own imports), so that it can move with the emulation test above.
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
+                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+def test_single_launch_kernels_under_host_emulation(tmp_path):
+    """The single-launch kernels (shared cost, C <= 256), emulated, against the CPU op and the float64 reference.
+
+    python_tests/cuda_emulation/check_small_c_kernels.py: C in {1, 3, 81, 91, 100, 256} and n != m, odd B, zero-mass
+    entries, both domains, float32/float64, eps 0 and 1e-8, history on/off, forward and backward; 1 launch per
+    direction (2 with the kernel matrix off chip), bitwise today's kernels in the scaling domain, and every entry of
+    the tile table of today's kernels. Set WKD_EMU_BUILD_DIR to reuse the build between runs.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
+    env = dict(os.environ, WKD_EMU_SMS="8")
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(here / "cuda_emulation" / "check_small_c_kernels.py"), bdir],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "SMALL-C EMULATION OK" in proc.stdout

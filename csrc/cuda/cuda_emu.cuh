@@ -7,7 +7,8 @@
 // Each fiber runs as far as it can before the others start, so a missing barrier shows up as stale data, and a
 // barrier not reached by all threads (divergent __syncthreads, a shuffle in divergent code) aborts with a
 // deadlock message. __shared__ variables become function statics: one copy, shared by the threads of the
-// running block. Memory fences and atomics are trivial (one fiber runs at a time).
+// running block; dynamic shared memory is one buffer per launch (dyn_smem(), NaN-filled for each block).
+// Memory fences and atomics are trivial (one fiber runs at a time). launch_count() counts the launches.
 #pragma once
 
 #include <math.h>
@@ -149,8 +150,24 @@ inline void check_aligned16(const void* p) {
   }
 }
 
+// Number of kernel launches since the library was loaded (the tests assert launch counts through it).
+inline long& launch_count() {
+  static long c = 0;
+  return c;
+}
+
+// Dynamic shared memory of the running launch (extern __shared__ in CUDA): one buffer, shared by the blocks,
+// which run one after another. Filled with NaNs for every block, so a read before a write shows up.
+inline std::vector<double>& dyn_smem_buf() {
+  static std::vector<double> buf;
+  return buf;
+}
+inline void* dyn_smem() { return dyn_smem_buf().data(); }
+
 template <class F>
-void launch(dim3 grid, dim3 block, F&& f) {
+void launch(dim3 grid, dim3 block, F&& f, size_t smem_bytes = 0) {
+  ++launch_count();
+  const size_t smem_words = (smem_bytes + sizeof(double) - 1) / sizeof(double) + 2;
   Block b;
   b.nthreads = int(block.x * block.y * block.z);
   b.body = std::function<void()>(f);
@@ -163,6 +180,7 @@ void launch(dim3 grid, dim3 block, F&& f) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx() = dim3(x, y, z);
+        dyn_smem_buf().assign(smem_words, std::nan(""));
         run_block(b);
       }
   current() = saved;

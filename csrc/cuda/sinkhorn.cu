@@ -1,13 +1,20 @@
 // Hand-written CUDA C++ kernels of wkd::sinkhorn and wkd::sinkhorn_backward, registered on their CUDA dispatch key
 // (contract: the schema comment in csrc/ops.cpp; the recurrences mirror csrc/cpu/sinkhorn.cpp line by line).
 //
-// Shared cost [n, m], scaling domain (the WKD-L case): every half-iteration of the whole batch is one
+// Size rule: a shared cost with n, m <= 256 (CIFAR-100, COCO's 81 / 91 classes, ...), either domain, runs the
+// single-launch kernels (section "Single-launch kernels for small C" below): the whole forward in one launch and
+// the whole exact backward in one launch (+ one build launch each where the kernel matrix does not fit in shared
+// memory). Everything else runs the per-half-iteration kernels described here:
+//
+// Shared cost [n, m] (n or m > 256), scaling domain: every half-iteration of the whole batch is one
 // [B, k] x [k, N] product done by gemm_epi_kernel, a tiled shared-memory SIMT GEMM whose epilogue fuses
 // what follows the product (+eps, the division, the history write, the backward's accumulations):
-//   * tiles: BM x BN outputs per block (32 x 64, 128 threads, 4 x 4 outputs per thread; or 16 x 32, 64
-//     threads, 2 x 4 when the big tiles would not fill half the SMs), k-slabs of 128 bytes (32 floats /
+//   * tiles: BM x BN outputs per block, from a small table (see "tile table"; by default 32 x 64, 128 threads,
+//     4 x 4 outputs per thread; or 16 x 32, 64 threads, 2 x 4 when the big tiles would not fill half the SMs;
+//     a 64 x 64 / 256-thread entry with two CTAs per SM is selectable), k-slabs of 128 bytes (32 floats /
 //     16 doubles), double-buffered in shared memory with a register-staged prefetch of the next slab,
-//     16-byte global loads when rows are 16-byte aligned (scalar fallback with bounds checks otherwise),
+//     16-byte global loads when rows are 16-byte aligned (scalar fallback with bounds checks otherwise; the
+//     kernel matrices' leading dimensions are padded to 16 elements, so their loads always are),
 //     16-byte shared-memory reads (one A read serves 4 k-steps).
 //   * the kernel matrices are formed once per call by a prep kernel (exp and a tiled transpose): K [n, m]
 //     for u -> s, K^T [m, n] for v -> r, and for the last forward half-iteration W2 [m, 2n] with the columns of
@@ -19,9 +26,10 @@
 //   * the same prep launch also runs the per-row prologue (u0 = 1/|supp a| on supp a in the forward; w_T, the
 //     first A operand and grad_a = w_T in the backward) in extra blocks: no separate launch.
 //   Forward: 1 + 2T launches; backward: 2T launches. Extra memory: 3-4 n x m matrices + O(B (n + m)).
-// Per-row cost [B, n, m] and the log domain (any cost layout): one block per row, loops; the kernel entries
-// exp(-C/reg) (or -C/reg) are recomputed from the cost on the fly, never stored (no B x n x m tensor); for a
-// shared cost in the log domain, L = -C/reg [n, m] is formed once (the same division as the CPU op).
+// Per-row cost [B, n, m] and the log domain (per-row cost, or shared with n or m > 256): one block per row,
+// loops; the kernel entries exp(-C/reg) (or -C/reg) are recomputed from the cost on the fly, never stored (no
+// B x n x m tensor); for a shared cost in the log domain, L = -C/reg [n, m] is formed once (the same division as
+// the CPU op).
 //
 // Everything runs on the current stream, allocates through the caching allocator (at::empty), never
 // synchronises with the host (only the shape/dtype/device checks of sinkhorn_common.h run): CUDA-graph capturable.
@@ -48,6 +56,8 @@
 #ifdef WKD_CUDA_EMULATE
 #include "cuda_emu.cuh"
 #define WKD_LAUNCH(kern, grid, block, stream, ...) ::wkd_emu::launch(grid, block, [=] { kern(__VA_ARGS__); })
+#define WKD_LAUNCH_SMEM(kern, grid, block, smem, stream, ...) \
+  ::wkd_emu::launch(grid, block, [=] { kern(__VA_ARGS__); }, smem)
 #define WKD_LAUNCH_CHECK()
 #define WKD_CHECK_ALIGNED16(p) ::wkd_emu::check_aligned16(p)
 #else
@@ -56,6 +66,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #define WKD_LAUNCH(kern, grid, block, stream, ...) kern<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define WKD_LAUNCH_SMEM(kern, grid, block, smem, stream, ...) kern<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define WKD_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define WKD_CHECK_ALIGNED16(p) ((void)0)
 #endif
@@ -84,6 +95,22 @@ inline cudaStream_t current_stream() {
   return c10::cuda::getCurrentCUDAStream();
 #endif
 }
+
+#ifdef WKD_CUDA_EMULATE
+// Verification-only switches, set through wkd_cuda_emu::configure (python_tests/cuda_emulation/): small < 0 applies
+// the size rule of the single-launch kernels, 0 / 1 forces them off / on (where they apply: shared cost, C <= 256);
+// smem_limit: the emulated opt-in shared memory per block (sm_90: 227 KiB); tile < 0: the default tile choice,
+// else an index into the tile table of the per-half-iteration kernels.
+struct EmuConfig {
+  int small = -1;
+  int smem_limit = 227 * 1024;
+  int tile = -1;
+};
+EmuConfig& emu_config() {
+  static EmuConfig c;
+  return c;
+}
+#endif
 
 // Multiprocessor count of the current device (a host-side attribute query, cached; no device synchronisation).
 int sm_count() {
@@ -225,8 +252,8 @@ struct GemmTraits {
   static constexpr int BK = 128 / int(sizeof(T));  // k-slab: 32 floats, 16 doubles
 };
 
-template <typename T, int BM, int BN, int TM, int TN, class Epi>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+template <typename T, int BM, int BN, int TM, int TN, int MINB, class Epi>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)
     gemm_epi_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ W, int64_t ldw, int64_t rows,
                     int64_t Kd, int64_t N, bool vecA, bool vecW, Epi epi) {
   constexpr int TPR = BN / TN;         // threads per output row of the tile
@@ -504,20 +531,78 @@ struct EpiW {
   }
 };
 
-// Big tiles when they give at least half a wave of blocks, else small tiles (C = 100 at B = 256, ...).
+// ------------------------------------------------------------------------------------------ tile table
+// The tile configurations of gemm_epi_kernel (issue 13 item 2). The dtype enters through the k-slab (BK = 128
+// bytes: 32 floats, 16 doubles); the same table serves both dtypes. Every entry gives bitwise the same products
+// (each output is one thread's k-loop in increasing k): only the speed changes (and the value's partial-sum
+// order, to rounding).
+//   0  32 x 64, 4 x 4 per thread, 128 threads   today's big tiles
+//   1  16 x 32, 2 x 4 per thread,  64 threads   today's small tiles
+//   2  64 x 64, 4 x 4 per thread, 256 threads   __launch_bounds__(256, 2): at most 128 registers per thread, so
+//                                               two CTAs per SM (smem 34 KiB float32 / 35 KiB float64 each)
+// Choice: the host argument `tile` of forward_shared / backward_shared (launch_gemm): kTileAuto is today's rule
+// (0 when it gives at least half a wave of blocks, else 1); 0..kNumTiles-1 forces an entry. The op passes
+// gemm_tile_choice<T>(): the compile-time constants WKD_SINKHORN_CUDA_TILE_F32 / WKD_SINKHORN_CUDA_TILE_F64
+// (default kTileAuto; a benchmark build sweeps them with -DWKD_SINKHORN_CUDA_TILE_F32=2, ..., e.g.
+// NVCC_APPEND_FLAGS="-DWKD_SINKHORN_CUDA_TILE_F32=2" pip install -e . (nvcc reads that variable itself); the
+// library reads no environment), or, under emulation only, wkd_cuda_emu::configure(tile=...).
+struct TileCfg {
+  int bm, bn, tm, tn, min_blocks;
+};
+constexpr TileCfg kTileTable[] = {{32, 64, 4, 4, 1}, {16, 32, 2, 4, 1}, {64, 64, 4, 4, 2}};
+constexpr int kNumTiles = int(sizeof(kTileTable) / sizeof(kTileTable[0]));
+constexpr int kTileAuto = -1;
+#ifndef WKD_SINKHORN_CUDA_TILE_F32
+#define WKD_SINKHORN_CUDA_TILE_F32 -1
+#endif
+#ifndef WKD_SINKHORN_CUDA_TILE_F64
+#define WKD_SINKHORN_CUDA_TILE_F64 -1
+#endif
+static_assert(WKD_SINKHORN_CUDA_TILE_F32 >= kTileAuto && WKD_SINKHORN_CUDA_TILE_F32 < kNumTiles, "tile index");
+static_assert(WKD_SINKHORN_CUDA_TILE_F64 >= kTileAuto && WKD_SINKHORN_CUDA_TILE_F64 < kNumTiles, "tile index");
+
+template <typename T>
+int gemm_tile_choice() {
+#ifdef WKD_CUDA_EMULATE
+  if (emu_config().tile >= 0) return std::min(emu_config().tile, kNumTiles - 1);
+#endif
+  return sizeof(T) == 4 ? WKD_SINKHORN_CUDA_TILE_F32 : WKD_SINKHORN_CUDA_TILE_F64;
+}
+
+// Leading dimension of the kernel matrices formed by the prep kernels (W operands): a multiple of 16 elements, so
+// that their rows are 16-byte aligned and the W-tile loads are 16-byte vectors whatever n and m (the padding
+// columns are never written and only feed output columns >= N, which the epilogues drop).
+__host__ __device__ __forceinline__ int64_t padded_ld(int64_t cols) { return (cols + 15) / 16 * 16; }
+
+template <typename T, int I, class Epi>
+void launch_tile(const T* A, int64_t lda, const T* W, int64_t ldw, int64_t rows, int64_t Kd, int64_t N, bool vA,
+                 bool vW, const Epi& epi, cudaStream_t stream) {
+  constexpr TileCfg c = kTileTable[I];
+  static_assert(c.bm >= 16 && c.bn >= 32, "EpiLast's ticket / partial buffers assume BM >= 16, BN >= 32");
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, c.bn)), static_cast<unsigned>(ceil_div(rows, c.bm)));
+  auto* kern = &gemm_epi_kernel<T, c.bm, c.bn, c.tm, c.tn, c.min_blocks, Epi>;
+  WKD_LAUNCH(kern, grid, (c.bm / c.tm) * (c.bn / c.tn), stream, A, lda, W, ldw, rows, Kd, N, vA, vW, epi);
+}
+
+// W_padded: W's rows may be read up to ldw (a padded_ld buffer): 16-byte loads even when N is not a multiple.
 template <typename T, class Epi>
-void launch_gemm(const T* A, int64_t lda, const T* W, int64_t ldw, int64_t rows, int64_t Kd, int64_t N,
-                 const Epi& epi, int sms, cudaStream_t stream) {
-  const bool vA = vec_ok(A, lda, Kd), vW = vec_ok(W, ldw, N);
-  const int64_t big_blocks = ceil_div(rows, 32) * ceil_div(N, 64);
-  if (2 * big_blocks >= sms) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, 64)), static_cast<unsigned>(ceil_div(rows, 32)));
-    auto* kern = &gemm_epi_kernel<T, 32, 64, 4, 4, Epi>;
-    WKD_LAUNCH(kern, grid, 128, stream, A, lda, W, ldw, rows, Kd, N, vA, vW, epi);
-  } else {
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, 32)), static_cast<unsigned>(ceil_div(rows, 16)));
-    auto* kern = &gemm_epi_kernel<T, 16, 32, 2, 4, Epi>;
-    WKD_LAUNCH(kern, grid, 64, stream, A, lda, W, ldw, rows, Kd, N, vA, vW, epi);
+void launch_gemm(const T* A, int64_t lda, const T* W, int64_t ldw, bool W_padded, int64_t rows, int64_t Kd,
+                 int64_t N, const Epi& epi, int sms, int tile, cudaStream_t stream) {
+  const bool vA = vec_ok(A, lda, Kd), vW = vec_ok(W, ldw, W_padded ? ldw : N);
+  if (tile == kTileAuto) {
+    const int64_t big_blocks = ceil_div(rows, 32) * ceil_div(N, 64);
+    tile = 2 * big_blocks >= sms ? 0 : 1;
+  }
+  switch (tile) {
+    case 0:
+      launch_tile<T, 0>(A, lda, W, ldw, rows, Kd, N, vA, vW, epi, stream);
+      break;
+    case 1:
+      launch_tile<T, 1>(A, lda, W, ldw, rows, Kd, N, vA, vW, epi, stream);
+      break;
+    default:
+      launch_tile<T, 2>(A, lda, W, ldw, rows, Kd, N, vA, vW, epi, stream);
+      break;
   }
   WKD_LAUNCH_CHECK();
 }
@@ -530,10 +615,11 @@ constexpr int kPrepThreads = 256;
 
 // FWD: Kout = K [n, m], KT = K^T [m, n], W2 [m, 2n] with W2[j, 2i] = K_ij, W2[j, 2i+1] = K_ij C_ij.
 // BWD: Kout = M2 [2n, m] = [K∘C ; K], KT = K^T [m, n].
+// Row strides: ldk (Kout), ldt (KT), ldw2 (W2): padded_ld of the column counts.
 template <typename T, bool FWD>
 __device__ __forceinline__ void prep_tile(const T* __restrict__ cost, int64_t n, int64_t m, T nreg, int64_t tile,
                                           int64_t tiles_m, T* __restrict__ Kout, T* __restrict__ KT,
-                                          T* __restrict__ W2) {
+                                          T* __restrict__ W2, int64_t ldk, int64_t ldt, int64_t ldw2) {
   __shared__ T sk[32][33];
   __shared__ T skc[32][33];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;  // 32 x 8
@@ -546,10 +632,10 @@ __device__ __forceinline__ void prep_tile(const T* __restrict__ cost, int64_t n,
       const T k = dexp(c / nreg);  // exp(cost / (-reg)), as the CPU op's exp(cost.div(-reg))
       const T kc = k * c;
       if (FWD) {
-        Kout[i * m + j] = k;
+        Kout[i * ldk + j] = k;
       } else {
-        Kout[i * m + j] = kc;
-        Kout[(n + i) * m + j] = k;
+        Kout[i * ldk + j] = kc;
+        Kout[(n + i) * ldk + j] = k;
       }
       sk[ty + rr][tx] = k;
       skc[ty + rr][tx] = kc;
@@ -561,10 +647,10 @@ __device__ __forceinline__ void prep_tile(const T* __restrict__ cost, int64_t n,
     const int64_t j = j0 + ty + rr, i = i0 + tx;
     if (i < n && j < m) {
       const T k = sk[tx][ty + rr];
-      KT[j * n + i] = k;
+      KT[j * ldt + i] = k;
       if (FWD) {
-        W2[j * 2 * n + 2 * i] = k;
-        W2[j * 2 * n + 2 * i + 1] = skc[tx][ty + rr];
+        W2[j * ldw2 + 2 * i] = k;
+        W2[j * ldw2 + 2 * i + 1] = skc[tx][ty + rr];
       }
     }
   }
@@ -576,7 +662,8 @@ __global__ void __launch_bounds__(kPrepThreads)
                         T* __restrict__ K, T* __restrict__ KT, T* __restrict__ W2, const T* __restrict__ a,
                         T* __restrict__ u, unsigned int* __restrict__ tickets, int64_t ntickets) {
   if (int64_t(blockIdx.x) < ntiles) {
-    prep_tile<T, true>(cost, n, m, nreg, blockIdx.x, tiles_m, K, KT, W2);
+    prep_tile<T, true>(cost, n, m, nreg, blockIdx.x, tiles_m, K, KT, W2, padded_ld(m), padded_ld(n),
+                       padded_ld(2 * n));
     return;
   }
   // u0 = 1/|supp a| on supp a, 0 elsewhere.
@@ -605,7 +692,7 @@ __global__ void __launch_bounds__(kPrepThreads)
                          const T* __restrict__ r_last, const T* __restrict__ y, T* __restrict__ ga,
                          T* __restrict__ A1) {
   if (int64_t(blockIdx.x) < ntiles) {
-    prep_tile<T, false>(cost, n, m, nreg, blockIdx.x, tiles_m, M2, KT, nullptr);
+    prep_tile<T, false>(cost, n, m, nreg, blockIdx.x, tiles_m, M2, KT, nullptr, padded_ld(m), padded_ld(n), 0);
     return;
   }
   const int64_t row = int64_t(blockIdx.x) - ntiles;
@@ -625,15 +712,16 @@ __global__ void __launch_bounds__(kPrepThreads)
 template <typename T>
 void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
                     double eps, bool keep, at::Tensor& value, at::Tensor& u, at::Tensor& v, at::Tensor& hist_r,
-                    at::Tensor& hist_s, at::Tensor& y) {
+                    at::Tensor& hist_s, at::Tensor& y, int tile) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
   const int sms = sm_count();
   const auto opts = a.options();
-  const at::Tensor K = at::empty({n, m}, opts), KT = at::empty({m, n}, opts), W2 = at::empty({m, 2 * n}, opts);
-  const int64_t ntickets = ceil_div(B, 16);  // >= gridDim.y of either tile configuration
+  const int64_t ldk = padded_ld(m), ldt = padded_ld(n), ldw2 = padded_ld(2 * n);
+  const at::Tensor K = at::empty({n, ldk}, opts), KT = at::empty({m, ldt}, opts), W2 = at::empty({m, ldw2}, opts);
+  const int64_t ntickets = ceil_div(B, 16);  // >= gridDim.y of every tile of the table (BM >= 16)
   const at::Tensor tickets = at::empty({ntickets}, opts.dtype(at::kInt));
-  const at::Tensor part = at::empty({ceil_div(2 * n, 32) * B}, opts);  // >= gridDim.x * B of either configuration
+  const at::Tensor part = at::empty({ceil_div(2 * n, 32) * B}, opts);  // >= gridDim.x * B (BN >= 32)
   const int64_t tiles_m = ceil_div(m, 32), ntiles = ceil_div(n, 32) * tiles_m;
   const T e = static_cast<T>(eps);
 
@@ -656,16 +744,17 @@ void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 
   for (int64_t t = 0; t < T_iters; ++t) {
     // s_t = K^T u + eps, v = b / s_t
-    launch_gemm<T>(u_p, n, K_p, m, B, n, m, EpiScale<T>{b_p, v_p, keep ? hs + t * B * m : nullptr, e}, sms, stream);
+    launch_gemm<T>(u_p, n, K_p, ldk, true, B, n, m, EpiScale<T>{b_p, v_p, keep ? hs + t * B * m : nullptr, e}, sms,
+                   tile, stream);
     if (t + 1 < T_iters) {
       // r_t = K v + eps, u = a / r_t
-      launch_gemm<T>(v_p, m, KT_p, n, B, m, n, EpiScale<T>{a_p, u_p, keep ? hr + t * B * n : nullptr, e}, sms,
-                     stream);
+      launch_gemm<T>(v_p, m, KT_p, ldt, true, B, m, n, EpiScale<T>{a_p, u_p, keep ? hr + t * B * n : nullptr, e},
+                     sms, tile, stream);
     } else {
       // r_T and y = (K∘C) v_T in one product; u, history, value
       EpiLast<T> epi{a_p, u_p, keep ? hr + t * B * n : nullptr, yp, e, n,
                      part.data_ptr<T>(), tk_p, value.data_ptr<T>()};
-      launch_gemm<T>(v_p, m, W2_p, 2 * n, B, m, 2 * n, epi, sms, stream);
+      launch_gemm<T>(v_p, m, W2_p, ldw2, true, B, m, 2 * n, epi, sms, tile, stream);
     }
   }
 }
@@ -673,13 +762,14 @@ void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 template <typename T>
 void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                      const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
-                     at::Tensor& ga, at::Tensor& gb) {
+                     at::Tensor& ga, at::Tensor& gb, int tile) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const cudaStream_t stream = current_stream();
   const int sms = sm_count();
   const auto opts = a.options();
-  const at::Tensor M2 = at::empty({2 * n, m}, opts), KT = at::empty({m, n}, opts);
+  const int64_t ldk = padded_ld(m), ldt = padded_ld(n);
+  const at::Tensor M2 = at::empty({2 * n, ldk}, opts), KT = at::empty({m, ldt}, opts);
   const at::Tensor A1 = at::empty({B, 2 * n}, opts), x = at::empty({B, n}, opts), zv = at::empty({B, m}, opts);
   const int64_t tiles_m = ceil_div(m, 32), ntiles = ceil_div(n, 32) * tiles_m;
 
@@ -694,7 +784,7 @@ void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor&
   T* A1_p = A1.data_ptr<T>();
   T* x_p = x.data_ptr<T>();
   T* zv_p = zv.data_ptr<T>();
-  const T* K_p = M2_p + n * m;  // the lower half of M2 is K
+  const T* K_p = M2_p + n * ldk;  // the lower half of M2 is K
 
   auto* prep = &prep_backward_kernel<T>;
   WKD_LAUNCH(prep, static_cast<unsigned>(ntiles + B), kPrepThreads, stream, cost.data_ptr<T>(), n, m,
@@ -703,14 +793,15 @@ void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor&
   WKD_LAUNCH_CHECK();
 
   // t = T: z_T = (g (K∘C)^T u_T - K^T (w_T u_T)) / s_T
-  launch_gemm<T>(A1_p, 2 * n, M2_p, m, B, 2 * n, m,
-                 EpiZ<T>{hs + last * B * m, b_p, gb_p, last > 0 ? zv_p : nullptr, true}, sms, stream);
+  launch_gemm<T>(A1_p, 2 * n, M2_p, ldk, true, B, 2 * n, m,
+                 EpiZ<T>{hs + last * B * m, b_p, gb_p, last > 0 ? zv_p : nullptr, true}, sms, tile, stream);
   for (int64_t t = last; t >= 1; --t) {
     // w_{t-1} = -K (z_t v_t) / r_{t-1}; grad_a += w; x = w u_{t-1}
-    launch_gemm<T>(zv_p, m, KT_p, n, B, m, n, EpiW<T>{hr + (t - 1) * B * n, a_p, ga_p, x_p}, sms, stream);
+    launch_gemm<T>(zv_p, m, KT_p, ldt, true, B, m, n, EpiW<T>{hr + (t - 1) * B * n, a_p, ga_p, x_p}, sms, tile,
+                   stream);
     // z_{t-1} = -K^T x / s_{t-1}; grad_b += z; zv = z v_{t-1}
-    launch_gemm<T>(x_p, n, K_p, m, B, n, m,
-                   EpiZ<T>{hs + (t - 1) * B * m, b_p, gb_p, t - 1 > 0 ? zv_p : nullptr, false}, sms, stream);
+    launch_gemm<T>(x_p, n, K_p, ldk, true, B, n, m,
+                   EpiZ<T>{hs + (t - 1) * B * m, b_p, gb_p, t - 1 > 0 ? zv_p : nullptr, false}, sms, tile, stream);
   }
 }
 
@@ -1027,6 +1118,667 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// ======================================================================================================
+// Single-launch kernels for small C (issue 13 item 1): shared cost [n, m] with n, m <= kSmallMaxC (256), both
+// domains, float32 and float64. The forward (all T iterations, y and the value) is ONE launch, the exact backward's
+// whole reverse sweep ONE launch (plus one build launch each when the kernel matrix does not fit in shared memory).
+//   * Each CTA owns R consecutive batch rows (R <= kSmallMaxRows, chosen by the host so that the grid fills about
+//     two waves) and keeps their state in dynamic shared memory: u, v (forward; logs in the log domain), the
+//     backward's w/x, z/zv and the grad_a / grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
+//     global scratch); nothing synchronises with the host: graph-capturable.
+//   * The kernel matrix M (K = exp(-C/reg) in the scaling domain, L = -C/reg in the log domain) is held in shared
+//     memory when M and the state of at least one row fit in the opt-in limit (sm_90, 227 KiB: float32 up to
+//     C = 237, float64 up to C = 167; fewer rows per CTA when needed): each CTA forms it from cost with the same expression as the prep kernels (exp(c / -reg), c / -reg),
+//     row stride ldk = m rounded up to odd, so that both passes are bank-conflict free (the column pass reads
+//     M[i][j] with lanes over j, the row pass with lanes over i). Otherwise small_build_kernel writes M [n, m] and
+//     M^T [m, n] to global memory once and the passes read them with coalesced lanes (L2-resident: <= 512 KiB).
+//     K∘C (y, the backward's direct term) is formed on the fly as K_ij * C_ij, the prep kernels' rounding.
+//   * Each output (a batch row r and a column j, or a row i) is a sequential loop over the reduction index in
+//     increasing order. Scaling domain: acc = fma(x_k, M_k, acc), the operations of gemm_epi_kernel's k-loop in
+//     its order, so u, v, the history, y and the gradients are bitwise those of the per-half-iteration kernels
+//     (the backward's first product too: the g u_T (K∘C) terms, then the -w_T u_T K terms, the 2n-long k-loop
+//     over [K∘C ; K]); a thread computes kSmallRB (4) batch rows of one column at a time (rows_dot: one M read
+//     serves the 4 rows, the rows' state is read 16 bytes at a time: 8 shared reads per 16 FMAs in float32 instead
+//     of 32). The value sum_i u_i y_i is one thread's sequential sum per row (the GEMM path reduces it by shuffles
+//     and block partials: equal to rounding). Log domain: the max / sum loops of rows_forward_kernel /
+//     rows_backward_kernel, one thread per output (their row passes sum warp-strided: equal to rounding).
+//   * State arrays have row strides rounded up to 4 elements (16-byte aligned rows).
+//   Barriers: 2 per iteration (+3) forward, 2 per iteration (+2) backward.
+// ======================================================================================================
+constexpr int kSmallMaxC = 256;
+constexpr int kSmallMaxRows = 16;
+constexpr int kSmallMaxThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ T* dyn_smem() {
+#ifdef WKD_CUDA_EMULATE
+  return static_cast<T*>(::wkd_emu::dyn_smem());
+#else
+  extern __shared__ __align__(16) unsigned char wkd_dyn_smem_raw[];
+  return reinterpret_cast<T*>(wkd_dyn_smem_raw);
+#endif
+}
+
+template <typename T>
+struct SmallArgs {
+  const T* a;
+  const T* b;
+  const T* cost;
+  const T* M;   // global M [n, m] and M^T [m, n] (small_build_kernel), or null: M in shared memory
+  const T* MT;
+  int64_t B, n, m, ldk;  // ldk: row stride of M in shared memory
+  int R;                 // batch rows per CTA
+  int T_iters;
+  T nreg, eps, log_eps;
+  bool has_eps;
+  // forward outputs (hr, hs, y null without history)
+  T* value;
+  T* u;
+  T* v;
+  T* hr;
+  T* hs;
+  T* y;
+  // backward inputs / outputs
+  const T* g;
+  const T* hr_in;
+  const T* hs_in;
+  const T* y_in;
+  T* ga;
+  T* gb;
+};
+
+// M for this CTA: in shared memory (formed from cost) or the global pair. col(i, j): the column pass's read
+// (lanes over j); row(i, j): the row pass's read (lanes over i).
+template <typename T>
+struct SmallM {
+  const T* c;
+  int64_t cld;
+  const T* r;
+  int64_t ri, rj;
+  __device__ __forceinline__ T col(int64_t i, int64_t j) const { return c[i * cld + j]; }
+  __device__ __forceinline__ T row(int64_t i, int64_t j) const { return r[i * ri + j * rj]; }
+};
+
+template <typename T, bool LOG>
+__device__ __forceinline__ SmallM<T> small_matrix(const SmallArgs<T>& p, T* Ms) {
+  const int64_t n = p.n, m = p.m;
+  if (p.M) return SmallM<T>{p.M, m, p.MT, 1, n};
+  for (int64_t k = threadIdx.x; k < n * m; k += blockDim.x) {
+    const T c = p.cost[k];
+    Ms[(k / m) * p.ldk + k % m] = LOG ? c / p.nreg : dexp(c / p.nreg);
+  }
+  return SmallM<T>{Ms, p.ldk, Ms, p.ldk, 1};
+}
+
+// RB rows of x (each a row of the CTA's state in shared memory, 16-byte aligned, stride a multiple of 4) times one
+// column of a matrix read by get(k): acc[q] = fma(x[q][k], get(k), acc[q]) for k = 0..K-1 in increasing order
+// (gemm_epi_kernel's k-loop). x is read four k at a time (one 16-byte read per row, float32; two, float64) and each
+// get(k) serves the RB rows: (RB + 4) shared reads per 4 RB FMAs, instead of 2 per FMA.
+// rows_dot_acc continues into acc; rows_dot starts from 0.
+template <typename T, int RB, class Get>
+__device__ __forceinline__ void rows_dot_acc(const T* const (&x)[RB], int64_t K, const Get& get, T (&acc)[RB]) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    T xv[RB][4];
+#pragma unroll
+    for (int q = 0; q < RB; ++q) lds4(x[q] + k, xv[q]);
+    T mk[4];
+#pragma unroll
+    for (int d = 0; d < 4; ++d) mk[d] = get(k + d);
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+#pragma unroll
+      for (int q = 0; q < RB; ++q) acc[q] = fma(xv[q][d], mk[d], acc[q]);
+  }
+  for (; k < K; ++k) {
+    const T mk = get(k);
+#pragma unroll
+    for (int q = 0; q < RB; ++q) acc[q] = fma(x[q][k], mk, acc[q]);
+  }
+}
+
+template <typename T, int RB, class Get>
+__device__ __forceinline__ void rows_dot(const T* const (&x)[RB], int64_t K, const Get& get, T (&acc)[RB]) {
+#pragma unroll
+  for (int q = 0; q < RB; ++q) acc[q] = T(0);
+  rows_dot_acc<T, RB>(x, K, get, acc);
+}
+
+// Rows per thread in the scaling-domain passes (register blocking over the CTA's batch rows).
+constexpr int kSmallRB = 4;
+
+// Work items of a scaling pass: (group of kSmallRB rows g, output column c), c fastest (lanes over c). For each
+// item, body(c, rows of the group (pointers into the state array x with row stride ldx), nvalid).
+template <typename T, class Body>
+__device__ __forceinline__ void for_row_groups(int64_t rows, int64_t N, const T* x, int64_t ldx, const Body& body) {
+  const int64_t groups = (rows + kSmallRB - 1) / kSmallRB;
+  for (int64_t it = threadIdx.x; it < groups * N; it += blockDim.x) {
+    const int64_t g = it / N, c = it - g * N;
+    const int64_t r0 = g * kSmallRB;
+    const T* xr[kSmallRB];
+#pragma unroll
+    for (int q = 0; q < kSmallRB; ++q) xr[q] = x + (r0 + q < rows ? r0 + q : rows - 1) * ldx;  // (clamped: unused)
+    body(c, r0, xr);
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
+
+template <typename T, bool LOG>
+__global__ void __launch_bounds__(kSmallMaxThreads) small_forward_kernel(const SmallArgs<T> p) {
+  constexpr int RB = kSmallRB;
+  const int64_t n = p.n, m = p.m, B = p.B, ldn = round4(n), ldm = round4(m);
+  const int nt = blockDim.x, tid = threadIdx.x;
+  const int64_t row0 = int64_t(blockIdx.x) * p.R;
+  const int64_t rows = B - row0 < p.R ? B - row0 : int64_t(p.R);
+  const T NINF = ninf<T>();
+  T* sm = dyn_smem<T>();
+  T* us = sm + (p.M ? 0 : round4(n * p.ldk));  // [R, ldn]: u (log u)
+  T* vs = us + p.R * ldn;                        // [R, ldm]: v (log v)
+  T* ys = vs + p.R * ldm;                        // [R, ldn]: y (log domain: the row maxima of the final pass)
+  T* zs = ys + p.R * ldn;                        // [R, ldn]: log domain: the final pass's sums
+  const SmallM<T> M = small_matrix<T, LOG>(p, sm);
+  const T* a = p.a + row0 * n;  // global [rows, n] / [rows, m] blocks: index o = r * n + i (r * m + j)
+  const T* b = p.b + row0 * m;
+  const int64_t Bn = B * n, Bm = B * m;
+  T* hr = p.hr ? p.hr + row0 * n : nullptr;
+  T* hs = p.hs ? p.hs + row0 * m : nullptr;
+  auto sn = [&](int64_t o) { return (o / n) * ldn + o % n; };  // global index -> state index
+  auto sm_ = [&](int64_t o) { return (o / m) * ldm + o % m; };
+
+  // u_0 = 1/|supp a| on supp a (each thread counts its row's support: n <= 256)
+  for (int64_t o = tid; o < rows * n; o += nt) {
+    const T* ar = a + (o / n) * n;
+    int cnt = 0;
+    for (int64_t k = 0; k < n; ++k) cnt += ar[k] > T(0);
+    const T u0 = LOG ? -dlog(T(cnt)) : T(1) / T(cnt);
+    us[sn(o)] = a[o] > T(0) ? u0 : (LOG ? NINF : T(0));
+  }
+  __syncthreads();
+
+  for (int t = 0; t < p.T_iters; ++t) {
+    // column pass: s_t = K^T u_{t-1} + eps (log: log-sum-exp), v_t = b / s_t
+    if (!LOG) {
+      for_row_groups<T>(rows, m, us, ldn, [&](int64_t j, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, n, [&](int64_t i) { return M.col(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * m + j;
+          const T s = acc[q] + p.eps;
+          vs[(r0 + q) * ldm + j] = b[o] / s;
+          if (hs) hs[t * Bm + o] = s;
+        }
+      });
+    } else {
+      for (int64_t o = tid; o < rows * m; o += nt) {
+        const int64_t j = o % m;
+        const T* ur = us + (o / m) * ldn;
+        T mx = NINF;
+        for (int64_t i = 0; i < n; ++i) {
+          const T ui = ur[i];
+          if (ui == NINF) continue;
+          mx = smax(mx, ui + M.col(i, j));
+        }
+        T sum = T(0);
+        for (int64_t i = 0; i < n; ++i) {
+          const T ui = ur[i];
+          if (ui == NINF) continue;
+          sum += dexp(ui + M.col(i, j) - mx);
+        }
+        const T s = log_add_eps(mx + safe_log(sum), p.log_eps, p.has_eps);
+        vs[sm_(o)] = safe_log(b[o]) - s;
+        if (hs) hs[t * Bm + o] = s;
+      }
+    }
+    __syncthreads();
+    // row pass: r_t = K v_t + eps (log: log-sum-exp), u_t = a / r_t
+    if (!LOG) {
+      for_row_groups<T>(rows, n, vs, ldm, [&](int64_t i, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, m, [&](int64_t j) { return M.row(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * n + i;
+          const T r = acc[q] + p.eps;
+          us[(r0 + q) * ldn + i] = a[o] / r;
+          if (hr) hr[t * Bn + o] = r;
+        }
+      });
+    } else {
+      for (int64_t o = tid; o < rows * n; o += nt) {
+        const int64_t i = o % n;
+        const T* vr = vs + (o / n) * ldm;
+        T mi = NINF;
+        for (int64_t j = 0; j < m; ++j) mi = smax(mi, M.row(i, j) + vr[j]);
+        T acc = T(0);
+        if (mi != NINF) {
+          for (int64_t j = 0; j < m; ++j) {
+            const T vj = vr[j];
+            if (vj == NINF) continue;
+            acc += dexp(M.row(i, j) + vj - mi);
+          }
+        }
+        const T r = log_add_eps(mi + safe_log(acc), p.log_eps, p.has_eps);
+        us[sn(o)] = safe_log(a[o]) - r;
+        if (hr) hr[t * Bn + o] = r;
+      }
+    }
+    __syncthreads();
+  }
+
+  // y = (K∘C) v_T (log: log y)
+  if (!LOG) {
+    for_row_groups<T>(rows, n, vs, ldm, [&](int64_t i, int64_t r0, const T* const(&xr)[RB]) {
+      const T* Ci = p.cost + i * m;
+      T acc[RB];
+      rows_dot<T, RB>(xr, m, [&](int64_t j) { return M.row(i, j) * Ci[j]; }, acc);
+#pragma unroll
+      for (int q = 0; q < RB; ++q) {
+        if (r0 + q >= rows) break;
+        ys[(r0 + q) * ldn + i] = acc[q];
+        if (p.y) p.y[(row0 + r0 + q) * n + i] = acc[q];
+      }
+    });
+  } else {
+    for (int64_t o = tid; o < rows * n; o += nt) {
+      const int64_t i = o % n;
+      const T* vr = vs + (o / n) * ldm;
+      const T* Ci = p.cost + i * m;
+      T mi = NINF;
+      for (int64_t j = 0; j < m; ++j) mi = smax(mi, M.row(i, j) + vr[j]);
+      T acc = T(0);
+      if (mi != NINF) {
+        for (int64_t j = 0; j < m; ++j) {
+          const T vj = vr[j];
+          if (vj == NINF) continue;
+          acc += Ci[j] * dexp(M.row(i, j) + vj - mi);
+        }
+      }
+      ys[sn(o)] = mi;
+      zs[sn(o)] = acc;
+      if (p.y) p.y[row0 * n + o] = mi + safe_log(acc);
+    }
+  }
+  __syncthreads();
+  for (int64_t o = tid; o < rows * n; o += nt) p.u[row0 * n + o] = us[sn(o)];
+  for (int64_t o = tid; o < rows * m; o += nt) p.v[row0 * m + o] = vs[sm_(o)];
+  // value = sum_i u_i y_i, one thread per row, in index order
+  for (int64_t r = tid; r < rows; r += nt) {
+    T s = T(0);
+    for (int64_t i = r * ldn; i < r * ldn + n; ++i) {
+      if (!LOG) {
+        s += us[i] * ys[i];
+      } else {
+        const T ui = us[i];
+        if (ui != NINF && zs[i] != T(0)) s += dexp(ui + ys[i]) * zs[i];
+      }
+    }
+    p.value[row0 + r] = s;
+  }
+}
+
+// Exact backward, the whole reverse sweep (backward_shared's recurrences in the scaling domain,
+// rows_backward_kernel's in the log domain).
+//   scaling: xa = g u_T, then x_t = w_t u_t; xb = -w_T u_T; zs = z_t v_t;
+//   log:     xa = log u_t, xb = w_t; zs = z_t, qs = log v_t.
+template <typename T, bool LOG>
+__global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const SmallArgs<T> p) {
+  constexpr int RB = kSmallRB;
+  const int64_t n = p.n, m = p.m, B = p.B, ldn = round4(n), ldm = round4(m);
+  const int nt = blockDim.x, tid = threadIdx.x;
+  const int64_t row0 = int64_t(blockIdx.x) * p.R;
+  const int64_t rows = B - row0 < p.R ? B - row0 : int64_t(p.R);
+  const T NINF = ninf<T>();
+  T* sm = dyn_smem<T>();
+  T* gas = sm + (p.M ? 0 : round4(n * p.ldk));  // [R, ldn]
+  T* xa = gas + p.R * ldn;                        // [R, ldn]
+  T* xb = xa + p.R * ldn;                         // [R, ldn]
+  T* gbs = xb + p.R * ldn;                        // [R, ldm]
+  T* zs = gbs + p.R * ldm;                        // [R, ldm]
+  T* qs = zs + p.R * ldm;                         // [R, ldm]
+  const SmallM<T> M = small_matrix<T, LOG>(p, sm);
+  const T* a = p.a + row0 * n;
+  const T* b = p.b + row0 * m;
+  const T* g = p.g + row0;
+  const int64_t Bn = B * n, Bm = B * m;
+  const int last = p.T_iters - 1;
+  auto R = [&](int64_t t) { return p.hr_in + t * Bn + row0 * n; };
+  auto S = [&](int64_t t) { return p.hs_in + t * Bm + row0 * m; };
+  const T* yv = p.y_in + row0 * n;
+  auto sn = [&](int64_t o) { return (o / n) * ldn + o % n; };
+  auto sm_ = [&](int64_t o) { return (o / m) * ldm + o % m; };
+
+  if (!LOG) {
+    // w_T = g y / r_T; grad_a = w_T; A1 = [g u_T | -w_T u_T]
+    const T* rL = R(last);
+    for (int64_t o = tid; o < rows * n; o += nt) {
+      const T gv = g[o / n];
+      const T r = rL[o];
+      const T ut = a[o] / r;
+      const T w = gv * yv[o] / r;
+      const int64_t k = sn(o);
+      gas[k] = w;
+      xa[k] = gv * ut;
+      xb[k] = -(w * ut);
+    }
+    __syncthreads();
+    // z_T = (g (K∘C)^T u_T - K^T (w_T u_T)) / s_T; grad_b = z_T; zv = z_T v_T
+    {
+      const T* s = S(last);
+      for_row_groups<T>(rows, m, xa, ldn, [&](int64_t j, int64_t r0, const T* const(&xr)[RB]) {
+        const T* x2[RB];
+#pragma unroll
+        for (int q = 0; q < RB; ++q) x2[q] = xb + (xr[q] - xa);
+        T acc[RB];
+        rows_dot<T, RB>(xr, n, [&](int64_t i) { return M.col(i, j) * p.cost[i * m + j]; }, acc);
+        rows_dot_acc<T, RB>(x2, n, [&](int64_t i) { return M.col(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * m + j, k = (r0 + q) * ldm + j;
+          const T sv = s[o];
+          const T z = acc[q] / sv;
+          gbs[k] = z;
+          zs[k] = z * (b[o] / sv);
+        }
+      });
+    }
+    __syncthreads();
+    for (int t = last; t >= 1; --t) {
+      // w_{t-1} = -K (z_t v_t) / r_{t-1}; grad_a += w; x = w u_{t-1}
+      const T* rp = R(t - 1);
+      for_row_groups<T>(rows, n, zs, ldm, [&](int64_t i, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, m, [&](int64_t j) { return M.row(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * n + i, k = (r0 + q) * ldn + i;
+          const T rv = rp[o];
+          const T w = -acc[q] / rv;
+          gas[k] += w;
+          xa[k] = w * (a[o] / rv);
+        }
+      });
+      __syncthreads();
+      // z_{t-1} = -K^T x / s_{t-1}; grad_b += z; zv = z v_{t-1}
+      const T* sp = S(t - 1);
+      for_row_groups<T>(rows, m, xa, ldn, [&](int64_t j, int64_t r0, const T* const(&xr)[RB]) {
+        T acc[RB];
+        rows_dot<T, RB>(xr, n, [&](int64_t i) { return M.col(i, j); }, acc);
+#pragma unroll
+        for (int q = 0; q < RB; ++q) {
+          if (r0 + q >= rows) break;
+          const int64_t o = (r0 + q) * m + j, k = (r0 + q) * ldm + j;
+          const T sv = sp[o];
+          const T z = -acc[q] / sv;
+          gbs[k] += z;
+          zs[k] = z * (b[o] / sv);
+        }
+      });
+      __syncthreads();
+    }
+  } else {
+    {
+      const T* rL = R(last);
+      const T* sL = S(last);
+      for (int64_t o = tid; o < rows * n; o += nt) {
+        const int64_t k = sn(o);
+        xa[k] = safe_log(a[o]) - rL[o];
+        xb[k] = yv[o] == NINF ? T(0) : g[o / n] * dexp(yv[o] - rL[o]);
+        gas[k] = T(0);
+      }
+      for (int64_t o = tid; o < rows * m; o += nt) qs[sm_(o)] = safe_log(b[o]) - sL[o];
+    }
+    __syncthreads();
+    for (int t = last; t >= 0; --t) {
+      if (t != last) {
+        const T* rt = R(t);
+        const T* st = S(t);
+        for (int64_t o = tid; o < rows * n; o += nt) xa[sn(o)] = safe_log(a[o]) - rt[o];
+        for (int64_t o = tid; o < rows * m; o += nt) qs[sm_(o)] = safe_log(b[o]) - st[o];
+      }
+      for (int64_t o = tid; o < rows * n; o += nt) gas[sn(o)] += xb[sn(o)];
+      __syncthreads();
+      const T* s = S(t);
+      for (int64_t o = tid; o < rows * m; o += nt) {
+        const int64_t j = o % m;
+        const T* lu = xa + (o / m) * ldn;
+        const T* wr = xb + (o / m) * ldn;
+        T mx = NINF;
+        for (int64_t i = 0; i < n; ++i) {
+          const T ui = lu[i];
+          if (ui == NINF) continue;
+          mx = smax(mx, ui + M.col(i, j));
+        }
+        T sw = T(0), sc = T(0);
+        for (int64_t i = 0; i < n; ++i) {
+          const T ui = lu[i];
+          if (ui == NINF) continue;
+          const T ex = dexp(ui + M.col(i, j) - mx);
+          const T wi = wr[i];
+          if (wi != T(0)) sw += wi * ex;
+          if (t == last) sc += p.cost[i * m + j] * ex;
+        }
+        const T prod = sw == T(0) ? T(0) : dexp(mx - s[o]) * sw;
+        const T direct = (t == last && sc != T(0)) ? g[o / m] * dexp(mx - s[o]) * sc : T(0);
+        const T z = direct - prod;
+        const int64_t k = sm_(o);
+        gbs[k] = t == last ? z : gbs[k] + z;
+        zs[k] = z;
+      }
+      __syncthreads();
+      if (t == 0) break;
+      const T* rp = R(t - 1);
+      for (int64_t o = tid; o < rows * n; o += nt) {
+        const int64_t i = o % n;
+        const T* lv = qs + (o / n) * ldm;
+        const T* zr = zs + (o / n) * ldm;
+        T mi = NINF;
+        for (int64_t j = 0; j < m; ++j) mi = smax(mi, M.row(i, j) + lv[j]);
+        T acc = T(0);
+        if (mi != NINF) {
+          for (int64_t j = 0; j < m; ++j) {
+            const T vj = lv[j], zj = zr[j];
+            if (vj == NINF || zj == T(0)) continue;
+            acc += zj * dexp(M.row(i, j) + vj - mi);
+          }
+        }
+        xb[sn(o)] = acc == T(0) ? T(0) : -dexp(mi - rp[o]) * acc;
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t o = tid; o < rows * n; o += nt) p.ga[row0 * n + o] = gas[sn(o)];
+  for (int64_t o = tid; o < rows * m; o += nt) p.gb[row0 * m + o] = gbs[sm_(o)];
+}
+
+// Global M [n, m] and M^T [m, n] (K, or L in the log domain) when M does not fit in shared memory: 32 x 32 tiles
+// through shared memory, 256 threads.
+template <typename T, bool LOG>
+__global__ void __launch_bounds__(256)
+    small_build_kernel(const T* __restrict__ cost, int64_t n, int64_t m, T nreg, T* __restrict__ M,
+                       T* __restrict__ MT) {
+  __shared__ T tile[32][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t tiles_m = (m + 31) / 32;
+  const int64_t i0 = (int64_t(blockIdx.x) / tiles_m) * 32, j0 = (int64_t(blockIdx.x) % tiles_m) * 32;
+  for (int rr = 0; rr < 32; rr += 8) {
+    const int64_t i = i0 + ty + rr, j = j0 + tx;
+    if (i < n && j < m) {
+      const T c = cost[i * m + j];
+      const T k = LOG ? c / nreg : dexp(c / nreg);
+      M[i * m + j] = k;
+      tile[ty + rr][tx] = k;
+    }
+  }
+  __syncthreads();
+  for (int rr = 0; rr < 32; rr += 8) {
+    const int64_t j = j0 + ty + rr, i = i0 + tx;
+    if (i < n && j < m) MT[j * n + i] = tile[tx][ty + rr];
+  }
+}
+
+// Opt-in shared memory per block of the current device (cached, like sm_count).
+int smem_optin_bytes() {
+#ifdef WKD_CUDA_EMULATE
+  return emu_config().smem_limit;
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  const int dev = c10::cuda::current_device();
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int hit = cache[dev].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (bytes <= 0) bytes = 48 * 1024;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(bytes, std::memory_order_relaxed);
+  return bytes;
+#endif
+}
+
+// The size rule of the single-launch kernels (both directions).
+bool use_small_kernels(bool shared_cost, int64_t n, int64_t m) {
+#ifdef WKD_CUDA_EMULATE
+  if (emu_config().small >= 0) return emu_config().small != 0 && shared_cost && n <= kSmallMaxC && m <= kSmallMaxC;
+#endif
+  return shared_cost && n <= kSmallMaxC && m <= kSmallMaxC;
+}
+
+// Launch plan: rows per CTA, threads, shared memory, where M lives.
+struct SmallPlan {
+  int R = 1;
+  int threads = 32;
+  int64_t ldk = 1;
+  bool m_in_smem = false;
+  size_t smem = 0;
+};
+
+// arrays_n / arrays_m: state arrays of n / m values per row; rb: rows per work item (kSmallRB in the scaling
+// domain, 1 in the log domain).
+template <typename T>
+SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m, int rb) {
+  SmallPlan pl;
+  const int64_t sms = sm_count();
+  const size_t limit = static_cast<size_t>(smem_optin_bytes());
+  pl.R = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kSmallMaxRows, B / (2 * sms))));
+  auto state_bytes = [&](int R) {
+    return size_t(R) * size_t(arrays_n * round4(n) + arrays_m * round4(m)) * sizeof(T);
+  };
+  while (pl.R > 1 && state_bytes(pl.R) > limit) --pl.R;
+  pl.ldk = m | 1;
+  const size_t mbytes = size_t(round4(n * pl.ldk)) * sizeof(T);
+  // M on chip if it fits next to the state of at least one row (fewer rows per CTA then, more CTAs).
+  int r_on = pl.R;
+  while (r_on > 1 && mbytes + state_bytes(r_on) > limit) --r_on;
+  pl.m_in_smem = mbytes + state_bytes(r_on) <= limit;
+  if (pl.m_in_smem) pl.R = r_on;
+  pl.smem = state_bytes(pl.R) + (pl.m_in_smem ? mbytes : 0);
+  const int64_t work = ceil_div(pl.R, rb) * std::max(n, m);
+  pl.threads = static_cast<int>(std::min<int64_t>(kSmallMaxThreads, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
+  return pl;
+}
+
+template <class Kern>
+void allow_dynamic_smem(Kern* kern, size_t bytes) {
+#ifndef WKD_CUDA_EMULATE
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+#else
+  (void)kern;
+  (void)bytes;
+#endif
+}
+
+// Global M / M^T for a plan that keeps M off chip (one extra launch); returns the pair (undefined when in smem).
+template <typename T>
+std::pair<at::Tensor, at::Tensor> small_global_matrix(const SmallPlan& pl, const at::Tensor& cost, double reg,
+                                                      bool log_domain, cudaStream_t stream) {
+  if (pl.m_in_smem) return {};
+  const int64_t n = cost.size(0), m = cost.size(1);
+  at::Tensor M = at::empty({n, m}, cost.options()), MT = at::empty({m, n}, cost.options());
+  const unsigned tiles = static_cast<unsigned>(ceil_div(n, 32) * ceil_div(m, 32));
+  auto* kern = log_domain ? &small_build_kernel<T, true> : &small_build_kernel<T, false>;
+  WKD_LAUNCH(kern, tiles, 256, stream, cost.data_ptr<T>(), n, m, static_cast<T>(-reg), M.data_ptr<T>(),
+             MT.data_ptr<T>());
+  WKD_LAUNCH_CHECK();
+  return {M, MT};
+}
+
+template <typename T>
+void forward_small(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
+                   double eps, bool log_domain, bool keep, at::Tensor& value, at::Tensor& u, at::Tensor& v,
+                   at::Tensor& hist_r, at::Tensor& hist_s, at::Tensor& y) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const cudaStream_t stream = current_stream();
+  const SmallPlan pl = small_plan<T>(B, n, m, 3, 1, log_domain ? 1 : kSmallRB);
+  const auto mats = small_global_matrix<T>(pl, cost, reg, log_domain, stream);
+  SmallArgs<T> p{};
+  p.a = a.data_ptr<T>();
+  p.b = b.data_ptr<T>();
+  p.cost = cost.data_ptr<T>();
+  p.M = pl.m_in_smem ? nullptr : mats.first.template data_ptr<T>();
+  p.MT = pl.m_in_smem ? nullptr : mats.second.template data_ptr<T>();
+  p.B = B;
+  p.n = n;
+  p.m = m;
+  p.ldk = pl.ldk;
+  p.R = pl.R;
+  p.T_iters = static_cast<int>(T_iters);
+  p.nreg = static_cast<T>(-reg);
+  p.eps = static_cast<T>(eps);
+  p.has_eps = eps > 0;
+  p.log_eps = p.has_eps ? static_cast<T>(std::log(p.eps)) : T(0);
+  p.value = value.data_ptr<T>();
+  p.u = u.data_ptr<T>();
+  p.v = v.data_ptr<T>();
+  p.hr = keep ? hist_r.data_ptr<T>() : nullptr;
+  p.hs = keep ? hist_s.data_ptr<T>() : nullptr;
+  p.y = keep ? y.data_ptr<T>() : nullptr;
+  auto* kern = log_domain ? &small_forward_kernel<T, true> : &small_forward_kernel<T, false>;
+  allow_dynamic_smem(kern, pl.smem);
+  WKD_LAUNCH_SMEM(kern, static_cast<unsigned>(ceil_div(B, pl.R)), pl.threads, pl.smem, stream, p);
+  WKD_LAUNCH_CHECK();
+}
+
+template <typename T>
+void backward_small(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
+                    const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
+                    bool log_domain, at::Tensor& ga, at::Tensor& gb) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const cudaStream_t stream = current_stream();
+  const SmallPlan pl = small_plan<T>(B, n, m, 3, 3, log_domain ? 1 : kSmallRB);
+  const auto mats = small_global_matrix<T>(pl, cost, reg, log_domain, stream);
+  SmallArgs<T> p{};
+  p.a = a.data_ptr<T>();
+  p.b = b.data_ptr<T>();
+  p.cost = cost.data_ptr<T>();
+  p.M = pl.m_in_smem ? nullptr : mats.first.template data_ptr<T>();
+  p.MT = pl.m_in_smem ? nullptr : mats.second.template data_ptr<T>();
+  p.B = B;
+  p.n = n;
+  p.m = m;
+  p.ldk = pl.ldk;
+  p.R = pl.R;
+  p.T_iters = static_cast<int>(hist_s.size(0));
+  p.nreg = static_cast<T>(-reg);
+  p.g = g.data_ptr<T>();
+  p.hr_in = hist_r.data_ptr<T>();
+  p.hs_in = hist_s.data_ptr<T>();
+  p.y_in = y.data_ptr<T>();
+  p.ga = ga.data_ptr<T>();
+  p.gb = gb.data_ptr<T>();
+  auto* kern = log_domain ? &small_backward_kernel<T, true> : &small_backward_kernel<T, false>;
+  allow_dynamic_smem(kern, pl.smem);
+  WKD_LAUNCH_SMEM(kern, static_cast<unsigned>(ceil_div(B, pl.R)), pl.threads, pl.smem, stream, p);
+  WKD_LAUNCH_CHECK();
+}
+
 // ------------------------------------------------------------------------------------------ op entry points
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
@@ -1050,8 +1802,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cuda", [&] {
     using T = scalar_t;
+    if (use_small_kernels(d.shared_cost, n, m)) {
+      forward_small<T>(a, b, cost, reg, num_iters, eps, log_domain, keep_history, value, u, v, hist_r, hist_s, y);
+      return;
+    }
     if (d.shared_cost && !log_domain) {
-      forward_shared<T>(a, b, cost, reg, num_iters, eps, keep_history, value, u, v, hist_r, hist_s, y);
+      forward_shared<T>(a, b, cost, reg, num_iters, eps, keep_history, value, u, v, hist_r, hist_s, y,
+                        gemm_tile_choice<T>());
       return;
     }
     const T e = static_cast<T>(eps);
@@ -1095,8 +1852,12 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
   const int T_iters = static_cast<int>(hist_s.size(0));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cuda", [&] {
     using T = scalar_t;
+    if (use_small_kernels(d.shared_cost, n, m)) {
+      backward_small<T>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, ga, gb);
+      return;
+    }
     if (d.shared_cost && !log_domain) {
-      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb);
+      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb, gemm_tile_choice<T>());
       return;
     }
     const at::Tensor scr_n = at::empty({B, 2 * n}, a.options()), scr_m = at::empty({B, 2 * m}, a.options());
@@ -1131,6 +1892,19 @@ TORCH_LIBRARY(wkd_cuda_emu, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
       "Tensor y, float reg, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
+}
+// Verification-only controls: the switches of EmuConfig, and the emulator's launch counter.
+void emu_configure(int64_t small, int64_t smem_limit, int64_t tile) {
+  emu_config().small = static_cast<int>(small);
+  emu_config().smem_limit = static_cast<int>(smem_limit);
+  emu_config().tile = static_cast<int>(tile);
+}
+int64_t emu_launch_count() { return ::wkd_emu::launch_count(); }
+int64_t emu_num_tiles() { return kNumTiles; }
+TORCH_LIBRARY_FRAGMENT(wkd_cuda_emu, m) {
+  m.def("configure(int small=-1, int smem_limit=232448, int tile=-1) -> ()", &emu_configure);
+  m.def("launch_count() -> int", &emu_launch_count);
+  m.def("num_tiles() -> int", &emu_num_tiles);
 }
 TORCH_LIBRARY_IMPL(wkd_cuda_emu, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cuda);

@@ -6,8 +6,10 @@ Compiles emu_sinkhorn_cuda.cpp (csrc/cuda/sinkhorn.cu with WKD_CUDA_EMULATE) int
 ops torch.ops.wkd_cuda_emu.sinkhorn / sinkhorn_backward run the CUDA kernels and their launch code on CPU tensors,
 and compares every output with torch.ops.wkd.* (the CPU op of wkd_kernels, imported in the same process) and with
 wkd_kernels.reference.sinkhorn_reference (autograd through it for the gradients). WKD_EMU_SMS sets the emulated
-multiprocessor count (1: every product takes the 32 x 64 tiles; 1000: the 16 x 32 tiles). Prints the failing cases,
-or "EMULATION OK"; exits 1 on a failure. Run by python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation.
+multiprocessor count (1: every product takes the 32 x 64 tiles; 1000: the 16 x 32 tiles). The single-launch kernels
+for C <= 256 are switched off here (wkd_cuda_emu.configure(small=0)): check_small_c_kernels.py checks them. Prints the
+failing cases, or "EMULATION OK"; exits 1 on a failure.
+Run by python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation.
 """
 import itertools
 import os
@@ -30,6 +32,10 @@ os.makedirs(bdir, exist_ok=True)
 ce.load(name="wkd_cuda_emu", sources=[str(HERE / "emu_sinkhorn_cuda.cpp")], build_directory=bdir,
         extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, with_cuda=False)
 emu, cpu_ops = torch.ops.wkd_cuda_emu, torch.ops.wkd
+# Every shape below has a shared cost with n, m <= 256, which the size rule sends to the single-launch kernels;
+# this program checks today's per-half-iteration and per-row kernels, so it turns those off (they are checked by
+# check_small_c_kernels.py).
+emu.configure(0, 227 * 1024, -1)
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F32: 1e-5, F64: 1e-10}
