@@ -101,7 +101,7 @@ SMOKE_SIZES = "8x20,5x13x11"
 # (value threshold, gradient threshold, failing?) per precision; see the module docstring.
 THRESHOLDS = {"exact": (1e-4, 5e-4, True), "tf32x3": (1e-3, 3e-3, True), "tf32": (3e-2, 3e-2, False)}
 STANDIN_MARK = "*"  # appended to a size label whose real cost matrix was absent
-DEFAULT_TILES = "32x64x16x8,64x32x32x4,32x32x32x4,16x64x32x4"
+DEFAULT_TILES = ",".join("x".join(map(str, c)) for c in sk.DOT_CONFIG_CANDIDATES) if sk is not None else ""
 COMPILE_NEED_S, ROW_NEED_S, MEASURE_CAP_S = 8.0, 2.0, 3.0
 COLUMNS = ["size", "method", "status", "err_val", "err_ga", "err_gb", "det", "eager_ms", "graph_ms", "mem_MB",
            "note"]
@@ -249,13 +249,17 @@ def matmul_precision(tf32: bool):
 
 @contextlib.contextmanager
 def tile_config(cfg):
-    """Temporarily replace DOT_CONFIG[float32] (the Triton tile table) by cfg = (BLOCK_B, BLOCK_N, BLOCK_K, warps)."""
-    old = sk.DOT_CONFIG[torch.float32]
-    sk.DOT_CONFIG[torch.float32] = tuple(cfg)
+    """Temporarily replace the float32 entries of DOT_CONFIG (the Triton tile table, per dtype and precision) by
+    cfg = (BLOCK_B, BLOCK_N, BLOCK_K, warps)."""
+    old = dict(sk.DOT_CONFIG)
+    for key in old:
+        if key[0] == torch.float32:
+            sk.DOT_CONFIG[key] = tuple(cfg)
     try:
         yield
     finally:
-        sk.DOT_CONFIG[torch.float32] = old
+        sk.DOT_CONFIG.clear()
+        sk.DOT_CONFIG.update(old)
 
 
 # ============================================================================================ poisoning
@@ -459,6 +463,17 @@ def time_ours(row: dict, checks: dict, step, first, args, device: str) -> None:
 def one_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def row_multi_launch(pb: Problem, bk: Backend, args, device: str) -> dict:
+    """A Triton row with the single-launch kernels turned off (ONCHIP_MAX_C = 0): the per-half-iteration kernels at
+    a size the dispatch would give to the single-launch ones."""
+    saved = sk.ONCHIP_MAX_C
+    sk.ONCHIP_MAX_C = 0
+    try:
+        return row_ours(pb, bk, args, device, method=f"{bk.name} per-half-iteration")
+    finally:
+        sk.ONCHIP_MAX_C = saved
 
 
 def row_cpu_floor(pb: Problem, args, device: str) -> dict:
@@ -884,6 +899,10 @@ def build_tasks(problems, backends, args, device):
         need = COMPILE_NEED_S if bk.triton_precision and key not in compiled else ROW_NEED_S
         compiled.add(key)
         tasks.append(Task(pb.label, bk.name, lambda: row_ours(pb, bk, args, device), need, ours=True))
+        if bk.triton_precision == "ieee" and sk is not None and pb.cost.dim() == 2 and max(pb.n, pb.m) <= sk.ONCHIP_MAX_C:
+            # the same sizes through the per-half-iteration kernels: what the single-launch ones gain, same run
+            tasks.append(Task(pb.label, f"{bk.name} per-half-iteration", lambda: row_multi_launch(pb, bk, args, device),
+                              COMPILE_NEED_S, ours=True))
 
     def add_baselines(pb):
         for tf32 in (False, True):
@@ -1042,7 +1061,7 @@ def parse_args(argv=None):
                     help="comma-separated subset of cuda, triton-ieee, triton-tf32x3, triton-tf32 (and cpu on "
                          "--device cpu) (default: all of them for the device)")
     ap.add_argument("--sweep-tiles", nargs="?", const=DEFAULT_TILES, default=None, metavar="CONFIGS",
-                    help="also time the Triton kernels at the first size with these DOT_CONFIG[float32] tiles, "
+                    help="also time the Triton kernels at the first size with these float32 DOT_CONFIG tiles, "
                          f"BLOCK_BxBLOCK_NxBLOCK_Kxnum_warps (flag alone: {DEFAULT_TILES}; default: off)")
     ap.add_argument("--sweep-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"],
                     help="tl.dot precision of the tile sweep (default: ieee)")

@@ -39,9 +39,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..settings import TRITON_INTERPRET
-from ._support import explain_compile_errors
+from ._support import dot_precision, explain_compile_errors
 
-__all__ = ["sinkhorn_forward", "sinkhorn_backward", "FP32_PRECISIONS", "DOT_CONFIG", "ROWS_CONFIG"]
+__all__ = ["sinkhorn_forward", "sinkhorn_backward", "FP32_PRECISIONS", "DOT_CONFIG", "DOT_CONFIG_CANDIDATES",
+           "ROWS_CONFIG"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants and settings
@@ -53,11 +54,19 @@ _ACCURATE = not _INTERPRET
 # The tl.dot input precisions the launchers accept for float32 (`precision`).
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
-# tl.dot kernels (shared cost, scaling domain): (BLOCK_B, BLOCK_N, BLOCK_K, num_warps) per dtype.
-# B=256, n=m=1000 float32 gives 8 x 16 = 128 programs per half-iteration (one wave on an H100/H200).
-# Chosen from ptxas register reports for sm_90 (no spills, except 8 bytes in the tf32x3 first backward step), not
-# from timings (no GPU was available): tune here. Every block must be a power of two >= 16 (tl.dot).
-DOT_CONFIG = {torch.float32: (32, 64, 16, 8), torch.float64: (16, 64, 16, 4)}
+# tl.dot kernels (shared cost, scaling domain, n or m > ONCHIP_MAX_C): (BLOCK_B, BLOCK_N, BLOCK_K, num_warps) per
+# (dtype, precision). B=256, n=m=1000 float32 gives 8 x 16 = 128 programs per half-iteration (one wave on an
+# H100/H200). Chosen from ptxas register reports for sm_90 (no spills, except 8 bytes in the tf32x3 first backward
+# step), NOT from timings: no GPU has run them. bench/gpu_quick.py --sweep-tiles times the candidates below
+# (64 x 32 x 32 / 4 warps lowers to wgmma for tf32 / tf32x3 on sm_90); the first GPU run picks the defaults here.
+# Every block must be a power of two >= 16 (tl.dot).
+DOT_CONFIG = {
+    (torch.float32, "ieee"): (32, 64, 16, 8),
+    (torch.float32, "tf32x3"): (32, 64, 16, 8),
+    (torch.float32, "tf32"): (32, 64, 16, 8),
+    (torch.float64, "ieee"): (16, 64, 16, 4),
+}
+DOT_CONFIG_CANDIDATES = ((32, 64, 16, 8), (64, 32, 32, 4), (32, 32, 32, 4), (16, 64, 32, 4))
 # Row-wise kernels (log domain, per-row cost): (BLOCK_N, BLOCK_K, num_warps) per dtype (no spills on sm_90).
 ROWS_CONFIG = {torch.float32: (64, 32, 4), torch.float64: (64, 32, 4)}
 # Element-wise kernels (kernel matrix, backward initialisation): elements per program.
@@ -547,7 +556,7 @@ def _device_guard(t: torch.Tensor):
 
 def _dot_precision(dtype: torch.dtype, precision: str) -> str:
     assert precision in FP32_PRECISIONS, precision
-    return precision if dtype == torch.float32 else "ieee"
+    return dot_precision(precision, dtype)
 
 
 def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision):
@@ -577,7 +586,7 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
     y_out = y if keep_history else dummy
 
     if shared and not log_domain:
-        BB, BN, BK, warps = DOT_CONFIG[dt]
+        BB, BN, BK, warps = DOT_CONFIG[(dt, _dot_precision(dt, precision))]
         kmat = torch.empty(n, m, dtype=dt, device=dev)
         _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
                                                                  ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
@@ -644,7 +653,7 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
         g, a, hist_r[T - 1], y, ga, x, B * n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
 
     if shared and not log_domain:
-        BB, BN, BK, warps = DOT_CONFIG[dt]
+        BB, BN, BK, warps = DOT_CONFIG[(dt, _dot_precision(dt, precision))]
         kmat = torch.empty(n, m, dtype=dt, device=dev)
         _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
                                                                  ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
