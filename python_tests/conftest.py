@@ -3,6 +3,7 @@
 Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported
 (the README's test command does that). GPU tests are marked `gpu` and skip without CUDA.
 """
+import dataclasses
 import os
 import signal
 import sys
@@ -40,6 +41,112 @@ def import_pot():
     """POT (``import ot``) for the comparisons with an independent library; skips the calling test with a reason when
     POT is not installed (it is optional: the GPU test machine has none). Only tests that compare with POT call it."""
     return pytest.importorskip("ot", reason="POT is not installed (pip install POT): comparison with POT skipped")
+
+
+# ------------------------------------------------------------------------------------------ backends
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation family of the ops, as the tests see it.
+
+    name: the ``backend=`` argument of the public API ("cpu", "triton", "cuda"); device: where its tensors live;
+    interpreted: Triton kernels run by the interpreter on CPU tensors (TRITON_INTERPRET=1: slow, keep shapes small).
+    """
+
+    name: str
+    device: str
+    interpreted: bool = False
+
+    def to(self, *tensors):
+        """The tensors moved to this backend's device (one tensor: that tensor; several: a tuple)."""
+        out = tuple(t.to(self.device) for t in tensors)
+        return out[0] if len(out) == 1 else out
+
+    def __str__(self):
+        return self.name
+
+
+def make_backend(name):
+    """The Backend of that name usable here, or skip the test (with the reason)."""
+    if name == "cpu":
+        return Backend("cpu", "cpu")
+    if name == "triton":
+        return Backend("triton", triton_device(), interpreted=TRITON_INTERPRET)
+    if name == "cuda":
+        import wkd_kernels as wk
+
+        if not torch.cuda.is_available():
+            pytest.skip("backend 'cuda' (the CUDA C++ kernels) needs a CUDA device")
+        if not wk.HAS_CUDA_EXT:
+            pytest.skip(f"package built without the CUDA C++ kernels: {wk.build_info()}")
+        return Backend("cuda", "cuda")
+    raise ValueError(name)
+
+
+@pytest.fixture(params=["cpu", "triton", "cuda"])
+def backend(request):
+    """Every backend: "cpu" (C++ CPU kernels); "triton" (CUDA tensors with a GPU, else CPU tensors under
+    TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a build with them, else
+    skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
+    return make_backend(request.param)
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def gaussian_backend(request):
+    """The backends of the Gaussian ops (feature_stats, sqrtm, nuclear_norm, bures_wasserstein): no CUDA C++ ones."""
+    return make_backend(request.param)
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+def rel_error(got, want, *, scale=None, dim=None, floor=1e-300):
+    """Worst relative error max |got - want| / scale over the entries where ``want`` is finite; ``scale``: a number,
+    or (None) max |want| over the whole tensor (``dim=None``) or along ``dim`` (each row its own scale), at least
+    ``floor``. Non-finite entries must be the same in both (else AssertionError)."""
+    x, y = torch.as_tensor(got).detach().double().cpu(), torch.as_tensor(want).detach().double().cpu()
+    x, y = torch.broadcast_tensors(x, y) if x.shape != y.shape and x.numel() == y.numel() == 1 else (x, y)
+    assert x.shape == y.shape, f"shape {tuple(x.shape)} != {tuple(y.shape)}"
+    fx, fy = torch.isfinite(x), torch.isfinite(y)
+    assert torch.equal(fx, fy), "non-finite entries differ"
+    assert torch.equal(x[~fx], y[~fy]), "non-finite values differ"
+    if x.numel() == 0 or not fy.any():
+        return 0.0
+    x0, y0 = torch.where(fx, x, 0.0), torch.where(fy, y, 0.0)
+    if scale is None:
+        s = y0.abs().amax() if dim is None else y0.abs().amax(dim=dim, keepdim=True)
+        s = s.clamp_min(floor)
+    else:
+        s = torch.tensor(max(float(scale), floor), dtype=torch.float64)
+    return ((x0 - y0).abs() / s).max().item()
+
+
+def assert_close(got, want, rtol, atol=0.0, what="", *, scale=None, dim=None, floor=1e-300, check_dtype=False):
+    """The tests' one tolerance check: same shape (and dtype with ``check_dtype``), same non-finite entries, and
+    |got - want| <= atol + rtol * scale on every finite entry, where scale is max |want| (whole tensor, or per row
+    along ``dim``; or the given ``scale``; at least ``floor``). The failure message reports the worst relative error
+    (and absolute error) and where it is."""
+    what = f"{what}: " if what else ""
+    g, w = torch.as_tensor(got), torch.as_tensor(want)
+    if check_dtype:
+        assert g.dtype == w.dtype, f"{what}dtype {g.dtype} != {w.dtype}"
+    try:
+        rel = rel_error(g, w, scale=scale, dim=dim, floor=floor)
+    except AssertionError as e:
+        raise AssertionError(f"{what}{e}") from None
+    x, y = g.detach().double().cpu(), w.detach().double().cpu()
+    if x.numel() == 0:
+        return
+    fin = torch.isfinite(y)
+    diff = torch.where(fin, (x - y).abs(), 0.0) if x.shape == y.shape else (x - y).abs()
+    if scale is None:
+        ya = torch.where(fin, y.abs(), 0.0)
+        s = (ya.amax() if dim is None else ya.amax(dim=dim, keepdim=True)).clamp_min(floor)
+    else:
+        s = torch.tensor(max(float(scale), floor), dtype=torch.float64)
+    excess = diff - (atol + rtol * s)
+    if excess.max().item() > 0:
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape)) if excess.dim() else ()
+        raise AssertionError(f"{what}worst relative error {rel:.3e} (max abs error {diff.max().item():.3e}) > rtol "
+                             f"{rtol:.1e} + atol {atol:.1e}; worst entry at {idx}: got {x[idx].item()!r}, want "
+                             f"{y[idx].item()!r}")
 
 
 def triton_device():
