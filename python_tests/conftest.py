@@ -97,56 +97,67 @@ def gaussian_backend(request):
 
 
 # ------------------------------------------------------------------------------------------ comparisons
-def rel_error(got, want, *, scale=None, dim=None, floor=1e-300):
-    """Worst relative error max |got - want| / scale over the entries where ``want`` is finite; ``scale``: a number,
-    or (None) max |want| over the whole tensor (``dim=None``) or along ``dim`` (each row its own scale), at least
-    ``floor``. Non-finite entries must be the same in both (else AssertionError)."""
+# The one relative-error measure of the tests (every test file uses it or assert_close). `mode` says relative to what:
+#   "max":   max |want| over the whole tensor (default; also what rows that are 0 up to rounding need)
+#   "row":   max |want| along `dim` (each row its own scale: scalings and potentials whose rows differ in size)
+#   "entry": |want| of each entry (values of a loss / distance per sample)
+#   "fro":   per matrix over the last two dims, |got - want|_F / |want|_F (matrix functions)
+def _diff_and_scale(got, want, mode, dim, scale, floor):
     x, y = torch.as_tensor(got).detach().double().cpu(), torch.as_tensor(want).detach().double().cpu()
-    x, y = torch.broadcast_tensors(x, y) if x.shape != y.shape and x.numel() == y.numel() == 1 else (x, y)
+    if x.shape != y.shape and (x.numel() == 1 or y.numel() == 1):
+        x, y = torch.broadcast_tensors(x, y)
     assert x.shape == y.shape, f"shape {tuple(x.shape)} != {tuple(y.shape)}"
     fx, fy = torch.isfinite(x), torch.isfinite(y)
     assert torch.equal(fx, fy), "non-finite entries differ"
     assert torch.equal(x[~fx], y[~fy]), "non-finite values differ"
-    if x.numel() == 0 or not fy.any():
-        return 0.0
     x0, y0 = torch.where(fx, x, 0.0), torch.where(fy, y, 0.0)
-    if scale is None:
-        s = y0.abs().amax() if dim is None else y0.abs().amax(dim=dim, keepdim=True)
-        s = s.clamp_min(floor)
+    diff = (x0 - y0).abs()
+    if scale is not None:
+        return diff, torch.tensor(max(float(scale), floor), dtype=torch.float64), x, y
+    if mode == "max":
+        s = y0.abs().amax() if y0.numel() else torch.tensor(0.0, dtype=torch.float64)
+    elif mode == "row":
+        s = y0.abs().amax(dim=dim, keepdim=True)
+    elif mode == "entry":
+        s = y0.abs()
+    elif mode == "fro":
+        diff = diff.flatten(-2).norm(dim=-1)
+        s = y0.flatten(-2).norm(dim=-1)
     else:
-        s = torch.tensor(max(float(scale), floor), dtype=torch.float64)
-    return ((x0 - y0).abs() / s).max().item()
+        raise ValueError(f"unknown mode {mode!r}")
+    return diff, s.clamp_min(floor), x, y
 
 
-def assert_close(got, want, rtol, atol=0.0, what="", *, scale=None, dim=None, floor=1e-300, check_dtype=False):
+def rel_error(got, want, mode="max", *, dim=-1, scale=None, floor=1e-300):
+    """Worst relative error of ``got`` against ``want`` (``mode`` above; ``scale``: a fixed scale instead), over the
+    entries where ``want`` is finite; non-finite entries must be identical in both (else AssertionError)."""
+    diff, s, _, _ = _diff_and_scale(got, want, mode, dim, scale, floor)
+    return (diff / s).max().item() if diff.numel() else 0.0
+
+
+def assert_close(got, want, rtol, atol=0.0, what="", mode="max", *, dim=-1, scale=None, floor=1e-300,
+                 check_dtype=False):
     """The tests' one tolerance check: same shape (and dtype with ``check_dtype``), same non-finite entries, and
-    |got - want| <= atol + rtol * scale on every finite entry, where scale is max |want| (whole tensor, or per row
-    along ``dim``; or the given ``scale``; at least ``floor``). The failure message reports the worst relative error
-    (and absolute error) and where it is."""
+    |got - want| <= atol + rtol * scale on every finite entry (scale per ``mode``, see above; ``mode="fro"``: the
+    Frobenius norms per matrix). The failure message gives the worst relative error, the worst entry and its
+    values. Tolerance tables in the test files are {dtype: (rtol, atol)}: ``assert_close(x, y, *TOL[dtype])``."""
     what = f"{what}: " if what else ""
     g, w = torch.as_tensor(got), torch.as_tensor(want)
     if check_dtype:
         assert g.dtype == w.dtype, f"{what}dtype {g.dtype} != {w.dtype}"
     try:
-        rel = rel_error(g, w, scale=scale, dim=dim, floor=floor)
+        diff, s, x, y = _diff_and_scale(g, w, mode, dim, scale, floor)
     except AssertionError as e:
         raise AssertionError(f"{what}{e}") from None
-    x, y = g.detach().double().cpu(), w.detach().double().cpu()
-    if x.numel() == 0:
+    if diff.numel() == 0:
         return
-    fin = torch.isfinite(y)
-    diff = torch.where(fin, (x - y).abs(), 0.0) if x.shape == y.shape else (x - y).abs()
-    if scale is None:
-        ya = torch.where(fin, y.abs(), 0.0)
-        s = (ya.amax() if dim is None else ya.amax(dim=dim, keepdim=True)).clamp_min(floor)
-    else:
-        s = torch.tensor(max(float(scale), floor), dtype=torch.float64)
     excess = diff - (atol + rtol * s)
     if excess.max().item() > 0:
+        rel = (diff / s).max().item()
         idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape)) if excess.dim() else ()
+        where = f"worst entry at {idx}" + (f": got {x[idx].item()!r}, want {y[idx].item()!r}" if mode != "fro" else "")
         raise AssertionError(f"{what}worst relative error {rel:.3e} (max abs error {diff.max().item():.3e}) > rtol "
-                             f"{rtol:.1e} + atol {atol:.1e}; worst entry at {idx}: got {x[idx].item()!r}, want "
-                             f"{y[idx].item()!r}")
+                             f"{rtol:.1e} + atol {atol:.1e}; {where}")
 
 
 def triton_device():

@@ -7,7 +7,7 @@ ops torch.ops.wkd_cuda_emu.sinkhorn / sinkhorn_backward run the CUDA kernels and
 and compares every output with torch.ops.wkd.* (the CPU op of wkd_kernels, imported in the same process) and with
 wkd_kernels.reference.sinkhorn_reference (autograd through it for the gradients). WKD_EMU_SMS sets the emulated
 multiprocessor count (1: every product takes the 32 x 64 tiles; 1000: the 16 x 32 tiles). Prints the failing cases,
-or "EMULATION OK"; exits 1 on a failure. Run by python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation.
+or "EMULATION OK"; exits 1 on a failure. Run by python_tests/test_sinkhorn.py::test_kernels_under_host_emulation.
 """
 import itertools
 import os
