@@ -80,6 +80,8 @@ def test_batch_shapes_and_reference(gaussian_backend, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_odd_sizes_match_reference(gaussian_backend, method, n):
     """Odd matrix sizes (1 x 1, a prime, across the register tile), value and gradient, on every backend."""
+    if gaussian_backend.interpreted and method == "eigh" and n > 7:
+        pytest.skip("the interpreted Jacobi kernel is slow: n <= 7 here (all sizes on a GPU)")
     S = _spd(2, n, seed=n).requires_grad_()
     Sd = gaussian_backend.to(S.detach()).requires_grad_()
     G = torch.randn(2, n, n, dtype=F64, generator=torch.Generator().manual_seed(n))
