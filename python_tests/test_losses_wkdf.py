@@ -382,7 +382,7 @@ def test_backend_and_precision_arguments(cov):
     with pytest.raises(ValueError, match="`precision` must be one of"):
         wkd_feature_loss(f_s, f_t, covariance=cov, precision="fast")
     with pytest.raises(ValueError, match="`precision` must be one of"):
-        WKDFeatureLoss(covariance=cov, precision="tf32")
+        WKDFeatureLoss(4, 4, covariance=cov, precision="tf32")
     want = wkd_feature_loss(f_s, f_t, covariance=cov, num_iters=40).loss
     (gw,) = torch.autograd.grad(want, f_s)
     assert torch.equal(wkd_feature_loss(f_s, f_t, covariance=cov, num_iters=40, backend="cpu",
