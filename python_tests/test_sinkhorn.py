@@ -373,6 +373,9 @@ def test_opcheck(backend):
     tensors, torch.ops.wkd.sinkhorn_triton on its device, CPU tensors under the interpreter) and its backward op."""
     sizes = ((3, 5, 4),) if backend.device == "cpu" else ((3, 5, 4), (4, 33, 20))
     triton = backend.name == "triton"
+    if backend.name == "cuda":  # the CUDA C++ kernels are the CUDA kernels of wkd::sinkhorn / _backward themselves
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn_backward", "CUDA")
     fwd = torch.ops.wkd.sinkhorn_triton.default if triton else torch.ops.wkd.sinkhorn.default
     for args in _op_samples(backend, sizes):
         torch.library.opcheck(fwd, args + (("ieee",) if triton else ()))
