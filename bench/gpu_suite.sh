@@ -84,13 +84,13 @@ $PY -c "import xdist" 2>/dev/null && par=(-n 8)
 tmo=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then tmo=(--timeout 60); else export WKD_TEST_TIMEOUT_S=60; fi
 run gpu_tests "$CAP_TESTS" bash -c "$PY -m pytest -q -rfE -p no:cacheprovider --maxfail=25 ${par[*]} ${tmo[*]} \
-    python_tests/test_sinkhorn_triton.py python_tests/test_sinkhorn_cuda.py \
-    python_tests/test_gaussian_feature_stats.py python_tests/test_gaussian_sqrtm.py python_tests/test_gaussian_bures.py \
+    python_tests/test_sinkhorn.py python_tests/test_feature_stats.py python_tests/test_sqrtm.py \
+    python_tests/test_nuclear_norm.py python_tests/test_bures_wasserstein.py \
     -k 'triton or cuda or gpu' >'$OUT/tests_gpu.log' 2>&1; a=\$?; \
   $PY -m pytest -q -rfE -p no:cacheprovider --maxfail=10 ${tmo[*]} -m gpu python_tests \
-    --ignore=python_tests/test_sinkhorn_triton.py --ignore=python_tests/test_sinkhorn_cuda.py \
-    --ignore=python_tests/test_gaussian_feature_stats.py --ignore=python_tests/test_gaussian_sqrtm.py \
-    --ignore=python_tests/test_gaussian_bures.py >>'$OUT/tests_gpu.log' 2>&1; b=\$?; \
+    --ignore=python_tests/test_sinkhorn.py --ignore=python_tests/test_feature_stats.py \
+    --ignore=python_tests/test_sqrtm.py --ignore=python_tests/test_nuclear_norm.py \
+    --ignore=python_tests/test_bures_wasserstein.py >>'$OUT/tests_gpu.log' 2>&1; b=\$?; \
   [ \$a -eq 0 ] && { [ \$b -eq 0 ] || [ \$b -eq 5 ]; }"
 
 # 4. Bures / WKD-F at the ImageNet shape (N=256, C=512, 7x7), both covariances, grid 1 and 4.

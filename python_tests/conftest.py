@@ -3,6 +3,7 @@
 Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported
 (the README's test command does that). GPU tests are marked `gpu` and skip without CUDA.
 """
+import dataclasses
 import os
 import signal
 import sys
@@ -40,6 +41,123 @@ def import_pot():
     """POT (``import ot``) for the comparisons with an independent library; skips the calling test with a reason when
     POT is not installed (it is optional: the GPU test machine has none). Only tests that compare with POT call it."""
     return pytest.importorskip("ot", reason="POT is not installed (pip install POT): comparison with POT skipped")
+
+
+# ------------------------------------------------------------------------------------------ backends
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation family of the ops, as the tests see it.
+
+    name: the ``backend=`` argument of the public API ("cpu", "triton", "cuda"); device: where its tensors live;
+    interpreted: Triton kernels run by the interpreter on CPU tensors (TRITON_INTERPRET=1: slow, keep shapes small).
+    """
+
+    name: str
+    device: str
+    interpreted: bool = False
+
+    def to(self, *tensors):
+        """The tensors moved to this backend's device (one tensor: that tensor; several: a tuple)."""
+        out = tuple(t.to(self.device) for t in tensors)
+        return out[0] if len(out) == 1 else out
+
+    def __str__(self):
+        return self.name
+
+
+def make_backend(name):
+    """The Backend of that name usable here, or skip the test (with the reason)."""
+    if name == "cpu":
+        return Backend("cpu", "cpu")
+    if name == "triton":
+        return Backend("triton", triton_device(), interpreted=TRITON_INTERPRET)
+    if name == "cuda":
+        import wkd_kernels as wk
+
+        if not torch.cuda.is_available():
+            pytest.skip("backend 'cuda' (the CUDA C++ kernels) needs a CUDA device")
+        if not wk.HAS_CUDA_EXT:
+            pytest.skip(f"package built without the CUDA C++ kernels: {wk.build_info()}")
+        return Backend("cuda", "cuda")
+    raise ValueError(name)
+
+
+@pytest.fixture(params=["cpu", "triton", "cuda"])
+def backend(request):
+    """Every backend: "cpu" (C++ CPU kernels); "triton" (CUDA tensors with a GPU, else CPU tensors under
+    TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a build with them, else
+    skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
+    return make_backend(request.param)
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def gaussian_backend(request):
+    """The backends of the Gaussian ops (feature_stats, sqrtm, nuclear_norm, bures_wasserstein): no CUDA C++ ones."""
+    return make_backend(request.param)
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+# The one relative-error measure of the tests (every test file uses it or assert_close). `mode` says relative to what:
+#   "max":   max |want| over the whole tensor (default; also what rows that are 0 up to rounding need)
+#   "row":   max |want| along `dim` (each row its own scale: scalings and potentials whose rows differ in size)
+#   "entry": |want| of each entry (values of a loss / distance per sample)
+#   "fro":   per matrix over the last two dims, |got - want|_F / |want|_F (matrix functions)
+def _diff_and_scale(got, want, mode, dim, scale, floor):
+    x, y = torch.as_tensor(got).detach().double().cpu(), torch.as_tensor(want).detach().double().cpu()
+    if x.shape != y.shape and (x.numel() == 1 or y.numel() == 1):
+        x, y = torch.broadcast_tensors(x, y)
+    assert x.shape == y.shape, f"shape {tuple(x.shape)} != {tuple(y.shape)}"
+    fx, fy = torch.isfinite(x), torch.isfinite(y)
+    assert torch.equal(fx, fy), "non-finite entries differ"
+    assert torch.equal(x[~fx], y[~fy]), "non-finite values differ"
+    x0, y0 = torch.where(fx, x, 0.0), torch.where(fy, y, 0.0)
+    diff = (x0 - y0).abs()
+    if scale is not None:
+        return diff, torch.tensor(max(float(scale), floor), dtype=torch.float64), x, y
+    if mode == "max":
+        s = y0.abs().amax() if y0.numel() else torch.tensor(0.0, dtype=torch.float64)
+    elif mode == "row":
+        s = y0.abs().amax(dim=dim, keepdim=True)
+    elif mode == "entry":
+        s = y0.abs()
+    elif mode == "fro":
+        diff = diff.flatten(-2).norm(dim=-1)
+        s = y0.flatten(-2).norm(dim=-1)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return diff, s.clamp_min(floor), x, y
+
+
+def rel_error(got, want, mode="max", *, dim=-1, scale=None, floor=1e-300):
+    """Worst relative error of ``got`` against ``want`` (``mode`` above; ``scale``: a fixed scale instead), over the
+    entries where ``want`` is finite; non-finite entries must be identical in both (else AssertionError)."""
+    diff, s, _, _ = _diff_and_scale(got, want, mode, dim, scale, floor)
+    return (diff / s).max().item() if diff.numel() else 0.0
+
+
+def assert_close(got, want, rtol, atol=0.0, what="", mode="max", *, dim=-1, scale=None, floor=1e-300,
+                 check_dtype=False):
+    """The tests' one tolerance check: same shape (and dtype with ``check_dtype``), same non-finite entries, and
+    |got - want| <= atol + rtol * scale on every finite entry (scale per ``mode``, see above; ``mode="fro"``: the
+    Frobenius norms per matrix). The failure message gives the worst relative error, the worst entry and its
+    values. Tolerance tables in the test files are {dtype: (rtol, atol)}: ``assert_close(x, y, *TOL[dtype])``."""
+    what = f"{what}: " if what else ""
+    g, w = torch.as_tensor(got), torch.as_tensor(want)
+    if check_dtype:
+        assert g.dtype == w.dtype, f"{what}dtype {g.dtype} != {w.dtype}"
+    try:
+        diff, s, x, y = _diff_and_scale(g, w, mode, dim, scale, floor)
+    except AssertionError as e:
+        raise AssertionError(f"{what}{e}") from None
+    if diff.numel() == 0:
+        return
+    excess = diff - (atol + rtol * s)
+    if excess.max().item() > 0:
+        rel = (diff / s).max().item()
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape)) if excess.dim() else ()
+        where = f"worst entry at {idx}" + (f": got {x[idx].item()!r}, want {y[idx].item()!r}" if mode != "fro" else "")
+        raise AssertionError(f"{what}worst relative error {rel:.3e} (max abs error {diff.max().item():.3e}) > rtol "
+                             f"{rtol:.1e} + atol {atol:.1e}; {where}")
 
 
 def triton_device():

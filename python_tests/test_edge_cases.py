@@ -2,7 +2,7 @@
 NaN, a garbage number or a second copy of the history.
 
 Each test is built from the issue's reproducer of one item (CPU op; the Triton kernels under TRITON_INTERPRET=1 where
-the path exists; the CUDA C++ kernels under the host emulation in test_sinkhorn_cuda.py). The last section is a
+the path exists; the CUDA C++ kernels under the host emulation in test_sinkhorn.py). The last section is a
 seeded random-case loop (hypothesis is not installed in this environment) over shapes, zero masses, cost layouts,
 both domains and both dtypes against the float64 reference, bounded by its case count.
 """
@@ -17,17 +17,18 @@ import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import REPO, simplex, triton_device
-from wkd_kernels import gaussian as G
-from wkd_kernels import ops
+from conftest import REPO, rel_error, simplex, triton_device
+from wkd_kernels.ops import checks as ops
+from wkd_kernels.ops import common as G
+from wkd_kernels.ops.checks import check_psd_values
 from wkd_kernels.reference import sinkhorn_reference
 
 F32, F64 = torch.float32, torch.float64
 
 
 def rel(x, y):
-    x, y = x.double(), y.double()
-    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-300)).item()
+    """Worst relative error against max |y| (conftest.rel_error)."""
+    return rel_error(x, y)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -96,12 +97,10 @@ def test_item1_wkdl_batch_value_and_gradient_match_per_row_path(dtype):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
 def test_item1_triton_kernels_do_not_share_the_defect(shared, log_domain):
     dev = triton_device()
-    from wkd_kernels.triton import sinkhorn as sk
-
     for a, b, cost in (dominated_column_problem(F64), wkdl_dominated_batch(F64, B=6, n=20)):
         B, n = a.shape
         c = cost if shared else cost.expand(B, n, n).contiguous()
-        out = sk.sinkhorn_forward(a.to(dev), b.to(dev), c.to(dev), 0.02, 6, 0.0, log_domain, True)
+        out = torch.ops.wkd.sinkhorn_triton(a.to(dev), b.to(dev), c.to(dev), 0.02, 6, 0.0, log_domain, True, "ieee")
         want = sinkhorn_reference(a, b, cost, 0.02, 6)[0]
         assert torch.isfinite(out[0]).all()
         assert rel(out[0].cpu(), want) < 1e-10
@@ -315,20 +314,18 @@ def test_item4_cuda_paths_check_or_give_nan():
     S = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([-1.0, -2.0])),
                      torch.eye(2), torch.zeros(2, 2)])
     with pytest.raises(ValueError, match=r"`S` must be positive semi-definite, but matrix 0"):
-        G.check_psd_values(S, "S", "wkd.sqrtm")
-    G.check_psd_values(S[2:], "S", "wkd.sqrtm")
-    Y = G._nan_unless_psd_trace(S, torch.ones(4, 2, 2))
+        check_psd_values(S, "S", "wkd.sqrtm")
+    check_psd_values(S[2:], "S", "wkd.sqrtm")
+    Y = G.nan_unless_psd_trace(S, torch.ones(4, 2, 2))
     assert torch.isnan(Y[:2]).all() and torch.equal(Y[2:], torch.ones(2, 2, 2))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter computes the diverging iterates in NumPy
 def test_item4_triton_newton_schulz_indefinite_is_nan_or_bounded():
     dev = triton_device()
-    from wkd_kernels.triton import sqrtm as sq
-
     S = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([2.0, -1.0]))]).to(dev)
-    Y, _ = sq.sqrtm_forward(S, "newton_schulz", 20)
-    Y = G._nan_unless_psd_trace(S, Y).cpu()  # what the public CUDA path returns without value checks
+    Y = torch.ops.wkd.sqrtm_triton(S, "newton_schulz", 20, "ieee")
+    Y = G.nan_unless_psd_trace(S, Y).cpu()  # what the public CUDA path returns without value checks
     assert torch.isnan(Y[0]).all()
     assert (Y[1].abs() < 10).all()  # never a large finite number
 
@@ -392,7 +389,7 @@ def test_item6_triton_lyapunov_at_zero_is_zero(n):
 
     Y = torch.zeros(2, n, n, device=dev)
     Gr = torch.randn(2, n, n, generator=torch.Generator().manual_seed(0)).to(dev)
-    X = sq.lyapunov(Y, Gr, "newton_schulz", 20)
+    X = sq.lyapunov(Y, Gr, "newton_schulz", 20, "ieee")
     assert torch.equal(X.cpu(), torch.zeros(2, n, n))
 
 
@@ -448,17 +445,14 @@ def test_item8_sqrtm_newton_schulz_float64_accuracy():
 
 def test_item8_triton_nuclear_norm_and_sqrtm_converge():
     dev = triton_device()
-    from wkd_kernels.triton import nuclear_norm as tn
-    from wkd_kernels.triton import sqrtm as sq
-
     M = torch.randn(4, 25, 25, generator=torch.Generator().manual_seed(1), dtype=F64)
     M[:, :, 0] *= 1e-7
-    val, _ = tn.nuclear_norm_forward(M.to(dev), G.default_num_iters(F64))
+    val, _ = torch.ops.wkd.nuclear_norm_triton(M.to(dev), G.default_num_iters(F64), "ieee")
     assert rel(val.cpu(), torch.linalg.svdvals(M).sum(-1)) < 1e-13
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(2, 8, 8, generator=g, dtype=F64))
     L = torch.logspace(0, -10, 8, dtype=F64)
-    Y, _ = sq.sqrtm_forward(((Q * L) @ Q.mT).to(dev), "newton_schulz", G.default_num_iters(F64))
+    Y = torch.ops.wkd.sqrtm_triton(((Q * L) @ Q.mT).to(dev), "newton_schulz", G.default_num_iters(F64), "ieee")
     assert rel(Y.cpu(), (Q * L.sqrt()) @ Q.mT) < 1e-11
 
 
@@ -628,8 +622,6 @@ def test_fuzz_against_float64_reference():
 
 def test_fuzz_triton_against_cpu_op():
     dev = triton_device()
-    from wkd_kernels.triton import sinkhorn as sk
-
     rng = np.random.default_rng(61)
     failures = []
     for k in range(max(4, FUZZ_CASES // 6)):
@@ -641,7 +633,7 @@ def test_fuzz_triton_against_cpu_op():
             cpu = torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, True)
         except ValueError:
             continue
-        out = sk.sinkhorn_forward(a.to(dev), b.to(dev), cost.to(dev), reg, T, eps, log_domain, True)
+        out = torch.ops.wkd.sinkhorn_triton(a.to(dev), b.to(dev), cost.to(dev), reg, T, eps, log_domain, True, "ieee")
         tol = 1e-9 if dtype == F64 else 1e-4
         if rel(out[0].cpu(), cpu[0]) > tol:
             failures.append(f"{case}: value {rel(out[0].cpu(), cpu[0])}")

@@ -8,7 +8,7 @@ import wkd_kernels as wk
 from wkd_kernels import reference as ref
 from wkd_kernels.ops.checks import cell_sizes
 
-from conftest import capture_cuda_graph, import_pot
+from conftest import capture_cuda_graph, import_pot, rel_error, triton_device
 
 
 
@@ -20,7 +20,8 @@ def _feats(shape, dtype=torch.float64, seed=0, corr=0.6):
 
 
 def _rel(a, b):
-    return float(((a.double() - b.double()).abs() / b.double().abs()).max())
+    """Worst relative error per entry (conftest.rel_error, mode "entry")."""
+    return rel_error(a, b, "entry")
 
 
 @pytest.mark.parametrize("shape,grid", [((3, 12, 3, 3), 1), ((2, 30, 5, 5), 1), ((2, 16, 7, 6), 2),
@@ -186,3 +187,23 @@ def test_cuda_graph_capture_forward_backward():
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         torch.testing.assert_close(a, b)
+
+
+def test_backend_and_precision_arguments():
+    """backend= / precision= reach the Gaussian ops: backend="cuda" on CPU tensors is an error, a bad precision names
+    the argument, "tf32x3" is accepted and ignored by the CPU kernels; backend="triton" (CPU tensors under the
+    interpreter, or CUDA) agrees with the CPU kernels on both paths."""
+    g = torch.Generator().manual_seed(3)
+    f_s, f_t = (torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    with pytest.raises(ValueError, match="backend='cuda'.*CPU tensors"):
+        wk.gaussian_wasserstein(f_s, f_t, backend="cuda")
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        wk.gaussian_wasserstein(f_s, f_t, precision="tf32")
+    want = wk.gaussian_wasserstein(f_s, f_t, num_iters=40)
+    assert torch.equal(wk.gaussian_wasserstein(f_s, f_t, num_iters=40, backend="cpu", precision="tf32x3"), want)
+    dev = triton_device()
+    for path in ("low_rank", "dense"):
+        got = wk.gaussian_wasserstein(f_s.to(dev), f_t.to(dev), num_iters=40, path=path, backend="triton")
+        assert _rel(got.cpu(), wk.gaussian_wasserstein(f_s, f_t, num_iters=40, path=path)) <= 1e-9, path
+    terms = wk.gaussian_wasserstein_terms(f_s.to(dev), f_t.to(dev), num_iters=40, backend="triton")
+    assert _rel((terms.mean + terms.cov).cpu(), want) <= 1e-9

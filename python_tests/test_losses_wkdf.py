@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import wkd_kernels as wk
+from conftest import rel_error, triton_device
 from wkd_kernels.losses import WKDFeatureLoss, WKDFeatureLossOutput, make_projector, wkd_feature_loss
 
 
@@ -74,9 +76,9 @@ def eig_gaussian_w2(f_s, f_t, grid=1, eps_diag=0.0):
 
 
 def _rel(a, b):
-    a = float(a.detach()) if isinstance(a, torch.Tensor) else float(a)
-    b = float(b.detach()) if isinstance(b, torch.Tensor) else float(b)
-    return abs(a - b) / max(abs(b), 1e-30)
+    """Relative error of a scalar (conftest.rel_error, mode "entry")."""
+    return rel_error(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), "entry",
+                     floor=1e-30)
 
 
 def _feats(N, C, H, W, dtype=torch.float64, seed=0, scale=1.0):
@@ -365,3 +367,34 @@ def test_bad_arguments():
         wkd_feature_loss(f, f, "full", path="fast")
     with pytest.raises(ValueError, match="`grid` \\(7\\)"):
         wkd_feature_loss(f, f, grid=7)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_backend_and_precision_arguments(cov):
+    """The loss passes backend= / precision= to the Gaussian ops (function and module, argument and setting):
+    backend="cuda" on CPU tensors is an error, a bad precision names the argument, the CPU kernels accept and ignore
+    "tf32x3", and backend="triton" (CPU tensors under the interpreter, or CUDA) gives the CPU loss and gradient."""
+    g = torch.Generator().manual_seed(11)
+    f_s = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        wkd_feature_loss(f_s, f_t, covariance=cov, backend="cuda")
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        wkd_feature_loss(f_s, f_t, covariance=cov, precision="fast")
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        WKDFeatureLoss(4, 4, covariance=cov, precision="tf32")
+    want = wkd_feature_loss(f_s, f_t, covariance=cov, num_iters=40).loss
+    (gw,) = torch.autograd.grad(want, f_s)
+    assert torch.equal(wkd_feature_loss(f_s, f_t, covariance=cov, num_iters=40, backend="cpu",
+                                        precision="tf32x3").loss, want)
+    with wk.settings.override(backend="cuda"):
+        with pytest.raises(ValueError, match="backend='cuda'"):
+            wkd_feature_loss(f_s, f_t, covariance=cov)
+    dev = triton_device()
+    xs = f_s.detach().to(dev).requires_grad_()
+    got = wkd_feature_loss(xs, f_t.to(dev), covariance=cov, num_iters=40, backend="triton").loss
+    (gg,) = torch.autograd.grad(got, xs)
+    assert rel_error(got, want, "entry") <= 1e-9
+    assert rel_error(gg, gw) <= 1e-8
+    with wk.settings.override(backend="triton"):
+        assert rel_error(wkd_feature_loss(xs, f_t.to(dev), covariance=cov, num_iters=40).loss, want, "entry") <= 1e-9

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_cost_matrix
+from conftest import load_cost_matrix, rel_error, triton_device
 from wkd_kernels.interrelations import sharpen
 from wkd_kernels.losses import WKDLogitLoss, cosine_weight, wkd_logit_loss
 from wkd_kernels.reference import published_wkd_logit_loss
@@ -40,11 +40,13 @@ def random_cost(C, seed=1, symmetric=True, negative=False):
 
 
 def rel_err(x, ref):
-    return abs(float(x.detach()) - float(ref.detach())) / abs(float(ref.detach()))
+    """Relative error of a scalar loss (conftest.rel_error, mode "entry")."""
+    return rel_error(x, ref, "entry")
 
 
 def grad_err(g, ref):
-    return ((g.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    """Worst gradient error relative to max |ref| (conftest.rel_error)."""
+    return rel_error(g, ref)
 
 
 def compare(s, t, y, cost, temperature, weight, reg=0.05, num_iters=10):
@@ -339,3 +341,39 @@ def test_cosine_weight():
                         ((5, float("inf"), 1, 10), "base_weight"), ((5, 1.0, -1, 10), "decay_start_epoch")]:
         with pytest.raises(ValueError, match=match):
             cosine_weight(*args)
+
+
+def test_backend_and_precision_arguments():
+    """The loss passes backend= / precision= to Sinkhorn (function and module, argument and setting): backend="cuda"
+    on CPU tensors is an error, a bad precision names the argument, every valid precision is accepted and ignored
+    by the CPU kernel, and backend="triton" (CPU tensors under the interpreter, or CUDA) gives the CPU loss."""
+    g = torch.Generator().manual_seed(5)
+    B, C = 3, 6
+    s = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(B, C, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 5])
+    cost = torch.rand(C, C, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        wkd_logit_loss(s, t, y, cost, 2.0, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        wkd_logit_loss(s, t, y, cost, 2.0, 1.0, precision="half")
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        WKDLogitLoss(cost, 2.0, 1.0, precision="TF32")
+    want = wkd_logit_loss(s, t, y, cost, 2.0, 1.0)
+    (gw,) = torch.autograd.grad(want, s)
+    for p in ("ieee", "tf32x3", "tf32"):
+        assert torch.equal(wkd_logit_loss(s, t, y, cost, 2.0, 1.0, backend="cpu", precision=p), want)
+        assert torch.equal(WKDLogitLoss(cost, 2.0, 1.0, precision=p, log_domain=False)(s, t, y), want)
+    import wkd_kernels as wk
+
+    with wk.settings.override(backend="cuda"):
+        with pytest.raises(ValueError, match="backend='cuda'"):
+            wkd_logit_loss(s, t, y, cost, 2.0, 1.0)
+    dev = triton_device()
+    sd = s.detach().to(dev).requires_grad_()
+    got = wkd_logit_loss(sd, t.to(dev), y.to(dev), cost.to(dev), 2.0, 1.0, backend="triton")
+    (gg,) = torch.autograd.grad(got, sd)
+    assert rel_err(got, want) <= 1e-10 and grad_err(gg, gw) <= 1e-9
+    with wk.settings.override(backend="triton"):
+        module = WKDLogitLoss(cost.to(dev), 2.0, 1.0, log_domain=False)
+        assert rel_err(module(sd, t.to(dev), y.to(dev)), want) <= 1e-10

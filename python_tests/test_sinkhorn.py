@@ -1,29 +1,116 @@
-"""torch.ops.wkd.sinkhorn on CPU: against POT, the float64 reference, autograd, opcheck, compile, bad input."""
+"""Sinkhorn (torch.ops.wkd.sinkhorn / sinkhorn_backward, torch.ops.wkd.sinkhorn_triton / _backward, wk.sinkhorn),
+organised by property over the `backend` fixture of conftest.py: "cpu" (C++ CPU kernels), "triton" (CUDA tensors,
+or CPU tensors under TRITON_INTERPRET=1: small shapes, the interpreter is slow), "cuda" (the CUDA C++ kernels of
+csrc/cuda/sinkhorn.cu: needs a GPU and a build with them; skipped otherwise).
+
+Sections:
+  1. properties on every backend: outputs and gradients vs the float64 reference (autograd through it) and the CPU
+     op, odd shapes, history layout, log domain, non-contiguous inputs, POT, class removal, half inputs, opcheck,
+     torch.compile, bad input, backend / precision arguments;
+  2. CPU and public API only: POT in float32, real cost matrices, gradcheck, the envelope gradient, raw-op checks;
+  3. Triton internals: small tiles (DOT_CONFIG / ROWS_CONFIG monkeypatched) so that tiny sizes span many tiles,
+     the precision argument, the Triton ops' own checks, CUDA routing and graph capture;
+  4. CUDA C++ internals (gpu): the big tile configuration, determinism, streams, CUDA graphs, no host sync, the
+     real ImageNet cost at B=256;
+  5. the CUDA C++ source under host emulation (opt-in, WKD_TEST_CUDA_EMULATION=1, a few minutes): csrc/cuda/
+     sinkhorn.cu compiled as host C++ against csrc/cuda/cuda_emu.cuh, its two tile configurations vs the CPU op
+     (the programs are in python_tests/cuda_emulation/).
+"""
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import import_pot, load_cost_matrix, rand_cost, simplex
+from conftest import (REPO, assert_close, capture_cuda_graph, import_pot, load_cost_matrix, rand_cost, rel_error,
+                      simplex, triton_device)
 from wkd_kernels.reference import sinkhorn_reference
 
 F64, F32 = torch.float64, torch.float32
+OUTPUTS = ("value", "u", "v", "hist_r", "hist_s", "y")
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
+
+# ------------------------------------------------------------------------------------------ tolerances, shapes
+# {dtype: (rtol, atol)}: rtol relative to max |reference| (per row for the scalings and history).
+TOL = {F32: (1e-5, 0.0), F64: (1e-10, 0.0)}          # outputs vs the CPU op and the float64 reference
+GRAD_TOL = {F32: (1e-4, 0.0), F64: (1e-9, 0.0)}      # gradients vs autograd through the reference / the CPU op
+POT_TOL = {F32: (1e-5, 0.0), F64: (1e-10, 0.0)}      # value vs POT's sinkhorn2 / sinkhorn_log
+# Odd sizes, one-element rows, tile edges (16/32/64), unaligned rows (no 16-byte loads) and aligned ones. With a
+# shared cost, n, m <= 256 take the single-launch kernels (Triton and CUDA C++); (64, 129, 257) takes the CUDA C++
+# per-half-iteration kernels' 16 x 32 tiles on an H100/H200, SIZES_BIG (section 4) their 32 x 64 tiles.
+SHAPES = [(1, 1, 1), (3, 7, 5), (5, 33, 65), (4, 40, 36), (17, 70, 37), (2, 13, 64), (33, 64, 128), (64, 129, 257)]
+# the interpreted Triton kernels take the small ones only (the rest run on a GPU)
+INTERPRETED_SHAPES = {(1, 1, 1), (3, 7, 5), (2, 13, 64)}
+POT_SHAPES = [(1, 1, 1), (4, 7, 7), (3, 13, 5), (5, 33, 64)]
 
 
-def rel(x, y):
-    return ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-300)).item()
+def small_enough(backend, shape):
+    if backend.interpreted and tuple(shape) not in INTERPRETED_SHAPES:
+        pytest.skip(f"{shape}: too large for the Triton interpreter (runs on a GPU)")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def problem(B, n, m, dtype, shared, zeros=0, seed=0, zeros_b=None):
+    """Seeded masses a [B, n], b [B, m] (`zeros` zero entries per row, at most n - 1) and a [0, 1) cost, shared
+    [n, m] or per row [B, n, m]."""
+    zb = zeros if zeros_b is None else zeros_b
+    a = simplex(B, n, dtype, zeros=min(zeros, n - 1), seed=seed + 1)
+    b = simplex(B, m, dtype, zeros=min(zb, m - 1), seed=seed + 2)
+    cost = rand_cost(n, m, dtype=dtype, seed=seed + 3) if shared else rand_cost(B, n, m, dtype=dtype, seed=seed + 3)
+    return a, b, cost
+
+
+def run_op(backend, a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True, precision="ieee"):
+    """The forward op of `backend` on its device: torch.ops.wkd.sinkhorn (CPU kernel on CPU tensors, CUDA C++ kernel
+    on CUDA tensors) or torch.ops.wkd.sinkhorn_triton."""
+    a, b, cost = backend.to(a, b, cost)
+    if backend.name == "triton":
+        return torch.ops.wkd.sinkhorn_triton(a, b, cost, reg, T, eps, log_domain, keep, precision)
+    return torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, keep)
+
+
+def run_backward(backend, g, a, b, cost, out, reg, log_domain=False, precision="ieee"):
+    """The backward op of `backend` from a forward's outputs `out` (its hist_r, hist_s, y)."""
+    g, a, b, cost = backend.to(g, a, b, cost)
+    if backend.name == "triton":
+        return torch.ops.wkd.sinkhorn_triton_backward(g, a, b, cost, *out[3:], reg, log_domain, precision)
+    return torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *out[3:], reg, log_domain)
+
+
+def cpu_op(a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True):
+    return torch.ops.wkd.sinkhorn(a.cpu(), b.cpu(), cost.cpu(), reg, T, eps, log_domain, keep)
+
+
+def ref_grads(a, b, cost, reg, T, eps, g):
+    """Exact gradient of sum(g * value) by autograd through the float64 reference (always the scaling-domain loop:
+    its derivative at zero-mass entries is the one the kernels compute)."""
+    a64 = a.detach().double().cpu().requires_grad_()
+    b64 = b.detach().double().cpu().requires_grad_()
+    value = sinkhorn_reference(a64, b64, cost.double().cpu(), reg, T, eps=eps)[0]
+    return torch.autograd.grad((value * g.double().cpu()).sum(), (a64, b64))
+
+
+def check_grads(got, want, tol, what=""):
+    """Gradients against one scale, the largest entry of either (some entries cancel to rounding noise)."""
+    scale = max(w.abs().max().item() for w in want)
+    for name, x, y in zip(("grad_a", "grad_b"), got, want):
+        assert_close(x, y, *tol, what=f"{what} {name}", scale=scale)
 
 
 def pot_row(a, b, M, reg, k, log_domain):
     """POT on one row, restricted to the support (POT itself cannot take zero masses in `a`)."""
     sa, sb = a > 0, b > 0
     return import_pot().sinkhorn2(a[sa], b[sb], M[sa][:, sb], reg, numItermax=k, stopThr=0,
-                        method="sinkhorn_log" if log_domain else "sinkhorn")
+                                  method="sinkhorn_log" if log_domain else "sinkhorn")
 
 
 def pot_batch(a, b, cost, reg, k, log_domain=False):
-    a, b, cost = a.double(), b.double(), cost.double()
+    a, b, cost = a.double().cpu(), b.double().cpu(), cost.double().cpu()
     out = []
     for i in range(a.shape[0]):
         M = cost if cost.dim() == 2 else cost[i]
@@ -31,85 +118,6 @@ def pot_batch(a, b, cost, reg, k, log_domain=False):
     return torch.stack(out)
 
 
-SHAPES = [(1, 1, 1), (4, 7, 7), (3, 13, 5), (5, 33, 64)]
-
-
-# ------------------------------------------------------------------------------------------ vs POT
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("B,n,m", SHAPES)
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("log_domain", [False, True])
-def test_value_matches_pot_float64(B, n, m, shared, log_domain):
-    a, b = simplex(B, n), simplex(B, m, seed=3)
-    cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
-    got = wk.sinkhorn(a, b, cost, 0.1, 7, log_domain=log_domain).value
-    assert rel(got, pot_batch(a, b, cost, 0.1, 7, log_domain)) <= 1e-10
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("log_domain", [False, True])
-def test_value_matches_pot_float32(shared, log_domain):
-    B, n, m = 6, 50, 40
-    a, b = simplex(B, n, F32, zeros=3), simplex(B, m, F32, seed=3)
-    cost = rand_cost(n, m, dtype=F32) if shared else rand_cost(B, n, m, dtype=F32)
-    got = wk.sinkhorn(a, b, cost, 0.05, 10, log_domain=log_domain).value
-    assert got.dtype == F32
-    assert rel(got, pot_batch(a, b, cost, 0.05, 10, log_domain)) <= 1e-5
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_log_domain_survives_small_reg():
-    """reg=1e-3 with cost in [0, 1]: K underflows in float32 but the log domain matches POT's sinkhorn_log."""
-    B, n = 3, 20
-    a, b = simplex(B, n, F32), simplex(B, n, F32, seed=2)
-    cost = rand_cost(n, n, dtype=F32)
-    got = wk.sinkhorn(a, b, cost, 1e-3, 10, log_domain=True).value
-    ref = pot_batch(a, b, cost, 1e-3, 10, log_domain=True)
-    assert torch.isfinite(got).all()
-    assert rel(got, ref) <= 1e-4
-
-
-# ------------------------------------------------------------------------------------------ vs reference
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("log_domain", [False, True])
-@pytest.mark.parametrize("eps", [0.0, 1e-8])
-def test_outputs_match_reference(shared, log_domain, eps):
-    B, n, m = 4, 9, 11
-    a, b = simplex(B, n, zeros=2), simplex(B, m, zeros=1, seed=4)
-    cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
-    res = wk.sinkhorn(a, b, cost, 0.2, 6, eps=eps, log_domain=log_domain)
-    value, ru, rv = sinkhorn_reference(a, b, cost, 0.2, 6, eps=eps, log_domain=log_domain)
-    ref_log_u = ru if log_domain else torch.log(ru)
-    ref_log_v = rv if log_domain else torch.log(rv)
-    assert rel(res.value, value) <= 1e-12
-    fin = torch.isfinite(ref_log_u)
-    assert torch.equal(fin, torch.isfinite(res.log_u))
-    assert torch.allclose(res.log_u[fin], ref_log_u[fin], rtol=1e-11, atol=1e-11)
-    fin = torch.isfinite(ref_log_v)
-    assert torch.allclose(res.log_v[fin], ref_log_v[fin], rtol=1e-11, atol=1e-11)
-
-
-def test_history_layout():
-    """hist_r [T, B, n] = r_1..r_T, hist_s [T, B, m] = s_1..s_T, y [B, n] = (K∘C) v_T, value = sum_i u_i y_i
-    (csrc/ops.cpp); the log domain stores their logs; without history [0, B, n], [0, B, m], [0, n]."""
-    B, n, m, T = 2, 5, 4, 3
-    a, b = simplex(B, n), simplex(B, m, seed=2)
-    for cost in (rand_cost(n, m), rand_cost(B, n, m)):
-        value, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, False, True)
-        assert hr.shape == (T, B, n) and hs.shape == (T, B, m) and y.shape == (B, n)
-        K = torch.exp(-cost / 0.3).expand(B, n, m)
-        assert torch.allclose(u, a / hr[T - 1]) and torch.allclose(v, b / hs[T - 1])
-        assert torch.allclose(y, torch.einsum("bij,bj->bi", K * cost.expand(B, n, m), v))
-        assert torch.allclose(value, (u * y).sum(1))
-        *_, hr0, hs0, y0 = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, False, False)
-        assert hr0.shape == (0, B, n) and hs0.shape == (0, B, m) and y0.shape == (0, n)
-        *_, lhr, lhs, ly = torch.ops.wkd.sinkhorn(a, b, cost, 0.3, T, 0.0, True, True)
-        for x, want in ((lhr, hr), (lhs, hs), (ly, y)):
-            assert torch.allclose(x.exp(), want)
-
-
-# ------------------------------------------------------------------------------------------ gradients
 def grads(fn, a, b, w):
     a = a.clone().requires_grad_()
     b = b.clone().requires_grad_()
@@ -117,74 +125,180 @@ def grads(fn, a, b, w):
     return torch.autograd.grad((val * w).sum(), (a, b))
 
 
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("log_domain", [False, True])
+# ==========================================================================================================
+# 1. Properties on every backend
+# ==========================================================================================================
+@pytest.mark.parametrize("B,n,m", SHAPES)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_forward_matches_reference_and_cpu(backend, B, n, m, dtype, shared, log_domain, eps):
+    """Every output of the op (value, u, v, the whole history, y) vs the CPU op; value and scalings vs the float64
+    reference; with and without zero masses."""
+    small_enough(backend, (B, n, m))
+    T, reg = 6, 0.1
+    for zeros in (0, 2):
+        a, b, cost = problem(B, n, m, dtype, shared, zeros)
+        out = run_op(backend, a, b, cost, reg, T, eps, log_domain)
+        ref_value, ref_u, ref_v = sinkhorn_reference(a, b, cost, reg, T, eps=eps, log_domain=log_domain)
+        assert out[0].dtype == dtype and out[0].device.type == backend.device
+        assert_close(out[0], ref_value, *TOL[dtype], what=f"{backend} value vs reference")
+        # log-domain potentials can be ~0 (n = m = 1 with eps): relative to max(1, |ref|) there
+        for name, x, y in (("u", out[1], ref_u), ("v", out[2], ref_v)):
+            assert_close(x, y, 2 * TOL[dtype][0], what=f"{backend} {name} vs reference",
+                         floor=1.0 if log_domain else 1e-300)
+        cpu = cpu_op(a, b, cost, reg, T, eps, log_domain)
+        assert len(out) == len(cpu) == len(OUTPUTS)
+        for name, x, y in zip(OUTPUTS, out, cpu):
+            # logs (log domain): relative to max(1, |ref|), an absolute error in a log is a relative one of its exp
+            assert_close(x, y, *TOL[dtype], what=f"{backend} {name} vs CPU op", check_dtype=True,
+                         floor=1.0 if log_domain and name != "value" else 1e-300)
+
+
+@pytest.mark.parametrize("B,n,m", SHAPES)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_backward_matches_autograd_reference_and_cpu(backend, B, n, m, dtype, shared, log_domain, eps):
+    small_enough(backend, (B, n, m))
+    T, reg = 5, 0.1
+    for zeros in (0, 2):
+        a, b, cost = problem(B, n, m, dtype, shared, zeros)
+        out = run_op(backend, a, b, cost, reg, T, eps, log_domain)
+        g = torch.randn(B, generator=torch.Generator().manual_seed(7), dtype=F64).to(dtype)
+        got = run_backward(backend, g, a, b, cost, out, reg, log_domain)
+        assert got[0].shape == a.shape and got[1].shape == b.shape and got[0].device.type == backend.device
+        check_grads(got, ref_grads(a, b, cost, reg, T, eps, g), GRAD_TOL[dtype], f"{backend} vs reference")
+        cpu = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *(t.cpu() for t in out[3:]), reg, log_domain)
+        check_grads(got, cpu, GRAD_TOL[dtype], f"{backend} vs CPU op")
+
+
+@pytest.mark.parametrize("T", [1, 2, 10])
+def test_backward_number_of_iterations(backend, T):
+    for shared, log_domain in ((True, False), (False, False), (True, True)):
+        a, b, cost = problem(5, 20, 17, F64, shared, zeros=1)
+        out = run_op(backend, a, b, cost, 0.1, T, 1e-8, log_domain)
+        g = torch.ones(5, dtype=F64)
+        got = run_backward(backend, g, a, b, cost, out, 0.1, log_domain)
+        check_grads(got, ref_grads(a, b, cost, 0.1, T, 1e-8, g), GRAD_TOL[F64], f"{backend} T={T}")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
+def test_history_layout_and_no_history(backend, shared, log_domain):
+    """hist_r [T, B, n] = r_1..r_T, hist_s [T, B, m] = s_1..s_T, y [B, n] = (K∘C) v_T, value = sum_i u_i y_i
+    (csrc/ops.cpp); the log domain stores their logs; without history [0, B, n], [0, B, m], [0, n] and the same
+    value, u, v."""
+    B, n, m, T = 3, 6, 5, 4
+    a, b, cost = problem(B, n, m, F64, shared)
+    value, u, v, hr, hs, y = (t.cpu() for t in run_op(backend, a, b, cost, 0.3, T, 0.0, log_domain, True))
+    assert hr.shape == (T, B, n) and hs.shape == (T, B, m) and y.shape == (B, n)
+    if log_domain:
+        u, v, hr, hs, y = u.exp(), v.exp(), hr.exp(), hs.exp(), y.exp()
+    K = torch.exp(-cost / 0.3).expand(B, n, m)
+    assert torch.allclose(u, a / hr[T - 1]) and torch.allclose(v, b / hs[T - 1])
+    assert torch.allclose(y, torch.einsum("bij,bj->bi", K * cost.expand(B, n, m), v))
+    assert torch.allclose(value, (u * y).sum(1))
+    light = run_op(backend, a, b, cost, 0.3, T, 0.0, log_domain, False)
+    assert light[3].shape == (0, B, n) and light[4].shape == (0, B, m) and light[5].shape == (0, n)
+    full = run_op(backend, a, b, cost, 0.3, T, 0.0, log_domain, True)
+    for name, x, y_ in zip(("value", "u", "v"), light[:3], full[:3]):
+        if backend.name == "cuda":  # the CUDA C++ kernels: the same code path, bitwise
+            assert torch.equal(x, y_), name
+        assert_close(x, y_, 1e-14, what=f"{backend} {name} without history")
+    cpu = cpu_op(a, b, cost, 0.3, T, 0.0, log_domain, False)
+    for name, x, y_ in zip(OUTPUTS, light, cpu):
+        assert_close(x, y_, *TOL[F64], what=f"{backend} {name} (no history) vs CPU op")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_log_domain_small_reg(backend, shared):
+    """reg=1e-3, cost in [0, 1]: K underflows in float32, the log domain does not (vs the CPU op and reference)."""
+    a, b, cost = problem(4, 30, 20, F32, shared, zeros=2)
+    out = run_op(backend, a, b, cost, 1e-3, 10, 0.0, True)
+    assert torch.isfinite(out[0]).all()
+    cpu = cpu_op(a, b, cost, 1e-3, 10, 0.0, True)
+    assert_close(out[0], cpu[0], 1e-4, what=f"{backend} value vs CPU op")
+    ref = sinkhorn_reference(a, b, cost, 1e-3, 10, log_domain=True)[0]
+    assert_close(out[0], ref, 1e-3, what=f"{backend} value vs reference")  # float32 logs of size 1/reg: ~1e-4
+
+
+def test_log_domain_matches_scaling_domain(backend):
+    """Same mathematics: the two domains agree in float64 where K does not underflow."""
+    a, b, cost = problem(2, 19, 26, F64, True, 2, seed=5)
+    s = run_op(backend, a, b, cost, 0.2, 4, 0.0, False)
+    lg = run_op(backend, a, b, cost, 0.2, 4, 0.0, True)
+    assert_close(lg[0], s[0], 1e-12, what="value", mode="row")
+    for name, x, y in zip(OUTPUTS[1:], lg[1:], s[1:]):
+        assert_close(x.exp(), y, 1e-12, what=name, mode="row")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_non_contiguous_inputs(backend, shared):
+    B, n, m, T = 2, 18, 21, 2
+    a, b, cost = backend.to(*problem(B, n, m, F32, shared, 1, seed=13))
+    a_nc = a.t().contiguous().t()
+    b_nc = b.new_empty(m, B).t().copy_(b)
+    cost_nc = cost.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not a_nc.is_contiguous() and not b_nc.is_contiguous() and not cost_nc.is_contiguous()
+    want = run_op(backend, a, b, cost, 0.1, T)
+    got = run_op(backend, a_nc, b_nc, cost_nc, 0.1, T)
+    for name, x, y in zip(OUTPUTS, got, want):
+        assert_close(x, y, 1e-6, what=name, mode="row")
+    g2 = backend.to(torch.linspace(0.5, 1.5, 2 * B, dtype=F32))
+    ga, gb = run_backward(backend, g2[::2], a_nc, b_nc, cost_nc, got, 0.1)
+    ga0, gb0 = run_backward(backend, g2[::2].contiguous(), a, b, cost, want, 0.1)
+    assert_close(ga, ga0, 1e-6, what="grad_a", mode="row")
+    assert_close(gb, gb0, 1e-6, what="grad_b", mode="row")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("B,n,m", POT_SHAPES)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
+def test_value_matches_pot_float64(backend, B, n, m, shared, log_domain):
+    a, b = simplex(B, n), simplex(B, m, seed=3)
+    cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
+    got = wk.sinkhorn(*backend.to(a, b, cost), 0.1, 7, log_domain=log_domain, backend=backend.name).value
+    assert got.device.type == backend.device
+    assert_close(got, pot_batch(a, b, cost, 0.1, 7, log_domain), *POT_TOL[F64], what=f"{backend} vs POT")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
+def test_value_matches_pot_float32(backend, shared, log_domain):
+    B, n, m = 6, 50, 40
+    a, b = simplex(B, n, F32, zeros=3), simplex(B, m, F32, seed=3)
+    cost = rand_cost(n, m, dtype=F32) if shared else rand_cost(B, n, m, dtype=F32)
+    got = wk.sinkhorn(*backend.to(a, b, cost), 0.05, 10, log_domain=log_domain, backend=backend.name).value
+    assert got.dtype == F32
+    assert_close(got, pot_batch(a, b, cost, 0.05, 10, log_domain), *POT_TOL[F32], what=f"{backend} vs POT")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
 @pytest.mark.parametrize("eps", [0.0, 1e-8])
 @pytest.mark.parametrize("zeros", [0, 2])
-def test_exact_gradient_matches_autograd_through_reference(shared, log_domain, eps, zeros):
+def test_exact_gradient_matches_autograd_through_reference(backend, shared, log_domain, eps, zeros):
+    """The public wk.sinkhorn's value and exact gradient (autograd through the registered op) on every backend."""
     B, n, m = 4, 12, 10
     a, b = simplex(B, n, zeros=zeros), simplex(B, m, zeros=zeros, seed=7)
     cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
     w = torch.randn(B, dtype=F64, generator=torch.Generator().manual_seed(5))
-    got = grads(lambda a, b: wk.sinkhorn(a, b, cost, 0.1, 8, eps=eps, log_domain=log_domain).value, a, b, w)
+    dcost, dw = backend.to(cost, w)
+    got = grads(lambda a, b: wk.sinkhorn(a, b, dcost, 0.1, 8, eps=eps, log_domain=log_domain,
+                                         backend=backend.name).value, *backend.to(a, b), dw)
     ref = grads(lambda a, b: sinkhorn_reference(a, b, cost, 0.1, 8, eps=eps)[0], a, b, w)
-    for g, r in zip(got, ref):
-        assert rel(g, r) <= 1e-8
+    for name, g, r in zip(("grad_a", "grad_b"), got, ref):
+        assert_close(g, r, 1e-8, what=f"{backend} {name}")
 
 
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("log_domain", [False, True])
-def test_gradcheck(shared, log_domain):
-    B, n, m = 2, 4, 3
-    a, b = simplex(B, n).requires_grad_(), simplex(B, m, seed=2).requires_grad_()
-    cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
-    assert torch.autograd.gradcheck(lambda a, b: wk.sinkhorn(a, b, cost, 0.2, 5, log_domain=log_domain).value,
-                                    (a, b))
-
-
-def test_float32_gradient_close_to_float64():
-    B, n = 8, 100
-    a, b = simplex(B, n, F32, zeros=1), simplex(B, n, F32, zeros=1, seed=2)
-    cost = rand_cost(n, n, dtype=F32)
-    w = torch.ones(B, dtype=F32)
-    got = grads(lambda a, b: wk.sinkhorn(a, b, cost, 0.05, 10).value, a, b, w)
-    ref = grads(lambda a, b: sinkhorn_reference(a, b, cost, 0.05, 10)[0], a.double(), b.double(), w.double())
-    for g, r in zip(got, ref):
-        assert rel(g, r) <= 1e-4
-
-
-@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge:UserWarning")  # POT at 5 fixed iterations
-@pytest.mark.parametrize("log_domain", [False, True])
-def test_envelope_gradient_matches_pot(log_domain):
-    n = 6
-    a, b, M = simplex(1, n)[0], simplex(1, n, seed=2)[0], rand_cost(n, n)
-    a1 = a.clone().requires_grad_()
-    b1 = b.clone().requires_grad_()
-    import_pot().solve(M, a1, b1, reg=0.1, max_iter=5, tol=0, grad="envelope").value.backward()
-    a2 = a[None].clone().requires_grad_()
-    b2 = b[None].clone().requires_grad_()
-    wk.sinkhorn(a2, b2, M, 0.1, 5, grad="envelope", log_domain=log_domain).value.backward()
-    assert torch.allclose(a2.grad[0], a1.grad, atol=1e-12)
-    assert torch.allclose(b2.grad[0], b1.grad, atol=1e-12)
-
-
-def test_no_history_without_grad():
-    a, b, cost = simplex(2, 5), simplex(2, 5, seed=2), rand_cost(5, 5)
-    with torch.no_grad():
-        res = wk.sinkhorn(a.requires_grad_(), b, cost, 0.1, 3)
-    assert res.value.grad_fn is None
-
-
-def test_outputs_other_than_value_are_not_differentiable():
-    a, b, cost = simplex(2, 5).requires_grad_(), simplex(2, 5, seed=2), rand_cost(5, 5)
-    res = wk.sinkhorn(a, b, cost, 0.1, 3)
-    assert res.value.requires_grad and not res.log_u.requires_grad and not res.log_v.requires_grad
-
-
-# ------------------------------------------------------------------------------------------ class removal
-@pytest.mark.parametrize("log_domain", [False, True])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
 @pytest.mark.parametrize("eps", [0.0, 1e-8])
-def test_zero_mass_gives_reduced_problem(log_domain, eps):
+def test_zero_mass_gives_reduced_problem(backend, log_domain, eps):
     """Zero mass on class y in both marginals == deleting row and column y (WKD-L's target separation)."""
     B, C = 5, 15
     g = torch.Generator().manual_seed(0)
@@ -195,9 +309,11 @@ def test_zero_mass_gives_reduced_problem(log_domain, eps):
     q_red = simplex(B, C - 1, seed=2)
     a = torch.zeros(B, C, dtype=F64).masked_scatter_(keep, p_red)
     b = torch.zeros(B, C, dtype=F64).masked_scatter_(keep, q_red)
-    a.requires_grad_()
-    full = wk.sinkhorn(a, b, cost, 0.1, 10, eps=eps, log_domain=log_domain).value
-    (ga,) = torch.autograd.grad(full.sum(), a)
+    ad = backend.to(a).requires_grad_()
+    full = wk.sinkhorn(ad, *backend.to(b, cost), 0.1, 10, eps=eps, log_domain=log_domain,
+                       backend=backend.name).value
+    (ga,) = torch.autograd.grad(full.sum(), ad)
+    full, ga = full.detach().cpu(), ga.cpu()
     for i in range(B):
         k = keep[i]
         pr = p_red[i:i + 1].clone().requires_grad_()
@@ -208,83 +324,109 @@ def test_zero_mass_gives_reduced_problem(log_domain, eps):
         assert torch.allclose(ga[i][k], gr[0], rtol=1e-11, atol=1e-13)
 
 
-# ------------------------------------------------------------------------------------------ real data
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("name,kappa", [("imagenet_resnet34_cka_distance.pth", 1.0),
-                                        ("imagenet_resnet50_cka_distance.pth", 2.0),
-                                        ("cifar100_resnet32x4_cka_distance.pth", 1.0),
-                                        ("cifar100_wrn40_2_cka_distance.pth", 1.0)])
-def test_real_cost_matrices(name, kappa):
-    d = load_cost_matrix(name)
-    cost = torch.relu(1 - torch.exp(-kappa * d)) + 1e-8
-    C = cost.shape[0]
-    B = 4
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, C, (B,), generator=g)
-    logits_s, logits_t = torch.randn(B, C, generator=g), torch.randn(B, C, generator=g) * 3
-    mask = torch.ones(B, C).scatter_(1, y[:, None], 0.0)
-    a = torch.softmax(logits_s / 2, 1) * mask
-    b = torch.softmax(logits_t / 2, 1) * mask
-    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
-    got = wk.sinkhorn(a, b, cost, 0.05, 10).value
-    ref = pot_batch(a, b, cost, 0.05, 10)
-    assert torch.isfinite(got).all()
-    assert rel(got, ref) <= 1e-5
-    got64 = wk.sinkhorn(a.double(), b.double(), cost.double(), 0.05, 10).value
-    assert rel(got64, ref) <= 1e-10
+def test_half_inputs_computed_in_float32(backend):
+    a, b, cost = simplex(3, 16), simplex(3, 16, seed=2), rand_cost(16, 16)
+    for dt in (torch.float16, torch.bfloat16):
+        res = wk.sinkhorn(*backend.to(a.to(dt), b.to(dt), cost.to(dt)), 0.1, 5, backend=backend.name)
+        assert res.value.dtype == F32
+        ref = sinkhorn_reference(a.to(dt), b.to(dt), cost.to(dt), 0.1, 5)[0]
+        assert_close(res.value, ref, 1e-5, what=f"{backend} {dt}")
 
 
-# ------------------------------------------------------------------------------------------ opcheck, compile
-def _samples():
-    a, b = simplex(3, 5, zeros=1), simplex(3, 4, seed=2)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
+def test_public_api_matches_cpu(backend, shared, log_domain):
+    """wk.sinkhorn(..., backend=...) with autograd: value, log-scalings and gradients equal the CPU backend's."""
+    B, n, m = (3, 9, 8) if backend.interpreted else (6, 50, 40)
+    for dtype in (F64, F32):
+        a, b, cost = problem(B, n, m, dtype, shared, zeros=2)
+        ad, bd = (t.requires_grad_() for t in backend.to(a, b))
+        res = wk.sinkhorn(ad, bd, backend.to(cost), 0.05, 10, eps=1e-8, log_domain=log_domain, backend=backend.name)
+        w = torch.linspace(0.5, 1.5, B, dtype=dtype)
+        ga, gb = torch.autograd.grad((res.value * backend.to(w)).sum(), (ad, bd))
+        ac, bc = a.clone().requires_grad_(), b.clone().requires_grad_()
+        want = wk.sinkhorn(ac, bc, cost, 0.05, 10, eps=1e-8, log_domain=log_domain, backend="cpu")
+        wa, wb = torch.autograd.grad((want.value * w).sum(), (ac, bc))
+        assert_close(res.value, want.value, *TOL[dtype], what=f"{backend} value")
+        assert_close(res.log_u, want.log_u, 2 * TOL[dtype][0], what=f"{backend} log_u")
+        assert_close(res.log_v, want.log_v, 2 * TOL[dtype][0], what=f"{backend} log_v")
+        check_grads((ga, gb), (wa, wb), GRAD_TOL[dtype], f"{backend}")
+
+
+def _op_samples(backend, sizes):
     out = []
-    for cost in (rand_cost(5, 4), rand_cost(3, 5, 4)):
-        for log_domain in (False, True):
-            for keep in (True, False):
-                for dtype in (F32, F64):
-                    out.append((a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_(), cost.to(dtype), 0.1, 4,
-                                1e-8 if log_domain else 0.0, log_domain, keep))
+    for B, n, m in sizes:
+        a, b = simplex(B, n, zeros=1), simplex(B, m, seed=2)
+        for cost in (rand_cost(n, m), rand_cost(B, n, m)):
+            for log_domain in (False, True):
+                if backend.interpreted and log_domain != (cost.dim() == 3):
+                    continue  # the interpreter: shared-scaling and per_row-log only (slow)
+                for keep in (True, False):
+                    for dtype in ((F64,) if backend.interpreted else (F32, F64)):
+                        ad, bd, cd = backend.to(a.to(dtype), b.to(dtype), cost.to(dtype))
+                        out.append((ad.requires_grad_(), bd.requires_grad_(), cd, 0.1, 4,
+                                    1e-8 if log_domain else 0.0, log_domain, keep))
     return out
 
 
-@pytest.mark.parametrize("args", _samples())
-def test_opcheck(args):
-    torch.library.opcheck(torch.ops.wkd.sinkhorn.default, args)
+def test_opcheck(backend):
+    """Schema, fake kernel, autograd registration of the backend's op (torch.ops.wkd.sinkhorn on CPU and CUDA
+    tensors, torch.ops.wkd.sinkhorn_triton on its device, CPU tensors under the interpreter) and its backward op."""
+    sizes = ((3, 5, 4),) if backend.device == "cpu" else ((3, 5, 4), (4, 33, 20))
+    triton = backend.name == "triton"
+    if backend.name == "cuda":  # the CUDA C++ kernels are the CUDA kernels of wkd::sinkhorn / _backward themselves
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn_backward", "CUDA")
+    fwd = torch.ops.wkd.sinkhorn_triton.default if triton else torch.ops.wkd.sinkhorn.default
+    for args in _op_samples(backend, sizes):
+        torch.library.opcheck(fwd, args + (("ieee",) if triton else ()))
+    for shared in (True, False):
+        for log_domain in (False, True):
+            if backend.interpreted and log_domain == shared:
+                continue
+            a, b, cost = problem(3, 9, 7, F64, shared, zeros=1)
+            out = run_op(backend, a, b, cost, 0.1, 4, 1e-8 if log_domain else 0.0, log_domain)
+            g = backend.to(torch.linspace(0.5, 1.5, 3, dtype=F64))
+            bwd = torch.ops.wkd.sinkhorn_triton_backward.default if triton else torch.ops.wkd.sinkhorn_backward.default
+            torch.library.opcheck(bwd, (g, *backend.to(a, b, cost), *out[3:], 0.1, log_domain)
+                                  + (("ieee",) if triton else ()))
 
 
-def test_opcheck_backward_op():
-    a, b, cost = simplex(3, 5), simplex(3, 4, seed=2), rand_cost(5, 4)
-    value, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, 4, 0.0, False, True)
-    torch.library.opcheck(torch.ops.wkd.sinkhorn_backward.default,
-                          (torch.ones(3, dtype=F64), a, b, cost, hr, hs, y, 0.1, False))
-
-
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_with_backward(backend, compile_backend):
+    if compile_backend == "inductor" and backend.device == "cpu":
+        pytest.skip("inductor: GPU only here (a C++ compile per test on the CPU machine)")
     torch._dynamo.reset()
-    a, b, cost = simplex(3, 6), simplex(3, 6, seed=2), rand_cost(6, 6)
+    B, n = (3, 6) if backend.device == "cpu" else (8, 40)
+    a, b, cost = problem(B, n, n, F32 if backend.device == "cuda" else F64, True, zeros=1)
+    b, cost = backend.to(b, cost)
 
-    def loss(a, b):
-        return wk.sinkhorn(torch.softmax(a, 1), b, cost, 0.1, 5, eps=1e-8).value.mean()
+    def loss(logits, b):
+        return wk.sinkhorn(torch.softmax(logits, 1), b, cost, 0.05, 10, eps=1e-8, backend=backend.name).value.mean()
 
-    x = torch.randn(3, 6, dtype=F64, requires_grad=True)
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = backend.to(torch.randn(B, n, dtype=b.dtype, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True, backend=compile_backend)
     l1 = compiled(x, b)
     (g1,) = torch.autograd.grad(l1, x)
     l2 = loss(x, b)
     (g2,) = torch.autograd.grad(l2, x)
-    assert torch.allclose(l1, l2) and torch.allclose(g1, g2)
+    assert torch.allclose(l1, l2, rtol=1e-5) and torch.allclose(g1, g2, rtol=1e-4, atol=1e-7)
 
 
-def test_half_inputs_computed_in_float32():
-    a, b, cost = simplex(2, 8), simplex(2, 8, seed=2), rand_cost(8, 8)
-    for dt in (torch.float16, torch.bfloat16):
-        res = wk.sinkhorn(a.to(dt), b.to(dt), cost.to(dt), 0.1, 5)
-        assert res.value.dtype == F32
-        ref = sinkhorn_reference(a.to(dt), b.to(dt), cost.to(dt), 0.1, 5)[0]
-        assert rel(res.value, ref) <= 1e-5
+def test_no_history_without_grad(backend):
+    a, b, cost = backend.to(simplex(2, 5), simplex(2, 5, seed=2), rand_cost(5, 5))
+    with torch.no_grad():
+        res = wk.sinkhorn(a.requires_grad_(), b, cost, 0.1, 3, backend=backend.name)
+    assert res.value.grad_fn is None
 
 
-# ------------------------------------------------------------------------------------------ bad input
+def test_outputs_other_than_value_are_not_differentiable(backend):
+    a, b, cost = backend.to(simplex(2, 5), simplex(2, 5, seed=2), rand_cost(5, 5))
+    res = wk.sinkhorn(a.requires_grad_(), b, cost, 0.1, 3, backend=backend.name)
+    assert res.value.requires_grad and not res.log_u.requires_grad and not res.log_v.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ bad input (every backend)
 def good():
     return simplex(2, 4), simplex(2, 3, seed=2), rand_cost(4, 3)
 
@@ -316,61 +458,778 @@ BAD_VALUES = [
 ]
 
 
+@pytest.mark.parametrize("msg,make", BAD + BAD_VALUES)
+def test_bad_input_python_wrapper(backend, msg, make):
+    """Every backend rejects bad input before any kernel with the same message (value checks: always on CPU for
+    the C++ kernels, on request -- check_values=True -- for the GPU kernels)."""
+    args = make(*backend.to(*good()))
+    with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
+        wk.sinkhorn(*args, backend=backend.name, check_values=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_value_check_has_no_false_alarm_on_huge_finite_costs(dtype):
+def test_value_check_has_no_false_alarm_on_huge_finite_costs(backend, dtype):
     """The one-pass value check flags a row whose sum overflows; the exact check then lets it through."""
     a, b, c = good()
     c = c.to(dtype)
     c[1] = torch.finfo(dtype).max / 2  # finite, non-negative, but the row sum is inf
-    a, b = a.to(dtype), b.to(dtype)
-    out = wk.sinkhorn(a, b, c, 1e300 if dtype == torch.float64 else 1e38, 2, log_domain=True)  # must not raise
+    a, b, c = backend.to(a.to(dtype), b.to(dtype), c)
+    out = wk.sinkhorn(a, b, c, 1e300 if dtype == torch.float64 else 1e38, 2, log_domain=True,
+                      backend=backend.name, check_values=True)  # must not raise
     assert torch.isfinite(out.log_u).all() and torch.isfinite(out.log_v).all()
 
 
-@pytest.mark.parametrize("msg,make", BAD + BAD_VALUES)
-def test_bad_input_python_wrapper(msg, make):
-    with pytest.raises((ValueError, TypeError), match=__import__("re").escape(msg)):
-        wk.sinkhorn(*make(*good()))
+def test_bad_scalar_arguments(backend):
+    a, b, c = backend.to(*good())
+    with pytest.raises(ValueError, match="`eps` must be"):
+        wk.sinkhorn(a, b, c, 0.1, 3, eps=-1.0, backend=backend.name)
+    with pytest.raises(ValueError, match="`grad` must be"):
+        wk.sinkhorn(a, b, c, 0.1, 3, grad="autodiff", backend=backend.name)
+    with pytest.raises(ValueError, match="`num_iters` must be"):
+        wk.sinkhorn(a, b, c, 0.1, 2.5, backend=backend.name)
+
+
+def test_cost_gradient_is_refused(backend):
+    a, b, c = backend.to(*good())
+    with pytest.raises(NotImplementedError, match="`cost`"):
+        wk.sinkhorn(a, b, c.requires_grad_(), 0.1, 3, backend=backend.name)
+
+
+def test_backward_op_checks_history(backend):
+    """The backward op of every backend checks the history it is given, with the same messages."""
+    a, b, c = good()
+    value, u, v, hr, hs, y = run_op(backend, a, b, c, 0.1, 3, 0.0, False, False)
+    assert hr.shape == (0, 2, 4) and hs.shape == (0, 2, 3) and y.shape == (0, 4)
+    one = torch.ones(2, dtype=F64)
+    with pytest.raises(ValueError, match="`hist_r` must be"):
+        run_backward(backend, one, a, b, c, (value, u, v, hr, hs, y), 0.1)
+    out = run_op(backend, a, b, c, 0.1, 3, 0.0, False, True)
+    hr, hs, y = out[3:]
+    assert hr.shape == (3, 2, 4) and hs.shape == (3, 2, 3) and y.shape == (2, 4)
+    with pytest.raises(ValueError, match="`grad_value` must be"):
+        run_backward(backend, torch.ones(3, dtype=F64), a, b, c, out, 0.1)
+    with pytest.raises(ValueError, match="`hist_s` must be"):
+        run_backward(backend, one, a, b, c, (None,) * 3 + (hr, hs[:2], y), 0.1)
+    with pytest.raises(ValueError, match="`y` must be"):
+        run_backward(backend, one, a, b, c, (None,) * 3 + (hr, hs, y[:1]), 0.1)
+    with pytest.raises(TypeError, match="dtype of `a`"):
+        run_backward(backend, one, a, b, c, (None,) * 3 + (hr, hs, y.float()), 0.1)
+
+
+# ------------------------------------------------------------------------------------------ backend / precision arguments
+def test_backend_argument_errors():
+    """backend= is checked and impossible combinations are clear errors (CPU tensors here)."""
+    a, b, c = good()
+    with pytest.raises(ValueError, match=r"backend='cuda'.*needs CUDA tensors"):
+        wk.sinkhorn(a, b, c, 0.1, 3, backend="cuda")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        wk.sinkhorn(a, b, c, 0.1, 3, backend="gpu")
+    # "auto" on CPU tensors is the C++ CPU kernel, whatever the precision
+    assert torch.equal(wk.sinkhorn(a, b, c, 0.1, 3, backend="auto").value, wk.sinkhorn(a, b, c, 0.1, 3).value)
+    with wk.settings.override(backend="cuda"):  # the setting is the default of backend=
+        with pytest.raises(ValueError, match=r"backend='cuda'"):
+            wk.sinkhorn(a, b, c, 0.1, 3)
+        assert torch.equal(wk.sinkhorn(a, b, c, 0.1, 3, backend="cpu").value, wk.sinkhorn(a, b, c, 0.1, 3,
+                                                                                          backend="auto").value)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_cpu_accepts_and_ignores_precision(precision):
+    """The C++ CPU kernel computes in IEEE: every valid precision is accepted and gives the same numbers."""
+    a, b, c = good()
+    a.requires_grad_()
+    want = wk.sinkhorn(a, b, c, 0.1, 3, backend="cpu")
+    got = wk.sinkhorn(a, b, c, 0.1, 3, backend="cpu", precision=precision)
+    assert torch.equal(got.value, want.value) and torch.equal(got.log_u, want.log_u)
+    assert torch.equal(torch.autograd.grad(got.value.sum(), a)[0], torch.autograd.grad(want.value.sum(), a)[0])
+    with wk.settings.override(sinkhorn_precision=precision):
+        assert torch.equal(wk.sinkhorn(a, b, c, 0.1, 3).value, want.value)
+
+
+def test_bad_precision_names_the_argument():
+    a, b, c = good()
+    for bad in ("fp32", "TF32", "highest", ""):
+        with pytest.raises(ValueError, match=r"wkd\.sinkhorn: `precision` must be one of"):
+            wk.sinkhorn(a, b, c, 0.1, 3, precision=bad)
+
+
+# ==========================================================================================================
+# 2. CPU and the public API only
+# ==========================================================================================================
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_log_domain_survives_small_reg():
+    """reg=1e-3 with cost in [0, 1]: K underflows in float32 but the log domain matches POT's sinkhorn_log."""
+    B, n = 3, 20
+    a, b = simplex(B, n, F32), simplex(B, n, F32, seed=2)
+    cost = rand_cost(n, n, dtype=F32)
+    got = wk.sinkhorn(a, b, cost, 1e-3, 10, log_domain=True).value
+    ref = pot_batch(a, b, cost, 1e-3, 10, log_domain=True)
+    assert torch.isfinite(got).all()
+    assert_close(got, ref, 1e-4)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("log_domain", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_outputs_match_reference(shared, log_domain, eps):
+    B, n, m = 4, 9, 11
+    a, b = simplex(B, n, zeros=2), simplex(B, m, zeros=1, seed=4)
+    cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
+    res = wk.sinkhorn(a, b, cost, 0.2, 6, eps=eps, log_domain=log_domain)
+    value, ru, rv = sinkhorn_reference(a, b, cost, 0.2, 6, eps=eps, log_domain=log_domain)
+    ref_log_u = ru if log_domain else torch.log(ru)
+    ref_log_v = rv if log_domain else torch.log(rv)
+    assert rel_error(res.value, value) <= 1e-12
+    fin = torch.isfinite(ref_log_u)
+    assert torch.equal(fin, torch.isfinite(res.log_u))
+    assert torch.allclose(res.log_u[fin], ref_log_u[fin], rtol=1e-11, atol=1e-11)
+    fin = torch.isfinite(ref_log_v)
+    assert torch.allclose(res.log_v[fin], ref_log_v[fin], rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_gradcheck(shared, log_domain):
+    B, n, m = 2, 4, 3
+    a, b = simplex(B, n).requires_grad_(), simplex(B, m, seed=2).requires_grad_()
+    cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
+    assert torch.autograd.gradcheck(lambda a, b: wk.sinkhorn(a, b, cost, 0.2, 5, log_domain=log_domain).value,
+                                    (a, b))
+
+
+def test_float32_gradient_close_to_float64():
+    B, n = 8, 100
+    a, b = simplex(B, n, F32, zeros=1), simplex(B, n, F32, zeros=1, seed=2)
+    cost = rand_cost(n, n, dtype=F32)
+    w = torch.ones(B, dtype=F32)
+    got = grads(lambda a, b: wk.sinkhorn(a, b, cost, 0.05, 10).value, a, b, w)
+    ref = grads(lambda a, b: sinkhorn_reference(a, b, cost, 0.05, 10)[0], a.double(), b.double(), w.double())
+    for g, r in zip(got, ref):
+        assert_close(g, r, 1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge:UserWarning")  # POT at 5 fixed iterations
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_envelope_gradient_matches_pot(log_domain):
+    n = 6
+    a, b, M = simplex(1, n)[0], simplex(1, n, seed=2)[0], rand_cost(n, n)
+    a1 = a.clone().requires_grad_()
+    b1 = b.clone().requires_grad_()
+    import_pot().solve(M, a1, b1, reg=0.1, max_iter=5, tol=0, grad="envelope").value.backward()
+    a2 = a[None].clone().requires_grad_()
+    b2 = b[None].clone().requires_grad_()
+    wk.sinkhorn(a2, b2, M, 0.1, 5, grad="envelope", log_domain=log_domain).value.backward()
+    assert torch.allclose(a2.grad[0], a1.grad, atol=1e-12)
+    assert torch.allclose(b2.grad[0], b1.grad, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ real data
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name,kappa", [("imagenet_resnet34_cka_distance.pth", 1.0),
+                                        ("imagenet_resnet50_cka_distance.pth", 2.0),
+                                        ("cifar100_resnet32x4_cka_distance.pth", 1.0),
+                                        ("cifar100_wrn40_2_cka_distance.pth", 1.0)])
+def test_real_cost_matrices(name, kappa):
+    d = load_cost_matrix(name)
+    cost = torch.relu(1 - torch.exp(-kappa * d)) + 1e-8
+    C = cost.shape[0]
+    B = 4
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, C, (B,), generator=g)
+    logits_s, logits_t = torch.randn(B, C, generator=g), torch.randn(B, C, generator=g) * 3
+    mask = torch.ones(B, C).scatter_(1, y[:, None], 0.0)
+    a = torch.softmax(logits_s / 2, 1) * mask
+    b = torch.softmax(logits_t / 2, 1) * mask
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    got = wk.sinkhorn(a, b, cost, 0.05, 10).value
+    ref = pot_batch(a, b, cost, 0.05, 10)
+    assert torch.isfinite(got).all()
+    assert_close(got, ref, 1e-5)
+    got64 = wk.sinkhorn(a.double(), b.double(), cost.double(), 0.05, 10).value
+    assert_close(got64, ref, 1e-10)
 
 
 @pytest.mark.parametrize("msg,make", [x for x in BAD + BAD_VALUES if "`cost` is on" not in x[0]])
-def test_bad_input_raw_op(msg, make):
-    """The C++ op checks on its own (direct torch.ops calls), with the same messages."""
-    args = make(*good())
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=__import__("re").escape(msg)):
-        torch.ops.wkd.sinkhorn(*args, 0.0, False, True)
+def test_bad_input_raw_op(backend, msg, make):
+    """Each backend's op checks on its own (direct torch.ops calls: the C++ CPU and CUDA kernels, the registered
+    Triton op), with the same messages; the GPU ops read no values (those checks are the wrapper's, on request)."""
+    if backend.name != "cpu" and (msg, make) in BAD_VALUES:
+        pytest.skip("value checks: CPU op only (the GPU ops do not read values; see test_bad_input_python_wrapper)")
+    args = make(*backend.to(*good()))
+    op = torch.ops.wkd.sinkhorn_triton if backend.name == "triton" else torch.ops.wkd.sinkhorn
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=re.escape(msg)):
+        op(*args, 0.0, False, True)
 
 
-def test_bad_scalar_arguments():
-    a, b, c = good()
-    with pytest.raises(ValueError, match="`eps` must be"):
-        wk.sinkhorn(a, b, c, 0.1, 3, eps=-1.0)
-    with pytest.raises(ValueError, match="`grad` must be"):
-        wk.sinkhorn(a, b, c, 0.1, 3, grad="autodiff")
-    with pytest.raises(ValueError, match="`num_iters` must be"):
-        wk.sinkhorn(a, b, c, 0.1, 2.5)
 
 
-def test_cost_gradient_is_refused():
-    a, b, c = good()
-    with pytest.raises(NotImplementedError, match="`cost`"):
-        wk.sinkhorn(a, b, c.requires_grad_(), 0.1, 3)
+# ==========================================================================================================
+# 3. Triton internals (wkd_kernels/triton/sinkhorn.py): small tiles, the precision argument, the Triton ops' checks
+# ==========================================================================================================
+@pytest.fixture
+def dev():
+    return triton_device()
 
 
-def test_backward_op_checks_history():
-    a, b, c = good()
-    value, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, c, 0.1, 3, 0.0, False, False)
-    assert hr.shape == (0, 2, 4) and hs.shape == (0, 2, 3) and y.shape == (0, 4)
-    with pytest.raises(ValueError, match="`hist_r` must be"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs, y, 0.1, False)
-    _, u, v, hr, hs, y = torch.ops.wkd.sinkhorn(a, b, c, 0.1, 3, 0.0, False, True)
-    assert hr.shape == (3, 2, 4) and hs.shape == (3, 2, 3) and y.shape == (2, 4)
-    with pytest.raises(ValueError, match="`grad_value` must be"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(3, dtype=F64), a, b, c, hr, hs, y, 0.1, False)
-    with pytest.raises(ValueError, match="`hist_s` must be"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs[:2], y, 0.1, False)
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """The per-half-iteration kernels with 16-wide tiles, so that the small test sizes span several tiles in every
+    dimension (with ragged edges)."""
+    from wkd_kernels.triton import sinkhorn as sk
+
+    monkeypatch.setattr(sk, "DOT_CONFIG", {key: (16, 16, 16, 4) for key in sk.DOT_CONFIG})
+    monkeypatch.setattr(sk, "ROWS_CONFIG", {F32: (16, 16, 4), F64: (16, 16, 4)})
+    monkeypatch.setattr(sk, "ONCHIP_MAX_C", 0)  # the per-half-iteration kernels (section 6 tests the single-launch ones)
+
+
+def triton_backend():
+    from conftest import make_backend
+
+    return make_backend("triton")
+
+
+def tproblem(B, n, m, dtype, shared, zeros_a=0, zeros_b=0, seed=0):
+    """The Triton section's problems (the seeds its tolerances were set with)."""
+    a = simplex(B, n, dtype, zeros_a, seed)
+    b = simplex(B, m, dtype, zeros_b, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    cost = torch.rand(*((n, m) if shared else (B, n, m)), generator=g, dtype=F64).to(dtype)
+    return a, b, cost
+
+
+def run_triton(a, b, cost, reg, T, eps, log_domain, dev, keep_history=True, precision="ieee"):
+    """torch.ops.wkd.sinkhorn_triton on `dev` (the op, not the launcher: its checks and registration included)."""
+    a, b, cost = a.to(dev), b.to(dev), cost.to(dev)
+    return torch.ops.wkd.sinkhorn_triton(a, b, cost, reg, T, eps, log_domain, keep_history, precision)
+
+
+def close(got, want, tol, what="", floor=1e-300):
+    """Same shape and dtype, same non-finite entries (-inf of the log domain), max |got - want| <= tol * max |want|
+    per last-dim row (at least `floor`: 1 for logs, whose absolute error is a relative error of the exponential)."""
+    assert_close(got, want, tol, 0.0, what, "row", floor=floor, check_dtype=True)
+
+
+def ref_value_and_grads(a, b, cost, reg, T, eps, log_domain, g):
+    """Value, scalings (logs for the log domain) and the exact gradient from autograd through the float64
+    reference (the scaling-domain loop; in float64 K does not underflow at the tested sizes of cost/reg)."""
+    a64 = a.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    value, u, v = sinkhorn_reference(a64, b64, cost.double(), reg, T, eps, False)
+    ga, gb = torch.autograd.grad((value * g.double()).sum(), (a64, b64))
+    u, v = u.detach(), v.detach()
+    if log_domain:
+        u, v = u.log(), v.log()
+    return value.detach(), u, v, ga, gb
+
+
+def check_all(a, b, cost, reg, T, eps, log_domain, ref_tol=None, grad_tol=None):
+    """Forward and backward of the Triton ops vs the CPU op (all outputs) and vs the float64 reference."""
+    tb = triton_backend()
+    dt = a.dtype
+    B = a.shape[0]
+    out = run_op(tb, a, b, cost, reg, T, eps, log_domain)
+    cpu = torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, True)
+    lf = 1.0 if log_domain else 1e-300  # floor for the scalings and history (logs in the log domain)
+    assert len(out) == len(cpu) == len(OUTPUTS)
+    for name, x, y in zip(OUTPUTS, out, cpu):
+        assert x.device.type == tb.device
+        close(x, y, TOL[dt][0], f"{name} vs CPU op", floor=1e-300 if name == "value" else lf)
+    g = torch.linspace(0.5, 1.5, B, dtype=dt)
+    value, u, v, ga_ref, gb_ref = ref_value_and_grads(a, b, cost, reg, T, eps, log_domain, g)
+    # Gradient errors against the scale of the whole gradient: some entries are 0 up to rounding
+    gfl = max(ga_ref.abs().max().item(), gb_ref.abs().max().item())
+    ga, gb = run_backward(tb, g, a, b, cost, out, reg, log_domain)
+    ga_cpu, gb_cpu = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *cpu[3:], reg, log_domain)
+    close(ga, ga_cpu, TOL[dt][0], "grad_a vs CPU op", floor=gfl)
+    close(gb, gb_cpu, TOL[dt][0], "grad_b vs CPU op", floor=gfl)
+    rt = ref_tol or TOL[dt][0]
+    close(out[0].double(), value, rt, "value vs reference")
+    close(out[1].double(), u, rt * 10, "u vs reference", floor=lf)
+    close(out[2].double(), v, rt * 10, "v vs reference", floor=lf)
+    gt = grad_tol or TRITON_REF_GRAD_TOL[dt]
+    close(ga.double(), ga_ref, gt, "grad_a vs reference", floor=gfl)
+    close(gb.double(), gb_ref, gt, "grad_b vs reference", floor=gfl)
+    return out
+
+
+TRITON_REF_GRAD_TOL = {F32: 1e-4, F64: 1e-10}  # the Triton kernels' gradient vs the reference (tighter in float64)
+KINDS = [(True, False), (False, False), (True, True), (False, True)]  # (shared cost, log domain): 4 kernel families
+KIND_IDS = ["shared-scaling", "per_row-scaling", "shared-log", "per_row-log"]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
+def test_multi_tile(dev, small_blocks, dtype, shared, log_domain):
+    """16-wide tiles: 3 x 2 output tiles and 3 x 2 k-steps with ragged edges (the tl.dot kernels also 2 row tiles),
+    zero masses in a and b; eps = 0 in float64, 1e-8 in float32."""
+    B = 2 if log_domain or not shared else 17
+    a, b, cost = tproblem(B, 35, 20, dtype, shared, zeros_a=3, zeros_b=2, seed=1)
+    check_all(a, b, cost, 0.1, 2, 0.0 if dtype == F64 else 1e-8, log_domain)
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 9, 2), (1, 1, 1, 2)], ids=["2x70x9", "1x1x1"])
+@pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
+def test_odd_shapes_default_blocks(dev, shape, shared, log_domain):
+    """The shipped block sizes: n > BLOCK_N with m tiny, and the degenerate 1 x 1 problem (float64, eps = 1e-8)."""
+    B, n, m, T = shape
+    a, b, cost = tproblem(B, n, m, F64, shared, zeros_a=5 if n > 1 else 0, seed=2)
+    check_all(a, b, cost, 0.1, T, 1e-8, log_domain)
+
+
+@pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
+def test_wkdl_like_float32(dev, shared, log_domain):
+    """WKD-L's setting in small: float32, reg 0.05, eps 1e-8, the target class removed (one zero per row of a),
+    a square cost; the shipped block sizes."""
+    B, n = 3, 29
+    a, b, cost = tproblem(B, n, n, F32, shared, zeros_a=1, seed=7)
+    check_all(a, b, cost, 0.05, 4, 1e-8, log_domain)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_triton_log_domain_small_reg_small_blocks(dev, small_blocks, dtype, shared):
+    """reg=1e-2 with cost in [0, 1]: K = exp(-cost/reg) reaches e^-100 (below float32's normal range), the log
+    domain still matches (the online max shift sees a large dynamic range across tiles). float32 vs float64:
+    L = -cost/reg is rounded to float32 (|L| <= 100, abs error 4e-6), which moves the plan by a few 1e-6; the CPU op
+    rounds identically and is matched to 1e-5."""
+    a, b, cost = tproblem(2, 23, 18, dtype, shared, zeros_a=2, zeros_b=1, seed=3)
+    out = check_all(a, b, cost, 1e-2, 3, 1e-8, True,
+                    ref_tol=1e-4 if dtype == F32 else None, grad_tol=1e-3 if dtype == F32 else None)
+    assert torch.isfinite(out[0]).all()
+
+
+def test_triton_log_domain_matches_scaling_domain_small_blocks(dev, small_blocks):
+    """Same mathematics: the two domains agree in float64 where K does not underflow."""
+    a, b, cost = tproblem(2, 19, 26, F64, True, 2, 2, seed=5)
+    s = run_triton(a, b, cost, 0.2, 4, 0.0, False, dev)
+    lg = run_triton(a, b, cost, 0.2, 4, 0.0, True, dev)
+    close(lg[0], s[0], 1e-12, "value")
+    close(lg[1].exp(), s[1], 1e-12, "u")
+    close(lg[2].exp(), s[2], 1e-12, "v")
+    close(lg[3].exp(), s[3], 1e-12, "hist_r")
+    close(lg[4].exp(), s[4], 1e-12, "hist_s")
+    close(lg[5].exp(), s[5], 1e-12, "y")
+
+
+@pytest.mark.parametrize("shared,log_domain", [(True, False), (False, True)], ids=["shared-scaling", "per_row-log"])
+def test_triton_keep_history_false_small_blocks(dev, small_blocks, shared, log_domain):
+    B, n, m, T = 2, 20, 17, 3
+    a, b, cost = tproblem(B, n, m, F64, shared, 1, 1, seed=11)
+    full = run_triton(a, b, cost, 0.1, T, 1e-8, log_domain, dev, keep_history=True)
+    light = run_triton(a, b, cost, 0.1, T, 1e-8, log_domain, dev, keep_history=False)
+    assert light[3].shape == (0, B, n) and light[4].shape == (0, B, m) and light[5].shape == (0, n)
+    assert full[3].shape == (T, B, n) and full[4].shape == (T, B, m) and full[5].shape == (B, n)
+    for name, x, y in zip(("value", "u", "v"), light[:3], full[:3]):
+        close(x, y, 1e-14, name)
+    cpu = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, T, 1e-8, log_domain, False)
+    for name, x, y in zip(OUTPUTS, light, cpu):
+        close(x, y, TOL[F64][0], name)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_triton_non_contiguous_inputs_small_blocks(dev, small_blocks, shared):
+    B, n, m, T = 2, 18, 21, 2
+    a, b, cost = tproblem(B, n, m, F32, shared, 1, 1, seed=13)
+    a_nc = a.t().contiguous().t()
+    b_nc = b.new_empty(m, B).t().copy_(b)
+    cost_nc = cost.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not a_nc.is_contiguous() and not b_nc.is_contiguous() and not cost_nc.is_contiguous()
+    want = run_triton(a, b, cost, 0.1, T, 0.0, False, dev)
+    got = run_triton(a_nc, b_nc, cost_nc, 0.1, T, 0.0, False, dev)
+    for name, x, y in zip(OUTPUTS, got, want):
+        close(x, y, 1e-6, name)
+    g2 = torch.linspace(0.5, 1.5, 2 * B, dtype=F32).to(dev)
+    ga, gb = torch.ops.wkd.sinkhorn_triton_backward(g2[::2], a_nc.to(dev), b_nc.to(dev), cost_nc.to(dev), *got[3:], 0.1, False)
+    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(g2[::2].contiguous(), a.to(dev), b.to(dev), cost.to(dev), *want[3:], 0.1, False)
+    close(ga, ga0, 1e-6, "grad_a")
+    close(gb, gb0, 1e-6, "grad_b")
+
+
+def test_fp32_dot_precision_argument(dev, small_blocks):
+    """`precision` selects the float32 tl.dot input precision per call (no global state); float64 ignores it."""
+    a, b, cost = tproblem(3, 20, 20, F32, True, 1, 0, seed=17)
+    ieee = run_triton(a, b, cost, 0.1, 3, 0.0, False, dev)
+    for p in ("tf32x3", "tf32"):
+        out = run_triton(a, b, cost, 0.1, 3, 0.0, False, dev, precision=p)
+        close(out[0], ieee[0], 1e-5 if p == "tf32x3" else 1e-2, f"value ({p})")
+        op = torch.ops.wkd.sinkhorn_triton(a.to(dev), b.to(dev), cost.to(dev), 0.1, 3, 0.0, False, True, p)
+        for name, x, y in zip(OUTPUTS, op, out):
+            close(x, y, 0.0, f"{name} (op, {p})")
+    a64, b64, c64 = a.double(), b.double(), cost.double()
+    d_ieee = run_triton(a64, b64, c64, 0.1, 3, 0.0, False, dev)
+    d_tf32 = run_triton(a64, b64, c64, 0.1, 3, 0.0, False, dev, precision="tf32")
+    for name, x, y in zip(OUTPUTS, d_tf32, d_ieee):
+        close(x, y, 0.0, f"{name} (float64 ignores precision)")
+
+
+def test_bad_arguments(dev):
+    """The Triton ops check their arguments before any kernel (ops.py; the launchers do not check), with the
+    messages of the C++ ops."""
+    a, b, cost = tproblem(2, 5, 4, F32, True, seed=1)
+    a, b, cost = a.to(dev), b.to(dev), cost.to(dev)
+    fwd, bwd = torch.ops.wkd.sinkhorn_triton, torch.ops.wkd.sinkhorn_triton_backward
+    with pytest.raises(ValueError, match="wkd.sinkhorn_triton: `cost` must be"):
+        fwd(a, b, cost.t(), 0.1, 3)
+    with pytest.raises(TypeError, match="dtype"):
+        fwd(a, b.double(), cost, 0.1, 3)
+    with pytest.raises(ValueError, match="num_iters"):
+        fwd(a, b, cost, 0.1, 0)
+    with pytest.raises(ValueError, match="reg"):
+        fwd(a, b, cost, 0.0, 3)
+    with pytest.raises(ValueError, match="eps"):
+        fwd(a, b, cost, 0.1, 3, eps=-1.0)
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        fwd(a, b, cost, 0.1, 3, precision="fp16")
+    value, u, v, hr, hs, y = fwd(a, b, cost, 0.1, 3, keep_history=False)
+    g = torch.ones_like(value)
+    with pytest.raises(ValueError, match="keep_history"):
+        bwd(g, a, b, cost, hr, hs, y, 0.1)
+    value, u, v, hr, hs, y = fwd(a, b, cost, 0.1, 3)
+    with pytest.raises(ValueError, match="wkd.sinkhorn_triton_backward: `hist_s` must be"):
+        bwd(g, a, b, cost, hr, hs[:2], y, 0.1)
     with pytest.raises(ValueError, match="`y` must be"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs, y[:1], 0.1, False)
-    with pytest.raises(TypeError, match="dtype of `a`"):
-        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64), a, b, c, hr, hs, y.float(), 0.1, False)
+        bwd(g, a, b, cost, hr, hs, y[:1], 0.1)
+    with pytest.raises(ValueError, match="grad_value"):
+        bwd(g[:1], a, b, cost, hr, hs, y, 0.1)
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        bwd(g, a, b, cost, hr, hs, y, 0.1, False, "TF32")
 
+
+@pytest.mark.parametrize("shared,log_domain", [(True, False), (False, True)], ids=["shared-scaling", "per_row-log"])
+def test_triton_ops_opcheck_and_autograd(dev, small_blocks, shared, log_domain):
+    """torch.ops.wkd.sinkhorn_triton and its backward op: schema, fake kernel, autograd registration (opcheck), and
+    the gradient through autograd equal to the Triton backward launcher's."""
+    a, b, cost = tproblem(3, 9, 7, F64, shared, 1, 1, seed=23)
+    a, b, cost = a.to(dev), b.to(dev), cost.to(dev)
+    eps = 1e-8 if log_domain else 0.0
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.wkd.sinkhorn_triton.default,
+                              (a.clone().requires_grad_(), b.clone().requires_grad_(), cost, 0.1, 3, eps, log_domain,
+                               keep, "ieee"))
+    out = torch.ops.wkd.sinkhorn_triton(a, b, cost, 0.1, 3, eps, log_domain, True)
+    gv = torch.linspace(0.5, 1.5, 3, dtype=F64).to(dev)
+    torch.library.opcheck(torch.ops.wkd.sinkhorn_triton_backward.default,
+                          (gv, a, b, cost, *out[3:], 0.1, log_domain, "ieee"))
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    value = torch.ops.wkd.sinkhorn_triton(a1, b1, cost, 0.1, 3, eps, log_domain, True)[0]
+    ga, gb = torch.autograd.grad((value * gv).sum(), (a1, b1))
+    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *out[3:], 0.1, log_domain)
+    close(ga, ga0, 0.0, "grad_a through autograd")
+    close(gb, gb0, 0.0, "grad_b through autograd")
+
+
+def test_split_scalar_keeps_float64():
+    pytest.importorskip("triton")
+    from wkd_kernels.triton import sinkhorn as sk
+
+    for x in (0.1, 1e-8, 1e-2, 3.0, -18.420680743952367, 1e-300, 1e300, 0.0):
+        hi, lo = sk._split(x)
+        assert hi + lo == x
+        assert hi == float(torch.tensor(hi, dtype=F32)) or lo == 0.0
+
+
+@pytest.mark.gpu
+def test_cuda_routing_opcheck_compile_and_graph_capture(monkeypatch):
+    """On CUDA: torch.ops.wkd.sinkhorn_triton runs these kernels, passes opcheck, works under
+    torch.compile(fullgraph=True) with autograd; wk.sinkhorn with the Triton backend selected routes to it; the
+    forward + backward replay from a captured CUDA graph."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("compiled Triton kernels only (TRITON_INTERPRET=1 is set)")
+    from wkd_kernels.triton import sinkhorn as sk
+
+    a, b, cost = (t.cuda() for t in tproblem(4, 50, 45, F32, True, 1, 1, seed=19))
+    args = (a, b, cost, 0.1, 5, 1e-8, False, True)
+    want = sk.sinkhorn_forward(*args, "ieee")  # the launcher itself
+    got = torch.ops.wkd.sinkhorn_triton(*args)
+    for name, x, y in zip(OUTPUTS, got, want):
+        close(x, y, 0.0, f"{name} (op)")
+    res = wk.sinkhorn(a, b, cost, 0.1, 5, eps=1e-8, backend="triton")
+    close(res.value, want[0], 0.0, "wk.sinkhorn with the Triton backend")
+    with wk.settings.override(backend="triton"):
+        close(wk.sinkhorn(a, b, cost, 0.1, 5, eps=1e-8).value, want[0], 0.0, "wk.sinkhorn, Triton by the setting")
+    # "auto" with a precision other than ieee takes Triton on CUDA tensors
+    tf32 = torch.ops.wkd.sinkhorn_triton(*args, "tf32")
+    close(wk.sinkhorn(a, b, cost, 0.1, 5, eps=1e-8, backend="auto", precision="tf32").value, tf32[0], 0.0,
+          "wk.sinkhorn auto + tf32")
+    torch.library.opcheck(torch.ops.wkd.sinkhorn_triton.default, args)
+    torch.library.opcheck(torch.ops.wkd.sinkhorn_triton.default, (a, b, cost, 0.05, 3, 0.0, True, True))
+    gv = torch.linspace(0.5, 1.5, 4, device="cuda")
+    torch.library.opcheck(torch.ops.wkd.sinkhorn_triton_backward.default, (gv, a, b, cost, *want[3:], 0.1, False))
+
+    def loss(a, b):
+        return (torch.ops.wkd.sinkhorn_triton(a, b, cost, 0.1, 5, 1e-8, False, True)[0] * gv).sum()
+
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ga, gb = torch.autograd.grad(torch.compile(loss, fullgraph=True)(a1, b1), (a1, b1))
+    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *want[3:], 0.1, False)
+    close(ga, ga0, 1e-6, "compiled grad_a")
+    close(gb, gb0, 1e-6, "compiled grad_b")
+
+    def step():
+        out = sk.sinkhorn_forward(*args, "ieee")
+        return out + torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *out[3:], 0.1, False)
+
+    graph, captured, eager = capture_cuda_graph(step)  # the warm-up compiles the kernels outside the capture
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(captured, eager):
+        close(x, y, 0.0, "graph replay")
+
+
+# ==========================================================================================================
+# 4. CUDA C++ internals (csrc/cuda/sinkhorn.cu; GPU only)
+# ==========================================================================================================
+SIZES_BIG = [(129, 1001, 999), (256, 1000, 1000)]
+
+
+def need_native():
+    from conftest import make_backend
+
+    return make_backend("cuda")
+
+
+def native(a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True):
+    """torch.ops.wkd.sinkhorn on CUDA tensors: the CUDA C++ kernels (need_native() checked they were built)."""
+    assert a.is_cuda
+    return torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, keep)
+
+
+def native_backward(g, a, b, cost, out, reg, log_domain=False):
+    assert a.is_cuda
+    return torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *out[3:], reg, log_domain)
+
+
+def cproblem(B, n, m, dtype, shared, zeros=0, seed=0):
+    return tuple(t.cuda() for t in problem(B, n, m, dtype, shared, zeros, seed))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n,m", SIZES_BIG)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_forward_big_tiles_match_cpu(B, n, m, dtype):
+    """Sizes that take the 32 x 64 tiles, odd and even; float32 against the float64 CPU op (accuracy target)."""
+    need_native()
+    for zeros in (0, 1):
+        a, b, cost = cproblem(B, n, m, dtype, True, zeros)
+        out = native(a, b, cost, 0.05, 10, 1e-8)
+        cpu = cpu_op(a, b, cost, 0.05, 10, 1e-8)
+        for name, x, y in zip(OUTPUTS, out, cpu):
+            assert_close(x, y, *TOL[dtype], what=name)
+        cpu64 = cpu_op(a.double(), b.double(), cost.double(), 0.05, 10, 1e-8)
+        assert_close(out[0], cpu64[0], *TOL[dtype], what="value vs float64")
+
+
+@pytest.mark.gpu
+def test_deterministic():
+    """The per-row value is reduced in a fixed order (no float atomics): bitwise repeatable."""
+    need_native()
+    a, b, cost = cproblem(256, 1000, 1000, F32, True, zeros=1)
+    first = native(a, b, cost, 0.05, 10, 1e-8)
+    second = native(a, b, cost, 0.05, 10, 1e-8)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    g = torch.randn(256, device="cuda")
+    ga1 = native_backward(g, a, b, cost, first, 0.05)
+    ga2 = native_backward(g, a, b, cost, first, 0.05)
+    assert torch.equal(ga1[0], ga2[0]) and torch.equal(ga1[1], ga2[1])
+
+
+@pytest.mark.gpu
+def test_noncontiguous_inputs_and_side_stream():
+    need_native()
+    a, b, cost = cproblem(8, 24, 20, F64, True, zeros=1)
+    a_nc = a.t().contiguous().t()  # same values, column-major strides
+    cost_nc = cost.t().contiguous().t()
+    want = native(a, b, cost, 0.1, 5)
+    got = native(a_nc, b, cost_nc, 0.1, 5)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got_s = native(a, b, cost, 0.1, 5)
+    torch.cuda.current_stream().wait_stream(s)
+    for x, y in zip(got_s, want):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_bad_input_raises_same_messages():
+    need_native()
+    a, b, cost = cproblem(2, 4, 3, F64, True)
+    with pytest.raises(ValueError, match="`cost` must be"):
+        native(a, b, cost.t().contiguous(), 0.1, 3)
+    with pytest.raises(ValueError, match="`reg` must be"):
+        native(a, b, cost, 0.0, 3)
+    with pytest.raises(TypeError, match="`cost` has dtype"):
+        native(a, b, cost.float(), 0.1, 3)
+    with pytest.raises(ValueError, match="`hist_r` must be"):
+        out = native(a, b, cost, 0.1, 3, keep=False)
+        native_backward(torch.ones(2, dtype=F64, device="cuda"), a, b, cost, out, 0.1)
+    out = native(a, b, cost, 0.1, 3)
+    with pytest.raises(ValueError, match="`y` must be"):
+        torch.ops.wkd.sinkhorn_backward(torch.ones(2, dtype=F64, device="cuda"), a, b, cost, out[3], out[4],
+                                        out[5][:1], 0.1, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n,m", SIZES_BIG)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_backward_big_tiles_match_cpu(B, n, m, dtype):
+    need_native()
+    a, b, cost = cproblem(B, n, m, dtype, True, zeros=1)
+    out = native(a, b, cost, 0.05, 10, 1e-8)
+    g = torch.randn(B, generator=torch.Generator().manual_seed(3), dtype=F64).to(dtype).cuda()
+    got = native_backward(g, a, b, cost, out, 0.05)
+    c64 = [t.double().cpu() for t in (a, b, cost)]
+    o64 = cpu_op(*c64, 0.05, 10, 1e-8)
+    want = torch.ops.wkd.sinkhorn_backward(g.double().cpu(), *c64, *o64[3:], 0.05, False)
+    check_grads(got, want, GRAD_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_no_host_synchronisation():
+    need_native()
+    a, b, cost = cproblem(16, 100, 100, F32, True, zeros=1)
+    a.requires_grad_()
+    per_row = rand_cost(16, 100, 100, dtype=F32).cuda()
+    cases = ((cost, False), (cost, True), (per_row, False))
+
+    def run():
+        for c, log_domain in cases:
+            res = wk.sinkhorn(a, b, c, 0.05, 10, eps=1e-8, log_domain=log_domain, check_values=False,
+                              backend="cuda")
+            (ga,) = torch.autograd.grad(res.value.sum(), a)
+        return ga
+
+    run()  # warm-up: first-call allocations and initialisation happen outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ga = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(ga).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared,log_domain", [(True, False), (False, False), (True, True)])
+def test_cuda_graph_capture_forward_backward(shared, log_domain):
+    """Forward + backward of the native ops captured in one CUDA graph, replayed on new inputs."""
+    need_native()
+    B, n, m, T, reg, eps = 32, 100, 90, 10, 0.05, 1e-8
+    a, b, cost = cproblem(B, n, m, F32, shared, zeros=1)
+    g = torch.ones(B, device="cuda")
+
+    def step(a, b):
+        out = native(a, b, cost, reg, T, eps, log_domain)
+        ga, gb = native_backward(g, a, b, cost, out, reg, log_domain)
+        return out[0], ga, gb
+
+    sa, sb = a.clone(), b.clone()
+    graph, outs, _ = capture_cuda_graph(lambda: step(sa, sb), warmup=2)
+    a2, b2, _ = cproblem(B, n, m, F32, shared, zeros=2, seed=10)
+    sa.copy_(a2)
+    sb.copy_(b2)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = step(a2, b2)
+    for x, y in zip(outs, want):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_through_autograd():
+    """wkd_kernels.sinkhorn + torch.autograd.grad captured in a CUDA graph (the training-step pattern)."""
+    need_native()
+    B, n = 64, 200
+    a, b, cost = cproblem(B, n, n, F32, True, zeros=1)
+    logits = torch.randn(B, n, device="cuda", requires_grad=True)
+
+    def step():
+        value = wk.sinkhorn(torch.softmax(logits, 1), b, cost, 0.05, 10, eps=1e-8, backend="cuda").value.sum()
+        return torch.autograd.grad(value, logits)[0]
+
+    graph, grad, _ = capture_cuda_graph(step, warmup=3)
+    with torch.no_grad():
+        logits.copy_(torch.randn(B, n, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(grad, step(), rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ real data, WKD-L size
+@pytest.mark.gpu
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_real_imagenet_cost_b256(log_domain):
+    """WKD-L on ImageNet: B=256, C=1000, sharpened CKA cost, target class removed by zero mass, vs the CPU op."""
+    need_native()
+    d = load_cost_matrix("imagenet_resnet34_cka_distance.pth")
+    cost = (torch.relu(1 - torch.exp(-d)) + 1e-8).float()
+    B, C = 256, cost.shape[0]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, C, (B,), generator=g)
+    mask = torch.ones(B, C).scatter_(1, y[:, None], 0.0)
+    a = torch.softmax(torch.randn(B, C, generator=g) / 2, 1) * mask
+    b = torch.softmax(torch.randn(B, C, generator=g) * 3 / 2, 1) * mask
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    reg, T, eps = 0.05, 10, 1e-8
+    out = native(a.cuda(), b.cuda(), cost.cuda(), reg, T, eps, log_domain)
+    assert torch.isfinite(out[0]).all()
+    cpu64 = cpu_op(a.double(), b.double(), cost.double(), reg, T, eps, log_domain)
+    assert_close(out[0], cpu64[0], 1e-5)  # float32 against float64: the accuracy target
+    if not log_domain:  # (the CPU log domain runs row by row: slow at this size, compared in float64 only)
+        assert_close(out[0], cpu_op(a, b, cost, reg, T, eps, log_domain)[0], 1e-5)
+    gv = torch.ones(B)
+    got = native_backward(gv.cuda(), a.cuda(), b.cuda(), cost.cuda(), out, reg, log_domain)
+    want = torch.ops.wkd.sinkhorn_backward(gv.double(), a.double(), b.double(), cost.double(), *cpu64[3:], reg,
+                                           log_domain)
+    check_grads(got, want, (1e-4, 0.0))
+
+
+
+# ==========================================================================================================
+# 5. The CUDA C++ source under host emulation (no GPU; opt-in)
+# ==========================================================================================================
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
+                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+@pytest.mark.parametrize("sms", [1, 1000], ids=["tiles32x64", "tiles16x32"])
+def test_kernels_under_host_emulation(tmp_path, sms):
+    """The CUDA kernel source, run on CPU tensors by the fiber emulator, against the CPU op and the reference.
+
+    python_tests/cuda_emulation/check_emulated_kernels.py builds emu_sinkhorn_cuda.cpp (csrc/cuda/sinkhorn.cu with
+    WKD_CUDA_EMULATE: the library wkd_cuda_emu, loadable next to wkd_kernels._C) and compares its ops with
+    torch.ops.wkd.*. WKD_EMU_SMS sets the emulated multiprocessor count: 1 makes every product take the 32 x 64
+    tiles, 1000 the 16 x 32 tiles. Runs in a subprocess (a fault in the emulator does not take pytest down). Set
+    WKD_EMU_BUILD_DIR to reuse the build between runs.
+    """
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
+    env = dict(os.environ, WKD_EMU_SMS=str(sms))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(EMULATION / "check_emulated_kernels.py"), bdir], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "EMULATION OK" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
+                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+def test_single_launch_kernels_under_host_emulation(tmp_path):
+    """The CUDA C++ single-launch kernels (shared cost, C <= 256), emulated, against the CPU op and the float64
+    reference.
+
+    python_tests/cuda_emulation/check_small_c_kernels.py: C in {1, 3, 81, 91, 100, 256} and n != m, odd B, zero-mass
+    entries, both domains, float32/float64, eps 0 and 1e-8, history on/off, forward and backward; 1 launch per
+    direction (2 with the kernel matrix off chip), bitwise today's kernels in the scaling domain, and every entry of
+    the tile table of today's kernels. Set WKD_EMU_BUILD_DIR to reuse the build between runs.
+    """
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
+    env = dict(os.environ, WKD_EMU_SMS="8")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(EMULATION / "check_small_c_kernels.py"), bdir], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "SMALL-C EMULATION OK" in proc.stdout

@@ -164,35 +164,32 @@ def drive_sinkhorn_onchip(sizes=(100,)):
 def drive_gaussian():
     """Every block size / dtype / precision the Gaussian launchers pick (matrix sizes 1..64 map to blocks 16, 32, 64;
     feature maps chosen so that every BLOCK_C, BLOCK_M, BLOCK_Q value occurs), plus the WKD-F shapes."""
-    from wkd_kernels.triton import bures_wasserstein as bw, feature_stats as fs, nuclear_norm as nn_, sqrtm as sq
+    from wkd_kernels.triton import feature_stats as fs, nuclear_norm as nn_, sqrtm as sq
 
-    saved = sq.DOT_PRECISION
-    try:
-        for dt in (torch.float32, torch.float64):
-            for prec in (("ieee", "tf32x3") if dt == torch.float32 else ("ieee",)):
-                sq.DOT_PRECISION = prec
-                for n in (3, 20, 40, 64):
-                    S = torch.eye(n, dtype=dt).expand(2, n, n).contiguous()
-                    for method in ("newton_schulz", "eigh"):
-                        Y, _ = sq.sqrtm_forward(S, method, 5)
-                        sq.sqrtm_forward(S, method, 5, want_inverse=(method == "eigh"))
-                        sq.lyapunov(Y, S, method, 5)
-                        mu = torch.zeros(2, n, dtype=dt)
-                        w2, R1, R2, Q = bw.bures_wasserstein_forward(mu, S, mu, S, method, 5)
-                        bw.bures_wasserstein_backward(torch.ones(2, dtype=dt), mu, mu, R1, R2, Q, method, 5)
-                for p, q in ((3, 5), (20, 40), (64, 64), (49, 49), (25, 25)):
-                    nn_.nuclear_norm_forward(torch.rand(2, p, q, dtype=dt), 5)
-        for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            # (C, H, W, grid): BLOCK_C 2..16, BLOCK_M 16..256, BLOCK_Q 16..128, full blocks 16 and 32, and the
-            # WKD-F shapes (ImageNet C=512 7x7, CIFAR C=256 8x8, grid 1/2/4)
-            for C, H, W, grid in ((1, 2, 2, 1), (3, 5, 5, 1), (6, 6, 6, 1), (16, 8, 8, 1), (40, 16, 16, 1),
-                                  (20, 23, 23, 1), (512, 7, 7, 1), (512, 7, 7, 4), (256, 8, 8, 2), (64, 28, 28, 4)):
-                x = torch.rand(2, C, H, W, dtype=dt)
-                for full in (False, True):
-                    mean, var = fs.feature_stats_forward(x, grid, full, True)
-                    fs.feature_stats_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, grid, full, True)
-    finally:
-        sq.DOT_PRECISION = saved
+    for dt in (torch.float32, torch.float64):
+        for prec in (("ieee", "tf32x3") if dt == torch.float32 else ("ieee",)):
+            for n in (3, 20, 40, 64):
+                S = torch.eye(n, dtype=dt).expand(2, n, n).contiguous()
+                for method in ("newton_schulz", "eigh"):
+                    Y, _ = sq.sqrtm_forward(S, method, 5, prec)
+                    sq.sqrtm_forward(S, method, 5, prec, want_inverse=(method == "eigh"))
+                    sq.lyapunov(Y, S, method, 5, prec)
+                    # the Bures composition (wkd_kernels/ops/bures_wasserstein.py) through its registered op
+                    mu = torch.zeros(2, n, dtype=dt)
+                    w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu, S, mu, S, method, 5, prec)
+                    torch.ops.wkd.bures_wasserstein_triton_backward(torch.ones(2, dtype=dt), mu, mu, R1, R2, Q,
+                                                                    method, 5, prec)
+            for p, q in ((3, 5), (20, 40), (64, 64), (49, 49), (25, 25)):
+                nn_.nuclear_norm_forward(torch.rand(2, p, q, dtype=dt), 5, prec)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        # (C, H, W, grid): BLOCK_C 2..16, BLOCK_M 16..256, BLOCK_Q 16..128, full blocks 16 and 32, and the
+        # WKD-F shapes (ImageNet C=512 7x7, CIFAR C=256 8x8, grid 1/2/4)
+        for C, H, W, grid in ((1, 2, 2, 1), (3, 5, 5, 1), (6, 6, 6, 1), (16, 8, 8, 1), (40, 16, 16, 1),
+                              (20, 23, 23, 1), (512, 7, 7, 1), (512, 7, 7, 4), (256, 8, 8, 2), (64, 28, 28, 4)):
+            x = torch.rand(2, C, H, W, dtype=dt)
+            for full in (False, True):
+                mean, var = fs.feature_stats_forward(x, grid, full, True)
+                fs.feature_stats_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, grid, full, True)
 
 
 # ------------------------------------------------------------------------------------------------ compiling

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA subset used by csrc/cuda/sinkhorn.cu, for verification without a GPU: compiled
-// only when WKD_CUDA_EMULATE is defined (python_tests/test_sinkhorn_cuda.py builds it), never by setup.py.
+// only when WKD_CUDA_EMULATE is defined (python_tests/cuda_emulation/ builds it), never by setup.py.
 //
 // A launch runs the blocks one after another; the threads of a block are cooperative fibers (ucontext), run
 // round-robin, each until it reaches a barrier: __syncthreads() waits for every live thread of the block,

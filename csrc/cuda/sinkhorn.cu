@@ -42,7 +42,7 @@
 // wkd_cuda_emu::sinkhorn / wkd_cuda_emu::sinkhorn_backward (the schemas of wkd::sinkhorn / wkd::sinkhorn_backward)
 // with the emulated kernels as CPU kernels, so it loads next to wkd_kernels._C and the kernels and their launch
 // code can be checked against the CPU op without a GPU (python_tests/cuda_emulation/,
-// python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation).
+// python_tests/test_sinkhorn.py::test_kernels_under_host_emulation).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

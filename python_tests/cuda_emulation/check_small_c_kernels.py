@@ -16,7 +16,7 @@ build as check_emulated_kernels.py) and checks, on CPU tensors:
   * the tile table of the per-half-iteration kernels (every entry, wkd_cuda_emu.configure(tile=k)): bitwise the same
     numbers whatever the tile.
 Prints the maximum errors and the failing cases, or "SMALL-C EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn_cuda.py::test_single_launch_kernels_under_host_emulation.
+Run by python_tests/test_sinkhorn.py::test_single_launch_kernels_under_host_emulation.
 """
 import itertools
 import os

@@ -25,44 +25,50 @@ __all__ = ["SinkhornResult", "sinkhorn"]
 # ----------------------------------------------------------------------------------------------------------
 # Fake kernels (shapes for torch.compile and opcheck); the Triton ops have the same outputs
 # ----------------------------------------------------------------------------------------------------------
-def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee"):
-    check_precision(precision, "sinkhorn", "wkd.sinkhorn")
-    check_sinkhorn_args(a, b, cost, reg, num_iters, eps)
+def _sinkhorn_fake(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee",
+                   _op="wkd.sinkhorn"):
+    check_precision(precision, "sinkhorn", _op)
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps, op=_op)
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     T = num_iters if keep_history else 0
     return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(T, B, n), a.new_empty(T, B, m),
             a.new_empty(B if keep_history else 0, n))
 
 
-def _sinkhorn_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee"):
-    check_precision(precision, "sinkhorn", "wkd.sinkhorn_backward")
-    check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg)
+def _sinkhorn_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee",
+                            _op="wkd.sinkhorn_backward"):
+    check_precision(precision, "sinkhorn", _op)
+    check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg, op=_op)
     return torch.empty_like(a), torch.empty_like(b)
 
 
 torch.library.register_fake("wkd::sinkhorn")(_sinkhorn_fake)
-torch.library.register_fake("wkd::sinkhorn_triton")(_sinkhorn_fake)
+torch.library.register_fake("wkd::sinkhorn_triton")(
+    lambda *args, **kwargs: _sinkhorn_fake(*args, **kwargs, _op="wkd.sinkhorn_triton"))
 torch.library.register_fake("wkd::sinkhorn_backward")(_sinkhorn_backward_fake)
-torch.library.register_fake("wkd::sinkhorn_triton_backward")(_sinkhorn_backward_fake)
+torch.library.register_fake("wkd::sinkhorn_triton_backward")(
+    lambda *args, **kwargs: _sinkhorn_backward_fake(*args, **kwargs, _op="wkd.sinkhorn_triton_backward"))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels: wkd::sinkhorn_triton on every device type; also wkd::sinkhorn on CUDA in builds without the
 # CUDA C++ kernels, so that torch.ops.wkd.sinkhorn works on CUDA tensors in every build
 # ----------------------------------------------------------------------------------------------------------
-def _triton_forward(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee"):
+def _triton_forward(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, precision="ieee",
+                    _op="wkd.sinkhorn_triton"):
     from ..triton import sinkhorn as tri
 
-    check_precision(precision, "sinkhorn", "wkd.sinkhorn")
-    check_sinkhorn_args(a, b, cost, reg, num_iters, eps)  # the launchers do not check
+    check_precision(precision, "sinkhorn", _op)
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps, op=_op)  # the launchers do not check
     return tri.sinkhorn_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision)
 
 
-def _triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee"):
+def _triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, precision="ieee",
+                     _op="wkd.sinkhorn_triton_backward"):
     from ..triton import sinkhorn as tri
 
-    check_precision(precision, "sinkhorn", "wkd.sinkhorn_backward")
-    check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg)
+    check_precision(precision, "sinkhorn", _op)
+    check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg, op=_op)
     return tri.sinkhorn_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
 
 
@@ -71,10 +77,10 @@ torch.library.register_kernel("wkd::sinkhorn_triton_backward", None)(_triton_bac
 if _build.HAS_C_EXT and not _build.HAS_CUDA_EXT:
     torch.library.register_kernel("wkd::sinkhorn", "cuda")(
         lambda a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True:
-        _triton_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history))
+        _triton_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, _op="wkd.sinkhorn"))
     torch.library.register_kernel("wkd::sinkhorn_backward", "cuda")(
         lambda grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False:
-        _triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain))
+        _triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, _op="wkd.sinkhorn_backward"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """wkd::sqrtm / sqrtm_backward: scipy.linalg.sqrtm, float64 eigh reference, rank-deficient accuracy (the documented
 bounds), gradcheck, opcheck, torch.compile, the Triton kernels (Newton-Schulz, Jacobi eigh, Lyapunov) and bad input.
 
-Accuracy on rank-deficient input (what these tests pin down, documented in wkd_kernels.gaussian.sqrtm):
+Accuracy on rank-deficient input (what these tests pin down, documented in wkd_kernels.sqrtm, wkd_kernels/ops/sqrtm.py):
   newton_schulz, float32: relative error of the root <= 1e-3 (measured 2e-5 .. 2e-4), never diverges whatever
       num_iters (safeguards stop a matrix before rounding in its null space is amplified);
   newton_schulz, float64: <= 1e-6 once converged (100 steps; measured ~1e-8; 20 steps leave eigenvalues below
@@ -17,9 +17,14 @@ import torch
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
 
-from conftest import triton_device
+from conftest import assert_close, rel_error, triton_device
 
 METHODS = ("newton_schulz", "eigh")
+F32, F64 = torch.float32, torch.float64
+# {dtype: (rtol, atol)} of the root against scipy / the float64 reference (relative to max |root|), per backend family
+TOL = {F64: (1e-10, 0.0), F32: (2e-5, 0.0)}
+# Odd sizes: 1 x 1, below / across the Triton register tile, a prime
+ODD_SIZES = [1, 3, 7, 17]
 
 
 def _spd(B, n, dtype=torch.float64, seed=0, cond=None):
@@ -40,31 +45,52 @@ def _rank_deficient(B, n, r, dtype=torch.float64, seed=1):
 
 
 def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float(((a - b).flatten(-2).norm(dim=-1) / b.flatten(-2).norm(dim=-1)).max())
+    """Worst per-matrix Frobenius relative error (conftest.rel_error, mode "fro")."""
+    return rel_error(a, b, "fro")
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_matches_scipy_sqrtm(method, dtype, tol):
-    S = _spd(3, 9, dtype)
-    Y = wk.sqrtm(S, method=method, num_iters=30)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_matches_scipy_sqrtm(gaussian_backend, method, dtype):
+    rtol, atol = TOL[dtype]
+    n = 6 if gaussian_backend.interpreted else 9  # the interpreted Jacobi kernel is slow
+    S = _spd(3, n, dtype)
+    Y = wk.sqrtm(gaussian_backend.to(S), method=method, num_iters=30, backend=gaussian_backend.name)
+    assert Y.device.type == gaussian_backend.device and Y.dtype == dtype
     for i in range(3):
         expected = scipy.linalg.sqrtm(S[i].double().numpy())
-        np.testing.assert_allclose(Y[i].double().numpy(), np.real(expected), rtol=tol, atol=tol)
+        np.testing.assert_allclose(Y[i].cpu().double().numpy(), np.real(expected), rtol=rtol, atol=rtol)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_batch_shapes_and_reference(method):
+def test_batch_shapes_and_reference(gaussian_backend, method):
     S = _spd(6, 5).reshape(2, 3, 5, 5)
-    Y = wk.sqrtm(S, method=method, num_iters=30)
+    Y = wk.sqrtm(gaussian_backend.to(S), method=method, num_iters=30, backend=gaussian_backend.name).cpu()
     assert Y.shape == S.shape
     torch.testing.assert_close(Y, ref.sqrtm_reference(S), rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(Y @ Y, S, rtol=1e-10, atol=1e-10)
     # 1 x 1 and half input (computed and returned in float32)
-    s = torch.tensor([[[4.0]]], dtype=torch.float16)
-    assert wk.sqrtm(s, method=method).dtype == torch.float32
-    torch.testing.assert_close(wk.sqrtm(s, method=method), torch.tensor([[[2.0]]]))
+    s = gaussian_backend.to(torch.tensor([[[4.0]]], dtype=torch.float16))
+    assert wk.sqrtm(s, method=method, backend=gaussian_backend.name).dtype == torch.float32
+    torch.testing.assert_close(wk.sqrtm(s, method=method, backend=gaussian_backend.name).cpu(),
+                               torch.tensor([[[2.0]]]))
+
+
+@pytest.mark.parametrize("n", ODD_SIZES)
+@pytest.mark.parametrize("method", METHODS)
+def test_odd_sizes_match_reference(gaussian_backend, method, n):
+    """Odd matrix sizes (1 x 1, a prime, across the register tile), value and gradient, on every backend."""
+    if gaussian_backend.interpreted and method == "eigh" and n > 7:
+        pytest.skip("the interpreted Jacobi kernel is slow: n <= 7 here (all sizes on a GPU)")
+    S = _spd(2, n, seed=n).requires_grad_()
+    Sd = gaussian_backend.to(S.detach()).requires_grad_()
+    G = torch.randn(2, n, n, dtype=F64, generator=torch.Generator().manual_seed(n))
+    Y = wk.sqrtm(Sd, method=method, num_iters=40, backend=gaussian_backend.name)
+    (g,) = torch.autograd.grad((Y * gaussian_backend.to(G)).sum(), Sd)
+    R = ref.sqrtm_reference(S)
+    (gr,) = torch.autograd.grad((R * G).sum(), S)
+    assert_close(Y, R, 1e-10, what=f"root ({gaussian_backend}, {method}, n={n})")
+    assert_close(g, (gr + gr.mT) / 2, 1e-7, what=f"gradient ({gaussian_backend}, {method}, n={n})")
 
 
 def test_newton_schulz_convergence_with_iterations():
@@ -118,6 +144,7 @@ def test_backward_finite_on_singular_input():
 
 
 def test_opcheck():
+    """wkd::sqrtm on CPU; the Triton op in test_triton_ops_opcheck."""
     for method in METHODS:
         for S in (_spd(3, 5).requires_grad_(), _spd(2, 6, torch.float32).requires_grad_()):
             torch.library.opcheck(torch.ops.wkd.sqrtm.default, (S, method, 25))
@@ -176,18 +203,18 @@ def test_triton_newton_schulz_and_lyapunov(dtype, tol):
 
     for n in (5, 20):
         S = _spd(3, n, dtype, seed=n).to(dev)
-        Y, _ = tri.sqrtm_forward(S, "newton_schulz", 30)
+        Y, _ = tri.sqrtm_forward(S, "newton_schulz", 30, "ieee")
         R = ref.sqrtm_reference(S.cpu())
         assert _rel(Y.cpu(), R) <= tol
         G = torch.randn(3, n, n, dtype=dtype).to(dev)
-        X = tri.sqrtm_backward(G, Y, "newton_schulz", 30).cpu().double()
+        X = torch.ops.wkd.sqrtm_triton_backward(G, Y, "newton_schulz", 30, "ieee").cpu().double()
         Gs = (G + G.mT).cpu().double() / 2
         assert _rel(R @ X + X @ R, Gs) <= tol * 10
     # singular input: finite, within the float32 bound, whatever the iteration count
     S = _rank_deficient(2, 24, 7, dtype).to(dev)
-    Y, _ = tri.sqrtm_forward(S, "newton_schulz", 60)
+    Y, _ = tri.sqrtm_forward(S, "newton_schulz", 60, "ieee")
     assert torch.isfinite(Y).all() and _rel(Y.cpu(), ref.sqrtm_reference(S.cpu())) <= 1e-3
-    assert torch.isfinite(tri.sqrtm_backward(torch.ones_like(S), Y, "newton_schulz", 60)).all()
+    assert torch.isfinite(torch.ops.wkd.sqrtm_triton_backward(torch.ones_like(S), Y, "newton_schulz", 60, "ieee")).all()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
@@ -197,7 +224,7 @@ def test_triton_jacobi_eigh(dtype, tol):
 
     S = _spd(2, 6, dtype, seed=3).to(dev)
     S[1] = _rank_deficient(1, 6, 3, dtype)[0].to(dev)  # one singular matrix
-    Y, Zi = tri.sqrtm_forward(S, "eigh", 1, want_inverse=True)
+    Y, Zi = tri.sqrtm_forward(S, "eigh", 1, "ieee", want_inverse=True)
     R = ref.sqrtm_reference(S.cpu())
     assert _rel(Y[:1].cpu(), R[:1]) <= tol * 10
     # singular: eigenvalues near 0 carry ~n eps |S| of rounding, ~sqrt(n eps |S|) in the root
@@ -208,7 +235,7 @@ def test_triton_jacobi_eigh(dtype, tol):
     assert _rel(R[1] @ Zi[1] @ R[1], R[1]) <= tol_s and _rel(Zi[1] @ R[1] @ Zi[1], Zi[1]) <= tol_s
     assert float(Zi[1].norm()) < 1e3
     G = torch.randn(2, 6, 6, dtype=dtype).to(dev)
-    X = tri.sqrtm_backward(G, Y, "eigh", 1).cpu().double()
+    X = torch.ops.wkd.sqrtm_triton_backward(G, Y, "eigh", 1, "ieee").cpu().double()
     Gs = (G + G.mT).cpu().double() / 2
     assert _rel(R[0] @ X[0] + X[0] @ R[0], Gs[0]) <= tol * 10
 
@@ -218,10 +245,42 @@ def test_triton_large_matrix_fallback():
     from wkd_kernels.triton import sqrtm as tri
 
     S = _spd(1, tri.MAX_N + 3, seed=5).to(dev)  # beyond one register tile: batched torch products
-    Y, _ = tri.sqrtm_forward(S, "newton_schulz", 30)
+    Y, _ = tri.sqrtm_forward(S, "newton_schulz", 30, "ieee")
     assert _rel(Y.cpu(), ref.sqrtm_reference(S.cpu())) <= 1e-10
-    X = tri.sqrtm_backward(torch.eye(S.shape[-1], dtype=S.dtype, device=dev)[None], Y, "newton_schulz", 30)
+    X = torch.ops.wkd.sqrtm_triton_backward(torch.eye(S.shape[-1], dtype=S.dtype, device=dev)[None], Y, "newton_schulz",
+                                             30, "ieee")
     torch.testing.assert_close(X.cpu(), torch.linalg.inv(Y.cpu()) / 2, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_triton_ops_opcheck(method):
+    """torch.ops.wkd.sqrtm_triton / sqrtm_triton_backward: schema, fake kernel, autograd registration (opcheck; CPU
+    tensors under the interpreter, tiny sizes)."""
+    dev = triton_device()
+    samples = [_spd(2, 3), _spd(1, 4, torch.float32)] if method == "newton_schulz" else [_spd(1, 3)]  # Jacobi: slow
+    for S in samples:
+        torch.library.opcheck(torch.ops.wkd.sqrtm_triton.default, (S.to(dev).requires_grad_(), method, 20, "ieee"))
+    S = _spd(1 if method == "eigh" else 2, 3)
+    torch.library.opcheck(torch.ops.wkd.sqrtm_triton_backward.default,
+                          (torch.randn(S.shape, dtype=F64).to(dev), ref.sqrtm_reference(S).to(dev), method, 20, "ieee"))
+
+
+def test_triton_precision_argument():
+    """`precision` reaches the Triton kernels per call: tf32x3 stays within float32 accuracy, float64 ignores it;
+    a bad string names the argument; the CPU kernel accepts and ignores "tf32x3"."""
+    dev = triton_device()
+    S = _spd(2, 6, torch.float32, seed=4)
+    ieee = wk.sqrtm(S.to(dev), num_iters=30, backend="triton", precision="ieee").cpu()
+    x3 = wk.sqrtm(S.to(dev), num_iters=30, backend="triton", precision="tf32x3").cpu()
+    assert_close(x3, ieee, 1e-5, what="tf32x3 vs ieee")
+    S64 = S.double().to(dev)
+    assert torch.equal(torch.ops.wkd.sqrtm_triton(S64, "newton_schulz", 30, "tf32x3"),
+                       torch.ops.wkd.sqrtm_triton(S64, "newton_schulz", 30, "ieee"))
+    assert torch.equal(wk.sqrtm(S, num_iters=30, backend="cpu", precision="tf32x3"), wk.sqrtm(S, num_iters=30))
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        wk.sqrtm(S, precision="tf32")  # the Gaussian ops have no plain tf32
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        torch.ops.wkd.sqrtm_triton(S.to(dev), "newton_schulz", 30, "fp16")
 
 
 @pytest.mark.gpu

@@ -5,9 +5,15 @@ import torch.nn.functional as F
 
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
-from wkd_kernels.gaussian import cell_bounds
+from wkd_kernels.ops.checks import cell_bounds
 
-from conftest import triton_device
+from conftest import assert_close, triton_device
+
+F32, F64 = torch.float32, torch.float64
+# {dtype: (rtol, atol)} of mean / variance against the float64 reference (relative to max |reference|)
+TOL = {F64: (1e-11, 0.0), F32: (2e-5, 0.0)}
+# Odd maps [N, C, H, W] and grids: 1 channel, 2 positions per cell, non-square, overlapping cells
+ODD_SHAPES = [((1, 1, 2, 2), 1), ((2, 3, 7, 5), 3), ((1, 4, 3, 9), 2), ((2, 2, 5, 5), 4)]
 
 torch.manual_seed(0)
 
@@ -42,6 +48,39 @@ def test_cpu_matches_reference_float64(grid, full, unbiased):
     assert mean.shape == (3, grid * grid, 5) and var.shape == ((3, grid * grid, 5, 5) if full else (3, grid * grid, 5))
     torch.testing.assert_close(mean, mr, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, vr, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape,grid", ODD_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_matches_reference_on_every_backend(gaussian_backend, shape, grid, covariance, dtype):
+    """Mean, variance / covariance and the gradient w.r.t. x through the public API on every backend, odd shapes."""
+    x = _x(shape, dtype, seed=sum(shape))
+    full = covariance == "full"
+    unbiased = (shape[2] // grid) * (shape[3] // grid) > 1
+    xd = gaussian_backend.to(x).requires_grad_()
+    m, v = wk.feature_stats(xd, grid, covariance, unbiased, backend=gaussian_backend.name)
+    assert m.device.type == gaussian_backend.device and m.dtype == dtype
+    xr = x.double().requires_grad_()
+    mr, vr = ref.feature_stats_reference(xr, grid, full, unbiased)
+    if grid == 1:
+        mr, vr = mr.squeeze(1), vr.squeeze(1)
+    rtol, atol = TOL[dtype]
+    assert_close(m, mr, rtol, atol, f"mean ({gaussian_backend})")
+    assert_close(v, vr, rtol, atol, f"var ({gaussian_backend})")
+    gm = torch.randn(mr.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    gv = torch.randn(vr.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    (gx,) = torch.autograd.grad((m * gaussian_backend.to(gm.to(dtype))).sum() + (v * gaussian_backend.to(gv.to(dtype))).sum(), xd)
+    (gr,) = torch.autograd.grad((mr * gm).sum() + (vr * gv).sum(), xr)
+    assert_close(gx, gr, 10 * rtol, atol, f"grad x ({gaussian_backend})")
+
+
+def test_backend_argument_errors():
+    x = _x((1, 2, 3, 3))
+    with pytest.raises(ValueError, match="backend='cuda'.*CPU tensors"):
+        wk.feature_stats(x, backend="cuda")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        wk.feature_stats(x, backend="triton-cpu")
 
 
 def test_public_shapes_and_torch_var():
@@ -157,18 +196,18 @@ def test_bad_input_errors():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_triton_forward_backward(dtype, tol):
+    """The Triton ops torch.ops.wkd.feature_stats_triton / _backward against the float64 reference."""
     dev = triton_device()
-    from wkd_kernels.triton import feature_stats as tri
-
     x = _x((2, 5, 7, 6), dtype).to(dev)
     for grid, full, unbiased in ((1, False, True), (3, False, False), (1, True, True), (3, True, True)):
-        mean, var = tri.feature_stats_forward(x, grid, full, unbiased)
+        mean, var = torch.ops.wkd.feature_stats_triton(x, grid, full, unbiased)
         mr, vr = ref.feature_stats_reference(x.cpu(), grid, full, unbiased)
         torch.testing.assert_close(mean.cpu().double(), mr, rtol=tol, atol=tol)
         torch.testing.assert_close(var.cpu().double(), vr, rtol=tol, atol=tol * 10)
         gm = torch.randn(mean.shape, dtype=torch.float64)
         gv = torch.randn(var.shape, dtype=torch.float64)
-        gx = tri.feature_stats_backward(gm.to(dev, mean.dtype), gv.to(dev, var.dtype), x, mean, grid, full, unbiased)
+        gx = torch.ops.wkd.feature_stats_triton_backward(gm.to(dev, mean.dtype), gv.to(dev, var.dtype), x, mean, grid,
+                                                         full, unbiased)
         xr = x.cpu().double().requires_grad_()
         mr, vr = ref.feature_stats_reference(xr, grid, full, unbiased)
         gr = torch.autograd.grad((mr * gm).sum() + (vr * gv).sum(), xr)[0]
@@ -177,17 +216,28 @@ def test_triton_forward_backward(dtype, tol):
 
 def test_triton_half_input_and_chunked_cells():
     dev = triton_device()
-    from wkd_kernels.triton import feature_stats as tri
-
     # 20 x 18 map on grid 1: one cell of 360 positions, streamed in chunks of 256 (Chan merge)
     x = _x((1, 3, 20, 18), torch.bfloat16).to(dev)
-    mean, var = tri.feature_stats_forward(x, 1, False, True)
+    mean, var = torch.ops.wkd.feature_stats_triton(x, 1, False, True)
     assert mean.dtype == torch.float32
     mr, vr = ref.feature_stats_reference(x.cpu(), 1, False, True)
     torch.testing.assert_close(mean.cpu().double(), mr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.cpu().double(), vr, rtol=1e-5, atol=1e-5)
-    gx = tri.feature_stats_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, 1, False, True)
+    gx = torch.ops.wkd.feature_stats_triton_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, 1, False, True)
     assert gx.dtype == torch.bfloat16 and torch.isfinite(gx.float()).all()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_triton_ops_opcheck(full):
+    """torch.ops.wkd.feature_stats_triton and its backward op: schema, fake kernel, autograd (opcheck; CPU tensors
+    under the interpreter, tiny sizes)."""
+    dev = triton_device()
+    x = _x((2, 3, 4, 4)).to(dev).requires_grad_()
+    torch.library.opcheck(torch.ops.wkd.feature_stats_triton.default, (x, 2, full, True))
+    xd = x.detach()
+    mean, var = torch.ops.wkd.feature_stats_triton(xd, 2, full, True)
+    torch.library.opcheck(torch.ops.wkd.feature_stats_triton_backward.default,
+                          (torch.randn_like(mean), torch.randn_like(var), xd, mean, 2, full, True))
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""wkd::bures_wasserstein (+ backward) and wkd::nuclear_norm: POT (torch backend, float64; POT returns the unsquared
+"""wkd::bures_wasserstein (+ backward): POT (torch backend, float64; POT returns the unsquared
 distance), float64 references, gradcheck, opcheck, torch.compile, the Triton kernels, bad input."""
 import pytest
 import torch
@@ -6,10 +6,14 @@ import torch
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
 
-from conftest import import_pot, triton_device
+from conftest import assert_close, import_pot, triton_device
 
 
 METHODS = ("newton_schulz", "eigh")
+F32, F64 = torch.float32, torch.float64
+# {dtype: (rtol, atol)} of W^2 against POT / the float64 reference (relative to the distance per sample)
+TOL = {F64: (1e-9, 1e-9), F32: (1e-5, 0.0)}
+ODD_SIZES = [1, 2, 5, 13]
 
 
 def _gauss(B, n, dtype=torch.float64, seed=0, rank=None):
@@ -28,9 +32,10 @@ def _gauss(B, n, dtype=torch.float64, seed=0, rank=None):
 # bures_wasserstein
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
-def test_matches_pot_full_rank(method):
-    mu1, S1, mu2, S2 = _gauss(5, 7)
-    w2 = wk.bures_wasserstein(mu1, S1, mu2, S2, method=method, num_iters=40)
+def test_matches_pot_full_rank(gaussian_backend, method):
+    mu1, S1, mu2, S2 = _gauss(3, 5) if gaussian_backend.interpreted and method == "eigh" else _gauss(5, 7)
+    w2 = wk.bures_wasserstein(*gaussian_backend.to(mu1, S1, mu2, S2), method=method, num_iters=40,
+                              backend=gaussian_backend.name).cpu()
     pot = import_pot().gaussian.bures_wasserstein_distance(mu1, mu2, S1, S2, paired=True)  # unsquared, torch backend
     assert isinstance(pot, torch.Tensor) and pot.dtype == torch.float64
     torch.testing.assert_close(w2, pot.square(), rtol=1e-9, atol=1e-9)
@@ -38,14 +43,34 @@ def test_matches_pot_full_rank(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_float32_accuracy_and_batch_shape(method):
-    mu1, S1, mu2, S2 = _gauss(6, 16, torch.float32, seed=1)
+def test_float32_accuracy_and_batch_shape(gaussian_backend, method):
+    n = (4 if method == "eigh" else 8) if gaussian_backend.interpreted else 16  # the interpreted Jacobi is slow
+    mu1, S1, mu2, S2 = _gauss(6, n, torch.float32, seed=1)
     shape = (2, 3)
-    w2 = wk.bures_wasserstein(mu1.view(*shape, 16), S1.view(*shape, 16, 16), mu2.view(*shape, 16),
-                              S2.view(*shape, 16, 16), method=method)
-    assert w2.shape == shape and w2.dtype == torch.float32
+    w2 = wk.bures_wasserstein(*gaussian_backend.to(mu1.view(*shape, n), S1.view(*shape, n, n), mu2.view(*shape, n),
+                                                   S2.view(*shape, n, n)), method=method, backend=gaussian_backend.name)
+    assert w2.shape == shape and w2.dtype == torch.float32 and w2.device.type == gaussian_backend.device
     expected = ref.bures_wasserstein_reference(mu1, S1, mu2, S2).view(shape)
-    assert float(((w2.double() - expected).abs() / expected).max()) <= 1e-5
+    assert_close(w2, expected, *TOL[F32], what=f"float32 W^2 ({gaussian_backend}, {method})", mode="entry")
+
+
+@pytest.mark.parametrize("n", ODD_SIZES)
+@pytest.mark.parametrize("method", METHODS)
+def test_odd_sizes_value_and_gradient(gaussian_backend, method, n):
+    """Odd dimensions (1, 2, a prime) on every backend: W^2 and all four gradients vs autograd through the
+    float64 reference."""
+    if gaussian_backend.interpreted and method == "eigh" and n > 5:
+        pytest.skip("the interpreted Jacobi kernel is slow: n <= 5 here (all sizes on a GPU)")
+    args = [t.requires_grad_() for t in _gauss(2, n, seed=20 + n)]
+    dargs = [gaussian_backend.to(t.detach()).requires_grad_() for t in args]
+    w2 = wk.bures_wasserstein(*dargs, method=method, num_iters=40, backend=gaussian_backend.name)
+    g = torch.autograd.grad(w2.sum(), dargs)
+    w2r = ref.bures_wasserstein_reference(*args)
+    gr = torch.autograd.grad(w2r.sum(), args)
+    assert_close(w2, w2r, *TOL[F64], what=f"W^2 ({gaussian_backend}, {method}, n={n})", mode="entry")
+    for name, a, b in zip(("mu1", "S1", "mu2", "S2"), g, gr):
+        b = (b + b.mT) / 2 if b.dim() == 3 else b
+        assert_close(a, b, 1e-7, 1e-7, what=f"grad {name} ({gaussian_backend}, {method}, n={n})")
 
 
 def test_rank_deficient_covariances():
@@ -84,6 +109,7 @@ def test_backward_matches_reference(method):
 
 
 def test_opcheck():
+    """wkd::bures_wasserstein on CPU; the Triton op in test_triton_ops_opcheck."""
     for method in METHODS:
         args = [t.requires_grad_() for t in _gauss(2, 5, seed=5)]
         torch.library.opcheck(torch.ops.wkd.bures_wasserstein.default, (*args, method, 25))
@@ -129,77 +155,20 @@ def test_bad_input_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# nuclear_norm
-# ---------------------------------------------------------------------------------------------------------------
-def test_nuclear_norm_value_and_polar_gradient():
-    g = torch.Generator().manual_seed(8)
-    M = torch.randn(4, 6, 5, generator=g, dtype=torch.float64) + 2 * torch.eye(6, 5, dtype=torch.float64)
-    M.requires_grad_()
-    v = wk.nuclear_norm(M, num_iters=40)
-    torch.testing.assert_close(v, ref.nuclear_norm_reference(M), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(v, torch.linalg.matrix_norm(M, ord="nuc"), rtol=1e-12, atol=1e-12)
-    (gm,) = torch.autograd.grad(v.sum(), M)
-    U, _, Vh = torch.linalg.svd(M.detach(), full_matrices=False)
-    torch.testing.assert_close(gm, U @ Vh, rtol=1e-10, atol=1e-10)
-    torch.autograd.gradcheck(lambda A: wk.nuclear_norm(A, num_iters=40), (M,))
-
-
-def test_nuclear_norm_rank_deficient_and_float32():
-    g = torch.Generator().manual_seed(9)
-    A = torch.randn(3, 7, 3, generator=g, dtype=torch.float64)
-    M = (A @ torch.randn(3, 3, 7, generator=g, dtype=torch.float64)).requires_grad_()  # rank 3 of 7
-    v = wk.nuclear_norm(M, num_iters=40)
-    torch.testing.assert_close(v, ref.nuclear_norm_reference(M), rtol=1e-10, atol=1e-10)
-    (gm,) = torch.autograd.grad(v.sum(), M)
-    assert float(torch.linalg.matrix_norm(gm, ord=2).max()) <= 1 + 1e-6  # a subgradient: spectral norm <= 1
-    v32 = wk.nuclear_norm(M.detach().float())
-    assert float(((v32.double() - v.detach()) / v.detach()).abs().max()) <= 1e-5
-
-
-def test_nuclear_norm_opcheck_and_errors():
-    M = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.wkd.nuclear_norm.default, (M, 20))
-    with pytest.raises(ValueError, match="`num_iters`"):
-        torch.ops.wkd.nuclear_norm(M.detach(), 0)
-    with pytest.raises(ValueError, match="3-D"):
-        torch.ops.wkd.nuclear_norm(M.detach()[0], 20)
-    bad = M.detach().clone()
-    bad[0, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="`M` contains non-finite"):
-        wk.nuclear_norm(bad)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_triton_nuclear_norm(dtype, tol):
-    dev = triton_device()
-    from wkd_kernels.triton import nuclear_norm as tri
-
-    g = torch.Generator().manual_seed(10)
-    M = (torch.randn(3, 9, 5, generator=g, dtype=torch.float64) + torch.eye(9, 5, dtype=torch.float64)).to(dtype)
-    v, Q = tri.nuclear_norm_forward(M.to(dev), 40)
-    vr = ref.nuclear_norm_reference(M)
-    assert float(((v.cpu().double() - vr) / vr).abs().max()) <= tol
-    U, _, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    torch.testing.assert_close(Q.cpu().double(), U @ Vh, rtol=tol * 100, atol=tol * 100)
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_triton_bures_newton_schulz(dtype, tol):
     dev = triton_device()
-    from wkd_kernels.triton import bures_wasserstein as tri
-
     mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(3, 6, dtype, seed=11))
-    w2, R1, R2, Q = tri.bures_wasserstein_forward(mu1, S1, mu2, S2, "newton_schulz", 40)
+    w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, "newton_schulz", 40, "ieee")
     cpu = torch.ops.wkd.bures_wasserstein(*(t.cpu() for t in (mu1, S1, mu2, S2)), "newton_schulz", 40)
     expected = ref.bures_wasserstein_reference(*(t.cpu() for t in (mu1, S1, mu2, S2)))
     assert float(((w2.cpu().double() - expected) / expected).abs().max()) <= tol
     for a, b in zip((R1, R2, Q), cpu[1:]):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
     grad = torch.ones(3, dtype=dtype, device=dev)
-    gt = tri.bures_wasserstein_backward(grad, mu1, mu2, R1, R2, Q, "newton_schulz", 40)
+    gt = torch.ops.wkd.bures_wasserstein_triton_backward(grad, mu1, mu2, R1, R2, Q, "newton_schulz", 40, "ieee")
     gc = torch.ops.wkd.bures_wasserstein_backward(grad.cpu(), mu1.cpu(), mu2.cpu(), *cpu[1:], "newton_schulz", 40)
     for a, b in zip(gt, gc):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
@@ -207,18 +176,45 @@ def test_triton_bures_newton_schulz(dtype, tol):
 
 def test_triton_bures_eigh():
     dev = triton_device()
-    from wkd_kernels.triton import bures_wasserstein as tri
-
     mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(1, 5, seed=12))
-    w2, R1, R2, Q = tri.bures_wasserstein_forward(mu1, S1, mu2, S2, "eigh", 1)
+    w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, "eigh", 1, "ieee")
     expected = ref.bures_wasserstein_reference(*(t.cpu() for t in (mu1, S1, mu2, S2)))
     torch.testing.assert_close(w2.cpu(), expected, rtol=1e-10, atol=1e-10)
-    gt = tri.bures_wasserstein_backward(torch.ones(1, dtype=torch.float64, device=dev), mu1, mu2, R1, R2, Q, "eigh", 1)
+    gt = torch.ops.wkd.bures_wasserstein_triton_backward(torch.ones(1, dtype=torch.float64, device=dev), mu1, mu2, R1,
+                                                         R2, Q, "eigh", 1, "ieee")
     args = [t.cpu().requires_grad_() for t in (mu1, S1, mu2, S2)]
     gr = torch.autograd.grad(ref.bures_wasserstein_reference(*args).sum(), args)
     for a, b in zip(gt, gr):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_triton_ops_opcheck(method):
+    """torch.ops.wkd.bures_wasserstein_triton and its backward op: schema, fake kernel, autograd registration
+    (opcheck; CPU tensors under the interpreter, tiny sizes)."""
+    dev = triton_device()
+    B, n = (1, 2) if method == "eigh" else (2, 3)  # the interpreted Jacobi kernel is slow
+    args = [t.to(dev).requires_grad_() for t in _gauss(B, n, seed=14)]
+    torch.library.opcheck(torch.ops.wkd.bures_wasserstein_triton.default, (*args, method, 20, "ieee"))
+    mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(B, n, seed=15))
+    _, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, method, 20, "ieee")
+    torch.library.opcheck(torch.ops.wkd.bures_wasserstein_triton_backward.default,
+                          (torch.ones(B, dtype=F64, device=dev), mu1, mu2, R1, R2, Q, method, 20, "ieee"))
+
+
+def test_backend_and_precision_arguments():
+    """backend="cuda" on CPU tensors is a clear error (and there is no CUDA C++ Bures kernel); a bad precision
+    names the argument; the CPU kernel accepts and ignores precision="tf32x3"."""
+    mu1, S1, mu2, S2 = _gauss(2, 4, seed=16)
+    with pytest.raises(ValueError, match="backend='cuda'.*CPU tensors"):
+        wk.bures_wasserstein(mu1, S1, mu2, S2, backend="cuda")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        wk.bures_wasserstein(mu1, S1, mu2, S2, backend="gpu")
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        wk.bures_wasserstein(mu1, S1, mu2, S2, precision="bf16")
+    assert torch.equal(wk.bures_wasserstein(mu1, S1, mu2, S2, backend="cpu", precision="tf32x3"),
+                       wk.bures_wasserstein(mu1, S1, mu2, S2))
 
 
 @pytest.mark.gpu
