@@ -761,7 +761,7 @@ def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ONCHIP_MAX_C = 256
 
 # Launch configuration per dtype and domain: (BLOCK_B, BLOCK_N, BLOCK_K, num_warps). UNTUNED: sized from the sm_90
-# ptxas register / spill reports only (`python python_tests/test_sinkhorn_onchip.py --compile` prints them; with
+# ptxas register / spill reports only (measured when these kernels were written; with
 # these values, sm_90: forward 96-230 registers, backward 128-234, spills 0-32 bytes, over all 36 variants); no GPU
 # has timed these kernels yet -- tune here. Scaling domain (tl.dot): powers of two >= 16; log domain: powers of two
 # (register tile BLOCK_B x BLOCK_K x BLOCK_N). BLOCK_B = 16 gives B / 16 programs: 16 at B = 256, a fraction of an
