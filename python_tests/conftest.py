@@ -7,10 +7,16 @@ import dataclasses
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# A private Inductor cache per test session: Inductor's on-disk FX graph cache does not key on a custom op's fake
+# kernel, so a graph compiled against an older schema of wkd::sinkhorn (e.g. before its outputs changed) would be
+# reused from the shared default cache and fail ("expected size 10==11"). Set before torch._inductor is imported.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="wkd_tests_inductor_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
