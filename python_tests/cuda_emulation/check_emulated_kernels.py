@@ -12,26 +12,15 @@ failing cases, or "EMULATION OK"; exits 1 on a failure.
 Run by python_tests/test_sinkhorn.py::test_kernels_under_host_emulation.
 """
 import itertools
-import os
 import sys
-from pathlib import Path
 
 import torch
-import torch.utils.cpp_extension as ce
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "python_tests"))
-import wkd_kernels  # noqa: E402,F401  (torch.ops.wkd.*: the CPU op compared with)
+import emulator  # this directory (the script's own) is on sys.path; it puts the repository there too
 from conftest import simplex  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
 
-bdir = sys.argv[1]
-os.makedirs(bdir, exist_ok=True)
-ce.load(name="wkd_cuda_emu", sources=[str(HERE / "emu_sinkhorn_cuda.cpp")], build_directory=bdir,
-        extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, with_cuda=False)
-emu, cpu_ops = torch.ops.wkd_cuda_emu, torch.ops.wkd
+emu, cpu_ops = emulator.load(sys.argv[1])
 # Every shape below has a shared cost with n, m <= 256, which the size rule sends to the single-launch kernels;
 # this program checks today's per-half-iteration and per-row kernels, so it turns those off (they are checked by
 # check_small_c_kernels.py).

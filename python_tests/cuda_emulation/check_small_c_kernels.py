@@ -21,24 +21,14 @@ Run by python_tests/test_sinkhorn.py::test_single_launch_kernels_under_host_emul
 import itertools
 import os
 import sys
-from pathlib import Path
 
 import torch
-import torch.utils.cpp_extension as ce
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "python_tests"))
-import wkd_kernels  # noqa: E402,F401  (torch.ops.wkd.*: the CPU op compared with)
+import emulator  # this directory (the script's own) is on sys.path; it puts the repository there too
 from conftest import simplex  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
 
-bdir = sys.argv[1]
-os.makedirs(bdir, exist_ok=True)
-ce.load(name="wkd_cuda_emu", sources=[str(HERE / "emu_sinkhorn_cuda.cpp")], build_directory=bdir,
-        extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, with_cuda=False)
-emu, cpu_ops = torch.ops.wkd_cuda_emu, torch.ops.wkd
+emu, cpu_ops = emulator.load(sys.argv[1])
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F32: 1e-5, F64: 1e-10}
