@@ -1352,6 +1352,17 @@ def test_onchip_rectangular_multi_program(dev, dtype, log_domain):
     oc_check(a, b, cost, 0.07, 4, 1e-8, log_domain, dev)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("config", sk.ONCHIP_CONFIG_CANDIDATES if sk is not None else [],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_onchip_config_candidates(dev, monkeypatch, config, dtype):
+    """Every scaling-domain configuration the GPU sweep may pick (tl.dot for BLOCK_B >= 16, broadcast products below)
+    gives the reference results: rectangular, ragged tiles and a ragged last program, zero-mass entries."""
+    monkeypatch.setitem(sk.ONCHIP_CONFIG, dtype, {**sk.ONCHIP_CONFIG[dtype], "scaling": config})
+    a, b, cost = oc_problem(19, 45, 23, dtype, zeros_a=3, zeros_b=2, seed=6)
+    oc_check(a, b, cost, 0.07, 3, 1e-8, False, dev)
+
+
 @pytest.mark.parametrize("dtype,log_domain", [(F32, False), (F64, True)], ids=["f32-scaling", "f64-log"])
 def test_onchip_default_config_c100(dev, dtype, log_domain):
     """The default ONCHIP_CONFIG tiles at C = 100 (ragged last tiles in both dimensions)."""

@@ -26,7 +26,6 @@ import inspect
 import os
 import sys
 import time
-import traceback
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("triton_compile_matrix: unset TRITON_INTERPRET (the launchers must record launches, not interpret them)")
@@ -136,7 +135,8 @@ def drive_sinkhorn():
 def drive_sinkhorn_onchip(sizes=(100,)):
     """Every launch configuration of the single-launch (on-chip) Sinkhorn launchers: both dtypes, every fp32
     precision (scaling domain), both domains, eps = 0 and > 0 (log domain), with and without history, the K buffer
-    on and off, at the given n = m (the variants do not depend on the size)."""
+    on and off, at the given n = m (the variants do not depend on the size); plus every scaling-domain
+    configuration of ONCHIP_CONFIG_CANDIDATES (both dtypes, "ieee", forward with history and backward)."""
     from wkd_kernels.triton import sinkhorn as sk
 
     saved = dict(sk.ONCHIP_K_BUFFER)
@@ -156,6 +156,22 @@ def drive_sinkhorn_onchip(sizes=(100,)):
                                 sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, False, prec)
                                 out = sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, True, prec)
                                 sk.sinkhorn_backward_onchip(g, a, a, cost, *out[3:], 0.05, log_domain, prec)
+        # every scaling-domain configuration bench/gpu_quick.py --sweep-onchip may time (tl.dot and broadcast
+        # products), K on the fly, "ieee"
+        saved_config = {dt: dict(cfg) for dt, cfg in sk.ONCHIP_CONFIG.items()}
+        sk.ONCHIP_K_BUFFER.update({dt: False for dt in sk.ONCHIP_K_BUFFER})
+        try:
+            for config in sk.ONCHIP_CONFIG_CANDIDATES:
+                for dt in (torch.float32, torch.float64):
+                    sk.ONCHIP_CONFIG[dt]["scaling"] = config
+                    a = torch.full((B, sizes[0]), 1.0 / sizes[0], dtype=dt)
+                    cost = torch.rand(sizes[0], sizes[0], dtype=dt)
+                    out = sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, 0.0, False, True, "ieee")
+                    sk.sinkhorn_backward_onchip(torch.ones(B, dtype=dt), a, a, cost, *out[3:], 0.05, False, "ieee")
+        finally:
+            for dt, cfg in saved_config.items():
+                sk.ONCHIP_CONFIG[dt].clear()
+                sk.ONCHIP_CONFIG[dt].update(cfg)
     finally:
         sk.ONCHIP_K_BUFFER.clear()
         sk.ONCHIP_K_BUFFER.update(saved)
@@ -190,6 +206,97 @@ def drive_gaussian():
             for full in (False, True):
                 mean, var = fs.feature_stats_forward(x, grid, full, True)
                 fs.feature_stats_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, grid, full, True)
+
+
+# ------------------------------------------------------------------------------------------------ load widths
+def compile_as_launched(fn: JITFunction, args, kwargs, arch: int) -> str:
+    """The PTX of one recorded launch compiled for sm_<arch> with the specialisations a real launch adds (unlike the
+    matrix above): pointer arguments 16-byte aligned (torch allocations are; asserted), integer arguments equal to 1
+    as constexprs, integers divisible by 16 with the tt.divisibility = 16 attribute -- what lets Triton prove
+    alignment and emit vector loads. Triton >= 3.3 (ASTSource with constexprs and attrs)."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _LAUNCH_OPTIONS}
+    kwargs.pop("debug", None)
+    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        value = bound.arguments[p.name]
+        if p.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            assert value.data_ptr() % 16 == 0, (fn.__name__, p.name)
+            signature[p.name] = "*" + _TORCH_TO_TRITON[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[p.name] = _scalar_type(value)
+            if isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+
+
+def async_copy_widths(ptx: str) -> collections.Counter:
+    """Bytes per cp.async (global -> shared copies: the k-loop operand loads of the tl.dot kernels) -> count."""
+    import re
+
+    pattern = r"cp\.async\.c[ag]\.shared\.global[^\[]*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+    return collections.Counter(int(w, 0) for w in re.findall(pattern, ptx))
+
+
+def check_dot_kernel_load_widths(arch: int = 90, sizes=((1000, 999), (1024, 1024))) -> list:
+    """Padded leading dimensions (issue 13 item 2): the Sinkhorn tl.dot kernels at n, m = 1000, 999 (not multiples of
+    16, as ImageNet's C and C - 1) must copy their k-loop operands with the same cp.async widths as at n = m = 1024,
+    where every row is 16-byte aligned -- i.e. the padding of K, K∘C and the scaling work buffers turns the 4-byte
+    copies into 16-byte ones. Compared per kernel variant, every dtype and fp32 precision, forward and backward,
+    except the backward's first S-side step (it also reads u_T = a / r_T from the unpadded inputs, once per call).
+    Returns the mismatches (empty when the property holds); prints one line per variant."""
+    from wkd_kernels.triton import sinkhorn as sk
+
+    B, T = 64, 3
+    widths: dict = {}
+    saved = sk.ONCHIP_MAX_C
+    sk.ONCHIP_MAX_C = 0
+    try:
+        for n, m in sizes:
+            for dt in (torch.float32, torch.float64):
+                for prec in (sk.FP32_PRECISIONS if dt == torch.float32 else ("ieee",)):
+                    a = torch.full((B, n), 1.0 / n, dtype=dt)
+                    b = torch.full((B, m), 1.0 / m, dtype=dt)
+                    cost = torch.rand(n, m, dtype=dt)
+                    hist = (torch.empty(T, B, n, dtype=dt), torch.empty(T, B, m, dtype=dt), torch.empty(B, n, dtype=dt))
+                    launches = []
+                    orig = JITFunction.run
+                    JITFunction.run = lambda fn, *args, grid=None, warmup=False, **kw: launches.append((fn, args, kw))
+                    try:
+                        sk.sinkhorn_forward(a, b, cost, 0.05, T, 0.0, False, True, prec)
+                        sk.sinkhorn_backward(torch.ones(B, dtype=dt), a, b, cost, *hist, 0.05, False, prec)
+                    finally:
+                        JITFunction.run = orig
+                    for fn, args, kw in launches:
+                        if fn.__name__ not in ("_sinkhorn_fwd_dot_kernel", "_sinkhorn_bwd_dot_kernel") or kw.get("FIRST"):
+                            continue
+                        flags = tuple(sorted((k, v) for k, v in kw.items() if k in ("FINAL", "SIDE_S", "STORE_OUT")))
+                        role = (fn.__name__, str(dt).replace("torch.", ""), prec, flags)
+                        if (n, m, role) not in widths:
+                            widths[(n, m, role)] = async_copy_widths(compile_as_launched(fn, args, kw, arch))
+    finally:
+        sk.ONCHIP_MAX_C = saved
+    (n0, m0), (n1, m1) = sizes
+    problems = []
+    for (n, m, role), w in sorted(widths.items(), key=repr):
+        if (n, m) != (n0, m0):
+            continue
+        # STORE_OUT (padded sizes only) changes no load; compare with the aligned variant without it
+        aligned_role = role[:3] + (tuple((k, False if k == "STORE_OUT" else v) for k, v in role[3]),)
+        ref = widths.get((n1, m1, aligned_role))
+        line = f"{role[0]} {role[1]} {role[2]} {dict(role[3])}: cp.async bytes at {n}x{m} {dict(sorted(w.items()))}"
+        line += f", at {n1}x{m1} {dict(sorted(ref.items())) if ref else None}"
+        print(line)
+        if ref is None or w != ref or not w:
+            problems.append(line)
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------ compiling
@@ -231,8 +338,16 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("sinkhorn", "gaussian"), default=None, help="one kernel family (default: all)")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                     help="parallel compile processes (default: min(4, CPUs))")
+    ap.add_argument("--check-load-widths", action="store_true",
+                    help="instead: check that the padded Sinkhorn tl.dot kernels copy their operands with 16-byte "
+                         "loads at C = 1000 (check_dot_kernel_load_widths, sm_90)")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
+    if args.check_load_widths:
+        print(f"triton {triton.__version__}")
+        problems = check_dot_kernel_load_widths(90)
+        print(f"load widths: {len(problems)} mismatches")
+        return 1 if problems else 0
 
     t0 = time.time()
     rec = Recorder()

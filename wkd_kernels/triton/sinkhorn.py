@@ -10,12 +10,18 @@ inputs contiguous.
 
 Kernel structure (one launch per half-iteration, epilogues fused):
 
-* shared cost [n, m], scaling domain (the WKD-L case): K = exp(-cost/reg) is built once per call into an
-  [n, m] buffer; each half-iteration is ``_sinkhorn_fwd_dot_kernel``: a tiled product of the [B, n] (or [B, m])
-  scaling block with K (or K^T, by strides) over BLOCK_B x BLOCK_K by BLOCK_K x BLOCK_N ``tl.dot`` tiles, with
-  +eps, the division b/s (a/r), the stores of v (u) and of the history slot fused into the epilogue. The last
-  r-half also accumulates y = (K∘cost) v_T in the same k-loop and writes per-tile partial sums of u_T * y.
-  The backward uses ``_sinkhorn_bwd_dot_kernel`` the same way (the first step also computes (K∘C)^T u_T).
+* shared cost [n, m], scaling domain (the WKD-L case), n or m > ONCHIP_MAX_C: K = exp(-cost/reg) and K∘cost are
+  built once per call (``_sinkhorn_kpad_kernel``) into zero-padded [n_pad, m_pad] buffers, n_pad and m_pad = n, m
+  rounded up to 16; each half-iteration is ``_sinkhorn_fwd_dot_kernel``: a tiled product of the [B, n_pad] (or
+  [B, m_pad]) scaling work buffer with K (or K^T, by strides) over BLOCK_B x BLOCK_K by BLOCK_K x BLOCK_N
+  ``tl.dot`` tiles, with +eps, the division b/s (a/r), the stores of v (u) and of the history slot fused into the
+  epilogue. The last r-half also accumulates y = (K∘cost) v_T in the same k-loop and writes per-tile partial sums
+  of u_T * y. The backward uses ``_sinkhorn_bwd_dot_kernel`` the same way (the first step also computes
+  (K∘C)^T u_T). Padding: with every leading dimension and mask bound a multiple of 16, Triton proves 16-byte
+  alignment, so the k-loop copies its operands with 16-byte cp.async instead of 4-byte ones at C = 1000
+  (python_tests/triton_compile_matrix.py --check-load-widths, for sm_90); the padding is zero and adds nothing.
+  The work buffers are the u / v outputs themselves when n, m are multiples of 16; otherwise the last iteration
+  also writes the outputs.
 * log domain (shared cost: L = -cost/reg built once; per-row cost: computed on the fly) and per-row cost
   [B, n, m] in the scaling domain (K computed on the fly from the user's cost): ``_sinkhorn_fwd_rows_kernel`` /
   ``_sinkhorn_bwd_rows_kernel``, one program per (row, BLOCK_N outputs), looping over the reduced dimension
@@ -193,8 +199,28 @@ def _sinkhorn_kmat_kernel(cost_ptr, out_ptr, numel, reg_hi, reg_lo, LOG: tl.cons
 
 
 @triton.jit
-def _sinkhorn_fwd_init_kernel(a_ptr, u_ptr, n, LOG: tl.constexpr, ACCURATE: tl.constexpr, BLOCK: tl.constexpr):
-    """u0 = 1/|supp a| on supp(a), 0 elsewhere (log: -log|supp a|, -inf), one program per row."""
+def _sinkhorn_kpad_kernel(cost_ptr, k_ptr, kc_ptr, n, m, ld, numel, reg_hi, reg_lo, ACCURATE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """K = exp(-cost / reg) and K∘cost of a shared [n, m] cost into two zero-padded [n_pad, ld] buffers (numel =
+    n_pad * ld; n_pad, ld: n, m rounded up to 16): the rows and columns past n, m hold 0."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    i = offs // ld
+    j = offs % ld
+    valid = mask & (i < n) & (j < m)
+    c = tl.load(cost_ptr + i * m + j, mask=valid, other=0.0)
+    reg = _scalar(reg_hi, reg_lo, c.dtype)
+    k = tl.where(valid, _exp(-_div(c, reg), ACCURATE), 0.0)
+    tl.store(k_ptr + offs, k, mask=mask)
+    tl.store(kc_ptr + offs, k * c, mask=mask)
+
+
+@triton.jit
+def _sinkhorn_fwd_init_kernel(a_ptr, u_ptr, n, ld_u, LOG: tl.constexpr, ACCURATE: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    """u0 = 1/|supp a| on supp(a), 0 elsewhere (log: -log|supp a|, -inf), one program per row; u has row stride
+    ld_u >= n (a padded work buffer: its columns n..ld_u-1 are set to 0)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * n
     cnt = tl.zeros([BLOCK], dtype=tl.int32)
@@ -210,28 +236,35 @@ def _sinkhorn_fwd_init_kernel(a_ptr, u_ptr, n, LOG: tl.constexpr, ACCURATE: tl.c
     else:
         val = _div(tl.full([], 1.0, DT), total)
         zero = 0.0
-    for k0 in range(0, n, BLOCK):
+    for k0 in range(0, ld_u, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < n
         a = tl.load(a_ptr + base + offs, mask=mask, other=0.0)
-        tl.store(u_ptr + base + offs, tl.where(a > 0, val, zero).to(DT), mask=mask)
+        u0 = tl.where(a > 0, val, zero)
+        tl.store(u_ptr + row * ld_u + offs, tl.where(mask, u0, 0.0).to(DT), mask=offs < ld_u)
 
 
 @triton.jit
 def _sinkhorn_fwd_dot_kernel(
-    x_ptr,  # [B, KD] scaling multiplied by K: u (s-half) or v (r-half)
-    kmat_ptr,  # K [n, m], read as [KD, ND] through (stride_mk, stride_mn)
-    cost_ptr,  # cost [n, m], same strides (FINAL)
+    x_ptr,  # [B, KP] work buffer multiplied by K: u (s-half) or v (r-half); columns >= the true size hold 0
+    kmat_ptr,  # K, zero-padded [n_pad, m_pad], read as [KP, NP] through (stride_mk, stride_mn)
+    kc_ptr,  # K∘cost, same layout (FINAL)
     mass_ptr,  # [B, ND] b (s-half) or a (r-half)
-    scal_ptr,  # [B, ND] out: v (s-half) or u (r-half)
+    scal_ptr,  # [B, NP] out: work buffer v (s-half) or u (r-half); columns ND..NP-1 written as 0
+    out_ptr,  # [B, ND] out: the v / u output (STORE_OUT: the last iteration, when the work buffer is padded)
     hist_ptr,  # [B, ND] out: history slot s_t or r_t (STORE_HIST)
     y_ptr,  # [B, ND] out: y = (K∘C) v_T (FINAL and STORE_HIST)
     part_ptr,  # [B, n_part] out: sum over this tile's columns of u_T * y (FINAL)
-    B, KD, ND, stride_mk, stride_mn, n_part, eps_hi, eps_lo,
-    FINAL: tl.constexpr, STORE_HIST: tl.constexpr, PREC: tl.constexpr,
+    B, KP, ND, NP, stride_mk, stride_mn, n_part, eps_hi, eps_lo,
+    FINAL: tl.constexpr, STORE_HIST: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One half-iteration for a shared cost: den = X @ M + eps; scal = mass / den (M = K or K^T)."""
+    """One half-iteration for a shared cost: den = X @ M + eps; scal = mass / den (M = K or K^T).
+
+    KP, NP: the reduced and output sizes rounded up to 16 (the padded leading dimensions of the work buffers and of
+    K): with KP, NP and the strides multiples of 16, Triton can prove 16-byte alignment and 16-element constancy of
+    the masks, so the k-loop's loads are 16-byte vectors whatever n and m (the zero padding adds nothing to the
+    products). ND: the true output size (stores, epilogue loads)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     DT = x_ptr.dtype.element_ty
@@ -239,25 +272,28 @@ def _sinkhorn_fwd_dot_kernel(
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < B
     cmask = cols < ND
+    pmask = cols < NP
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
     acc_y = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
-    for k0 in range(0, KD, BLOCK_K):
+    for k0 in range(0, KP, BLOCK_K):
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        kmask = ks < KD
-        x = tl.load(x_ptr + rows[:, None] * KD + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        kmask = ks < KP
+        x = tl.load(x_ptr + rows[:, None] * KP + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
-        mmask = kmask[:, None] & cmask[None, :]
+        mmask = kmask[:, None] & pmask[None, :]
         kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
         acc = tl.dot(x, kt, acc, input_precision=PREC, out_dtype=DT)
         if FINAL:
-            ct = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-            acc_y = tl.dot(x, kt * ct, acc_y, input_precision=PREC, out_dtype=DT)
+            kct = tl.load(kc_ptr + moff, mask=mmask, other=0.0)
+            acc_y = tl.dot(x, kct, acc_y, input_precision=PREC, out_dtype=DT)
     omask = rmask[:, None] & cmask[None, :]
     ooff = rows[:, None] * ND + cols[None, :]
     den = tl.where(omask, acc + _scalar(eps_hi, eps_lo, DT), 1.0)  # masked lanes: no 0/0
     mass = tl.load(mass_ptr + ooff, mask=omask, other=0.0)
-    scal = _div(mass, den)
-    tl.store(scal_ptr + ooff, scal, mask=omask)
+    scal = _div(mass, den)  # 0 in the padding columns (mass 0)
+    tl.store(scal_ptr + rows[:, None] * NP + cols[None, :], scal, mask=rmask[:, None] & pmask[None, :])
+    if STORE_OUT:
+        tl.store(out_ptr + ooff, scal, mask=omask)
     if STORE_HIST:
         tl.store(hist_ptr + ooff, den, mask=omask)
     if FINAL:
@@ -343,24 +379,30 @@ def _sinkhorn_fwd_rows_kernel(
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _sinkhorn_bwd_init_kernel(g_ptr, a_ptr, rT_ptr, y_ptr, ga_ptr, x_ptr, numel, n, LOG: tl.constexpr,
+def _sinkhorn_bwd_init_kernel(g_ptr, a_ptr, rT_ptr, y_ptr, ga_ptr, x_ptr, numel, n, ld_x, LOG: tl.constexpr,
                               ACCURATE: tl.constexpr, BLOCK: tl.constexpr):
-    """w_T = g y / r_T (log: g exp(log y - log r_T), 0 where y = 0); ga = w_T; x = w_T u_T (log: x = w_T)."""
+    """w_T = g y / r_T (log: g exp(log y - log r_T), 0 where y = 0); ga = w_T; x = w_T u_T (log: x = w_T).
+    Element-wise over numel = B * ld_x: x has row stride ld_x >= n (a padded work buffer, columns n..ld_x-1 set
+    to 0); a, r_T, y and ga are [B, n]."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(g_ptr + offs // n, mask=mask, other=0.0)
-    r = tl.load(rT_ptr + offs, mask=mask, other=1.0)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    inb = offs < numel
+    row = offs // ld_x
+    col = offs % ld_x
+    mask = inb & (col < n)
+    src = row * n + col
+    g = tl.load(g_ptr + row, mask=mask, other=0.0)
+    r = tl.load(rT_ptr + src, mask=mask, other=1.0)
+    y = tl.load(y_ptr + src, mask=mask, other=0.0)
     if LOG:
         w = tl.where(y == float("-inf"), 0.0, g * _exp(y - r, ACCURATE))
         x = w
     else:
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+        a = tl.load(a_ptr + src, mask=mask, other=0.0)
         w = _div(g * y, r)
         x = w * _div(a, r)
-    tl.store(ga_ptr + offs, w, mask=mask)
-    tl.store(x_ptr + offs, x, mask=mask)
+    tl.store(ga_ptr + src, w, mask=mask)
+    tl.store(x_ptr + offs, tl.where(mask, x, 0.0), mask=inb)
 
 
 @triton.jit
@@ -407,18 +449,19 @@ def _bwd_epilogue_log(mx, sm, sm2, g, den, grad_old, SIDE_S: tl.constexpr, FIRST
 
 @triton.jit
 def _sinkhorn_bwd_dot_kernel(
-    x_ptr,  # [B, KD] left operand: w_t u_t (S side) or z_t v_t (R side)
-    kmat_ptr, cost_ptr,  # K and cost [n, m], read as [KD, ND] through (stride_mk, stride_mn)
-    a_ptr, rT_ptr, g_ptr,  # FIRST (S side): u_T = a / r_T on the fly, g [B]
+    x_ptr,  # [B, KP] work buffer, the left operand: w_t u_t (S side) or z_t v_t (R side); 0 past the true size
+    kmat_ptr, kc_ptr,  # K and K∘cost, zero-padded [n_pad, m_pad], read as [KP, NP] through (stride_mk, stride_mn)
+    a_ptr, rT_ptr, g_ptr,  # FIRST (S side): u_T = a / r_T on the fly ([B, KD]), g [B]
     den_ptr,  # [B, ND] s_t (S side) or r_{t-1} (R side)
     mass_ptr,  # [B, ND] b (S side) or a (R side)
     grad_ptr,  # [B, ND] gb (S side, written when FIRST) or ga (R side), accumulated
-    out_ptr,  # [B, ND] next left operand: z_t v_t (S side, WRITE_OUT) or w_{t-1} u_{t-1} (R side)
-    B, KD, ND, stride_mk, stride_mn,
+    out_ptr,  # [B, NP] work buffer, the next left operand: z_t v_t (S side, WRITE_OUT) or w_{t-1} u_{t-1} (R side)
+    B, KD, KP, ND, NP, stride_mk, stride_mn,
     SIDE_S: tl.constexpr, FIRST: tl.constexpr, WRITE_OUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One backward product for a shared cost (scaling domain) with its epilogue fused."""
+    """One backward product for a shared cost (scaling domain) with its epilogue fused. KD, ND: the true reduced
+    and output sizes; KP, NP: rounded up to 16 (padded leading dimensions, as in _sinkhorn_fwd_dot_kernel)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     DT = x_ptr.dtype.element_ty
@@ -426,22 +469,23 @@ def _sinkhorn_bwd_dot_kernel(
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < B
     cmask = cols < ND
+    pmask = cols < NP
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
     acc2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
-    for k0 in range(0, KD, BLOCK_K):
+    for k0 in range(0, KP, BLOCK_K):
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        kmask = ks < KD
-        loff = rows[:, None] * KD + ks[None, :]
-        lmask = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + loff, mask=lmask, other=0.0)
+        kmask = ks < KP
+        x = tl.load(x_ptr + rows[:, None] * KP + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
-        mmask = kmask[:, None] & cmask[None, :]
+        mmask = kmask[:, None] & pmask[None, :]
         kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
         acc = tl.dot(x, kt, acc, input_precision=PREC, out_dtype=DT)
         if FIRST:
+            loff = rows[:, None] * KD + ks[None, :]
+            lmask = rmask[:, None] & (ks < KD)[None, :]
             ut = _div(tl.load(a_ptr + loff, mask=lmask, other=0.0), tl.load(rT_ptr + loff, mask=lmask, other=1.0))
-            ct = tl.load(cost_ptr + moff, mask=mmask, other=0.0)
-            acc2 = tl.dot(ut, kt * ct, acc2, input_precision=PREC, out_dtype=DT)
+            kct = tl.load(kc_ptr + moff, mask=mmask, other=0.0)
+            acc2 = tl.dot(ut, kct, acc2, input_precision=PREC, out_dtype=DT)
     omask = rmask[:, None] & cmask[None, :]
     ooff = rows[:, None] * ND + cols[None, :]
     den = tl.load(den_ptr + ooff, mask=omask, other=1.0)
@@ -454,8 +498,8 @@ def _sinkhorn_bwd_dot_kernel(
         grad_old = tl.load(grad_ptr + ooff, mask=omask, other=0.0)
     grad, out = _bwd_epilogue_scaling(acc, acc2, g, den, mass, grad_old, SIDE_S, FIRST)
     tl.store(grad_ptr + ooff, grad, mask=omask)
-    if WRITE_OUT:
-        tl.store(out_ptr + ooff, out, mask=omask)
+    if WRITE_OUT:  # 0 in the padding columns (mass 0)
+        tl.store(out_ptr + rows[:, None] * NP + cols[None, :], out, mask=rmask[:, None] & pmask[None, :])
 
 
 @triton.jit
@@ -559,6 +603,23 @@ def _dot_precision(dtype: torch.dtype, precision: str) -> str:
     return dot_precision(precision, dtype)
 
 
+def _pad16(size: int) -> int:
+    """size rounded up to a multiple of 16 elements: the leading dimension of the padded buffers of the tl.dot
+    kernels (16-byte rows in float32 and float64, and a multiple Triton specialises on: divisibility by 16)."""
+    return (int(size) + 15) // 16 * 16
+
+
+def _padded_kernel_matrices(cost, n_pad, m_pad, reg_hi, reg_lo):
+    """K = exp(-cost/reg) and K∘cost of a shared [n, m] cost as two zero-padded [n_pad, m_pad] buffers (one
+    launch): the tl.dot kernels read them with leading dimension m_pad."""
+    n, m = cost.shape
+    buf = torch.empty(2, n_pad, m_pad, dtype=cost.dtype, device=cost.device)
+    _sinkhorn_kpad_kernel[(triton.cdiv(n_pad * m_pad, ELEM_BLOCK),)](cost, buf[0], buf[1], n, m, m_pad, n_pad * m_pad,
+                                                                     reg_hi, reg_lo, ACCURATE=_ACCURATE,
+                                                                     BLOCK=ELEM_BLOCK)
+    return buf[0], buf[1]
+
+
 def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, precision):
     assert a.dim() == 2 and b.dim() == 2 and cost.dim() in (2, 3) and num_iters >= 1, "validated by the caller"
     shared = cost.dim() == 2
@@ -578,33 +639,36 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
     leps_hi, leps_lo = _split(math.log(eps)) if eps > 0 else (0.0, 0.0)
     dummy = torch.empty(1, dtype=dt, device=dev)  # never-written placeholder for disabled outputs
 
-    _sinkhorn_fwd_init_kernel[(B,)](a, u, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
-
     def slot(h, t):
         return h[t] if keep_history else dummy
 
     y_out = y if keep_history else dummy
 
     if shared and not log_domain:
-        BB, BN, BK, warps = DOT_CONFIG[(dt, _dot_precision(dt, precision))]
-        kmat = torch.empty(n, m, dtype=dt, device=dev)
-        _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
-                                                                 ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+        prec = _dot_precision(dt, precision)
+        BB, BN, BK, warps = DOT_CONFIG[(dt, prec)]
+        n_pad, m_pad = _pad16(n), _pad16(m)
+        kmat, kc = _padded_kernel_matrices(cost, n_pad, m_pad, reg_hi, reg_lo)
+        # the scalings live in padded work buffers (the outputs themselves when no padding is needed); with padding,
+        # the last iteration also writes them to the outputs
+        u_w = u if n_pad == n else torch.empty(B, n_pad, dtype=dt, device=dev)
+        v_w = v if m_pad == m else torch.empty(B, m_pad, dtype=dt, device=dev)
+        _sinkhorn_fwd_init_kernel[(B,)](a, u_w, n, n_pad, LOG=False, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
         n_part = triton.cdiv(n, BN)
         part = torch.empty(B, n_part, dtype=dt, device=dev)
-        prec = _dot_precision(dt, precision)
         for t in range(T):
             final = t == T - 1
             _sinkhorn_fwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
-                u, kmat, cost, b, v, slot(hist_s, t), dummy, dummy, B, n, m, m, 1, 1, eps_hi, eps_lo,
-                FINAL=False, STORE_HIST=keep_history, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
-                num_warps=warps)
+                u_w, kmat, kc, b, v_w, v, slot(hist_s, t), dummy, dummy, B, n_pad, m, m_pad, m_pad, 1, 1,
+                eps_hi, eps_lo, FINAL=False, STORE_HIST=keep_history, STORE_OUT=final and m_pad != m, PREC=prec,
+                BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps)
             _sinkhorn_fwd_dot_kernel[(triton.cdiv(B, BB), n_part)](
-                v, kmat, cost, a, u, slot(hist_r, t), y_out if final else dummy, part if final else dummy,
-                B, m, n, 1, m, n_part, eps_hi, eps_lo,
-                FINAL=final, STORE_HIST=keep_history, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
-                num_warps=warps)
+                v_w, kmat, kc, a, u_w, u, slot(hist_r, t), y_out if final else dummy, part if final else dummy,
+                B, m_pad, n, n_pad, 1, m_pad, n_part, eps_hi, eps_lo,
+                FINAL=final, STORE_HIST=keep_history, STORE_OUT=final and n_pad != n, PREC=prec, BLOCK_B=BB,
+                BLOCK_N=BN, BLOCK_K=BK, num_warps=warps)
     else:
+        _sinkhorn_fwd_init_kernel[(B,)](a, u, n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
         BN, BK, warps = ROWS_CONFIG[dt]
         if shared:  # log domain: L = -cost/reg built once
             mat = torch.empty(n, m, dtype=dt, device=dev)
@@ -645,30 +709,32 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
     gb = torch.empty(B, m, dtype=dt, device=dev)
     if B == 0:
         return ga, gb
-    x = torch.empty(B, n, dtype=dt, device=dev)  # left operand of the S-side products
-    zv = torch.empty(B, m, dtype=dt, device=dev)  # left operand of the R-side products
     reg_hi, reg_lo = _split(reg)
 
-    _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n, ELEM_BLOCK),)](
-        g, a, hist_r[T - 1], y, ga, x, B * n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
-
     if shared and not log_domain:
-        BB, BN, BK, warps = DOT_CONFIG[(dt, _dot_precision(dt, precision))]
-        kmat = torch.empty(n, m, dtype=dt, device=dev)
-        _sinkhorn_kmat_kernel[(triton.cdiv(n * m, ELEM_BLOCK),)](cost, kmat, n * m, reg_hi, reg_lo, LOG=False,
-                                                                 ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
         prec = _dot_precision(dt, precision)
+        BB, BN, BK, warps = DOT_CONFIG[(dt, prec)]
+        n_pad, m_pad = _pad16(n), _pad16(m)
+        kmat, kc = _padded_kernel_matrices(cost, n_pad, m_pad, reg_hi, reg_lo)
+        x = torch.empty(B, n_pad, dtype=dt, device=dev)  # work buffer: left operand of the S-side products
+        zv = torch.empty(B, m_pad, dtype=dt, device=dev)  # work buffer: left operand of the R-side products
+        _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n_pad, ELEM_BLOCK),)](
+            g, a, hist_r[T - 1], y, ga, x, B * n_pad, n, n_pad, LOG=False, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
         for t in range(T - 1, -1, -1):
             _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
-                x, kmat, cost, a, hist_r[T - 1], g, hist_s[t], b, gb, zv, B, n, m, m, 1,
+                x, kmat, kc, a, hist_r[T - 1], g, hist_s[t], b, gb, zv, B, n, n_pad, m, m_pad, m_pad, 1,
                 SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
                 num_warps=warps)
             if t > 0:
                 _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(n, BN))](
-                    zv, kmat, cost, a, hist_r[T - 1], g, hist_r[t - 1], a, ga, x, B, m, n, 1, m,
+                    zv, kmat, kc, a, hist_r[T - 1], g, hist_r[t - 1], a, ga, x, B, m, m_pad, n, n_pad, 1, m_pad,
                     SIDE_S=False, FIRST=False, WRITE_OUT=True, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
                     num_warps=warps)
     else:
+        x = torch.empty(B, n, dtype=dt, device=dev)  # left operand of the S-side products
+        zv = torch.empty(B, m, dtype=dt, device=dev)  # left operand of the R-side products
+        _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n, ELEM_BLOCK),)](
+            g, a, hist_r[T - 1], y, ga, x, B * n, n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
         BN, BK, warps = ROWS_CONFIG[dt]
         if shared:
             mat = torch.empty(n, m, dtype=dt, device=dev)
@@ -763,13 +829,20 @@ ONCHIP_MAX_C = 256
 # Launch configuration per dtype and domain: (BLOCK_B, BLOCK_N, BLOCK_K, num_warps). UNTUNED: sized from the sm_90
 # ptxas register / spill reports only (measured when these kernels were written; with
 # these values, sm_90: forward 96-230 registers, backward 128-234, spills 0-32 bytes, over all 36 variants); no GPU
-# has timed these kernels yet -- tune here. Scaling domain (tl.dot): powers of two >= 16; log domain: powers of two
-# (register tile BLOCK_B x BLOCK_K x BLOCK_N). BLOCK_B = 16 gives B / 16 programs: 16 at B = 256, a fraction of an
-# H100/H200's 132 SMs -- a first thing for the GPU run to weigh against the per-program work.
+# has timed these kernels yet -- tune here. Scaling domain: BLOCK_B >= 16 multiplies with tl.dot (powers of two
+# >= 16), BLOCK_B < 16 with a broadcast multiply-sum over a [BLOCK_B, BLOCK_K, BLOCK_N] register tile (_onchip_mac;
+# float32 FMA accuracy, the precision argument then has no effect); log domain: powers of two (register tile
+# BLOCK_B x BLOCK_K x BLOCK_N). Occupancy: a grid of B / BLOCK_B programs, so BLOCK_B = 16 gives 16 programs at
+# B = 256, a fraction of an H100/H200's 132 SMs; BLOCK_B = 2 gives 128. Which wins (fewer, denser programs or more,
+# sparser ones) is for the GPU run to measure: bench/gpu_quick.py --sweep-onchip times ONCHIP_CONFIG_CANDIDATES.
 ONCHIP_CONFIG = {
     torch.float32: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
     torch.float64: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
 }
+# The scaling-domain configurations the sweep times (tl.dot for BLOCK_B >= 16, broadcast products below); every one
+# compiles for sm_80 / sm_90 (the compile matrix drives each) and is tested against the reference (test_sinkhorn.py).
+ONCHIP_CONFIG_CANDIDATES = ((16, 32, 16, 4), (16, 64, 16, 4), (32, 32, 16, 4), (8, 32, 16, 4), (4, 32, 16, 4),
+                            (2, 64, 16, 4), (1, 128, 16, 4))
 # Scaling domain: read K from a buffer built once per call (True, one extra launch per direction) instead of
 # exp(-cost/reg) per tile (False). Untuned as well.
 ONCHIP_K_BUFFER = {torch.float32: False, torch.float64: False}
@@ -803,13 +876,26 @@ def _onchip_tile(cost_ptr, kmat_ptr, moff, mmask, reg, LOG: tl.constexpr, FROM_C
 
 
 @triton.jit
+def _onchip_mac(x, tile, acc, PREC: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ tile for x [BLOCK_B, BLOCK_K], tile [BLOCK_K, BLOCK_N]: tl.dot (DOT: BLOCK_B >= 16, tl.dot's minimum)
+    or a broadcast multiply and sum over a [BLOCK_B, BLOCK_K, BLOCK_N] register tile (any BLOCK_B; float32 FMA
+    accuracy whatever PREC): fewer rows per program, so more programs for a given B."""
+    if DOT:
+        out = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=acc.dtype)
+    else:
+        out = acc + tl.sum(x[:, :, None] * tile[None, :, :], axis=1)
+    return out
+
+
+@triton.jit
 def _sinkhorn_fwd_onchip_kernel(
     a_ptr, b_ptr, cost_ptr, kmat_ptr,  # a [B, n], b [B, m], cost [n, m], K [n, m] (scaling, not FROM_COST)
     value_ptr, u_ptr, v_ptr,  # out: value [B], u [B, n], v [B, m] (log u, log v when LOG); u, v: the live scalings
     hr_ptr, hs_ptr, y_ptr,  # out (STORE_HIST): hist_r [T, B, n], hist_s [T, B, m], y [B, n]
     B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
     LOG: tl.constexpr, FROM_COST: tl.constexpr, HAS_EPS: tl.constexpr, STORE_HIST: tl.constexpr,
-    ACCURATE: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCURATE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """All num_iters Sinkhorn iterations and the value for BLOCK_B rows (shared cost), see the section comment."""
     pid = tl.program_id(0)
@@ -867,7 +953,7 @@ def _sinkhorn_fwd_onchip_kernel(
                     mx = new_mx
                 else:
                     x = tl.load(u_ptr + rows[:, None] * n + ck[None, :], mask=lmask, other=0.0)
-                    acc = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=DT)
+                    acc = _onchip_mac(x, tile, acc, PREC, DOT)
             omask = rmask[:, None] & jmask[None, :]
             ooff = rows[:, None] * m + cj[None, :]
             mass = tl.load(b_ptr + ooff, mask=omask, other=0.0)
@@ -913,9 +999,9 @@ def _sinkhorn_fwd_onchip_kernel(
                     mx = new_mx
                 else:
                     x = tl.load(v_ptr + rows[:, None] * m + ck[None, :], mask=lmask, other=0.0)
-                    acc = tl.dot(x, tile, acc, input_precision=PREC, out_dtype=DT)
+                    acc = _onchip_mac(x, tile, acc, PREC, DOT)
                     if last:
-                        acc_y = tl.dot(x, tile * c, acc_y, input_precision=PREC, out_dtype=DT)
+                        acc_y = _onchip_mac(x, tile * c, acc_y, PREC, DOT)
             omask = rmask[:, None] & imask[None, :]
             ooff = rows[:, None] * n + ci[None, :]
             mass = tl.load(a_ptr + ooff, mask=omask, other=0.0)
@@ -952,7 +1038,7 @@ def _sinkhorn_bwd_onchip_kernel(
     ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m] (accumulated in place)
     xs_ptr, zs_ptr,  # scratch [B, n], [B, m]: the left operands w_t u_t and z_t v_t (log: w_t and z_t)
     B, n, m, T, last_r, last_s, reg_hi, reg_lo,  # last_r = (T - 1) B n, last_s = (T - 1) B m (host ints, int64 if big)
-    LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr,
+    LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole reverse sweep of _launch_backward (same recurrences and epilogues) for BLOCK_B rows."""
@@ -1020,10 +1106,10 @@ def _sinkhorn_bwd_onchip_kernel(
                         acc2 = acc2 * alpha + tl.sum(c[None, :, :] * e, axis=1)
                     mx = new_mx
                 else:
-                    acc = tl.dot(coef, tile, acc, input_precision=PREC, out_dtype=DT)
+                    acc = _onchip_mac(coef, tile, acc, PREC, DOT)
                     if first:
                         ut = _div(lm, tl.load(hr_t + loff, mask=lmask, other=1.0))  # u_T
-                        acc2 = tl.dot(ut, tile * c, acc2, input_precision=PREC, out_dtype=DT)
+                        acc2 = _onchip_mac(ut, tile * c, acc2, PREC, DOT)
             omask = rmask[:, None] & jmask[None, :]
             ooff = rows[:, None] * m + cj[None, :]
             if LOG:
@@ -1080,7 +1166,7 @@ def _sinkhorn_bwd_onchip_kernel(
                         acc = acc * alpha + tl.sum(coef[:, :, None] * tl.exp(val - ref[:, None, :]), axis=1)
                         mx = new_mx
                     else:
-                        acc = tl.dot(coef, tile, acc, input_precision=PREC, out_dtype=DT)
+                        acc = _onchip_mac(coef, tile, acc, PREC, DOT)
                 omask = rmask[:, None] & imask[None, :]
                 ooff = rows[:, None] * n + ci[None, :]
                 if LOG:
@@ -1110,10 +1196,15 @@ def _onchip_config(dtype: torch.dtype, log_domain: bool):
     return ONCHIP_CONFIG[dtype]["log" if log_domain else "scaling"]
 
 
-def _onchip_prec(precision: str, dtype: torch.dtype, log_domain: bool) -> str:
-    """tl.dot input precision: the requested one for float32 in the scaling domain, else "ieee" (float64; the log
-    domain has no tl.dot: one compiled variant instead of three)."""
-    return str(precision) if dtype == torch.float32 and not log_domain else "ieee"
+def _onchip_dot(log_domain: bool, block_b: int) -> bool:
+    """The scaling domain's products: tl.dot for BLOCK_B >= 16, else the broadcast multiply-sum (_onchip_mac)."""
+    return not log_domain and int(block_b) >= 16
+
+
+def _onchip_prec(precision: str, dtype: torch.dtype, log_domain: bool, block_b: int) -> str:
+    """tl.dot input precision: the requested one for float32 in the scaling domain with tl.dot, else "ieee" (float64;
+    the log domain and the broadcast products have no tl.dot: one compiled variant instead of three)."""
+    return str(precision) if dtype == torch.float32 and _onchip_dot(log_domain, block_b) else "ieee"
 
 
 def _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dtype):
@@ -1151,8 +1242,8 @@ def _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
         hist_r if keep_history else dummy, hist_s if keep_history else dummy, y if keep_history else dummy,
         B, n, m, T, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, HAS_EPS=bool(log_domain) and eps > 0,
-        STORE_HIST=bool(keep_history), ACCURATE=_ACCURATE, PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        STORE_HIST=bool(keep_history), ACCURATE=_ACCURATE, PREC=_onchip_prec(precision, dt, log_domain, bb),
+        DOT=_onchip_dot(log_domain, bb), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return value, u, v, hist_r, hist_s, y
 
 
@@ -1175,7 +1266,8 @@ def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
         g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, xs, zs, B, n, m, T, (T - 1) * B * n,
         (T - 1) * B * m, reg_hi, reg_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, ACCURATE=_ACCURATE,
-        PREC=_onchip_prec(precision, dt, log_domain), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        PREC=_onchip_prec(precision, dt, log_domain, bb), DOT=_onchip_dot(log_domain, bb), BLOCK_B=bb, BLOCK_N=bn,
+        BLOCK_K=bk, num_warps=warps)
     return ga, gb
 
 
@@ -1206,5 +1298,5 @@ def sinkhorn_backward_onchip(grad_value: torch.Tensor, a: torch.Tensor, b: torch
         return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
 
 
-__all__ += ["sinkhorn_forward_onchip", "sinkhorn_backward_onchip", "onchip_fits", "ONCHIP_CONFIG", "ONCHIP_K_BUFFER",
-            "ONCHIP_MAX_C"]
+__all__ += ["sinkhorn_forward_onchip", "sinkhorn_backward_onchip", "onchip_fits", "ONCHIP_CONFIG",
+            "ONCHIP_CONFIG_CANDIDATES", "ONCHIP_K_BUFFER", "ONCHIP_MAX_C"]
