@@ -55,9 +55,9 @@ A sweep that cannot run here (no GPU, a build without the CUDA C++ kernels, no T
 row with the reason.
 
 Budget: rows run in priority order (ours at 256x1000, baselines at 256x1000, 129x1001x999, the small sizes,
-calibration, then the optional sweeps: Triton tiles, CUDA C++ tiles and rows per CTA, Triton on-chip); once `--budget-s` seconds are spent (or too little is left for the
-next row: 8 s for a row that JIT-compiles new Triton variants, 2 s otherwise) the remaining rows are skipped
-and listed once. Timing reps are cut so that one measurement takes at most ~3 s.
+calibration, then the optional sweeps: Triton tiles, CUDA C++ tiles and rows per CTA, Triton on-chip); once
+`--budget-s` seconds are spent (or too little is left for the next row: 8 s for a row that JIT-compiles new Triton
+variants, 2 s otherwise) the remaining rows are skipped and listed once. Timing reps are cut so that one measurement takes at most ~3 s.
 
 On CPU (`--device cpu --smoke`): tiny sizes, backends "cpu" (the C++ op) and, with TRITON_INTERPRET=1, the Triton
 kernels through torch.ops.wkd.sinkhorn_triton on CPU tensors; CUDA graphs, CUDA events, poisoning and the
@@ -975,7 +975,8 @@ def row_cuda_choice(pb: Problem, args, device: str, tile: int = -1, rows_per_blo
     row["checks"] = checks
     row["det"] = "yes" if all(checks.values()) else "NO"
     row["note"] = small_plan_note(ops, pb, rows_per_block) if small else "per-half-iteration kernels"
-    judge(row, "exact", [f"{k} is False" for k, v in checks.items() if not v] + ([timing_error] if timing_error else []))
+    failures = [f"{k} is False" for k, v in checks.items() if not v] + ([timing_error] if timing_error else [])
+    judge(row, "exact", failures)
     return row
 
 

@@ -11,9 +11,9 @@
 // what follows the product (+eps, the division, the history write, the backward's accumulations):
 //   * tiles: BM x BN outputs per block, from a small table (see "tile table"; by default 32 x 64, 128 threads,
 //     4 x 4 outputs per thread; or 16 x 32, 64 threads, 2 x 4 when the big tiles would not fill half the SMs;
-//     a 64 x 64 / 256-thread entry with two CTAs per SM is selectable per call through the tuning ops), k-slabs of 128 bytes (32 floats /
-//     16 doubles), double-buffered in shared memory with a register-staged prefetch of the next slab,
-//     16-byte global loads when rows are 16-byte aligned (scalar fallback with bounds checks otherwise; the
+//     a 64 x 64 / 256-thread entry with two CTAs per SM is selectable per call through the tuning ops), k-slabs of
+//     128 bytes (32 floats / 16 doubles), double-buffered in shared memory with a register-staged prefetch of the
+//     next slab, 16-byte global loads when rows are 16-byte aligned (scalar fallback with bounds checks otherwise; the
 //     kernel matrices' leading dimensions are padded to 16 elements, so their loads always are),
 //     16-byte shared-memory reads (one A read serves 4 k-steps).
 //   * the kernel matrices are formed once per call by a prep kernel (exp and a tiled transpose): K [n, m]
@@ -1119,8 +1119,10 @@ __global__ void __launch_bounds__(kRowThreads)
 // domains, float32 and float64. The forward (all T iterations, y and the value) is ONE launch, the exact backward's
 // whole reverse sweep ONE launch (plus one build launch each when the kernel matrix does not fit in shared memory).
 //   * Each CTA owns R consecutive batch rows (R <= kSmallMaxRows, chosen by the host so that the grid fills about
-//     two waves) and keeps their state in dynamic shared memory: u, v (forward; logs in the log domain), the
-//     backward's w/x, z/zv and the grad_a / grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
+//     two waves, or asked for per call by the tuning ops' rows_per_block; small_plan lowers either to fit shared
+//     memory; R changes no result bit: every output is one thread's loop whatever R) and keeps their state in
+//     dynamic shared memory: u, v (forward; logs in the log domain), the backward's w/x, z/zv and the grad_a /
+//     grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
 //     global scratch); nothing synchronises with the host: graph-capturable.
 //   * The kernel matrix M (K = exp(-C/reg) in the scaling domain, L = -C/reg in the log domain) is held in shared
 //     memory when M and the state of at least one row fit in the opt-in limit (sm_90, 227 KiB: float32 up to
