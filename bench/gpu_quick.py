@@ -960,8 +960,9 @@ def row_cuda_choice(pb: Problem, args, device: str, tile: int = -1, rows_per_blo
     checks = {"u_v_grads_equal_product_op": bits_equal(first[1:], product[1:])}
     if small or tile < 0:
         checks["value_equals_product_op"] = bits_equal(first[:1], product[:1])
-    else:  # the value's partial sums follow the tile width: equal to rounding
-        checks["value_close_to_product_op"] = rel_err(first[0], product[0].detach().double().cpu()) <= 1e-6
+    else:  # the value's partial sums follow the tile width: equal to rounding (float32 sums of up to ~1000 terms in
+        # another order: 1e-5 relative, a tenth of the value's threshold vs float64)
+        checks["value_close_to_product_op"] = rel_err(first[0], product[0].detach().double().cpu()) <= 1e-5
     timing_error = None
     try:
         row["mem_MB"] = peak_extra_mb(step, device)
