@@ -38,10 +38,26 @@ The exit code is 1 when a check of our kernels failed or one of their rows raise
 calibration kernels give wrong sums under the interpreter); baseline and calibration errors on the GPU are
 reported but do not change it.
 
+Sweeps (off by default; the defaults they weigh are unmeasured: no GPU has run them yet):
+  --sweep-tiles       the Triton per-half-iteration kernels at the first size, per float32 DOT_CONFIG tile;
+  --sweep-cuda-tiles  the CUDA C++ kernels through torch.ops.wkd_tuning (per-call launch choices, one build): every
+                      entry of the tile table (and auto) at the first size with n or m > 256, and the rows per CTA of
+                      the single-launch kernels (auto, 1, 2, 4, 8, 16; the note gives the plan that ran, which may
+                      lower R to fit shared memory) at the sizes with n, m <= 256; u, v and the gradients must be
+                      bitwise the product op's (the value too, except for a forced tile: to rounding);
+  --sweep-onchip      the single-launch Triton kernels with each float32 scaling-domain configuration of
+                      sk.ONCHIP_CONFIG_CANDIDATES (today's ONCHIP_CONFIG entry where the module has none) at
+                      256x100, 256x91, 2048x100, 4096x81;
+  --sweeps-only       only the sweeps: a tuning run as a device call of its own, e.g.
+      python bench/gpu_quick.py --device cuda --sweeps-only --sweep-tiles --sweep-cuda-tiles --sweep-onchip \
+          --budget-s 300 --out OUT
+A sweep that cannot run here (no GPU, a build without the CUDA C++ kernels, no Triton) gives one "skipped" or "n/a"
+row with the reason.
+
 Budget: rows run in priority order (ours at 256x1000, baselines at 256x1000, 129x1001x999, the small sizes,
-calibration, then the optional tile sweep); once `--budget-s` seconds are spent (or too little is left for the
-next row: 8 s for a row that JIT-compiles new Triton variants, 2 s otherwise) the remaining rows are skipped
-and listed once. Timing reps are cut so that one measurement takes at most ~3 s.
+calibration, then the optional sweeps: Triton tiles, CUDA C++ tiles and rows per CTA, Triton on-chip); once
+`--budget-s` seconds are spent (or too little is left for the next row: 8 s for a row that JIT-compiles new Triton
+variants, 2 s otherwise) the remaining rows are skipped and listed once. Timing reps are cut so that one measurement takes at most ~3 s.
 
 On CPU (`--device cpu --smoke`): tiny sizes, backends "cpu" (the C++ op) and, with TRITON_INTERPRET=1, the Triton
 kernels through torch.ops.wkd.sinkhorn_triton on CPU tensors; CUDA graphs, CUDA events, poisoning and the
@@ -103,6 +119,8 @@ THRESHOLDS = {"exact": (1e-4, 5e-4, True), "tf32x3": (1e-3, 3e-3, True), "tf32":
 STANDIN_MARK = "*"  # appended to a size label whose real cost matrix was absent
 DEFAULT_TILES = ",".join("x".join(map(str, c)) for c in sk.DOT_CONFIG_CANDIDATES) if sk is not None else ""
 COMPILE_NEED_S, ROW_NEED_S, MEASURE_CAP_S = 8.0, 2.0, 3.0
+ROWS_PER_BLOCK_SWEEP = (1, 2, 4, 8, 16)  # --sweep-cuda-tiles: rows per CTA of the CUDA C++ single-launch kernels
+ONCHIP_SWEEP_SIZES = "256x100,256x91,2048x100,4096x81"  # --sweep-onchip
 COLUMNS = ["size", "method", "status", "err_val", "err_ga", "err_gb", "det", "eager_ms", "graph_ms", "mem_MB",
            "note"]
 
@@ -245,6 +263,19 @@ def matmul_precision(tf32: bool):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.set_float32_matmul_precision(old)
+
+
+@contextlib.contextmanager
+def onchip_config(cfg):
+    """Temporarily replace ONCHIP_CONFIG[float32]["scaling"] (the Triton single-launch kernels' launch
+    configuration, float32 scaling domain) by cfg = (BLOCK_B, BLOCK_N, BLOCK_K, num_warps)."""
+    entry = sk.ONCHIP_CONFIG[torch.float32]
+    old = entry["scaling"]
+    entry["scaling"] = tuple(cfg)
+    try:
+        yield
+    finally:
+        entry["scaling"] = old
 
 
 @contextlib.contextmanager
@@ -854,6 +885,159 @@ def row_tile(pb: Problem, cfg, args, device: str) -> dict:
     return row
 
 
+# ============================================================================================ CUDA C++ launch sweep
+def cuda_tuning_ops():
+    """torch.ops.wkd_tuning (csrc/cuda/sinkhorn.cu, section "tuning ops": wkd::sinkhorn / sinkhorn_backward with the
+    tile table entry and the rows per CTA as per-call arguments), or None in a build without the CUDA C++ kernels."""
+    try:
+        ops = torch.ops.wkd_tuning
+        ops.num_tiles  # resolving an op of an unregistered library raises
+        return ops
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def cuda_sweep_unavailable(device: str):
+    """None when the CUDA C++ launch sweep can run, else the reason."""
+    if device != "cuda":
+        return "the CUDA C++ kernels need --device cuda"
+    if cuda_tuning_ops() is None:
+        return f"no CUDA C++ kernels (torch.ops.wkd_tuning) in this build ({wk.build_info()})"
+    return None
+
+
+def tile_label(ops, tile: int) -> str:
+    """'auto' or 'k: BMxBN, TMxTN/thread, threads, min CTAs/SM' from tile_table() (5 integers per entry)."""
+    if tile < 0:
+        return "auto"
+    bm, bn, tm, tn, min_blocks = list(ops.tile_table())[5 * tile:5 * tile + 5]
+    return f"{tile}: {bm}x{bn}, {tm}x{tn}/thread, {(bm // tm) * (bn // tn)} threads, >= {min_blocks} CTA/SM"
+
+
+def small_plan_note(ops, pb: Problem, rows_per_block: int) -> str:
+    """The single-launch kernels' plan that runs (small_plan: R after the shared-memory limit), both directions."""
+    parts = []
+    for name, backward in (("fwd", False), ("bwd", True)):
+        R, ctas, threads, on_chip, smem = ops.small_plan(pb.B, pb.n, pb.m, DTYPE, False, backward, rows_per_block)
+        parts.append(f"{name} R={R} {ctas} CTAs x {threads} thr, M {'on' if on_chip else 'off'} chip, "
+                     f"{smem / 1024:.1f} KiB")
+    return "; ".join(parts)
+
+
+def row_cuda_choice(pb: Problem, args, device: str, tile: int = -1, rows_per_block: int = -1) -> dict:
+    """Forward (with history) + backward through torch.ops.wkd_tuning with an explicit tile table entry (the
+    per-half-iteration kernels, n or m > 256) or rows per CTA (the single-launch kernels, n, m <= 256): errors vs
+    the float64 CPU op, bits vs the product op (torch.ops.wkd.*, the automatic choice: u, v and the gradients
+    bitwise, the value too for rows_per_block, to rounding for a tile), eager and graphed medians (CUDA events)."""
+    small = max(pb.n, pb.m) <= 256
+    what = f"rows_per_block {rows_per_block if rows_per_block > 0 else 'auto'}" if small else "tile"
+    row = new_row(pb, f"cuda {what}" if small else "cuda tile", backend="cuda", precision="exact", tile=tile,
+                  rows_per_block=rows_per_block)
+    why = cuda_sweep_unavailable(device)
+    if why:
+        row["status"], row["note"] = "n/a", why
+        return row
+    ops = cuda_tuning_ops()
+    if not small:
+        row["method"] = f"cuda tile {tile_label(ops, tile)}"
+    ref = reference(pb)
+    g = grad_weights(pb.B, device)
+
+    def step():
+        out = ops.sinkhorn(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True, tile=tile,
+                           rows_per_block=rows_per_block)
+        ga, gb = ops.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False, tile=tile,
+                                       rows_per_block=rows_per_block)
+        return out[0], out[1], out[2], ga, gb
+
+    poison(pb, device)
+    first = step()
+    sync(device)
+    for key, name, x in zip(("err_val", "err_u", "err_v", "err_ga", "err_gb"),
+                            ("value", "u", "v", "grad_a", "grad_b"), first):
+        row[key] = rel_err(x, ref[name])
+    product = op_call(make_backend("cuda", device), pb, g, device)
+    checks = {"u_v_grads_equal_product_op": bits_equal(first[1:], product[1:])}
+    if small or tile < 0:
+        checks["value_equals_product_op"] = bits_equal(first[:1], product[:1])
+    else:  # the value's partial sums follow the tile width: equal to rounding (float32 sums of up to ~1000 terms in
+        # another order: 1e-5 relative, a tenth of the value's threshold vs float64)
+        checks["value_close_to_product_op"] = rel_err(first[0], product[0].detach().double().cpu()) <= 1e-5
+    timing_error = None
+    try:
+        row["mem_MB"] = peak_extra_mb(step, device)
+        row["eager"] = measure(step, device, args.reps, args.warmup)
+        row["graph"], captured, _ = graphed(step, device, args.reps, args.warmup)
+        checks["graph_equals_eager"] = bits_equal(captured, first)
+    except Exception as e:  # noqa: BLE001 - the correctness results above survive a failing measurement
+        timing_error = f"timing/capture raised {one_line(e)}"
+        with contextlib.suppress(Exception):
+            sync(device)
+    row["checks"] = checks
+    row["det"] = "yes" if all(checks.values()) else "NO"
+    row["note"] = small_plan_note(ops, pb, rows_per_block) if small else "per-half-iteration kernels"
+    failures = [f"{k} is False" for k, v in checks.items() if not v] + ([timing_error] if timing_error else [])
+    judge(row, "exact", failures)
+    return row
+
+
+def cuda_sweep_tasks(problems, args, device):
+    """--sweep-cuda-tiles: every tile table entry (and auto) at the first size with n or m > 256, rows per CTA
+    (auto and ROWS_PER_BLOCK_SWEEP) at every size with n, m <= 256; or one row saying why not."""
+    why = cuda_sweep_unavailable(device)
+    if why:
+        return [Task("cuda sweep", "cuda tile / rows_per_block sweep",
+                     lambda: {**new_row(None, "cuda tile / rows_per_block sweep", backend="cuda"), "size": "sweep",
+                              "status": "skipped", "note": why})]
+    tasks = []
+    large = [pb for pb in problems if max(pb.n, pb.m) > 256][:1]
+    for pb in large:
+        for tile in [-1] + list(range(int(cuda_tuning_ops().num_tiles()))):
+            tasks.append(Task(pb.label, f"cuda tile {tile}", lambda pb=pb, tile=tile: row_cuda_choice(
+                pb, args, device, tile=tile), ours=True))
+    for pb in (pb for pb in problems if max(pb.n, pb.m) <= 256):
+        for rpb in (-1,) + ROWS_PER_BLOCK_SWEEP:
+            tasks.append(Task(pb.label, f"cuda rows_per_block {rpb}", lambda pb=pb, rpb=rpb: row_cuda_choice(
+                pb, args, device, rows_per_block=rpb), ours=True))
+    return tasks
+
+
+# ============================================================================================ Triton on-chip sweep
+def onchip_candidates():
+    """The float32 scaling-domain configurations of the single-launch Triton kernels to time:
+    sk.ONCHIP_CONFIG_CANDIDATES where the module has it, else today's entry alone."""
+    return tuple(tuple(c) for c in getattr(sk, "ONCHIP_CONFIG_CANDIDATES",
+                                           (sk.ONCHIP_CONFIG[torch.float32]["scaling"],)))
+
+
+def row_onchip(pb: Problem, cfg, args, device: str) -> dict:
+    bk = make_backend(f"triton-{args.sweep_precision}", device)
+    with onchip_config(cfg):
+        row = row_ours(pb, bk, args, device, method=f"onchip {'x'.join(map(str, cfg))} {bk.name}")
+    row["onchip_config"] = list(cfg)
+    return row
+
+
+def onchip_sweep_tasks(problems, args, device):
+    """--sweep-onchip: each candidate at ONCHIP_SWEEP_SIZES (smoke: the first smoke size the single-launch kernels
+    take), or one row saying why not."""
+    if sk is None:
+        return [Task("onchip sweep", "triton onchip sweep",
+                     lambda: {**new_row(None, "triton onchip sweep", backend="triton"), "size": "sweep",
+                              "status": "skipped", "note": f"Triton unavailable: {TRITON_IMPORT_ERROR}"})]
+    if args.smoke:
+        sizes = [pb for pb in problems if pb.cost.dim() == 2 and max(pb.n, pb.m) <= sk.ONCHIP_MAX_C][:1]
+    else:  # the problems of --sizes where they are the same (their float64 references are cached there)
+        known = {(pb.B, pb.n, pb.m, pb.kind): pb for pb in problems}
+        sizes = [known.get(parse_size(s)) or make_problem(s).to(device) for s in ONCHIP_SWEEP_SIZES.split(",")]
+    tasks = []
+    for cfg in onchip_candidates():
+        for pb in sizes:
+            tasks.append(Task(pb.label, f"onchip {'x'.join(map(str, cfg))} triton-{args.sweep_precision}",
+                              lambda pb=pb, cfg=cfg: row_onchip(pb, cfg, args, device), COMPILE_NEED_S, ours=True))
+    return tasks
+
+
 # ============================================================================================ rows, budget, output
 def new_row(pb, method: str, **kw) -> dict:
     row = {"size": pb.label if pb is not None else "calib", "method": method, "status": None, "note": ""}
@@ -915,17 +1099,22 @@ def build_tasks(problems, backends, args, device):
         if device == "cuda":
             tasks.append(Task(pb.label, "cpu fp32 op (floor)", lambda: row_cpu_floor(pb, args, device)))
 
-    for pb in problems:
-        for bk in backends:
-            add_ours(pb, bk)
-        add_baselines(pb)
-    tasks.append(Task("calib", "cuBLAS, reads, launch gaps", lambda: calib_rows_basic(args, device), 5.0))
-    tasks.append(Task("calib", "exchange", lambda: calib_rows_exchange(args, device), 5.0))
+    if not args.sweeps_only:
+        for pb in problems:
+            for bk in backends:
+                add_ours(pb, bk)
+            add_baselines(pb)
+        tasks.append(Task("calib", "cuBLAS, reads, launch gaps", lambda: calib_rows_basic(args, device), 5.0))
+        tasks.append(Task("calib", "exchange", lambda: calib_rows_exchange(args, device), 5.0))
     if args.sweep_tiles:
         pb = problems[0]
         for cfg in parse_tiles(args.sweep_tiles):
             tasks.append(Task(pb.label, f"tiles {'x'.join(map(str, cfg))} triton-{args.sweep_precision}",
                               lambda cfg=cfg: row_tile(pb, cfg, args, device), COMPILE_NEED_S, ours=True))
+    if args.sweep_cuda_tiles:
+        tasks += cuda_sweep_tasks(problems, args, device)
+    if args.sweep_onchip:
+        tasks += onchip_sweep_tasks(problems, args, device)
     return tasks
 
 
@@ -1064,7 +1253,19 @@ def parse_args(argv=None):
                     help="also time the Triton kernels at the first size with these float32 DOT_CONFIG tiles, "
                          f"BLOCK_BxBLOCK_NxBLOCK_Kxnum_warps (flag alone: {DEFAULT_TILES}; default: off)")
     ap.add_argument("--sweep-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"],
-                    help="tl.dot precision of the tile sweep (default: ieee)")
+                    help="tl.dot precision of the Triton tile and on-chip sweeps (default: ieee)")
+    ap.add_argument("--sweep-cuda-tiles", action="store_true",
+                    help="also time the CUDA C++ kernels through torch.ops.wkd_tuning: every entry of the tile table "
+                         "(and auto) at the first size with n or m > 256, and rows per CTA auto, "
+                         f"{','.join(map(str, ROWS_PER_BLOCK_SWEEP))} at the sizes with n, m <= 256 (default: off)")
+    ap.add_argument("--sweep-onchip", action="store_true",
+                    help="also time the single-launch Triton kernels with each float32 scaling-domain configuration "
+                         "of sk.ONCHIP_CONFIG_CANDIDATES (or today's ONCHIP_CONFIG entry alone) at "
+                         f"{ONCHIP_SWEEP_SIZES} (smoke: the first smoke size) (default: off)")
+    ap.add_argument("--sweeps-only", action="store_true",
+                    help="run only the sweeps asked for (--sweep-tiles, --sweep-cuda-tiles, --sweep-onchip), not the "
+                         "correctness / timing / baseline / calibration rows: a tuning run as a device call of its "
+                         "own (default: off)")
     ap.add_argument("--iters", type=int, default=None,
                     help="Sinkhorn iterations (default: 10, WKD-L's; smoke: 3, which runs every kernel variant)")
     ap.add_argument("--exchange-rounds", type=int, default=200,
@@ -1082,6 +1283,8 @@ def parse_args(argv=None):
     args.iters = args.iters if args.iters is not None else (3 if args.smoke else 10)
     if args.iters < 2:
         ap.error("--iters must be >= 2 (the backward's first and middle steps are different kernels)")
+    if args.sweeps_only and not (args.sweep_tiles or args.sweep_cuda_tiles or args.sweep_onchip):
+        ap.error("--sweeps-only needs at least one of --sweep-tiles, --sweep-cuda-tiles, --sweep-onchip")
     if args.backends is None:
         args.backends = ("cpu," if args.device == "cpu" else "cuda,") + "triton-ieee,triton-tf32x3,triton-tf32"
     try:

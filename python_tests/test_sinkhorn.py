@@ -1223,8 +1223,9 @@ def test_single_launch_kernels_under_host_emulation(tmp_path):
 
     python_tests/cuda_emulation/check_small_c_kernels.py: C in {1, 3, 81, 91, 100, 256} and n != m, odd B, zero-mass
     entries, both domains, float32/float64, eps 0 and 1e-8, history on/off, forward and backward; 1 launch per
-    direction (2 with the kernel matrix off chip), bitwise today's kernels in the scaling domain, and every entry of
-    the tile table of today's kernels. Set WKD_EMU_BUILD_DIR to reuse the build between runs.
+    direction (2 with the kernel matrix off chip), bitwise today's kernels in the scaling domain. (Every entry of the
+    tile table of today's kernels: test_tuning_ops_under_host_emulation.) Set WKD_EMU_BUILD_DIR to reuse the build
+    between runs.
     """
     bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
     env = dict(os.environ, WKD_EMU_SMS="8")
@@ -1233,6 +1234,29 @@ def test_single_launch_kernels_under_host_emulation(tmp_path):
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "SMALL-C EMULATION OK" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
+                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+def test_tuning_ops_under_host_emulation(tmp_path):
+    """The tuning ops (wkd_tuning::sinkhorn / sinkhorn_backward with explicit `tile` and `rows_per_block`; emulated:
+    wkd_cuda_emu_tuning::*) against the product op's automatic choice and the CPU op.
+
+    python_tests/cuda_emulation/check_tuning_ops.py: every tile table entry at n = m = 300 and (single-launch kernels
+    off) 100 x 81, bitwise the automatic choice except the value (to rounding), the products' launch shapes those of
+    the entry; rows_per_block in {1, 2, 3, 4, 8, 16} at 81 x 81 and 100 x 81, both domains, float32 / float64, every
+    output bitwise, the launch the one small_plan reports; rows_per_block lowered by the shared-memory plan (M off
+    chip, M on chip); ValueError for out-of-range choices. WKD_EMU_SMS=8 (the automatic rows per CTA: B / 16).
+    Set WKD_EMU_BUILD_DIR to reuse the build between runs.
+    """
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
+    env = dict(os.environ, WKD_EMU_SMS="8")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(EMULATION / "check_tuning_ops.py"), bdir], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "TUNING EMULATION OK" in proc.stdout
 
 
 # ==========================================================================================================

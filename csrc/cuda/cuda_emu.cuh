@@ -8,7 +8,8 @@
 // barrier not reached by all threads (divergent __syncthreads, a shuffle in divergent code) aborts with a
 // deadlock message. __shared__ variables become function statics: one copy, shared by the threads of the
 // running block; dynamic shared memory is one buffer per launch (dyn_smem(), NaN-filled for each block).
-// Memory fences and atomics are trivial (one fiber runs at a time). launch_count() counts the launches.
+// Memory fences and atomics are trivial (one fiber runs at a time). launch_count() counts the launches,
+// launch_log() keeps the shapes of the latest ones.
 #pragma once
 
 #include <math.h>
@@ -156,6 +157,18 @@ inline long& launch_count() {
   return c;
 }
 
+// The shapes of the most recent launches (at most kLaunchLogCap; the tests check which kernel configuration ran):
+// grid (x, y, z), threads per block, dynamic shared memory bytes.
+struct LaunchRecord {
+  unsigned grid_x, grid_y, grid_z, threads;
+  size_t smem_bytes;
+};
+constexpr size_t kLaunchLogCap = 4096;
+inline std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+
 // Dynamic shared memory of the running launch (extern __shared__ in CUDA): one buffer, shared by the blocks,
 // which run one after another. Filled with NaNs for every block, so a read before a write shows up.
 inline std::vector<double>& dyn_smem_buf() {
@@ -167,6 +180,9 @@ inline void* dyn_smem() { return dyn_smem_buf().data(); }
 template <class F>
 void launch(dim3 grid, dim3 block, F&& f, size_t smem_bytes = 0) {
   ++launch_count();
+  auto& log = launch_log();
+  if (log.size() >= kLaunchLogCap) log.erase(log.begin(), log.begin() + kLaunchLogCap / 2);
+  log.push_back({grid.x, grid.y, grid.z, block.x * block.y * block.z, smem_bytes});
   const size_t smem_words = (smem_bytes + sizeof(double) - 1) / sizeof(double) + 2;
   Block b;
   b.nthreads = int(block.x * block.y * block.z);

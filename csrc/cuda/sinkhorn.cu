@@ -11,9 +11,9 @@
 // what follows the product (+eps, the division, the history write, the backward's accumulations):
 //   * tiles: BM x BN outputs per block, from a small table (see "tile table"; by default 32 x 64, 128 threads,
 //     4 x 4 outputs per thread; or 16 x 32, 64 threads, 2 x 4 when the big tiles would not fill half the SMs;
-//     a 64 x 64 / 256-thread entry with two CTAs per SM is selectable), k-slabs of 128 bytes (32 floats /
-//     16 doubles), double-buffered in shared memory with a register-staged prefetch of the next slab,
-//     16-byte global loads when rows are 16-byte aligned (scalar fallback with bounds checks otherwise; the
+//     a 64 x 64 / 256-thread entry with two CTAs per SM is selectable per call through the tuning ops), k-slabs of
+//     128 bytes (32 floats / 16 doubles), double-buffered in shared memory with a register-staged prefetch of the
+//     next slab, 16-byte global loads when rows are 16-byte aligned (scalar fallback with bounds checks otherwise; the
 //     kernel matrices' leading dimensions are padded to 16 elements, so their loads always are),
 //     16-byte shared-memory reads (one A read serves 4 k-steps).
 //   * the kernel matrices are formed once per call by a prep kernel (exp and a tiled transpose): K [n, m]
@@ -42,7 +42,11 @@
 // wkd_cuda_emu::sinkhorn / wkd_cuda_emu::sinkhorn_backward (the schemas of wkd::sinkhorn / wkd::sinkhorn_backward)
 // with the emulated kernels as CPU kernels, so it loads next to wkd_kernels._C and the kernels and their launch
 // code can be checked against the CPU op without a GPU (python_tests/cuda_emulation/,
-// python_tests/test_sinkhorn.py::test_kernels_under_host_emulation).
+// python_tests/test_sinkhorn.py::test_kernels_under_host_emulation), and the tuning ops as wkd_cuda_emu_tuning::*.
+//
+// Tuning ops (benchmarking only; section "tuning ops" at the end): wkd_tuning::sinkhorn / sinkhorn_backward take
+// the tile table entry of the per-half-iteration kernels and the rows per CTA of the single-launch kernels as
+// explicit per-call arguments (the product ops above always use the automatic choices).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -52,6 +56,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #ifdef WKD_CUDA_EMULATE
 #include "cuda_emu.cuh"
@@ -79,9 +86,11 @@ namespace {
 #ifndef WKD_CUDA_EMULATE
 constexpr const char* kFwd = "wkd.sinkhorn";
 constexpr const char* kBwd = "wkd.sinkhorn_backward";
+#define WKD_TUNING_LIB "wkd_tuning"  // the tuning ops' library (string literal: op names are formed by concatenation)
 #else
 constexpr const char* kFwd = "wkd_cuda_emu.sinkhorn";
 constexpr const char* kBwd = "wkd_cuda_emu.sinkhorn_backward";
+#define WKD_TUNING_LIB "wkd_cuda_emu_tuning"
 #endif
 
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -99,12 +108,11 @@ inline cudaStream_t current_stream() {
 #ifdef WKD_CUDA_EMULATE
 // Verification-only switches, set through wkd_cuda_emu::configure (python_tests/cuda_emulation/): small < 0 applies
 // the size rule of the single-launch kernels, 0 / 1 forces them off / on (where they apply: shared cost, C <= 256);
-// smem_limit: the emulated opt-in shared memory per block (sm_90: 227 KiB); tile < 0: the default tile choice,
-// else an index into the tile table of the per-half-iteration kernels.
+// smem_limit: the emulated opt-in shared memory per block (sm_90: 227 KiB). (The tile of the per-half-iteration
+// kernels and the rows per CTA of the single-launch kernels are per-call arguments of the tuning ops instead.)
 struct EmuConfig {
   int small = -1;
   int smem_limit = 227 * 1024;
-  int tile = -1;
 };
 EmuConfig& emu_config() {
   static EmuConfig c;
@@ -541,33 +549,18 @@ struct EpiW {
 //   2  64 x 64, 4 x 4 per thread, 256 threads   __launch_bounds__(256, 2): at most 128 registers per thread, so
 //                                               two CTAs per SM (smem 34 KiB float32 / 35 KiB float64 each)
 // Choice: the host argument `tile` of forward_shared / backward_shared (launch_gemm): kTileAuto is today's rule
-// (0 when it gives at least half a wave of blocks, else 1); 0..kNumTiles-1 forces an entry. The op passes
-// gemm_tile_choice<T>(): the compile-time constants WKD_SINKHORN_CUDA_TILE_F32 / WKD_SINKHORN_CUDA_TILE_F64
-// (default kTileAuto; a benchmark build sweeps them with -DWKD_SINKHORN_CUDA_TILE_F32=2, ..., e.g.
-// NVCC_APPEND_FLAGS="-DWKD_SINKHORN_CUDA_TILE_F32=2" pip install -e . (nvcc reads that variable itself); the
-// library reads no environment), or, under emulation only, wkd_cuda_emu::configure(tile=...).
+// (0 when it gives at least half a wave of blocks, else 1); 0..kNumTiles-1 forces an entry. The product ops
+// (wkd::sinkhorn, wkd::sinkhorn_backward) always pass kTileAuto. A forced entry comes only from the explicit
+// argument `tile` of the benchmarking ops wkd_tuning::sinkhorn / wkd_tuning::sinkhorn_backward (section "Tuning
+// ops" at the end of this file; wkd_cuda_emu_tuning::* under emulation), per call: no build-time switch, no
+// global state, no environment. Their sweep: bench/gpu_quick.py --sweep-cuda-tiles. The defaults (this rule, and
+// the entries themselves) are not measured yet: no GPU has run the sweep.
 struct TileCfg {
   int bm, bn, tm, tn, min_blocks;
 };
 constexpr TileCfg kTileTable[] = {{32, 64, 4, 4, 1}, {16, 32, 2, 4, 1}, {64, 64, 4, 4, 2}};
 constexpr int kNumTiles = int(sizeof(kTileTable) / sizeof(kTileTable[0]));
 constexpr int kTileAuto = -1;
-#ifndef WKD_SINKHORN_CUDA_TILE_F32
-#define WKD_SINKHORN_CUDA_TILE_F32 -1
-#endif
-#ifndef WKD_SINKHORN_CUDA_TILE_F64
-#define WKD_SINKHORN_CUDA_TILE_F64 -1
-#endif
-static_assert(WKD_SINKHORN_CUDA_TILE_F32 >= kTileAuto && WKD_SINKHORN_CUDA_TILE_F32 < kNumTiles, "tile index");
-static_assert(WKD_SINKHORN_CUDA_TILE_F64 >= kTileAuto && WKD_SINKHORN_CUDA_TILE_F64 < kNumTiles, "tile index");
-
-template <typename T>
-int gemm_tile_choice() {
-#ifdef WKD_CUDA_EMULATE
-  if (emu_config().tile >= 0) return std::min(emu_config().tile, kNumTiles - 1);
-#endif
-  return sizeof(T) == 4 ? WKD_SINKHORN_CUDA_TILE_F32 : WKD_SINKHORN_CUDA_TILE_F64;
-}
 
 // Leading dimension of the kernel matrices formed by the prep kernels (W operands): a multiple of 16 elements, so
 // that their rows are 16-byte aligned and the W-tile loads are 16-byte vectors whatever n and m (the padding
@@ -600,10 +593,13 @@ void launch_gemm(const T* A, int64_t lda, const T* W, int64_t ldw, bool W_padded
     case 1:
       launch_tile<T, 1>(A, lda, W, ldw, rows, Kd, N, vA, vW, epi, stream);
       break;
-    default:
+    case 2:
       launch_tile<T, 2>(A, lda, W, ldw, rows, Kd, N, vA, vW, epi, stream);
       break;
+    default:
+      TORCH_CHECK(false, "launch_gemm: tile index ", tile, " outside the tile table [0, ", kNumTiles, ")");
   }
+  static_assert(kNumTiles == 3, "launch_gemm: one case per tile table entry");
   WKD_LAUNCH_CHECK();
 }
 
@@ -1123,8 +1119,10 @@ __global__ void __launch_bounds__(kRowThreads)
 // domains, float32 and float64. The forward (all T iterations, y and the value) is ONE launch, the exact backward's
 // whole reverse sweep ONE launch (plus one build launch each when the kernel matrix does not fit in shared memory).
 //   * Each CTA owns R consecutive batch rows (R <= kSmallMaxRows, chosen by the host so that the grid fills about
-//     two waves) and keeps their state in dynamic shared memory: u, v (forward; logs in the log domain), the
-//     backward's w/x, z/zv and the grad_a / grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
+//     two waves, or asked for per call by the tuning ops' rows_per_block; small_plan lowers either to fit shared
+//     memory; R changes no result bit: every output is one thread's loop whatever R) and keeps their state in
+//     dynamic shared memory: u, v (forward; logs in the log domain), the backward's w/x, z/zv and the grad_a /
+//     grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
 //     global scratch); nothing synchronises with the host: graph-capturable.
 //   * The kernel matrix M (K = exp(-C/reg) in the scaling domain, L = -C/reg in the log domain) is held in shared
 //     memory when M and the state of at least one row fit in the opt-in limit (sm_90, 227 KiB: float32 up to
@@ -1659,14 +1657,26 @@ struct SmallPlan {
   size_t smem = 0;
 };
 
-// arrays_n / arrays_m: state arrays of n / m values per row; rb: rows per work item (kSmallRB in the scaling
-// domain, 1 in the log domain).
-template <typename T>
-SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m, int rb) {
-  SmallPlan pl;
+// The rows per CTA the single-launch kernels aim for before the shared-memory limit is applied: rows_per_block in
+// [1, kSmallMaxRows] (an explicit choice of the tuning ops), or kRowsAuto: clamp(B / (2 x SMs), 1, kSmallMaxRows),
+// about two waves of CTAs.
+constexpr int kRowsAuto = -1;
+inline int small_rows_target(int64_t B, int rows_per_block) {
+  if (rows_per_block != kRowsAuto) return rows_per_block;
   const int64_t sms = sm_count();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kSmallMaxRows, B / (2 * sms))));
+}
+
+// arrays_n / arrays_m: state arrays of n / m values per row; rb: rows per work item (kSmallRB in the scaling
+// domain, 1 in the log domain); rows_per_block: small_rows_target's argument. The plan then lowers R while the
+// state of R rows does not fit in the opt-in shared memory, and, when M goes on chip, while M and the state of R
+// rows do not fit together: an explicit rows_per_block is an upper bound that the plan may lower (never raise),
+// exactly as it lowers the automatic target (SmallPlan::R is what runs; wkd_tuning::small_plan reports it).
+template <typename T>
+SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m, int rb, int rows_per_block) {
+  SmallPlan pl;
   const size_t limit = static_cast<size_t>(smem_optin_bytes());
-  pl.R = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kSmallMaxRows, B / (2 * sms))));
+  pl.R = small_rows_target(B, rows_per_block);
   auto state_bytes = [&](int R) {
     return size_t(R) * size_t(arrays_n * round4(n) + arrays_m * round4(m)) * sizeof(T);
   };
@@ -1682,6 +1692,17 @@ SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m
   const int64_t work = ceil_div(pl.R, rb) * std::max(n, m);
   pl.threads = static_cast<int>(std::min<int64_t>(kSmallMaxThreads, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
   return pl;
+}
+
+// The plans of the two directions: per row, the forward keeps 3 state arrays of n values and 1 of m, the backward
+// 3 of n and 3 of m (the kernels' shared-memory layout).
+template <typename T>
+SmallPlan small_forward_plan(int64_t B, int64_t n, int64_t m, bool log_domain, int rows_per_block) {
+  return small_plan<T>(B, n, m, 3, 1, log_domain ? 1 : kSmallRB, rows_per_block);
+}
+template <typename T>
+SmallPlan small_backward_plan(int64_t B, int64_t n, int64_t m, bool log_domain, int rows_per_block) {
+  return small_plan<T>(B, n, m, 3, 3, log_domain ? 1 : kSmallRB, rows_per_block);
 }
 
 template <class Kern>
@@ -1713,10 +1734,10 @@ std::pair<at::Tensor, at::Tensor> small_global_matrix(const SmallPlan& pl, const
 template <typename T>
 void forward_small(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
                    double eps, bool log_domain, bool keep, at::Tensor& value, at::Tensor& u, at::Tensor& v,
-                   at::Tensor& hist_r, at::Tensor& hist_s, at::Tensor& y) {
+                   at::Tensor& hist_r, at::Tensor& hist_s, at::Tensor& y, int rows_per_block) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
-  const SmallPlan pl = small_plan<T>(B, n, m, 3, 1, log_domain ? 1 : kSmallRB);
+  const SmallPlan pl = small_forward_plan<T>(B, n, m, log_domain, rows_per_block);
   const auto mats = small_global_matrix<T>(pl, cost, reg, log_domain, stream);
   SmallArgs<T> p{};
   p.a = a.data_ptr<T>();
@@ -1749,10 +1770,10 @@ void forward_small(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c
 template <typename T>
 void backward_small(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                     const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
-                    bool log_domain, at::Tensor& ga, at::Tensor& gb) {
+                    bool log_domain, at::Tensor& ga, at::Tensor& gb, int rows_per_block) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
-  const SmallPlan pl = small_plan<T>(B, n, m, 3, 3, log_domain ? 1 : kSmallRB);
+  const SmallPlan pl = small_backward_plan<T>(B, n, m, log_domain, rows_per_block);
   const auto mats = small_global_matrix<T>(pl, cost, reg, log_domain, stream);
   SmallArgs<T> p{};
   p.a = a.data_ptr<T>();
@@ -1780,13 +1801,27 @@ void backward_small(const at::Tensor& g, const at::Tensor& a, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------------------ op entry points
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(
-    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
-    double eps, bool log_domain, bool keep_history) {
-  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, kFwd);
-  TORCH_CHECK_VALUE(num_iters <= INT_MAX, kFwd, ": `num_iters` is too large: ", num_iters);
+// The launch choices a call runs with: the product ops pass LaunchChoice{} (both automatic); the tuning ops pass
+// their arguments `tile` / `rows_per_block` (checked by tuning_choice).
+//   tile: index into kTileTable for every product of the per-half-iteration kernels, or kTileAuto (launch_gemm's
+//         rule per product). Ignored where those kernels do not run (single-launch, per-row kernels).
+//   rows_per_block: the single-launch kernels' target rows per CTA in [1, kSmallMaxRows] (small_plan may lower it
+//         to fit shared memory), or kRowsAuto. Ignored where the single-launch kernels do not run.
+struct LaunchChoice {
+  int tile = kTileAuto;
+  int rows_per_block = kRowsAuto;
+};
+
+using SinkhornOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// op: the op's name in error messages.
+SinkhornOutputs sinkhorn_run(const char* op, const at::Tensor& a_in, const at::Tensor& b_in,
+                             const at::Tensor& cost_in, double reg, int64_t num_iters, double eps, bool log_domain,
+                             bool keep_history, LaunchChoice choice) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, num_iters, eps, op);
+  TORCH_CHECK_VALUE(num_iters <= INT_MAX, op, ": `num_iters` is too large: ", num_iters);
 #ifndef WKD_CUDA_EMULATE
-  TORCH_CHECK_VALUE(a_in.is_cuda(), kFwd, ": expects CUDA tensors, got ", a_in.device());
+  TORCH_CHECK_VALUE(a_in.is_cuda(), op, ": expects CUDA tensors, got ", a_in.device());
   const c10::cuda::CUDAGuard guard(a_in.device());
 #endif
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
@@ -1798,17 +1833,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hist_s = at::empty({keep_history ? num_iters : 0, B, m}, a.options());
   at::Tensor y = at::empty({keep_history ? B : 0, n}, a.options());
   if (B == 0) return {value, u, v, hist_r, hist_s, y};
-  TORCH_CHECK_VALUE(ceil_div(B, 16) <= 65535, kFwd, ": batch too large for the CUDA kernels (B=", B, ")");
+  TORCH_CHECK_VALUE(ceil_div(B, 16) <= 65535, op, ": batch too large for the CUDA kernels (B=", B, ")");
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cuda", [&] {
     using T = scalar_t;
     if (use_small_kernels(d.shared_cost, n, m)) {
-      forward_small<T>(a, b, cost, reg, num_iters, eps, log_domain, keep_history, value, u, v, hist_r, hist_s, y);
+      forward_small<T>(a, b, cost, reg, num_iters, eps, log_domain, keep_history, value, u, v, hist_r, hist_s, y,
+                       choice.rows_per_block);
       return;
     }
     if (d.shared_cost && !log_domain) {
-      forward_shared<T>(a, b, cost, reg, num_iters, eps, keep_history, value, u, v, hist_r, hist_s, y,
-                        gemm_tile_choice<T>());
+      forward_shared<T>(a, b, cost, reg, num_iters, eps, keep_history, value, u, v, hist_r, hist_s, y, choice.tile);
       return;
     }
     const T e = static_cast<T>(eps);
@@ -1829,15 +1864,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {value, u, v, hist_r, hist_s, y};
 }
 
-std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad_value, const at::Tensor& a_in,
-                                                          const at::Tensor& b_in, const at::Tensor& cost_in,
-                                                          const at::Tensor& hist_r_in, const at::Tensor& hist_s_in,
-                                                          const at::Tensor& y_in, double reg, bool log_domain) {
-  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, 0.0, kBwd);
-  check_sinkhorn_backward_args(grad_value, a_in, b_in, hist_r_in, hist_s_in, y_in, kBwd);
-  TORCH_CHECK_VALUE(hist_s_in.size(0) <= INT_MAX, kBwd, ": history too long: ", hist_s_in.size(0));
+std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_run(const char* op, const at::Tensor& grad_value,
+                                                         const at::Tensor& a_in, const at::Tensor& b_in,
+                                                         const at::Tensor& cost_in, const at::Tensor& hist_r_in,
+                                                         const at::Tensor& hist_s_in, const at::Tensor& y_in,
+                                                         double reg, bool log_domain, LaunchChoice choice) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, 0.0, op);
+  check_sinkhorn_backward_args(grad_value, a_in, b_in, hist_r_in, hist_s_in, y_in, op);
+  TORCH_CHECK_VALUE(hist_s_in.size(0) <= INT_MAX, op, ": history too long: ", hist_s_in.size(0));
 #ifndef WKD_CUDA_EMULATE
-  TORCH_CHECK_VALUE(a_in.is_cuda(), kBwd, ": expects CUDA tensors, got ", a_in.device());
+  TORCH_CHECK_VALUE(a_in.is_cuda(), op, ": expects CUDA tensors, got ", a_in.device());
   const c10::cuda::CUDAGuard guard(a_in.device());
 #endif
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
@@ -1847,17 +1883,17 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
   at::Tensor gb = at::empty_like(b, at::MemoryFormat::Contiguous);
   const int64_t B = d.B, n = d.n, m = d.m;
   if (B == 0) return {ga, gb};
-  TORCH_CHECK_VALUE(ceil_div(B, 16) <= 65535, kBwd, ": batch too large for the CUDA kernels (B=", B, ")");
+  TORCH_CHECK_VALUE(ceil_div(B, 16) <= 65535, op, ": batch too large for the CUDA kernels (B=", B, ")");
   const cudaStream_t stream = current_stream();
   const int T_iters = static_cast<int>(hist_s.size(0));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cuda", [&] {
     using T = scalar_t;
     if (use_small_kernels(d.shared_cost, n, m)) {
-      backward_small<T>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, ga, gb);
+      backward_small<T>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, ga, gb, choice.rows_per_block);
       return;
     }
     if (d.shared_cost && !log_domain) {
-      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb, gemm_tile_choice<T>());
+      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb, choice.tile);
       return;
     }
     const at::Tensor scr_n = at::empty({B, 2 * n}, a.options()), scr_m = at::empty({B, 2 * m}, a.options());
@@ -1874,6 +1910,112 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
   return {ga, gb};
 }
 
+// The product ops: the automatic launch choices.
+SinkhornOutputs sinkhorn_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg,
+                              int64_t num_iters, double eps, bool log_domain, bool keep_history) {
+  return sinkhorn_run(kFwd, a, b, cost, reg, num_iters, eps, log_domain, keep_history, LaunchChoice{});
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad_value, const at::Tensor& a,
+                                                          const at::Tensor& b, const at::Tensor& cost,
+                                                          const at::Tensor& hist_r, const at::Tensor& hist_s,
+                                                          const at::Tensor& y, double reg, bool log_domain) {
+  return sinkhorn_backward_run(kBwd, grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, LaunchChoice{});
+}
+
+// ------------------------------------------------------------------------------------------ tuning ops
+// Benchmarking only (issue 13 item 2): the product ops with the launch choices as explicit per-call arguments, so
+// that one build can time every tile table entry and several rows per CTA (bench/gpu_quick.py --sweep-cuda-tiles).
+// Library wkd_tuning (CUDA key) in the real build, wkd_cuda_emu_tuning (CPU key, the emulated kernels) under
+// WKD_CUDA_EMULATE; same schemas:
+//   sinkhorn(<wkd::sinkhorn's arguments>, *, int tile=-1, int rows_per_block=-1) -> <wkd::sinkhorn's outputs>
+//   sinkhorn_backward(<wkd::sinkhorn_backward's arguments>, *, int tile=-1, int rows_per_block=-1) -> (grad_a, grad_b)
+//       tile: -1 (launch_gemm's rule) or an index in [0, num_tiles()); rows_per_block: -1 (the automatic target) or
+//       [1, 16]; anything else raises a ValueError naming the argument and the range. What the choices change and
+//       what they cannot (bitwise equal products, the value to rounding; R lowered to fit shared memory): the
+//       comments of the tile table and of small_plan.
+//   num_tiles() -> int: the entries of the tile table.
+//   tile_table() -> int[]: 5 integers per entry, (BM, BN, TM, TN, min CTAs per SM): BM x BN outputs per CTA,
+//       TM x TN per thread, so (BM / TM) (BN / TN) threads per CTA.
+//   small_plan(int B, int n, int m, ScalarType dtype, bool log_domain, bool backward, int rows_per_block=-1)
+//       -> int[]: the single-launch kernels' launch plan for those sizes on the current device: (rows per CTA R,
+//       CTAs, threads per CTA, M in shared memory 0/1, dynamic shared memory bytes). R is what runs: the requested
+//       rows_per_block or the automatic target, lowered by the shared-memory plan.
+const char* const kTuneFwd = WKD_TUNING_LIB ".sinkhorn";
+const char* const kTuneBwd = WKD_TUNING_LIB ".sinkhorn_backward";
+
+LaunchChoice tuning_choice(const char* op, int64_t tile, int64_t rows_per_block) {
+  TORCH_CHECK_VALUE(tile == kTileAuto || (tile >= 0 && tile < kNumTiles), op, ": `tile` must be -1 (automatic) or "
+                    "an index of the tile table in [0, ", kNumTiles - 1, "], got ", tile);
+  TORCH_CHECK_VALUE(rows_per_block == kRowsAuto || (rows_per_block >= 1 && rows_per_block <= kSmallMaxRows), op,
+                    ": `rows_per_block` must be -1 (automatic) or in [1, ", kSmallMaxRows, "], got ",
+                    rows_per_block);
+  return LaunchChoice{static_cast<int>(tile), static_cast<int>(rows_per_block)};
+}
+
+SinkhornOutputs tuning_sinkhorn(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg,
+                                int64_t num_iters, double eps, bool log_domain, bool keep_history, int64_t tile,
+                                int64_t rows_per_block) {
+  return sinkhorn_run(kTuneFwd, a, b, cost, reg, num_iters, eps, log_domain, keep_history,
+                      tuning_choice(kTuneFwd, tile, rows_per_block));
+}
+
+std::tuple<at::Tensor, at::Tensor> tuning_sinkhorn_backward(const at::Tensor& grad_value, const at::Tensor& a,
+                                                            const at::Tensor& b, const at::Tensor& cost,
+                                                            const at::Tensor& hist_r, const at::Tensor& hist_s,
+                                                            const at::Tensor& y, double reg, bool log_domain,
+                                                            int64_t tile, int64_t rows_per_block) {
+  return sinkhorn_backward_run(kTuneBwd, grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
+                               tuning_choice(kTuneBwd, tile, rows_per_block));
+}
+
+int64_t tuning_num_tiles() { return kNumTiles; }
+
+std::vector<int64_t> tuning_tile_table() {
+  std::vector<int64_t> out;
+  for (const TileCfg& c : kTileTable) out.insert(out.end(), {c.bm, c.bn, c.tm, c.tn, c.min_blocks});
+  return out;
+}
+
+std::vector<int64_t> tuning_small_plan(int64_t B, int64_t n, int64_t m, at::ScalarType dtype, bool log_domain,
+                                       bool backward, int64_t rows_per_block) {
+  const char* op = WKD_TUNING_LIB ".small_plan";
+  TORCH_CHECK_VALUE(B >= 1 && n >= 1 && m >= 1, op, ": B, n, m must be >= 1, got ", B, ", ", n, ", ", m);
+  TORCH_CHECK_VALUE(n <= kSmallMaxC && m <= kSmallMaxC, op, ": the single-launch kernels take n, m <= ", kSmallMaxC,
+                    ", got n=", n, ", m=", m);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, op, ": `dtype` must be float32 or float64, got ",
+                    dtype);
+  const LaunchChoice choice = tuning_choice(op, kTileAuto, rows_per_block);
+  SmallPlan pl;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "wkd_tuning_small_plan", [&] {
+    pl = backward ? small_backward_plan<scalar_t>(B, n, m, log_domain, choice.rows_per_block)
+                  : small_forward_plan<scalar_t>(B, n, m, log_domain, choice.rows_per_block);
+  });
+  return {pl.R, ceil_div(B, pl.R), pl.threads, pl.m_in_smem ? 1 : 0, static_cast<int64_t>(pl.smem)};
+}
+
+void define_tuning_ops(torch::Library& m) {
+  m.def(
+      "sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, "
+      "bool log_domain=False, bool keep_history=True, *, int tile=-1, int rows_per_block=-1) -> (Tensor value, "
+      "Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
+  m.def(
+      "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
+      "Tensor y, float reg, bool log_domain=False, *, int tile=-1, int rows_per_block=-1) -> (Tensor grad_a, "
+      "Tensor grad_b)");
+  m.def("num_tiles() -> int", &tuning_num_tiles);
+  m.def("tile_table() -> int[]", &tuning_tile_table);
+  m.def(
+      "small_plan(int B, int n, int m, ScalarType dtype, bool log_domain=False, bool backward=False, "
+      "int rows_per_block=-1) -> int[]",
+      &tuning_small_plan);
+}
+
+void impl_tuning_ops(torch::Library& m) {
+  m.impl("sinkhorn", &tuning_sinkhorn);
+  m.impl("sinkhorn_backward", &tuning_sinkhorn_backward);
+}
+
 }  // namespace
 
 #ifndef WKD_CUDA_EMULATE
@@ -1881,6 +2023,8 @@ TORCH_LIBRARY_IMPL(wkd, CUDA, m) {
   m.impl("sinkhorn", &sinkhorn_cuda);
   m.impl("sinkhorn_backward", &sinkhorn_backward_cuda);
 }
+TORCH_LIBRARY(wkd_tuning, m) { define_tuning_ops(m); }
+TORCH_LIBRARY_IMPL(wkd_tuning, CUDA, m) { impl_tuning_ops(m); }
 #else
 // Verification build only: the emulated kernels on CPU tensors, in a library of their own (the schemas of
 // wkd::sinkhorn and wkd::sinkhorn_backward, csrc/ops.cpp), so that it loads next to wkd_kernels._C.
@@ -1893,23 +2037,38 @@ TORCH_LIBRARY(wkd_cuda_emu, m) {
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
       "Tensor y, float reg, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
 }
-// Verification-only controls: the switches of EmuConfig, and the emulator's launch counter.
-void emu_configure(int64_t small, int64_t smem_limit, int64_t tile) {
+// Verification-only controls: the switches of EmuConfig, the emulator's launch counter and launch log.
+void emu_configure(int64_t small, int64_t smem_limit) {
   emu_config().small = static_cast<int>(small);
   emu_config().smem_limit = static_cast<int>(smem_limit);
-  emu_config().tile = static_cast<int>(tile);
 }
 int64_t emu_launch_count() { return ::wkd_emu::launch_count(); }
-int64_t emu_num_tiles() { return kNumTiles; }
+// The last `count` launches (oldest first), 5 integers each: grid x, y, z, threads per block, dynamic shared memory
+// bytes.
+std::vector<int64_t> emu_last_launches(int64_t count) {
+  const auto& log = ::wkd_emu::launch_log();
+  TORCH_CHECK_VALUE(count >= 0 && size_t(count) <= log.size(), "wkd_cuda_emu.last_launches: `count` must be in [0, ",
+                    log.size(), "] (the launches logged), got ", count);
+  std::vector<int64_t> out;
+  for (size_t k = log.size() - size_t(count); k < log.size(); ++k) {
+    const auto& r = log[k];
+    out.insert(out.end(), {r.grid_x, r.grid_y, r.grid_z, r.threads, static_cast<int64_t>(r.smem_bytes)});
+  }
+  return out;
+}
 TORCH_LIBRARY_FRAGMENT(wkd_cuda_emu, m) {
-  m.def("configure(int small=-1, int smem_limit=232448, int tile=-1) -> ()", &emu_configure);
+  m.def("configure(int small=-1, int smem_limit=232448) -> ()", &emu_configure);
   m.def("launch_count() -> int", &emu_launch_count);
-  m.def("num_tiles() -> int", &emu_num_tiles);
+  m.def("last_launches(int count) -> int[]", &emu_last_launches);
 }
 TORCH_LIBRARY_IMPL(wkd_cuda_emu, CPU, m) {
   m.impl("sinkhorn", &sinkhorn_cuda);
   m.impl("sinkhorn_backward", &sinkhorn_backward_cuda);
 }
+// The tuning ops on the emulated kernels (CPU tensors), under a name of their own (loads next to a CUDA build of
+// wkd_kernels._C, which defines wkd_tuning).
+TORCH_LIBRARY(wkd_cuda_emu_tuning, m) { define_tuning_ops(m); }
+TORCH_LIBRARY_IMPL(wkd_cuda_emu_tuning, CPU, m) { impl_tuning_ops(m); }
 #endif
 
 }  // namespace wkd

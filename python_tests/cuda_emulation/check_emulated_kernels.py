@@ -24,7 +24,7 @@ emu, cpu_ops = emulator.load(sys.argv[1])
 # Every shape below has a shared cost with n, m <= 256, which the size rule sends to the single-launch kernels;
 # this program checks today's per-half-iteration and per-row kernels, so it turns those off (they are checked by
 # check_small_c_kernels.py).
-emu.configure(0, 227 * 1024, -1)
+emu.configure(0, 227 * 1024)
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F32: 1e-5, F64: 1e-10}

@@ -12,9 +12,8 @@ build as check_emulated_kernels.py) and checks, on CPU tensors:
   * the launch count (the emulator counts launches): 1 forward + 1 backward launch when M fits in shared memory,
     2 + 2 with the build kernel otherwise;
   * in the scaling domain, bitwise equality of u, v, hist_r, hist_s, y, grad_a, grad_b with today's
-    per-half-iteration kernels (wkd_cuda_emu.configure(small=0)) and the value to rounding;
-  * the tile table of the per-half-iteration kernels (every entry, wkd_cuda_emu.configure(tile=k)): bitwise the same
-    numbers whatever the tile.
+    per-half-iteration kernels (wkd_cuda_emu.configure(small=0)) and the value to rounding.
+The launch choices (every tile table entry, the rows per CTA) are checked by check_tuning_ops.py.
 Prints the maximum errors and the failing cases, or "SMALL-C EMULATION OK"; exits 1 on a failure.
 Run by python_tests/test_sinkhorn.py::test_single_launch_kernels_under_host_emulation.
 """
@@ -79,7 +78,7 @@ def expected_launches(B, n, m, dtype, smem, sms=int(os.environ.get("WKD_EMU_SMS"
 
 
 def run_case(B, n, m, T, dtype, log, eps, reg=0.1, smem=SMEM_SM90, seed=0):
-    emu.configure(-1, smem, -1)
+    emu.configure(-1, smem)
     zn, zm = (0 if n < 3 else max(1, n // 10)), (0 if m < 3 else max(1, m // 10))
     a, b = simplex(B, n, dtype, zn, 1 + seed), simplex(B, m, dtype, zm, 2 + seed)
     if n >= 3:
@@ -145,21 +144,21 @@ for dtype, log in itertools.product((F64, F32), (False, True)):
     for name, x, y in zip(OUTPUTS + ("grad_a", "grad_b"), on[4] + on[5], off[4] + off[5]):
         if not same(x, y):
             bad.append(f"81x81 {dtype} log={log}: {name} differs between M on chip and off chip")
-    emu.configure(-1, 4096, -1)
+    emu.configure(-1, 4096)
     _, launches = counted(emu.sinkhorn, on[0], on[1], on[2], 0.1, 3, 1e-8, log, True)
     if launches != 2:
         bad.append(f"81x81 {dtype} log={log} off chip: forward took {launches} launches, expected 2")
-emu.configure(-1, SMEM_SM90, -1)
+emu.configure(-1, SMEM_SM90)
 
 # ---- scaling domain: bitwise today's per-half-iteration kernels (value to rounding)
 for C, dtype in itertools.product((3, 81, 100), (F64, F32)):
     a, b, cost, gv, out, got = run_case(5, C, C, 3, dtype, False, 1e-8)
-    emu.configure(0, SMEM_SM90, -1)
+    emu.configure(0, SMEM_SM90)
     old, launches = counted(emu.sinkhorn, a, b, cost, 0.1, 3, 1e-8, False, True)
     if launches != 1 + 2 * 3:
         bad.append(f"C={C} {dtype}: today's kernels took {launches} launches, expected 7")
     old_g = emu.sinkhorn_backward(gv, a, b, cost, *old[3:], 0.1, False)
-    emu.configure(-1, SMEM_SM90, -1)
+    emu.configure(-1, SMEM_SM90)
     for name, x, y in zip(OUTPUTS[1:] + ("grad_a", "grad_b"), out[1:] + got, old[1:] + old_g):
         if not same(x, y):
             bad.append(f"C={C} {dtype}: {name} not bitwise today's kernels ({rel(x, y):.3g})")
@@ -175,26 +174,6 @@ for dtype, log in itertools.product((F64, F32), (False, True)):
     want = sinkhorn_reference(a1, a1.clone(), c1, 0.02, 10)[0]
     if not torch.isfinite(got).all() or rel(got, want) > TOL[dtype]:
         bad.append(f"issue16 item 1 {dtype} log={log}: {got} vs {want}")
-
-# ---- tile table of the per-half-iteration kernels: every entry gives the same numbers
-for dtype in (F64, F32):
-    B, n, m = 37, 70, 45
-    a, b = simplex(B, n, dtype, 3, 5), simplex(B, m, dtype, 2, 6)
-    cost = torch.rand(n, m, generator=torch.Generator().manual_seed(7), dtype=F64).to(dtype)
-    gv = torch.randn(B, generator=torch.Generator().manual_seed(8), dtype=F64).to(dtype)
-    results = []
-    for tile in range(int(emu.num_tiles())):
-        emu.configure(0, SMEM_SM90, tile)
-        out = emu.sinkhorn(a, b, cost, 0.1, 3, 1e-8, False, True)
-        results.append((tile, out, emu.sinkhorn_backward(gv, a, b, cost, *out[3:], 0.1, False)))
-    emu.configure(-1, SMEM_SM90, -1)
-    cpu = cpu_ops.sinkhorn(a, b, cost, 0.1, 3, 1e-8, False, True)
-    for tile, out, g in results:
-        for name, x, y in zip(OUTPUTS, out, cpu):
-            record(f"tile fwd {name} vs cpu", dtype, rel(x, y), TOL[dtype], f"tile {tile}")
-        for name, x, y in zip(OUTPUTS[1:] + ("grad_a", "grad_b"), out[1:] + g, results[0][1][1:] + results[0][2]):
-            if not same(x, y):
-                bad.append(f"tile {tile} {dtype}: {name} differs from tile 0")
 
 for (what, dt), err in sorted(worst.items()):
     print(f"max rel error {dt:8s} {what:28s} {err:.3g}")
