@@ -46,7 +46,7 @@ Sweeps (off by default; the defaults they weigh are unmeasured: no GPU has run t
                       lower R to fit shared memory) at the sizes with n, m <= 256; u, v and the gradients must be
                       bitwise the product op's (the value too, except for a forced tile: to rounding);
   --sweep-onchip      the single-launch Triton kernels with each float32 scaling-domain configuration of
-                      sk.ONCHIP_CONFIG_CANDIDATES (today's ONCHIP_CONFIG entry where the module has none) at
+                      sk.ONCHIP_CONFIG_CANDIDATES (tl.dot for BLOCK_B >= 16, broadcast products below) at
                       256x100, 256x91, 2048x100, 4096x81;
   --sweeps-only       only the sweeps: a tuning run as a device call of its own, e.g.
       python bench/gpu_quick.py --device cuda --sweeps-only --sweep-tiles --sweep-cuda-tiles --sweep-onchip \
@@ -1005,9 +1005,8 @@ def cuda_sweep_tasks(problems, args, device):
 # ============================================================================================ Triton on-chip sweep
 def onchip_candidates():
     """The float32 scaling-domain configurations of the single-launch Triton kernels to time:
-    sk.ONCHIP_CONFIG_CANDIDATES where the module has it, else today's entry alone."""
-    return tuple(tuple(c) for c in getattr(sk, "ONCHIP_CONFIG_CANDIDATES",
-                                           (sk.ONCHIP_CONFIG[torch.float32]["scaling"],)))
+    sk.ONCHIP_CONFIG_CANDIDATES, (BLOCK_B, BLOCK_N, BLOCK_K, num_warps) each."""
+    return tuple(tuple(c) for c in sk.ONCHIP_CONFIG_CANDIDATES)
 
 
 def row_onchip(pb: Problem, cfg, args, device: str) -> dict:
@@ -1260,7 +1259,7 @@ def parse_args(argv=None):
                          f"{','.join(map(str, ROWS_PER_BLOCK_SWEEP))} at the sizes with n, m <= 256 (default: off)")
     ap.add_argument("--sweep-onchip", action="store_true",
                     help="also time the single-launch Triton kernels with each float32 scaling-domain configuration "
-                         "of sk.ONCHIP_CONFIG_CANDIDATES (or today's ONCHIP_CONFIG entry alone) at "
+                         "of sk.ONCHIP_CONFIG_CANDIDATES at "
                          f"{ONCHIP_SWEEP_SIZES} (smoke: the first smoke size) (default: off)")
     ap.add_argument("--sweeps-only", action="store_true",
                     help="run only the sweeps asked for (--sweep-tiles, --sweep-cuda-tiles, --sweep-onchip), not the "
