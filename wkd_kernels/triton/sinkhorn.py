@@ -644,16 +644,18 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
 
     y_out = y if keep_history else dummy
 
-    if shared and not log_domain:
+    dot = shared and not log_domain
+    # the tl.dot kernels keep the scalings in work buffers with padded rows (the outputs themselves when no padding
+    # is needed; with padding, the last iteration also writes the outputs); the row kernels use the outputs
+    n_pad, m_pad = (_pad16(n), _pad16(m)) if dot else (n, m)
+    u_w = u if n_pad == n else torch.empty(B, n_pad, dtype=dt, device=dev)
+    v_w = v if m_pad == m else torch.empty(B, m_pad, dtype=dt, device=dev)
+    _sinkhorn_fwd_init_kernel[(B,)](a, u_w, n, n_pad, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
+
+    if dot:
         prec = _dot_precision(dt, precision)
         BB, BN, BK, warps = DOT_CONFIG[(dt, prec)]
-        n_pad, m_pad = _pad16(n), _pad16(m)
         kmat, kc = _padded_kernel_matrices(cost, n_pad, m_pad, reg_hi, reg_lo)
-        # the scalings live in padded work buffers (the outputs themselves when no padding is needed); with padding,
-        # the last iteration also writes them to the outputs
-        u_w = u if n_pad == n else torch.empty(B, n_pad, dtype=dt, device=dev)
-        v_w = v if m_pad == m else torch.empty(B, m_pad, dtype=dt, device=dev)
-        _sinkhorn_fwd_init_kernel[(B,)](a, u_w, n, n_pad, LOG=False, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
         n_part = triton.cdiv(n, BN)
         part = torch.empty(B, n_part, dtype=dt, device=dev)
         for t in range(T):
@@ -668,7 +670,6 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
                 FINAL=final, STORE_HIST=keep_history, STORE_OUT=final and n_pad != n, PREC=prec, BLOCK_B=BB,
                 BLOCK_N=BN, BLOCK_K=BK, num_warps=warps)
     else:
-        _sinkhorn_fwd_init_kernel[(B,)](a, u, n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=INIT_BLOCK)
         BN, BK, warps = ROWS_CONFIG[dt]
         if shared:  # log domain: L = -cost/reg built once
             mat = torch.empty(n, m, dtype=dt, device=dev)
@@ -711,15 +712,17 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
         return ga, gb
     reg_hi, reg_lo = _split(reg)
 
-    if shared and not log_domain:
+    dot = shared and not log_domain
+    n_pad, m_pad = (_pad16(n), _pad16(m)) if dot else (n, m)  # rows of the work buffers (padded for tl.dot)
+    x = torch.empty(B, n_pad, dtype=dt, device=dev)  # work buffer: left operand of the S-side products
+    zv = torch.empty(B, m_pad, dtype=dt, device=dev)  # work buffer: left operand of the R-side products
+    _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n_pad, ELEM_BLOCK),)](
+        g, a, hist_r[T - 1], y, ga, x, B * n_pad, n, n_pad, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+
+    if dot:
         prec = _dot_precision(dt, precision)
         BB, BN, BK, warps = DOT_CONFIG[(dt, prec)]
-        n_pad, m_pad = _pad16(n), _pad16(m)
         kmat, kc = _padded_kernel_matrices(cost, n_pad, m_pad, reg_hi, reg_lo)
-        x = torch.empty(B, n_pad, dtype=dt, device=dev)  # work buffer: left operand of the S-side products
-        zv = torch.empty(B, m_pad, dtype=dt, device=dev)  # work buffer: left operand of the R-side products
-        _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n_pad, ELEM_BLOCK),)](
-            g, a, hist_r[T - 1], y, ga, x, B * n_pad, n, n_pad, LOG=False, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
         for t in range(T - 1, -1, -1):
             _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
                 x, kmat, kc, a, hist_r[T - 1], g, hist_s[t], b, gb, zv, B, n, n_pad, m, m_pad, m_pad, 1,
@@ -731,10 +734,6 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
                     SIDE_S=False, FIRST=False, WRITE_OUT=True, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
                     num_warps=warps)
     else:
-        x = torch.empty(B, n, dtype=dt, device=dev)  # left operand of the S-side products
-        zv = torch.empty(B, m, dtype=dt, device=dev)  # left operand of the R-side products
-        _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n, ELEM_BLOCK),)](
-            g, a, hist_r[T - 1], y, ga, x, B * n, n, n, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
         BN, BK, warps = ROWS_CONFIG[dt]
         if shared:
             mat = torch.empty(n, m, dtype=dt, device=dev)
