@@ -1192,6 +1192,19 @@ def test_real_imagenet_cost_b256(log_domain):
 # ==========================================================================================================
 # 5. The CUDA C++ source under host emulation (no GPU; opt-in)
 # ==========================================================================================================
+def run_emulation_check(script, marker, tmp_path, sms):
+    """Run python_tests/cuda_emulation/<script> in a subprocess (a fault in the emulator does not take pytest down)
+    with WKD_EMU_SMS = sms emulated multiprocessors; it must exit 0 and print `marker`. The build goes to
+    WKD_EMU_BUILD_DIR when set (reused between runs), else under tmp_path."""
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
+    env = dict(os.environ, WKD_EMU_SMS=str(sms))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(EMULATION / script), bdir], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert marker in proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
                     reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
@@ -1205,13 +1218,7 @@ def test_kernels_under_host_emulation(tmp_path, sms):
     tiles, 1000 the 16 x 32 tiles. Runs in a subprocess (a fault in the emulator does not take pytest down). Set
     WKD_EMU_BUILD_DIR to reuse the build between runs.
     """
-    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
-    env = dict(os.environ, WKD_EMU_SMS=str(sms))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, str(EMULATION / "check_emulated_kernels.py"), bdir], env=env,
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    assert "EMULATION OK" in proc.stdout
+    run_emulation_check("check_emulated_kernels.py", "EMULATION OK", tmp_path, sms=sms)
 
 
 @pytest.mark.slow
@@ -1227,13 +1234,7 @@ def test_single_launch_kernels_under_host_emulation(tmp_path):
     tile table of today's kernels: test_tuning_ops_under_host_emulation.) Set WKD_EMU_BUILD_DIR to reuse the build
     between runs.
     """
-    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
-    env = dict(os.environ, WKD_EMU_SMS="8")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, str(EMULATION / "check_small_c_kernels.py"), bdir], env=env,
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    assert "SMALL-C EMULATION OK" in proc.stdout
+    run_emulation_check("check_small_c_kernels.py", "SMALL-C EMULATION OK", tmp_path, sms=8)
 
 
 @pytest.mark.slow
@@ -1250,13 +1251,7 @@ def test_tuning_ops_under_host_emulation(tmp_path):
     chip, M on chip); ValueError for out-of-range choices. WKD_EMU_SMS=8 (the automatic rows per CTA: B / 16).
     Set WKD_EMU_BUILD_DIR to reuse the build between runs.
     """
-    bdir = os.environ.get("WKD_EMU_BUILD_DIR", str(tmp_path / "build"))
-    env = dict(os.environ, WKD_EMU_SMS="8")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, str(EMULATION / "check_tuning_ops.py"), bdir], env=env,
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    assert "TUNING EMULATION OK" in proc.stdout
+    run_emulation_check("check_tuning_ops.py", "TUNING EMULATION OK", tmp_path, sms=8)
 
 
 # ==========================================================================================================

@@ -19,7 +19,9 @@ triton = pytest.importorskip("triton")
 from wkd_kernels.triton import _support  # noqa: E402
 
 
-def test_compile_matrix_sm80_sm90():
+def run_compile_matrix(*args, timeout):
+    """python_tests/triton_compile_matrix.py with `args` in a subprocess, TRITON_INTERPRET unset; skips where the
+    installed Triton has no NVIDIA backend, is unsupported, or finds no ptxas. Returns the CompletedProcess."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         import triton.backends.nvidia  # noqa: F401
@@ -28,10 +30,15 @@ def test_compile_matrix_sm80_sm90():
     if not _support.supported():
         pytest.skip(_support.support_message())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(REPO / "python_tests" / "triton_compile_matrix.py"), "--arch", "80,90"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    r = subprocess.run([sys.executable, str(REPO / "python_tests" / "triton_compile_matrix.py"), *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
         pytest.skip("no ptxas available")
+    return r
+
+
+def test_compile_matrix_sm80_sm90():
+    r = run_compile_matrix("--arch", "80,90", timeout=3000)
     summary = [line for line in r.stdout.splitlines() if line.startswith(("triton ", "recorded ", "compiled: "))]
     sys.stderr.write("\n" + "\n".join(summary) + "\n")  # the counts per dtype, shown with -s or on failure
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
@@ -49,17 +56,7 @@ def test_compile_matrix_padded_dot_kernels_load_16_bytes():
     operands with the same cp.async widths (16-byte in float64, mostly 16-byte in float32) as at C = 1024, compiled
     for sm_90 with a real launch's alignment specialisations. Without the padding the copies are 4 / 8 bytes and
     this fails (checked when the padding was added)."""
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("triton without the NVIDIA backend")
-    if not _support.supported():
-        pytest.skip(_support.support_message())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(REPO / "python_tests" / "triton_compile_matrix.py"), "--check-load-widths"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("no ptxas available")
+    r = run_compile_matrix("--check-load-widths", timeout=1200)
     assert r.returncode == 0 and "load widths: 0 mismatches" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
 
 

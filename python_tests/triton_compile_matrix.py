@@ -82,11 +82,13 @@ def _describe(fn: JITFunction, args, kwargs) -> Variant:
 
 
 class Recorder:
-    """Replaces JITFunction.run while active: each launch is recorded (deduplicated), nothing runs."""
+    """Replaces JITFunction.run while active: each launch is recorded (deduplicated), nothing runs. calls: every
+    launch as (JITFunction, args, kwargs), in order, with its real argument values."""
 
     def __init__(self):
         self.variants: dict = {}
         self.launches = 0
+        self.calls: list = []
 
     def __enter__(self):
         self._orig = JITFunction.run
@@ -94,6 +96,7 @@ class Recorder:
 
         def run(fn, *args, grid=None, warmup=False, **kwargs):
             recorder.launches += 1
+            recorder.calls.append((fn, args, kwargs))
             v = _describe(fn, args, kwargs)
             recorder.variants.setdefault(v.key(), v)
             return None
@@ -266,15 +269,10 @@ def check_dot_kernel_load_widths(arch: int = 90, sizes=((1000, 999), (1024, 1024
                     b = torch.full((B, m), 1.0 / m, dtype=dt)
                     cost = torch.rand(n, m, dtype=dt)
                     hist = (torch.empty(T, B, n, dtype=dt), torch.empty(T, B, m, dtype=dt), torch.empty(B, n, dtype=dt))
-                    launches = []
-                    orig = JITFunction.run
-                    JITFunction.run = lambda fn, *args, grid=None, warmup=False, **kw: launches.append((fn, args, kw))
-                    try:
+                    with Recorder() as rec:
                         sk.sinkhorn_forward(a, b, cost, 0.05, T, 0.0, False, True, prec)
                         sk.sinkhorn_backward(torch.ones(B, dtype=dt), a, b, cost, *hist, 0.05, False, prec)
-                    finally:
-                        JITFunction.run = orig
-                    for fn, args, kw in launches:
+                    for fn, args, kw in rec.calls:
                         if fn.__name__ not in ("_sinkhorn_fwd_dot_kernel", "_sinkhorn_bwd_dot_kernel") or kw.get("FIRST"):
                             continue
                         flags = tuple(sorted((k, v) for k, v in kw.items() if k in ("FINAL", "SIDE_S", "STORE_OUT")))

@@ -27,26 +27,15 @@ import emulator  # this directory (the script's own) is on sys.path; it puts the
 from conftest import simplex  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
 
+from emulator import OUTPUTS, SMEM_SM90, rel, same  # noqa: E402
+
 emu, cpu_ops = emulator.load(sys.argv[1])
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F32: 1e-5, F64: 1e-10}
 GTOL = {F32: 1e-4, F64: 1e-9}
-OUTPUTS = ("value", "u", "v", "hist_r", "hist_s", "y")
-SMEM_SM90 = 227 * 1024
 bad = []
 worst = {}  # (what, dtype) -> max relative error
-
-
-def rel(x, y, scale=None):
-    x, y = x.double(), y.double()
-    fin = torch.isfinite(y)
-    if not torch.equal(fin, torch.isfinite(x)):
-        return float("inf")
-    if not fin.any():
-        return 0.0
-    scale = y[fin].abs().max().item() if scale is None else scale
-    return ((x[fin] - y[fin]).abs().max() / max(scale, 1e-300)).item()
 
 
 def record(what, dtype, err, tol, tag):
@@ -60,10 +49,6 @@ def counted(f, *args):
     c0 = emu.launch_count()
     out = f(*args)
     return out, emu.launch_count() - c0
-
-
-def same(x, y):
-    return x.shape == y.shape and torch.equal(torch.nan_to_num(x, 7.0), torch.nan_to_num(y, 7.0))
 
 
 def expected_launches(B, n, m, dtype, smem, sms=int(os.environ.get("WKD_EMU_SMS", "8"))):

@@ -30,31 +30,16 @@ import torch
 import emulator  # this directory (the script's own) is on sys.path; it puts the repository there too
 from conftest import simplex  # noqa: E402
 
+from emulator import OUTPUTS, SMEM_SM90, rel, same  # noqa: E402
+
 emu, cpu_ops = emulator.load(sys.argv[1])
 tune = torch.ops.wkd_cuda_emu_tuning
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F32: 1e-5, F64: 1e-10}
 GTOL = {F32: 1e-4, F64: 1e-9}
-OUTPUTS = ("value", "u", "v", "hist_r", "hist_s", "y")
-SMEM_SM90 = 227 * 1024
 REG, EPS = 0.1, 1e-8
 bad = []
-
-
-def rel(x, y, scale=None):
-    x, y = x.double(), y.double()
-    fin = torch.isfinite(y)
-    if not torch.equal(fin, torch.isfinite(x)):
-        return float("inf")
-    if not fin.any():
-        return 0.0
-    scale = y[fin].abs().max().item() if scale is None else scale
-    return ((x[fin] - y[fin]).abs().max() / max(scale, 1e-300)).item()
-
-
-def same(x, y):
-    return x.shape == y.shape and torch.equal(torch.nan_to_num(x, 7.0), torch.nan_to_num(y, 7.0))
 
 
 def problem(B, n, m, dtype, seed=0):

@@ -22,3 +22,26 @@ def load(build_dir: str):
     ce.load(name="wkd_cuda_emu", sources=[str(HERE / "emu_sinkhorn_cuda.cpp")], build_directory=build_dir,
             extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, with_cuda=False)
     return torch.ops.wkd_cuda_emu, torch.ops.wkd
+
+
+# Shared by the checks of the single-launch kernels and the tuning ops.
+OUTPUTS = ("value", "u", "v", "hist_r", "hist_s", "y")  # the outputs of wkd::sinkhorn, in order
+SMEM_SM90 = 227 * 1024  # opt-in shared memory per block on sm_90 (bytes)
+
+
+def rel(x, y, scale=None):
+    """max |x - y| / scale over the finite entries of y (scale: max |y| there by default); inf when x and y are not
+    finite at the same places, 0 when nothing is finite."""
+    x, y = x.double(), y.double()
+    fin = torch.isfinite(y)
+    if not torch.equal(fin, torch.isfinite(x)):
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    scale = y[fin].abs().max().item() if scale is None else scale
+    return ((x[fin] - y[fin]).abs().max() / max(scale, 1e-300)).item()
+
+
+def same(x, y):
+    """Same shape and bitwise equal (NaN equal to NaN)."""
+    return x.shape == y.shape and torch.equal(torch.nan_to_num(x, 7.0), torch.nan_to_num(y, 7.0))
