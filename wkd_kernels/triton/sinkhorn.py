@@ -182,6 +182,35 @@ def _lse_update(mx, sm, sm2, val, coef, coef2, TWO: tl.constexpr, ACCURATE: tl.c
 # Forward kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _half_update(acc, mx, mass, mask, eps, log_eps, LOG: tl.constexpr, HAS_EPS: tl.constexpr,
+                 ACCURATE: tl.constexpr):
+    """The epilogue of one half-iteration from its product acc (log domain: the sum of exp(. - mx), max-shifted by mx):
+    den = acc + eps, scal = mass / den (log: den = log(exp(mx) acc + eps), scal = log mass - den); masked lanes get
+    den 1 (log: 0), so no 0/0 or -inf - -inf. Returns (den, scal): the history entry and the new scaling."""
+    if LOG:
+        den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
+        den = tl.where(mask, den, 0.0)
+        scal = _safe_log(mass, ACCURATE) - den
+    else:
+        den = tl.where(mask, acc + eps, 1.0)
+        scal = _div(mass, den)
+    return den, scal
+
+
+@triton.jit
+def _value_terms(scal, acc_y, mx, LOG: tl.constexpr, ACCURATE: tl.constexpr):
+    """The last r-half's y = (K∘C) v_T from its product acc_y (log: log y, acc_y max-shifted by mx) and the value's
+    terms u_T,i y_i (scal = u_T, log u_T when LOG). Returns (y, terms)."""
+    if LOG:
+        y = mx + _safe_log(acc_y, ACCURATE)
+        term = tl.where((scal != float("-inf")) & (acc_y != 0), _exp(scal + mx, ACCURATE) * acc_y, 0.0)
+    else:
+        y = acc_y
+        term = scal * acc_y
+    return y, term
+
+
+@triton.jit
 def _sinkhorn_kmat_kernel(cost_ptr, out_ptr, numel, reg_hi, reg_lo, LOG: tl.constexpr, ACCURATE: tl.constexpr,
                           BLOCK: tl.constexpr):
     """out = exp(-cost / reg) (scaling domain) or -cost / reg (log domain), element-wise over a shared [n, m] cost."""
@@ -351,24 +380,13 @@ def _sinkhorn_fwd_rows_kernel(
                 sm2 += tl.sum(x[:, None] * (tile * ct), axis=0)
     ooff = row * ND + cols
     mass = tl.load(mass_ptr + ooff, mask=cmask, other=0.0)
-    if LOG:
-        log_eps = _scalar(leps_hi, leps_lo, DT)
-        den = _log_add_eps(mx + _safe_log(sm, ACCURATE), log_eps, HAS_EPS, ACCURATE)
-        den = tl.where(cmask, den, 0.0)  # masked lanes: no -inf - -inf
-        scal = _safe_log(mass, ACCURATE) - den
-    else:
-        den = tl.where(cmask, sm + _scalar(eps_hi, eps_lo, DT), 1.0)  # masked lanes: no 0/0
-        scal = _div(mass, den)
+    den, scal = _half_update(sm, mx, mass, cmask, _scalar(eps_hi, eps_lo, DT), _scalar(leps_hi, leps_lo, DT), LOG,
+                             HAS_EPS, ACCURATE)
     tl.store(scal_ptr + ooff, scal, mask=cmask)
     if STORE_HIST:
         tl.store(hist_ptr + ooff, den, mask=cmask)
     if FINAL:
-        if LOG:
-            y = mx + _safe_log(sm2, ACCURATE)  # log y
-            term = tl.where((scal != float("-inf")) & (sm2 != 0), _exp(scal + mx, ACCURATE) * sm2, 0.0)
-        else:
-            y = sm2
-            term = scal * sm2
+        y, term = _value_terms(scal, sm2, mx, LOG, ACCURATE)
         if STORE_HIST:
             tl.store(y_ptr + ooff, y, mask=cmask)
         part = tl.sum(tl.where(cmask, term, 0.0), axis=0)
@@ -956,13 +974,7 @@ def _sinkhorn_fwd_onchip_kernel(
             omask = rmask[:, None] & jmask[None, :]
             ooff = rows[:, None] * m + cj[None, :]
             mass = tl.load(b_ptr + ooff, mask=omask, other=0.0)
-            if LOG:
-                den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
-                den = tl.where(omask, den, 0.0)  # masked lanes: no -inf - -inf
-                scal = _safe_log(mass, ACCURATE) - den
-            else:
-                den = tl.where(omask, acc + eps, 1.0)  # masked lanes: no 0/0
-                scal = _div(mass, den)
+            den, scal = _half_update(acc, mx, mass, omask, eps, log_eps, LOG, HAS_EPS, ACCURATE)
             tl.store(v_ptr + ooff, scal, mask=omask)
             if STORE_HIST:
                 tl.store(hs_t + ooff, den, mask=omask)
@@ -1004,23 +1016,12 @@ def _sinkhorn_fwd_onchip_kernel(
             omask = rmask[:, None] & imask[None, :]
             ooff = rows[:, None] * n + ci[None, :]
             mass = tl.load(a_ptr + ooff, mask=omask, other=0.0)
-            if LOG:
-                den = _log_add_eps(mx + _safe_log(acc, ACCURATE), log_eps, HAS_EPS, ACCURATE)
-                den = tl.where(omask, den, 0.0)
-                scal = _safe_log(mass, ACCURATE) - den
-            else:
-                den = tl.where(omask, acc + eps, 1.0)
-                scal = _div(mass, den)
+            den, scal = _half_update(acc, mx, mass, omask, eps, log_eps, LOG, HAS_EPS, ACCURATE)
             tl.store(u_ptr + ooff, scal, mask=omask)
             if STORE_HIST:
                 tl.store(hr_t + ooff, den, mask=omask)
             if last:
-                if LOG:
-                    yv = mx + _safe_log(acc_y, ACCURATE)  # log y
-                    term = tl.where((scal != float("-inf")) & (acc_y != 0), _exp(scal + mx, ACCURATE) * acc_y, 0.0)
-                else:
-                    yv = acc_y
-                    term = scal * acc_y
+                yv, term = _value_terms(scal, acc_y, mx, LOG, ACCURATE)
                 if STORE_HIST:
                     tl.store(y_ptr + ooff, yv, mask=omask)
                 value += tl.sum(tl.where(omask, term, 0.0), axis=1)
