@@ -2,32 +2,19 @@
 non-zero WKD loss terms."""
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from examples.common.metrics_log import read_metrics
+from examples.common.readme_smoke import readme_command, with_out
 from examples.detection.train import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_command(readme: Path, module: str) -> list:
-    """The arguments of the first ``python -m MODULE ... --synthetic ...`` command of ``readme``."""
-    for line in readme.read_text().replace("\\\n", " ").splitlines():
-        if line.strip().startswith(f"python -m {module} ") and " --synthetic " in line and "[--synthetic]" not in line:
-            return shlex.split(line.strip())[3:]
-    raise AssertionError(f"no `python -m {module} ... --synthetic` command in {readme}")
-
-
-def _with_out(args: list, out) -> list:
-    i = args.index("--out")
-    return args[:i + 1] + [str(out)] + args[i + 2:]
-
-
 def test_readme_smoke_command_logs_nonzero_wkd_terms(tmp_path):
     args = readme_command(README, "examples.detection.train")
     assert args[args.index("--config") + 1].endswith("wkd_lf.yaml")
-    assert main(_with_out(args, tmp_path / "smoke")) == 0
+    assert main(with_out(args, tmp_path / "smoke")) == 0
     rows = [r for r in read_metrics(tmp_path / "smoke" / "metrics.jsonl") if "train/loss" in r]
     assert rows
     for key in ("train/loss_wkd_l", "train/loss_wkd_f"):
