@@ -15,7 +15,7 @@ from wkd_kernels import settings
 @pytest.fixture
 def restore_defaults():
     """set_defaults changes the process: put the defaults back after the test."""
-    saved = settings.current() if settings._OVERRIDE.get() is None else settings._DEFAULTS[0]
+    saved = settings._DEFAULTS[0]
     yield
     settings.set_defaults(**dataclasses.asdict(saved))
     assert settings.current() == saved
@@ -175,3 +175,57 @@ def test_check_values_setting_for_the_gpu_kernels():
         assert not torch.isfinite(wk.sinkhorn(a, b, c, 0.1, 3, backend="triton").value).all()
     with pytest.raises(ValueError, match="`a` contains non-finite"):
         wk.sinkhorn(a.cpu(), b.cpu(), c.cpu(), 0.1, 3, check_values=False)  # CPU: always checked
+
+
+def test_override_exited_out_of_order_restores_the_defaults():
+    base = settings.current()
+    outer, inner = settings.override(backend="cpu"), settings.override(check_values=True)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the outer block first: its own change goes, the inner one stays in effect
+    assert settings.current().check_values is True
+    inner.__exit__(None, None, None)
+    assert settings.current() == base
+
+
+def test_compiled_function_reads_the_settings_at_trace_time():
+    """Dynamo cannot trace a ContextVar on every supported torch: the settings are constants of the traced graph."""
+    seen = []
+
+    def backend_in_effect(x):
+        seen.append(settings.current().backend)
+        return x + 1
+
+    torch._dynamo.reset()
+    with settings.override(backend="cpu"):
+        compiled = torch.compile(backend_in_effect, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
+    assert seen == ["cpu"]
+
+
+@pytest.mark.parametrize("checks", [False, True])
+def test_sinkhorn_compiles_inside_an_override(checks):
+    a, b = simplex(3, 6, seed=0), simplex(3, 5, seed=1)
+    cost = rand_cost(6, 5)
+    a.requires_grad_()
+
+    def value(a):
+        return wk.sinkhorn(a, b, cost, 0.1, 5).value.sum()
+
+    torch._dynamo.reset()
+    with settings.override(check_values=checks):
+        got = torch.compile(value, fullgraph=True, backend="eager")(a)
+        (grad,) = torch.autograd.grad(got, a)
+    want = value(a)
+    (want_grad,) = torch.autograd.grad(want, a)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_sinkhorn_auto_log_domain_under_compile_is_a_clear_error():
+    a, b, cost = simplex(2, 4, seed=0), simplex(2, 4, seed=1), rand_cost(4, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: wk.sinkhorn(a, b, cost, 0.1, 3, log_domain="auto").value, fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match="log_domain='auto'"):
+        compiled(a)

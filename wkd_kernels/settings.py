@@ -39,6 +39,8 @@ import difflib
 import os
 from typing import Iterator, Optional
 
+import torch
+
 __all__ = ["Settings", "TRITON_INTERPRET", "current", "override", "set_defaults", "BACKENDS", "SINKHORN_PRECISIONS",
            "GAUSSIAN_PRECISIONS", "resolve_precision"]
 
@@ -95,13 +97,39 @@ def _from_environment(environ=os.environ) -> Settings:
 # Triton's own switch (read by Triton when it is imported): its kernels then run on CPU tensors, interpreted.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 _DEFAULTS = [_from_environment()]  # the process-wide defaults (the one environment read)
-_OVERRIDE: contextvars.ContextVar[Optional[Settings]] = contextvars.ContextVar("wkd_kernels_settings", default=None)
+# The active override blocks of this thread / task, innermost last: (entry id, settings) pairs. A block removes its own
+# entry on exit, wherever it is, so blocks exited out of order (interleaved generators, manual __exit__) still leave
+# the defaults behind once all have exited.
+_OVERRIDE: contextvars.ContextVar[tuple] = contextvars.ContextVar("wkd_kernels_settings", default=())
 
 
 def current() -> Settings:
-    """The settings in effect here: the innermost :func:`override`, else the process defaults."""
-    s = _OVERRIDE.get()
-    return _DEFAULTS[0] if s is None else s
+    """The settings in effect here: the innermost :func:`override`, else the process defaults.
+
+    Inside a ``torch.compile`` trace the settings are read once, when the graph is traced, and are constants of that
+    graph (Dynamo cannot trace :class:`contextvars.ContextVar` on every supported torch, and a graph must not change
+    its kernels behind the compiler's back): a compiled function keeps the settings it was compiled under, like a
+    CUDA graph. Pass ``backend=`` / ``precision=`` explicitly, or compile inside the ``override`` block, to choose.
+    """
+    if _is_compiling():
+        return Settings(*_current_fields_for_trace())
+    return _current_eager()
+
+
+def _current_eager() -> Settings:
+    active = _OVERRIDE.get()
+    return active[-1][1] if active else _DEFAULTS[0]
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.compiler.assume_constant_result
+def _current_fields_for_trace() -> tuple:
+    """The current settings as a tuple of constants; Dynamo calls this at trace time and bakes the result in."""
+    s = _current_eager()
+    return tuple(getattr(s, f.name) for f in dataclasses.fields(Settings))
 
 
 def _replace(base: Settings, changes: dict, where: str) -> Settings:
@@ -118,11 +146,12 @@ def _replace(base: Settings, changes: dict, where: str) -> Settings:
 def override(**changes) -> Iterator[Settings]:
     """Change some settings inside a ``with`` block (thread- and task-local); yields the settings in effect."""
     new = _replace(current(), changes, "wkd_kernels.settings.override")
-    token = _OVERRIDE.set(new)
+    entry = (object(), new)
+    _OVERRIDE.set(_OVERRIDE.get() + (entry,))
     try:
         yield new
     finally:
-        _OVERRIDE.reset(token)
+        _OVERRIDE.set(tuple(e for e in _OVERRIDE.get() if e[0] is not entry[0]))
 
 
 def set_defaults(**changes) -> Settings:

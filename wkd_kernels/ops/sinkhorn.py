@@ -214,6 +214,10 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     if a.dtype in HALF:
         a, b, cost = a.float(), b.float(), cost.float()
     if log_domain == "auto":
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"{op}: log_domain='auto' reads max(cost) on the host, which a torch.compile graph "
+                               "cannot do; pass log_domain=True or False inside compiled code (WKDLogitLoss decides "
+                               "once per cost matrix, outside the graph)")
         log_domain = a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype)
     if values_check_requested(check_values, kind):
         check_sinkhorn_values(a, b, cost)
