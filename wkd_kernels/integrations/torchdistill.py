@@ -115,4 +115,5 @@ class WKDFeatureTorchdistillLoss(nn.Module):
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args, **kwargs) -> Tensor:
         fn = "torchdistill WKDFeatureLoss"
         sp, sio, tp, tio = self.paths
-        return self.loss(_io(student_io_dict, sp, sio, "student", fn), _io(teacher_io_dict, tp, tio, "teacher", fn)).loss
+        f_s = _io(student_io_dict, sp, sio, "student", fn)
+        return self.loss(f_s, _io(teacher_io_dict, tp, tio, "teacher", fn)).loss

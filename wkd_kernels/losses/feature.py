@@ -26,7 +26,8 @@ covariance term (tr S_s + tr S_t - 2 tr (...)^1/2), both summed and divided by N
 
 Transformer features: a ViT's token sequence [N, P + H*W, D] (``layout="nlc"``; the P prefix tokens -- class,
 distillation, register -- are left out) and a Swin stage's channels-last map [N, H, W, D] (``layout="nhwc"``) are
-read as the [N, D, H, W] map of their patch tokens: positions = tokens, channels = D (``wkd_kernels.ops.feature_layout``).
+read as the [N, D, H, W] map of their patch tokens: positions = tokens, channels = D
+(``wkd_kernels.ops.feature_layout``).
 So a CNN <-> transformer pair is the same computation as a CNN pair; maps of different sizes (e.g. ViT-S 14 x 14
 tokens vs ResNet-18 7 x 7 at 224) go through ``projector="convreg"``.
 """
