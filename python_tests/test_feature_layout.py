@@ -19,12 +19,16 @@ def test_token_and_channels_last_layouts_equal_the_map_reshaped_by_hand(covarian
     xs, ms = _tokens(seed=1)
     xt, mt = _tokens(seed=2)
     want = wkd_feature_loss(ms, mt, covariance, grid=2)
-    got = wkd_feature_loss(xs, xt, covariance, grid=2, student_prefix_tokens=1, teacher_prefix_tokens=1)
+    got = wkd_feature_loss(xs, xt, covariance, grid=2, student_layout="nlc", teacher_layout="nlc",
+                           student_prefix_tokens=1, teacher_prefix_tokens=1)
+    torch.testing.assert_close(got.loss, want.loss)
+    got = wkd_feature_loss(xs, mt, covariance, grid=2, student_layout="auto", teacher_layout="auto",
+                           student_prefix_tokens=1)
     torch.testing.assert_close(got.loss, want.loss)
     got = wkd_feature_loss(ms.permute(0, 2, 3, 1), xt, covariance, grid=2, student_layout="nhwc",
-                           teacher_prefix_tokens=1)
+                           teacher_layout="nlc", teacher_prefix_tokens=1)
     torch.testing.assert_close(got.loss, want.loss)
-    torch.testing.assert_close(gaussian_wasserstein(xs, xt, covariance, grid=2, num_prefix_tokens=1),
+    torch.testing.assert_close(gaussian_wasserstein(xs, xt, covariance, grid=2, layout="nlc", num_prefix_tokens=1),
                                gaussian_wasserstein(ms, mt, covariance, grid=2))
     torch.testing.assert_close(
         gaussian_wasserstein(ms.permute(0, 2, 3, 1), mt.permute(0, 2, 3, 1), covariance, layout="nhwc"),
@@ -37,7 +41,7 @@ def test_token_gradient_equals_the_map_gradient():
     xs.requires_grad_(True)
     ms = xs[:, 1:].reshape(2, 4, 4, 6).permute(0, 3, 1, 2)
     g_map, = torch.autograd.grad(wkd_feature_loss(ms, mt, grid=2).loss, xs)
-    g_tok, = torch.autograd.grad(wkd_feature_loss(xs, mt, grid=2, student_prefix_tokens=1).loss, xs)
+    g_tok, = torch.autograd.grad(wkd_feature_loss(xs, mt, grid=2, student_layout="nlc", student_prefix_tokens=1).loss, xs)
     torch.testing.assert_close(g_tok, g_map)
     assert torch.equal(g_tok[:, 0], torch.zeros_like(g_tok[:, 0]))  # the class token takes no part
 
@@ -47,7 +51,7 @@ def test_non_square_tokens_need_a_token_grid():
     m = as_nchw(x, "nlc", 1, (2, 3))
     assert m.shape == (2, 4, 2, 3)
     torch.testing.assert_close(m[:, :, 1, 2], x[:, 1 + 5])
-    loss = WKDFeatureLoss(4, 4, projector=None, teacher_prefix_tokens=1, teacher_size=(2, 3))
+    loss = WKDFeatureLoss(4, 4, projector=None, teacher_layout="nlc", teacher_prefix_tokens=1, teacher_size=(2, 3))
     loss(torch.randn(2, 4, 2, 3), x)
     with pytest.raises(ValueError, match="6 patch tokens, not a square"):
         as_nchw(x, "nlc", 1)
@@ -57,9 +61,11 @@ def test_non_square_tokens_need_a_token_grid():
 
 def test_bad_layouts_are_clear_errors():
     tokens, m = _tokens()
-    loss = WKDFeatureLoss(6, 6, projector=None, teacher_prefix_tokens=1)
-    with pytest.raises(ValueError, match="`teacher_features`.*2-D|`teacher_features` must be 4-D"):
+    loss = WKDFeatureLoss(6, 6, projector=None, teacher_layout="nlc", teacher_prefix_tokens=1)
+    with pytest.raises(ValueError, match="`teacher_features` with layout 'nlc' must be 3-D"):
         loss(m, tokens[:, 0])
+    with pytest.raises(ValueError, match="`student_features` must be 4-D"):  # the default layout is NCHW
+        loss(tokens, tokens)
     with pytest.raises(ValueError, match="spatial sizes differ.*`teacher_features` is 5 x 5"):
         loss(m, torch.randn(2, 1 + 25, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="`student_layout` must be"):
@@ -71,4 +77,4 @@ def test_bad_layouts_are_clear_errors():
     with pytest.raises(ValueError, match="layout 'nhwc' must be 4-D"):
         gaussian_wasserstein(tokens, tokens, layout="nhwc")
     with pytest.raises(ValueError, match="17 tokens, not more than its 17 prefix tokens"):
-        gaussian_wasserstein(tokens, tokens, num_prefix_tokens=17)
+        gaussian_wasserstein(tokens, tokens, layout="auto", num_prefix_tokens=17)

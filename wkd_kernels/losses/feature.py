@@ -154,8 +154,8 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
                      mean_cov_ratio: float = 2.0, eps: float = 1e-5, *, weight: float = 1.0,
                      method: str = "newton_schulz", num_iters: Optional[int] = None, path: str = "auto",
                      backend: Optional[str] = None, precision: Optional[str] = None,
-                     check_values: Optional[bool] = None, student_layout: str = "auto",
-                     teacher_layout: str = "auto", student_prefix_tokens: int = 0,
+                     check_values: Optional[bool] = None, student_layout: str = "nchw",
+                     teacher_layout: str = "nchw", student_prefix_tokens: int = 0,
                      teacher_prefix_tokens: int = 0) -> WKDFeatureLossOutput:
     """WKD-F loss, functional form, on an already projected student map (see :class:`WKDFeatureLoss`).
 
@@ -180,7 +180,7 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
             ``check_values`` setting says so, as it synchronises). Skipped under torch.compile.
         student_layout, teacher_layout: ``"nchw"`` [N, C, H, W]; ``"nlc"`` tokens [N, P + H*W, C] (P prefix tokens,
             then a square H x W grid of patch tokens in row-major order); ``"nhwc"`` [N, H, W, C] (Swin stages);
-            ``"auto"`` (default): 4-D is NCHW, 3-D is tokens.
+            ``"auto"``: 4-D is NCHW, 3-D is tokens. Default ``"nchw"``.
         student_prefix_tokens, teacher_prefix_tokens: P, the leading class / distillation / register tokens left
             out of a token sequence (timm's ``model.num_prefix_tokens``); 0 for the other layouts.
 
@@ -229,8 +229,8 @@ class WKDFeatureLoss(nn.Module):
             then differ in size; the projected student map must have the teacher's size). For token sequences they
             are also the token grid (needed when the patch-token count is not a square).
         student_layout, teacher_layout: ``"nchw"`` [N, C, H, W]; ``"nlc"`` transformer tokens [N, P + H*W, D];
-            ``"nhwc"`` channels-last [N, H, W, D] (timm Swin stages, ``model.output_fmt == "NHWC"``); ``"auto"``
-            (default): 4-D is NCHW, 3-D is tokens. Tokens become an [N, D, H, W] map of the patch tokens.
+            ``"nhwc"`` channels-last [N, H, W, D] (timm Swin stages, ``model.output_fmt == "NHWC"``); ``"auto"``:
+            4-D is NCHW, 3-D is tokens. Default ``"nchw"``. Tokens become an [N, D, H, W] map of the patch tokens.
         student_prefix_tokens, teacher_prefix_tokens: P, the leading class / distillation / register tokens left
             out of a token sequence (timm's ``model.num_prefix_tokens``); must be 0 for the other layouts.
         weight: >= 0 factor of the whole loss; a plain attribute (update it per epoch with ``cosine_weight``).
@@ -250,7 +250,7 @@ class WKDFeatureLoss(nn.Module):
                  method: str = "newton_schulz",
                  num_iters: Optional[int] = None, path: str = "auto", backend: Optional[str] = None,
                  precision: Optional[str] = None, check_values: Optional[bool] = None,
-                 student_layout: str = "auto", teacher_layout: str = "auto", student_prefix_tokens: int = 0,
+                 student_layout: str = "nchw", teacher_layout: str = "nchw", student_prefix_tokens: int = 0,
                  teacher_prefix_tokens: int = 0):
         super().__init__()
         fn = "WKDFeatureLoss"
@@ -283,7 +283,8 @@ class WKDFeatureLoss(nn.Module):
                  self._token_grids[0]),
                 ("teacher_features", teacher_features, self.teacher_layout, self.teacher_prefix_tokens,
                  self._token_grids[1])):
-            layout = resolve_layout(x, layout, name, fn)
+            if layout != "nchw":  # (NCHW maps are passed on as given, to the [N, C, H, W] checks)
+                layout = resolve_layout(x, layout, name, fn)
             out.append(as_nchw(x, layout, prefix, size if layout == "nlc" else None, name=name, fn=fn))
         return out
 

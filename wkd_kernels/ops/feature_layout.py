@@ -12,6 +12,9 @@ transformer the positions are the patch tokens and the channels the embedding di
                                      or, when not given, the square sqrt(H*W) x sqrt(H*W).
     "auto": 4-D -> "nchw", 3-D -> "nlc". A channels-last 4-D map is indistinguishable from NCHW by its shape, so
             it must be named "nhwc" (timm models say so in ``model.output_fmt``).
+
+The losses and ``gaussian_wasserstein`` default to "nchw" (a 3-D input stays an error there unless the caller
+names a token layout); "auto" is the opt-in shape rule.
 """
 from __future__ import annotations
 
@@ -67,6 +70,8 @@ def as_nchw(x: Tensor, layout: str = "auto", num_prefix_tokens: int = 0, token_g
             *, name: str = "x", fn: str = "as_nchw") -> Tensor:
     """``x`` as an [N, C, H, W] view (module docstring). ``num_prefix_tokens`` applies to "nlc" only (it must be 0
     otherwise); ``token_grid`` (H, W) likewise. No copy is made: "nlc" / "nhwc" give channels-last strides."""
+    if isinstance(layout, str) and layout.lower() == "nchw" and not num_prefix_tokens and token_grid is None:
+        return x  # as given: the callers' own [N, C, H, W] checks name the argument
     layout = resolve_layout(x, layout, name, fn)
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
         raise ValueError(f"{fn}: the number of prefix tokens of `{name}` must be an integer >= 0, got "

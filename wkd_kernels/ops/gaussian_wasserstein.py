@@ -98,7 +98,7 @@ def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full
                                *, unbiased: bool = True, method: str = "newton_schulz",
                                num_iters: Optional[int] = None, path: str = "auto", backend: Optional[str] = None,
                                precision: Optional[str] = None, check_values: Optional[bool] = None,
-                               layout: str = "auto", num_prefix_tokens: int = 0) -> GaussianW2Terms:
+                               layout: str = "nchw", num_prefix_tokens: int = 0) -> GaussianW2Terms:
     """:func:`gaussian_wasserstein` split into its mean and covariance terms (:class:`GaussianW2Terms`), each
     statistic computed once (WKD-F weighs the two terms differently). Same arguments as
     :func:`gaussian_wasserstein`."""
@@ -159,7 +159,7 @@ def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full
 def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", grid: int = 1, eps: float = 1e-5, *,
                          unbiased: bool = True, method: str = "newton_schulz", num_iters: Optional[int] = None,
                          path: str = "auto", backend: Optional[str] = None, precision: Optional[str] = None,
-                         check_values: Optional[bool] = None, layout: str = "auto",
+                         check_values: Optional[bool] = None, layout: str = "nchw",
                          num_prefix_tokens: int = 0) -> Tensor:
     """Squared 2-Wasserstein distance between the Gaussians of two feature maps, per sample (and grid cell): WKD-F.
 
@@ -180,8 +180,8 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
     Args:
         f_s, f_t: student and teacher features of the same shape, dtype and device (half computed in float32), in
             ``layout``: ``"nchw"`` [N, C, H, W], ``"nlc"`` transformer tokens [N, P + H*W, D] (positions = the H*W
-            patch tokens, a square grid; channels = D), ``"nhwc"`` [N, H, W, D] (Swin), or ``"auto"`` (default:
-            4-D is NCHW, 3-D is tokens); see ``wkd_kernels.ops.feature_layout``.
+            patch tokens, a square grid; channels = D), ``"nhwc"`` [N, H, W, D] (Swin), or ``"auto"`` (4-D is NCHW,
+            3-D is tokens); default ``"nchw"``; see ``wkd_kernels.ops.feature_layout``.
         covariance: ``"full"`` or ``"diag"``.
         grid: cells per side (1 <= grid <= min(H, W)).
         eps: >= 0, added to the variances (diag) or to the covariance diagonal (C x C path); keeps the gradient
