@@ -200,6 +200,10 @@ def test_compile_and_prepare_distributed(tmp_path):
     out["loss"].backward()
     assert eval_model(x).shape == (4, C)
     assert task.get_eval_model() is eval_model
+    logit_task = WKDLogitDistillationTask(_cnn(0), _cnn(1), temperature=4.0, wkd_weight=1.0, verbose=False)
+    eager = logit_task(x, y)["kd_loss"].detach()
+    logit_task.compile(backend="eager")
+    torch.testing.assert_close(logit_task(x, y)["kd_loss"].detach(), eager)
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
