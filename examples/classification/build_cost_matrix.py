@@ -34,6 +34,7 @@ from examples.common.checkpoint import load_checkpoint, save_checkpoint
 from examples.common.config import load_config
 from examples.common.schema import ClassificationConfig, resolve
 from wkd_kernels.interrelations import cka_distance
+from wkd_kernels.ops.feature_layout import as_nchw
 
 from .data import build_datasets
 from .train import build_network
@@ -159,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
             elif source == "pooled":
                 v = o.features["pooled"]
             else:
-                v = o.features[layer].flatten(1)
+                f = o.features[layer]  # a ViT / DeiT "last" is tokens: its patch-token map, as for the CNNs
+                v = as_nchw(f, *getattr(teacher, "feature_layouts", {}).get(layer, ("nchw", 0))).flatten(1)
             v = v.float().cpu()
             if feats is None:
                 feats = torch.zeros(K, n, v.shape[1], dtype=torch.float32)

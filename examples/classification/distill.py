@@ -24,6 +24,11 @@ when half, valid conv otherwise), as the WRN-40-2 -> ShuffleNetV1 configs use (8
 another projector (the cross-architecture pairs, e.g. ViT-S 14x14 tokens vs ResNet18 7x7 at 224) the student map
 is brought to the teacher's H x W before the projector (adaptive average pooling when larger, bilinear
 interpolation when smaller: **our choice**), so WKD-F's Gaussians and FitNet's MSE compare the same grid cells.
+
+Transformer features: a ViT / DeiT "last" feature is its token sequence (``model.feature_layouts``). WKD-F gets a
+teacher's tokens as they are (``WKDFeatureLoss(teacher_layout="nlc", teacher_prefix_tokens=P)``: positions = patch
+tokens); a student's tokens, which the projector and the resizing above read as a map, and FitNet's inputs are
+viewed as [N, D, h, w] by ``wkd_kernels.ops.feature_layout.as_nchw``.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from examples.common.schema import DistillConfig, resolve
 from wkd_kernels import sharpen
 from wkd_kernels.losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDLogitLoss,
                                 cosine_weight, make_projector)
+from wkd_kernels.ops.feature_layout import as_nchw
 
 __all__ = ["Distiller", "CLS_METHODS", "load_cost_matrix", "match_spatial", "scheduled_weight"]
 
@@ -99,6 +105,11 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> Tensor:
     return F.interpolate(f_s, size=(ht, wt), mode="bilinear", align_corners=False)
 
 
+def _layout(model: nn.Module, key: str):
+    """(layout, prefix tokens) of feature ``key`` of a zoo model (NCHW unless ``model.feature_layouts`` says)."""
+    return getattr(model, "feature_layouts", {}).get(key, ("nchw", 0))
+
+
 def _feature_sizes(student: nn.Module, teacher: nn.Module, layer: str, input_size: int):
     """(H, W) of ``layer`` in the student and the teacher at ``input_size`` (one no-grad eval forward)."""
     sizes = []
@@ -108,7 +119,8 @@ def _feature_sizes(student: nn.Module, teacher: nn.Module, layer: str, input_siz
         was = net.training
         net.eval()
         with torch.no_grad():
-            sizes.append(tuple(net(x).features[layer].shape[-2:]))
+            f = net(x).features[layer]
+            sizes.append(tuple(as_nchw(f, *_layout(net, layer)).shape[-2:]))
         net.train(was)
     return sizes
 
@@ -170,6 +182,9 @@ class Distiller(nn.Module):
                                      f"{sorted(model.feature_channels)}")
             cs, ct = student.feature_channels[layer], teacher.feature_channels[layer]
             self.feature_layer = layer
+            self.feature_layouts = (_layout(student, layer), _layout(teacher, layer))
+            # WKD-F reads the teacher's tokens itself; FitNet's MSE gets [N, C, H, W] views
+            t_layout, t_prefix = self.feature_layouts[1] if name == "wkd_f" else ("nchw", 0)
             self.spatial_projector = sec["projector"] == "convreg"
             proj = sec["projector"]
             if self.spatial_projector:  # the published ConvReg needs both maps' sizes: one probe forward
@@ -188,7 +203,8 @@ class Distiller(nn.Module):
                     cs, ct, covariance=sec["covariance"], grid=sec["grid"], mean_cov_ratio=sec["mean_cov_ratio"],
                     eps=sec["eps"], projector=proj, hidden_channels=sec["hidden_channels"],
                     weight=float(_required(sec, "weight", "distill.wkd_f")), method=sec["method"],
-                    num_iters=sec["num_iters"], path=sec["path"])
+                    num_iters=sec["num_iters"], path=sec["path"], teacher_layout=t_layout,
+                    teacher_prefix_tokens=t_prefix)
         self.set_epoch(0)
 
     @property
@@ -250,11 +266,15 @@ class Distiller(nn.Module):
         if self.feature_term is not None:
             name = self.feature_term
             f_t = out_t.features[self.feature_layer].float()
-            f_s = out_s.features[self.feature_layer]
+            (s_layout, s_prefix), (t_layout, t_prefix) = self.feature_layouts
+            f_s = as_nchw(out_s.features[self.feature_layer], s_layout, s_prefix)  # a view; tokens -> patch map
+            t_map = as_nchw(f_t, t_layout, t_prefix)
+            if name == "fitnet":
+                f_t = t_map
             if self.spatial_projector:  # the published ConvReg changes the spatial size itself
                 f_s = self.losses[f"{name}_projector"](f_s)
             else:
-                f_s = match_spatial(f_s, f_t)
+                f_s = match_spatial(f_s, t_map)
             if name == "fitnet":
                 terms["fitnet"] = float(cfg["fitnet"]["weight"]) * self.losses["fitnet"](f_s, f_t)
             else:

@@ -23,6 +23,13 @@ model by full C x C covariances and the per-cell term by the Gaussian (Bures-)Wa
 computed by ``wkd_kernels.gaussian_wasserstein`` (nuclear-norm low-rank path when a cell has fewer positions than
 channels, docs/design.md section 4), with the same normalisation: mean_loss is the mean term as above and cov_loss the
 covariance term (tr S_s + tr S_t - 2 tr (...)^1/2), both summed and divided by N G^2.
+
+Transformer features: a ViT's token sequence [N, P + H*W, D] (``layout="nlc"``; the P prefix tokens -- class,
+distillation, register -- are left out) and a Swin stage's channels-last map [N, H, W, D] (``layout="nhwc"``) are
+read as the [N, D, H, W] map of their patch tokens: positions = tokens, channels = D
+(``wkd_kernels.ops.feature_layout``).
+So a CNN <-> transformer pair is the same computation as a CNN pair; maps of different sizes (e.g. ViT-S 14 x 14
+tokens vs ResNet-18 7 x 7 at 224) go through ``projector="convreg"``.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from torch import Tensor, nn
 
 from .. import settings
 from ..ops.checks import HALF, cell_bounds, check_int, check_number, loss_values_check_wanted
+from ..ops.feature_layout import as_nchw, resolve_layout
 from ..ops.common import resolve_backend
 from ..ops.feature_stats import feature_stats_op
 from ..ops.gaussian_wasserstein import gaussian_wasserstein_terms, sqrt_zero_subgradient
@@ -146,14 +154,16 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
                      mean_cov_ratio: float = 2.0, eps: float = 1e-5, *, weight: float = 1.0,
                      method: str = "newton_schulz", num_iters: Optional[int] = None, path: str = "auto",
                      backend: Optional[str] = None, precision: Optional[str] = None,
-                     check_values: Optional[bool] = None) -> WKDFeatureLossOutput:
+                     check_values: Optional[bool] = None, student_layout: str = "nchw",
+                     teacher_layout: str = "nchw", student_prefix_tokens: int = 0,
+                     teacher_prefix_tokens: int = 0) -> WKDFeatureLossOutput:
     """WKD-F loss, functional form, on an already projected student map (see :class:`WKDFeatureLoss`).
 
     Args:
         student_features: [N, C, H, W] student features *after* the projector (float16/bfloat16/float32/float64;
-            differentiable).
+            differentiable), or tokens / a channels-last map, see ``student_layout``.
         teacher_features: [N, C, H, W] teacher features, same N, C, H, W and device (any of those dtypes); treated
-            as a constant (detached).
+            as a constant (detached); or tokens / a channels-last map, see ``teacher_layout``.
         covariance: ``"diag"`` (the published WKD-F) or ``"full"`` (full C x C covariances, Bures-Wasserstein).
         grid: G, cells per side of the adaptive-pooling partition, 1 <= G <= min(H, W), every cell >= 2 positions.
             Default 1 (one Gaussian per channel over the whole map); the published WKD code defaults to 4 (its
@@ -168,12 +178,21 @@ def wkd_feature_loss(student_features: Tensor, teacher_features: Tensor, covaria
             of the Triton ones (``"ieee"``, ``"tf32x3"``); None: the settings (``wkd_kernels.settings``).
         check_values: reject non-finite features (always on CPU unless False; on CUDA only when True or the
             ``check_values`` setting says so, as it synchronises). Skipped under torch.compile.
+        student_layout, teacher_layout: ``"nchw"`` [N, C, H, W]; ``"nlc"`` tokens [N, P + H*W, C] (P prefix tokens,
+            then a square H x W grid of patch tokens in row-major order); ``"nhwc"`` [N, H, W, C] (Swin stages);
+            ``"auto"``: 4-D is NCHW, 3-D is tokens. Default ``"nchw"``.
+        student_prefix_tokens, teacher_prefix_tokens: P, the leading class / distillation / register tokens left
+            out of a token sequence (timm's ``model.num_prefix_tokens``); 0 for the other layouts.
 
     Returns:
         :class:`WKDFeatureLossOutput` ``(loss, mean_loss, cov_loss)``: scalars, squared feature units, float32
         (float64 when both inputs are float64); loss = weight * (mean_cov_ratio * mean_loss + cov_loss).
     """
     fn = "wkd_feature_loss"
+    student_features = as_nchw(student_features, student_layout, student_prefix_tokens, name="student_features",
+                               fn=fn)
+    teacher_features = as_nchw(teacher_features, teacher_layout, teacher_prefix_tokens, name="teacher_features",
+                               fn=fn)
     mean_cov_ratio, eps, weight, num_iters = _check_options(covariance, grid, mean_cov_ratio, eps, weight, method,
                                                             num_iters, path, fn)
     _check_features(student_features, teacher_features, fn)
@@ -192,7 +211,8 @@ class WKDFeatureLoss(nn.Module):
     and the Bures-Wasserstein distance, same normalisation.
 
     Args:
-        student_channels, teacher_channels: Cs, Ct of the two [N, C, H, W] maps (same N, H, W).
+        student_channels, teacher_channels: Cs, Ct of the two [N, C, H, W] maps (same N, H, W), or the token
+            dimension D of transformer features (``student_layout`` / ``teacher_layout``).
         covariance: ``"diag"`` or ``"full"``.
         grid: G, cells per side (adaptive-pooling cells). Default 1 (one Gaussian per channel over the whole map);
             the published WKD code defaults to 4 (its ImageNet recipes and WRN-40-2 -> ShuffleNetV1 use G = 4,
@@ -206,14 +226,22 @@ class WKDFeatureLoss(nn.Module):
             an ``nn.Module``, or ``None`` (identity, needs Cs == Ct); see ``make_projector``. Its parameters belong to this module: add ``loss.parameters()`` to the optimiser.
         hidden_channels: bottleneck width (default 256, as published).
         student_size, teacher_size: (H, W) of the student and teacher maps, for ``projector="convreg"`` (the maps may
-            then differ in size; the projected student map must have the teacher's size).
+            then differ in size; the projected student map must have the teacher's size). For token sequences they
+            are also the token grid (needed when the patch-token count is not a square).
+        student_layout, teacher_layout: ``"nchw"`` [N, C, H, W]; ``"nlc"`` transformer tokens [N, P + H*W, D];
+            ``"nhwc"`` channels-last [N, H, W, D] (timm Swin stages, ``model.output_fmt == "NHWC"``); ``"auto"``:
+            4-D is NCHW, 3-D is tokens. Default ``"nchw"``. Tokens become an [N, D, H, W] map of the patch tokens.
+        student_prefix_tokens, teacher_prefix_tokens: P, the leading class / distillation / register tokens left
+            out of a token sequence (timm's ``model.num_prefix_tokens``); must be 0 for the other layouts.
         weight: >= 0 factor of the whole loss; a plain attribute (update it per epoch with ``cosine_weight``).
         method, num_iters, path: full covariance only, see ``wkd_kernels.gaussian_wasserstein``.
         backend, precision, check_values: as in :func:`wkd_feature_loss` (None: the settings at call time).
 
     Shapes:
         forward(student_features [N, Cs, H, W], teacher_features [N, Ct, H, W]) -> WKDFeatureLossOutput of three
-        scalars ``(loss, mean_loss, cov_loss)``.
+        scalars ``(loss, mean_loss, cov_loss)``; tokens [N, P + H*W, C] or channels-last [N, H, W, C] in place of
+        either map as the layouts say (a ViT teacher's ``forward_features`` with ``teacher_layout="nlc"`` and
+        ``teacher_prefix_tokens=vit.num_prefix_tokens``).
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, covariance: str = "diag", grid: int = 1,
@@ -221,7 +249,9 @@ class WKDFeatureLoss(nn.Module):
                  hidden_channels: int = 256, student_size=None, teacher_size=None, weight: float = 1.0,
                  method: str = "newton_schulz",
                  num_iters: Optional[int] = None, path: str = "auto", backend: Optional[str] = None,
-                 precision: Optional[str] = None, check_values: Optional[bool] = None):
+                 precision: Optional[str] = None, check_values: Optional[bool] = None,
+                 student_layout: str = "nchw", teacher_layout: str = "nchw", student_prefix_tokens: int = 0,
+                 teacher_prefix_tokens: int = 0):
         super().__init__()
         fn = "WKDFeatureLoss"
         self.mean_cov_ratio, self.eps, _, self.num_iters = _check_options(
@@ -235,6 +265,28 @@ class WKDFeatureLoss(nn.Module):
                                         student_size=student_size, teacher_size=teacher_size)
         self.resizes = projector == "convreg" or isinstance(projector, nn.Module)
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        for name, layout, prefix in (("student", student_layout, student_prefix_tokens),
+                                     ("teacher", teacher_layout, teacher_prefix_tokens)):
+            if not isinstance(layout, str) or layout.lower() not in ("auto", "nchw", "nlc", "nhwc"):
+                raise ValueError(f"{fn}: `{name}_layout` must be 'auto', 'nchw', 'nlc' or 'nhwc', got {layout!r}")
+            if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+                raise ValueError(f"{fn}: `{name}_prefix_tokens` must be an integer >= 0, got {prefix!r}")
+        self.student_layout, self.teacher_layout = student_layout.lower(), teacher_layout.lower()
+        self.student_prefix_tokens, self.teacher_prefix_tokens = student_prefix_tokens, teacher_prefix_tokens
+        self._token_grids = (student_size, teacher_size)
+
+    def _as_maps(self, student_features: Tensor, teacher_features: Tensor, fn: str):
+        """Both inputs as [N, C, H, W] views, by the layouts given at construction."""
+        out = []
+        for name, x, layout, prefix, size in (
+                ("student_features", student_features, self.student_layout, self.student_prefix_tokens,
+                 self._token_grids[0]),
+                ("teacher_features", teacher_features, self.teacher_layout, self.teacher_prefix_tokens,
+                 self._token_grids[1])):
+            if layout != "nchw":  # (NCHW maps are passed on as given, to the [N, C, H, W] checks)
+                layout = resolve_layout(x, layout, name, fn)
+            out.append(as_nchw(x, layout, prefix, size if layout == "nlc" else None, name=name, fn=fn))
+        return out
 
     @property
     def weight(self) -> float:
@@ -252,6 +304,7 @@ class WKDFeatureLoss(nn.Module):
 
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> WKDFeatureLossOutput:
         fn = "WKDFeatureLoss"
+        student_features, teacher_features = self._as_maps(student_features, teacher_features, fn)
         _check_features(student_features, teacher_features, fn, s_channels=self.student_channels,
                         t_channels=self.teacher_channels, same_size=not self.resizes)
         _check_grid(self.grid, teacher_features.shape[2], teacher_features.shape[3], fn)

@@ -13,6 +13,7 @@ from .bures_wasserstein import bures_wasserstein_op
 from .checks import (as_real, cell_bounds, cell_sizes, check_feature_stats_args, check_finite_values, check_method,
                      check_same, stats_dtype, values_check_requested)
 from .common import resolve_backend, resolve_iters, upcast
+from .feature_layout import as_nchw
 from .feature_stats import feature_stats_op
 from .nuclear_norm import nuclear_norm_op
 from .sqrtm import sqrtm_op
@@ -96,8 +97,8 @@ def _low_rank_terms(f_s: Tensor, f_t: Tensor, grid: int, unbiased: bool, method:
 def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full", grid: int = 1, eps: float = 1e-5,
                                *, unbiased: bool = True, method: str = "newton_schulz",
                                num_iters: Optional[int] = None, path: str = "auto", backend: Optional[str] = None,
-                               precision: Optional[str] = None,
-                               check_values: Optional[bool] = None) -> GaussianW2Terms:
+                               precision: Optional[str] = None, check_values: Optional[bool] = None,
+                               layout: str = "nchw", num_prefix_tokens: int = 0) -> GaussianW2Terms:
     """:func:`gaussian_wasserstein` split into its mean and covariance terms (:class:`GaussianW2Terms`), each
     statistic computed once (WKD-F weighs the two terms differently). Same arguments as
     :func:`gaussian_wasserstein`."""
@@ -106,6 +107,9 @@ def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full
         raise ValueError(f"{op}: `covariance` must be 'full' or 'diag', got {covariance!r}")
     if path not in ("auto", "low_rank", "dense"):
         raise ValueError(f"{op}: `path` must be 'auto', 'low_rank' or 'dense', got {path!r}")
+    # token sequences / channels-last maps -> [N, C, H, W] views (ops/feature_layout.py)
+    f_s = as_nchw(f_s, layout, num_prefix_tokens, name="f_s", fn=op)
+    f_t = as_nchw(f_t, layout, num_prefix_tokens, name="f_t", fn=op) if isinstance(f_t, Tensor) else f_t
     check_feature_stats_args(f_s, grid, unbiased, op)
     if not isinstance(f_t, Tensor) or list(f_t.shape) != list(f_s.shape):
         raise ValueError(f"{op}: `f_t` must have the shape of `f_s` {list(f_s.shape)}, got "
@@ -155,7 +159,8 @@ def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full
 def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", grid: int = 1, eps: float = 1e-5, *,
                          unbiased: bool = True, method: str = "newton_schulz", num_iters: Optional[int] = None,
                          path: str = "auto", backend: Optional[str] = None, precision: Optional[str] = None,
-                         check_values: Optional[bool] = None) -> Tensor:
+                         check_values: Optional[bool] = None, layout: str = "nchw",
+                         num_prefix_tokens: int = 0) -> Tensor:
     """Squared 2-Wasserstein distance between the Gaussians of two feature maps, per sample (and grid cell): WKD-F.
 
     Each sample (each cell of a ``grid`` x ``grid`` adaptive-pooling partition) of a feature map [N, C, H, W] is
@@ -173,7 +178,10 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
         :func:`wkd_kernels.bures_wasserstein`.
 
     Args:
-        f_s, f_t: [N, C, H, W] student and teacher features (same shape, dtype, device; half computed in float32).
+        f_s, f_t: student and teacher features of the same shape, dtype and device (half computed in float32), in
+            ``layout``: ``"nchw"`` [N, C, H, W], ``"nlc"`` transformer tokens [N, P + H*W, D] (positions = the H*W
+            patch tokens, a square grid; channels = D), ``"nhwc"`` [N, H, W, D] (Swin), or ``"auto"`` (4-D is NCHW,
+            3-D is tokens); default ``"nchw"``; see ``wkd_kernels.ops.feature_layout``.
         covariance: ``"full"`` or ``"diag"``.
         grid: cells per side (1 <= grid <= min(H, W)).
         eps: >= 0, added to the variances (diag) or to the covariance diagonal (C x C path); keeps the gradient
@@ -188,6 +196,8 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
         backend, precision: which kernels, and the float32 product precision of the Triton ones (see
             :func:`wkd_kernels.sqrtm`); None: the settings (:mod:`wkd_kernels.settings`).
         check_values: see :func:`wkd_kernels.sqrtm`.
+        layout, num_prefix_tokens: the layout of ``f_s`` and ``f_t`` (above) and, for tokens, how many leading
+            class / distillation / register tokens to leave out (timm's ``model.num_prefix_tokens``).
 
     Returns:
         [N] (grid == 1) or [N, grid*grid] squared distances in squared feature units. Rounding can make values that
@@ -196,5 +206,5 @@ def gaussian_wasserstein(f_s: Tensor, f_t: Tensor, covariance: str = "full", gri
     """
     t = gaussian_wasserstein_terms(f_s, f_t, covariance, grid, eps, unbiased=unbiased, method=method,
                                    num_iters=num_iters, path=path, backend=backend, precision=precision,
-                                   check_values=check_values)
+                                   check_values=check_values, layout=layout, num_prefix_tokens=num_prefix_tokens)
     return t.mean + t.cov

@@ -15,6 +15,10 @@ Feature keys (``model.feature_channels`` gives their channels without running th
                            raw block3 output before the final BN-ReLU, as in CRD / mdistiller, whose feature
                            the published WKD-F and FitNet code distil);
     "pooled"               [N, D] the vector fed to ``model.classifier`` (before any head dropout).
+ViT / DeiT are the exception to the [N, C, H, W] maps: their last stage ("last") is the token sequence
+[N, P + h*w, D] that the head reads, class / distillation tokens included; ``model.feature_layouts`` says so
+({"last": ("nlc", P), ...}; a key not in it is NCHW), and WKD-F reads it as the h x w map of patch tokens
+(``wkd_kernels.ops.feature_layout``) instead of a reshape here.
 ``logits == model.classifier(features["pooled"])`` except while a head dropout is active (torchvision MobileNetV2
 in train mode).
 """
@@ -62,6 +66,8 @@ class DistillModel(nn.Module):
         channels["last"] = int(stage_channels[-1])
         channels["pooled"] = int(fc.in_features)
         self.feature_channels: Dict[str, int] = channels
+        # feature key -> (layout, prefix tokens) for features that are not [N, C, H, W] maps (``as_nchw``)
+        self.feature_layouts: Dict[str, Tuple[str, int]] = {}
 
     @property
     def classifier(self) -> nn.Linear:
@@ -156,9 +162,10 @@ class TimmDistillModel(DistillModel):
     """timm ViT / DeiT / Swin / ConvNeXt through ``forward_intermediates`` and ``forward_head(pre_logits=True)``.
 
     ``indices``: which stages (hierarchical models: 0..3) or blocks (ViT: after depth 1/4, 1/2, 3/4 and the end)
-    are the stage features. Intermediates come back NCHW (Swin's NHWC stages are permuted by timm; ViT prefix
-    tokens -- class / distillation -- are dropped and the patch tokens reshaped to [N, C, h, w]).
-    ``tokens=True`` (ViT/DeiT): the last stage is the final-normed token map (what the head reads);
+    are the stage features. Intermediates come back NCHW (Swin's NHWC stages are permuted by timm, ViT's patch
+    tokens reshaped by timm's ``forward_intermediates``).
+    ``tokens=True`` (ViT/DeiT): the last stage is the final-normed token sequence [N, P + h*w, C] (what the head
+    reads; ``feature_layouts`` marks it "nlc" with P = ``net.num_prefix_tokens`` class / distillation tokens);
     ``tokens=False`` (Swin/ConvNeXt): the final norm is applied to the last stage by timm (``norm=True``).
     """
 
@@ -171,14 +178,14 @@ class TimmDistillModel(DistillModel):
                          stage_channels=channels, classifier_name=classifier_name)
         self.indices = idx
         self.tokens = bool(tokens)
+        if self.tokens:
+            token_layout = ("nlc", int(net.num_prefix_tokens))
+            self.feature_layouts.update({f"stage{len(idx)}": token_layout, "last": token_layout})
 
     def forward_stages(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
-        n, _, height, width = x.shape
         final, stages = self.net.forward_intermediates(x, indices=self.indices, norm=not self.tokens)
-        if self.tokens:  # final: [N, prefix + h*w, C] after the last norm
-            h, w = self.net.patch_embed.dynamic_feat_size((height, width))
-            patches = final[:, self.net.num_prefix_tokens:]
-            stages = list(stages[:-1]) + [patches.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()]
+        if self.tokens:  # final: [N, prefix + h*w, C] after the last norm, kept as tokens
+            stages = list(stages[:-1]) + [final]
         return list(stages), self.net.forward_head(final, pre_logits=True)
 
 

@@ -101,8 +101,9 @@ def test_cross_architecture_wkd_f_adapts_spatial_size(tmp_path):
     distiller = train.build_distiller(cfg, synthetic=True, log=lambda *a: None).train()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        t_map = distiller.teacher(x).features["last"]
-    assert t_map.shape[-2:] == (14, 14)
+        t_tokens = distiller.teacher(x).features["last"]
+    assert t_tokens.shape == (2, 1 + 14 * 14, 384)  # ViT-S: class token + 14 x 14 patch tokens, not reshaped
+    assert distiller.losses["wkd_f"].teacher_layout == "nlc" and distiller.losses["wkd_f"].teacher_prefix_tokens == 1
     _, terms = distiller(x, torch.tensor([0, 1]))
     sum(terms.values()).backward()
     assert torch.isfinite(terms["wkd_f"])

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wkd_kernels.ops.feature_layout import as_nchw
+
 from examples.classification.models import (CheckpointMismatchError, DistillModel, DistillModelOutput, build_model,
                                             list_models)
 
@@ -80,14 +82,20 @@ def test_forward_shapes_and_features(name):
     assert k >= 3
     stage_keys = [f"stage{i}" for i in range(1, k + 1)]
     assert list(out.features) == stage_keys + ["last", "pooled"]
-    assert model.feature_channels == {key: t.shape[1] for key, t in out.features.items()}
+    # ViT / DeiT: the last stage is the token sequence [N, P + 14*14, D] (feature_layouts), the rest maps
+    assert set(model.feature_layouts) == ({stage_keys[-1], "last"} if name in TOKEN_MODELS else set())
+    maps = {key: as_nchw(t, *model.feature_layouts.get(key, ("nchw", 0))) if key != "pooled" else t
+            for key, t in out.features.items()}
+    if name in TOKEN_MODELS:
+        assert out.features["last"].shape == (2, model.net.num_prefix_tokens + 14 * 14, model.feature_channels["last"])
+    assert model.feature_channels == {key: t.shape[1] for key, t in maps.items()}
     assert out.features["last"] is out.features[stage_keys[-1]]
     pooled = out.features["pooled"]
     assert pooled.shape == (2, model.feature_channels["pooled"])
 
-    sizes = [out.features[key].shape[-2:] for key in stage_keys]
+    sizes = [maps[key].shape[-2:] for key in stage_keys]
     for key in stage_keys:
-        assert out.features[key].ndim == 4 and out.features[key].shape[0] == 2
+        assert maps[key].ndim == 4 and maps[key].shape[0] == 2
     for a, b in zip(sizes, sizes[1:]):
         if name in TOKEN_MODELS:
             assert a == b == (14, 14)
