@@ -21,7 +21,8 @@ from torch import Tensor
 from .. import settings
 from .checks import (check_bures_all, check_bures_backward_args, check_finite_values, check_precision, check_psd_values,
                      check_symmetric_values, values_check_requested)
-from .common import first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, upcast
+from .common import (first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, reverse_mode_only,
+                     upcast)
 
 __all__ = ["bures_wasserstein"]
 
@@ -88,23 +89,26 @@ for _op, _dev in (("bures_wasserstein", "cuda"), ("bures_wasserstein_triton", No
 
 
 def _setup_context(ctx, inputs, output):
-    mu1, _, mu2, _ = inputs[:4]
+    mu1, S1, mu2, S2 = inputs[:4]
     _, R1, R2, Q = output
     ctx.mark_non_differentiable(R1, R2, Q)
     ctx.set_materialize_grads(False)  # no zero [B, n, n] tensors for the three unused outputs
-    ctx.save_for_backward(mu1, mu2, R1, R2, Q)
+    # The anchor of the double-backward error (first_order_only) must be an input that requires grad: the means
+    # are saved anyway; a covariance is kept only when no mean requires grad (a reference to an input).
+    anchor = None if (mu1.requires_grad or mu2.requires_grad) else (S1 if S1.requires_grad else S2)
+    ctx.save_for_backward(mu1, mu2, R1, R2, Q, anchor)
     ctx.extra = tuple(inputs[4:])  # method, num_iters (and precision for the Triton op)
 
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_w2, grad_R1, grad_R2, grad_Q):
-        mu1, mu2, R1, R2, Q = ctx.saved_tensors
+        mu1, mu2, R1, R2, Q, anchor = ctx.saved_tensors
         if grad_w2 is None:
             return (None,) * (4 + len(ctx.extra))
         with torch.no_grad():
             g = backward_op(grad_w2.contiguous(), mu1, mu2, R1, R2, Q, *ctx.extra)
         g = first_order_only(tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:4])),
-                             (mu1, mu2, R1, grad_w2), "wkd.bures_wasserstein")
+                             (mu1, mu2, anchor, grad_w2), "wkd.bures_wasserstein")
         return tuple(g) + (None,) * len(ctx.extra)
 
     return _backward
@@ -161,7 +165,7 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
                           ("S2", S2, list(lead) + [n, n])):
         if list(t.shape) != want:
             raise ValueError(f"{op}: `{name}` must be {want} to match `S1` {list(S1.shape)}, got {list(t.shape)}")
-    mu1, S1, mu2, S2 = (upcast(t) for t in (mu1, S1, mu2, S2))
+    mu1, S1, mu2, S2 = reverse_mode_only(op, *(upcast(t) for t in (mu1, S1, mu2, S2)))
     num_iters = resolve_iters(num_iters, S1.dtype, op)
     a, A, b, Bm = mu1.reshape(-1, n), S1.reshape(-1, S1.shape[-2], n), mu2.reshape(-1, n), S2.reshape(-1, n, n)
     check_bures_all(a, A, b, Bm, method, num_iters, op)

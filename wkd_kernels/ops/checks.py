@@ -90,18 +90,6 @@ def as_bool(value, name: str, op: str) -> bool:
     raise TypeError(f"{op}: `{name}` must be True or False, got {type(value).__name__} {value!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Double backward: not supported by any op; differentiating a gradient raises this clear error
-# ----------------------------------------------------------------------------------------------------------
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on ``x`` whose backward raises: attached to the gradients an op's backward returns under
-    ``create_graph=True`` (anchored on the op's differentiable input, so that the result requires grad)."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, op):
-        ctx.op = op
-
-
 def check_precision(precision, family: str, op: str) -> None:
     """``precision`` of a Triton op: one of the family's modes ("sinkhorn": ieee/tf32x3/tf32, "gaussian":
     ieee/tf32x3)."""

@@ -72,12 +72,17 @@ def upcast(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 class _FirstOrderOnly(torch.autograd.Function):
     """Identity on ``x`` whose backward raises: attached to the gradients an op's backward returns under
-    ``create_graph=True`` (anchored on the op's differentiable input, so that the result requires grad)."""
+    ``create_graph=True`` (anchored on a tensor that requires grad, so that the result does)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, anchor, op):
-        ctx.op = op
+    def forward(x, anchor, op):
         return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
@@ -86,13 +91,68 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 
 def first_order_only(grads, anchors, op: str):
-    """Mark the gradients returned by an op's backward as not differentiable again (no cost without create_graph)."""
+    """Mark the gradients returned by an op's backward as not differentiable again (no cost without create_graph).
+
+    Under ``create_graph=True`` (grad mode on inside the backward) every returned gradient gets a node whose backward
+    raises, so a second differentiation is a clear error instead of a silently missing second-order term. The anchor
+    is the first of ``anchors`` that requires grad, else a fresh leaf (e.g. when the op's only differentiable inputs
+    are not among the tensors its backward sees)."""
     if not torch.is_grad_enabled():
         return grads
     anchor = next((t for t in anchors if isinstance(t, Tensor) and t.requires_grad), None)
     if anchor is None:
-        return grads
+        anchor = torch.zeros((), requires_grad=True)
     return tuple(_FirstOrderOnly.apply(g, anchor, op) if isinstance(g, Tensor) else g for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-mode AD: not supported by any op; a tangent reaching an op raises this clear error
+# ----------------------------------------------------------------------------------------------------------
+class _NoForwardAD(torch.autograd.Function):
+    """Identity (a view) in reverse mode; its forward-mode rule raises. The ops' autograd formulas are reverse-mode
+    only, and without this a forward-mode tangent would silently come out as zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, op):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _):
+        raise RuntimeError(f"{ctx.op}: forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) "
+                           "is not supported; use reverse mode (torch.autograd.grad, torch.func.grad / jacrev)")
+
+
+def reverse_mode_only(op: str, *tensors):
+    """``tensors`` for an op whose autograd is reverse mode through ``torch.library.register_autograd``.
+
+    Inside a ``torch.func`` transform (grad, jacrev, vmap, jvp, ...) this raises a clear error: PyTorch runs such ops
+    through an autograd function the transforms cannot use. Inside ``torch.autograd.forward_ad`` each floating tensor
+    passes through :class:`_NoForwardAD`, so that a tangent reaching the op raises an error naming it (instead of a
+    silent zero tangent). Elsewhere the tensors come back unchanged, at no cost."""
+    if not torch.compiler.is_compiling() and _functorch_transform_active():
+        raise RuntimeError(f"{op}: torch.func transforms (grad, jacrev, vmap, jvp, jacfwd, hessian) are not "
+                           "supported: the op's gradient is registered with torch.library, which they cannot run "
+                           "through; use torch.autograd.grad (reverse mode). forward-mode AD is not supported "
+                           "either")
+    if torch.autograd.forward_ad._current_level < 0:
+        return tensors
+    return tuple(_NoForwardAD.apply(t, op) if isinstance(t, Tensor) and t.is_floating_point() else t
+                 for t in tensors)
+
+
+def _functorch_transform_active() -> bool:
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .checks import (check_feature_stats_args, check_feature_stats_backward_args, check_finite_values,
                      stats_dtype, values_check_requested)
-from .common import first_order_only, resolve_backend
+from .common import first_order_only, resolve_backend, reverse_mode_only
 
 __all__ = ["feature_stats"]
 
@@ -117,6 +117,7 @@ def feature_stats(x: Tensor, grid: int = 1, covariance: str = "diag", unbiased: 
     if covariance not in ("diag", "full"):
         raise ValueError(f"wkd.feature_stats: `covariance` must be 'diag' or 'full', got {covariance!r}")
     check_feature_stats_args(x, grid, unbiased)
+    (x,) = reverse_mode_only("wkd.feature_stats", x)
     kind = resolve_backend(backend, x, "wkd.feature_stats", has_cuda_cpp=False)
     if values_check_requested(check_values, kind):
         check_finite_values(x, "x", "wkd.feature_stats")

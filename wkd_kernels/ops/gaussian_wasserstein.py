@@ -12,7 +12,7 @@ from .. import settings
 from .bures_wasserstein import bures_wasserstein_op
 from .checks import (as_real, cell_bounds, cell_sizes, check_feature_stats_args, check_finite_values, check_method,
                      check_same, stats_dtype, values_check_requested)
-from .common import resolve_backend, resolve_iters, upcast
+from .common import resolve_backend, resolve_iters, reverse_mode_only, upcast
 from .feature_layout import as_nchw
 from .feature_stats import feature_stats_op
 from .nuclear_norm import nuclear_norm_op
@@ -115,6 +115,7 @@ def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full
         raise ValueError(f"{op}: `f_t` must have the shape of `f_s` {list(f_s.shape)}, got "
                          f"{list(f_t.shape) if isinstance(f_t, Tensor) else type(f_t).__name__}")
     check_same(f_t, f_s, "f_t", "f_s", op)
+    f_s, f_t = reverse_mode_only(op, f_s, f_t)
     try:
         eps = as_real(eps, "eps", op)
     except ValueError:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import settings
 from .checks import check_finite_values, check_nuclear_norm_args, check_precision, values_check_requested
-from .common import first_order_only, resolve_backend, resolve_iters, upcast
+from .common import first_order_only, resolve_backend, resolve_iters, reverse_mode_only, upcast
 
 __all__ = ["nuclear_norm"]
 
@@ -41,17 +41,18 @@ def _setup_context(ctx, inputs, output):
     _, polar = output
     ctx.mark_non_differentiable(polar)
     ctx.set_materialize_grads(False)  # no zero [B, p, q] for the unused polar output
-    ctx.save_for_backward(polar)
+    # M only as the anchor of the double-backward error (first_order_only): a reference, the size of polar
+    ctx.save_for_backward(polar, inputs[0])
     ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad_value, grad_polar):
-    (polar,) = ctx.saved_tensors
+    polar, M = ctx.saved_tensors
     if grad_value is None:
         return (None,) * ctx.n_inputs
     with torch.no_grad():
         gM = grad_value[:, None, None] * polar
-    (gM,) = first_order_only((gM,), (polar, grad_value), "wkd.nuclear_norm")
+    (gM,) = first_order_only((gM,), (M, grad_value), "wkd.nuclear_norm")
     return (gM,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -87,7 +88,7 @@ def nuclear_norm(M: Tensor, num_iters: Optional[int] = None, *, backend: Optiona
     op = "wkd.nuclear_norm"
     if not isinstance(M, Tensor) or M.dim() < 2:
         raise ValueError(f"{op}: `M` must be a tensor [..., p, q]")
-    M = upcast(M)
+    (M,) = reverse_mode_only(op, upcast(M))
     num_iters = resolve_iters(num_iters, M.dtype, op)
     lead = M.shape[:-2]
     M3 = M.reshape(-1, M.shape[-2], M.shape[-1])

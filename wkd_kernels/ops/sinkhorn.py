@@ -17,7 +17,7 @@ from .. import _build, settings
 from .checks import (HALF, as_int, check_precision, as_log_domain, as_real, auto_log_domain, check_sinkhorn_args,
                      check_sinkhorn_backward_args, check_sinkhorn_kernel_range, check_sinkhorn_values,
                      values_check_requested)
-from .common import first_order_only, resolve_backend
+from .common import first_order_only, resolve_backend, reverse_mode_only
 
 __all__ = ["SinkhornResult", "sinkhorn"]
 
@@ -213,6 +213,7 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
     if a.dtype in HALF:
         a, b, cost = a.float(), b.float(), cost.float()
+    a, b = reverse_mode_only(op, a, b)
     if log_domain == "auto":
         if torch.compiler.is_compiling():
             raise RuntimeError(f"{op}: log_domain='auto' reads max(cost) on the host, which a torch.compile graph "

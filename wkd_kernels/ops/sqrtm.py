@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import settings
 from .checks import (check_finite_values, check_precision, check_method, check_psd_values, check_sqrtm_args,
                      check_sqrtm_backward_args, check_square_batch, check_symmetric_values, values_check_requested)
-from .common import first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, upcast
+from .common import (first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, reverse_mode_only,
+                     upcast)
 
 __all__ = ["sqrtm"]
 
@@ -134,7 +135,7 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = N
     if S.dim() < 2:
         raise ValueError(f"{op}: `S` must be [..., n, n], got shape {list(S.shape)}")
     check_method(method, op)
-    S = upcast(S)
+    (S,) = reverse_mode_only(op, upcast(S))
     num_iters = resolve_iters(num_iters, S.dtype, op)
     lead, n = S.shape[:-2], S.shape[-1]
     S3 = S.reshape(-1, S.shape[-2], n)
