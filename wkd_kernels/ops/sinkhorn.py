@@ -183,6 +183,8 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
             scaling domain. ``"auto"``: the log domain exactly when some entry of K would leave the normal range of
             the compute dtype, max(cost) / reg > -log(tiny) (float32: 87.3, float64: 708.4); it reads max(cost), a
             synchronisation on a GPU (the losses, whose cost is a fixed buffer, decide once per cost instead).
+            Inside ``torch.compile`` it cannot read it and takes the log domain (pass ``False`` there when K is known
+            not to underflow: the scaling domain is faster).
             In the scaling domain an underflowing K is never silent on CPU: a whole row or column of K at 0 raises
             a ValueError naming ``reg`` and ``log_domain``, and so does a non-finite value or gradient. On CUDA the
             kernels do not read the values: there an underflowing K gives NaN unless ``check_values=True``, which
@@ -215,11 +217,9 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         a, b, cost = a.float(), b.float(), cost.float()
     a, b = reverse_mode_only(op, a, b)
     if log_domain == "auto":
-        if torch.compiler.is_compiling():
-            raise RuntimeError(f"{op}: log_domain='auto' reads max(cost) on the host, which a torch.compile graph "
-                               "cannot do; pass log_domain=True or False inside compiled code (WKDLogitLoss decides "
-                               "once per cost matrix, outside the graph)")
-        log_domain = a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype)
+        # a compiled graph cannot read max(cost) on the host: there "auto" takes the log domain, right in every regime
+        log_domain = torch.compiler.is_compiling() or (
+            a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype))
     if values_check_requested(check_values, kind):
         check_sinkhorn_values(a, b, cost)
         check_sinkhorn_kernel_range(cost, reg, log_domain)
