@@ -120,6 +120,23 @@ def test_crd_teacher_with_numpy_scalars_loads_weights_only(tmp_path):
         assert torch.equal(v, dst.net.state_dict()[k]), k
 
 
+def test_numpy_1_pickled_scalars_load_weights_only(tmp_path):
+    """Teachers pickled under NumPy 1 name ``numpy.core.multiarray.scalar`` (NumPy 2: ``numpy._core``): allowed
+    under both names. The file is this process's torch.save output with the module name rewritten."""
+    buf = io.BytesIO()
+    torch.save({"accuracy": np.float64(71.5), "w": torch.arange(3.0)}, buf)
+    src, path = zipfile.ZipFile(io.BytesIO(buf.getvalue())), tmp_path / "numpy1.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # protocol 2: GLOBAL opcodes are newline-terminated text
+                assert b"numpy._core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+            z.writestr(info.filename, data)
+    obj = read_torch_file(path)
+    assert obj["accuracy"] == 71.5 and torch.equal(obj["w"], torch.arange(3.0))
+
+
 def test_resume_refuses_a_code_running_last_pth_unless_trusted(tmp_path):
     cfg = tiny_config(tmp_path, "ce", epochs=2, steps=1)
     out, marker = tmp_path / "out", tmp_path / "marker"
