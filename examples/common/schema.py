@@ -2,10 +2,11 @@
 
 A YAML config (after ``_base_`` merging and ``key=value`` overrides, see ``config.load_config``) is checked against
 the dataclass of its task (:class:`ClassificationConfig`, :class:`DetectionConfig`) by :func:`resolve`: an unknown
-key is an error naming the closest valid key, a value of the wrong type is an error naming the key, a value outside its range (``log_every: 0``,
-``epochs: -1``, ``amp: fp8``; the ``metadata`` of the field: :func:`at_least`, :func:`one_of`) is an error naming
-the key, and every missing key gets its default here. ``resolve`` returns a plain nested dict (what the trainers read, and what
-``config.yaml`` in a run's output holds), so no ``.get(key, default)`` is needed anywhere else.
+key is an error naming the closest valid key, a value of the wrong type is an error naming the key, a value
+outside its range (``log_every: 0``, ``epochs: -1``, ``amp: fp8``; the ``metadata`` of the field:
+:func:`at_least`, :func:`one_of`) is an error naming the key, and every missing key gets its default here.
+``resolve`` returns a plain nested dict (what the trainers read, and what ``config.yaml`` in a run's output
+holds), so no ``.get(key, default)`` is needed anywhere else.
 
 Both tasks share :class:`TrainConfig` (the ``train`` section: loop, batch, optimizer, schedule, AMP, DDP, logging,
 checkpoints) and the ``distill`` section (:class:`DistillConfig`: ``method``, a name from
