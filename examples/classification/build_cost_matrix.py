@@ -61,6 +61,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.partial.pth")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed of the (synthetic-run) random teacher")
+    p.add_argument("--trust-checkpoint", action="append", default=[], metavar="FILE",
+                   help="load FILE (the teacher's weights) with full unpickling (weights_only=False), which can run "
+                        "code stored in it: only for files you trust (adds to train.trusted_checkpoints)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     return p.parse_args(argv)
 
@@ -106,7 +109,9 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
         raise ValueError("model.teacher_checkpoint is not set: a cost matrix of a random teacher is meaningless "
                          "(allowed only with --synthetic)")
     K = int(dcfg["num_classes"])
-    teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model).to(device).eval()
+    trusted = list(cfg["train"]["trusted_checkpoints"]) + list(args.trust_checkpoint)
+    teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model,
+                            trusted).to(device).eval()
     if source == "features" and layer not in teacher.feature_channels:
         raise ValueError(f"--layer {layer!r} is not a feature of {mcfg['teacher']}: "
                          f"{sorted(teacher.feature_channels)}")

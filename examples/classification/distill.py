@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from examples.common.checkpoint import read_torch_file
 from examples.common.methods import METHODS, get_method
 from examples.common.schema import DistillConfig, resolve
 from wkd_kernels import sharpen
@@ -73,7 +74,7 @@ def load_cost_matrix(path, kappa: float, num_classes: int) -> Tensor:
         raise FileNotFoundError(f"distill.wkd_l.cost: cost-matrix file {p} does not exist (build one with "
                                 "python -m examples.classification.build_cost_matrix, or copy the paper's released "
                                 "one: examples/classification/README.md, 'Teachers and cost matrices')")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    obj = read_torch_file(p)  # weights_only=True; a damaged file is an error naming it
     if isinstance(obj, dict):
         if "distance" not in obj:
             raise ValueError(f"distill.wkd_l.cost: {p} holds a dict without a `distance` entry")

@@ -1,7 +1,7 @@
 """Train a classifier with one of the distillation methods (the one entry point of the classification example).
 
     python -m examples.classification.train --config CONFIG [--synthetic] [--data DIR] [--out DIR] [--resume]
-        [--device auto|cuda|cpu] [--cost FILE] [--cost-dir DIR] [key.sub=value ...]
+        [--device auto|cuda|cpu] [--cost FILE] [--cost-dir DIR] [--trust-checkpoint FILE ...] [key.sub=value ...]
     torchrun --nproc_per_node N -m examples.classification.train --config CONFIG ...
 
 The loop, DDP, AMP, lr schedule, resume, checkpoints and logging are ``examples.common.trainer``'s; this file is the
@@ -18,12 +18,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from examples.common.checkpoint import is_trusted
 from examples.common.config import load_config
 from examples.common.distributed import barrier, cleanup_distributed, init_distributed, is_distributed, \
     seed_everything
@@ -50,6 +51,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cost-dir", default=None,
                    help="folder where a bare file name in distill.wkd_l.cost is looked for (default: $WKD_DATA_DIR, "
                         "then data/ in the checkout)")
+    p.add_argument("--trust-checkpoint", action="append", default=[], metavar="FILE",
+                   help="load FILE (a teacher / student weights file or OUT/last.pth) with full unpickling "
+                        "(weights_only=False), which can run code stored in it: only for files you trust; "
+                        "repeatable (adds to train.trusted_checkpoints)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=2 train.amp=none")
     return p.parse_args(argv)
 
@@ -73,6 +78,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         cfg["data"]["root"] = args.data
     if args.device:
         cfg["train"]["device"] = args.device
+    cfg["train"]["trusted_checkpoints"] = list(cfg["train"]["trusted_checkpoints"]) + \
+        [str(Path(f).expanduser().resolve()) for f in getattr(args, "trust_checkpoint", [])]
     method = get_method(cfg["distill"]["method"], CLS_METHODS)
     if args.cost:
         if "wkd_l" not in method.terms:
@@ -123,14 +130,16 @@ def stand_in_banner(cost: str, tried) -> str:
             f"\n# {how}, or pass --cost PATH.\n{bar}")
 
 
-def build_network(name: str, num_classes: int, weights: Optional[str], what: str, build_model) -> nn.Module:
+def build_network(name: str, num_classes: int, weights: Optional[str], what: str, build_model,
+                  trusted: Sequence[str] = ()) -> nn.Module:
     """``build_model(name, num_classes)`` with optional weights.
 
     ``weights``: None (random initialisation); a file path (relative to the repository root, or absolute):
     anything ``build_model(checkpoint=...)`` loads (this trainer's ``last.pth`` / ``best.pth``, CRD / mdistiller
     teacher files, a torchvision state dict); or ``torchvision:<Enum>.<NAME>`` (e.g.
     ``torchvision:ResNet34_Weights.IMAGENET1K_V1``): torchvision's published weights, downloaded on first use
-    (machines with internet only; never at import).
+    (machines with internet only; never at import). A file is read with ``weights_only=True`` unless it is one of
+    the ``trusted`` paths (``train.trusted_checkpoints``).
     """
     if weights is None:
         return build_model(name, num_classes)
@@ -148,10 +157,10 @@ def build_network(name: str, num_classes: int, weights: Optional[str], what: str
     p = Path(_resolve_path(weights))
     if not p.is_file():
         raise FileNotFoundError(f"{what}: weights file {p} does not exist")
-    return build_model(name, num_classes, checkpoint=str(p))
+    return build_model(name, num_classes, checkpoint=str(p), trusted=is_trusted(p, trusted))
 
 
-def init_from_pretrained(model: nn.Module, path: str, what: str) -> List[str]:
+def init_from_pretrained(model: nn.Module, path: str, what: str, trusted: Sequence[str] = ()) -> List[str]:
     """Initialise ``model.net`` from a pretrained state dict of the same architecture with a different classifier
     (e.g. ImageNet weights for CIFAR-100 fine-tuning): every key is loaded except the classifier's, which keeps
     its fresh initialisation. Returns the skipped keys; any other mismatch is an error naming ``what``."""
@@ -159,7 +168,7 @@ def init_from_pretrained(model: nn.Module, path: str, what: str) -> List[str]:
     p = Path(_resolve_path(path))
     if not p.is_file():
         raise FileNotFoundError(f"{what}: weights file {p} does not exist")
-    sd = extract_state_dict(_read_file(str(p)), str(p))  # the zoo's reader: .pth / .safetensors, trusted pickles
+    sd = extract_state_dict(_read_file(str(p), is_trusted(p, trusted)), str(p))  # the zoo's reader
     own = model.net.state_dict()
     head = {name for name, mod in model.net.named_modules() if mod is model.classifier}
     head_keys = {f"{h}.{k}" if h else k for h in head for k in ("weight", "bias")}
@@ -180,12 +189,13 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print, cost_dir: Optional
     mcfg, dcfg = cfg["model"], dict(cfg["distill"])
     method = get_method(dcfg["method"], CLS_METHODS)
     K = int(cfg["data"]["num_classes"])
+    trusted = cfg["train"]["trusted_checkpoints"]
     student = build_network(mcfg["student"], K, mcfg["student_checkpoint"], "model.student_checkpoint",
-                            build_model)
+                            build_model, trusted)
     if mcfg["student_init"]:
         if mcfg["student_checkpoint"]:
             raise ValueError("model.student_init and model.student_checkpoint are exclusive")
-        skipped = init_from_pretrained(student, mcfg["student_init"], "model.student_init")
+        skipped = init_from_pretrained(student, mcfg["student_init"], "model.student_init", trusted)
         log(f"student initialised from {mcfg['student_init']} (new classifier: {skipped or 'none'})")
     teacher = None
     if method.needs_teacher:
@@ -201,7 +211,7 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print, cost_dir: Optional
                 raise ValueError("model.teacher_checkpoint is not set: distilling from a randomly initialised "
                                  "teacher is only allowed with --synthetic or model.allow_random_teacher=true")
             log("warning: the teacher is randomly initialised (no model.teacher_checkpoint)")
-        teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model)
+        teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model, trusted)
     if "wkd_l" in method.terms and isinstance(dcfg["wkd_l"]["cost"], str):
         name = dcfg["wkd_l"]["cost"]
         path, tried = resolve_cost(name, cost_dir)

@@ -2,9 +2,11 @@
 
 A YAML config (after ``_base_`` merging and ``key=value`` overrides, see ``config.load_config``) is checked against
 the dataclass of its task (:class:`ClassificationConfig`, :class:`DetectionConfig`) by :func:`resolve`: an unknown
-key is an error naming the closest valid key, a value of the wrong type is an error naming the key, and every
-missing key gets its default here. ``resolve`` returns a plain nested dict (what the trainers read, and what
-``config.yaml`` in a run's output holds), so no ``.get(key, default)`` is needed anywhere else.
+key is an error naming the closest valid key, a value of the wrong type is an error naming the key, a value
+outside its range (``log_every: 0``, ``epochs: -1``, ``amp: fp8``; the ``metadata`` of the field:
+:func:`at_least`, :func:`one_of`) is an error naming the key, and every missing key gets its default here.
+``resolve`` returns a plain nested dict (what the trainers read, and what ``config.yaml`` in a run's output
+holds), so no ``.get(key, default)`` is needed anywhere else.
 
 Both tasks share :class:`TrainConfig` (the ``train`` section: loop, batch, optimizer, schedule, AMP, DDP, logging,
 checkpoints) and the ``distill`` section (:class:`DistillConfig`: ``method``, a name from
@@ -25,47 +27,65 @@ __all__ = ["TrainConfig", "DistillConfig", "ClassificationConfig", "DetectionCon
 
 
 class ConfigError(ValueError):
-    """A config key is unknown or has a value of the wrong type."""
+    """A config key is unknown or has a value of the wrong type or outside its range."""
+
+
+def at_least(lo: float, *, strict: bool = False, at_most: Optional[float] = None) -> dict:
+    """Field metadata: the value (each item of a list) must be >= ``lo`` (> with ``strict``) and <= ``at_most``;
+    None passes where the type allows it."""
+    return {"min": lo, "strict": strict, "max": at_most}
+
+
+def one_of(*choices: str) -> dict:
+    """Field metadata: the value must be one of ``choices``."""
+    return {"choices": choices}
+
+
+def _ranged(default, check: dict, **kw):
+    return field(default=default, metadata=check, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ shared sections
 @dataclass
 class TrainConfig:
     """``train``: the common trainer (``examples.common.trainer``)."""
-    device: str = "auto"                     # auto | cuda | cpu
-    seed: int = 0
-    amp: str = "none"                        # none | bf16 | fp16 (fp16 with a grad scaler)
-    epochs: int = 1
-    batch_size: int = 64                     # GLOBAL batch: all processes together
-    base_batch: Optional[int] = None         # lr = lr * batch_size / base_batch (None: batch_size, no scaling)
-    lr: float = 0.1
-    optimizer: str = "sgd"                   # sgd | adamw
-    momentum: float = 0.9
+    device: str = _ranged("auto", one_of("auto", "cuda", "cpu"))
+    seed: int = _ranged(0, at_least(0))
+    amp: str = _ranged("none", one_of("none", "bf16", "fp16"))  # fp16 with a grad scaler
+    epochs: int = _ranged(1, at_least(1))
+    batch_size: int = _ranged(64, at_least(1))  # GLOBAL batch: all processes together
+    base_batch: Optional[int] = _ranged(None, at_least(1))  # lr = lr * batch_size / base_batch (None: no scaling)
+    lr: float = _ranged(0.1, at_least(0.0))
+    optimizer: str = _ranged("sgd", one_of("sgd", "adamw"))
+    momentum: float = _ranged(0.9, at_least(0.0))
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    scheduler: str = "multistep"             # multistep (x gamma at each of milestones) | cosine (to min_lr_ratio)
-    milestones: List[int] = field(default_factory=list)   # epochs
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0
-    warmup_epochs: float = 0.0               # linear warm-up length in epochs ...
-    warmup_iters: int = 0                    # ... or in iterations (not both)
-    warmup_factor: float = 0.001             # lr factor at the first warm-up iteration
-    clip_grad_norm: Optional[float] = None
+    weight_decay: float = _ranged(0.0, at_least(0.0))
+    scheduler: str = _ranged("multistep", one_of("multistep", "cosine"))  # x gamma at milestones | to min_lr_ratio
+    milestones: List[int] = field(default_factory=list, metadata=at_least(0))   # epochs
+    gamma: float = _ranged(0.1, at_least(0.0))
+    min_lr_ratio: float = _ranged(0.0, at_least(0.0))
+    warmup_epochs: float = _ranged(0.0, at_least(0.0))  # linear warm-up length in epochs ...
+    warmup_iters: int = _ranged(0, at_least(0))       # ... or in iterations (not both)
+    warmup_factor: float = _ranged(0.001, at_least(0.0, strict=True, at_most=1.0))  # lr factor, first warm-up step
+    clip_grad_norm: Optional[float] = _ranged(None, at_least(0.0, strict=True))
     compile: bool = False
     channels_last: bool = True               # CUDA only
     sync_bn: bool = False                    # nn.SyncBatchNorm (CUDA)
     find_unused_parameters: bool = False
     progress: bool = True                    # tqdm bar on rank 0
     tensorboard: bool = True                 # TensorBoard events beside metrics.jsonl
-    log_every: int = 20                      # iterations between logged (process-averaged) loss terms
-    eval_every: int = 1                      # epochs between evaluations (and always after the last one)
-    eval_batch_size: Optional[int] = None    # per process (None: the training batch per process)
-    checkpoint_every: Optional[int] = None   # iterations between mid-epoch checkpoints (always at epoch ends)
-    steps_per_epoch: Optional[int] = None    # cap (smoke runs)
-    stop_after_epochs: Optional[int] = None  # stop cleanly (checkpointed) after this many epochs in total
-    stop_after_iters: Optional[int] = None   # ... or iterations in total
-    debug_exit_at_step: Optional[int] = None  # testing: os._exit(3) right after this global step
+    log_every: int = _ranged(20, at_least(1))  # iterations between logged (process-averaged) loss terms
+    eval_every: int = _ranged(1, at_least(1))  # epochs between evaluations (and always after the last one)
+    eval_batch_size: Optional[int] = _ranged(None, at_least(1))  # per process (None: the training batch)
+    checkpoint_every: Optional[int] = _ranged(None, at_least(1))  # iterations between mid-epoch checkpoints
+    steps_per_epoch: Optional[int] = _ranged(None, at_least(1))  # cap (smoke runs)
+    stop_after_epochs: Optional[int] = _ranged(None, at_least(1))  # stop cleanly (checkpointed) after N epochs
+    stop_after_iters: Optional[int] = _ranged(None, at_least(0))  # ... or iterations (0: checkpoint, stop)
+    debug_exit_at_step: Optional[int] = _ranged(None, at_least(1))  # testing: os._exit(3) after this step
+    # files loaded with full unpickling (weights_only=False), which can run code stored in them: list only files
+    # you trust (``--trust-checkpoint FILE`` adds one); every other file loads with weights_only=True
+    trusted_checkpoints: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,11 +165,11 @@ class DistillConfig:
 class ClsDataConfig:
     dataset: str = "imagenet"            # imagenet | cifar100 | synthetic
     root: Optional[str] = None
-    num_classes: int = 1000
-    input_size: int = 224
-    workers: int = 8                     # per process
-    synthetic_size: int = 256
-    synthetic_val_size: int = 64
+    num_classes: int = _ranged(1000, at_least(1))
+    input_size: int = _ranged(224, at_least(1))
+    workers: int = _ranged(8, at_least(0))  # per process
+    synthetic_size: int = _ranged(256, at_least(1))
+    synthetic_val_size: int = _ranged(64, at_least(1))
     synthetic_seed: int = 0
     synthetic_workers: int = 0
 
@@ -262,6 +282,21 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _out_of_range(value, check) -> Optional[str]:
+    """What is wrong with a well-typed ``value`` under the field metadata ``check`` (None: nothing)."""
+    if value is None:
+        return None
+    if "choices" in check and value not in check["choices"]:
+        return f"must be one of {', '.join(map(repr, check['choices']))}, got {value!r}"
+    if "min" in check:
+        lo, hi, strict = check["min"], check["max"], check["strict"]
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if (v <= lo if strict else v < lo) or (hi is not None and v > hi):
+                rng = f"{'>' if strict else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+                return f"must be {rng}, got {value!r}"
+    return None
+
+
 def _type_name(tp) -> str:
     tp, optional = _strip_optional(tp)
     name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -305,6 +340,10 @@ def _walk(cls, raw: dict, prefix: str, bad: list, wrong: list) -> dict:
             continue
         if not _type_ok(value, tp):
             wrong.append(f"`{prefix}{name}` must be {_type_name(tp)}, got {value!r}")
+        else:
+            problem = _out_of_range(value, f.metadata)
+            if problem:
+                wrong.append(f"`{prefix}{name}` {problem}")
         out[name] = float(value) if sub is float and isinstance(value, int) and not isinstance(value, bool) \
             else value
     return out

@@ -17,13 +17,18 @@ one training step (the named loss terms) and its evaluation; the loop does the r
   every rank, world size, resolved config. Written atomically at every epoch end (after its evaluation, or before
   it for tasks with long evaluations: ``Task.checkpoint_before_eval``) and every ``checkpoint_every`` iterations
   when the task resumes inside an epoch. ``resume=True``
-  continues from it bit for bit on CPU (a run stopped before an epoch's evaluation evaluates first).
+  continues from it bit for bit on CPU (a run stopped before an epoch's evaluation evaluates first). A resumed run
+  whose schedule keys (``SCHEDULE_KEYS``, e.g. a larger ``train.epochs`` to extend a finished run) changed gets the
+  lr schedule of the new config, advanced to the checkpoint's iteration (logged); resuming a finished run reports
+  "already finished" with its last evaluation, without evaluating or logging it again. ``last.pth`` is read with
+  ``weights_only=True`` unless listed in ``train.trusted_checkpoints`` (``checkpoint.read_torch_file``).
 * ``metrics.jsonl`` + TensorBoard (``tb/``) on rank 0: ``train/*`` loss terms, lr, scheduled weights; ``val/*``.
 """
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
@@ -34,14 +39,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .amp import AMP_MODES, autocast, make_grad_scaler
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, unwrap_model
+from .checkpoint import (capture_rng_state, is_trusted, load_checkpoint, restore_rng_state, save_checkpoint,
+                         unwrap_model)
 from .distributed import DistInfo, barrier, is_distributed, seed_everything
 from .metrics_log import MetricLogger
 
-__all__ = ["Task", "Trainer", "STATE_FORMAT", "NonFiniteLossError", "build_optimizer", "build_scheduler",
-           "per_process_batch", "scaled_lr", "convert_sync_batchnorm"]
+__all__ = ["Task", "Trainer", "STATE_FORMAT", "SCHEDULE_KEYS", "NonFiniteLossError", "build_optimizer",
+           "build_scheduler", "rebuild_scheduler", "per_process_batch", "scaled_lr", "convert_sync_batchnorm"]
 
 STATE_FORMAT = "wkd_examples.train_state/1"
+# the ``train`` keys that define the lr schedule: when one differs from the checkpoint's config, a resumed run
+# rebuilds the schedule instead of loading the saved one (whose length and milestones are the old config's)
+SCHEDULE_KEYS = ("epochs", "lr", "base_batch", "batch_size", "scheduler", "milestones", "gamma", "min_lr_ratio",
+                 "warmup_epochs", "warmup_iters", "warmup_factor")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -139,6 +149,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: dict, iters_per_epoc
     return S.SequentialLR(optimizer, [warmup, main], milestones=[warm])
 
 
+def rebuild_scheduler(optimizer: torch.optim.Optimizer, tcfg: dict, iters_per_epoch: int, lr: float, step: int):
+    """The schedule of ``tcfg`` from scratch (base lr ``lr``), stepped ``step`` times: the lr of the optimizer's
+    param groups is then what an uninterrupted run of this config would use at iteration ``step``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group.pop("initial_lr", None)
+    scheduler = build_scheduler(optimizer, tcfg, iters_per_epoch)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """``nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA; ``nn.SyncBatchNorm`` has no CPU implementation)."""
     if device.type != "cuda":
@@ -202,7 +226,7 @@ class Trainer:
         start_epoch = start_batch = step = 0
         best, eval_pending, rngs = None, False, None
         last = out / "last.pth"
-        state = load_checkpoint(last) if self.resume else None
+        state = load_checkpoint(last, trusted=is_trusted(last, tcfg["trusted_checkpoints"])) if self.resume else None
         if self.resume and state is None:
             log(f"--resume: {last} does not exist, starting from scratch")
         if state is not None:
@@ -214,12 +238,26 @@ class Trainer:
             if state["world_size"] != info.world_size:
                 log(f"warning: resuming a run of world size {state['world_size']} with {info.world_size}; the data "
                     "order continues but the RNG streams differ")
+            start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+            if start_epoch > epochs:
+                raise ValueError(f"--resume: {last} holds {start_epoch} trained epochs, more than train.epochs="
+                                 f"{epochs}: a run cannot be shortened (resume with train.epochs={start_epoch} or "
+                                 "more, or start a new run in another --out)")
             for name, module in parts.items():
                 module.load_state_dict(state[name])
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            old = (state.get("config") or {}).get("train", {})
+            changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != tcfg[k]]
+            if changed:
+                lr_was = optimizer.param_groups[0]["lr"]
+                scheduler = rebuild_scheduler(optimizer, tcfg, ipe, lr, step)
+                log(f"--resume: {', '.join(f'train.{k} {old[k]!r} -> {tcfg[k]!r}' for k in changed)} since {last} "
+                    f"was written: the lr schedule is rebuilt for {epochs} epochs ({epochs * ipe} iterations) and "
+                    f"continues at iteration {step} with lr {optimizer.param_groups[0]['lr']:g} (the saved "
+                    f"schedule's: {lr_was:g})")
+            else:
+                scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
             best, eval_pending, rngs = state["best"], state["eval_pending"], state["rng_per_rank"]
             log(f"resumed from {last}: epoch {start_epoch}, batch {start_batch}, step {step}")
         logger = MetricLogger(out, enabled=info.is_main, tensorboard=tcfg["tensorboard"])
@@ -239,7 +277,8 @@ class Trainer:
                     **{name: module.state_dict() for name, module in parts.items()},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
-                    "iters_per_epoch": ipe, "best": best, "eval_pending": pending, "rng_per_rank": rng,
+                    "iters_per_epoch": ipe, "best": best, "eval_pending": pending, "metrics": metrics,
+                    "rng_per_rank": rng,
                     "world_size": info.world_size, "config": cfg})
             barrier()
 
@@ -274,10 +313,15 @@ class Trainer:
         if stop_iters is not None and step >= stop_iters:  # e.g. 0: checkpoint the initial state and stop
             save(start_epoch, start_batch, eval_pending)
             return stopped()
-        if eval_pending and start_batch == 0 and start_epoch > 0:
+        finished = state is not None and start_epoch >= epochs and not eval_pending
+        if finished:
+            metrics = state.get("metrics")
+            log(f"--resume: {last} already finished: all {epochs} epochs are trained and evaluated (step {step}); "
+                "nothing to do. To train longer, resume with a larger train.epochs (the lr schedule is rebuilt for "
+                "the new length)")
+        elif eval_pending and start_batch == 0 and start_epoch > 0:
             metrics = run_eval(start_epoch)  # the interrupted run stopped before (or during) this evaluation
-            if not task.checkpoint_before_eval:
-                save(start_epoch, 0, False)
+            save(start_epoch, 0, False)  # done: a second resume does not evaluate again
         log_every, ckpt_every = int(tcfg["log_every"]), tcfg["checkpoint_every"]
         if ckpt_every and not task.mid_epoch_resume:
             raise ValueError(f"train.checkpoint_every: the {task.name} task checkpoints at epoch ends only (null)")
@@ -355,6 +399,8 @@ class Trainer:
             if due and task.checkpoint_before_eval:
                 save(epoch + 1, 0, True)
                 metrics = run_eval(epoch + 1)
+                if epoch + 1 == epochs:
+                    save(epoch + 1, 0, False)  # the run is finished: a resume reports it, not evaluating again
             else:
                 if due:
                     metrics = run_eval(epoch + 1)
@@ -362,11 +408,9 @@ class Trainer:
             if stop_epochs is not None and epoch + 1 >= int(stop_epochs) and epoch + 1 < epochs:
                 log(f"stopping after epoch {epoch + 1} (train.stop_after_epochs); continue with --resume")
                 return stopped(epoch + 1)
-        if metrics is None and start_epoch >= epochs:
-            log(f"{last} already holds all {epochs} epochs; evaluating it")
-            metrics = run_eval(epochs)
-        summary.update(stopped_early=False, stopped_at_epoch=None, steps=step, losses=losses, metrics=metrics,
-                       best=best, images_per_s=sum(rates) / len(rates) if rates else None,
+        summary.update(stopped_early=False, stopped_at_epoch=None, already_finished=finished, steps=step,
+                       losses=losses, metrics=metrics, best=best,
+                       images_per_s=sum(rates) / len(rates) if rates else None,
                        wall_time_s=time.perf_counter() - t_start,
                        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
         summary = task.finish(out, summary)

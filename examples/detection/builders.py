@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from examples.common.checkpoint import is_trusted
 from examples.common.schema import DetectionConfig, resolve
 
 from .data import CocoDetectionDataset, coco_paths
@@ -78,7 +79,9 @@ def build_student(cfg: Mapping[str, Any], num_classes: int):
     return build_detector(s["arch"], num_classes, train_sizes, max_size,
                           backbone_checkpoint=s["backbone_checkpoint"],
                           trainable_backbone_layers=s["trainable_backbone_layers"], rcnn_kwargs=kw,
-                          box_head_dim=_head_dim(cfg, "student"))
+                          box_head_dim=_head_dim(cfg, "student"),
+                          trusted=bool(s["backbone_checkpoint"]) and is_trusted(s["backbone_checkpoint"],
+                                                                                cfg["train"]["trusted_checkpoints"]))
 
 
 def build_teacher_from_cfg(cfg: Mapping[str, Any], num_classes: int, cat_ids=None, allow_random: bool = False):
@@ -94,7 +97,8 @@ def build_teacher_from_cfg(cfg: Mapping[str, Any], num_classes: int, cat_ids=Non
                          "see README: teachers)")
     train_sizes, test_size, max_size, kw = _sizes(cfg)
     return build_teacher(t["arch"], num_classes, ckpt, min_size=test_size, max_size=max_size,
-                         coco_category_ids=cat_ids, rcnn_kwargs=kw, box_head_dim=_head_dim(cfg, "teacher"))
+                         coco_category_ids=cat_ids, rcnn_kwargs=kw, box_head_dim=_head_dim(cfg, "teacher"),
+                         trusted=bool(ckpt) and is_trusted(ckpt, cfg["train"]["trusted_checkpoints"]))
 
 
 def build_distiller(cfg: Mapping[str, Any], num_classes: int, cat_ids=None, keep_tensors: bool = False,

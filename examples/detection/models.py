@@ -35,6 +35,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from examples.common.checkpoint import read_torch_file
+
 __all__ = ["ARCHS", "build_backbone", "build_detector", "build_teacher", "load_detector_weights",
            "MOBILENET_V2_TAPS", "feature_strides"]
 
@@ -48,9 +50,11 @@ MOBILENET_V2_TAPS = OrderedDict([("3", ("0", 24, 4)), ("6", ("1", 32, 8)), ("13"
 _MOBILENET_V2_STAGE_START = (0, 2, 4, 7, 14)
 
 
-def _load_state(path: str, what: str) -> dict:
+def _load_state(path: str, what: str, trusted: bool = False) -> dict:
+    """The state dict in ``path``, read with ``weights_only=True`` (unless ``trusted``: the user's opt-in for this
+    file) and verified (``examples.common.checkpoint.read_torch_file``: errors name the file)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch_file(path, trusted=trusted)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist") from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -79,7 +83,7 @@ def _freeze_mobilenet(backbone: BackboneWithFPN, trainable_layers: int) -> None:
 
 
 def build_backbone(arch: str, backbone_checkpoint: Optional[str] = None, trainable_backbone_layers: int = 3,
-                   frozen_bn: Optional[bool] = None) -> BackboneWithFPN:
+                   frozen_bn: Optional[bool] = None, trusted: bool = False) -> BackboneWithFPN:
     """FPN backbone; output dict "0".."3", "pool" of [N, 256, H/s, W/s] maps (s = 4, 8, 16, 32, 64).
 
     Args:
@@ -107,7 +111,7 @@ def build_backbone(arch: str, backbone_checkpoint: Optional[str] = None, trainab
                                  trainable_layers=layers)
         body_prefix = ""
     if pretrained:
-        state = _load_state(backbone_checkpoint, f"backbone_checkpoint of {arch}")
+        state = _load_state(backbone_checkpoint, f"backbone_checkpoint of {arch}", trusted)
         body_keys = set(bb.body.state_dict().keys())
         sub = {}
         for k, v in state.items():
@@ -136,8 +140,8 @@ def _check_rcnn_kwargs(rcnn_kwargs: Mapping[str, Any]) -> dict:
 def build_detector(arch: str, num_classes: int, min_size: Sequence[int] | int = 800, max_size: int = 1333, *,
                    backbone_checkpoint: Optional[str] = None, trainable_backbone_layers: int = 3,
                    frozen_bn: Optional[bool] = None, rcnn_kwargs: Optional[Mapping[str, Any]] = None,
-                   box_head_dim: int = 1024) -> FasterRCNN:
-    """torchvision ``FasterRCNN`` on ``build_backbone(arch)``.
+                   box_head_dim: int = 1024, trusted: bool = False) -> FasterRCNN:
+    """torchvision ``FasterRCNN`` on ``build_backbone(arch)`` (``trusted``: full unpickling of the backbone file).
 
     Args:
         num_classes: classes of the box predictor including background (index 0), e.g. 81 for COCO.
@@ -149,7 +153,7 @@ def build_detector(arch: str, num_classes: int, min_size: Sequence[int] | int = 
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2 (background included), got {num_classes!r}")
-    bb = build_backbone(arch, backbone_checkpoint, trainable_backbone_layers, frozen_bn)
+    bb = build_backbone(arch, backbone_checkpoint, trainable_backbone_layers, frozen_bn, trusted)
     sizes = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
     kw = _check_rcnn_kwargs(rcnn_kwargs or {})
     if box_head_dim != 1024:  # torchvision's default head is TwoMLPHead(256 * 7 * 7, 1024)
@@ -188,12 +192,12 @@ def remap_coco91_predictor(state: dict, coco_category_ids: Sequence[int], num_cl
 
 
 def load_detector_weights(model: FasterRCNN, path: str, coco_category_ids: Optional[Sequence[int]] = None,
-                          what: str = "teacher.checkpoint") -> None:
+                          what: str = "teacher.checkpoint", trusted: bool = False) -> None:
     """Load a full detector state dict (torchvision format, or our ``last.pth``/``final.pth``) strictly.
 
     A 91-way torchvision COCO predictor is remapped to the model's contiguous classes (``remap_coco91_predictor``).
     """
-    state = _load_state(path, what)
+    state = _load_state(path, what, trusted)
     num_classes = model.roi_heads.box_predictor.cls_score.out_features
     if coco_category_ids is not None:
         state = remap_coco91_predictor(state, coco_category_ids, num_classes)
@@ -208,7 +212,8 @@ def load_detector_weights(model: FasterRCNN, path: str, coco_category_ids: Optio
 
 def build_teacher(arch: str, num_classes: int, checkpoint: Optional[str], *, min_size=800, max_size: int = 1333,
                   coco_category_ids: Optional[Sequence[int]] = None,
-                  rcnn_kwargs: Optional[Mapping[str, Any]] = None, box_head_dim: int = 1024) -> FasterRCNN:
+                  rcnn_kwargs: Optional[Mapping[str, Any]] = None, box_head_dim: int = 1024,
+                  trusted: bool = False) -> FasterRCNN:
     """Frozen teacher detector in eval mode (FrozenBatchNorm2d, no gradients).
 
     Args:
@@ -219,7 +224,7 @@ def build_teacher(arch: str, num_classes: int, checkpoint: Optional[str], *, min
     model = build_detector(arch, num_classes, min_size, max_size, frozen_bn=True, rcnn_kwargs=rcnn_kwargs,
                            box_head_dim=box_head_dim)
     if checkpoint is not None:
-        load_detector_weights(model, checkpoint, coco_category_ids)
+        load_detector_weights(model, checkpoint, coco_category_ids, trusted=trusted)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

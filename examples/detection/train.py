@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true",
                    help="generate a tiny synthetic COCO set under OUT/synthetic_coco and train on it (smoke runs; "
                         "a missing teacher checkpoint or WKD-L cost is replaced by a random stand-in)")
+    p.add_argument("--trust-checkpoint", action="append", default=[], metavar="FILE",
+                   help="load FILE (teacher / backbone weights or OUT/last.pth) with full unpickling "
+                        "(weights_only=False), which can run code stored in it: only for files you trust; "
+                        "repeatable (adds to train.trusted_checkpoints)")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. train.epochs=1")
     return p.parse_args(argv)
 
@@ -170,6 +174,8 @@ def _synthetic_stand_ins(cfg: dict, out: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(load_config(args.config, args.overrides), args.config)
+    cfg["train"]["trusted_checkpoints"] = list(cfg["train"]["trusted_checkpoints"]) + \
+        [str(Path(f).expanduser().resolve()) for f in args.trust_checkpoint]
     out = args.out or cfg["out_dir"]
     if not out:
         raise SystemExit("train: give --out DIR (or `out_dir` in the config)")

@@ -7,13 +7,12 @@ timm model is built.
 from __future__ import annotations
 
 import os
-import pickle
-import warnings
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional, Union
 
-import torch
 from torch import Tensor, nn
+
+from examples.common.checkpoint import read_torch_file
 
 from .cifar_resnet import CIFAR_RESNET_CONFIGS, cifar_resnet
 from .mobilenet_v1 import mobilenet_v1
@@ -107,11 +106,13 @@ def list_models() -> List[str]:
     return sorted(_BUILDERS)
 
 
-def build_model(name: str, num_classes: int, *, checkpoint: Optional[str] = None) -> DistillModel:
+def build_model(name: str, num_classes: int, *, checkpoint: Optional[str] = None,
+                trusted: bool = False) -> DistillModel:
     """Build ``name`` (see :func:`list_models`) with a ``num_classes``-way classifier, wrapped in a DistillModel.
 
-    ``checkpoint``: optional path of a state dict to load (see :func:`load_checkpoint_into`). Raises ValueError for
-    an unknown name (listing the available ones), CheckpointMismatchError when the checkpoint does not fit.
+    ``checkpoint``: optional path of a state dict to load (see :func:`load_checkpoint_into`; ``trusted``: the user's
+    opt-in to full unpickling of that file). Raises ValueError for an unknown name (listing the available ones),
+    CheckpointMismatchError when the checkpoint does not fit.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
@@ -119,7 +120,7 @@ def build_model(name: str, num_classes: int, *, checkpoint: Optional[str] = None
         raise ValueError(f"build_model({name!r}): num_classes must be a positive int, got {num_classes!r}")
     model = _BUILDERS[name](name, num_classes)
     if checkpoint is not None:
-        load_checkpoint_into(model, checkpoint)
+        load_checkpoint_into(model, checkpoint, trusted=trusted)
     return model
 
 
@@ -129,19 +130,16 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.", "net.")  # DDP, torch.compile, Disti
 _MAX_LISTED = 20
 
 
-def _read_file(path: str) -> object:
+def _read_file(path: str, trusted: bool = False) -> object:
     if path.endswith(".safetensors"):  # e.g. timm / Hugging Face exports
         try:
             from safetensors.torch import load_file
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"checkpoint {path}: reading .safetensors files needs the safetensors package") from e
         return load_file(path, device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # e.g. CRD checkpoints holding numpy scalars next to the weights: only load files you trust
-        warnings.warn(f"{path}: not loadable with weights_only=True, loading with weights_only=False", stacklevel=3)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only=True with the NumPy types of the trainer's and CRD's files allowed; anything else is refused
+    # (naming the file and the opt-in) unless the user trusts this file
+    return read_torch_file(path, trusted=trusted)
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -178,18 +176,20 @@ def _listed(keys: List[str]) -> str:
     return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def load_checkpoint_into(model: DistillModel, path: Union[str, os.PathLike]) -> None:
+def load_checkpoint_into(model: DistillModel, path: Union[str, os.PathLike], *, trusted: bool = False) -> None:
     """Load the weights stored at ``path`` into ``model.net`` (strict), on CPU tensors copied in place.
 
     Accepts a raw state dict (``torch.save`` file or ``.safetensors``), or a dict holding it under "model" / "state_dict" / "net" (CRD, mdistiller and
-    the trainer's checkpoints), with or without "module." / "_orig_mod." / "net." prefixes. Raises
-    FileNotFoundError for a missing file and CheckpointMismatchError naming the path and the missing, unexpected
-    and wrongly shaped keys.
+    the trainer's checkpoints), with or without "module." / "_orig_mod." / "net." prefixes. The file is read with
+    ``weights_only=True`` (``examples.common.checkpoint.read_torch_file``) unless ``trusted``. Raises
+    FileNotFoundError for a missing file, ``checkpoint.CheckpointError`` for a corrupted or untrusted one
+    (``UntrustedCheckpointError``: it holds objects that could run code), and CheckpointMismatchError naming the
+    path and the missing, unexpected and wrongly shaped keys.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist (model {model.name})")
-    sd = extract_state_dict(_read_file(path), path)
+    sd = extract_state_dict(_read_file(path, trusted), path)
     own = model.net.state_dict()
     bad_shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]

@@ -158,3 +158,31 @@ def test_amp_and_single_process_distributed():
     t = torch.tensor([1.0, 2.0])
     assert all_reduce_mean(t) is t
     barrier()
+
+
+@pytest.mark.parametrize("schema", [ClassificationConfig, DetectionConfig])
+@pytest.mark.parametrize("key,value,expect", [
+    ("log_every", 0, "must be >= 1, got 0"), ("eval_every", 0, "must be >= 1, got 0"),
+    ("epochs", -1, "must be >= 1, got -1"), ("epochs", 0, "must be >= 1, got 0"),
+    ("checkpoint_every", 0, "must be >= 1"), ("batch_size", 0, "must be >= 1"), ("base_batch", 0, "must be >= 1"),
+    ("steps_per_epoch", 0, "must be >= 1"), ("warmup_factor", 0.0, "must be > 0 and <= 1"),
+    ("milestones", [2, -1], "must be >= 0"), ("lr", -0.1, "must be >= 0"), ("amp", "fp8", "must be one of"),
+    ("scheduler", "step", "must be one of")])
+def test_schema_rejects_values_that_would_break_the_run_naming_the_key(schema, key, value, expect):
+    """Well-typed values that would fail only after training started (``step % log_every``) are schema errors."""
+    with pytest.raises(ConfigError, match=f"`train.{key}` {expect}"):
+        resolve(schema, {"train": {key: value}}, "cfg.yaml")
+    ok = {"log_every": 1, "eval_every": 1, "epochs": 1, "checkpoint_every": None, "stop_after_iters": 0,
+          "warmup_factor": 1.0, "milestones": [0, 3], "lr": 0.0, "amp": "bf16"}
+    assert resolve(schema, {"train": ok})["train"]["stop_after_iters"] == 0
+
+
+def test_train_with_log_every_zero_fails_before_building_anything(tmp_path):
+    from examples.classification import train
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from cls_helpers import tiny_config
+    cfg = tiny_config(tmp_path, "ce")
+    with pytest.raises(ConfigError, match="`train.log_every` must be >= 1, got 0"):
+        train.main(["--config", str(cfg), "--out", str(tmp_path / "out"), "train.log_every=0"])
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -68,3 +69,45 @@ def test_kill_and_resume_with_augmenting_workers(tmp_path):
     a, b = load_checkpoint(full / "last.pth"), load_checkpoint(cut / "last.pth")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def _val_rows(out):
+    from examples.common.metrics_log import read_metrics
+    return [r for r in read_metrics(out / "metrics.jsonl") if "val/top1" in r]
+
+
+def test_extending_a_finished_run_follows_the_new_lr_schedule(tmp_path, capsys):
+    """--resume with a larger train.epochs: the cosine schedule is the new length's (logged), not the saved one's,
+    which would reach its minimum at the old end and climb back."""
+    cosine = {"train": {"scheduler": "cosine", "milestones": [], "min_lr_ratio": 0.0, "eval_every": 100}}
+    cfg = tiny_config(tmp_path, "ce", epochs=2, steps=1, extra=cosine)
+    short, long = tmp_path / "short", tmp_path / "long"
+    train.main(["--config", str(cfg), "--out", str(long), "train.epochs=4"])
+    train.main(["--config", str(cfg), "--out", str(short)])
+    capsys.readouterr()
+    train.main(["--config", str(cfg), "--out", str(short), "--resume", "train.epochs=4"])
+    extended, fresh = train_losses(short, "train/lr"), train_losses(long, "train/lr")
+    assert sorted(extended) == sorted(fresh) == [1, 2, 3, 4]
+    assert [extended[s] for s in (3, 4)] == [fresh[s] for s in (3, 4)]
+    assert extended[3] > extended[4] > 0  # still annealing (the saved schedule: 0 at step 3, then climbing back)
+    log = capsys.readouterr().out
+    assert "train.epochs 2 -> 4" in log and "lr schedule is rebuilt for 4 epochs" in log
+    assert load_checkpoint(short / "last.pth")["epoch"] == 4
+
+
+def test_resuming_a_finished_run_reports_already_finished(tmp_path, capsys):
+    """No second evaluation and no duplicate val/ line; the summary carries the last evaluation's metrics."""
+    cfg = tiny_config(tmp_path, "ce", epochs=2, steps=1)
+    out = tmp_path / "out"
+    first = train.main(["--config", str(cfg), "--out", str(out)])
+    rows = _val_rows(out)
+    assert len(rows) == 2
+    capsys.readouterr()
+    again = train.main(["--config", str(cfg), "--out", str(out), "--resume"])
+    log = capsys.readouterr().out
+    assert "already finished" in log and "[eval]" not in log
+    assert _val_rows(out) == rows
+    assert again["already_finished"] and not first["already_finished"]
+    assert again["metrics"] == first["metrics"] and again["steps"] == first["steps"] == 2
+    with pytest.raises(ValueError, match="cannot be shortened"):
+        train.main(["--config", str(cfg), "--out", str(out), "--resume", "train.epochs=1"])

@@ -201,13 +201,16 @@ def test_checkpoint_round_trip(tmp_path, wrap):
         torch.testing.assert_close(src.eval()(x).logits, dst.eval()(x).logits)
 
 
-def test_checkpoint_with_non_tensor_pickles_and_safetensors(tmp_path):
-    """A trainer-style file with numpy RNG state needs weights_only=False (warned); .safetensors files load too."""
+def test_checkpoint_with_numpy_rng_state_loads_weights_only_and_safetensors(tmp_path):
+    """A trainer-style file with numpy RNG state loads with weights_only=True (the allow-listed NumPy types, no
+    fallback, no warning); .safetensors files load too."""
+    import warnings
     np = pytest.importorskip("numpy")
     src = build_model("resnet8", 10)
     path = tmp_path / "last.pth"
     torch.save({"model": src.state_dict(), "rng": {"numpy": np.random.get_state()}}, path)
-    with pytest.warns(UserWarning, match="weights_only=False"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         dst = build_model("resnet8", 10, checkpoint=str(path))
     assert _same_weights(src.net, dst.net)
 

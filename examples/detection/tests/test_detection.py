@@ -199,6 +199,25 @@ def test_resume_at_an_epoch_end_runs_the_pending_evaluation(coco_root, tmp_path)
     assert evaluated == [3, 6]
 
 
+def test_resuming_a_finished_run_reports_already_finished(baseline_run, coco_root, tmp_path, capsys):
+    """The last epoch's end checkpoint precedes its COCO evaluation (eval_pending); once that evaluation is done
+    the run is recorded as finished: a resume evaluates nothing and logs no second val/ line."""
+    import shutil
+    src, done = baseline_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    ck = load_checkpoint(out / "last.pth")
+    assert (ck["epoch"], ck["eval_pending"]) == (1, False) and ck["metrics"] == done["metrics"]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "val/mAP" in r]
+    cfg = tiny_cfg("r101_r18/baseline.yaml", coco_root)
+    cfg["train"]["eval_every"] = 1
+    capsys.readouterr()
+    again = train(cfg, out, resume=True)
+    assert "already finished" in capsys.readouterr().out
+    assert again["already_finished"] and again["metrics"] == done["metrics"] and again["steps"] == done["steps"]
+    assert [r for r in read_metrics(out / "metrics.jsonl") if "val/mAP" in r] == rows
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def test_evaluation_of_perfect_detections_is_one(coco_root):
     """Ground truth fed back as detections through ``evaluate``: label -> category id and xyxy -> xywh mapping."""
