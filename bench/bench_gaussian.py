@@ -1,4 +1,4 @@
-"""WKD-F Gaussian ops: wkd_kernels.gaussian_wasserstein against the baselines of issue 4, in the same run.
+"""WKD-F Gaussian ops: wkd_kernels.gaussian_wasserstein against the published formulations (the paper's code and plain PyTorch), in the same run.
 
 For every feature size [N, C, H, W], covariance (diag / full) and grid (1 / 4), student and teacher maps (float32 by
 default) are compared with the squared 2-Wasserstein distance per sample (and cell); forward ("fwd") and forward +

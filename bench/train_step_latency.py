@@ -8,7 +8,7 @@ and channels_last by default. Methods (each adds its loss to the cross-entropy):
 
   CE only | KD (tau 4) | DKD (alpha 1, beta 8, tau 4) | NKD (tau 1, gamma 1.5)
   WKD-L as published: per-sample gather of the (C-1) x (C-1) cost and a batched-bmm Sinkhorn (written below, the
-      literal formulation of issue 5 section 2; kept as the reference row)
+      literal formulation of the published code; kept as the reference row)
   WKD-L (ours): wkd_kernels.losses.WKDLogitLoss (shared C x C cost, target given zero mass)
   WKD-F diag / full (ours): wkd_kernels.losses.WKDFeatureLoss on the layer4 maps (512 x 7 x 7 at 224 px), grid 1,
       bottleneck projector

@@ -110,7 +110,7 @@ def test_cross_architecture_wkd_f_adapts_spatial_size(tmp_path):
     assert all(p.grad is not None for p in distiller.losses["wkd_f"].parameters())
 
 
-# The recipes of issue 6 (Lv et al., NeurIPS 2024), written out independently of the YAML files: a config that
+# The recipes of the paper (Lv et al., NeurIPS 2024), written out independently of the YAML files: a config that
 # drifts from the paper fails here, not after a 100-epoch run.
 _IMAGENET_TRAIN = {"epochs": 100, "batch_size": 256, "base_batch": 256, "optimizer": "sgd", "momentum": 0.9,
                    "nesterov": True, "lr": 0.1, "milestones": [30, 60, 90], "gamma": 0.1, "weight_decay": 1e-4,
