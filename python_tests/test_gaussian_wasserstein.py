@@ -207,3 +207,18 @@ def test_backend_and_precision_arguments():
         assert _rel(got.cpu(), wk.gaussian_wasserstein(f_s, f_t, num_iters=40, path=path)) <= 1e-9, path
     terms = wk.gaussian_wasserstein_terms(f_s.to(dev), f_t.to(dev), num_iters=40, backend="triton")
     assert _rel((terms.mean + terms.cov).cpu(), want) <= 1e-9
+
+
+def test_cell_index_cache_is_bounded_and_reused():
+    """The cell gather indices of the low-rank path are cached per (H, W, grid, device) for reuse, but a run over many
+    feature-map sizes keeps at most CELL_INDEX_CACHE_SIZE of them (least recently used dropped)."""
+    import importlib
+
+    gw = importlib.import_module("wkd_kernels.ops.gaussian_wasserstein")  # the module (the package exports the function)
+
+    first = gw.cell_gather_index(5, 6, 2, torch.device("cpu"))
+    assert gw.cell_gather_index(5, 6, 2, "cpu")[0] is first[0]  # reused, not rebuilt
+    for H in range(2, gw.CELL_INDEX_CACHE_SIZE + 40):
+        idx, mask, m = gw.cell_gather_index(H, 3, 2, "cpu")
+        assert m.tolist() == [float(c) for c in cell_sizes(H, 3, 2)]
+        assert gw._cached_cell_gather_index.cache_info().currsize <= gw.CELL_INDEX_CACHE_SIZE
