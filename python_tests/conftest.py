@@ -226,3 +226,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def assert_interruptible(long_call: str, setup: str = "", within_s: float = 5.0) -> None:
+    """Runs ``setup`` then the statement ``long_call`` (a C++ kernel call of a minute or more) in a fresh Python
+    process, sends it SIGINT (Ctrl-C) a second into the call, and asserts that the call ends with KeyboardInterrupt
+    within ``within_s`` seconds of the signal (the CPU kernels poll for signals between iterations)."""
+    import subprocess
+    import textwrap
+    import time
+
+    code = "\n".join([
+        "import sys, time",
+        "import torch",
+        "import wkd_kernels as wk",
+        textwrap.dedent(setup),
+        "print('READY', flush=True)",
+        "t0 = time.monotonic()",
+        "try:",
+        f"    {long_call}",
+        "except KeyboardInterrupt:",
+        "    print('INTERRUPTED', flush=True)",
+        "    sys.exit(0)",
+        "print(f'FINISHED after {time.monotonic() - t0:.1f} s', flush=True)",
+    ])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
+                                                                   os.environ.get("PYTHONPATH", "")] if p))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "READY", f"the child did not start: {line!r} {proc.stderr.read()[-2000:]}"
+        time.sleep(1.0)
+        t_signal = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=within_s + 60)
+        elapsed = time.monotonic() - t_signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "INTERRUPTED" in out, f"the call was not interrupted: stdout {out!r}, stderr {err[-2000:]!r}"
+    assert elapsed < within_s, f"the call ended {elapsed:.1f} s after SIGINT (more than {within_s} s)"

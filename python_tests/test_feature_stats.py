@@ -253,3 +253,53 @@ def test_cuda_op_matches_cpu():
         torch.testing.assert_close(m.cpu(), mr, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v.cpu(), vr, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(xc.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 0, 1, None, 1.0, torch.tensor([True])])
+def test_boolean_flags_reject_non_bools(flag):
+    """`unbiased` (feature_stats, gaussian_wasserstein) and `check_values` (every op and loss) are bools: a string such
+    as "no" must not read as true, nor a number as a flag, on every backend (CPU kernels included, which never read
+    `check_values`)."""
+    x = _x((2, 3, 4, 4))
+    with pytest.raises(TypeError, match=r"wkd\.feature_stats: `unbiased` must be True or False"):
+        wk.feature_stats(x, unbiased=flag)
+    with pytest.raises(TypeError, match=r"`unbiased` must be True or False"):
+        wk.gaussian_wasserstein(x, x.flip(0), unbiased=flag)
+    if flag is None:
+        return  # check_values=None means "the setting"
+    with pytest.raises(TypeError, match=r"`check_values` must be True or False"):
+        wk.feature_stats(x, check_values=flag)
+    with pytest.raises(TypeError, match=r"`check_values` must be True or False"):
+        wk.sqrtm(torch.eye(3, dtype=torch.float64), check_values=flag)
+    with pytest.raises(TypeError, match=r"wkd_feature_loss: `check_values` must be True or False"):
+        wk.wkd_feature_loss(x, x.flip(0), check_values=flag)
+    with pytest.raises(TypeError, match=r"kd_loss: `check_values` must be True or False"):
+        wk.kd_loss(torch.randn(2, 5), torch.randn(2, 5), check_values=flag)
+    cost = torch.rand(5, 5)
+    with pytest.raises(TypeError, match=r"wkd_logit_loss: `check_values` must be True or False"):
+        wk.wkd_logit_loss(torch.randn(2, 5), torch.randn(2, 5), torch.tensor([0, 1]), cost, 4.0, 1.0, check_values=flag)
+    assert torch.equal(wk.feature_stats(x, unbiased=torch.tensor(False))[1], wk.feature_stats(x, unbiased=False)[1])
+    if wk.settings.TRITON_INTERPRET:
+        with pytest.raises(TypeError, match=r"wkd\.feature_stats: `unbiased` must be True or False"):
+            wk.feature_stats(x.to(triton_device()), unbiased=flag, backend="triton")
+
+
+@pytest.mark.parametrize("offset,spread", [(1e7, 1.0), (0.0, 1e18), (3e18, 1e18), (0.0, 1e-18)],
+                         ids=["offset_1e7_std", "spread_1e18", "offset_and_spread_1e18", "spread_1e-18"])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+@pytest.mark.parametrize("grid", [1, 2])
+def test_float32_statistics_at_large_offsets_and_magnitudes(gaussian_backend, grid, covariance, offset, spread):
+    """float32 statistics must be centred before they are squared and summed: a mean 1e7 standard deviations away
+    (the Triton diagonal kernel's chunk means rounded by ~1 std: 14 % off) and values ~1e18 (m_p times the covariance
+    overflowed float32 in the full kernels although the covariance is representable) give the statistics of the
+    float32 input to float32 accuracy."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 5, 9, 7, generator=g, dtype=torch.float64) * spread + offset).float()
+    m, v = wk.feature_stats(gaussian_backend.to(x), grid, covariance, backend=gaussian_backend.name)
+    wm, wv = ref.feature_stats_reference(x.double(), grid, covariance == "full", True)
+    if grid == 1:
+        wm, wv = wm.squeeze(1), wv.squeeze(1)
+    what = f"{covariance}, grid {grid}, offset {offset:g}, spread {spread:g} ({gaussian_backend})"
+    assert torch.isfinite(v).all(), what
+    assert_close(m, wm, *TOL[F32], what=f"mean ({what})")
+    assert_close(v, wv, *TOL[F32], what=f"variance ({what})")

@@ -8,7 +8,7 @@ import wkd_kernels as wk
 from wkd_kernels import reference as ref
 from wkd_kernels.ops.checks import cell_sizes
 
-from conftest import capture_cuda_graph, import_pot, rel_error, triton_device
+from conftest import assert_close, capture_cuda_graph, import_pot, rel_error, triton_device
 
 
 
@@ -207,3 +207,33 @@ def test_backend_and_precision_arguments():
         assert _rel(got.cpu(), wk.gaussian_wasserstein(f_s, f_t, num_iters=40, path=path)) <= 1e-9, path
     terms = wk.gaussian_wasserstein_terms(f_s.to(dev), f_t.to(dev), num_iters=40, backend="triton")
     assert _rel((terms.mean + terms.cov).cpu(), want) <= 1e-9
+
+
+def test_cell_index_cache_is_bounded_and_reused():
+    """The cell gather indices of the low-rank path are cached per (H, W, grid, device) for reuse, but a run over many
+    feature-map sizes keeps at most CELL_INDEX_CACHE_SIZE of them (least recently used dropped)."""
+    import importlib
+
+    gw = importlib.import_module("wkd_kernels.ops.gaussian_wasserstein")  # the module, not the function
+
+    first = gw.cell_gather_index(5, 6, 2, torch.device("cpu"))
+    assert gw.cell_gather_index(5, 6, 2, "cpu")[0] is first[0]  # reused, not rebuilt
+    for H in range(2, gw.CELL_INDEX_CACHE_SIZE + 40):
+        m = gw.cell_gather_index(H, 3, 2, "cpu")[2]
+        assert m.tolist() == [float(c) for c in cell_sizes(H, 3, 2)]
+        assert gw._cached_cell_gather_index.cache_info().currsize <= gw.CELL_INDEX_CACHE_SIZE
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e-10, 1e10], ids=lambda s: f"{s:g}")
+def test_low_rank_path_float32_at_extreme_feature_magnitudes(gaussian_backend, scale):
+    """Feature maps of magnitude ~1e-10 make the cross-Gram of the low-rank path ~1e-20, whose squared norm underflows
+    float32 (a NaN loss before the nuclear norm scaled its input); the low-rank path must agree with the dense one and
+    the float64 reference at any magnitude the statistics can represent."""
+    g = torch.Generator().manual_seed(5)
+    f_s, f_t = ((torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64) + 0.5) * scale for _ in range(2))
+    want = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 1, eps=0.0)
+    dev_s, dev_t = gaussian_backend.to(f_s.float(), f_t.float())
+    for path in ("low_rank", "dense"):
+        got = wk.gaussian_wasserstein(dev_s, dev_t, eps=0.0, path=path, backend=gaussian_backend.name)
+        assert_close(got, want.reshape(got.shape), 1e-4, what=f"{path} path at {scale:g} ({gaussian_backend})",
+                     mode="entry")

@@ -231,3 +231,15 @@ def test_real_matrix_roundtrip():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("kernel", ["linear", "polynomial", "rbf"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
+def test_cka_class_of_identical_samples_is_an_error_for_every_kernel(kernel, compute_dtype):
+    # the mean of n copies of a value is not that value in floating point (0.1 * 7 / 7 != 0.1): the centred Gram
+    # matrix of such a class must still be exactly zero, reported as undefined CKA, not turned into distances
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 7, 5, generator=g, dtype=torch.float64)
+    x[2] = (0.1 + 7.3 * torch.rand(5, generator=g, dtype=torch.float64))[None, :].expand(7, 5)
+    with pytest.raises(ValueError, match=r"CKA undefined\), e.g. classes \[2\]"):
+        ir.cka_distance(x, kernel, compute_dtype=compute_dtype)

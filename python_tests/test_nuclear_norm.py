@@ -8,7 +8,7 @@ import torch
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
 
-from conftest import assert_close, triton_device
+from conftest import assert_close, assert_interruptible, triton_device
 
 F32, F64 = torch.float32, torch.float64
 # {dtype: (rtol, atol)} of the value against the reference (relative to the value per matrix)
@@ -126,3 +126,28 @@ def test_backend_and_precision_arguments():
     with pytest.raises(ValueError, match="`precision` must be one of"):
         wk.nuclear_norm(M, precision="IEEE")
     assert torch.equal(wk.nuclear_norm(M, backend="cpu", precision="tf32x3"), wk.nuclear_norm(M))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30], ids=lambda s: f"{s:g}")
+def test_float32_value_at_extreme_magnitudes(gaussian_backend, scale):
+    """|M|_F^2 under/overflows float32 for |M| below ~1e-19 / above ~1e19 although the nuclear norm is representable:
+    the start X0 = M / |M|_F must not see it (NaN, resp. 0, before the scaling); value and polar factor as at scale 1."""
+    M = _mat(3, 5, 4, seed=11)
+    Ms = (M * scale).float()
+    v = wk.nuclear_norm(gaussian_backend.to(Ms).requires_grad_(), backend=gaussian_backend.name)
+    assert_close(v, torch.linalg.matrix_norm(Ms.double(), ord="nuc"), *TOL[F32], what=f"value at {scale:g}",
+                 mode="entry")
+    Md = gaussian_backend.to(Ms).requires_grad_()
+    (gm,) = torch.autograd.grad(wk.nuclear_norm(Md, backend=gaussian_backend.name).sum(), Md)
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    assert_close(gm, U @ Vh, 1e3 * TOL[F32][0], what=f"polar factor at {scale:g}")
+
+
+def test_long_cpu_call_stops_on_ctrl_c():
+    """Ctrl-C (SIGINT) during a long CPU polar Newton-Schulz call (a large float64 batch: at least 89 steps of
+    batched products) raises KeyboardInterrupt within seconds: the loop polls Python's signal handlers between
+    steps (the same loop structure as the sqrtm and Lyapunov iterations of csrc/cpu/sqrtm.cpp)."""
+    setup = """
+        M = torch.randn(1500, 64, 64, dtype=torch.float64)
+    """
+    assert_interruptible("wk.nuclear_norm(M, num_iters=100000)", setup)

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import (REPO, assert_close, capture_cuda_graph, import_pot, load_cost_matrix, rand_cost, rel_error,
-                      simplex, triton_device)
+from conftest import (REPO, assert_close, assert_interruptible, capture_cuda_graph, import_pot, load_cost_matrix,
+                      rand_cost, rel_error, simplex, triton_device)
 from wkd_kernels.reference import sinkhorn_reference
 
 F64, F32 = torch.float64, torch.float32
@@ -1500,3 +1500,20 @@ def test_onchip_launch_count(dev, oc_big_tiles, monkeypatch, C, log_domain, kbuf
     want = 4 if (kbuf and not log_domain) else 2
     assert n_all == want <= 4, counter["names"]
     assert n_fwd == want // 2
+
+
+@pytest.mark.parametrize("shared_cost", [True, False], ids=["shared_cost_blas", "per_row_cost"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log_domain"])
+def test_long_cpu_call_stops_on_ctrl_c(shared_cost, log_domain):
+    """Ctrl-C (SIGINT) during a minutes-long CPU Sinkhorn call raises KeyboardInterrupt within seconds (the kernel
+    polls Python's signal handlers between iterations of the shared-cost path and between row blocks of the per-row
+    paths: a block is at least one row per thread, so a single row of very many iterations is seen only after it;
+    here a row takes well under a second), instead of after the call."""
+    B, n = 5000, 64
+    cost = f"torch.rand({n}, {n}, dtype=torch.float64)" if shared_cost else \
+        f"torch.rand({B}, {n}, {n}, dtype=torch.float64)"
+    setup = f"""
+        a = torch.full(({B}, {n}), 1.0 / {n}, dtype=torch.float64)
+        cost = {cost}
+    """
+    assert_interruptible(f"wk.sinkhorn(a, a, cost, 0.1, 8000, log_domain={log_domain})", setup)

@@ -295,3 +295,32 @@ def test_cuda_op_matches_cpu(method):
     (gr,) = torch.autograd.grad(Yr.square().sum(), Sr)
     assert _rel(Y.cpu(), Yr) <= 1e-4
     assert _rel(g.cpu(), gr) <= 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30], ids=lambda s: f"{s:g}")
+def test_eigh_float32_at_extreme_magnitudes(gaussian_backend, scale):
+    """The Jacobi sweeps square the entries: in float32 |S|_F^2 over/underflows for entries beyond ~1e+-19 (before
+    the kernel scaled S, the sweeps stopped at once and returned the diagonal); every backend must give the root of
+    any S whose root is representable, as at scale 1."""
+    S = _spd(2, 4, seed=7)
+    Ss = (S * scale).float()
+    Y = wk.sqrtm(gaussian_backend.to(Ss), "eigh", backend=gaussian_backend.name)
+    want = ref.sqrtm_reference(S) * scale ** 0.5
+    assert_close(Y, want, *TOL[F32], what=f"eigh root at {scale:g} ({gaussian_backend})", mode="fro")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_eigh_non_finite_input_is_nan_or_an_error(gaussian_backend, bad):
+    """A NaN or inf entry must come out as NaN in that matrix's root (the Jacobi loop test is False on NaN: it used to
+    return finite numbers), or be a ValueError naming `S` where values are checked (always on CPU)."""
+    S = _spd(3, 4, seed=8).float()
+    S[1, 2, 3] = S[1, 3, 2] = bad
+    Sd = gaussian_backend.to(S)
+    with pytest.raises(ValueError, match=r"wkd\.sqrtm.*`S`"):
+        wk.sqrtm(Sd, "eigh", backend=gaussian_backend.name, check_values=True)
+    if gaussian_backend.name == "cpu":
+        return
+    Y = wk.sqrtm(Sd, "eigh", backend=gaussian_backend.name, check_values=False).cpu()
+    assert torch.isnan(Y[1]).all()
+    assert_close(Y[[0, 2]], ref.sqrtm_reference(S[[0, 2]].double()), *TOL[F32], what="the finite matrices",
+                 mode="fro")

@@ -175,6 +175,12 @@ def cka_distance(class_features: Tensor, kernel: str = "linear", *, degree: int 
     chunk_classes = max(1, min(C, max_chunk_bytes // max(1, 3 * n * n * itemsize)))
 
     inv_2s2 = None
+    if kernel != "polynomial":
+        # linear and RBF Gram matrices are unchanged (after centring) by a shift of the samples: shifted by the first
+        # sample, a class of identical samples is exactly zero, so its centred Gram matrix is exactly zero (reported
+        # below) instead of rounding noise (e.g. of na + nx - 2 x.y in the squared distances), and a large common
+        # offset does not cost digits.
+        X = X - X[:, :1]
     if kernel == "rbf":
         inv_2s2 = _rbf_inv_two_sigma2(X, sigma, chunk_classes)
     if kernel == "linear":
@@ -183,10 +189,13 @@ def cka_distance(class_features: Tensor, kernel: str = "linear", *, degree: int 
     else:
         # pass 1: row means m_i [C, n] and grand means M_i [C] of each class's kernel matrix, for
         # K~ = H K H: K~_kl = K_kl - m_k - m_l + M (K symmetric)
+        # K~ is unchanged by a constant added to K: K is shifted by its first entry per class, so that a constant
+        # kernel matrix (all samples identical) centres to exact zeros rather than to the rounding of its means.
+        k_shift = _kernel_rows(X, 0, 1, kernel, gamma, coef0, degree, inv_2s2)[:, 0, :1].unsqueeze(1)  # [C, 1, 1]
         row_mean = X.new_empty(C, n)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            row_mean[:, r0:r1] = _kernel_rows(X, r0, r1, kernel, gamma, coef0, degree, inv_2s2).mean(-1)
+            row_mean[:, r0:r1] = (_kernel_rows(X, r0, r1, kernel, gamma, coef0, degree, inv_2s2) - k_shift).mean(-1)
         total_mean = row_mean.mean(1)
 
     # pass 2: S = sum over row blocks of Z_blk Z_blk^T, Z_blk = centred Gram rows flattened [C, rows * n]
@@ -195,7 +204,7 @@ def cka_distance(class_features: Tensor, kernel: str = "linear", *, degree: int 
         r1 = min(n, r0 + rows)
         Kb = _kernel_rows(X, r0, r1, kernel, gamma, coef0, degree, inv_2s2)
         if row_mean is not None:
-            Kb = Kb - row_mean[:, r0:r1].unsqueeze(2) - row_mean.unsqueeze(1) + total_mean.view(-1, 1, 1)
+            Kb = Kb - k_shift - row_mean[:, r0:r1].unsqueeze(2) - row_mean.unsqueeze(1) + total_mean.view(-1, 1, 1)
         Z = Kb.reshape(C, -1)
         S.addmm_(Z, Z.transpose(0, 1))
         del Kb, Z

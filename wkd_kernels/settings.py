@@ -28,7 +28,9 @@ Fields (environment variable, default):
   Lyapunov kernels of WKD-F: ``"ieee"`` or ``"tf32x3"``.
 * ``check_values`` (``WKD_CHECK_VALUES``, off): also run the checks that read the data (non-finite entries,
   negative masses, PSD-ness, underflow of K) on CUDA tensors, where they synchronise with the device. They always
-  run on CPU tensors.
+  run on CPU tensors. Without them, input outside an op's domain gives an unchecked result: for example an
+  indefinite covariance whose trace is positive gives :func:`wkd_kernels.bures_wasserstein` a wrong squared
+  distance, possibly negative, as its negative eigenvalues are clamped to 0 in the roots (a negative trace gives NaN).
 """
 from __future__ import annotations
 

@@ -6,14 +6,16 @@
 //   full: cov[n, p, c, d] = sum_k (x[n, c, k] - mean_c) (x[n, d, k] - mean_d) / (m_p - unbiased)
 // Statistics are accumulated in double for float32 input and in float32 for float16/bfloat16 input (outputs are
 // then float32). Diagonal: one thread per (n, c) row reads each cell of the row once (two passes in cache: mean,
-// then centred squares). Full: the centred cells are written once into a zero-padded [N, P, C, max_m] buffer and
-// one batched GEMM gives every covariance.
+// then centred squares). Full: the centred cells are written once into a zero-padded [N, P, C, max_m] buffer (times a
+// power of two ~ 1 / sqrt(m_p - unbiased), so that the sums do not overflow where the covariance does not) and one
+// batched GEMM gives every covariance.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "../gaussian_common.h"
@@ -65,10 +67,21 @@ void forward_diag(const at::Tensor& x, const Cells& cells, bool unbiased, at::Te
   });
 }
 
-// Writes mean [N, P, C] and the centred cells into xc [N, P, C, max_m] (zero beyond m_p). When `given_mean` is
-// defined it is used instead of recomputing the mean (backward).
+// r_p = 2^-round(log2(den_p) / 2) ~ 1 / sqrt(den_p), a power of two (exact), per cell: the forward writes the centred
+// values times r_p, so that the GEMM sums r_p^2 sum_k xc_c xc_d, of the order of the covariance itself (den_p r_p^2
+// in [0.5, 2)), instead of m_p times it, which overflows float32 at values ~1e18 although the covariance does not.
+std::vector<double> cell_scales(const Cells& cells, bool unbiased) {
+  std::vector<double> r(cells.P);
+  for (int64_t p = 0; p < cells.P; ++p)
+    r[p] = std::ldexp(1.0, -int(std::floor(std::log2(double(cells.m[p] - (unbiased ? 1 : 0))) * 0.5 + 0.5)));
+  return r;
+}
+
+// Writes mean [N, P, C] and the centred cells, times scale[p] when `scale` is not empty, into xc [N, P, C, max_m]
+// (zero beyond m_p). When `given_mean` is defined it is used instead of recomputing the mean (backward).
 template <typename scalar_t>
-void centre_cells(const at::Tensor& x, const Cells& cells, at::Tensor& mean, at::Tensor& xc, bool given_mean) {
+void centre_cells(const at::Tensor& x, const Cells& cells, at::Tensor& mean, at::Tensor& xc, bool given_mean,
+                  const std::vector<double>& scale = {}) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   using out_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), P = cells.P, M = cells.max_m;
@@ -89,10 +102,12 @@ void centre_cells(const at::Tensor& x, const Cells& cells, at::Tensor& mean, at:
           mean_p[o] = static_cast<out_t>(mu);
         }
         out_t* dst = xc_p + o * M;
+        const acc_t rp = scale.empty() ? acc_t(1) : static_cast<acc_t>(scale[p]);
         int64_t k = 0;
         for (int64_t h = cells.h0[p]; h < cells.h1[p]; ++h) {
           const scalar_t* rr = row + h * cells.W;
-          for (int64_t w = cells.w0[p]; w < cells.w1[p]; ++w) dst[k++] = static_cast<out_t>(static_cast<acc_t>(rr[w]) - mu);
+          for (int64_t w = cells.w0[p]; w < cells.w1[p]; ++w)
+            dst[k++] = static_cast<out_t>((static_cast<acc_t>(rr[w]) - mu) * rp);
         }
         for (; k < M; ++k) dst[k] = out_t(0);
       }
@@ -100,9 +115,12 @@ void centre_cells(const at::Tensor& x, const Cells& cells, at::Tensor& mean, at:
   });
 }
 
-at::Tensor denominators(const Cells& cells, bool unbiased, at::ScalarType dtype) {
+// den_p = m_p - unbiased, times scale[p]^2 when `scale` is not empty
+at::Tensor denominators(const Cells& cells, bool unbiased, at::ScalarType dtype,
+                        const std::vector<double>& scale = {}) {
   std::vector<double> d(cells.P);
-  for (int64_t p = 0; p < cells.P; ++p) d[p] = double(cells.m[p] - (unbiased ? 1 : 0));
+  for (int64_t p = 0; p < cells.P; ++p)
+    d[p] = double(cells.m[p] - (unbiased ? 1 : 0)) * (scale.empty() ? 1.0 : scale[p] * scale[p]);
   return at::tensor(d, at::TensorOptions().dtype(at::kDouble)).to(dtype);
 }
 
@@ -122,11 +140,12 @@ std::tuple<at::Tensor, at::Tensor> feature_stats_cpu(const at::Tensor& x_in, int
     return {mean, var};
   }
   at::Tensor xc = at::empty({N, cells.P, C, cells.max_m}, opts);
+  const std::vector<double> r = cell_scales(cells, unbiased);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "wkd_feature_stats_full", [&] {
-    centre_cells<scalar_t>(x, cells, mean, xc, /*given_mean=*/false);
+    centre_cells<scalar_t>(x, cells, mean, xc, /*given_mean=*/false, r);
   });
-  at::Tensor cov = at::matmul(xc, xc.transpose(-1, -2));
-  cov.div_(denominators(cells, unbiased, opts.dtype().toScalarType()).view({1, cells.P, 1, 1}));
+  at::Tensor cov = at::matmul(xc, xc.transpose(-1, -2));  // r_p^2 times the sums: no overflow (see cell_scales)
+  cov.div_(denominators(cells, unbiased, opts.dtype().toScalarType(), r).view({1, cells.P, 1, 1}));
   return {mean, cov};
 }
 

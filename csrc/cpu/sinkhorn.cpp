@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../sinkhorn_common.h"
+#include "interrupt.h"
 
 namespace wkd {
 namespace {
@@ -396,6 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   T* v_p = v.data_ptr<T>();
   const T e = T(eps);
   for (int64_t t = 0; t < T_iters; ++t) {
+    check_interrupt();  // Ctrl-C between iterations
     at::Tensor s = keep_history ? hist_s[t] : s_tmp;
     at::Tensor r = keep_history ? hist_r[t] : r_tmp;
     bool s_has_eps = true;
@@ -526,24 +528,31 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
   T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
   T* yp = keep_history ? y.data_ptr<T>() : nullptr;
   const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> Mbuf(shared ? 0 : n * m);
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const T* C = shared ? c_p : c_p + bi * n * m;
-      const T* M = sM;
-      if (!shared) {
-        kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
-        M = Mbuf.data();
-        if (!kernel_block_ok<T>(M, n, m, log_domain)) {
-          range_ok.store(false);
-          continue;
+  // Rows in blocks (of >= ~2^24 multiply-adds), each block one parallel region: Ctrl-C is seen between blocks (the
+  // interrupt check must run outside the parallel region, on the calling thread).
+  const int64_t per_row = std::max<int64_t>(1, 2 * T_iters * n * m);
+  const int64_t rows_per_block = std::max<int64_t>(at::get_num_threads(), (int64_t(1) << 24) / per_row);
+  for (int64_t blk = 0; blk < B; blk += rows_per_block) {
+    check_interrupt();
+    at::parallel_for(blk, std::min(B, blk + rows_per_block), 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> Mbuf(shared ? 0 : n * m);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const T* C = shared ? c_p : c_p + bi * n * m;
+        const T* M = sM;
+        if (!shared) {
+          kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
+          M = Mbuf.data();
+          if (!kernel_block_ok<T>(M, n, m, log_domain)) {
+            range_ok.store(false);
+            continue;
+          }
         }
+        forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi,
+                       u_p + bi * n, v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr,
+                       yp ? yp + bi * n : nullptr, B * n, B * m);
       }
-      forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi, u_p + bi * n,
-                     v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr, yp ? yp + bi * n : nullptr,
-                     B * n, B * m);
-    }
-  });
+    });
+  }
   if (!range_ok.load()) kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
 }
 

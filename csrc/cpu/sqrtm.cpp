@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "../gaussian_common.h"
+#include "interrupt.h"
 #include "matfun.h"
 
 namespace wkd {
@@ -54,6 +55,7 @@ at::Tensor sqrtm_newton_schulz(const at::Tensor& S, int64_t num_iters) {
   const double dev_max = double(n) / 16.0 + double(n) * std::sqrt(dtype_eps(st));
   const double res_tol = double(n) * dtype_eps(st);
   for (int64_t k = 0; k < num_iters; ++k) {
+    check_interrupt();  // Ctrl-C between steps (large batches take minutes)
     at::baddbmm_out(T, I15, Z, Y, /*beta=*/1, /*alpha=*/-0.5);  // T = (3I - Z Y) / 2
     // T's eigenvalues lie in [1, 1.5] while the iteration is healthy (|T - 1.25 I|_F^2 <= n/16); larger means a
     // negative eigenvalue (S indefinite at rounding level) about to blow up: this matrix stops before the step.
@@ -127,6 +129,7 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
   at::Tensor B2 = at::empty_like(Bm);
   at::Tensor active = at::ones({B, 1, 1}, Y.options().dtype(at::kBool));
   for (int64_t k = 0; k < num_iters; ++k) {
+    check_interrupt();  // Ctrl-C between steps (large batches take minutes)
     at::bmm_out(P, Bm, Bm);
     at::bmm_out(PC, P, Cm);
     at::bmm_out(BC, Bm, Cm);
@@ -155,8 +158,11 @@ at::Tensor lyapunov(const at::Tensor& Y, const at::Tensor& G, bool eigh, int64_t
 std::tuple<at::Tensor, at::Tensor> polar_newton_schulz(const at::Tensor& M, int64_t num_iters) {
   const int64_t B = M.size(0), q = M.size(2);
   if (B == 0) return {at::empty({0}, M.options()), at::empty_like(M)};
-  const at::Tensor f = M.flatten(1).norm(2, {1}).clamp_min(dtype_tiny(M.scalar_type())).view({B, 1, 1});
-  at::Tensor X = M / f;
+  // X0 = M / |M|_F, with M first divided by its largest |entry| a: |M|_F^2 itself under- or overflows in float32
+  // for |M| below ~1e-19 or above ~1e19 (and the start would be inf, resp. 0), although the norm is representable.
+  const at::Tensor a = at::linalg_vector_norm(M, std::numeric_limits<double>::infinity(), {1, 2}, /*keepdim=*/true);
+  at::Tensor X = M / at::where(a > 0, a, at::ones_like(a));
+  X.div_(X.flatten(1).norm(2, {1}).clamp_min(dtype_tiny(M.scalar_type())).view({B, 1, 1}));
   const at::Tensor I15 = at::eye(q, M.options()).mul_(1.5).expand({B, q, q});
   at::Tensor T = at::empty({B, q, q}, M.options()), X2 = at::empty_like(X);
   // Per matrix, after min_steps (float32 40, float64 89: every singular value s >= eps |M|_F has grown to q ~ 1) the
@@ -168,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor> polar_newton_schulz(const at::Tensor& M, int6
   at::Tensor val = (X * M).sum({1, 2});
   at::Tensor active = at::ones({B}, M.options().dtype(at::kBool));
   for (int64_t k = 0; k < num_iters; ++k) {
+    check_interrupt();  // Ctrl-C between steps (large batches take minutes)
     at::baddbmm_out(T, I15, X.transpose(-2, -1), X, /*beta=*/1, /*alpha=*/-0.5);  // (3I - X^T X) / 2
     at::bmm_out(X2, X, T);
     const at::Tensor val2 = at::bmm(X2.reshape({B, 1, -1}), Mflat).view({B});  // <X2, M> without a [B, p, q] copy

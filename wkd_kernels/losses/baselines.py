@@ -26,7 +26,7 @@ def _prep(student_logits, teacher_logits, fn, check_values, target=None, min_cla
     if target is not None:
         check_target(target, B, C, student_logits.device, fn)
     dt = compute_dtype(student_logits)
-    if loss_values_check_wanted(student_logits, check_values):
+    if loss_values_check_wanted(student_logits, check_values, fn):
         check_logit_values(student_logits, teacher_logits, fn)
         if target is not None:
             check_target_values(target, C, fn)

@@ -118,7 +118,7 @@ def _wkd_feature_loss(f_s: Tensor, f_t: Tensor, covariance: str, grid: int, mean
     """Core of WKD-F on checked arguments (``f_s`` already projected)."""
     N, C, H, W = f_t.shape
     grid = _check_grid(grid, H, W, fn)
-    if loss_values_check_wanted(f_s, check_values):
+    if loss_values_check_wanted(f_s, check_values, fn):
         for name, t in ((s_name, f_s), ("teacher_features", f_t)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{fn}: `{name}` contains non-finite values (inf or nan)")

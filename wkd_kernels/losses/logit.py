@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import settings
-from ..ops.checks import as_log_domain, auto_log_domain
+from ..ops.checks import as_bool, as_log_domain, auto_log_domain
 from ..ops.sinkhorn import sinkhorn
 from ..ops.checks import (check_int, check_logit_values, check_logits, check_number, check_target, check_target_values,
                       compute_dtype, target_index, loss_values_check_wanted)
@@ -66,7 +66,7 @@ def prepare_wkd_cost(cost: Tensor, num_classes: Optional[int] = None, fn: str = 
                          f"{list(cost.shape)}")
     if not cost.is_floating_point():
         raise TypeError(f"{fn}: `cost` must be floating point, got {cost.dtype}")
-    if check_values and not bool(torch.isfinite(cost).all()):
+    if as_bool(check_values, "check_values", fn) and not bool(torch.isfinite(cost).all()):
         raise ValueError(f"{fn}: `cost` contains non-finite values (inf or nan)")
     c = cost.detach()
     if c.dtype not in (torch.float32, torch.float64):
@@ -85,7 +85,7 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
                     fn: str, backend: Optional[str] = None, precision: Optional[str] = None) -> Tensor:
     """Core of WKD-L on checked arguments; ``cost`` is already relu(cost) + 1e-8."""
     B, C = s.shape
-    if loss_values_check_wanted(s, check_values):
+    if loss_values_check_wanted(s, check_values, fn):
         check_logit_values(s, t, fn)
         check_target_values(target, C, fn)
     dt = compute_dtype(s)
@@ -100,7 +100,7 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
     removed = F.one_hot(y, C).bool()
     p = F.softmax((s / temperature).masked_fill(removed, float("-inf")), dim=1)
     q = F.softmax((t / temperature).masked_fill(removed, float("-inf")), dim=1)
-    if loss_values_check_wanted(s, check_values):  # name the user's arguments, not the op's internal `a` / `b`
+    if loss_values_check_wanted(s, check_values, fn):  # name the user's arguments, not the op's internal `a` / `b`
         for name, d in (("student_logits", p), ("teacher_logits", q)):
             if not bool(torch.isfinite(d).all()):
                 raise ValueError(f"{fn}: softmax(`{name}` / `temperature`) is not finite: `{name}` / `temperature` "
@@ -161,7 +161,7 @@ def wkd_logit_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
         raise TypeError(f"{fn}: `cost` must be a torch.Tensor [C, C], got {type(cost).__name__}")
     if cost.device != student_logits.device:
         raise ValueError(f"{fn}: `cost` is on {cost.device} but the logits are on {student_logits.device}")
-    cost = prepare_wkd_cost(cost, C, fn, check_values=loss_values_check_wanted(cost, check_values))
+    cost = prepare_wkd_cost(cost, C, fn, check_values=loss_values_check_wanted(cost, check_values, fn))
     return _wkd_logit_loss(student_logits, teacher_logits, target, cost, temperature, weight, reg, num_iters, grad,
                            log_domain, check_values, fn, backend, precision)
 

@@ -145,8 +145,10 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
             take stably when it is singular). ``"eigh"``: the three roots by eigendecomposition (exact).
             ``num_iters=None`` (default): the bound from the dtype, see :func:`wkd_kernels.sqrtm` and
             :func:`wkd_kernels.nuclear_norm` (float64 accuracy for a float64 caller).
-            Clearly indefinite covariances are rejected as in :func:`wkd_kernels.sqrtm` (NaN on CUDA without value
-            checks when a trace is negative), never a negative squared distance from them.
+            Clearly indefinite covariances are rejected as in :func:`wkd_kernels.sqrtm`: always on CPU, on CUDA with
+            value checks. On CUDA without value checks (the default, :mod:`wkd_kernels.settings`) they are not
+            detected: a negative trace gives NaN, but an indefinite covariance with positive trace gives a wrong
+            squared distance, which can be negative (its negative eigenvalues are clamped to 0 in the roots).
         backend, precision, check_values: see :func:`wkd_kernels.sqrtm`.
     Returns:
         [...] squared distance in squared units of mu (POT's ``ot.gaussian.bures_wasserstein_distance`` squared).

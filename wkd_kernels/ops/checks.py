@@ -29,15 +29,19 @@ FLOATS = (torch.float32, torch.float64)
 METHODS = ("newton_schulz", "eigh")
 
 
-def values_check_requested(check_values: Optional[bool], backend: str) -> bool:
+def values_check_requested(check_values: Optional[bool], backend: str, op: str = "wkd") -> bool:
     """Whether Python runs the value checks before a ``backend`` kernel ("cpu", "triton" or "cuda"): never for
     "cpu" (the C++ CPU kernels always check, in C++) and never while ``torch.compile`` traces; for the GPU kernels
-    when ``check_values`` (None: the setting, see :mod:`wkd_kernels.settings`) asks for them."""
+    when ``check_values`` (None: the setting, see :mod:`wkd_kernels.settings`) asks for them. A ``check_values``
+    that is neither None nor a bool is a TypeError on every backend (a string such as "no" would otherwise read as
+    true)."""
+    if check_values is not None:
+        check_values = as_bool(check_values, "check_values", op)
     if backend == "cpu" or torch.compiler.is_compiling():
         return False
     if check_values is None:
         return settings.current().check_values
-    return as_bool(check_values, "check_values", "wkd")
+    return check_values
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,6 +255,7 @@ def check_feature_stats_args(x: Tensor, grid: int, unbiased: bool, op: str = "wk
         raise ValueError(f"{op}: `x` needs at least one channel and one spatial position, got shape {list(x.shape)}")
     if not is_int(grid) or grid < 1:
         raise ValueError(f"{op}: `grid` must be an integer >= 1, got {grid!r}")
+    unbiased = as_bool(unbiased, "unbiased", op)  # a string such as "no" would otherwise read as true
     H, W = x.shape[2], x.shape[3]
     if grid > H or grid > W:
         raise ValueError(f"{op}: `grid` ({grid}) must not exceed the spatial size H x W = {H} x {W} of `x`")
@@ -421,9 +426,12 @@ def check_feature_stats_backward_args(grad_mean, grad_var, x, mean, grid, full, 
 # ----------------------------------------------------------------------------------------------------------
 # Losses (no C++ kernel of their own: on CPU tensors their value checks run in Python, here)
 # ----------------------------------------------------------------------------------------------------------
-def loss_values_check_wanted(t: Tensor, check_values: Optional[bool]) -> bool:
+def loss_values_check_wanted(t: Tensor, check_values: Optional[bool], fn: str = "wkd") -> bool:
     """Whether a loss runs its value checks for tensors on ``t``'s device: on CPU unless ``check_values`` is False,
-    on CUDA when ``check_values`` (None: the setting) asks; never while ``torch.compile`` traces."""
+    on CUDA when ``check_values`` (None: the setting) asks; never while ``torch.compile`` traces. A
+    ``check_values`` that is neither None nor a bool is a TypeError."""
+    if check_values is not None:
+        check_values = as_bool(check_values, "check_values", fn)
     if torch.compiler.is_compiling():
         return False
     if t.device.type == "cpu":

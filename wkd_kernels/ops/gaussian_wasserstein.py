@@ -2,6 +2,7 @@
 feature_stats, nuclear_norm, sqrtm and bures_wasserstein ops; docs/design.md section 4, the low-rank path)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -38,25 +39,34 @@ def sqrt_zero_subgradient(v: Tensor) -> Tensor:
 
 
 # Cell gather indices per (H, W, grid, device): built once, then reused, so that eager calls copy nothing from the
-# host after the first. A cache of constants derived from the arguments (not a setting).
-_CELL_INDEX_CACHE: dict = {}
+# host after the first. A bounded cache of constants derived from the arguments (not a setting): the least recently
+# used entries are dropped beyond CELL_INDEX_CACHE_SIZE, so that a run over many feature-map sizes (e.g. varying
+# input resolutions) does not keep every one's indices alive.
+CELL_INDEX_CACHE_SIZE = 64
 
 
-def cell_gather_index(H: int, W: int, grid: int, device):
-    """Flat positions of every cell, padded: idx [P, max_m] (long), mask [P, max_m], m [P]. Cached per device, so
-    that eager calls copy nothing from the host after the first (no synchronisation, CUDA-graph capturable)."""
-    key = (H, W, grid, str(device))
-    if not torch.compiler.is_compiling() and key in _CELL_INDEX_CACHE:
-        return _CELL_INDEX_CACHE[key]
+def _build_cell_gather_index(H: int, W: int, grid: int, device):
     cells = [[h * W + w for h in range(h0, h1) for w in range(w0, w1)]
              for h0, h1 in cell_bounds(H, grid) for w0, w1 in cell_bounds(W, grid)]
     max_m = max(len(c) for c in cells)
     idx = torch.tensor([c + [0] * (max_m - len(c)) for c in cells], dtype=torch.long, device=device)
     mask = torch.tensor([[1.0] * len(c) + [0.0] * (max_m - len(c)) for c in cells], device=device)
     m = torch.tensor([float(len(c)) for c in cells], device=device)
-    if not torch.compiler.is_compiling():
-        _CELL_INDEX_CACHE[key] = (idx, mask, m)
     return idx, mask, m
+
+
+@functools.lru_cache(maxsize=CELL_INDEX_CACHE_SIZE)
+def _cached_cell_gather_index(H: int, W: int, grid: int, device: str):
+    return _build_cell_gather_index(H, W, grid, torch.device(device))
+
+
+def cell_gather_index(H: int, W: int, grid: int, device):
+    """Flat positions of every cell, padded: idx [P, max_m] (long), mask [P, max_m], m [P]. Cached per device (the
+    CELL_INDEX_CACHE_SIZE most recently used sizes), so that eager calls copy nothing from the host after the first
+    (no synchronisation, CUDA-graph capturable)."""
+    if torch.compiler.is_compiling():
+        return _build_cell_gather_index(H, W, grid, device)
+    return _cached_cell_gather_index(int(H), int(W), int(grid), str(torch.device(device)))
 
 
 def _low_rank_terms(f_s: Tensor, f_t: Tensor, grid: int, unbiased: bool, method: str, num_iters: int, kind: str,

@@ -6,9 +6,13 @@ m_p - 1 (unbiased) or m_p. Accumulation in float32 (float64 for float64 input); 
 
 Kernels (one pass over the input each):
   _feature_stats_diag_fwd  program = (sample*cell, channel block): streams the cell in chunks, exact two-pass
-                           statistics per chunk merged with Chan's parallel update (no E[x^2] - E[x]^2 cancellation).
+                           statistics per chunk merged with Chan's parallel update (no E[x^2] - E[x]^2 cancellation),
+                           on shifted values (shift = the cell's first value per channel: no digits lost to a large
+                           mean offset).
   _feature_stats_full_fwd  program = (sample*cell, channel tile i, channel tile j): shifted GEMM over the cell
                            (shift = the cell's first value per channel), cov = (S_xy - s_x s_y / m) / den.
+  Both forward kernels multiply the shifted values by r = 2^-round(log2(den)/2) (exact): the accumulated sums are
+  of the order of the result, so they do not overflow where the covariance itself is representable.
   _feature_stats_diag_bwd  program = (sample, channel block, position block): every cell that intersects the block adds
                            grad_mean / m_p + 2 grad_var (x - mean_p) / den_p (overlapping cells sum; deterministic).
   _feature_stats_full_bwd  same tiling; the cell term is ((G + G^T) / den_p) (x - mean_p) as a tile GEMM over channels.
@@ -57,6 +61,14 @@ def _cell_bounds(p, G, H, W):
 
 
 @triton.jit
+def _den_scale(den):
+    """r = 2^-round(log2(den) / 2) ~ 1 / sqrt(den), a power of two (exact): values shifted and multiplied by r give
+    sums of products r^2 sum (x - s)(y - s) of the order of the covariance, not m times it (no float32 overflow at
+    values ~1e18), and den r^2 lies in [0.5, 2)."""
+    return tl.exp2(-tl.floor(tl.log2(den) * 0.5 + 0.5))
+
+
+@triton.jit
 def _feature_stats_diag_fwd(x_ptr, mean_ptr, var_ptr, C, H, W, G, P, unbiased_sub,
                             ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_np = tl.program_id(0).to(tl.int64)
@@ -70,6 +82,11 @@ def _feature_stats_diag_fwd(x_ptr, mean_ptr, var_ptr, C, H, W, G, P, unbiased_su
     cmask = offs_c < C
     HW = H.to(tl.int64) * W
     row = x_ptr + (n * C + offs_c.to(tl.int64)) * HW
+    # centred on the cell's first value per channel and scaled by r: a large mean offset costs no digits (the chunk
+    # means of raw float32 values ~1e7 std would round by ~1 std) and the sums of squares do not overflow
+    shift = tl.load(row + h0 * W + w0, mask=cmask, other=0.0).to(ACC)
+    den = (m - unbiased_sub).to(ACC)
+    r = _den_scale(den)
     cnt = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -79,6 +96,7 @@ def _feature_stats_diag_fwd(x_ptr, mean_ptr, var_ptr, C, H, W, G, P, unbiased_su
         pos = (h0 + k // cw) * W + (w0 + k % cw)
         msk = cmask[:, None] & kmask[None, :]
         xt = tl.load(row[:, None] + pos[None, :], mask=msk, other=0.0).to(ACC)
+        xt = tl.where(msk, (xt - shift[:, None]) * r, 0.0)
         nb = tl.minimum(m - k0, BLOCK_M).to(ACC)
         mb = tl.sum(xt, axis=1) / nb
         d = tl.where(msk, xt - mb[:, None], 0.0)
@@ -89,8 +107,8 @@ def _feature_stats_diag_fwd(x_ptr, mean_ptr, var_ptr, C, H, W, G, P, unbiased_su
         m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
         cnt = tot
     out = (n * P + p) * C + offs_c
-    tl.store(mean_ptr + out, mean, mask=cmask)
-    tl.store(var_ptr + out, m2 / (m - unbiased_sub).to(ACC), mask=cmask)
+    tl.store(mean_ptr + out, shift + mean / r, mask=cmask)
+    tl.store(var_ptr + out, m2 / (den * r * r), mask=cmask)
 
 
 @triton.jit
@@ -115,6 +133,8 @@ def _feature_stats_full_fwd(x_ptr, mean_ptr, cov_ptr, C, H, W, G, P, unbiased_su
     first = h0 * W + w0
     shift_i = tl.load(row_i + first, mask=imask, other=0.0).to(ACC)
     shift_j = tl.load(row_j + first, mask=jmask, other=0.0).to(ACC)
+    den = (m - unbiased_sub).to(ACC)
+    r = _den_scale(den)  # shifted values times r: acc is r^2 S_xy ~ cov, no overflow at values ~1e18 in float32
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
     s_i = tl.zeros([BLOCK_I], dtype=ACC)
     s_j = tl.zeros([BLOCK_J], dtype=ACC)
@@ -126,18 +146,19 @@ def _feature_stats_full_fwd(x_ptr, mean_ptr, cov_ptr, C, H, W, G, P, unbiased_su
         mj = jmask[:, None] & kmask[None, :]
         a = tl.load(row_i[:, None] + pos[None, :], mask=mi, other=0.0).to(ACC)
         b = tl.load(row_j[:, None] + pos[None, :], mask=mj, other=0.0).to(ACC)
-        a = tl.where(mi, a - shift_i[:, None], 0.0)
-        b = tl.where(mj, b - shift_j[:, None], 0.0)
+        a = tl.where(mi, (a - shift_i[:, None]) * r, 0.0)
+        b = tl.where(mj, (b - shift_j[:, None]) * r, 0.0)
         acc += tl.dot(a, tl.trans(b), input_precision="ieee")
         s_i += tl.sum(a, axis=1)
         s_j += tl.sum(b, axis=1)
     mf = m.to(ACC)
-    cov = (acc - s_i[:, None] * s_j[None, :] / mf) / (m - unbiased_sub).to(ACC)
+    mean_i = s_i / mf  # r times the mean of the shifted values; (s_i / m) s_j does not overflow, s_i s_j would
+    cov = (acc - mean_i[:, None] * s_j[None, :]) / (den * r * r)
     cov_base = cov_ptr + (n * P + p) * C * C
     tl.store(cov_base + offs_i[:, None].to(tl.int64) * C + offs_j[None, :], cov,
              mask=imask[:, None] & jmask[None, :])
     if pid_j == 0:
-        tl.store(mean_ptr + (n * P + p) * C + offs_i, shift_i + s_i / mf, mask=imask)
+        tl.store(mean_ptr + (n * P + p) * C + offs_i, shift_i + mean_i / r, mask=imask)
 
 
 @triton.jit

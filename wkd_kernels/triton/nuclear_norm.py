@@ -1,7 +1,8 @@
 """Triton kernel of ``wkd::nuclear_norm`` (docs/design.md section 4, the low-rank Bures-Wasserstein path), one program
 per matrix M [p, q] (p, q <= MAX_N, zero-padded to a register tile).
 
-  _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F, at most num_iters times
+  _nuclear_norm_fwd   Newton-Schulz for the orthogonal polar factor: X0 = M / ||M||_F (M scaled by its largest
+                      |entry| first: no under/overflow of ||M||_F^2), at most num_iters times
                       X <- X (3I - X^T X) / 2, after log(1/eps)/log(1.5) steps (float32 40,
                       float64 89) stopping once a step raises <X, M> by at most min(p, q) eps of it
                       (two ``tl.dot`` per step, float32 precision from the ``precision`` argument); polar = X,
@@ -38,8 +39,12 @@ def _nuclear_norm_fwd(M_ptr, Q_ptr, val_ptr, p, q, num_iters, TINY, TOL, KMIN, A
     msk = (rp[:, None] < p) & (rq[None, :] < q)
     offs = rp[:, None] * q + rq[None, :]
     M = tl.load(M_ptr + base + offs, mask=msk, other=0.0).to(ACC)
-    f = tl.maximum(tl.sqrt(tl.sum(tl.sum(M * M, axis=1), axis=0)), TINY)
-    X = M / f
+    # X0 = M / |M|_F with M first divided by its largest |entry| a (|M|_F^2 under/overflows in float32 for |M| below
+    # ~1e-19 / above ~1e19, although the norm is representable); a = 0 (M = 0) leaves M as it is
+    a = tl.max(tl.max(tl.abs(M), axis=1), axis=0)
+    Ms = M / tl.where(a > 0, a, 1.0)
+    f = tl.maximum(tl.sqrt(tl.sum(tl.sum(Ms * Ms, axis=1), axis=0)), TINY)
+    X = Ms / f
     eye = tl.where(rq[:, None] == rq[None, :], 1.5, 0.0).to(ACC)
     val = tl.sum(tl.sum(X * M, axis=1), axis=0)
     k = 0
@@ -61,8 +66,10 @@ def _nuclear_norm_fwd(M_ptr, Q_ptr, val_ptr, p, q, num_iters, TINY, TOL, KMIN, A
 # ------------------------------------------------------------------------------------------------------------------
 def _nuclear_norm_torch(M: torch.Tensor, num_iters: int):
     B, _, q = M.shape
-    f = M.flatten(1).norm(dim=1).clamp_min(torch.finfo(M.dtype).tiny)[:, None, None]
-    X = M / f
+    a = M.abs().amax((1, 2), keepdim=True)  # scaled first: |M|_F^2 under/overflows in float32 (see the kernel)
+    Ms = M / torch.where(a > 0, a, torch.ones_like(a))
+    f = Ms.flatten(1).norm(dim=1).clamp_min(torch.finfo(M.dtype).tiny)[:, None, None]
+    X = Ms / f
     eye15 = 1.5 * torch.eye(q, dtype=M.dtype, device=M.device)
     val = (X * M).sum((1, 2))
     active = torch.ones_like(val, dtype=torch.bool)

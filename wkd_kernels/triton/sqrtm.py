@@ -13,8 +13,10 @@ launchers' ``precision`` argument) or fp64.
                    [[Y, G], [0, -Y]] / tr Y (block form: B <- B (3I - B^2)/2, C <- (3C - B^2 C - C B^2 + B C B)/2,
                    X = C / 2; same safeguard on |C|_F).
   _sqrtm_eigh_fwd  the exact method: parallel cyclic Jacobi (round-robin ordering: each round rotates BLOCK/2
-                   disjoint pairs at once, rows and columns updated with ``tl.gather``), then V diag(sqrt(max(l, 0))) V^T
-                   and optionally the pseudo-inverse square root (eigenvalues below 10 n eps(dtype) max l dropped).
+                   disjoint pairs at once, rows and columns updated with ``tl.gather``; on the matrix divided by its
+                   largest |entry|, so that no square under- or overflows; NaN out for a non-finite entry), then
+                   V diag(sqrt(max(l, 0))) V^T and optionally the pseudo-inverse square root (eigenvalues below
+                   10 n eps(dtype) max l dropped).
   _lyap_eigh_bwd   Jacobi on Y, X = V ((V^T G V) / (mu_i + mu_j)) V^T (pairs with mu_i + mu_j below
                    sqrt(10 n eps) max mu set to 0).
 
@@ -102,10 +104,17 @@ def _trace(A, BLOCK: tl.constexpr):
 @triton.jit
 def _jacobi_eigh(A, TOL, TINY, MAX_SWEEPS: tl.constexpr, BLOCK: tl.constexpr):
     """Eigen-decomposition of the symmetric zero-padded tile A: returns (eigenvalues [BLOCK], V [BLOCK, BLOCK]) with
-    A = V diag(l) V^T; padded indices get eigenvalue 0 and a unit eigenvector (they are never rotated)."""
+    A = V diag(l) V^T; padded indices get eigenvalue 0 and a unit eigenvector (they are never rotated).
+    A is divided by its largest |entry| first (the sweeps square its entries: in float32 |A|_F^2 overflows above
+    ~1e19 and underflows below ~1e-19) and the eigenvalues multiplied back. A non-finite entry makes every output
+    NaN (the sweeps would otherwise stop at once and return the diagonal)."""
     r = tl.arange(0, BLOCK)
     cols = r[None, :]
     eye = r[:, None] == cols
+    poison = tl.sum(tl.sum(A - A, axis=1), axis=0)  # 0, or NaN when A has a NaN or inf (inf - inf)
+    amax = tl.max(tl.max(tl.abs(A), axis=1), axis=0)
+    scale = tl.where(amax > 0, amax, 1.0)
+    A = A / scale
     V = tl.where(eye, 1.0, 0.0).to(A.dtype)
     nrm = tl.sum(tl.sum(A * A, axis=1), axis=0)
     off = tl.sum(tl.sum(tl.where(eye, 0.0, A * A), axis=1), axis=0)
@@ -139,8 +148,8 @@ def _jacobi_eigh(A, TOL, TINY, MAX_SWEEPS: tl.constexpr, BLOCK: tl.constexpr):
             A = tl.where(cols == partner[:, None], 0.0, A)
         sweep += 1
         off = tl.sum(tl.sum(tl.where(eye, 0.0, A * A), axis=1), axis=0)
-    evals = tl.sum(tl.where(eye, A, 0.0), axis=1)
-    return evals, V
+    evals = tl.sum(tl.where(eye, A, 0.0), axis=1) * scale + poison
+    return evals, V + poison
 
 
 @triton.jit
