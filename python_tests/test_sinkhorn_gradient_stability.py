@@ -190,3 +190,23 @@ def test_value_and_gradients_match_ground_truth_property(problem):
         assert max(errs) < RTOL, f"log_domain={log_domain}: value, grad a, grad b errors {errs}"
     ref = reference_value_and_grads(a, b, cost, reg, T, eps, g)
     assert max(grad_errors(ref[1:], want[1:])) < RTOL, "reference autograd"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
+                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+def test_cuda_gauge_correction_under_host_emulation(tmp_path):
+    """The CUDA C++ backward's gauge correction (single-launch, per-half-iteration and per-row kernels, both
+    domains), emulated on CPU, against the ground truth: python_tests/cuda_emulation/check_gauge_correction.py in a
+    subprocess. Set WKD_EMU_BUILD_DIR to reuse the emulation build."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    bdir = os.environ.get("WKD_EMU_BUILD_DIR") or str(tmp_path / "emu_build")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(here / "cuda_emulation" / "check_gauge_correction.py"), bdir], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0 and "GAUGE EMULATION OK" in proc.stdout, proc.stdout[-5000:] + proc.stderr[-5000:]
