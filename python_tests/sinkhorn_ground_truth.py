@@ -20,7 +20,7 @@ import torch
 def working_digits(cost: np.ndarray, reg: float) -> int:
     """Decimal digits that leave >= 30 after the worst-case amplification exp((max - min cost) / reg)."""
     spread = float(np.max(cost) - np.min(cost)) if cost.size else 0.0
-    return 30 + int(math.ceil(spread / reg / math.log(10)))
+    return 30 + math.ceil(spread / reg / math.log(10))
 
 
 def _forward(a, b, K, KC, eps, T):
@@ -101,7 +101,7 @@ def sinkhorn_mp(a, b, cost, reg, num_iters, eps=0.0, grad_value=None, want_grad=
         vals.append(value)
         if want_grad:
             gas.append(ga), gbs.append(gb)
-    f64 = dict(dtype=torch.float64)
+    f64 = {"dtype": torch.float64}
     if not want_grad:
         return torch.tensor(vals, **f64), None, None
     return (torch.tensor(vals, **f64), torch.tensor(gas, **f64).reshape(B, -1),
@@ -126,7 +126,7 @@ def sinkhorn_mp_finite_differences(a, b, cost, reg, num_iters, eps=0.0, h=1e-25)
             base_b = [mpmath.mpf(float(x)) for x in Bm[k]]
             e = mpmath.mpf(float(eps))
 
-            def val(aa, bb):  # u_0 from the support of the unperturbed a, as the op's derivative has it
+            def val(aa, bb, base_a=base_a, K=K, KC=KC, e=e):  # u_0 from the support of the unperturbed a
                 return _value_fixed_u0(aa, base_a, bb, K, KC, e, num_iters)
 
             for i in range(n):

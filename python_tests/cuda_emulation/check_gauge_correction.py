@@ -10,11 +10,10 @@ python_tests/test_sinkhorn_gradient_stability.py::test_cuda_gauge_correction_und
 """
 import sys
 
-import torch
-
 import emulator  # this directory (the script's own) is on sys.path; it puts the repository there too
-from conftest import simplex  # noqa: E402
-from sinkhorn_ground_truth import sinkhorn_mp  # noqa: E402
+import torch
+from conftest import simplex
+from sinkhorn_ground_truth import sinkhorn_mp
 
 emu, cpu_ops = emulator.load(sys.argv[1])
 F64 = torch.float64

@@ -183,7 +183,13 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         num_iters: number of Sinkhorn iterations (>= 1); no convergence test, no host synchronisation.
         eps: added to every denominator (WKD-L's published code uses 1e-8); 0 matches POT.
         grad: ``"exact"`` (default): the exact gradient of this fixed-iteration computation w.r.t. ``a`` and
-            ``b`` (what autograd through the loop gives), storing O(B (n + m) num_iters) numbers;
+            ``b`` (what autograd through the loop gives in exact arithmetic), storing O(B (n + m) num_iters)
+            numbers. Its reverse sweep restores the gauge identity of the adjoint (docs/design.md section 3), without
+            which rounding is amplified by up to exp(max cost / reg) at zero-mass entries: in float64 every entry is
+            accurate to ~1e-12 relative, or to some ulps of the gradient's scale for entries far below it, one-hot
+            and near-one-hot marginals at small reg included; in float32 zero-mass entries reach ~1e-4 (scaling) to
+            3e-3 (log domain) relative error at reg 0.02 with near-one-hot marginals (cost in [0, 1]), <= 6e-5 at
+            reg >= 0.05;
             ``"envelope"``: the dual potentials reg*log u, reg*log v centred over the support (POT's
             ``grad='envelope'``; cheaper, approximate for the transport cost, 0 on zero-mass entries).
         log_domain: ``True``: iterate on log-scalings with log-sum-exp, needed when ``cost/reg`` is large enough

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
-from typing import Optional
 
 import torch
 import triton
@@ -910,7 +909,7 @@ def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: 
 @explain_compile_errors("wkd.sinkhorn_triton_backward (Triton sinkhorn_backward)")
 def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
                       hist_r: torch.Tensor, hist_s: torch.Tensor, y: torch.Tensor, reg: float,
-                      log_domain: bool = False, precision: str = "ieee", eps: Optional[float] = None):
+                      log_domain: bool = False, precision: str = "ieee", eps: float | None = None):
     """Triton backward of ``torch.ops.wkd.sinkhorn_triton_backward``: the exact gradient of value w.r.t. a and b
     from the history (hist_r, hist_s, y) of a keep_history=True forward; not validated here. ``eps``: the forward's
     eps, for the gauge correction of the adjoint (csrc/ops.cpp; None skips it: the plain sweep, whose rounding
@@ -1412,7 +1411,7 @@ def sinkhorn_forward_onchip(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor
 @explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_backward_onchip)")
 def sinkhorn_backward_onchip(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
                              hist_r: torch.Tensor, hist_s: torch.Tensor, y: torch.Tensor, reg: float,
-                             log_domain: bool = False, precision: str = "ieee", eps: Optional[float] = None):
+                             log_domain: bool = False, precision: str = "ieee", eps: float | None = None):
     """Single-launch Triton backward (exact gradient of value w.r.t. a and b through the fixed loop) from the
     history of :func:`sinkhorn_forward_onchip` (new layout, keep_history=True), with the gauge correction when
     ``eps`` (the forward's) is given (see :func:`sinkhorn_backward`). Returns ``(grad_a, grad_b)``.
