@@ -524,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
         ut_p[i] = u_i;
         ga_p[i] = w;
         x_p[i] = w * u_i;
-        if (eps > 0 && a_p[i] > T(0)) awr += double(a_p[i]) * double(w) / double(r[i]);
+        awr += double(x_p[i]);  // sum_i a_i w_i / r_i = sum_i x_i
       }
       gauge[bi] = eps * awr;
     });
@@ -547,9 +547,9 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
       double zsum = 0;
       for (int64_t j = o; j < o + m; ++j) {
         const T z = T(double(zv_p[j]) - c * double(b_p[j]));
-        if (eps > 0 && b_p[j] > T(0)) zsum += double(b_p[j]) * double(z) / double(s[j]);
         gb_p[j] = t == last ? z : gb_p[j] + z;
         zv_p[j] = z * (b_p[j] / s[j]);
+        zsum += double(zv_p[j]);  // sum_j b_j z_j / s_j = sum_j (z v)_j
       }
       zs[bi] = zsum;
     });
@@ -562,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
         const T w = -tn_p[i] / r[i];
         ga_p[i] += w;
         x_p[i] = w * (a_p[i] / r[i]);
-        if (eps > 0 && a_p[i] > T(0)) awr += double(a_p[i]) * double(w) / double(r[i]);
+        awr += double(x_p[i]);
       }
       gauge[bi] += eps * (awr - zs[bi]);
     });
