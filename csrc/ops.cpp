@@ -35,11 +35,14 @@ TORCH_LIBRARY(wkd, m) {
       "Tensor hist_s, Tensor y)");
   // The exact gradient of sum_b grad_value_b value_b w.r.t. a and b through the fixed-iteration loop above, by a
   // reverse sweep over the history of a keep_history=True forward (hist_r [T, B, n], hist_s [T, B, m], y [B, n] as
-  // it returned them, T >= 1) with the same reg and log_domain; eps is not an input (r_t and s_t contain it).
+  // it returned them, T >= 1) with the same reg and log_domain, and eps = the forward's eps. The sweep restores the
+  // gauge identity of the exact adjoint of v_t (sum_j b_j dL/dv_t,j v_t,j = an eps-scaled term; 0 for eps = 0),
+  // whose rounding residual is otherwise amplified up to exp(max cost / reg) at zero-mass entries of b
+  // (docs/design.md section 3); eps=None (the call without eps) skips that correction. r_t and s_t contain eps.
   // No gradient w.r.t. cost. (Without history the autograd formula uses the envelope gradient instead.)
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
-      "Tensor y, float reg, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
+      "Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
   // Triton kernels of the two ops above (wkd_kernels/triton/sinkhorn.py), same contract; registered from Python for
   // every device type (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). precision: the tl.dot input
   // precision for float32, "ieee" | "tf32x3" | "tf32" (float64 ignores it).
@@ -49,7 +52,8 @@ TORCH_LIBRARY(wkd, m) {
       "Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
   m.def(
       "sinkhorn_triton_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
-      "Tensor y, float reg, bool log_domain=False, str precision=\"ieee\") -> (Tensor grad_a, Tensor grad_b)");
+      "Tensor y, float reg, bool log_domain=False, str precision=\"ieee\", float? eps=None) -> (Tensor grad_a, "
+      "Tensor grad_b)");
   // ---- Gaussian ops for WKD-F (docs/design.md section 4) are added below this line. ----
   // Per-sample, per-cell, per-channel statistics of a feature map x [N, C, H, W] over the spatial positions of each
   // of the G x G adaptive-pooling cells (start = floor(i H / G), end = ceil((i + 1) H / G); cells may overlap),

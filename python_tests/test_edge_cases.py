@@ -18,6 +18,7 @@ import torch
 
 import wkd_kernels as wk
 from conftest import REPO, rel_error, simplex, triton_device
+from sinkhorn_ground_truth import sinkhorn_mp
 from wkd_kernels.ops import checks as ops
 from wkd_kernels.ops import common as G
 from wkd_kernels.ops.checks import check_psd_values
@@ -589,7 +590,12 @@ def _fuzz_inputs(B, n, m, shared, dtype, seed, za, zb, layout, reg):
     return a, b, cost
 
 
-def test_fuzz_against_float64_reference():
+def test_fuzz_against_extended_precision_ground_truth():
+    """Random valid problems (both domains, both cost layouts, float32 / float64, eps 0 / 1e-8, zero masses, reg down
+    to 0.02, strided layouts) against the mpmath ground truth of value and gradient (sinkhorn_ground_truth.py):
+    autograd through a float64 loop is no ground truth here -- its gradient at zero-mass entries carries the
+    amplified rounding residual that docs/design.md section 3 describes (1e3 relative at reg 0.02), and which
+    platform's BLAS rounds how decided whether it agreed with the op."""
     rng = np.random.default_rng(16)
     failures = []
     for k in range(FUZZ_CASES):
@@ -608,12 +614,10 @@ def test_fuzz_against_float64_reference():
             continue
         gv = torch.linspace(0.5, 1.5, B, dtype=dtype)
         ga, gb = torch.autograd.grad((v * gv).sum(), (aa, bb))
-        a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
-        rv = sinkhorn_reference(a64, b64, cost.double(), reg, T, eps=eps)[0]  # same mathematics, both domains
-        rga, rgb = torch.autograd.grad((rv * gv.double()).sum(), (a64, b64))
+        rv, rga, rgb = sinkhorn_mp(a, b, cost, reg, T, eps, gv)  # from the inputs as the op saw them
         tol = 1e-9 if dtype == F64 else 2e-3
         gscale = max(rga.abs().max().item(), rgb.abs().max().item(), 1e-300)
-        errs = (rel(v.detach(), rv.detach()), (ga.double() - rga).abs().max().item() / gscale,
+        errs = (rel(v.detach(), rv), (ga.double() - rga).abs().max().item() / gscale,
                 (gb.double() - rgb).abs().max().item() / gscale)
         if not all(math.isfinite(e) and e < tol for e in errs) or not torch.isfinite(v).all():
             failures.append(f"{case}: errors {errs}")

@@ -913,7 +913,7 @@ def test_triton_ops_opcheck_and_autograd(dev, small_blocks, shared, log_domain):
     a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
     value = torch.ops.wkd.sinkhorn_triton(a1, b1, cost, 0.1, 3, eps, log_domain, True)[0]
     ga, gb = torch.autograd.grad((value * gv).sum(), (a1, b1))
-    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *out[3:], 0.1, log_domain)
+    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *out[3:], 0.1, log_domain, "ieee", eps)
     close(ga, ga0, 0.0, "grad_a through autograd")
     close(gb, gb0, 0.0, "grad_b through autograd")
 
@@ -961,7 +961,7 @@ def test_cuda_routing_opcheck_compile_and_graph_capture(monkeypatch):
 
     a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
     ga, gb = torch.autograd.grad(torch.compile(loss, fullgraph=True)(a1, b1), (a1, b1))
-    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *want[3:], 0.1, False)
+    ga0, gb0 = torch.ops.wkd.sinkhorn_triton_backward(gv, a, b, cost, *want[3:], 0.1, False, "ieee", 1e-8)
     close(ga, ga0, 1e-6, "compiled grad_a")
     close(gb, gb0, 1e-6, "compiled grad_b")
 

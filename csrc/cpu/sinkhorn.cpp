@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "../sinkhorn_common.h"
@@ -236,12 +237,27 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
 // --------------------------------- one row, backward ---------------------------------
 // Reverse sweep (scaling form; w_t = dL/du_t / r_t, z_t = dL/dv_t / s_t):
 //   w_T = g (K∘C) v_T / r_T,  direct_T = g (K∘C)^T u_T
-//   for t = T..1:  ga += w_t;  z_t = (direct_T if t = T) - K^T (w_t u_t) / s_t;  gb += z_t
+//   for t = T..1:  ga += w_t;  z_t = (direct_T if t = T) - K^T (w_t u_t) / s_t;  gauge_correct(z_t);  gb += z_t
 //                  w_{t-1} = -K (z_t v_t) / r_{t-1}        (t > 1; u0 is a constant)
+//
+// Gauge correction (derivation and why: docs/design.md section 3). The exact adjoint obeys sum_j b_j z_t,j = G_t,
+//   G_T = eps sum_i a_i w_T,i / r_T,i,  G_t = G_{t+1} + eps (sum_i a_i w_t,i / r_t,i - sum_j b_j z_{t+1,j} / s_{t+1,j})
+// (0 for eps = 0: rescaling v_t leaves the value unchanged). The sweep's z_t violates it by a rounding residual,
+// which zero-mass entries amplify by up to exp(max cost / reg); z_t -= b (sum_j b_j z_t,j - G_t) / sum_j b_j^2
+// restores it. Without eps (the legacy call) nothing is corrected.
+struct GaugeTarget {
+  double eps = 0;
+  bool on = false;  // eps given: correct z_t
+  double G = 0;     // G_t of the current step
+  double zs = 0;    // sum_j b_j z_{t+1,j} / s_{t+1,j} of the previous step (eps > 0)
+  // c such that z_t -= c b restores sum_j b_j z_t,j = G (sbz = sum_j b_j z_t,j, sbb = sum_j b_j^2)
+  double shift(double sbz, double sbb) const { return sbb > 0 ? (sbz - G) / sbb : 0.0; }
+};
+
 template <typename T>
 void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n, int64_t m, int64_t T_iters,
                   bool log_domain, const T* r_hist, const T* s_hist, const T* y_in, int64_t r_stride,
-                  int64_t s_stride, T* ga, T* gb) {
+                  int64_t s_stride, T* ga, T* gb, double eps, bool correct) {
   std::vector<T> w(n), z(m), direct(m), ut(n), vt(m), x(n), y(m), tmp(std::max(n, m));
   std::fill(ga, ga + n, T(0));
   std::fill(gb, gb + m, T(0));
@@ -259,16 +275,30 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
     const T* kcv = y_in;  // y = (K∘C) v_T, stored by the forward
     for (int64_t i = 0; i < n; ++i) w[i] = g * kcv[i] / r_at(last)[i];
     vec_mat<T>(M, C, ut.data(), direct.data(), n, m);
+    GaugeTarget gauge{eps, correct};
     for (int64_t t = last; t >= 0; --t) {
       if (t != last) load_uv(t);
+      double awr = 0;  // sum_i a_i w_t,i / r_t,i
+      const T* r = r_at(t);
       for (int64_t i = 0; i < n; ++i) {
         ga[i] += w[i];
         x[i] = w[i] * ut[i];
+        if (eps > 0 && a[i] > T(0)) awr += double(a[i]) * double(w[i]) / double(r[i]);
       }
+      gauge.G = (t == last ? 0.0 : gauge.G - eps * gauge.zs) + eps * awr;
       vec_mat<T>(M, nullptr, x.data(), tmp.data(), n, m);
       const T* s = s_at(t);
+      double sbz = 0, sbb = 0;
       for (int64_t j = 0; j < m; ++j) {
         z[j] = ((t == last ? g * direct[j] : T(0)) - tmp[j]) / s[j];
+        sbz += double(b[j]) * double(z[j]);
+        sbb += double(b[j]) * double(b[j]);
+      }
+      const double c = gauge.on ? gauge.shift(sbz, sbb) : 0.0;
+      gauge.zs = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        z[j] = T(double(z[j]) - c * double(b[j]));
+        if (eps > 0 && b[j] > T(0)) gauge.zs += double(b[j]) * double(z[j]) / double(s[j]);
         gb[j] += z[j];
         y[j] = z[j] * vt[j];
       }
@@ -295,14 +325,31 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
     col_reduce<T>(M, C, ut.data(), nullptr, mx.data(), sm.data(), n, m);
     for (int64_t j = 0; j < m; ++j)
       direct[j] = sm[j] == T(0) ? T(0) : g * std::exp(mx[j] - s_at(last)[j]) * sm[j];
+    GaugeTarget gauge{eps, correct};
+    const double log_eps = eps > 0 ? std::log(eps) : 0.0;
     for (int64_t t = last; t >= 0; --t) {
       if (t != last) load_uv(t);
-      for (int64_t i = 0; i < n; ++i) ga[i] += w[i];
+      double awr = 0;  // sum_i a_i w_t,i eps / r_t,i (r_t as its log)
+      const T* r = r_at(t);
+      for (int64_t i = 0; i < n; ++i) {
+        ga[i] += w[i];
+        if (eps > 0 && a[i] > T(0)) awr += double(a[i]) * double(w[i]) * std::exp(log_eps - double(r[i]));
+      }
+      gauge.G = (t == last ? 0.0 : gauge.G - gauge.zs) + awr;
       col_reduce<T>(M, nullptr, ut.data(), w.data(), mx.data(), sm.data(), n, m);
       const T* s = s_at(t);
+      double sbz = 0, sbb = 0;
       for (int64_t j = 0; j < m; ++j) {
         const T prod = sm[j] == T(0) ? T(0) : std::exp(mx[j] - s[j]) * sm[j];
         z[j] = (t == last ? direct[j] : T(0)) - prod;
+        sbz += double(b[j]) * double(z[j]);
+        sbb += double(b[j]) * double(b[j]);
+      }
+      const double c = gauge.on ? gauge.shift(sbz, sbb) : 0.0;
+      gauge.zs = 0;  // here eps sum_j b_j z_j / s_j (the eps factor folded in)
+      for (int64_t j = 0; j < m; ++j) {
+        z[j] = T(double(z[j]) - c * double(b[j]));
+        if (eps > 0 && b[j] > T(0)) gauge.zs += double(b[j]) * double(z[j]) * std::exp(log_eps - double(s[j]));
         gb[j] += z[j];
       }
       if (t > 0) {
@@ -438,12 +485,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {value, u, v, hist_r, hist_s, keep_history ? y : at::empty({0, n}, a.options())};
 }
 
-// Backward (see backward_row for the recurrences): two GEMMs per iteration (one in the first), fused passes.
+// Backward (see backward_row for the recurrences and the gauge correction): two GEMMs per iteration (one in the
+// first), fused passes; the correction adds one O(m) pass per row and iteration.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_value, const at::Tensor& a,
                                                         const at::Tensor& b, const at::Tensor& cost,
                                                         const at::Tensor& hist_r, const at::Tensor& hist_s,
-                                                        const at::Tensor& y, double reg) {
+                                                        const at::Tensor& y, double reg, double eps, bool correct) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const at::Tensor K = at::exp(cost.div(-reg));
@@ -464,18 +512,23 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
   T* zv_p = zv.data_ptr<T>();
   const T* tm_p = tmp_m.data_ptr<T>();
   const T* tn_p = tmp_n.data_ptr<T>();
+  // gauge[bi] = G_t of row bi; zs[bi] = sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0)
+  std::vector<double> gauge(B, 0.0), zs(B, 0.0);
   // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
   {
     const T* r = hr + last * B * n;
     rows_parallel(B, n, [&](int64_t bi, int64_t o) {
       const T g = g_p[bi];
+      double awr = 0;
       for (int64_t i = o; i < o + n; ++i) {
         const T u_i = a_p[i] / r[i];
         const T w = g * y_p[i] / r[i];
         ut_p[i] = u_i;
         ga_p[i] = w;
         x_p[i] = w * u_i;
+        awr += double(x_p[i]);  // sum_i a_i w_i / r_i = sum_i x_i
       }
+      gauge[bi] = eps * awr;
     });
   }
   at::Tensor direct = at::mm(ut, K.mul(cost));
@@ -485,21 +538,35 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
     const T* s = hs + t * B * m;
     rows_parallel(B, m, [&](int64_t bi, int64_t o) {
       const T g = g_p[bi];
-      for (int64_t j = o; j < o + m; ++j) {
+      double sbz = 0, sbb = 0;
+      for (int64_t j = o; j < o + m; ++j) {  // z_t into zv, then the gauge correction
         const T z = ((t == last ? g * d_p[j] : T(0)) - tm_p[j]) / s[j];
+        zv_p[j] = z;
+        sbz += double(b_p[j]) * double(z);
+        sbb += double(b_p[j]) * double(b_p[j]);
+      }
+      const double c = correct && sbb > 0 ? (sbz - gauge[bi]) / sbb : 0.0;
+      double zsum = 0;
+      for (int64_t j = o; j < o + m; ++j) {
+        const T z = T(double(zv_p[j]) - c * double(b_p[j]));
         gb_p[j] = t == last ? z : gb_p[j] + z;
         zv_p[j] = z * (b_p[j] / s[j]);
+        zsum += double(zv_p[j]);  // sum_j b_j z_j / s_j = sum_j (z v)_j
       }
+      zs[bi] = zsum;
     });
     if (t == 0) break;
     at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
     const T* r = hr + (t - 1) * B * n;
-    rows_parallel(B, n, [&](int64_t, int64_t o) {
+    rows_parallel(B, n, [&](int64_t bi, int64_t o) {
+      double awr = 0;
       for (int64_t i = o; i < o + n; ++i) {
         const T w = -tn_p[i] / r[i];
         ga_p[i] += w;
         x_p[i] = w * (a_p[i] / r[i]);
+        awr += double(x_p[i]);
       }
+      gauge[bi] += eps * (awr - zs[bi]);
     });
   }
   return {ga, gb};
@@ -559,7 +626,7 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
 template <typename T>
 void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                    const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
-                   bool log_domain, bool shared, at::Tensor& ga, at::Tensor& gb) {
+                   bool log_domain, bool shared, at::Tensor& ga, at::Tensor& gb, double eps, bool correct) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_s.size(0);
   at::Tensor shared_M;
   if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
@@ -583,7 +650,7 @@ void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::
         M = Mbuf.data();
       }
       backward_row<T>(M, C, a_p + bi * n, b_p + bi * m, g_p[bi], n, m, T_iters, log_domain, hr + bi * n, hs + bi * m,
-                      yp + bi * n, B * n, B * m, ga_p + bi * n, gb_p + bi * m);
+                      yp + bi * n, B * n, B * m, ga_p + bi * n, gb_p + bi * m, eps, correct);
     }
   });
 }
@@ -665,8 +732,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_value, const at::Tensor& a_in,
                                                          const at::Tensor& b_in, const at::Tensor& cost_in,
                                                          const at::Tensor& hist_r_in, const at::Tensor& hist_s_in,
-                                                         const at::Tensor& y_in, double reg, bool log_domain) {
-  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, 0.0, kBwd);
+                                                         const at::Tensor& y_in, double reg, bool log_domain,
+                                                         std::optional<double> eps_in) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, eps_in.value_or(0.0), kBwd);
+  const double eps = eps_in.value_or(0.0);
+  const bool correct = eps_in.has_value();
   check_sinkhorn_backward_args(grad_value, a_in, b_in, hist_r_in, hist_s_in, y_in, kBwd);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
   const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous(), y = y_in.contiguous();
@@ -674,13 +744,14 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_
   at::Tensor ga, gb;
   if (d.shared_cost && !log_domain) {
     std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu_blas", [&] {
-      return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg);
+      return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, eps, correct);
     });
   } else {
     ga = at::empty_like(a);
     gb = at::empty_like(b);
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
-      backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, d.shared_cost, ga, gb);
+      backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, d.shared_cost, ga, gb, eps,
+                              correct);
     });
   }
   if (!log_domain && at::isfinite(g).all().item<bool>()) {

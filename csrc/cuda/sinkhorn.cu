@@ -56,6 +56,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -187,6 +188,70 @@ __device__ __forceinline__ T warp_max(T x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = smax(x, __shfl_xor_sync(kFullMask, x, o));
   return x;
+}
+
+// Gauge correction of step t of the backward for one batch row, by one whole warp (the CPU op's backward_row;
+// docs/design.md section 3): restores sum_j b_j z_t,j = G_t by z_t -= c b, grad_b -= c b.
+//   x: w_t u_t times x_sign (scaling) or w_t (log); r: r_t (log r_t); zb: z_t v_t (scaling) or z_t (log), corrected
+//   in place; s: s_t (log s_t); gb: the grad_b accumulator. G, zs: G_{t+1} and eps sum_j b_j z_{t+1,j} / s_{t+1,j}
+//   on entry (ignored when first), G_t and the same sum of step t on exit, equal in the warp's lanes. The caller
+//   keeps the row on the same warp from step to step and synchronises before the next pass reads zb / gb.
+template <typename T, bool LOG>
+__device__ void gauge_row(const T* x, T x_sign, const T* a, const T* r, T* zb, const T* b, const T* s, T* gb,
+                          int64_t n, int64_t m, T eps, T log_eps, bool has_eps, bool first, T& G, T& zs) {
+  const int lane = threadIdx.x & 31;
+  if (first) G = zs = T(0);
+  if (has_eps) {  // G_t = G_{t+1} + eps (sum_i a_i w_t,i / r_t,i - zs)
+    T awr = T(0);
+    for (int64_t i = lane; i < n; i += 32) {
+      if (LOG) {
+        if (a[i] > T(0)) awr += a[i] * x[i] * dexp(log_eps - r[i]);
+      } else {
+        awr += x[i];  // w a / r
+      }
+    }
+    awr = warp_sum(awr);
+    G = LOG ? G - zs + awr : G + eps * (x_sign * awr - zs);
+  }
+  T sbz = T(0), sbb = T(0);
+  for (int64_t j = lane; j < m; j += 32) {
+    sbz += LOG ? b[j] * zb[j] : zb[j] * s[j];
+    sbb += b[j] * b[j];
+  }
+  sbz = warp_sum(sbz);
+  sbb = warp_sum(sbb);
+  const T c = sbb > T(0) ? (sbz - G) / sbb : T(0);
+  T zsum = T(0);
+  for (int64_t j = lane; j < m; j += 32) {
+    T zn;
+    if (LOG) {
+      zn = zb[j] - c * b[j];
+      if (has_eps && b[j] > T(0)) zsum += b[j] * zn * dexp(log_eps - s[j]);
+    } else {
+      zn = zb[j] - c * b[j] * (b[j] / s[j]);
+      zsum += zn;  // b z / s = z v
+    }
+    zb[j] = zn;
+    gb[j] -= c * b[j];
+  }
+  zs = warp_sum(zsum);
+}
+
+// The gauge correction between the products of backward_shared: one warp per row (8 rows per block);
+// state [2, B] = (G, zs).
+template <typename T>
+__global__ void __launch_bounds__(256)
+    gauge_kernel(const T* x, int64_t ldx, T x_sign, const T* a, const T* r, T* zv, const T* b, const T* s, T* gb,
+                 T* state, int64_t B, int64_t n, int64_t m, T eps, bool has_eps, bool first) {
+  const int64_t bi = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (bi >= B) return;
+  T G = first ? T(0) : state[bi], zs = first ? T(0) : state[B + bi];
+  gauge_row<T, false>(x + bi * ldx, x_sign, a + bi * n, r + bi * n, zv + bi * m, b + bi * m, s + bi * m,
+                      gb + bi * m, n, m, eps, T(0), has_eps, first, G, zs);
+  if ((threadIdx.x & 31) == 0) {
+    state[bi] = G;
+    state[B + bi] = zs;
+  }
 }
 
 // ------------------------------------------------------------------------------------------ vector access
@@ -758,7 +823,7 @@ void forward_shared(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 template <typename T>
 void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                      const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
-                     at::Tensor& ga, at::Tensor& gb, int tile) {
+                     at::Tensor& ga, at::Tensor& gb, int tile, std::optional<double> eps) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const cudaStream_t stream = current_stream();
@@ -788,16 +853,30 @@ void backward_shared(const at::Tensor& g, const at::Tensor& a, const at::Tensor&
              y.data_ptr<T>(), ga_p, A1_p);
   WKD_LAUNCH_CHECK();
 
+  // gauge correction after each z step (eps given): x = w_t u_t (A1's second half holds -w_T u_T)
+  const bool correct = eps.has_value();
+  const at::Tensor state = correct ? at::empty({2, B}, opts) : at::Tensor();
+  auto gauge = [&](int64_t t, const T* xt, int64_t ldx, T sign) {
+    if (!correct) return;
+    auto* gk = &gauge_kernel<T>;
+    WKD_LAUNCH(gk, static_cast<unsigned>(ceil_div(B, 8)), 256, stream, xt, ldx, sign, a_p, hr + t * B * n, zv_p, b_p,
+               hs + t * B * m, gb_p, state.data_ptr<T>(), B, n, m, static_cast<T>(*eps), *eps > 0, t == last);
+    WKD_LAUNCH_CHECK();
+  };
   // t = T: z_T = (g (K∘C)^T u_T - K^T (w_T u_T)) / s_T
   launch_gemm<T>(A1_p, 2 * n, M2_p, ldk, true, B, 2 * n, m,
-                 EpiZ<T>{hs + last * B * m, b_p, gb_p, last > 0 ? zv_p : nullptr, true}, sms, tile, stream);
+                 EpiZ<T>{hs + last * B * m, b_p, gb_p, last > 0 || correct ? zv_p : nullptr, true}, sms, tile,
+                 stream);
+  gauge(last, A1_p + n, 2 * n, T(-1));
   for (int64_t t = last; t >= 1; --t) {
     // w_{t-1} = -K (z_t v_t) / r_{t-1}; grad_a += w; x = w u_{t-1}
     launch_gemm<T>(zv_p, m, KT_p, ldt, true, B, m, n, EpiW<T>{hr + (t - 1) * B * n, a_p, ga_p, x_p}, sms, tile,
                    stream);
     // z_{t-1} = -K^T x / s_{t-1}; grad_b += z; zv = z v_{t-1}
     launch_gemm<T>(x_p, n, K_p, ldk, true, B, n, m,
-                   EpiZ<T>{hs + (t - 1) * B * m, b_p, gb_p, t - 1 > 0 ? zv_p : nullptr, false}, sms, tile, stream);
+                   EpiZ<T>{hs + (t - 1) * B * m, b_p, gb_p, t - 1 > 0 || correct ? zv_p : nullptr, false}, sms, tile,
+                   stream);
+    gauge(t - 1, x_p, n, T(1));
   }
 }
 
@@ -977,7 +1056,8 @@ __global__ void __launch_bounds__(kRowThreads)
                          const T* __restrict__ cost, int64_t cost_bstride, const T* __restrict__ Lmat, int64_t B,
                          int64_t n, int64_t m,
                          int T_iters, T nreg, const T* __restrict__ hr, const T* __restrict__ hs,
-                         const T* __restrict__ yin, T* ga, T* gb, T* scr_n, T* scr_m) {
+                         const T* __restrict__ yin, T* ga, T* gb, T* scr_n, T* scr_m, bool gauge, T eps, T log_eps,
+                         bool has_eps) {
   const int64_t bi = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* C = cost + bi * cost_bstride;
@@ -996,6 +1076,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const T NINF = ninf<T>();
   auto R = [&](int64_t t) { return hr + t * Bn + bi * n; };
   auto S = [&](int64_t t) { return hs + t * Bm + bi * m; };
+  T G = T(0), zs = T(0);  // gauge correction state (gauge_row)
 
   if (!LOG) {
     const T* rL = R(last);
@@ -1033,6 +1114,11 @@ __global__ void __launch_bounds__(kRowThreads)
         q1[j] = z * (br[j] / sj);
       }
       __syncthreads();
+      if (gauge) {  // warp 0 (G, zs live there)
+        if (warp == 0)
+          gauge_row<T, false>(s2, T(1), ar, R(t), q1, br, s, gbr, n, m, eps, log_eps, has_eps, t == last, G, zs);
+        __syncthreads();
+      }
       if (t == 0) break;
       const T* rp = R(t - 1);
       for (int64_t i = warp; i < n; i += kRowWarps) {
@@ -1092,6 +1178,11 @@ __global__ void __launch_bounds__(kRowThreads)
         q2[j] = z;
       }
       __syncthreads();
+      if (gauge) {  // warp 0 (G, zs live there)
+        if (warp == 0)
+          gauge_row<T, true>(s2, T(1), ar, R(t), q2, br, s, gbr, n, m, eps, log_eps, has_eps, t == last, G, zs);
+        __syncthreads();
+      }
       if (t == 0) break;
       const T* rp = R(t - 1);
       for (int64_t i = warp; i < n; i += kRowWarps) {
@@ -1169,6 +1260,7 @@ struct SmallArgs {
   int T_iters;
   T nreg, eps, log_eps;
   bool has_eps;
+  bool gauge;  // backward: the gauge correction (eps given)
   // forward outputs (hr, hs, y null without history)
   T* value;
   T* u;
@@ -1432,6 +1524,7 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
   const T NINF = ninf<T>();
   T* sm = dyn_smem<T>();
   T* gas = sm + (p.M ? 0 : round4(n * p.ldk));  // [R, ldn]
+  T Gs[kSmallMaxRows], Zs[kSmallMaxRows];         // gauge correction state per row (gauge_row)
   T* xa = gas + p.R * ldn;                        // [R, ldn]
   T* xb = xa + p.R * ldn;                         // [R, ldn]
   T* gbs = xb + p.R * ldn;                        // [R, ldm]
@@ -1448,6 +1541,15 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
   const T* yv = p.y_in + row0 * n;
   auto sn = [&](int64_t o) { return (o / n) * ldn + o % n; };
   auto sm_ = [&](int64_t o) { return (o / m) * ldm + o % m; };
+  // x: w_t u_t times x_sign (scaling) or w_t (log), rows at stride ldn
+  // (row q on warp q % warps at every step, so that its Gs[q], Zs[q] stay in that warp)
+  auto gauge = [&](int64_t t, const T* x, T x_sign) {
+    if (!p.gauge) return;
+    for (int64_t q = tid >> 5; q < rows; q += nt >> 5)
+      gauge_row<T, LOG>(x + q * ldn, x_sign, a + q * n, R(t) + q * n, zs + q * ldm, b + q * m, S(t) + q * m,
+                        gbs + q * ldm, n, m, p.eps, p.log_eps, p.has_eps, t == last, Gs[q], Zs[q]);
+    __syncthreads();
+  };
 
   if (!LOG) {
     // w_T = g y / r_T; grad_a = w_T; A1 = [g u_T | -w_T u_T]
@@ -1485,6 +1587,7 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
       });
     }
     __syncthreads();
+    gauge(last, xb, T(-1));
     for (int t = last; t >= 1; --t) {
       // w_{t-1} = -K (z_t v_t) / r_{t-1}; grad_a += w; x = w u_{t-1}
       const T* rp = R(t - 1);
@@ -1518,6 +1621,7 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
         }
       });
       __syncthreads();
+      gauge(t - 1, xa, T(1));
     }
   } else {
     {
@@ -1569,6 +1673,7 @@ __global__ void __launch_bounds__(kSmallMaxThreads) small_backward_kernel(const 
         zs[k] = z;
       }
       __syncthreads();
+      gauge(t, xb, T(1));
       if (t == 0) break;
       const T* rp = R(t - 1);
       for (int64_t o = tid; o < rows * n; o += nt) {
@@ -1770,7 +1875,8 @@ void forward_small(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c
 template <typename T>
 void backward_small(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
                     const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
-                    bool log_domain, at::Tensor& ga, at::Tensor& gb, int rows_per_block) {
+                    bool log_domain, at::Tensor& ga, at::Tensor& gb, int rows_per_block,
+                    std::optional<double> eps) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const cudaStream_t stream = current_stream();
   const SmallPlan pl = small_backward_plan<T>(B, n, m, log_domain, rows_per_block);
@@ -1788,6 +1894,10 @@ void backward_small(const at::Tensor& g, const at::Tensor& a, const at::Tensor& 
   p.R = pl.R;
   p.T_iters = static_cast<int>(hist_s.size(0));
   p.nreg = static_cast<T>(-reg);
+  p.gauge = eps.has_value();
+  p.has_eps = eps.value_or(0.0) > 0;
+  p.eps = static_cast<T>(eps.value_or(0.0));
+  p.log_eps = p.has_eps ? static_cast<T>(std::log(*eps)) : T(0);
   p.g = g.data_ptr<T>();
   p.hr_in = hist_r.data_ptr<T>();
   p.hs_in = hist_s.data_ptr<T>();
@@ -1868,8 +1978,9 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_run(const char* op, const a
                                                          const at::Tensor& a_in, const at::Tensor& b_in,
                                                          const at::Tensor& cost_in, const at::Tensor& hist_r_in,
                                                          const at::Tensor& hist_s_in, const at::Tensor& y_in,
-                                                         double reg, bool log_domain, LaunchChoice choice) {
-  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, 0.0, op);
+                                                         double reg, bool log_domain, LaunchChoice choice,
+                                                         std::optional<double> eps) {
+  const SinkhornDims d = check_sinkhorn_args(a_in, b_in, cost_in, reg, 1, eps.value_or(0.0), op);
   check_sinkhorn_backward_args(grad_value, a_in, b_in, hist_r_in, hist_s_in, y_in, op);
   TORCH_CHECK_VALUE(hist_s_in.size(0) <= INT_MAX, op, ": history too long: ", hist_s_in.size(0));
 #ifndef WKD_CUDA_EMULATE
@@ -1889,11 +2000,11 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_run(const char* op, const a
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cuda", [&] {
     using T = scalar_t;
     if (use_small_kernels(d.shared_cost, n, m)) {
-      backward_small<T>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, ga, gb, choice.rows_per_block);
+      backward_small<T>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, ga, gb, choice.rows_per_block, eps);
       return;
     }
     if (d.shared_cost && !log_domain) {
-      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb, choice.tile);
+      backward_shared<T>(g, a, b, cost, hist_r, hist_s, y, reg, ga, gb, choice.tile, eps);
       return;
     }
     const at::Tensor scr_n = at::empty({B, 2 * n}, a.options()), scr_m = at::empty({B, 2 * m}, a.options());
@@ -1904,7 +2015,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_run(const char* op, const a
     WKD_LAUNCH(kern, static_cast<unsigned>(B), kRowThreads, stream, g.data_ptr<T>(), a.data_ptr<T>(),
                b.data_ptr<T>(), cost.data_ptr<T>(), cstride, L_p, B, n, m, T_iters, static_cast<T>(-reg),
                hist_r.data_ptr<T>(), hist_s.data_ptr<T>(), y.data_ptr<T>(), ga.data_ptr<T>(), gb.data_ptr<T>(),
-               scr_n.data_ptr<T>(), scr_m.data_ptr<T>());
+               scr_n.data_ptr<T>(), scr_m.data_ptr<T>(), eps.has_value(), static_cast<T>(eps.value_or(0.0)),
+               eps.value_or(0.0) > 0 ? static_cast<T>(std::log(*eps)) : T(0), eps.value_or(0.0) > 0);
     WKD_LAUNCH_CHECK();
   });
   return {ga, gb};
@@ -1919,8 +2031,10 @@ SinkhornOutputs sinkhorn_cuda(const at::Tensor& a, const at::Tensor& b, const at
 std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad_value, const at::Tensor& a,
                                                           const at::Tensor& b, const at::Tensor& cost,
                                                           const at::Tensor& hist_r, const at::Tensor& hist_s,
-                                                          const at::Tensor& y, double reg, bool log_domain) {
-  return sinkhorn_backward_run(kBwd, grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, LaunchChoice{});
+                                                          const at::Tensor& y, double reg, bool log_domain,
+                                                          std::optional<double> eps) {
+  return sinkhorn_backward_run(kBwd, grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, LaunchChoice{},
+                               eps);
 }
 
 // ------------------------------------------------------------------------------------------ tuning ops
@@ -1964,9 +2078,10 @@ std::tuple<at::Tensor, at::Tensor> tuning_sinkhorn_backward(const at::Tensor& gr
                                                             const at::Tensor& b, const at::Tensor& cost,
                                                             const at::Tensor& hist_r, const at::Tensor& hist_s,
                                                             const at::Tensor& y, double reg, bool log_domain,
-                                                            int64_t tile, int64_t rows_per_block) {
+                                                            std::optional<double> eps, int64_t tile,
+                                                            int64_t rows_per_block) {
   return sinkhorn_backward_run(kTuneBwd, grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
-                               tuning_choice(kTuneBwd, tile, rows_per_block));
+                               tuning_choice(kTuneBwd, tile, rows_per_block), eps);
 }
 
 int64_t tuning_num_tiles() { return kNumTiles; }
@@ -2001,8 +2116,8 @@ void define_tuning_ops(torch::Library& m) {
       "Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
-      "Tensor y, float reg, bool log_domain=False, *, int tile=-1, int rows_per_block=-1) -> (Tensor grad_a, "
-      "Tensor grad_b)");
+      "Tensor y, float reg, bool log_domain=False, float? eps=None, *, int tile=-1, int rows_per_block=-1) -> "
+      "(Tensor grad_a, Tensor grad_b)");
   m.def("num_tiles() -> int", &tuning_num_tiles);
   m.def("tile_table() -> int[]", &tuning_tile_table);
   m.def(
@@ -2035,7 +2150,7 @@ TORCH_LIBRARY(wkd_cuda_emu, m) {
       "Tensor hist_s, Tensor y)");
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
-      "Tensor y, float reg, bool log_domain=False) -> (Tensor grad_a, Tensor grad_b)");
+      "Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
 }
 // Verification-only controls: the switches of EmuConfig, the emulator's launch counter and launch log.
 void emu_configure(int64_t small, int64_t smem_limit) {

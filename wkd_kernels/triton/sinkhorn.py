@@ -77,6 +77,8 @@ DOT_CONFIG_CANDIDATES = ((32, 64, 16, 8), (64, 32, 32, 4), (32, 32, 32, 4), (16,
 ROWS_CONFIG = {torch.float32: (64, 32, 4), torch.float64: (64, 32, 4)}
 # Element-wise kernels (kernel matrix, backward initialisation): elements per program.
 ELEM_BLOCK = 1024
+# Rows per program and column tile of the backward's gauge-correction kernel (an O(B (n + m)) pass per iteration).
+GAUGE_BLOCK_B, GAUGE_BLOCK_N = 4, 128
 INIT_BLOCK = 256
 
 
@@ -595,6 +597,92 @@ def _sinkhorn_bwd_rows_kernel(
         tl.store(out_ptr + ooff, out, mask=cmask)
 
 
+@triton.jit
+def _gauge_correct(rows, rmask, G, zsum, first, x_ptr, ld_x, a_ptr, r_ptr, z_ptr, ld_z, b_ptr, s_ptr, gb_ptr, n, m,
+                   eps, log_eps, LOG: tl.constexpr, HAS_EPS: tl.constexpr, ACCURATE: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """The gauge correction of step t (csrc/cpu/sinkhorn.cpp, backward_row; docs/design.md section 3) for the rows
+    `rows`, after the S-side product of step t wrote z_t (z_ptr: z_t v_t in the scaling domain, z_t in the log
+    domain; gb already holds the uncorrected sum). x_ptr: w_t u_t (log: w_t), r_ptr: r_t (log r_t), s_ptr: s_t (log).
+    G / zsum [BLOCK_B]: G_{t+1} and eps sum_j b_j z_{t+1,j} / s_{t+1,j} of the previous step (ignored when `first`).
+    Restores sum_j b_j z_t,j = G_t by z_t -= c b, gb -= c b; returns (G_t, eps sum_j b_j z_t,j / s_t,j)."""
+    if HAS_EPS:  # G_t = G_{t+1} + eps (sum_i a_i w_t,i / r_t,i - sum_j b_j z_{t+1,j} / s_{t+1,j})
+        awr = tl.zeros_like(G)
+        for i0 in range(0, n, BLOCK_N):
+            ci = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            msk = rmask[:, None] & (ci < n)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * ld_x + ci[None, :], mask=msk, other=0.0)
+            if LOG:
+                aa = tl.load(a_ptr + rows[:, None] * n + ci[None, :], mask=msk, other=0.0)
+                rr = tl.load(r_ptr + rows[:, None] * n + ci[None, :], mask=msk, other=0.0)
+                awr += tl.sum(tl.where(aa > 0, aa * x * _exp(log_eps - rr, ACCURATE), 0.0), axis=1)
+            else:
+                awr += tl.sum(x, axis=1)  # x = w a / r
+        if LOG:
+            G = tl.where(first, awr, G - zsum + awr)
+        else:
+            G = tl.where(first, eps * awr, G + eps * (awr - zsum))
+    sbz = tl.zeros_like(G)
+    sbb = tl.zeros_like(G)
+    for j0 in range(0, m, BLOCK_N):
+        cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        msk = rmask[:, None] & (cj < m)[None, :]
+        zo = tl.load(z_ptr + rows[:, None] * ld_z + cj[None, :], mask=msk, other=0.0)
+        bm = tl.load(b_ptr + rows[:, None] * m + cj[None, :], mask=msk, other=0.0)
+        if LOG:
+            sbz += tl.sum(bm * zo, axis=1)
+        else:
+            sv = tl.load(s_ptr + rows[:, None] * m + cj[None, :], mask=msk, other=1.0)
+            sbz += tl.sum(zo * sv, axis=1)  # b z = (z b / s) s
+        sbb += tl.sum(bm * bm, axis=1)
+    c = tl.where(sbb > 0, _div(sbz - G, tl.where(sbb > 0, sbb, 1.0)), 0.0)
+    zsum = tl.zeros_like(G)
+    for j0 in range(0, m, BLOCK_N):
+        cj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        msk = rmask[:, None] & (cj < m)[None, :]
+        zoff = rows[:, None] * ld_z + cj[None, :]
+        ooff = rows[:, None] * m + cj[None, :]
+        zo = tl.load(z_ptr + zoff, mask=msk, other=0.0)
+        bm = tl.load(b_ptr + ooff, mask=msk, other=0.0)
+        if LOG:
+            sv = tl.load(s_ptr + ooff, mask=msk, other=0.0)
+            zn = zo - c[:, None] * bm
+            if HAS_EPS:
+                zsum += tl.sum(tl.where(bm > 0, bm * zn * _exp(log_eps - sv, ACCURATE), 0.0), axis=1)
+        else:
+            sv = tl.load(s_ptr + ooff, mask=msk, other=1.0)
+            zn = zo - c[:, None] * bm * _div(bm, sv)
+            if HAS_EPS:
+                zsum += tl.sum(zn, axis=1)  # b z / s = z v
+        tl.store(z_ptr + zoff, zn, mask=msk)
+        tl.store(gb_ptr + ooff, tl.load(gb_ptr + ooff, mask=msk, other=0.0) - c[:, None] * bm, mask=msk)
+    return G, zsum
+
+
+@triton.jit
+def _sinkhorn_bwd_gauge_kernel(state_ptr, x_ptr, ld_x, a_ptr, r_ptr, z_ptr, ld_z, b_ptr, s_ptr, gb_ptr, B, n, m,
+                               eps_hi, eps_lo, leps_hi, leps_lo, FIRST: tl.constexpr, LOG: tl.constexpr,
+                               HAS_EPS: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    """_gauge_correct between the S-side and R-side products of the per-half-iteration backward; state [2, B]
+    carries (G, zsum) from step to step."""
+    pid = tl.program_id(0)
+    DT = z_ptr.dtype.element_ty
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    if FIRST:
+        G = tl.zeros([BLOCK_B], dtype=DT)
+        zsum = tl.zeros([BLOCK_B], dtype=DT)
+    else:
+        G = tl.load(state_ptr + rows, mask=rmask, other=0.0)
+        zsum = tl.load(state_ptr + B + rows, mask=rmask, other=0.0)
+    G, zsum = _gauge_correct(rows, rmask, G, zsum, FIRST, x_ptr, ld_x, a_ptr, r_ptr, z_ptr, ld_z, b_ptr, s_ptr,
+                             gb_ptr, n, m, _scalar(eps_hi, eps_lo, DT), _scalar(leps_hi, leps_lo, DT), LOG, HAS_EPS,
+                             ACCURATE, BLOCK_N)
+    tl.store(state_ptr + rows, G, mask=rmask)
+    tl.store(state_ptr + B + rows, zsum, mask=rmask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -716,7 +804,15 @@ def _launch_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
     return value, u, v, hist_r, hist_s, y
 
 
-def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision):
+def _gauge_args(eps):
+    """(correct, has_eps, eps_hi, eps_lo, log_eps_hi, log_eps_lo) for the gauge correction; eps None: none."""
+    if eps is None:
+        return False, False, 0.0, 0.0, 0.0, 0.0
+    eps = float(eps)
+    return (True, eps > 0) + _split(eps) + (_split(math.log(eps)) if eps > 0 else (0.0, 0.0))
+
+
+def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision, eps=None):
     assert hist_r.dim() == 3 and hist_r.shape[0] >= 1 and hist_s.shape[0] == hist_r.shape[0], "validated by the caller"
     shared = cost.dim() == 2
     a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
@@ -736,6 +832,15 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
     zv = torch.empty(B, m_pad, dtype=dt, device=dev)  # work buffer: left operand of the R-side products
     _sinkhorn_bwd_init_kernel[(triton.cdiv(B * n_pad, ELEM_BLOCK),)](
         g, a, hist_r[T - 1], y, ga, x, B * n_pad, n, n_pad, LOG=log_domain, ACCURATE=_ACCURATE, BLOCK=ELEM_BLOCK)
+    correct, has_eps, eps_hi, eps_lo, leps_hi, leps_lo = _gauge_args(eps)
+    state = torch.empty(2, B, dtype=dt, device=dev) if correct else None
+
+    def gauge(t):  # after the S-side product of step t (z_t in zv, gb), before the R-side one (which reads zv)
+        if correct:
+            _sinkhorn_bwd_gauge_kernel[(triton.cdiv(B, GAUGE_BLOCK_B),)](
+                state, x, n_pad, a, hist_r[t], zv, m_pad, b, hist_s[t], gb, B, n, m, eps_hi, eps_lo, leps_hi,
+                leps_lo, FIRST=t == T - 1, LOG=log_domain, HAS_EPS=has_eps, ACCURATE=_ACCURATE,
+                BLOCK_B=GAUGE_BLOCK_B, BLOCK_N=GAUGE_BLOCK_N)
 
     if dot:
         prec = _dot_precision(dt, precision)
@@ -744,8 +849,9 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
         for t in range(T - 1, -1, -1):
             _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(m, BN))](
                 x, kmat, kc, a, hist_r[T - 1], g, hist_s[t], b, gb, zv, B, n, n_pad, m, m_pad, m_pad, 1,
-                SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0, PREC=prec, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK,
-                num_warps=warps)
+                SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0 or correct, PREC=prec, BLOCK_B=BB, BLOCK_N=BN,
+                BLOCK_K=BK, num_warps=warps)
+            gauge(t)
             if t > 0:
                 _sinkhorn_bwd_dot_kernel[(triton.cdiv(B, BB), triton.cdiv(n, BN))](
                     zv, kmat, kc, a, hist_r[T - 1], g, hist_r[t - 1], a, ga, x, B, m, m_pad, n, n_pad, 1, m_pad,
@@ -768,7 +874,8 @@ def _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
             _sinkhorn_bwd_rows_kernel[(B, triton.cdiv(m, BN))](
                 x, a, hist_r[t], mat, cost, g, hist_s[t], b, gb, zv,
                 n, m, stride_b, m, 1, stride_b, reg_hi, reg_lo,
-                SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0, **common)
+                SIDE_S=True, FIRST=t == T - 1, WRITE_OUT=t > 0 or correct, **common)
+            gauge(t)
             if t > 0:
                 _sinkhorn_bwd_rows_kernel[(B, triton.cdiv(n, BN))](
                     zv, b, hist_s[t], mat, cost, g, hist_r[t - 1], a, ga, x,
@@ -802,9 +909,11 @@ def sinkhorn_forward(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: 
 @explain_compile_errors("wkd.sinkhorn_triton_backward (Triton sinkhorn_backward)")
 def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
                       hist_r: torch.Tensor, hist_s: torch.Tensor, y: torch.Tensor, reg: float,
-                      log_domain: bool = False, precision: str = "ieee"):
+                      log_domain: bool = False, precision: str = "ieee", eps: float | None = None):
     """Triton backward of ``torch.ops.wkd.sinkhorn_triton_backward``: the exact gradient of value w.r.t. a and b
-    from the history (hist_r, hist_s, y) of a keep_history=True forward; not validated here.
+    from the history (hist_r, hist_s, y) of a keep_history=True forward; not validated here. ``eps``: the forward's
+    eps, for the gauge correction of the adjoint (csrc/ops.cpp; None skips it: the plain sweep, whose rounding
+    residual is amplified by up to exp(max cost / reg) at zero-mass entries).
 
     Returns ``(grad_a [B, n], grad_b [B, m])``. Size rule as in :func:`sinkhorn_forward`: the single-launch kernel
     (:func:`sinkhorn_backward_onchip`) for a small shared cost, else 2 * num_iters - 1 fused product kernels plus 1
@@ -812,8 +921,8 @@ def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """
     with _device_guard(a):
         if cost.dim() == 2 and onchip_fits(a.shape[1], b.shape[1], a.dtype):  # the same rule as the forward's
-            return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
-        return _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
+            return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision, eps)
+        return _launch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision, eps)
 
 
 # ==========================================================================================================
@@ -1038,15 +1147,22 @@ def _sinkhorn_bwd_onchip_kernel(
     ga_ptr, gb_ptr,  # out: grad_a [B, n], grad_b [B, m] (accumulated in place)
     xs_ptr, zs_ptr,  # scratch [B, n], [B, m]: the left operands w_t u_t and z_t v_t (log: w_t and z_t)
     B, n, m, T, last_r, last_s, reg_hi, reg_lo,  # last_r = (T - 1) B n, last_s = (T - 1) B m (host ints, int64 if big)
+    eps_hi, eps_lo, leps_hi, leps_lo,  # the forward's eps and log eps (gauge correction)
     LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GAUGE: tl.constexpr,
+    HAS_EPS: tl.constexpr,
 ):
-    """The whole reverse sweep of _launch_backward (same recurrences and epilogues) for BLOCK_B rows."""
+    """The whole reverse sweep of _launch_backward (same recurrences, epilogues and gauge correction) for BLOCK_B
+    rows."""
     pid = tl.program_id(0)
     DT = a_ptr.dtype.element_ty
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     reg = _scalar(reg_hi, reg_lo, DT)
+    eps = _scalar(eps_hi, eps_lo, DT)
+    log_eps = _scalar(leps_hi, leps_lo, DT)
+    G = tl.zeros([BLOCK_B], dtype=DT)
+    zsum = tl.zeros([BLOCK_B], dtype=DT)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
     hr_t = hr_ptr + last_r  # r_{t+1} = slot t, from t = T - 1 down
     hs_t = hs_ptr + last_s
@@ -1134,9 +1250,13 @@ def _sinkhorn_bwd_onchip_kernel(
             else:
                 grad = tl.load(gb_ptr + ooff, mask=omask, other=0.0) + z
             tl.store(gb_ptr + ooff, grad, mask=omask)
-            if more:
+            if more or GAUGE:
                 tl.store(zs_ptr + ooff, out, mask=omask)
         tl.debug_barrier()
+        if GAUGE:
+            G, zsum = _gauge_correct(rows, rmask, G, zsum, first, xs_ptr, n, a_ptr, hr_t, zs_ptr, m, b_ptr, hs_t,
+                                     gb_ptr, n, m, eps, log_eps, LOG, HAS_EPS, ACCURATE, BLOCK_N)
+            tl.debug_barrier()
         # ---- R side (t > 0): w = -K(z v) / r_t, ga += w, xs = w u_t (log: coefficient w)
         if more:
             hr_p = hr_t - B * n  # r_t
@@ -1247,7 +1367,7 @@ def _onchip_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, p
     return value, u, v, hist_r, hist_s, y
 
 
-def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision):
+def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision, eps=None):
     a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
     g, hist_r, hist_s, y = grad_value.contiguous(), hist_r.contiguous(), hist_s.contiguous(), y.contiguous()
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
@@ -1259,15 +1379,16 @@ def _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain,
         return ga, gb
     bb, bn, bk, warps = _onchip_config(dt, log_domain)
     reg_hi, reg_lo = _split(reg)
+    correct, has_eps, eps_hi, eps_lo, leps_hi, leps_lo = _gauge_args(eps)
     kmat = _onchip_kmat(cost, reg_hi, reg_lo, log_domain, dt)
     xs = torch.empty(B, n, dtype=dt, device=dev)  # scratch: the left operands of the S-side / R-side products
     zs = torch.empty(B, m, dtype=dt, device=dev)
     _sinkhorn_bwd_onchip_kernel[(triton.cdiv(B, bb),)](
         g, a, b, cost, cost if kmat is None else kmat, hist_r, hist_s, y, ga, gb, xs, zs, B, n, m, T, (T - 1) * B * n,
-        (T - 1) * B * m, reg_hi, reg_lo,
+        (T - 1) * B * m, reg_hi, reg_lo, eps_hi, eps_lo, leps_hi, leps_lo,
         LOG=bool(log_domain), FROM_COST=kmat is None, ACCURATE=_ACCURATE,
         PREC=_onchip_prec(precision, dt, log_domain, bb), DOT=_onchip_dot(log_domain, bb), BLOCK_B=bb, BLOCK_N=bn,
-        BLOCK_K=bk, num_warps=warps)
+        BLOCK_K=bk, GAUGE=correct, HAS_EPS=has_eps, num_warps=warps)
     return ga, gb
 
 
@@ -1290,12 +1411,13 @@ def sinkhorn_forward_onchip(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor
 @explain_compile_errors("wkd.sinkhorn (Triton sinkhorn_backward_onchip)")
 def sinkhorn_backward_onchip(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
                              hist_r: torch.Tensor, hist_s: torch.Tensor, y: torch.Tensor, reg: float,
-                             log_domain: bool = False, precision: str = "ieee"):
+                             log_domain: bool = False, precision: str = "ieee", eps: float | None = None):
     """Single-launch Triton backward (exact gradient of value w.r.t. a and b through the fixed loop) from the
-    history of :func:`sinkhorn_forward_onchip` (new layout, keep_history=True). Returns ``(grad_a, grad_b)``.
+    history of :func:`sinkhorn_forward_onchip` (new layout, keep_history=True), with the gauge correction when
+    ``eps`` (the forward's) is given (see :func:`sinkhorn_backward`). Returns ``(grad_a, grad_b)``.
     One launch (two with ONCHIP_K_BUFFER), no host synchronisation, extra memory two [B, n], [B, m] scratch buffers."""
     with _device_guard(a):
-        return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision)
+        return _onchip_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, precision, eps)
 
 
 __all__ += ["sinkhorn_forward_onchip", "sinkhorn_backward_onchip", "onchip_fits", "ONCHIP_CONFIG",
