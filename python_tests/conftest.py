@@ -74,6 +74,10 @@ class Backend:
 def make_backend(name):
     """The Backend of that name usable here, or skip the test (with the reason)."""
     if name == "cpu":
+        import wkd_kernels as wk
+
+        if not wk.HAS_C_EXT:
+            pytest.skip(f"backend 'cpu': installed without the compiled extension: {wk.build_info()}")
         return Backend("cpu", "cpu")
     if name == "torch":  # ATen ops only (wkd_kernels/aten/); its device-generic parts are tested on CPU tensors here
         return Backend("torch", "cpu")
