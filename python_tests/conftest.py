@@ -97,8 +97,8 @@ def make_backend(name):
 @pytest.fixture(params=["cpu", "torch", "triton", "cuda"])
 def backend(request):
     """Every backend: "cpu" (C++ CPU kernels); "torch" (ATen ops, CPU tensors here); "triton" (CUDA tensors with a
-    GPU, else CPU tensors under TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a build with them, else
-    skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
+    GPU, else CPU tensors under TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a
+    build with them, else skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
     return make_backend(request.param)
 
 

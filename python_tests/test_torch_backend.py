@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wkd_kernels as wk
-from wkd_kernels import _build, _schemas, settings
+from wkd_kernels import _schemas, settings
 from wkd_kernels.aten import bures_wasserstein as at_bw
 from wkd_kernels.aten import feature_stats as at_fs
 from wkd_kernels.aten import nuclear_norm as at_nn

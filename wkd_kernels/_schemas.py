@@ -19,7 +19,7 @@ SCHEMAS = {
     "feature_stats": "feature_stats(Tensor x, int grid=1, bool full=False, bool unbiased=True) -> (Tensor mean, Tensor var)",  # noqa: E501
     "feature_stats_backward": "feature_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean, int grid, bool full, bool unbiased) -> Tensor",  # noqa: E501
     "sqrtm": "sqrtm(Tensor S, str method=\"newton_schulz\", int num_iters=20) -> Tensor",
-    "sqrtm_backward": "sqrtm_backward(Tensor grad_Y, Tensor Y, str method=\"newton_schulz\", int num_iters=20) -> Tensor",
+    "sqrtm_backward": "sqrtm_backward(Tensor grad_Y, Tensor Y, str method=\"newton_schulz\", int num_iters=20) -> Tensor",  # noqa: E501
     "nuclear_norm": "nuclear_norm(Tensor M, int num_iters=20) -> (Tensor value, Tensor polar)",
     "bures_wasserstein": "bures_wasserstein(Tensor mu1, Tensor S1, Tensor mu2, Tensor S2, str method=\"newton_schulz\", int num_iters=20) -> (Tensor w2, Tensor sqrt_S1, Tensor sqrt_S2, Tensor polar)",  # noqa: E501
     "bures_wasserstein_backward": "bures_wasserstein_backward(Tensor grad_w2, Tensor mu1, Tensor mu2, Tensor sqrt_S1, Tensor sqrt_S2, Tensor polar, str method=\"newton_schulz\", int num_iters=20) -> (Tensor grad_mu1, Tensor grad_S1, Tensor grad_mu2, Tensor grad_S2)",  # noqa: E501

@@ -24,7 +24,8 @@ from .. import _build, settings
 from ..aten import bures_wasserstein as aten_bures
 from .checks import (check_bures_all, check_bures_backward_args, check_finite_values, check_precision, check_psd_values,
                      check_symmetric_values, values_check_requested)
-from .common import check_dtype_on_device, first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, upcast
+from .common import (check_dtype_on_device, first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters,
+                     upcast)
 
 __all__ = ["bures_wasserstein"]
 
@@ -104,7 +105,8 @@ def _torch_backward(grad, mu1, mu2, R1, R2, Q, method="newton_schulz", num_iters
 
 torch.library.register_fake("wkd::bures_wasserstein_torch")(_fake)
 torch.library.register_fake("wkd::bures_wasserstein_torch_backward")(_backward_fake)
-for _op, _dev in (("bures_wasserstein_torch", None),) + ((("bures_wasserstein", "cpu"),) if not _build.HAS_C_EXT else ()):
+_TORCH_KEYS = (("bures_wasserstein_torch", None),) + ((("bures_wasserstein", "cpu"),) if not _build.HAS_C_EXT else ())
+for _op, _dev in _TORCH_KEYS:
     torch.library.register_kernel(f"wkd::{_op}", _dev)(_torch_forward)
     torch.library.register_kernel(f"wkd::{_op}_backward", _dev)(_torch_backward)
 

@@ -20,7 +20,8 @@ from .. import _build, settings
 from ..aten import sqrtm as aten_sqrtm
 from .checks import (check_finite_values, check_precision, check_method, check_psd_values, check_sqrtm_args,
                      check_sqrtm_backward_args, check_square_batch, check_symmetric_values, values_check_requested)
-from .common import check_dtype_on_device, first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, upcast
+from .common import (check_dtype_on_device, first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters,
+                     upcast)
 
 __all__ = ["sqrtm"]
 
