@@ -59,22 +59,25 @@ class _ScalingProducts:
         K = torch.exp(c / -self.reg)
         return K * c if weighted else K
 
-    def t_mul(self, x: Tensor, weighted: bool = False) -> Tensor:
-        """out_j = sum_i x_i K_ij (cost_ij)."""
+    def t_mul(self, x: Tensor, weighted: bool = False, out: Optional[Tensor] = None) -> Tensor:
+        """out_j = sum_i x_i K_ij (cost_ij), [B, m] (written into ``out`` when given: no new allocation)."""
         if self.shared:
-            return x @ (self.KC() if weighted else self.K)
-        parts = [torch.bmm(x.unsqueeze(1), self._block(j0, j1, weighted)).squeeze(1) for j0, j1 in self.ranges]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            return torch.mm(x, self.KC() if weighted else self.K, out=out)
+        if out is None:
+            out = x.new_empty(x.shape[0], self.cost.shape[2])
+        for j0, j1 in self.ranges:
+            torch.bmm(x.unsqueeze(1), self._block(j0, j1, weighted), out=out[:, None, j0:j1])
+        return out
 
-    def mul(self, y: Tensor, weighted: bool = False) -> Tensor:
-        """out_i = sum_j K_ij (cost_ij) y_j."""
+    def mul(self, y: Tensor, weighted: bool = False, out: Optional[Tensor] = None) -> Tensor:
+        """out_i = sum_j K_ij (cost_ij) y_j, [B, n] (written into ``out`` when given)."""
         if self.shared:
-            return y @ (self.KC() if weighted else self.K).t()
-        out = None
+            return torch.mm(y, (self.KC() if weighted else self.K).t(), out=out)
+        acc = None
         for j0, j1 in self.ranges:
             part = torch.bmm(self._block(j0, j1, weighted), y[:, j0:j1].unsqueeze(2)).squeeze(2)
-            out = part if out is None else out + part
-        return out
+            acc = part if acc is None else acc.add_(part)
+        return acc if out is None else out.copy_(acc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,17 +170,20 @@ def sinkhorn_forward(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: 
     T = num_iters if keep_history else 0
     hist_r, hist_s = a.new_empty(T, B, n), a.new_empty(T, B, m)
     if not log_domain:
+        # written in place into preallocated buffers (the history's slots, u, v): no allocation per iteration
         P = _ScalingProducts(cost, reg, chunk_elements)
         u = torch.where(supp, 1.0 / cnt, torch.zeros_like(a))
-        v = b
+        v = torch.empty_like(b)
+        r_buf, s_buf = (None, None) if keep_history else (torch.empty_like(a), torch.empty_like(b))
         for t in range(num_iters):
-            s = P.t_mul(u) + eps
-            v = b / s
-            r = P.mul(v) + eps
-            u = a / r
-            if keep_history:
-                hist_r[t].copy_(r)
-                hist_s[t].copy_(s)
+            s = P.t_mul(u, out=hist_s[t] if keep_history else s_buf)
+            if eps > 0:
+                s.add_(eps)
+            torch.div(b, s, out=v)
+            r = P.mul(v, out=hist_r[t] if keep_history else r_buf)
+            if eps > 0:
+                r.add_(eps)
+            torch.div(a, r, out=u)
         y = P.mul(v, weighted=True)  # (K∘cost) v_T
         value = (u * y).sum(1)
     else:
@@ -217,7 +223,8 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
 
     ``t_mul(x, weighted)`` / ``mul(y, weighted)``: scaling domain, K^T x [B, m] and K y [B, n] (weighted: K∘cost);
     log domain, the column / row reductions (p, c, weighted) -> (mx, sm) of :class:`_LogReductions`.
-    Memory: a few [B, n] / [B, m] vectors besides the history (the products chunk their own temporaries).
+    Memory: a few [B, n] / [B, m] vectors besides the history (the products chunk their own temporaries); in the
+    scaling domain they are allocated once and updated in place.
     """
     T = hist_r.shape[0]
     last = T - 1
@@ -225,21 +232,28 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     if not log_domain:
         ut = a / hist_r[last]
         w = gc * y / hist_r[last]
-        direct = gc * t_mul(ut, True)
-        ga = w
-        gb = None
-        x = w * ut
+        direct = t_mul(ut, True).mul_(gc)
+        ga = w.clone()
+        x = w.mul_(ut)  # w's buffer holds x = w_t u_t from here on
+        KTx, Kzv, z, zv, gb = (torch.empty_like(b), torch.empty_like(a), torch.empty_like(b), torch.empty_like(b),
+                               torch.zeros_like(b))
         for t in range(last, -1, -1):
             s = hist_s[t]
-            z = ((direct if t == last else 0.0) - t_mul(x, False)) / s
-            gb = z if gb is None else gb + z
+            t_mul(x, False, out=KTx)
+            if t == last:
+                torch.sub(direct, KTx, out=z)
+            else:
+                torch.neg(KTx, out=z)
+            z.div_(s)
+            gb.add_(z)
             if t == 0:
                 break
-            zv = z * (b / s)
+            torch.div(b, s, out=zv).mul_(z)
             r = hist_r[t - 1]
-            w = -mul(zv, False) / r
-            ga = ga + w
-            x = w * (a / r)
+            mul(zv, False, out=Kzv)
+            w = Kzv.div_(r)  # -w_{t-1}
+            ga.sub_(w)
+            torch.div(a, r, out=x).mul_(w).neg_()
         return ga, gb
     log_a, log_b = torch.log(a), torch.log(b)
     ut = log_a - hist_r[last]
