@@ -25,6 +25,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
         HAS_C_EXT = True
         LOAD_ERROR = None
 
+if not HAS_C_EXT and not C_EXT_BUILT:
+    LOAD_ERROR = ("the compiled extension was not built (WKD_NO_EXT=1, or no C++ compiler at install time): every op "
+                  "runs on the `torch` backend")
+
 if HAS_C_EXT:
     # The CUDA C++ kernels register the CUDA implementation of wkd::sinkhorn (read before wkd_kernels.ops.sinkhorn
     # registers the Triton fallback on that key for builds without them).
