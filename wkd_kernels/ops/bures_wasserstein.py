@@ -196,7 +196,7 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
     check_bures_all(a, A, b, Bm, method, num_iters, op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, A, op, has_cuda_cpp=False)
-    python_checks = values_check_requested(check_values, kind)
+    python_checks = values_check_requested(check_values, kind, A.device)
     if python_checks:
         for name, t in (("mu1", a), ("S1", A), ("mu2", b), ("S2", Bm)):
             check_finite_values(t, name, op)

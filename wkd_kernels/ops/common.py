@@ -51,7 +51,8 @@ def resolve_backend(backend: Optional[str], t: Tensor, op: str, *, has_cuda_cpp:
         return "triton"
     # backend == "cuda"
     if dev != "cuda":
-        raise ValueError(f"{op}: backend='cuda' (the CUDA C++ kernels) needs CUDA tensors; these are on {t.device}")
+        where = "these are CPU tensors" if dev == "cpu" else f"these are on {t.device}"
+        raise ValueError(f"{op}: backend='cuda' (the CUDA C++ kernels) needs CUDA tensors; {where}")
     if not has_cuda_cpp:
         raise ValueError(f"{op}: there is no CUDA C++ kernel for this op; use backend='triton', 'torch' or 'auto'")
     if not _build.HAS_CUDA_EXT:

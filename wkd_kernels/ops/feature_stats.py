@@ -147,7 +147,7 @@ def feature_stats(x: Tensor, grid: int = 1, covariance: str = "diag", unbiased: 
         raise ValueError(f"wkd.feature_stats: `covariance` must be 'diag' or 'full', got {covariance!r}")
     check_feature_stats_args(x, grid, unbiased)
     kind = resolve_backend(backend, x, "wkd.feature_stats", has_cuda_cpp=False)
-    if values_check_requested(check_values, kind):
+    if values_check_requested(check_values, kind, x.device):
         check_finite_values(x, "x", "wkd.feature_stats")
     mean, var = feature_stats_op(x, grid, covariance == "full", bool(unbiased), kind)
     if grid == 1:

@@ -111,6 +111,6 @@ def nuclear_norm(M: Tensor, num_iters: Optional[int] = None, *, backend: Optiona
     check_nuclear_norm_args(M3, num_iters, op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, M3, op, has_cuda_cpp=False)
-    if values_check_requested(check_values, kind):
+    if values_check_requested(check_values, kind, M3.device):
         check_finite_values(M3, "M", op)
     return nuclear_norm_op(M3, num_iters, kind, precision)[0].reshape(lead)

@@ -234,8 +234,8 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
             runs the same row/column test.
         backend: ``"auto"``, ``"torch"`` (ATen ops, any device type), ``"cpu"``, ``"triton"`` or ``"cuda"`` (the
             CUDA C++ kernels); None: the setting (:mod:`wkd_kernels.settings`, where the rule of ``"auto"`` is
-            defined). ``"torch"`` runs the value checks like the GPU kernels (only with ``check_values``) and
-            ignores ``precision``.
+            defined). ``"torch"`` runs the value checks (and reports a non-finite scaling-domain value) on CPU
+            tensors unless ``check_values=False``, elsewhere only with ``check_values``; it ignores ``precision``.
         precision: float32 product precision of the Triton kernels: ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (error
             bounds in the README's precision table); None: the setting (default ``"ieee"``). The CPU and CUDA C++
             kernels compute in IEEE only (another precision with ``backend="cuda"`` is an error; with ``"auto"`` it
@@ -262,7 +262,8 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         a, b, cost = a.float(), b.float(), cost.float()
     if log_domain == "auto":
         log_domain = a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype)
-    if values_check_requested(check_values, kind):
+    python_checks = values_check_requested(check_values, kind, a.device)
+    if python_checks:
         check_sinkhorn_values(a, b, cost)
         check_sinkhorn_kernel_range(cost, reg, log_domain)
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
@@ -272,6 +273,11 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         value, u, v, *_ = torch.ops.wkd.sinkhorn_triton(*args, precision)
     elif kind == "torch":
         value, u, v, *_ = torch.ops.wkd.sinkhorn_torch(*args)
+        if python_checks and not log_domain and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value with `reg` = {reg} in "
+                             f"{str(a.dtype).replace('torch.', '')}: K = exp(-cost / reg) underflows (cost / reg > "
+                             f"{87 if a.dtype == torch.float32 else 708} somewhere) or the scalings overflow. Use "
+                             "log_domain=True, or a larger `reg`")
     else:  # "cpu" and "cuda": the C++ kernels registered on wkd::sinkhorn for the tensors' device
         value, u, v, *_ = torch.ops.wkd.sinkhorn(*args)
     if log_domain:

@@ -169,7 +169,7 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = N
     check_square_batch(S3, "S", op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, S3, op, has_cuda_cpp=False)
-    python_checks = values_check_requested(check_values, kind)
+    python_checks = values_check_requested(check_values, kind, S3.device)
     if python_checks:
         check_finite_values(S3, "S", op)
         check_symmetric_values(S3, "S", op)
