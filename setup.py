@@ -8,6 +8,10 @@ With no GPU visible and no architecture asked for they are skipped (the Triton k
   WKD_FORCE_CUDA=1   build the CUDA sources (fails loudly if torch or the toolkit cannot); with no GPU visible and
                      no TORCH_CUDA_ARCH_LIST, for "8.0;9.0"
   WKD_NO_CUDA=1      never build them
+  WKD_NO_EXT=1       build no extension at all (no C++ compiler needed): every op runs on the `torch` backend
+                     (ATen ops, wkd_kernels/aten/); the same happens, with one line saying so, when no C++ compiler is
+                     found
+  WKD_DEBUG=1        keep debug information (release builds are compiled with -g0 and linked with --strip-debug)
   WKD_BUILD_TEMP     where the object files are kept (default build/temp in the checkout)
 
 Objects are kept in build/temp between builds (`pip install -e .` would otherwise compile in a fresh temporary
@@ -16,7 +20,9 @@ Run pip with -v to see this script's [wkd_kernels] lines and ninja's [k/N] compi
 """
 import glob
 import os
+import shutil
 import sys
+import sysconfig
 import time
 
 from setuptools import setup
@@ -66,13 +72,40 @@ def _want_cuda():
                    "or WKD_FORCE_CUDA=1 to compile them here for another machine)")
 
 
+NO_EXT_LOSS = ("the C++ CPU kernels and the CUDA C++ kernels are not built; every op runs on the `torch` backend "
+               "(ATen ops; backend='auto' picks it), the Triton kernels stay available")
+
+
+def _cxx_compiler():
+    """The C++ compiler the build would use (CXX, else the one Python was built with, else c++/g++/clang++), or None."""
+    candidates = [os.environ.get("CXX"), (sysconfig.get_config_var("CXX") or "").split(" ")[0], "c++", "g++",
+                  "clang++"]
+    for c in candidates:
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _want_extension():
+    """(build the extension?, why not)."""
+    if _flag("WKD_NO_EXT"):
+        return False, "WKD_NO_EXT=1"
+    if sys.platform != "win32" and _cxx_compiler() is None:
+        return False, "no C++ compiler found (CXX, c++, g++, clang++)"
+    return True, ""
+
+
 def _extension():
     with_cuda, why = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("WKD_PYTHON_MODULE", None)]
     cxx = ["-O3"]
+    link = ["-fopenmp"]
     if sys.platform != "win32":
         cxx += ["-fopenmp"]
+        if not _flag("WKD_DEBUG"):  # release: no debug information (-g from Python's CFLAGS is overridden by -g0)
+            cxx += ["-g0"]
+            link += ["-Wl,--strip-debug"]
     extra = {"cxx": cxx}
     _say(f"torch {torch.__version__} (CUDA {torch.version.cuda}), C++ compiler flags {' '.join(cxx)} "
          "(needs a C++17 compiler with OpenMP)")
@@ -89,11 +122,11 @@ def _extension():
         extra["nvcc"] = ["-O3", "-lineinfo"]
         return CUDAExtension(
             "wkd_kernels._C", sources, define_macros=define_macros, extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     return CppExtension(
         "wkd_kernels._C", sources, define_macros=define_macros, extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 
@@ -114,7 +147,13 @@ class PersistentBuildExt(BuildExtension.with_options(use_ninja=True)):
         _say(f"extension built in {time.perf_counter() - t0:.0f} s")
 
 
+_BUILD_EXT, _WHY_NOT = _want_extension()
+if not _BUILD_EXT:
+    # one line, also visible without pip -v (stderr)
+    print(f"[wkd_kernels] building without the compiled extension ({_WHY_NOT}): {NO_EXT_LOSS}", file=sys.stderr,
+          flush=True)
+
 setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": PersistentBuildExt},
+    ext_modules=[_extension()] if _BUILD_EXT else [],
+    cmdclass={"build_ext": PersistentBuildExt} if _BUILD_EXT else {},
 )

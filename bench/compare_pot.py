@@ -185,10 +185,14 @@ def bench_size(B, C, args, device, dtype):
     # The fast methods (ours per backend, plain PyTorch, its CUDA graph) are timed round-robin, so that every
     # one of them sees the same machine state (time_interleaved). Each entry: name -> (fwd, fwdbwd, error).
     fast = {}
-    backends = [None] if device == "cpu" else [bk for bk in ("triton", "cuda") if bk == "triton" or wk.HAS_CUDA_EXT]
+    # the torch backend (ATen ops) on every device; the C++ CPU kernel when built; the fused GPU kernels on CUDA
+    if device == "cpu":
+        backends = (["cpu"] if wk.HAS_C_EXT else []) + ["torch"]
+    else:
+        backends = ["torch"] + [bk for bk in ("triton", "cuda") if bk == "triton" or wk.HAS_CUDA_EXT]
     for bk in backends:
         fwd, fwdbwd = ours_fns(bk)
-        fast[f"wkd_kernels ({bk or 'cpu'})"] = (fwd, fwdbwd, rel_err(fwd(), ref))
+        fast[f"wkd_kernels ({bk})"] = (fwd, fwdbwd, rel_err(fwd(), ref))
 
     def plain_fwd():
         return plain_pytorch(a, b, cost, reg, T)

@@ -74,7 +74,13 @@ class Backend:
 def make_backend(name):
     """The Backend of that name usable here, or skip the test (with the reason)."""
     if name == "cpu":
+        import wkd_kernels as wk
+
+        if not wk.HAS_C_EXT:
+            pytest.skip(f"backend 'cpu': installed without the compiled extension: {wk.build_info()}")
         return Backend("cpu", "cpu")
+    if name == "torch":  # ATen ops only (wkd_kernels/aten/); its device-generic parts are tested on CPU tensors here
+        return Backend("torch", "cpu")
     if name == "triton":
         return Backend("triton", triton_device(), interpreted=TRITON_INTERPRET)
     if name == "cuda":
@@ -88,15 +94,15 @@ def make_backend(name):
     raise ValueError(name)
 
 
-@pytest.fixture(params=["cpu", "triton", "cuda"])
+@pytest.fixture(params=["cpu", "torch", "triton", "cuda"])
 def backend(request):
-    """Every backend: "cpu" (C++ CPU kernels); "triton" (CUDA tensors with a GPU, else CPU tensors under
-    TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a build with them, else
-    skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
+    """Every backend: "cpu" (C++ CPU kernels); "torch" (ATen ops, CPU tensors here); "triton" (CUDA tensors with a
+    GPU, else CPU tensors under TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a
+    build with them, else skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
     return make_backend(request.param)
 
 
-@pytest.fixture(params=["cpu", "triton"])
+@pytest.fixture(params=["cpu", "torch", "triton"])
 def gaussian_backend(request):
     """The backends of the Gaussian ops (feature_stats, sqrtm, nuclear_norm, bures_wasserstein): no CUDA C++ ones."""
     return make_backend(request.param)

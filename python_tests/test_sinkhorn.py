@@ -71,6 +71,8 @@ def run_op(backend, a, b, cost, reg, T, eps=0.0, log_domain=False, keep=True, pr
     a, b, cost = backend.to(a, b, cost)
     if backend.name == "triton":
         return torch.ops.wkd.sinkhorn_triton(a, b, cost, reg, T, eps, log_domain, keep, precision)
+    if backend.name == "torch":
+        return torch.ops.wkd.sinkhorn_torch(a, b, cost, reg, T, eps, log_domain, keep)
     return torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, keep)
 
 
@@ -79,6 +81,8 @@ def run_backward(backend, g, a, b, cost, out, reg, log_domain=False, precision="
     g, a, b, cost = backend.to(g, a, b, cost)
     if backend.name == "triton":
         return torch.ops.wkd.sinkhorn_triton_backward(g, a, b, cost, *out[3:], reg, log_domain, precision)
+    if backend.name == "torch":
+        return torch.ops.wkd.sinkhorn_torch_backward(g, a, b, cost, *out[3:], reg, log_domain)
     return torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *out[3:], reg, log_domain)
 
 
@@ -337,6 +341,8 @@ def test_half_inputs_computed_in_float32(backend):
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
 def test_public_api_matches_cpu(backend, shared, log_domain):
     """wk.sinkhorn(..., backend=...) with autograd: value, log-scalings and gradients equal the CPU backend's."""
+    if not wk.HAS_C_EXT:
+        pytest.skip("compares with the C++ CPU kernel: installed without the compiled extension")
     B, n, m = (3, 9, 8) if backend.interpreted else (6, 50, 40)
     for dtype in (F64, F32):
         a, b, cost = problem(B, n, m, dtype, shared, zeros=2)
@@ -378,6 +384,8 @@ def test_opcheck(backend):
         assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn", "CUDA")
         assert torch._C._dispatch_has_kernel_for_dispatch_key("wkd::sinkhorn_backward", "CUDA")
     fwd = torch.ops.wkd.sinkhorn_triton.default if triton else torch.ops.wkd.sinkhorn.default
+    if backend.name == "torch":
+        fwd = torch.ops.wkd.sinkhorn_torch.default
     for args in _op_samples(backend, sizes):
         torch.library.opcheck(fwd, args + (("ieee",) if triton else ()))
     for shared in (True, False):
@@ -388,6 +396,8 @@ def test_opcheck(backend):
             out = run_op(backend, a, b, cost, 0.1, 4, 1e-8 if log_domain else 0.0, log_domain)
             g = backend.to(torch.linspace(0.5, 1.5, 3, dtype=F64))
             bwd = torch.ops.wkd.sinkhorn_triton_backward.default if triton else torch.ops.wkd.sinkhorn_backward.default
+            if backend.name == "torch":
+                bwd = torch.ops.wkd.sinkhorn_torch_backward.default
             torch.library.opcheck(bwd, (g, *backend.to(a, b, cost), *out[3:], 0.1, log_domain)
                                   + (("ieee",) if triton else ()))
 
@@ -657,6 +667,8 @@ def test_bad_input_raw_op(backend, msg, make):
         pytest.skip("value checks: CPU op only (the GPU ops do not read values; see test_bad_input_python_wrapper)")
     args = make(*backend.to(*good()))
     op = torch.ops.wkd.sinkhorn_triton if backend.name == "triton" else torch.ops.wkd.sinkhorn
+    if backend.name == "torch":
+        op = torch.ops.wkd.sinkhorn_torch
     with pytest.raises((ValueError, TypeError, RuntimeError), match=re.escape(msg)):
         op(*args, 0.0, False, True)
 

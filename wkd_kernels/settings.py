@@ -15,12 +15,14 @@ task) that enters it. A CUDA graph or a ``torch.compile`` graph keeps the choice
 
 Fields (environment variable, default):
 
-* ``backend`` (``WKD_BACKEND``, ``"auto"``): which kernels run the ops. ``"cpu"``: the C++ CPU kernels (CPU tensors
-  only); ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``); ``"cuda"``: the
-  hand-written CUDA C++ kernels (Sinkhorn only; needs a build with CUDA). ``"auto"``: the C++ kernels on CPU
-  tensors; on CUDA tensors the CUDA C++ Sinkhorn when it was built and the precision is ``"ieee"``, the Triton
-  kernels otherwise and for the Gaussian ops. **The CUDA choice of "auto" is not a measured one yet**: no GPU has
-  run the suite that compares the two (bench/gpu_suite.sh); it is the rule above until one does.
+* ``backend`` (``WKD_BACKEND``, ``"auto"``): which kernels run the ops. ``"torch"``: ATen ops only
+  (wkd_kernels/aten/), tensors of any device type (CPU, CUDA, MPS, XPU, meta); always installed. ``"cpu"``: the
+  C++ CPU kernels (CPU tensors only; needs the compiled extension); ``"triton"``: the Triton kernels (CUDA tensors;
+  CPU tensors under ``TRITON_INTERPRET=1``); ``"cuda"``: the hand-written CUDA C++ kernels (Sinkhorn only; needs a
+  build with CUDA). ``"auto"``: :func:`auto_backend` -- the C++ kernels on CPU tensors when the extension is built,
+  else ``"torch"``; ``"torch"`` on every other device type until bench/gpu_suite.sh has measured a fused backend
+  correct and faster there (:data:`MEASURED_FUSED`, empty so far). The fused GPU kernels (``"triton"``, ``"cuda"``)
+  stay one argument away; **they are not yet validated on GPU hardware**.
 * ``sinkhorn_precision`` (``WKD_SINKHORN_PRECISION``, ``"ieee"``): ``tl.dot`` input precision of the Triton
   Sinkhorn kernels for float32: ``"ieee"`` (float32 FMA), ``"tf32x3"`` (tensor cores, near-float32 accuracy),
   ``"tf32"`` (fastest, ~1e-4 relative on WKD-L's value; the README's precision table). float64 is always IEEE.
@@ -44,9 +46,12 @@ from typing import Iterator, Optional
 import torch
 
 __all__ = ["Settings", "TRITON_INTERPRET", "current", "override", "set_defaults", "BACKENDS", "SINKHORN_PRECISIONS",
-           "GAUSSIAN_PRECISIONS", "resolve_precision"]
+           "GAUSSIAN_PRECISIONS", "resolve_precision", "auto_backend", "MEASURED_FUSED"]
 
-BACKENDS = ("auto", "cpu", "triton", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+# Device type -> the fused backend that bench/gpu_suite.sh has measured correct and faster than "torch" on it. Empty:
+# no GPU has run the suite yet, so "auto" runs "torch" on every device type but CPU.
+MEASURED_FUSED: dict = {}
 SINKHORN_PRECISIONS = ("ieee", "tf32x3", "tf32")
 GAUSSIAN_PRECISIONS = ("ieee", "tf32x3")
 _TRUE = ("1", "true", "yes", "on")
@@ -160,6 +165,15 @@ def set_defaults(**changes) -> Settings:
     """Change the process-wide defaults (what :func:`current` returns outside any :func:`override`); returns them."""
     _DEFAULTS[0] = _replace(_DEFAULTS[0], changes, "wkd_kernels.settings.set_defaults")
     return _DEFAULTS[0]
+
+
+def auto_backend(device_type: str, has_c_ext: bool) -> str:
+    """The rule of ``backend="auto"`` (the one place it is stated): on CPU tensors the C++ kernels when the
+    extension is built (``has_c_ext``), else ``"torch"``; on any other device type the fused backend that
+    bench/gpu_suite.sh measured correct and faster there (:data:`MEASURED_FUSED`), else ``"torch"``."""
+    if device_type == "cpu":
+        return "cpu" if has_c_ext else "torch"
+    return MEASURED_FUSED.get(device_type, "torch")
 
 
 def resolve_precision(precision: Optional[str], family: str, op: str) -> str:

@@ -4,7 +4,9 @@ Contract: the schema comment of ``wkd::bures_wasserstein`` in csrc/ops.cpp (docs
 CPU csrc/cpu/bures_wasserstein.cpp (``wkd::bures_wasserstein``); on GPUs the op is composed here from the Triton
 square-root, polar and Lyapunov kernels (wkd_kernels/triton/sqrtm.py, nuclear_norm.py: each launched once for S1 and
 S2 together) and batched torch (cuBLAS) n x n products, registered as ``wkd::bures_wasserstein_triton`` on every
-device type and as the CUDA kernel of ``wkd::bures_wasserstein`` at precision "ieee".
+device type and as the CUDA kernel of ``wkd::bures_wasserstein`` at precision "ieee"; in ATen ops only
+(wkd_kernels/aten/bures_wasserstein.py) as ``wkd::bures_wasserstein_torch`` on every device type (and the CPU kernel of
+``wkd::bures_wasserstein`` without the compiled extension).
 
   W^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 |R2 R1|_*,   R_i = S_i^1/2   (|R2 R1|_* = tr (R1 S2 R1)^1/2)
   newton_schulz: R1, R2 by coupled Newton-Schulz; (|R2 R1|_*, polar factor Q) by the polar Newton-Schulz iteration.
@@ -18,11 +20,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import settings
+from .. import _build, settings
+from ..aten import bures_wasserstein as aten_bures
 from .checks import (check_bures_all, check_bures_backward_args, check_finite_values, check_precision, check_psd_values,
                      check_symmetric_values, values_check_requested)
-from .common import (first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, reverse_mode_only,
-                     upcast)
+from .common import (check_dtype_on_device, first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters,
+                     reverse_mode_only, upcast)
 
 __all__ = ["bures_wasserstein"]
 
@@ -88,6 +91,26 @@ for _op, _dev in (("bures_wasserstein", "cuda"), ("bures_wasserstein_triton", No
     torch.library.register_kernel(f"wkd::{_op}_backward", _dev)(_triton_backward)
 
 
+def _torch_forward(mu1, S1, mu2, S2, method="newton_schulz", num_iters=20):
+    check_bures_all(mu1, S1, mu2, S2, method, num_iters, "wkd.bures_wasserstein_torch")
+    check_dtype_on_device(S1, "wkd.bures_wasserstein_torch")
+    return aten_bures.bures_wasserstein_forward(mu1, S1, mu2, S2, method, num_iters)
+
+
+def _torch_backward(grad, mu1, mu2, R1, R2, Q, method="newton_schulz", num_iters=20):
+    check_bures_backward_args(grad, mu1, mu2, R1, R2, Q, method, num_iters, "wkd.bures_wasserstein_torch_backward")
+    check_dtype_on_device(R1, "wkd.bures_wasserstein_torch_backward")
+    return aten_bures.bures_wasserstein_backward(grad, mu1, mu2, R1, R2, Q, method, num_iters)
+
+
+torch.library.register_fake("wkd::bures_wasserstein_torch")(_fake)
+torch.library.register_fake("wkd::bures_wasserstein_torch_backward")(_backward_fake)
+_TORCH_KEYS = (("bures_wasserstein_torch", None),) + ((("bures_wasserstein", "cpu"),) if not _build.HAS_C_EXT else ())
+for _op, _dev in _TORCH_KEYS:
+    torch.library.register_kernel(f"wkd::{_op}", _dev)(_torch_forward)
+    torch.library.register_kernel(f"wkd::{_op}_backward", _dev)(_torch_backward)
+
+
 def _setup_context(ctx, inputs, output):
     mu1, S1, mu2, S2 = inputs[:4]
     _, R1, R2, Q = output
@@ -119,13 +142,18 @@ torch.library.register_autograd("wkd::bures_wasserstein", _make_backward(torch.o
 torch.library.register_autograd("wkd::bures_wasserstein_triton",
                                 _make_backward(torch.ops.wkd.bures_wasserstein_triton_backward),
                                 setup_context=_setup_context)
+torch.library.register_autograd("wkd::bures_wasserstein_torch",
+                                _make_backward(torch.ops.wkd.bures_wasserstein_torch_backward),
+                                setup_context=_setup_context)
 
 
 def bures_wasserstein_op(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: str, num_iters: int, kind: str,
                          precision: str) -> Tensor:
-    """w2 [B] by the op of backend ``kind`` ("cpu" or "triton"; arguments already checked)."""
+    """w2 [B] by the op of backend ``kind`` ("cpu", "triton" or "torch"; arguments already checked)."""
     if kind == "triton":
         return torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, method, int(num_iters), precision)[0]
+    if kind == "torch":
+        return torch.ops.wkd.bures_wasserstein_torch(mu1, S1, mu2, S2, method, int(num_iters))[0]
     return torch.ops.wkd.bures_wasserstein(mu1, S1, mu2, S2, method, int(num_iters))[0]
 
 
@@ -173,7 +201,7 @@ def bures_wasserstein(mu1: Tensor, S1: Tensor, mu2: Tensor, S2: Tensor, method: 
     check_bures_all(a, A, b, Bm, method, num_iters, op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, A, op, has_cuda_cpp=False)
-    python_checks = values_check_requested(check_values, kind)
+    python_checks = values_check_requested(check_values, kind, A.device)
     if python_checks:
         for name, t in (("mu1", a), ("S1", A), ("mu2", b), ("S2", Bm)):
             check_finite_values(t, name, op)

@@ -29,17 +29,21 @@ FLOATS = (torch.float32, torch.float64)
 METHODS = ("newton_schulz", "eigh")
 
 
-def values_check_requested(check_values: Optional[bool], backend: str, op: str = "wkd") -> bool:
-    """Whether Python runs the value checks before a ``backend`` kernel ("cpu", "triton" or "cuda"): never for
-    "cpu" (the C++ CPU kernels always check, in C++) and never while ``torch.compile`` traces; for the GPU kernels
-    when ``check_values`` (None: the setting, see :mod:`wkd_kernels.settings`) asks for them. A ``check_values``
-    that is neither None nor a bool is a TypeError on every backend (a string such as "no" would otherwise read as
-    true)."""
+def values_check_requested(check_values: Optional[bool], backend: str,
+                           device: Optional[torch.device] = None, op: str = "wkd") -> bool:
+    """Whether Python runs the value checks before a ``backend`` kernel ("cpu", "torch", "triton" or "cuda"): never
+    for "cpu" (the C++ CPU kernels always check, in C++) and never while ``torch.compile`` traces; for "torch" on CPU
+    tensors (``device``) unless ``check_values`` is False (no synchronisation there, as the C++ kernels); for the
+    GPU kernels when ``check_values`` (None: the setting, see :mod:`wkd_kernels.settings`) asks for them. A
+    ``check_values`` that is neither None nor a bool is a TypeError on every backend (a string such as "no" would
+    otherwise read as true)."""
     if check_values is not None:
         check_values = as_bool(check_values, "check_values", op)
     if backend == "cpu" or torch.compiler.is_compiling():
         return False
     if check_values is None:
+        if backend == "torch" and device is not None and torch.device(device).type == "cpu":
+            return True
         return settings.current().check_values
     return check_values
 

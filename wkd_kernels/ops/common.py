@@ -13,47 +13,69 @@ from .checks import HALF, as_int
 
 def resolve_backend(backend: Optional[str], t: Tensor, op: str, *, has_cuda_cpp: bool,
                     precision: str = "ieee") -> str:
-    """The kernels that serve ``op`` for tensors like ``t``: ``"cpu"``, ``"triton"`` or ``"cuda"``.
+    """The kernels that serve ``op`` for tensors like ``t``: ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
-    ``backend`` is the caller's argument (None: :func:`wkd_kernels.settings.current`). ``"auto"`` on a CPU tensor is
-    the C++ CPU kernel; on a CUDA tensor the CUDA C++ kernel when the op has one (``has_cuda_cpp``), the build has
-    it and ``precision`` is ``"ieee"`` (the CUDA C++ kernels compute in float32/float64 FMA only), else Triton. That
-    CUDA rule is **not measured yet** (no GPU has run bench/gpu_suite.sh); see wkd_kernels.settings.
+    ``backend`` is the caller's argument (None: :func:`wkd_kernels.settings.current`); ``"auto"`` follows
+    :func:`wkd_kernels.settings.auto_backend` (the C++ kernels on CPU tensors when built, else ``"torch"``; ``"torch"``
+    on other devices until a fused backend is measured there). ``"torch"`` runs on tensors of every device type
+    (float64 where the device has it). ``has_cuda_cpp``: the op has CUDA C++ kernels; ``precision``: the Triton
+    product precision (the CUDA C++ kernels compute in IEEE only).
     """
     if backend is None:
         backend = settings.current().backend
     if backend not in settings.BACKENDS:
         raise ValueError(f"{op}: `backend` must be one of {settings.BACKENDS}, got {backend!r}")
     dev = t.device.type
-    if dev == "cpu":
-        if backend in ("auto", "cpu"):
-            return "cpu"
-        if backend == "triton":
-            if not settings.TRITON_INTERPRET:
-                raise ValueError(f"{op}: backend='triton' runs on CUDA tensors (on CPU tensors only under "
-                                 "TRITON_INTERPRET=1, set before triton is imported); these are CPU tensors")
-            _require_triton(op)
-            return "triton"
-        raise ValueError(f"{op}: backend='cuda' (the CUDA C++ kernels) needs CUDA tensors; these are CPU tensors")
-    if dev != "cuda":
-        raise ValueError(f"{op}: tensors on {t.device} are not supported (CPU and CUDA only)")
+    if backend == "auto":
+        backend = settings.auto_backend(dev, _build.HAS_C_EXT)
+        if backend == "cuda" and not (has_cuda_cpp and _build.HAS_CUDA_EXT and precision == "ieee"):
+            backend = "triton"
+    if backend == "torch":
+        check_dtype_on_device(t, op)
+        return "torch"
     if backend == "cpu":
-        raise ValueError(f"{op}: backend='cpu' needs CPU tensors; these are on {t.device}")
-    cpp_ok = has_cuda_cpp and _build.HAS_CUDA_EXT
-    if backend == "cuda":
-        if not has_cuda_cpp:
-            raise ValueError(f"{op}: there is no CUDA C++ kernel for this op; use backend='triton' or 'auto'")
-        if not _build.HAS_CUDA_EXT:
-            raise RuntimeError(f"{op}: backend='cuda': this build has no CUDA C++ kernels (build info: "
-                               f"{_build.build_info()}); rebuild with a CUDA toolkit or use backend='triton'")
-        if precision != "ieee":
-            raise ValueError(f"{op}: backend='cuda' computes float32 products in IEEE float32 only; "
-                             f"precision={precision!r} needs backend='triton'")
-        return "cuda"
-    if backend == "auto" and cpp_ok and precision == "ieee":
-        return "cuda"
-    _require_triton(op)
-    return "triton"
+        if dev != "cpu":
+            raise ValueError(f"{op}: backend='cpu' needs CPU tensors; these are on {t.device}")
+        if not _build.HAS_C_EXT:
+            raise RuntimeError(f"{op}: backend='cpu': this installation has no compiled extension (build info: "
+                               f"{_build.build_info()}); use backend='torch' or 'auto'")
+        return "cpu"
+    if backend == "triton":
+        if dev == "cpu" and not settings.TRITON_INTERPRET:
+            raise ValueError(f"{op}: backend='triton' runs on CUDA tensors (on CPU tensors only under "
+                             "TRITON_INTERPRET=1, set before triton is imported); these are CPU tensors")
+        if dev not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: backend='triton' runs on CUDA tensors; these are on {t.device} "
+                             "(backend='torch' runs on every device type)")
+        _require_triton(op)
+        return "triton"
+    # backend == "cuda"
+    if dev != "cuda":
+        where = "these are CPU tensors" if dev == "cpu" else f"these are on {t.device}"
+        raise ValueError(f"{op}: backend='cuda' (the CUDA C++ kernels) needs CUDA tensors; {where}")
+    if not has_cuda_cpp:
+        raise ValueError(f"{op}: there is no CUDA C++ kernel for this op; use backend='triton', 'torch' or 'auto'")
+    if not _build.HAS_CUDA_EXT:
+        raise RuntimeError(f"{op}: backend='cuda': this build has no CUDA C++ kernels (build info: "
+                           f"{_build.build_info()}); rebuild with a CUDA toolkit or use backend='triton' or 'torch'")
+    if precision != "ieee":
+        raise ValueError(f"{op}: backend='cuda' computes float32 products in IEEE float32 only; "
+                         f"precision={precision!r} needs backend='triton'")
+    return "cuda"
+
+
+def check_dtype_on_device(t: Tensor, op: str) -> None:
+    """A clear error (naming the op, dtype and device) for a dtype the device cannot compute in: float64 on MPS (and
+    on an XPU without float64 support)."""
+    if t.dtype != torch.float64:
+        return
+    dev = t.device
+    missing = dev.type == "mps"
+    if dev.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
+        missing = not getattr(torch.xpu.get_device_properties(dev), "has_fp64", True)
+    if missing:
+        raise TypeError(f"{op}: dtype torch.float64 is not supported on device {dev} (it has no float64 arithmetic); "
+                        "use float32 tensors")
 
 
 def _require_triton(op: str) -> None:

@@ -3,7 +3,9 @@
 Contract: the schema comment of ``wkd::feature_stats`` in csrc/ops.cpp (docs/design.md section 4). Kernels: CPU
 csrc/cpu/feature_stats.cpp (``wkd::feature_stats``), Triton wkd_kernels/triton/feature_stats.py
 (``wkd::feature_stats_triton`` on every device type, and the CUDA kernel of ``wkd::feature_stats``: there is no
-CUDA C++ one). Reference: :func:`wkd_kernels.reference.feature_stats_reference`.
+CUDA C++ one), ATen wkd_kernels/aten/feature_stats.py (``wkd::feature_stats_torch`` on every device type, and the CPU
+kernel of ``wkd::feature_stats`` without the compiled extension). Reference:
+:func:`wkd_kernels.reference.feature_stats_reference`.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _build
+from ..aten import feature_stats as aten_feature_stats
 from .checks import (check_feature_stats_args, check_feature_stats_backward_args, check_finite_values,
                      stats_dtype, values_check_requested)
-from .common import first_order_only, resolve_backend, reverse_mode_only
+from .common import check_dtype_on_device, first_order_only, resolve_backend, reverse_mode_only
 
 __all__ = ["feature_stats"]
 
@@ -52,6 +56,26 @@ for _op, _fwd, _bwd in (("feature_stats", "cuda", "cuda"), ("feature_stats_trito
     torch.library.register_kernel(f"wkd::{_op}_backward", _bwd)(_triton_backward)
 
 
+def _torch_forward(x, grid=1, full=False, unbiased=True):
+    check_feature_stats_args(x, grid, unbiased, "wkd.feature_stats_torch")
+    check_dtype_on_device(x, "wkd.feature_stats_torch")
+    return aten_feature_stats.feature_stats_forward(x, grid, full, unbiased)
+
+
+def _torch_backward(grad_mean, grad_var, x, mean, grid, full, unbiased):
+    check_feature_stats_backward_args(grad_mean, grad_var, x, mean, grid, full, unbiased,
+                                      "wkd.feature_stats_torch_backward")
+    check_dtype_on_device(x, "wkd.feature_stats_torch_backward")
+    return aten_feature_stats.feature_stats_backward(grad_mean, grad_var, x, mean, grid, full, unbiased)
+
+
+torch.library.register_fake("wkd::feature_stats_torch")(_fake)
+torch.library.register_fake("wkd::feature_stats_torch_backward")(_backward_fake)
+for _op, _dev in (("feature_stats_torch", None),) + ((("feature_stats", "cpu"),) if not _build.HAS_C_EXT else ()):
+    torch.library.register_kernel(f"wkd::{_op}", _dev)(_torch_forward)
+    torch.library.register_kernel(f"wkd::{_op}_backward", _dev)(_torch_backward)
+
+
 def _setup_context(ctx, inputs, output):
     x, grid, full, unbiased = inputs
     mean, _ = output
@@ -83,12 +107,16 @@ torch.library.register_autograd("wkd::feature_stats", _make_backward(torch.ops.w
 torch.library.register_autograd("wkd::feature_stats_triton",
                                 _make_backward(torch.ops.wkd.feature_stats_triton_backward),
                                 setup_context=_setup_context)
+torch.library.register_autograd("wkd::feature_stats_torch",
+                                _make_backward(torch.ops.wkd.feature_stats_torch_backward),
+                                setup_context=_setup_context)
 
 
 def feature_stats_op(x: Tensor, grid: int, full: bool, unbiased: bool, kind: str) -> Tuple[Tensor, Tensor]:
-    """The op of backend ``kind`` ("cpu" or "triton", from resolve_backend; arguments already checked):
+    """The op of backend ``kind`` ("cpu", "triton" or "torch", from resolve_backend; arguments already checked):
     (mean [N, P, C], var [N, P, C] | cov [N, P, C, C])."""
-    op = torch.ops.wkd.feature_stats_triton if kind == "triton" else torch.ops.wkd.feature_stats
+    op = {"triton": torch.ops.wkd.feature_stats_triton,
+          "torch": torch.ops.wkd.feature_stats_torch}.get(kind, torch.ops.wkd.feature_stats)
     return op(x, int(grid), bool(full), bool(unbiased))
 
 
@@ -105,7 +133,8 @@ def feature_stats(x: Tensor, grid: int = 1, covariance: str = "diag", unbiased: 
         grid: cells per side, 1 <= grid <= min(H, W).
         covariance: ``"diag"`` (per-channel variance) or ``"full"`` (C x C covariance).
         unbiased: divide by m - 1 (torch.var's default, the published WKD-F code) instead of m, m = positions per cell.
-        backend: ``"auto"``, ``"cpu"`` or ``"triton"`` (no CUDA C++ kernel); None: the setting
+        backend: ``"auto"``, ``"torch"`` (ATen ops, any device type), ``"cpu"`` or ``"triton"`` (no CUDA C++
+            kernel); None: the setting
             (:mod:`wkd_kernels.settings`). The kernels compute in IEEE arithmetic (no precision argument).
         check_values: check for non-finite entries (always on CPU; on CUDA only when True or the setting says so).
 
@@ -119,7 +148,7 @@ def feature_stats(x: Tensor, grid: int = 1, covariance: str = "diag", unbiased: 
     check_feature_stats_args(x, grid, unbiased)
     (x,) = reverse_mode_only("wkd.feature_stats", x)
     kind = resolve_backend(backend, x, "wkd.feature_stats", has_cuda_cpp=False)
-    if values_check_requested(check_values, kind):
+    if values_check_requested(check_values, kind, x.device):
         check_finite_values(x, "x", "wkd.feature_stats")
     mean, var = feature_stats_op(x, grid, covariance == "full", bool(unbiased), kind)
     if grid == 1:

@@ -137,7 +137,7 @@ def gaussian_wasserstein_terms(f_s: Tensor, f_t: Tensor, covariance: str = "full
     num_iters = resolve_iters(num_iters, stats_dtype(f_s.dtype), op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, f_s, op, has_cuda_cpp=False)
-    if kind == "cpu" and not torch.compiler.is_compiling() or values_check_requested(check_values, kind):
+    if kind == "cpu" and not torch.compiler.is_compiling() or values_check_requested(check_values, kind, f_s.device):
         # here (also on CPU, where the kernels would check their own arguments), so that errors name f_s / f_t
         check_finite_values(f_s, "f_s", op)
         check_finite_values(f_t, "f_t", op)

@@ -3,7 +3,9 @@
 Contract: the schema comment of ``wkd::nuclear_norm`` in csrc/ops.cpp (docs/design.md section 4). Kernels: CPU
 csrc/cpu/nuclear_norm.cpp (``wkd::nuclear_norm``; the polar iteration in csrc/cpu/matfun.h), Triton
 wkd_kernels/triton/nuclear_norm.py (``wkd::nuclear_norm_triton`` on every device type, and the CUDA kernel of
-``wkd::nuclear_norm`` at precision "ieee"). The backward is grad * polar (no kernel).
+``wkd::nuclear_norm`` at precision "ieee"), ATen wkd_kernels/aten/nuclear_norm.py (``wkd::nuclear_norm_torch`` on every
+device type, and the CPU kernel of ``wkd::nuclear_norm`` without the compiled extension). The backward is
+grad * polar (no kernel).
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import settings
+from .. import _build, settings
+from ..aten import nuclear_norm as aten_nuclear_norm
 from .checks import check_finite_values, check_nuclear_norm_args, check_precision, values_check_requested
-from .common import first_order_only, resolve_backend, resolve_iters, reverse_mode_only, upcast
+from .common import (check_dtype_on_device, first_order_only, resolve_backend, resolve_iters, reverse_mode_only,
+                     upcast)
 
 __all__ = ["nuclear_norm"]
 
@@ -37,6 +41,17 @@ for _op, _dev in (("nuclear_norm", "cuda"), ("nuclear_norm_triton", None)):
     torch.library.register_kernel(f"wkd::{_op}", _dev)(_triton_forward)
 
 
+def _torch_forward(M, num_iters=20):
+    check_nuclear_norm_args(M, num_iters, "wkd.nuclear_norm_torch")
+    check_dtype_on_device(M, "wkd.nuclear_norm_torch")
+    return aten_nuclear_norm.nuclear_norm_forward(M, num_iters)
+
+
+torch.library.register_fake("wkd::nuclear_norm_torch")(_fake)
+for _op, _dev in (("nuclear_norm_torch", None),) + ((("nuclear_norm", "cpu"),) if not _build.HAS_C_EXT else ()):
+    torch.library.register_kernel(f"wkd::{_op}", _dev)(_torch_forward)
+
+
 def _setup_context(ctx, inputs, output):
     _, polar = output
     ctx.mark_non_differentiable(polar)
@@ -56,14 +71,17 @@ def _backward(ctx, grad_value, grad_polar):
     return (gM,) + (None,) * (ctx.n_inputs - 1)
 
 
-for _op in ("nuclear_norm", "nuclear_norm_triton"):
+for _op in ("nuclear_norm", "nuclear_norm_triton", "nuclear_norm_torch"):
     torch.library.register_autograd(f"wkd::{_op}", _backward, setup_context=_setup_context)
 
 
 def nuclear_norm_op(M: Tensor, num_iters: int, kind: str, precision: str):
-    """(value [B], polar [B, p, q]) by the op of backend ``kind`` ("cpu" or "triton"; arguments already checked)."""
+    """(value [B], polar [B, p, q]) by the op of backend ``kind`` ("cpu", "triton" or "torch"; arguments already
+    checked)."""
     if kind == "triton":
         return torch.ops.wkd.nuclear_norm_triton(M, int(num_iters), precision)
+    if kind == "torch":
+        return torch.ops.wkd.nuclear_norm_torch(M, int(num_iters))
     return torch.ops.wkd.nuclear_norm(M, int(num_iters))
 
 
@@ -95,6 +113,6 @@ def nuclear_norm(M: Tensor, num_iters: Optional[int] = None, *, backend: Optiona
     check_nuclear_norm_args(M3, num_iters, op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, M3, op, has_cuda_cpp=False)
-    if values_check_requested(check_values, kind):
+    if values_check_requested(check_values, kind, M3.device):
         check_finite_values(M3, "M", op)
     return nuclear_norm_op(M3, num_iters, kind, precision)[0].reshape(lead)

@@ -4,7 +4,9 @@ The op contract (recurrences, outputs, history layout) is stated once, in the sc
 csrc/ops.cpp (summarised in docs/design.md section 3). Kernels: CPU csrc/cpu/sinkhorn.cpp and CUDA C++
 csrc/cuda/sinkhorn.cu (both registered in C++ on ``wkd::sinkhorn``), Triton wkd_kernels/triton/sinkhorn.py
 (``wkd::sinkhorn_triton``, registered here for every device type, so that it also runs on CPU tensors under
-TRITON_INTERPRET=1). Reference: :func:`wkd_kernels.reference.sinkhorn_reference`.
+TRITON_INTERPRET=1), ATen wkd_kernels/aten/sinkhorn.py (``wkd::sinkhorn_torch``, every device type; also the CPU
+kernel of ``wkd::sinkhorn`` in an installation without the compiled extension). Reference:
+:func:`wkd_kernels.reference.sinkhorn_reference`.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import torch
 from torch import Tensor
 
 from .. import _build, settings
+from ..aten import sinkhorn as aten_sinkhorn
 from .checks import (HALF, as_int, check_precision, as_log_domain, as_real, auto_log_domain, check_sinkhorn_args,
                      check_sinkhorn_backward_args, check_sinkhorn_kernel_range, check_sinkhorn_values,
                      values_check_requested)
-from .common import first_order_only, resolve_backend, reverse_mode_only
+from .common import check_dtype_on_device, first_order_only, resolve_backend, reverse_mode_only
 
 __all__ = ["SinkhornResult", "sinkhorn"]
 
@@ -52,6 +55,38 @@ torch.library.register_fake("wkd::sinkhorn_backward")(
     _sinkhorn_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, eps=eps))
 torch.library.register_fake("wkd::sinkhorn_triton_backward")(
     lambda *args, **kwargs: _sinkhorn_backward_fake(*args, **kwargs, _op="wkd.sinkhorn_triton_backward"))
+torch.library.register_fake("wkd::sinkhorn_torch")(
+    lambda *args, **kwargs: _sinkhorn_fake(*args, **kwargs, _op="wkd.sinkhorn_torch"))
+torch.library.register_fake("wkd::sinkhorn_torch_backward")(
+    lambda *args, **kwargs: _sinkhorn_backward_fake(*args, **kwargs, _op="wkd.sinkhorn_torch_backward"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ATen kernels (the torch backend): wkd::sinkhorn_torch on every device type; also wkd::sinkhorn on CPU when the
+# compiled extension is absent, so that torch.ops.wkd.sinkhorn works in every installation
+# ----------------------------------------------------------------------------------------------------------
+def _torch_forward(a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True, _op="wkd.sinkhorn_torch"):
+    check_sinkhorn_args(a, b, cost, reg, num_iters, eps, op=_op)
+    check_dtype_on_device(a, _op)
+    return aten_sinkhorn.sinkhorn_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history)
+
+
+def _torch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, eps=None,
+                    _op="wkd.sinkhorn_torch_backward"):
+    check_sinkhorn_backward_args(grad_value, a, b, cost, hist_r, hist_s, y, reg, op=_op)
+    if eps is not None:
+        check_sinkhorn_args(a, b, cost, reg, 1, eps, op=_op)
+    check_dtype_on_device(a, _op)
+    return aten_sinkhorn.sinkhorn_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, eps)
+
+
+torch.library.register_kernel("wkd::sinkhorn_torch", None)(_torch_forward)
+torch.library.register_kernel("wkd::sinkhorn_torch_backward", None)(_torch_backward)
+if not _build.HAS_C_EXT:
+    torch.library.register_kernel("wkd::sinkhorn", "cpu")(
+        lambda *args, **kwargs: _torch_forward(*args, **kwargs, _op="wkd.sinkhorn"))
+    torch.library.register_kernel("wkd::sinkhorn_backward", "cpu")(
+        lambda *args, **kwargs: _torch_backward(*args, **kwargs, _op="wkd.sinkhorn_backward"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +115,7 @@ def _triton_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=
 
 torch.library.register_kernel("wkd::sinkhorn_triton", None)(_triton_forward)
 torch.library.register_kernel("wkd::sinkhorn_triton_backward", None)(_triton_backward)
-if _build.HAS_C_EXT and not _build.HAS_CUDA_EXT:
+if not _build.HAS_CUDA_EXT:
     torch.library.register_kernel("wkd::sinkhorn", "cuda")(
         lambda a, b, cost, reg, num_iters, eps=0.0, log_domain=False, keep_history=True:
         _triton_forward(a, b, cost, reg, num_iters, eps, log_domain, keep_history, _op="wkd.sinkhorn"))
@@ -96,6 +131,7 @@ if _build.HAS_C_EXT and not _build.HAS_CUDA_EXT:
 def _setup_context(ctx, inputs, output):
     a, b, cost, reg, num_iters, eps, log_domain, keep_history = inputs[:8]
     ctx.precision = inputs[8] if len(inputs) > 8 else None
+    ctx.n_inputs = len(inputs)
     if cost.requires_grad:
         raise NotImplementedError("wkd.sinkhorn: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
     value, u, v, hist_r, hist_s, y = output
@@ -118,13 +154,16 @@ def _envelope_potential(scaling: Tensor, mass: Tensor, reg: float, log_domain: b
 def _backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s, grad_y):
     a, b, cost, u, v, hist_r, hist_s, y = ctx.saved_tensors
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    n_inputs = 8 if ctx.precision is None else 9
+    n_inputs = ctx.n_inputs
     if not (need_a or need_b) or grad_value is None:
         return (None,) * n_inputs
     with torch.no_grad():
         if hist_r.shape[0] > 0:
             g = grad_value.contiguous()
-            if ctx.precision is None:
+            if getattr(ctx, "torch_backend", False):
+                ga, gb = torch.ops.wkd.sinkhorn_torch_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg,
+                                                               ctx.log_domain, ctx.eps)
+            elif ctx.precision is None:
                 ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg, ctx.log_domain,
                                                          ctx.eps)
             else:
@@ -140,6 +179,14 @@ def _backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s, grad_y)
 
 torch.library.register_autograd("wkd::sinkhorn", _backward, setup_context=_setup_context)
 torch.library.register_autograd("wkd::sinkhorn_triton", _backward, setup_context=_setup_context)
+
+
+def _setup_context_torch(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.torch_backend = True
+
+
+torch.library.register_autograd("wkd::sinkhorn_torch", _backward, setup_context=_setup_context_torch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,8 +250,10 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
             a ValueError naming ``reg`` and ``log_domain``, and so does a non-finite value or gradient. On CUDA the
             kernels do not read the values: there an underflowing K gives NaN unless ``check_values=True``, which
             runs the same row/column test.
-        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (the CUDA C++ kernels); None: the setting
-            (:mod:`wkd_kernels.settings`, where the rule of ``"auto"`` is defined).
+        backend: ``"auto"``, ``"torch"`` (ATen ops, any device type), ``"cpu"``, ``"triton"`` or ``"cuda"`` (the
+            CUDA C++ kernels); None: the setting (:mod:`wkd_kernels.settings`, where the rule of ``"auto"`` is
+            defined). ``"torch"`` runs the value checks (and reports a non-finite scaling-domain value) on CPU
+            tensors unless ``check_values=False``, elsewhere only with ``check_values``; it ignores ``precision``.
         precision: float32 product precision of the Triton kernels: ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (error
             bounds in the README's precision table); None: the setting (default ``"ieee"``). The CPU and CUDA C++
             kernels compute in IEEE only (another precision with ``backend="cuda"`` is an error; with ``"auto"`` it
@@ -234,7 +283,8 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         # a compiled graph cannot read max(cost) on the host: there "auto" takes the log domain, right in every regime
         log_domain = torch.compiler.is_compiling() or (
             a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype))
-    if values_check_requested(check_values, kind):
+    python_checks = values_check_requested(check_values, kind, a.device)
+    if python_checks:
         check_sinkhorn_values(a, b, cost)
         check_sinkhorn_kernel_range(cost, reg, log_domain)
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
@@ -242,6 +292,13 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
     if kind == "triton":
         value, u, v, *_ = torch.ops.wkd.sinkhorn_triton(*args, precision)
+    elif kind == "torch":
+        value, u, v, *_ = torch.ops.wkd.sinkhorn_torch(*args)
+        if python_checks and not log_domain and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value with `reg` = {reg} in "
+                             f"{str(a.dtype).replace('torch.', '')}: K = exp(-cost / reg) underflows (cost / reg > "
+                             f"{87 if a.dtype == torch.float32 else 708} somewhere) or the scalings overflow. Use "
+                             "log_domain=True, or a larger `reg`")
     else:  # "cpu" and "cuda": the C++ kernels registered on wkd::sinkhorn for the tensors' device
         value, u, v, *_ = torch.ops.wkd.sinkhorn(*args)
     if log_domain:

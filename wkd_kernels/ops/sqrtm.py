@@ -3,7 +3,9 @@
 Contract: the schema comment of ``wkd::sqrtm`` in csrc/ops.cpp (docs/design.md section 4). Kernels: CPU
 csrc/cpu/sqrtm.cpp (``wkd::sqrtm``; the shared matrix-function bodies in csrc/cpu/matfun.h), Triton
 wkd_kernels/triton/sqrtm.py (``wkd::sqrtm_triton`` on every device type, and the CUDA kernel of ``wkd::sqrtm`` at
-precision "ieee": there is no CUDA C++ one). Reference: :func:`wkd_kernels.reference.sqrtm_reference`.
+precision "ieee": there is no CUDA C++ one), ATen wkd_kernels/aten/sqrtm.py (``wkd::sqrtm_torch`` on every device type,
+and the CPU kernel of ``wkd::sqrtm`` without the compiled extension). Reference:
+:func:`wkd_kernels.reference.sqrtm_reference`.
 
 Accuracy of the two methods (pinned by the sqrtm tests in python_tests/ and test_edge_cases.py): see :func:`sqrtm`.
 """
@@ -14,11 +16,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import settings
+from .. import _build, settings
+from ..aten import sqrtm as aten_sqrtm
 from .checks import (check_finite_values, check_precision, check_method, check_psd_values, check_sqrtm_args,
                      check_sqrtm_backward_args, check_square_batch, check_symmetric_values, values_check_requested)
-from .common import (first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters, reverse_mode_only,
-                     upcast)
+from .common import (check_dtype_on_device, first_order_only, nan_unless_psd_trace, resolve_backend, resolve_iters,
+                     reverse_mode_only, upcast)
 
 __all__ = ["sqrtm"]
 
@@ -56,6 +59,25 @@ for _op, _dev in (("sqrtm", "cuda"), ("sqrtm_triton", None)):
     torch.library.register_kernel(f"wkd::{_op}_backward", _dev)(_triton_backward)
 
 
+def _torch_forward(S, method="newton_schulz", num_iters=20):
+    check_sqrtm_args(S, method, num_iters, "wkd.sqrtm_torch")
+    check_dtype_on_device(S, "wkd.sqrtm_torch")
+    return aten_sqrtm.sqrtm_forward(S, method, num_iters)
+
+
+def _torch_backward(grad_Y, Y, method="newton_schulz", num_iters=20):
+    check_sqrtm_backward_args(grad_Y, Y, method, num_iters, "wkd.sqrtm_torch_backward")
+    check_dtype_on_device(Y, "wkd.sqrtm_torch_backward")
+    return aten_sqrtm.sqrtm_backward(grad_Y, Y, method, num_iters)
+
+
+torch.library.register_fake("wkd::sqrtm_torch")(_fake)
+torch.library.register_fake("wkd::sqrtm_torch_backward")(_backward_fake)
+for _op, _dev in (("sqrtm_torch", None),) + ((("sqrtm", "cpu"),) if not _build.HAS_C_EXT else ()):
+    torch.library.register_kernel(f"wkd::{_op}", _dev)(_torch_forward)
+    torch.library.register_kernel(f"wkd::{_op}_backward", _dev)(_torch_backward)
+
+
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output)
     ctx.extra = tuple(inputs[1:])  # method, num_iters (and precision for the Triton op)
@@ -76,12 +98,16 @@ torch.library.register_autograd("wkd::sqrtm", _make_backward(torch.ops.wkd.sqrtm
                                 setup_context=_setup_context)
 torch.library.register_autograd("wkd::sqrtm_triton", _make_backward(torch.ops.wkd.sqrtm_triton_backward),
                                 setup_context=_setup_context)
+torch.library.register_autograd("wkd::sqrtm_torch", _make_backward(torch.ops.wkd.sqrtm_torch_backward),
+                                setup_context=_setup_context)
 
 
 def sqrtm_op(S: Tensor, method: str, num_iters: int, kind: str, precision: str) -> Tensor:
-    """The op of backend ``kind`` ("cpu" or "triton") on ``S`` [B, n, n] (arguments already checked)."""
+    """The op of backend ``kind`` ("cpu", "triton" or "torch") on ``S`` [B, n, n] (arguments already checked)."""
     if kind == "triton":
         return torch.ops.wkd.sqrtm_triton(S, method, int(num_iters), precision)
+    if kind == "torch":
+        return torch.ops.wkd.sqrtm_torch(S, method, int(num_iters))
     return torch.ops.wkd.sqrtm(S, method, int(num_iters))
 
 
@@ -115,7 +141,8 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = N
             ValueError on CPU and with check_values on CUDA; without value checks on CUDA a negative trace gives NaN.
         num_iters: Newton-Schulz steps (forward and backward; an upper bound, see above); ``None`` (default): 45
             in float32, 100 in float64 (:func:`wkd_kernels.ops.common.default_num_iters`). Ignored by ``"eigh"``.
-        backend: ``"auto"``, ``"cpu"`` or ``"triton"`` (no CUDA C++ kernel); None: the setting.
+        backend: ``"auto"``, ``"torch"`` (ATen ops, any device type; "eigh" in float64 where the device has it),
+            ``"cpu"`` or ``"triton"`` (no CUDA C++ kernel); None: the setting.
         precision: float32 product precision of the Triton kernels, ``"ieee"`` or ``"tf32x3"``; None: the setting
             (:mod:`wkd_kernels.settings`, default ``"ieee"``). The CPU kernel computes in IEEE and ignores it.
         check_values: check finiteness, symmetry and positive semi-definiteness (always on CPU; on CUDA only when
@@ -142,7 +169,7 @@ def sqrtm(S: Tensor, method: str = "newton_schulz", num_iters: Optional[int] = N
     check_square_batch(S3, "S", op)
     precision = settings.resolve_precision(precision, "gaussian", op)
     kind = resolve_backend(backend, S3, op, has_cuda_cpp=False)
-    python_checks = values_check_requested(check_values, kind)
+    python_checks = values_check_requested(check_values, kind, S3.device)
     if python_checks:
         check_finite_values(S3, "S", op)
         check_symmetric_values(S3, "S", op)
