@@ -50,7 +50,7 @@ class Tol(NamedTuple):
     value_cpu: Optional[float]      # value vs the CPU op in the same dtype
     outputs_cpu: Optional[float]    # u, v, hist_r, hist_s, y vs the CPU op in the same dtype
     grad_ref: Optional[float]       # gradients vs autograd through the float64 reference
-    grad_cpu: Optional[float]       # gradients vs the CPU backward op on the same history
+    grad_cpu: Optional[float]       # gradients vs the CPU backward op, on the same history and on the CPU op's
 
 
 # The file's one tolerance table: {(family, dtype): Tol}. A family is a set of cases with the same accuracy claim:
@@ -198,7 +198,7 @@ def check_sinkhorn(backend, a, b, cost, reg, T, eps, log_domain, family="op", fw
     """The file's one forward + backward check, tolerances TOL[(family, dtype)]: the outputs' shapes, dtype and
     device; value and scalings vs the float64 reference (in the same domain); every output vs the CPU op; the
     backward op's gradients (from the forward's history) vs autograd through the float64 scaling-domain reference
-    and vs the CPU backward op on the same history. `fwd(a, b, cost)` / `bwd(g, a, b, cost, out)` (device tensors):
+    and vs the CPU backward op, on the same history and end to end (on the CPU op's history). `fwd(a, b, cost)` / `bwd(g, a, b, cost, out)` (device tensors):
     the launchers under test, default the backend's registered ops. Returns (outputs, gradients)."""
     dt, (B, n), m = a.dtype, a.shape, b.shape[1]
     tol = TOL[(family, dt)]
@@ -216,6 +216,7 @@ def check_sinkhorn(backend, a, b, cost, reg, T, eps, log_domain, family="op", fw
     close(out[0], value_ref, tol.value_ref, "value vs reference")
     close(out[1], u_ref, tol.scalings_ref, "u vs reference", lf)
     close(out[2], v_ref, tol.scalings_ref, "v vs reference", lf)
+    cpu = None
     if tol.value_cpu is not None:
         cpu = cpu_op(a, b, cost, reg, T, eps, log_domain)
         assert len(cpu) == len(OUTPUTS) and all(x.dtype == y.dtype for x, y in zip(out, cpu))
@@ -231,10 +232,11 @@ def check_sinkhorn(backend, a, b, cost, reg, T, eps, log_domain, family="op", fw
     gfl = max(w.abs().max().item() for w in want)  # one scale: some entries cancel to rounding noise
     for name, x, y in zip(("grad_a", "grad_b"), grads, want):
         close(x, y, tol.grad_ref, f"{name} vs reference", gfl)
-    if tol.grad_cpu is not None:
-        cpu_g = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *(t.cpu() for t in out[3:]), reg, log_domain)
-        for name, x, y in zip(("grad_a", "grad_b"), grads, cpu_g):
-            close(x, y, tol.grad_cpu, f"{name} vs CPU op", gfl)
+    if tol.grad_cpu is not None and cpu is not None:  # CPU backward on this forward's history and on the CPU op's
+        for hist, what in ((out[3:], "this history"), (cpu[3:], "CPU history")):
+            cpu_g = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *(t.cpu() for t in hist), reg, log_domain)
+            for name, x, y in zip(("grad_a", "grad_b"), grads, cpu_g):
+                close(x, y, tol.grad_cpu, f"{name} vs CPU op ({what})", gfl)
     return out, grads
 
 
