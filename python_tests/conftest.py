@@ -71,40 +71,91 @@ class Backend:
         return self.name
 
 
+def _triton_backend():
+    if torch.cuda.is_available() and not TRITON_INTERPRET:
+        return Backend("triton", "cuda")
+    if not TRITON_INTERPRET:
+        return "backend 'triton' needs a CUDA device or TRITON_INTERPRET=1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "backend 'triton' needs triton installed"
+    return Backend("triton", "cpu", interpreted=True)
+
+
+def _cuda_backend():
+    import wkd_kernels as wk
+
+    if not torch.cuda.is_available():
+        return "backend 'cuda' (the CUDA C++ kernels) needs a CUDA device"
+    if not wk.HAS_CUDA_EXT:
+        return f"backend 'cuda': package built without the CUDA C++ kernels: {wk.build_info()}"
+    return Backend("cuda", "cuda")
+
+
+# Every backend of the ops, one line each: (name, a function giving its Backend here, or the reason why it cannot
+# run here). The `backend` fixture and the parametrised tests generate cases for the available ones only (no case
+# is generated just to be skipped); the missing ones and why are in pytest's header.
+def _cpu_backend():
+    import wkd_kernels as wk
+
+    if not wk.HAS_C_EXT:
+        return f"backend 'cpu': installed without the compiled extension: {wk.build_info()}"
+    return Backend("cpu", "cpu")
+
+
+BACKENDS = [
+    ("cpu", _cpu_backend),
+    ("torch", lambda: Backend("torch", "cpu")),  # ATen ops only (wkd_kernels/aten/), run on CPU tensors here
+    ("triton", _triton_backend),
+    ("cuda", _cuda_backend),
+]
+GAUSSIAN_BACKENDS = ("cpu", "torch", "triton")  # the backends of the Gaussian ops (no CUDA C++ ones)
+
+_BACKEND_CACHE = {}
+
+
+def backend_or_reason(name):
+    """The Backend of that name usable here, or the reason (a str) why it is not."""
+    if name not in _BACKEND_CACHE:
+        makers = dict(BACKENDS)
+        if name not in makers:
+            raise ValueError(f"unknown backend {name!r}")
+        _BACKEND_CACHE[name] = makers[name]()
+    return _BACKEND_CACHE[name]
+
+
+def available_backends(names=None):
+    """The names (of `names`, default every backend) whose Backend can run here, in BACKENDS order."""
+    return [n for n, _ in BACKENDS if (names is None or n in names) and not isinstance(backend_or_reason(n), str)]
+
+
 def make_backend(name):
-    """The Backend of that name usable here, or skip the test (with the reason)."""
-    if name == "cpu":
-        import wkd_kernels as wk
-
-        if not wk.HAS_C_EXT:
-            pytest.skip(f"backend 'cpu': installed without the compiled extension: {wk.build_info()}")
-        return Backend("cpu", "cpu")
-    if name == "torch":  # ATen ops only (wkd_kernels/aten/); its device-generic parts are tested on CPU tensors here
-        return Backend("torch", "cpu")
-    if name == "triton":
-        return Backend("triton", triton_device(), interpreted=TRITON_INTERPRET)
-    if name == "cuda":
-        import wkd_kernels as wk
-
-        if not torch.cuda.is_available():
-            pytest.skip("backend 'cuda' (the CUDA C++ kernels) needs a CUDA device")
-        if not wk.HAS_CUDA_EXT:
-            pytest.skip(f"package built without the CUDA C++ kernels: {wk.build_info()}")
-        return Backend("cuda", "cuda")
-    raise ValueError(name)
+    """The Backend of that name usable here, or skip the test (with the reason): for tests of one backend."""
+    b = backend_or_reason(name)
+    if isinstance(b, str):
+        pytest.skip(b)
+    return b
 
 
-@pytest.fixture(params=["cpu", "torch", "triton", "cuda"])
+def pytest_report_header(config):
+    missing = [f"{n} ({backend_or_reason(n)})" for n, _ in BACKENDS if n not in available_backends()]
+    return [f"wkd backends generated: {', '.join(available_backends())}"
+            + (f"; not generated: {'; '.join(missing)}" if missing else "")]
+
+
+@pytest.fixture(params=available_backends())
 def backend(request):
-    """Every backend: "cpu" (C++ CPU kernels); "torch" (ATen ops, CPU tensors here); "triton" (CUDA tensors with a
-    GPU, else CPU tensors under TRITON_INTERPRET=1, else skipped); "cuda" (the CUDA C++ kernels: needs a GPU and a
-    build with them, else skipped). Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
+    """Every backend that can run here (BACKENDS): "cpu" (C++ CPU kernels); "torch" (ATen ops, CPU tensors here);
+    "triton" (CUDA tensors with a GPU, else CPU tensors under TRITON_INTERPRET=1); "cuda" (the CUDA C++ kernels: a
+    GPU and a build with them). Tests that parametrise it themselves pass backend names with `indirect=["backend"]`.
+    Ops without CUDA C++ kernels use the `gaussian_backend` fixture instead."""
     return make_backend(request.param)
 
 
-@pytest.fixture(params=["cpu", "torch", "triton"])
+@pytest.fixture(params=available_backends(GAUSSIAN_BACKENDS))
 def gaussian_backend(request):
-    """The backends of the Gaussian ops (feature_stats, sqrtm, nuclear_norm, bures_wasserstein): no CUDA C++ ones."""
+    """The backends of the Gaussian ops (feature_stats, sqrtm, nuclear_norm, bures_wasserstein) that can run here."""
     return make_backend(request.param)
 
 

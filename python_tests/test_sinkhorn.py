@@ -1,7 +1,10 @@
 """Sinkhorn (torch.ops.wkd.sinkhorn / sinkhorn_backward, torch.ops.wkd.sinkhorn_triton / _backward, wk.sinkhorn),
-organised by property over the `backend` fixture of conftest.py: "cpu" (C++ CPU kernels), "triton" (CUDA tensors,
-or CPU tensors under TRITON_INTERPRET=1: small shapes, the interpreter is slow), "cuda" (the CUDA C++ kernels of
-csrc/cuda/sinkhorn.cu: needs a GPU and a build with them; skipped otherwise).
+organised by property over the backends of conftest.py that can run here (cases are generated for those only):
+"cpu" (C++ CPU kernels), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1: small shapes only, the
+interpreter is slow), "cuda" (the CUDA C++ kernels of csrc/cuda/sinkhorn.cu: a GPU and a build with them).
+The grids over several parameters are pairwise (python_tests/pairwise.py: every pair of values in some case) plus
+named edge cases; every forward + backward comparison goes through one harness, check_sinkhorn, with one tolerance
+table, TOL.
 
 Sections:
   1. properties on every backend: outputs and gradients vs the float64 reference (autograd through it) and the CPU
@@ -22,13 +25,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import (REPO, assert_close, assert_interruptible, capture_cuda_graph, import_pot, load_cost_matrix,
-                      rand_cost, rel_error, simplex, triton_device)
+from conftest import (REPO, assert_close, assert_interruptible, available_backends, backend_or_reason,
+                      capture_cuda_graph, import_pot, load_cost_matrix, rand_cost, rel_error, simplex, triton_device)
+from pairwise import as_params, pairwise
 from wkd_kernels.reference import sinkhorn_reference
 
 F64, F32 = torch.float64, torch.float32
@@ -36,22 +41,86 @@ OUTPUTS = ("value", "u", "v", "hist_r", "hist_s", "y")
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 
 # ------------------------------------------------------------------------------------------ tolerances, shapes
-# {dtype: (rtol, atol)}: rtol relative to max |reference| (per row for the scalings and history).
-TOL = {F32: (1e-5, 0.0), F64: (1e-10, 0.0)}          # outputs vs the CPU op and the float64 reference
-GRAD_TOL = {F32: (1e-4, 0.0), F64: (1e-9, 0.0)}      # gradients vs autograd through the reference / the CPU op
-POT_TOL = {F32: (1e-5, 0.0), F64: (1e-10, 0.0)}      # value vs POT's sinkhorn2 / sinkhorn_log
+class Tol(NamedTuple):
+    """Relative tolerances of one family of cases (check_sinkhorn), per output row (scale: max |want| of the row; 1
+    for logs, whose absolute error is a relative error of the exponential; the gradients: max |reference grad|).
+    None: not compared."""
+    value_ref: float                # value vs the float64 reference
+    scalings_ref: Optional[float]   # u, v (their logs in the log domain) vs the reference
+    value_cpu: Optional[float]      # value vs the CPU op in the same dtype
+    outputs_cpu: Optional[float]    # u, v, hist_r, hist_s, y vs the CPU op in the same dtype
+    grad_ref: Optional[float]       # gradients vs autograd through the float64 reference
+    grad_cpu: Optional[float]       # gradients vs the CPU backward op, on the same history and on the CPU op's
+
+
+# The file's one tolerance table: {(family, dtype): Tol}. A family is a set of cases with the same accuracy claim:
+#   "op":      every backend's registered op over the shape grid (float32: its rounding; float64: 1e-10);
+#   "tiles":   the Triton per-half-iteration kernels (16-wide tiles or the shipped ones, section 3): tighter;
+#   "onchip":  the single-launch Triton kernels (section 6): tighter still in float64;
+#   "small_reg": float32 log domain with reg = 1e-2 (|L| = cost / reg <= 100 rounded to float32: ~1e-6 per entry);
+#   "tf32_gpu": float32 tl.dot in tf32 on a GPU (10 mantissa bits); "tensor_core_interp": tf32 / tf32x3 under the
+#   interpreter (computes like ieee, but the claim is the tf32x3 one);
+#   "pot": the value vs POT (the `value_ref` field).
+TOL = {
+    ("op", F32): Tol(1e-5, 2e-5, 1e-5, 1e-5, 1e-4, 1e-4),
+    ("op", F64): Tol(1e-10, 2e-10, 1e-10, 1e-10, 1e-9, 1e-9),
+    ("tiles", F32): Tol(1e-5, 1e-4, 1e-5, 1e-5, 1e-4, 1e-5),
+    ("tiles", F64): Tol(1e-10, 1e-9, 1e-10, 1e-10, 1e-10, 1e-10),
+    ("small_reg", F32): Tol(1e-4, 1e-3, 1e-5, 1e-5, 1e-3, 1e-5),
+    ("small_reg", F64): Tol(1e-10, 1e-9, 1e-10, 1e-10, 1e-10, 1e-10),
+    ("onchip", F32): Tol(1e-5, 1e-4, 1e-5, 1e-4, 2e-5, None),
+    ("onchip", F64): Tol(1e-12, 1e-11, 1e-12, 1e-11, 1e-11, None),
+    ("tf32_gpu", F32): Tol(5e-2, 5e-1, None, None, 5e-2, None),
+    ("tensor_core_interp", F32): Tol(1e-4, 1e-3, None, None, 1e-4, None),
+    ("pot", F32): Tol(1e-5, None, None, None, None, None),
+    ("pot", F64): Tol(1e-10, None, None, None, None, None),
+}
 # Odd sizes, one-element rows, tile edges (16/32/64), unaligned rows (no 16-byte loads) and aligned ones. With a
 # shared cost, n, m <= 256 take the single-launch kernels (Triton and CUDA C++); (64, 129, 257) takes the CUDA C++
 # per-half-iteration kernels' 16 x 32 tiles on an H100/H200, SIZES_BIG (section 4) their 32 x 64 tiles.
 SHAPES = [(1, 1, 1), (3, 7, 5), (5, 33, 65), (4, 40, 36), (17, 70, 37), (2, 13, 64), (33, 64, 128), (64, 129, 257)]
-# the interpreted Triton kernels take the small ones only (the rest run on a GPU)
+# the interpreted Triton kernels take the small ones only (the rest run on a GPU): the others are not generated
 INTERPRETED_SHAPES = {(1, 1, 1), (3, 7, 5), (2, 13, 64)}
 POT_SHAPES = [(1, 1, 1), (4, 7, 7), (3, 13, 5), (5, 33, 64)]
 
 
-def small_enough(backend, shape):
-    if backend.interpreted and tuple(shape) not in INTERPRETED_SHAPES:
-        pytest.skip(f"{shape}: too large for the Triton interpreter (runs on a GPU)")
+def runs_here(backend_name, shape=None):
+    """Whether a case of that backend (and shape) is generated: the interpreter takes INTERPRETED_SHAPES only."""
+    b = backend_or_reason(backend_name)
+    return not isinstance(b, str) and (shape is None or not b.interpreted or tuple(shape) in INTERPRETED_SHAPES)
+
+
+def backend_cases(grid, valid=None, edges=()):
+    """Pairwise cases (python_tests/pairwise.py) over {"backend": the available backends, **grid}, only those that
+    run here (`runs_here` with the case's "shape", and `valid`), plus the named `edges` ({name: value} dicts, kept
+    where they run here), as pytest.params for @pytest.mark.parametrize(names, ..., indirect=["backend"])."""
+    params = {"backend": available_backends(), **grid}
+
+    def ok(c):
+        return runs_here(c["backend"], c.get("shape")) and (valid is None or valid(c))
+
+    cases = pairwise(params, ok)
+    cases += [e for e in edges if ok(e) and e not in cases]
+
+    def ident(c):
+        return "-".join(_id(c[k], k) for k in params)
+
+    return list(params), as_params(cases, list(params), ident)
+
+
+def _id(x, key=None):
+    """A readable test id for a parameter value (`key`: the parameter's name)."""
+    if key == "shared":
+        return "shared" if x else "per_row"
+    if key == "log_domain":
+        return "log" if x else "scaling"
+    if key in ("eps", "zeros"):
+        return f"{key}{x:g}"
+    if isinstance(x, tuple):
+        return "x".join(map(str, x))
+    if isinstance(x, torch.dtype):
+        return {F32: "f32", F64: "f64"}.get(x, str(x))
+    return str(x)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -99,11 +168,11 @@ def ref_grads(a, b, cost, reg, T, eps, g):
     return torch.autograd.grad((value * g.double().cpu()).sum(), (a64, b64))
 
 
-def check_grads(got, want, tol, what=""):
-    """Gradients against one scale, the largest entry of either (some entries cancel to rounding noise)."""
+def check_grads(got, want, rtol, what=""):
+    """Gradients against one scale, the largest entry of `want` (some entries cancel to rounding noise)."""
     scale = max(w.abs().max().item() for w in want)
     for name, x, y in zip(("grad_a", "grad_b"), got, want):
-        assert_close(x, y, *tol, what=f"{what} {name}", scale=scale)
+        assert_close(x, y, rtol, what=f"{what} {name}", scale=scale)
 
 
 def pot_row(a, b, M, reg, k, log_domain):
@@ -129,54 +198,76 @@ def grads(fn, a, b, w):
     return torch.autograd.grad((val * w).sum(), (a, b))
 
 
+def check_sinkhorn(backend, a, b, cost, reg, T, eps, log_domain, family="op", fwd=None, bwd=None, g=None):
+    """The file's one forward + backward check, tolerances TOL[(family, dtype)]: the outputs' shapes, dtype and
+    device; value and scalings vs the float64 reference (in the same domain); every output vs the CPU op; the
+    backward op's gradients (from the forward's history) vs autograd through the float64 scaling-domain reference
+    and vs the CPU backward op, on the same history and end to end (on the CPU op's history). `fwd(a, b, cost)` / `bwd(g, a, b, cost, out)` (device tensors):
+    the launchers under test, default the backend's registered ops. Returns (outputs, gradients)."""
+    dt, (B, n), m = a.dtype, a.shape, b.shape[1]
+    tol = TOL[(family, dt)]
+    ad, bd, cd = backend.to(a, b, cost)
+    out = fwd(ad, bd, cd) if fwd else run_op(backend, a, b, cost, reg, T, eps, log_domain)
+    assert [tuple(t.shape) for t in out] == [(B,), (B, n), (B, m), (T, B, n), (T, B, m), (B, n)]
+    assert all(t.dtype == dt and t.device.type == backend.device for t in out)
+    lf = 1.0 if log_domain else 1e-300  # the scalings' and history's floor: logs in the log domain
+
+    def close(got, want, rtol, what, floor=1e-300):
+        if rtol is not None:
+            assert_close(got, want, rtol, 0.0, f"{backend} {family} {what}", "row", floor=floor)
+
+    value_ref, u_ref, v_ref = sinkhorn_reference(a, b, cost, reg, T, eps=eps, log_domain=log_domain)
+    close(out[0], value_ref, tol.value_ref, "value vs reference")
+    close(out[1], u_ref, tol.scalings_ref, "u vs reference", lf)
+    close(out[2], v_ref, tol.scalings_ref, "v vs reference", lf)
+    cpu = None
+    if tol.value_cpu is not None:
+        cpu = cpu_op(a, b, cost, reg, T, eps, log_domain)
+        assert len(cpu) == len(OUTPUTS) and all(x.dtype == y.dtype for x, y in zip(out, cpu))
+        close(out[0], cpu[0], tol.value_cpu, "value vs CPU op")
+        for name, x, y in zip(OUTPUTS[1:], out[1:], cpu[1:]):
+            close(x, y, tol.outputs_cpu, f"{name} vs CPU op", lf)
+    if g is None:
+        g = torch.randn(B, generator=torch.Generator().manual_seed(7), dtype=F64).to(dt)
+    grads = bwd(backend.to(g), ad, bd, cd, out) if bwd else run_backward(backend, g, a, b, cost, out, reg, log_domain)
+    assert grads[0].shape == a.shape and grads[1].shape == b.shape
+    assert all(t.dtype == dt and t.device.type == backend.device for t in grads)
+    want = ref_grads(a, b, cost, reg, T, eps, g)
+    gfl = max(w.abs().max().item() for w in want)  # one scale: some entries cancel to rounding noise
+    for name, x, y in zip(("grad_a", "grad_b"), grads, want):
+        close(x, y, tol.grad_ref, f"{name} vs reference", gfl)
+    if tol.grad_cpu is not None and cpu is not None:  # CPU backward on this forward's history and on the CPU op's
+        for hist, what in ((out[3:], "this history"), (cpu[3:], "CPU history")):
+            cpu_g = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *(t.cpu() for t in hist), reg, log_domain)
+            for name, x, y in zip(("grad_a", "grad_b"), grads, cpu_g):
+                close(x, y, tol.grad_cpu, f"{name} vs CPU op ({what})", gfl)
+    return out, grads
+
+
 # ==========================================================================================================
 # 1. Properties on every backend
 # ==========================================================================================================
-@pytest.mark.parametrize("B,n,m", SHAPES)
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
-@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-@pytest.mark.parametrize("eps", [0.0, 1e-8])
-def test_forward_matches_reference_and_cpu(backend, B, n, m, dtype, shared, log_domain, eps):
-    """Every output of the op (value, u, v, the whole history, y) vs the CPU op; value and scalings vs the float64
-    reference; with and without zero masses."""
-    small_enough(backend, (B, n, m))
-    T, reg = 6, 0.1
-    for zeros in (0, 2):
-        a, b, cost = problem(B, n, m, dtype, shared, zeros)
-        out = run_op(backend, a, b, cost, reg, T, eps, log_domain)
-        ref_value, ref_u, ref_v = sinkhorn_reference(a, b, cost, reg, T, eps=eps, log_domain=log_domain)
-        assert out[0].dtype == dtype and out[0].device.type == backend.device
-        assert_close(out[0], ref_value, *TOL[dtype], what=f"{backend} value vs reference")
-        # log-domain potentials can be ~0 (n = m = 1 with eps): relative to max(1, |ref|) there
-        for name, x, y in (("u", out[1], ref_u), ("v", out[2], ref_v)):
-            assert_close(x, y, 2 * TOL[dtype][0], what=f"{backend} {name} vs reference",
-                         floor=1.0 if log_domain else 1e-300)
-        cpu = cpu_op(a, b, cost, reg, T, eps, log_domain)
-        assert len(out) == len(cpu) == len(OUTPUTS)
-        for name, x, y in zip(OUTPUTS, out, cpu):
-            # logs (log domain): relative to max(1, |ref|), an absolute error in a log is a relative one of its exp
-            assert_close(x, y, *TOL[dtype], what=f"{backend} {name} vs CPU op", check_dtype=True,
-                         floor=1.0 if log_domain and name != "value" else 1e-300)
+# The shape grid, pairwise over backend x shape x dtype x shared cost x domain x eps (every pair of values in some
+# case; the interpreted Triton backend on INTERPRETED_SHAPES only), plus named edges: the 1 x 1 problem in the log
+# domain with eps (potentials ~0: the floor of 1), the largest shape per row in float32 on every backend.
+FB_GRID = {"shape": SHAPES, "dtype": [F64, F32], "shared": [True, False], "log_domain": [False, True],
+           "eps": [0.0, 1e-8]}
+FB_EDGES = [dict(backend=be, shape=sh, dtype=dt, shared=shared, log_domain=lg, eps=eps)
+            for be in available_backends()
+            for sh, dt, shared, lg, eps in (((1, 1, 1), F64, True, True, 1e-8), ((1, 1, 1), F32, False, True, 1e-8),
+                                             ((2, 13, 64), F32, False, False, 0.0),
+                                             ((64, 129, 257), F32, False, True, 1e-8))]
 
 
-@pytest.mark.parametrize("B,n,m", SHAPES)
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
-@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-@pytest.mark.parametrize("eps", [0.0, 1e-8])
-def test_backward_matches_autograd_reference_and_cpu(backend, B, n, m, dtype, shared, log_domain, eps):
-    small_enough(backend, (B, n, m))
-    T, reg = 5, 0.1
+@pytest.mark.parametrize(*backend_cases(FB_GRID, edges=FB_EDGES), indirect=["backend"])
+def test_forward_backward_match_reference_and_cpu(backend, shape, dtype, shared, log_domain, eps):
+    """Every output of the op (value, u, v, the whole history, y) vs the CPU op, value and scalings vs the float64
+    reference, the backward op vs autograd through the reference and vs the CPU backward op; with and without zero
+    masses (check_sinkhorn, TOL["op"])."""
+    B, n, m = shape
     for zeros in (0, 2):
         a, b, cost = problem(B, n, m, dtype, shared, zeros)
-        out = run_op(backend, a, b, cost, reg, T, eps, log_domain)
-        g = torch.randn(B, generator=torch.Generator().manual_seed(7), dtype=F64).to(dtype)
-        got = run_backward(backend, g, a, b, cost, out, reg, log_domain)
-        assert got[0].shape == a.shape and got[1].shape == b.shape and got[0].device.type == backend.device
-        check_grads(got, ref_grads(a, b, cost, reg, T, eps, g), GRAD_TOL[dtype], f"{backend} vs reference")
-        cpu = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *(t.cpu() for t in out[3:]), reg, log_domain)
-        check_grads(got, cpu, GRAD_TOL[dtype], f"{backend} vs CPU op")
+        check_sinkhorn(backend, a, b, cost, 0.1, 5, eps, log_domain)
 
 
 @pytest.mark.parametrize("T", [1, 2, 10])
@@ -186,7 +277,7 @@ def test_backward_number_of_iterations(backend, T):
         out = run_op(backend, a, b, cost, 0.1, T, 1e-8, log_domain)
         g = torch.ones(5, dtype=F64)
         got = run_backward(backend, g, a, b, cost, out, 0.1, log_domain)
-        check_grads(got, ref_grads(a, b, cost, 0.1, T, 1e-8, g), GRAD_TOL[F64], f"{backend} T={T}")
+        check_grads(got, ref_grads(a, b, cost, 0.1, T, 1e-8, g), TOL[("op", F64)].grad_ref, f"{backend} T={T}")
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
@@ -214,7 +305,7 @@ def test_history_layout_and_no_history(backend, shared, log_domain):
         assert_close(x, y_, 1e-14, what=f"{backend} {name} without history")
     cpu = cpu_op(a, b, cost, 0.3, T, 0.0, log_domain, False)
     for name, x, y_ in zip(OUTPUTS, light, cpu):
-        assert_close(x, y_, *TOL[F64], what=f"{backend} {name} (no history) vs CPU op")
+        assert_close(x, y_, TOL[("op", F64)].value_cpu, what=f"{backend} {name} (no history) vs CPU op")
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
@@ -259,15 +350,16 @@ def test_non_contiguous_inputs(backend, shared):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("B,n,m", POT_SHAPES)
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
-@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-def test_value_matches_pot_float64(backend, B, n, m, shared, log_domain):
+@pytest.mark.parametrize(*backend_cases({"shape": POT_SHAPES, "shared": [True, False], "log_domain": [False, True]}),
+                         indirect=["backend"])
+def test_value_matches_pot_float64(backend, shape, shared, log_domain):
+    """Pairwise over backend x shape x shared cost x domain."""
+    B, n, m = shape
     a, b = simplex(B, n), simplex(B, m, seed=3)
     cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
     got = wk.sinkhorn(*backend.to(a, b, cost), 0.1, 7, log_domain=log_domain, backend=backend.name).value
     assert got.device.type == backend.device
-    assert_close(got, pot_batch(a, b, cost, 0.1, 7, log_domain), *POT_TOL[F64], what=f"{backend} vs POT")
+    assert_close(got, pot_batch(a, b, cost, 0.1, 7, log_domain), TOL[("pot", F64)].value_ref, what=f"{backend} vs POT")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -279,15 +371,14 @@ def test_value_matches_pot_float32(backend, shared, log_domain):
     cost = rand_cost(n, m, dtype=F32) if shared else rand_cost(B, n, m, dtype=F32)
     got = wk.sinkhorn(*backend.to(a, b, cost), 0.05, 10, log_domain=log_domain, backend=backend.name).value
     assert got.dtype == F32
-    assert_close(got, pot_batch(a, b, cost, 0.05, 10, log_domain), *POT_TOL[F32], what=f"{backend} vs POT")
+    assert_close(got, pot_batch(a, b, cost, 0.05, 10, log_domain), TOL[("pot", F32)].value_ref, what=f"{backend} vs POT")
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
-@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-@pytest.mark.parametrize("eps", [0.0, 1e-8])
-@pytest.mark.parametrize("zeros", [0, 2])
+@pytest.mark.parametrize(*backend_cases({"shared": [True, False], "log_domain": [False, True], "eps": [0.0, 1e-8],
+                                          "zeros": [0, 2]}), indirect=["backend"])
 def test_exact_gradient_matches_autograd_through_reference(backend, shared, log_domain, eps, zeros):
-    """The public wk.sinkhorn's value and exact gradient (autograd through the registered op) on every backend."""
+    """The public wk.sinkhorn's value and exact gradient (autograd through the registered op) on every backend,
+    pairwise over backend x shared cost x domain x eps x zero masses."""
     B, n, m = 4, 12, 10
     a, b = simplex(B, n, zeros=zeros), simplex(B, m, zeros=zeros, seed=7)
     cost = rand_cost(n, m) if shared else rand_cost(B, n, m)
@@ -353,10 +444,11 @@ def test_public_api_matches_cpu(backend, shared, log_domain):
         ac, bc = a.clone().requires_grad_(), b.clone().requires_grad_()
         want = wk.sinkhorn(ac, bc, cost, 0.05, 10, eps=1e-8, log_domain=log_domain, backend="cpu")
         wa, wb = torch.autograd.grad((want.value * w).sum(), (ac, bc))
-        assert_close(res.value, want.value, *TOL[dtype], what=f"{backend} value")
-        assert_close(res.log_u, want.log_u, 2 * TOL[dtype][0], what=f"{backend} log_u")
-        assert_close(res.log_v, want.log_v, 2 * TOL[dtype][0], what=f"{backend} log_v")
-        check_grads((ga, gb), (wa, wb), GRAD_TOL[dtype], f"{backend}")
+        tol = TOL[("op", dtype)]
+        assert_close(res.value, want.value, tol.value_cpu, what=f"{backend} value")
+        assert_close(res.log_u, want.log_u, tol.scalings_ref, what=f"{backend} log_u")
+        assert_close(res.log_v, want.log_v, tol.scalings_ref, what=f"{backend} log_v")
+        check_grads((ga, gb), (wa, wb), tol.grad_cpu, f"{backend}")
 
 
 def _op_samples(backend, sizes):
@@ -402,10 +494,11 @@ def test_opcheck(backend):
                                   + (("ieee",) if triton else ()))
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+# inductor: GPU backends only (a C++ compile per test on the CPU machine)
+@pytest.mark.parametrize("backend,compile_backend", [
+    pytest.param(be, cb, id=f"{be}-{cb}") for be in available_backends() for cb in ("aot_eager", "inductor")
+    if cb == "aot_eager" or backend_or_reason(be).device != "cpu"], indirect=["backend"])
 def test_torch_compile_fullgraph_with_backward(backend, compile_backend):
-    if compile_backend == "inductor" and backend.device == "cpu":
-        pytest.skip("inductor: GPU only here (a C++ compile per test on the CPU machine)")
     torch._dynamo.reset()
     B, n = (3, 6) if backend.device == "cpu" else (8, 40)
     a, b, cost = problem(B, n, n, F32 if backend.device == "cuda" else F64, True, zeros=1)
@@ -659,12 +752,14 @@ def test_real_cost_matrices(name, kappa):
     assert_close(got64, ref, 1e-10)
 
 
-@pytest.mark.parametrize("msg,make", [x for x in BAD + BAD_VALUES if "`cost` is on" not in x[0]])
+# value checks: CPU op only (the GPU ops do not read values; see test_bad_input_python_wrapper)
+@pytest.mark.parametrize("backend,msg,make", [
+    pytest.param(be, msg, make, id=f"{be}-{msg}")
+    for be in available_backends() for msg, make in (BAD if be != "cpu" else BAD + BAD_VALUES)
+    if "`cost` is on" not in msg], indirect=["backend"])
 def test_bad_input_raw_op(backend, msg, make):
     """Each backend's op checks on its own (direct torch.ops calls: the C++ CPU and CUDA kernels, the registered
     Triton op), with the same messages; the GPU ops read no values (those checks are the wrapper's, on request)."""
-    if backend.name != "cpu" and (msg, make) in BAD_VALUES:
-        pytest.skip("value checks: CPU op only (the GPU ops do not read values; see test_bad_input_python_wrapper)")
     args = make(*backend.to(*good()))
     op = torch.ops.wkd.sinkhorn_triton if backend.name == "triton" else torch.ops.wkd.sinkhorn
     if backend.name == "torch":
@@ -721,50 +816,12 @@ def close(got, want, tol, what="", floor=1e-300):
     assert_close(got, want, tol, 0.0, what, "row", floor=floor, check_dtype=True)
 
 
-def ref_value_and_grads(a, b, cost, reg, T, eps, log_domain, g):
-    """Value, scalings (logs for the log domain) and the exact gradient from autograd through the float64
-    reference (the scaling-domain loop; in float64 K does not underflow at the tested sizes of cost/reg)."""
-    a64 = a.double().requires_grad_()
-    b64 = b.double().requires_grad_()
-    value, u, v = sinkhorn_reference(a64, b64, cost.double(), reg, T, eps, False)
-    ga, gb = torch.autograd.grad((value * g.double()).sum(), (a64, b64))
-    u, v = u.detach(), v.detach()
-    if log_domain:
-        u, v = u.log(), v.log()
-    return value.detach(), u, v, ga, gb
+def check_triton(a, b, cost, reg, T, eps, log_domain, family="tiles"):
+    """check_sinkhorn on the Triton backend's registered ops (the per-half-iteration kernels under small_blocks)."""
+    return check_sinkhorn(triton_backend(), a, b, cost, reg, T, eps, log_domain, family,
+                          g=torch.linspace(0.5, 1.5, a.shape[0], dtype=a.dtype))[0]
 
 
-def check_all(a, b, cost, reg, T, eps, log_domain, ref_tol=None, grad_tol=None):
-    """Forward and backward of the Triton ops vs the CPU op (all outputs) and vs the float64 reference."""
-    tb = triton_backend()
-    dt = a.dtype
-    B = a.shape[0]
-    out = run_op(tb, a, b, cost, reg, T, eps, log_domain)
-    cpu = torch.ops.wkd.sinkhorn(a, b, cost, reg, T, eps, log_domain, True)
-    lf = 1.0 if log_domain else 1e-300  # floor for the scalings and history (logs in the log domain)
-    assert len(out) == len(cpu) == len(OUTPUTS)
-    for name, x, y in zip(OUTPUTS, out, cpu):
-        assert x.device.type == tb.device
-        close(x, y, TOL[dt][0], f"{name} vs CPU op", floor=1e-300 if name == "value" else lf)
-    g = torch.linspace(0.5, 1.5, B, dtype=dt)
-    value, u, v, ga_ref, gb_ref = ref_value_and_grads(a, b, cost, reg, T, eps, log_domain, g)
-    # Gradient errors against the scale of the whole gradient: some entries are 0 up to rounding
-    gfl = max(ga_ref.abs().max().item(), gb_ref.abs().max().item())
-    ga, gb = run_backward(tb, g, a, b, cost, out, reg, log_domain)
-    ga_cpu, gb_cpu = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *cpu[3:], reg, log_domain)
-    close(ga, ga_cpu, TOL[dt][0], "grad_a vs CPU op", floor=gfl)
-    close(gb, gb_cpu, TOL[dt][0], "grad_b vs CPU op", floor=gfl)
-    rt = ref_tol or TOL[dt][0]
-    close(out[0].double(), value, rt, "value vs reference")
-    close(out[1].double(), u, rt * 10, "u vs reference", floor=lf)
-    close(out[2].double(), v, rt * 10, "v vs reference", floor=lf)
-    gt = grad_tol or TRITON_REF_GRAD_TOL[dt]
-    close(ga.double(), ga_ref, gt, "grad_a vs reference", floor=gfl)
-    close(gb.double(), gb_ref, gt, "grad_b vs reference", floor=gfl)
-    return out
-
-
-TRITON_REF_GRAD_TOL = {F32: 1e-4, F64: 1e-10}  # the Triton kernels' gradient vs the reference (tighter in float64)
 KINDS = [(True, False), (False, False), (True, True), (False, True)]  # (shared cost, log domain): 4 kernel families
 KIND_IDS = ["shared-scaling", "per_row-scaling", "shared-log", "per_row-log"]
 
@@ -776,7 +833,7 @@ def test_multi_tile(dev, small_blocks, dtype, shared, log_domain):
     zero masses in a and b; eps = 0 in float64, 1e-8 in float32."""
     B = 2 if log_domain or not shared else 17
     a, b, cost = tproblem(B, 35, 20, dtype, shared, zeros_a=3, zeros_b=2, seed=1)
-    check_all(a, b, cost, 0.1, 2, 0.0 if dtype == F64 else 1e-8, log_domain)
+    check_triton(a, b, cost, 0.1, 2, 0.0 if dtype == F64 else 1e-8, log_domain)
 
 
 @pytest.mark.parametrize("shape", [(2, 70, 9, 2), (1, 1, 1, 2)], ids=["2x70x9", "1x1x1"])
@@ -785,7 +842,7 @@ def test_odd_shapes_default_blocks(dev, shape, shared, log_domain):
     """The shipped block sizes: n > BLOCK_N with m tiny, and the degenerate 1 x 1 problem (float64, eps = 1e-8)."""
     B, n, m, T = shape
     a, b, cost = tproblem(B, n, m, F64, shared, zeros_a=5 if n > 1 else 0, seed=2)
-    check_all(a, b, cost, 0.1, T, 1e-8, log_domain)
+    check_triton(a, b, cost, 0.1, T, 1e-8, log_domain)
 
 
 @pytest.mark.parametrize("shared,log_domain", KINDS, ids=KIND_IDS)
@@ -794,7 +851,7 @@ def test_wkdl_like_float32(dev, shared, log_domain):
     a square cost; the shipped block sizes."""
     B, n = 3, 29
     a, b, cost = tproblem(B, n, n, F32, shared, zeros_a=1, seed=7)
-    check_all(a, b, cost, 0.05, 4, 1e-8, log_domain)
+    check_triton(a, b, cost, 0.05, 4, 1e-8, log_domain)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
@@ -805,8 +862,7 @@ def test_triton_log_domain_small_reg_small_blocks(dev, small_blocks, dtype, shar
     L = -cost/reg is rounded to float32 (|L| <= 100, abs error 4e-6), which moves the plan by a few 1e-6; the CPU op
     rounds identically and is matched to 1e-5."""
     a, b, cost = tproblem(2, 23, 18, dtype, shared, zeros_a=2, zeros_b=1, seed=3)
-    out = check_all(a, b, cost, 1e-2, 3, 1e-8, True,
-                    ref_tol=1e-4 if dtype == F32 else None, grad_tol=1e-3 if dtype == F32 else None)
+    out = check_triton(a, b, cost, 1e-2, 3, 1e-8, True, family="small_reg")
     assert torch.isfinite(out[0]).all()
 
 
@@ -835,7 +891,7 @@ def test_triton_keep_history_false_small_blocks(dev, small_blocks, shared, log_d
         close(x, y, 1e-14, name)
     cpu = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, T, 1e-8, log_domain, False)
     for name, x, y in zip(OUTPUTS, light, cpu):
-        close(x, y, TOL[F64][0], name)
+        close(x, y, TOL[("tiles", F64)].outputs_cpu, name)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
@@ -1026,9 +1082,9 @@ def test_forward_big_tiles_match_cpu(B, n, m, dtype):
         out = native(a, b, cost, 0.05, 10, 1e-8)
         cpu = cpu_op(a, b, cost, 0.05, 10, 1e-8)
         for name, x, y in zip(OUTPUTS, out, cpu):
-            assert_close(x, y, *TOL[dtype], what=name)
+            assert_close(x, y, TOL[("op", dtype)].outputs_cpu, what=name)
         cpu64 = cpu_op(a.double(), b.double(), cost.double(), 0.05, 10, 1e-8)
-        assert_close(out[0], cpu64[0], *TOL[dtype], what="value vs float64")
+        assert_close(out[0], cpu64[0], TOL[("op", dtype)].value_cpu, what="value vs float64")
 
 
 @pytest.mark.gpu
@@ -1096,7 +1152,7 @@ def test_backward_big_tiles_match_cpu(B, n, m, dtype):
     c64 = [t.double().cpu() for t in (a, b, cost)]
     o64 = cpu_op(*c64, 0.05, 10, 1e-8)
     want = torch.ops.wkd.sinkhorn_backward(g.double().cpu(), *c64, *o64[3:], 0.05, False)
-    check_grads(got, want, GRAD_TOL[dtype])
+    check_grads(got, want, TOL[("op", dtype)].grad_cpu)
 
 
 @pytest.mark.gpu
@@ -1197,7 +1253,7 @@ def test_real_imagenet_cost_b256(log_domain):
     got = native_backward(gv.cuda(), a.cuda(), b.cuda(), cost.cuda(), out, reg, log_domain)
     want = torch.ops.wkd.sinkhorn_backward(gv.double(), a.double(), b.double(), cost.double(), *cpu64[3:], reg,
                                            log_domain)
-    check_grads(got, want, (1e-4, 0.0))
+    check_grads(got, want, 1e-4)
 
 
 
@@ -1276,9 +1332,6 @@ try:  # the tests below take the `dev` fixture, which skips where Triton cannot 
 except ImportError:  # pragma: no cover
     sk = None
 
-OC_TOL = {F64: 1e-12, F32: 1e-5}  # relative, vs the float64 reference (float32: float32 rounding of the inputs)
-OC_TOL_GRAD = {F64: 1e-11, F32: 2e-5}
-OC_TOL_CPU = {F64: 1e-12, F32: 1e-5}  # vs the CPU op in the same dtype
 
 
 def oc_problem(B, n, m, dtype, zeros_a=0, zeros_b=0, seed=0):
@@ -1304,45 +1357,18 @@ def oc_cpu_history(a, b, cost, reg, T, eps, log_domain):
     return value, u, v, hr[:T], hs, hr[T]
 
 
-def oc_ref_grads(a, b, cost, reg, T, eps, g):
-    """Value, u, v and the exact gradient by autograd through the float64 scaling-domain reference (its derivative at
-    zero-mass entries is the one the kernels compute; K does not underflow at the tested cost / reg)."""
-    a64 = a.double().requires_grad_()
-    b64 = b.double().requires_grad_()
-    value, u, v = sinkhorn_reference(a64, b64, cost.double(), reg, T, eps, False)
-    ga, gb = torch.autograd.grad((value * g.double()).sum(), (a64, b64))
-    return value.detach(), u.detach(), v.detach(), ga, gb
+def oc_check(a, b, cost, reg, T, eps, log_domain, dev, precision="ieee", family="onchip"):
+    """check_sinkhorn on the single-launch launchers themselves (sinkhorn_forward_onchip / _backward_onchip)."""
+    def fwd(ad, bd, cd):
+        return sk.sinkhorn_forward_onchip(ad, bd, cd, reg, T, eps, log_domain, True, precision)
 
+    def bwd(g, ad, bd, cd, out):
+        return sk.sinkhorn_backward_onchip(g, ad, bd, cd, *out[3:], reg, log_domain, precision)
 
-def oc_check(a, b, cost, reg, T, eps, log_domain, dev, precision="ieee", tol=None, grad_tol=None, cpu=True):
-    dt = a.dtype
-    B, n, m = a.shape[0], a.shape[1], b.shape[1]
-    ad, bd, cd = a.to(dev), b.to(dev), cost.to(dev)
-    out = sk.sinkhorn_forward_onchip(ad, bd, cd, reg, T, eps, log_domain, True, precision)
-    value, u, v, hr, hs, y = out
-    assert [tuple(t.shape) for t in out] == [(B,), (B, n), (B, m), (T, B, n), (T, B, m), (B, n)]
-    assert all(t.dtype == dt and t.device.type == torch.device(dev).type for t in out)
-    g = torch.linspace(0.5, 1.5, B, dtype=dt)
-    value_ref, u_ref, v_ref, ga_ref, gb_ref = oc_ref_grads(a, b, cost, reg, T, eps, g)
-    lf = 1.0 if log_domain else 1e-300
-    if log_domain:
-        u_ref, v_ref = u_ref.log(), v_ref.log()
-    tol = tol or OC_TOL[dt]
-    oc_close(value, value_ref, tol, "value vs reference")
-    oc_close(u, u_ref, tol * 10, "u vs reference", floor=lf)
-    oc_close(v, v_ref, tol * 10, "v vs reference", floor=lf)
-    if cpu:
-        c = oc_cpu_history(a, b, cost, reg, T, eps, log_domain)
-        oc_close(value, c[0], OC_TOL_CPU[dt], "value vs CPU op")
-        for name, x, want in zip(("hist_r", "hist_s", "y"), (hr, hs, y), c[3:]):
-            oc_close(x, want, OC_TOL_CPU[dt] * 10, f"{name} vs CPU op", floor=lf)
-    ga, gb = sk.sinkhorn_backward_onchip(g.to(dev), ad, bd, cd, hr, hs, y, reg, log_domain, precision)
-    assert ga.shape == a.shape and gb.shape == b.shape
-    gfl = max(ga_ref.abs().max().item(), gb_ref.abs().max().item())
-    gt = grad_tol or OC_TOL_GRAD[dt]
-    oc_close(ga, ga_ref, gt, "grad_a vs reference", floor=gfl)
-    oc_close(gb, gb_ref, gt, "grad_b vs reference", floor=gfl)
-    return out, (ga, gb)
+    tb = triton_backend()
+    assert tb.device == torch.device(dev).type
+    return check_sinkhorn(tb, a, b, cost, reg, T, eps, log_domain, family, fwd, bwd,
+                          g=torch.linspace(0.5, 1.5, a.shape[0], dtype=a.dtype))
 
 
 def _oc_big_tiles(monkeypatch, dev):
@@ -1363,11 +1389,15 @@ def oc_big_tiles(monkeypatch, dev):
 OC_SIZES = [(1, 5, 3), (3, 7, 4), (81, 7, 3), (91, 5, 3), (100, 7, 3), (256, 5, 2)]
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-8], ids=["eps0", "eps1e-8"])
-@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("C,B,T", OC_SIZES, ids=[f"C{c}" for c, _, _ in OC_SIZES])
-def test_onchip_forward_backward(dev, monkeypatch, C, B, T, dtype, log_domain, eps):
+# pairwise over size x dtype x domain x eps: every size in both dtypes, both domains and both eps
+OC_CASES = as_params(pairwise({"size": OC_SIZES, "dtype": [F64, F32], "log_domain": [False, True],
+                               "eps": [0.0, 1e-8]}), ["size", "dtype", "log_domain", "eps"],
+                     lambda c: "-".join([f"C{c['size'][0]}"] + [_id(c[k], k) for k in ("dtype", "log_domain", "eps")]))
+
+
+@pytest.mark.parametrize("size,dtype,log_domain,eps", OC_CASES)
+def test_onchip_forward_backward(dev, monkeypatch, size, dtype, log_domain, eps):
+    C, B, T = size
     if C >= 81:
         _oc_big_tiles(monkeypatch, dev)
     # zero mass: one entry of a per row (WKD-L's target class) from C = 3 on, and one of b from C = 81 on
@@ -1409,13 +1439,14 @@ def test_onchip_log_domain_small_reg(dev, oc_big_tiles, dtype):
     value, lu, lv, *_ = sk.sinkhorn_forward_onchip(a.to(dev), b.to(dev), cost.to(dev), reg, T, 0.0, True, True,
                                                    "ieee")
     value_ref, lu_ref, lv_ref = sinkhorn_reference(a, b, cost, reg, T, 0.0, True)
-    oc_close(value, value_ref, OC_TOL[dtype] * (10 if dtype == F32 else 1), "value vs log reference")
+    tol = TOL[("onchip", dtype)]
+    oc_close(value, value_ref, tol.value_ref * (10 if dtype == F32 else 1), "value vs log reference")
     # log u, log v: absolute errors; |log u| ~ C / reg here, so the float32 bound scales with it
     s = 1.0 if dtype == F64 else 300.0
-    oc_close(lu, lu_ref, OC_TOL[dtype] * s, "log u vs log reference", floor=1.0)
-    oc_close(lv, lv_ref, OC_TOL[dtype] * s, "log v vs log reference", floor=1.0)
+    oc_close(lu, lu_ref, tol.value_ref * s, "log u vs log reference", floor=1.0)
+    oc_close(lv, lv_ref, tol.value_ref * s, "log v vs log reference", floor=1.0)
     c = oc_cpu_history(a, b, cost, reg, T, 0.0, True)
-    oc_close(value, c[0], OC_TOL_CPU[dtype] * (10 if dtype == F32 else 1), "value vs CPU op")
+    oc_close(value, c[0], tol.value_cpu * (10 if dtype == F32 else 1), "value vs CPU op")
 
 
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
@@ -1431,9 +1462,9 @@ def test_onchip_keep_history_false(dev, oc_big_tiles, log_domain):
 def test_onchip_k_buffer_matches_on_the_fly(dev, oc_big_tiles, monkeypatch):
     """ONCHIP_K_BUFFER (K built once by the element-wise kernel) gives the on-the-fly results."""
     a, b, cost = oc_problem(7, 81, 81, F64, zeros_a=1, seed=4)
-    want = oc_check(a, b, cost, 0.1, 3, 0.0, False, dev, cpu=False)
+    want = oc_check(a, b, cost, 0.1, 3, 0.0, False, dev)
     monkeypatch.setitem(sk.ONCHIP_K_BUFFER, F64, True)
-    got = oc_check(a, b, cost, 0.1, 3, 0.0, False, dev, cpu=False)
+    got = oc_check(a, b, cost, 0.1, 3, 0.0, False, dev)
     for x, y in zip(want[0] + want[1], got[0] + got[1]):
         oc_close(x, y, 1e-14, "K buffer vs on the fly")
 
@@ -1442,8 +1473,8 @@ def test_onchip_k_buffer_matches_on_the_fly(dev, oc_big_tiles, monkeypatch):
 def test_onchip_fp32_precisions(dev, oc_big_tiles, precision):
     """The tensor-core precisions run (under the interpreter they compute like ieee); on a GPU tf32 has ~1e-3."""
     a, b, cost = oc_problem(5, 100, 100, F32, zeros_a=1, seed=6)
-    loose = 5e-2 if precision == "tf32" and dev == "cuda" else 1e-4
-    oc_check(a, b, cost, 0.1, 3, 0.0, False, dev, precision=precision, tol=loose, grad_tol=loose, cpu=False)
+    family = "tf32_gpu" if precision == "tf32" and dev == "cuda" else "tensor_core_interp"
+    oc_check(a, b, cost, 0.1, 3, 0.0, False, dev, precision=precision, family=family)
 
 
 def test_onchip_empty_batch(dev):

@@ -2,8 +2,10 @@
 a GPU (python_tests/triton_compile_matrix.py records the launches of the real launchers and compiles each variant);
 and an unsupported or failing Triton gives one clear error, never a raw CompilationError.
 
-CI runs this file under the default Triton and again under the oldest supported release and 3.6.0
-(`PYTHONPATH=DIR` with `pip install --no-deps --target DIR triton==X`, see .ci/run)."""
+The two compile-matrix tests (minutes each) are marked `compile_matrix` and left out of the test command by
+pyproject's addopts; CI runs them as their own step, once per Triton version, under the default Triton and the
+oldest supported release and 3.6.0 (`PYTHONPATH=DIR` with `pip install --no-deps --target DIR triton==X`, and
+`python -m pytest python_tests/test_triton_compile_matrix.py -m compile_matrix`, see .ci/run)."""
 import ast
 import os
 import subprocess
@@ -37,6 +39,7 @@ def run_compile_matrix(*args, timeout):
     return r
 
 
+@pytest.mark.compile_matrix
 def test_compile_matrix_sm80_sm90():
     r = run_compile_matrix("--arch", "80,90", timeout=3000)
     summary = [line for line in r.stdout.splitlines() if line.startswith(("triton ", "recorded ", "compiled: "))]
@@ -51,6 +54,7 @@ def test_compile_matrix_sm80_sm90():
         assert kernel in r.stdout, kernel
 
 
+@pytest.mark.compile_matrix
 def test_compile_matrix_padded_dot_kernels_load_16_bytes():
     """Issue 13 item 2: at C = 1000 (rows not 16-byte aligned) the padded Sinkhorn tl.dot kernels copy their k-loop
     operands with the same cp.async widths (16-byte in float64, mostly 16-byte in float32) as at C = 1024, compiled
