@@ -86,13 +86,17 @@ def test_ground_truth_gradient_matches_converged_finite_differences():
 # ------------------------------------------------------------------------------------------------------------------
 # The defect's setting: one-hot b, reg 0.02, T = 6, eps = 0
 # ------------------------------------------------------------------------------------------------------------------
+CPU_BACKENDS = ["cpu", "torch"] if wk.HAS_C_EXT else ["torch"]  # the C++ kernels and the ATen backend
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shared", [False, True], ids=["per_row_cost", "shared_cost"])
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-def test_one_hot_b_zero_mass_gradient_matches_ground_truth(shared, log_domain):
+def test_one_hot_b_zero_mass_gradient_matches_ground_truth(shared, log_domain, backend):
     a, b, cost = one_hot_problem(shared)
     g = torch.linspace(0.5, 1.5, a.shape[0], dtype=F64)
     want = sinkhorn_mp(a, b, cost, 0.02, 6, 0.0, g)
-    got = op_value_and_grads(a, b, cost, 0.02, 6, 0.0, log_domain, g)
+    got = op_value_and_grads(a, b, cost, 0.02, 6, 0.0, log_domain, g, backend=backend)
     assert entry_errors(got[0][:, None], want[0][:, None]).max() < RTOL
     assert entry_errors(got[1], want[1]).max() < RTOL, "grad a"
     err_b = entry_errors(got[2], want[2])
@@ -184,10 +188,11 @@ def test_value_and_gradients_match_ground_truth_property(problem):
     a, b, cost, reg, T, eps = problem
     g = torch.linspace(0.5, 1.5, a.shape[0], dtype=F64)
     want = sinkhorn_mp(a, b, cost, reg, T, eps, g)
-    for log_domain in (False, True):
-        got = op_value_and_grads(a, b, cost, reg, T, eps, log_domain, g)
-        errs = (entry_errors(got[0][:, None], want[0][:, None]).max().item(),) + grad_errors(got[1:], want[1:])
-        assert max(errs) < RTOL, f"log_domain={log_domain}: value, grad a, grad b errors {errs}"
+    for backend in CPU_BACKENDS:
+        for log_domain in (False, True):
+            got = op_value_and_grads(a, b, cost, reg, T, eps, log_domain, g, backend=backend)
+            errs = (entry_errors(got[0][:, None], want[0][:, None]).max().item(),) + grad_errors(got[1:], want[1:])
+            assert max(errs) < RTOL, f"{backend}, log_domain={log_domain}: value, grad a, grad b errors {errs}"
     ref = reference_value_and_grads(a, b, cost, reg, T, eps, g)
     assert max(grad_errors(ref[1:], want[1:])) < RTOL, "reference autograd"
 
