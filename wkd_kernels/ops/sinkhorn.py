@@ -57,8 +57,10 @@ torch.library.register_fake("wkd::sinkhorn_triton_backward")(
     lambda *args, **kwargs: _sinkhorn_backward_fake(*args, **kwargs, _op="wkd.sinkhorn_triton_backward"))
 torch.library.register_fake("wkd::sinkhorn_torch")(
     lambda *args, **kwargs: _sinkhorn_fake(*args, **kwargs, _op="wkd.sinkhorn_torch"))
-torch.library.register_fake("wkd::sinkhorn_torch_backward")(
-    lambda *args, **kwargs: _sinkhorn_backward_fake(*args, **kwargs, _op="wkd.sinkhorn_torch_backward"))
+torch.library.register_fake("wkd::sinkhorn_torch_backward")(  # the schema of wkd::sinkhorn_backward (no precision)
+    lambda grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=False, eps=None:
+    _sinkhorn_backward_fake(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain, eps=eps,
+                            _op="wkd.sinkhorn_torch_backward"))
 
 
 # ----------------------------------------------------------------------------------------------------------
