@@ -1,4 +1,4 @@
-"""Regression tests of issue 16: bad and edge-case input must give a clear error or the right answer, never a silent
+"""Regression tests: bad and edge-case input must give a clear error or the right answer, never a silent
 NaN, a garbage number or a second copy of the history.
 
 Each test is built from the issue's reproducer of one item (CPU op; the Triton kernels under TRITON_INTERPRET=1 where
@@ -33,7 +33,7 @@ def rel(x, y):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 1: the shared-cost scaling path's first half-iteration (column sum minus zero-mass rows) must not cancel
+# The shared-cost scaling path's first half-iteration (column sum minus zero-mass rows) must not cancel
 # ------------------------------------------------------------------------------------------------------------------
 def dominated_column_problem(dtype, n=16):
     """The issue's reproducer: a zero-mass row whose K entry (1) dominates its column (others exp(-50))."""
@@ -58,7 +58,7 @@ def wkdl_dominated_batch(dtype, B=24, n=40, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_item1_shared_first_half_does_not_cancel(dtype):
+def test_shared_first_half_does_not_cancel(dtype):
     a, b, cost = dominated_column_problem(dtype)
     n = a.shape[1]
     shared = wk.sinkhorn(a, b, cost, 0.02, 10).value
@@ -73,7 +73,7 @@ def test_item1_shared_first_half_does_not_cancel(dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_item1_wkdl_batch_value_and_gradient_match_per_row_path(dtype):
+def test_wkdl_batch_value_and_gradient_match_per_row_path(dtype):
     a, b, cost = wkdl_dominated_batch(dtype)
     B, n = a.shape
     tol = 1e-11 if dtype == F64 else 1e-4
@@ -96,7 +96,7 @@ def test_item1_wkdl_batch_value_and_gradient_match_per_row_path(dtype):
 
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
-def test_item1_triton_kernels_do_not_share_the_defect(shared, log_domain):
+def test_triton_kernels_do_not_share_the_defect(shared, log_domain):
     dev = triton_device()
     for a, b, cost in (dominated_column_problem(F64), wkdl_dominated_batch(F64, B=6, n=20)):
         B, n = a.shape
@@ -108,7 +108,7 @@ def test_item1_triton_kernels_do_not_share_the_defect(shared, log_domain):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 2: the backward must not materialise zero gradients for the non-differentiable outputs
+# The backward must not materialise zero gradients for the non-differentiable outputs
 # ------------------------------------------------------------------------------------------------------------------
 class _FactoryBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of zero-filled tensors created through the dispatcher (what autograd's materialisation uses)."""
@@ -133,7 +133,7 @@ def _backward_zero_bytes(fn, inputs):
     return mode.bytes
 
 
-def test_item2_sinkhorn_backward_allocates_no_zero_history():
+def test_sinkhorn_backward_allocates_no_zero_history():
     B, n, T = 64, 50, 20
     a, b = simplex(B, n, F32, 2, 1).requires_grad_(), simplex(B, n, F32, 2, 2)
     cost = torch.rand(n, n, generator=torch.Generator().manual_seed(0))
@@ -146,7 +146,7 @@ def test_item2_sinkhorn_backward_allocates_no_zero_history():
     assert rel(a.grad, ga) < 1e-4
 
 
-def test_item2_gaussian_backwards_allocate_no_zero_outputs():
+def test_gaussian_backwards_allocate_no_zero_outputs():
     B, n = 32, 8
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2, B, n, 2 * n, generator=g, dtype=F64)
@@ -180,7 +180,7 @@ print((kib("VmHWM") - base) * 1024)
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
-def test_item2_backward_peak_rss_below_history():
+def test_backward_peak_rss_below_history():
     """Peak RSS of the backward in a fresh process (the method of the issue's +400 MiB / +56 MiB numbers)."""
     B, n, T = 512, 400, 20
     history = ((T + 1) * B * n + T * B * n) * 4
@@ -192,9 +192,9 @@ def test_item2_backward_peak_rss_below_history():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 3: K underflow in the scaling domain is never silent on CPU; the losses pick the log domain themselves
+# K underflow in the scaling domain is never silent on CPU; the losses pick the log domain themselves
 # ------------------------------------------------------------------------------------------------------------------
-def test_item3_whole_row_underflow_raises_naming_reg_and_log_domain():
+def test_whole_row_underflow_raises_naming_reg_and_log_domain():
     a, b = simplex(2, 6, F64, 0, 1), simplex(2, 6, F64, 0, 2)
     cost = torch.rand(6, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
     cost[2] = 100.0  # exp(-100 / 0.05) = 0 in float64
@@ -207,7 +207,7 @@ def test_item3_whole_row_underflow_raises_naming_reg_and_log_domain():
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
-def test_item3_float32_small_reg_raises_instead_of_nan(shared):
+def test_float32_small_reg_raises_instead_of_nan(shared):
     """The issue's float32 case, reg 1e-3 with cost in [0, 1]: NaN before, now a clear error (or the right value)."""
     g = torch.Generator().manual_seed(0)
     a, b = simplex(4, 8, F32, 0, 1), simplex(4, 8, F32, 0, 2)
@@ -223,7 +223,7 @@ def test_item3_float32_small_reg_raises_instead_of_nan(shared):
     assert rel(v, sinkhorn_reference(a, b, cost, 1e-3, 10, log_domain=True)[0]) < 1e-4
 
 
-def test_item3_partial_underflow_nan_is_reported():
+def test_partial_underflow_nan_is_reported():
     """Rows of K that vanish only on the support of b: the result would be NaN; the op says why instead."""
     cost = torch.zeros(4, 4, dtype=F64)
     cost[:2, 2:] = 1.0
@@ -236,7 +236,7 @@ def test_item3_partial_underflow_nan_is_reported():
     assert torch.isfinite(wk.sinkhorn(a, b, cost, 0.05, 5, log_domain=True).value).all()
 
 
-def test_item3_cuda_value_check_catches_underflow():
+def test_cuda_value_check_catches_underflow():
     """On CUDA the kernels read no values; check_values=True runs this check (run here on CPU tensors)."""
     cost = torch.rand(5, 5, dtype=F64)
     cost[:, 3] = 100.0
@@ -248,7 +248,7 @@ def test_item3_cuda_value_check_catches_underflow():
         ops.check_sinkhorn_kernel_range(cost.float(), 1e-46, True)
 
 
-def test_item3_losses_choose_the_log_domain_when_K_would_underflow():
+def test_losses_choose_the_log_domain_when_K_would_underflow():
     from wkd_kernels.losses import WKDLogitLoss
 
     C = 10
@@ -274,11 +274,11 @@ def test_item3_losses_choose_the_log_domain_when_K_would_underflow():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 4: clearly indefinite input is an error (CPU, or with value checks) or NaN -- never a large finite number
+# Clearly indefinite input is an error (CPU, or with value checks) or NaN -- never a large finite number
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["newton_schulz", "eigh"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_item4_indefinite_input_raises(method, dtype):
+def test_indefinite_input_raises(method, dtype):
     for d in ([1.0, -1.0], [2.0, -1.0], [-1.0, -2.0]):
         S = torch.diag(torch.tensor(d, dtype=dtype)).unsqueeze(0)  # sqrtm(diag(1, -1)) was +-9.2e18
         with pytest.raises(ValueError, match=r"`S` must be positive semi-definite.*matrix 0"):
@@ -292,7 +292,7 @@ def test_item4_indefinite_input_raises(method, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_item4_rounding_level_negative_eigenvalues_still_accepted(dtype):
+def test_rounding_level_negative_eigenvalues_still_accepted(dtype):
     g = torch.Generator().manual_seed(0)
     n, r = 24, 6
     X = torch.randn(4, n, r, generator=g, dtype=F64)
@@ -309,7 +309,7 @@ def test_item4_rounding_level_negative_eigenvalues_still_accepted(dtype):
     assert w2.abs().max() < 1e-3 * S.diagonal(0, -2, -1).sum(-1).max()
 
 
-def test_item4_cuda_paths_check_or_give_nan():
+def test_cuda_paths_check_or_give_nan():
     """The CUDA wrappers' helpers, on CPU tensors: check_values=True runs check_psd_values; without it a negative (or
     zero, S != 0) trace gives NaN instead of the root divided by a clamped trace."""
     S = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([-1.0, -2.0])),
@@ -322,7 +322,7 @@ def test_item4_cuda_paths_check_or_give_nan():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter computes the diverging iterates in NumPy
-def test_item4_triton_newton_schulz_indefinite_is_nan_or_bounded():
+def test_triton_newton_schulz_indefinite_is_nan_or_bounded():
     dev = triton_device()
     S = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([2.0, -1.0]))]).to(dev)
     Y = torch.ops.wkd.sqrtm_triton(S, "newton_schulz", 20, "ieee")
@@ -332,7 +332,7 @@ def test_item4_triton_newton_schulz_indefinite_is_nan_or_bounded():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 5: double backward raises one clear error (first-order gradients with create_graph=True stay exact)
+# Double backward raises one clear error (first-order gradients with create_graph=True stay exact)
 # ------------------------------------------------------------------------------------------------------------------
 def _double_backward_cases():
     g = torch.Generator().manual_seed(0)
@@ -356,7 +356,7 @@ def _double_backward_cases():
 
 
 @pytest.mark.parametrize("case", range(8))
-def test_item5_double_backward_raises_clear_error(case):
+def test_double_backward_raises_clear_error(case):
     op, x, fn = _double_backward_cases()[case]
     x1 = x.clone().requires_grad_()
     (g1,) = torch.autograd.grad(fn(x1).square().sum(), x1, create_graph=True)
@@ -369,10 +369,10 @@ def test_item5_double_backward_raises_clear_error(case):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 6: Newton-Schulz sqrtm backward at S = 0 is finite (0, as eigh)
+# Newton-Schulz sqrtm backward at S = 0 is finite (0, as eigh)
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_item6_newton_schulz_backward_at_zero_is_zero(dtype):
+def test_newton_schulz_backward_at_zero_is_zero(dtype):
     for n in (3, 70):  # 70: above the Triton tile limit (torch fallback on GPU)
         grads = {}
         for method in ("newton_schulz", "eigh"):
@@ -384,7 +384,7 @@ def test_item6_newton_schulz_backward_at_zero_is_zero(dtype):
 
 
 @pytest.mark.parametrize("n", [3, 70])
-def test_item6_triton_lyapunov_at_zero_is_zero(n):
+def test_triton_lyapunov_at_zero_is_zero(n):
     dev = triton_device()
     from wkd_kernels.triton import sqrtm as sq
 
@@ -395,7 +395,7 @@ def test_item6_triton_lyapunov_at_zero_is_zero(n):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 8: Newton-Schulz iterates to convergence (per matrix) within a dtype-chosen bound: float64 accuracy
+# Newton-Schulz iterates to convergence (per matrix) within a dtype-chosen bound: float64 accuracy
 # ------------------------------------------------------------------------------------------------------------------
 def small_singular_value_pair(C=96, H=5, W=5, small=1e-6, seed=0):
     """A 96-channel 5 x 5 feature pair whose cross-Gram has one small non-zero singular value."""
@@ -418,7 +418,7 @@ def exact_low_rank_w2(f_s, f_t):
     return (xs.mean(1) - xt.mean(1)).square().sum() + ((Xs * Xs).sum() + (Xt * Xt).sum() - 2 * nuc) / (m - 1)
 
 
-def test_item8_low_rank_wkdf_reaches_float64_accuracy():
+def test_low_rank_wkdf_reaches_float64_accuracy():
     f_s, f_t = small_singular_value_pair()
     want = exact_low_rank_w2(f_s, f_t)
     got = wk.gaussian_wasserstein(f_s, f_t)  # default num_iters: chosen from the dtype
@@ -430,7 +430,7 @@ def test_item8_low_rank_wkdf_reaches_float64_accuracy():
     assert rel(wk.nuclear_norm(M), torch.linalg.svdvals(M).sum(-1)) < 1e-13
 
 
-def test_item8_sqrtm_newton_schulz_float64_accuracy():
+def test_sqrtm_newton_schulz_float64_accuracy():
     g = torch.Generator().manual_seed(0)
     n = 8
     Q, _ = torch.linalg.qr(torch.randn(3, n, n, generator=g, dtype=F64))
@@ -444,7 +444,7 @@ def test_item8_sqrtm_newton_schulz_float64_accuracy():
     assert rel(wk.sqrtm(S32), want) < 1e-3  # numerically rank-deficient in float32: ~sqrt(eps)
 
 
-def test_item8_triton_nuclear_norm_and_sqrtm_converge():
+def test_triton_nuclear_norm_and_sqrtm_converge():
     dev = triton_device()
     M = torch.randn(4, 25, 25, generator=torch.Generator().manual_seed(1), dtype=F64)
     M[:, :, 0] *= 1e-7
@@ -458,10 +458,10 @@ def test_item8_triton_nuclear_norm_and_sqrtm_converge():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Item 7: the smaller ones
+# The smaller ones
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shared,log_domain", [(True, False), (False, False), (True, True), (False, True)])
-def test_item7_empty_batch(shared, log_domain):
+def test_empty_batch(shared, log_domain):
     a, b = torch.empty(0, 5, dtype=F64, requires_grad=True), torch.empty(0, 4, dtype=F64)
     cost = torch.rand(5, 4, dtype=F64) if shared else torch.rand(0, 5, 4, dtype=F64)
     v = wk.sinkhorn(a, b, cost, 0.1, 3, log_domain=log_domain).value  # was an internal max() error
@@ -470,14 +470,14 @@ def test_item7_empty_batch(shared, log_domain):
     assert a.grad.shape == (0, 5)
 
 
-def test_item7_raw_op_with_cost_requiring_grad_raises():
+def test_raw_op_with_cost_requiring_grad_raises():
     a, b = simplex(2, 4, F64, 0, 1), simplex(2, 4, F64, 0, 2)
     cost = torch.rand(4, 4, dtype=F64, requires_grad=True)
     with pytest.raises(NotImplementedError, match="`cost`"):
         torch.ops.wkd.sinkhorn(a.requires_grad_(), b, cost, 0.1, 3, 0.0, False, True)  # was cost.grad = None
 
 
-def test_item7_numpy_and_tensor_scalars_accepted():
+def test_numpy_and_tensor_scalars_accepted():
     a, b = simplex(2, 4, F64, 0, 1), simplex(2, 4, F64, 0, 2)
     cost = torch.rand(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     want = wk.sinkhorn(a, b, cost, 0.1, 3, eps=1e-8).value
@@ -504,7 +504,7 @@ def test_item7_numpy_and_tensor_scalars_accepted():
                        wk.gaussian_wasserstein(f, f.flip(0), "diag", 2, float(np.float32(1e-5))))
 
 
-def test_item7_float32_overflow_edges_raise():
+def test_float32_overflow_edges_raise():
     a, b = simplex(1, 3, F32, 0, 1), simplex(1, 3, F32, 0, 2)
     cost = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]])
     with pytest.raises(ValueError, match="`reg` = 1e-46 underflows to 0 in float32"):
@@ -515,7 +515,7 @@ def test_item7_float32_overflow_edges_raise():
             wk.sinkhorn(a, b, huge, 1e-3, 3, log_domain=log_domain)  # was 0 or NaN
 
 
-def test_item7_errors_name_the_users_arguments():
+def test_errors_name_the_users_arguments():
     f = torch.randn(2, 8, 3, 3, dtype=F64)
     g = f.clone()
     g[0, 0, 0, 0] = float("nan")
@@ -526,7 +526,7 @@ def test_item7_errors_name_the_users_arguments():
             wk.gaussian_wasserstein(g, f, path=path)
 
 
-def test_item7_logits_over_temperature_overflow_names_the_users_arguments():
+def test_logits_over_temperature_overflow_names_the_users_arguments():
     from wkd_kernels.losses import dkd_loss, kd_loss, nkd_loss, wkd_logit_loss
 
     g = torch.Generator().manual_seed(0)
@@ -539,7 +539,7 @@ def test_item7_logits_over_temperature_overflow_names_the_users_arguments():
 
 
 @pytest.mark.parametrize("covariance,path", [("diag", "auto"), ("full", "low_rank"), ("full", "dense")])
-def test_item7_eps0_constant_feature_map_gradient_is_finite(covariance, path):
+def test_eps0_constant_feature_map_gradient_is_finite(covariance, path):
     from wkd_kernels.losses import wkd_feature_loss
 
     f_s = torch.ones(2, 3, 4, 4, dtype=F64, requires_grad=True)  # constant: every variance is 0
@@ -581,7 +581,7 @@ def _fuzz_inputs(B, n, m, shared, dtype, seed, za, zb, layout, reg):
     a, b = simplex(B, n, F64, za, seed + 1), simplex(B, m, F64, zb, seed + 2)
     cost = torch.rand(*((n, m) if shared else (B, n, m)), generator=g, dtype=F64)
     if reg == 0.02 and n == m:
-        cost = cost * 0.1 + 0.9 * (1 - torch.eye(n, dtype=F64))  # item 1's dominated columns
+        cost = cost * 0.1 + 0.9 * (1 - torch.eye(n, dtype=F64))  # dominated columns (see the first-half cancellation tests above)
     a, b, cost = a.to(dtype), b.to(dtype), cost.to(dtype)
     if layout == "transposed_cost":
         cost = cost.mT.contiguous().mT

@@ -154,7 +154,7 @@ def test_bad_input_errors():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu_target_shape():
-    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (issue 4 target), CUDA vs CPU gradients."""
+    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (the WKD-F accuracy target), CUDA vs CPU gradients."""
     f_s, f_t = _feats((16, 512, 7, 7), torch.float32, seed=8)
     expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 1, eps=0.0)[:, 0]
     x = f_s.cuda().requires_grad_()

@@ -3,7 +3,8 @@
 * no import cycle inside ``wkd_kernels``, counting the imports inside functions (lazy ones) too;
 * no module imports a private name (``_x``) from another module of the package;
 * every repository file a comment or docstring names exists (no references to files outside the repository);
-* the package reads the environment in ``wkd_kernels/settings.py`` and ``wkd_kernels/_build.py`` only.
+* the package reads the environment in ``wkd_kernels/settings.py`` and ``wkd_kernels/_build.py`` only;
+* no tracked file cites a tracker (a numbered issue or item).
 """
 import ast
 import re
@@ -111,3 +112,35 @@ def test_environment_read_in_one_place():
     readers = sorted(str(p.relative_to(REPO)) for p in PKG.rglob("*.py")
                      if re.search(r"os\.environ|os\.getenv", p.read_text()))
     assert readers == ["wkd_kernels/_build.py", "wkd_kernels/settings.py"], readers
+
+
+# A reader has the repository, not the tracker it was planned in: a numbered issue or item points nowhere. Say
+# what was
+# meant instead (the paper's table or section, a docs/ section). Written as character classes so that this file
+# does not match itself.
+_TRACKER_WORDS = re.compile(r"\b([Ii]ssues?|[Ii]tems?)[ _]?[0-9]+")
+
+
+def _tracked_text_files():
+    import subprocess
+
+    try:
+        names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an sdist): the files on disk
+        return [p for p in REPO.rglob("*") if p.is_file() and ".git" not in p.parts]
+    return [REPO / n for n in names.splitlines() if n]
+
+
+def test_no_tracker_references_in_tracked_files():
+    hits = []
+    for path in _tracked_text_files():
+        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".cpp", ".cu", ".cuh", ".h", ".sh", ".txt", ""}:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for i, line in enumerate(text.splitlines(), 1):
+            if _TRACKER_WORDS.search(line):
+                hits.append(f"{path.relative_to(REPO)}:{i}: {line.strip()[:100]}")
+    assert not hits, "tracker references (say what they meant instead):\n" + "\n".join(hits)

@@ -56,7 +56,7 @@ def test_compile_matrix_sm80_sm90():
 
 @pytest.mark.compile_matrix
 def test_compile_matrix_padded_dot_kernels_load_16_bytes():
-    """Issue 13 item 2: at C = 1000 (rows not 16-byte aligned) the padded Sinkhorn tl.dot kernels copy their k-loop
+    """At C = 1000 (rows not 16-byte aligned) the padded Sinkhorn tl.dot kernels copy their k-loop
     operands with the same cp.async widths (16-byte in float64, mostly 16-byte in float32) as at C = 1024, compiled
     for sm_90 with a real launch's alignment specialisations. Without the padding the copies are 4 / 8 bytes and
     this fails (checked when the padding was added)."""

@@ -249,7 +249,7 @@ def async_copy_widths(ptx: str) -> collections.Counter:
 
 
 def check_dot_kernel_load_widths(arch: int = 90, sizes=((1000, 999), (1024, 1024))) -> list:
-    """Padded leading dimensions (issue 13 item 2): the Sinkhorn tl.dot kernels at n, m = 1000, 999 (not multiples of
+    """Padded leading dimensions: the Sinkhorn tl.dot kernels at n, m = 1000, 999 (not multiples of
     16, as ImageNet's C and C - 1) must copy their k-loop operands with the same cp.async widths as at n = m = 1024,
     where every row is 16-byte aligned -- i.e. the padding of K, K∘C and the scaling work buffers turns the 4-byte
     copies into 16-byte ones. Compared per kernel variant, every dtype and fp32 precision, forward and backward,

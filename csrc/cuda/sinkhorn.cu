@@ -605,7 +605,7 @@ struct EpiW {
 };
 
 // ------------------------------------------------------------------------------------------ tile table
-// The tile configurations of gemm_epi_kernel (issue 13 item 2). The dtype enters through the k-slab (BK = 128
+// The tile configurations of gemm_epi_kernel (docs/design.md section 3, tile table). The dtype enters through the k-slab (BK = 128
 // bytes: 32 floats, 16 doubles); the same table serves both dtypes. Every entry gives bitwise the same products
 // (each output is one thread's k-loop in increasing k): only the speed changes (and the value's partial-sum
 // order, to rounding).
@@ -1206,7 +1206,7 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ======================================================================================================
-// Single-launch kernels for small C (issue 13 item 1): shared cost [n, m] with n, m <= kSmallMaxC (256), both
+// Single-launch kernels for small C (docs/design.md section 3): shared cost [n, m] with n, m <= kSmallMaxC (256), both
 // domains, float32 and float64. The forward (all T iterations, y and the value) is ONE launch, the exact backward's
 // whole reverse sweep ONE launch (plus one build launch each when the kernel matrix does not fit in shared memory).
 //   * Each CTA owns R consecutive batch rows (R <= kSmallMaxRows, chosen by the host so that the grid fills about
@@ -2038,7 +2038,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& grad
 }
 
 // ------------------------------------------------------------------------------------------ tuning ops
-// Benchmarking only (issue 13 item 2): the product ops with the launch choices as explicit per-call arguments, so
+// Benchmarking only (bench/gpu_quick.py --sweep-cuda-tiles): the product ops with the launch choices as explicit per-call arguments, so
 // that one build can time every tile table entry and several rows per CTA (bench/gpu_quick.py --sweep-cuda-tiles).
 // Library wkd_tuning (CUDA key) in the real build, wkd_cuda_emu_tuning (CPU key, the emulated kernels) under
 // WKD_CUDA_EMULATE; same schemas:

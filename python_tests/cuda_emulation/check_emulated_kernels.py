@@ -82,7 +82,7 @@ try:
 except ValueError as e:
     if "wkd_cuda_emu.sinkhorn_backward: `hist_r` must be" not in str(e):
         bad.append(f"backward without history: {e}")
-# issue 16 item 1: a zero-mass row whose K entry dominates its column (cost gap 50 reg) made the CPU op's shared
+# A zero-mass row whose K entry dominates its column (cost gap 50 reg) made the CPU op's shared
 # first half-iteration cancel to 0 (NaN); the CUDA kernels compute K^T u0 by a product and must stay finite.
 for dtype in (F64, F32):
     n = 16
@@ -94,6 +94,6 @@ for dtype in (F64, F32):
         got = emu.sinkhorn(a1, a1.clone(), c, 0.02, 10, 0.0, log, True)[0]
         want = sinkhorn_reference(a1, a1.clone(), c1, 0.02, 10)[0]
         if not torch.isfinite(got).all() or rel(got, want) > TOL[dtype]:
-            bad.append(f"issue16 item 1 {dtype} shared={shared} log={log}: {got} vs {want}")
+            bad.append(f"dominated zero-mass row {dtype} shared={shared} log={log}: {got} vs {want}")
 print("\n".join(bad) if bad else "EMULATION OK")
 sys.exit(1 if bad else 0)

@@ -1,4 +1,4 @@
-"""The single-launch CUDA C++ Sinkhorn kernels (shared cost, C <= 256; issue 13 item 1) under host emulation.
+"""The single-launch CUDA C++ Sinkhorn kernels (shared cost, C <= 256; docs/design.md section 3) under host emulation.
 
     python python_tests/cuda_emulation/check_small_c_kernels.py BUILD_DIR
 
@@ -149,7 +149,7 @@ for C, dtype in itertools.product((3, 81, 100), (F64, F32)):
             bad.append(f"C={C} {dtype}: {name} not bitwise today's kernels ({rel(x, y):.3g})")
     record("value vs today's kernels", dtype, rel(out[0], old[0]), TOL[dtype] / 10, f"C={C}")
 
-# ---- issue 16 item 1: a zero-mass row whose K entry dominates its column stays finite
+# ---- a zero-mass row whose K entry dominates its column stays finite
 for dtype, log in itertools.product((F64, F32), (False, True)):
     n = 16
     c1 = 1 - torch.eye(n, dtype=dtype)
@@ -158,7 +158,7 @@ for dtype, log in itertools.product((F64, F32), (False, True)):
     got = emu.sinkhorn(a1, a1.clone(), c1, 0.02, 10, 0.0, log, True)[0]
     want = sinkhorn_reference(a1, a1.clone(), c1, 0.02, 10)[0]
     if not torch.isfinite(got).all() or rel(got, want) > TOL[dtype]:
-        bad.append(f"issue16 item 1 {dtype} log={log}: {got} vs {want}")
+        bad.append(f"dominated zero-mass row {dtype} log={log}: {got} vs {want}")
 
 for (what, dt), err in sorted(worst.items()):
     print(f"max rel error {dt:8s} {what:28s} {err:.3g}")

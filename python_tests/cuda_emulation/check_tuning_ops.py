@@ -1,4 +1,4 @@
-"""The tuning ops of the CUDA C++ Sinkhorn kernels (issue 13 item 2) under host emulation.
+"""The tuning ops of the CUDA C++ Sinkhorn kernels (per-call tile and rows-per-CTA choices for benchmarking) under host emulation.
 
     python python_tests/cuda_emulation/check_tuning_ops.py BUILD_DIR        (WKD_EMU_SMS=8)
 

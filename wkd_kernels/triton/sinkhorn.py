@@ -926,7 +926,7 @@ def sinkhorn_backward(grad_value: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 
 # ==========================================================================================================
-# Single-launch ("on-chip") kernels for small C (issue 13, item 1): n, m <= ONCHIP_MAX_C, shared cost
+# Single-launch ("on-chip") kernels for small C (docs/design.md section 3): n, m <= ONCHIP_MAX_C, shared cost
 # ==========================================================================================================
 # Output layout (the schema comment of wkd::sinkhorn in csrc/ops.cpp): hist_r [T, B, n] = r_1..r_T, hist_s [T, B, m] =
 # s_1..s_T, y [B, n] = (K∘cost) v_T separately (logs in the log domain); without history [0, B, n], [0, B, m] and
