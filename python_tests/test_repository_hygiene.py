@@ -114,10 +114,8 @@ def test_environment_read_in_one_place():
     assert readers == ["wkd_kernels/_build.py", "wkd_kernels/settings.py"], readers
 
 
-# A reader has the repository, not the tracker it was planned in: a numbered issue or item points nowhere. Say
-# what was
-# meant instead (the paper's table or section, a docs/ section). Written as character classes so that this file
-# does not match itself.
+# A reader has the repository, not the tracker it was planned in: a numbered issue or item points nowhere. Say what
+# was meant instead (the paper's table or section, a docs/ section).
 _TRACKER_WORDS = re.compile(r"\b([Ii]ssues?|[Ii]tems?)[ _]?[0-9]+")
 
 
