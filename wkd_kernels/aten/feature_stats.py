@@ -3,6 +3,7 @@ schema comment in csrc/ops.cpp, docs/design.md section 4) for any device. One sl
 cell bounds are static: they depend on the shape only); half inputs are accumulated in float32."""
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -26,11 +27,19 @@ def feature_stats_forward(x: Tensor, grid: int = 1, full: bool = False,
     for h0, h1, w0, w1 in _cells(xs, grid):
         X = xs[:, :, h0:h1, w0:w1].reshape(xs.shape[0], xs.shape[1], -1)  # [N, C, m]
         m = X.shape[-1]
-        mu = X.mean(-1)
-        Xc = X - mu.unsqueeze(-1)
+        # centred on the cell's first value (a mean offset costs no digits), then scaled by the power of two
+        # r ~ 1/sqrt(den) before the products (their sums stay of the order of the covariance: no overflow at
+        # values ~1e18 in float32); the same steps as the CPU and Triton kernels
+        first = X[:, :, :1]
+        Xs = X - first
+        mu_s = Xs.mean(-1, keepdim=True)
+        Xc = Xs - mu_s
         den = m - 1 if unbiased else m
-        means.append(mu)
-        second.append(torch.bmm(Xc, Xc.transpose(1, 2)) / den if full else Xc.square().sum(-1) / den)
+        r = 2.0 ** -round(math.log2(max(den, 1)) / 2)
+        Xr = Xc * r
+        scale = 1.0 / (den * r * r) if den > 0 else float("nan")
+        means.append((mu_s + first).squeeze(-1))
+        second.append(torch.bmm(Xr, Xr.transpose(1, 2)) * scale if full else Xr.square().sum(-1) * scale)
     return torch.stack(means, 1), torch.stack(second, 1)
 
 

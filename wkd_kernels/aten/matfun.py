@@ -73,16 +73,20 @@ def sqrtm_eigh(S: Tensor, want_pinv: bool) -> Tuple[Tensor, Optional[Tensor]]:
     negative eigenvalues clamped to 0; in float64 where the device has it (as the CPU kernel), else in the dtype."""
     n, dt = S.shape[-1], S.dtype
     wide = torch.float64 if _has_float64(S.device) else dt
+    # a matrix with a NaN / inf entry gives NaN (eigh itself would fail on it), the others their roots
+    bad = ~torch.isfinite(S).all(-1).all(-1)
+    nan = torch.full_like(S, float("nan"))
+    S = torch.where(bad[..., None, None], torch.zeros_like(S), S)
     L, V = torch.linalg.eigh(S.to(wide))
     Lc = L.clamp_min(0)
     sq = Lc.sqrt()
     Vt = V.transpose(-2, -1)
-    Y = torch.matmul(V * sq.unsqueeze(-2), Vt).to(dt)
+    Y = torch.where(bad[..., None, None], nan, torch.matmul(V * sq.unsqueeze(-2), Vt).to(dt))
     if not want_pinv:
         return Y, None
     thr = Lc.amax(-1, keepdim=True) * (10.0 * n * dtype_eps(dt))
     isq = torch.where(Lc > thr, sq.clamp_min(dtype_tiny(wide)).reciprocal(), torch.zeros_like(sq))
-    return Y, torch.matmul(V * isq.unsqueeze(-2), Vt).to(dt)
+    return Y, torch.where(bad[..., None, None], nan, torch.matmul(V * isq.unsqueeze(-2), Vt).to(dt))
 
 
 def lyapunov(Y: Tensor, G: Tensor, eigh: bool, num_iters: int) -> Tensor:
@@ -126,8 +130,10 @@ def polar_newton_schulz(M: Tensor, num_iters: int) -> Tuple[Tensor, Tensor]:
     """(<X, M> [B], X [B, p, q]): the Newton-Schulz polar iteration X0 = M / |M|_F, X <- X (3I - X^T X) / 2, each
     matrix stopping (after :func:`min_polar_steps`) once a step raises <X, M> by at most min(p, q) eps of it."""
     B, p, q, dt = M.shape[0], M.shape[1], M.shape[2], M.dtype
-    f = M.flatten(1).norm(2, 1).clamp_min(dtype_tiny(dt)).view(B, 1, 1)
-    X = M / f
+    # |M|_F of M / max|M_ij| (as the CPU kernel): |M|_F^2 itself under/overflows float32 beyond ~1e+-19
+    Ms = M / M.abs().amax((1, 2), keepdim=True).clamp_min(dtype_tiny(dt))
+    f = Ms.flatten(1).norm(2, 1).clamp_min(dtype_tiny(dt)).view(B, 1, 1)
+    X = Ms / f
     I15 = torch.eye(q, dtype=dt, device=M.device).mul(1.5).expand(B, q, q)
     tol = min(p, q) * dtype_eps(dt)
     kmin = min_polar_steps(dt)
