@@ -77,7 +77,7 @@ def torch_backward_peak_bytes(a, b, cost, reg, T, eps) -> tuple[int, int]:
     g = torch.ones(a.shape[0], dtype=a.dtype)
     gc.collect()
     with _MallocPeak() as mode:
-        grads = at_sk.sinkhorn_backward(g, a, b, cost, *out[3:], reg, False)
+        grads = at_sk.sinkhorn_backward(g, a, b, cost, *out[3:], reg, False, eps)
     del grads
     return mode.peak - mode.start, hist
 

@@ -199,7 +199,7 @@ def reference(pb: Problem) -> dict:
         a, b, c = (t.detach().cpu().double() for t in (pb.a, pb.b, pb.cost))
         out = torch.ops.wkd.sinkhorn(a, b, c, REG, ITERS, EPS, False, True)
         g = grad_weights(pb.B, "cpu").double()
-        ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, c, *out[3:], REG, False)
+        ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, c, *out[3:], REG, False, EPS)
         pb.ref = {"value": out[0], "u": out[1], "v": out[2], "grad_a": ga, "grad_b": gb}
     return pb.ref
 
@@ -400,11 +400,11 @@ def op_call(bk: Backend, pb: Problem, g: torch.Tensor, device: str):
         out = torch.ops.wkd.sinkhorn_triton(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True, bk.triton_precision)
         poison(pb, device)
         ga, gb = torch.ops.wkd.sinkhorn_triton_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False,
-                                                        bk.triton_precision)
+                                                        bk.triton_precision, EPS)
     else:
         out = torch.ops.wkd.sinkhorn(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True)
         poison(pb, device)
-        ga, gb = torch.ops.wkd.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False)
+        ga, gb = torch.ops.wkd.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False, EPS)
     sync(device)
     return out[0], out[1], out[2], ga, gb
 
@@ -946,7 +946,7 @@ def row_cuda_choice(pb: Problem, args, device: str, tile: int = -1, rows_per_blo
     def step():
         out = ops.sinkhorn(pb.a, pb.b, pb.cost, REG, ITERS, EPS, False, True, tile=tile,
                            rows_per_block=rows_per_block)
-        ga, gb = ops.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False, tile=tile,
+        ga, gb = ops.sinkhorn_backward(g, pb.a, pb.b, pb.cost, *out[3:], REG, False, EPS, tile=tile,
                                        rows_per_block=rows_per_block)
         return out[0], out[1], out[2], ga, gb
 
