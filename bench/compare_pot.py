@@ -15,8 +15,8 @@ skipped). POT gets its best case: the per-row reduced cost matrices are gathered
 stay within about 2 minutes and 2 GB on a 2-core CPU, the default run times POT on a subset of the rows and scales
 the time to B (note "<rows> rows x<factor>"): --pot-rows rows for the loop over ot.sinkhorn2, --pot-batch-rows for
 ot.batch.solve_batch (which materialises [rows, C-1, C-1] and its autodiff graph). `--full` is the configuration of
-the README's table (21 reps, POT's loop and the reference on all B rows: several minutes, and about 1 GB more
-memory for the [B, C-1, C-1] reduced costs at C=1000).
+the full table of docs/benchmarks.md (21 reps, POT's loop and the reference on all B rows: several minutes, and
+about 1 GB more memory for the [B, C-1, C-1] reduced costs at C=1000).
 
 A line per method is printed as it finishes, then the table. --plot FILE.png draws the times (needs matplotlib).
 """

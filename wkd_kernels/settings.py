@@ -25,7 +25,7 @@ Fields (environment variable, default):
   stay one argument away; **they are not yet validated on GPU hardware**.
 * ``sinkhorn_precision`` (``WKD_SINKHORN_PRECISION``, ``"ieee"``): ``tl.dot`` input precision of the Triton
   Sinkhorn kernels for float32: ``"ieee"`` (float32 FMA), ``"tf32x3"`` (tensor cores, near-float32 accuracy),
-  ``"tf32"`` (fastest, ~1e-4 relative on WKD-L's value; the README's precision table). float64 is always IEEE.
+  ``"tf32"`` (fastest, ~1e-4 relative on WKD-L's value; docs/precision.md). float64 is always IEEE.
 * ``gaussian_precision`` (``WKD_GAUSSIAN_PRECISION``, ``"ieee"``): the same for the Triton square-root, polar and
   Lyapunov kernels of WKD-F: ``"ieee"`` or ``"tf32x3"``.
 * ``check_values`` (``WKD_CHECK_VALUES``, off): also run the checks that read the data (non-finite entries,

@@ -257,7 +257,7 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
             defined). ``"torch"`` runs the value checks (and reports a non-finite scaling-domain value) on CPU
             tensors unless ``check_values=False``, elsewhere only with ``check_values``; it ignores ``precision``.
         precision: float32 product precision of the Triton kernels: ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (error
-            bounds in the README's precision table); None: the setting (default ``"ieee"``). The CPU and CUDA C++
+            bounds in docs/precision.md); None: the setting (default ``"ieee"``). The CPU and CUDA C++
             kernels compute in IEEE only (another precision with ``backend="cuda"`` is an error; with ``"auto"`` it
             selects Triton on CUDA tensors; on CPU tensors the C++ kernel ignores it).
         check_values: check for non-finite or negative entries, empty rows, and (see ``log_domain``) the range of
