@@ -211,19 +211,28 @@ def sinkhorn_forward(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: 
 # ----------------------------------------------------------------------------------------------------------
 # Exact backward: the reverse sweep of csrc/cpu/sinkhorn.cpp (backward_row / backward_shared_blas)
 # ----------------------------------------------------------------------------------------------------------
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in the accumulation dtype of the gauge sums: float64 where the device has it (as the C++ kernel's double
+    accumulators)."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
 def _gauge_shift(b: Tensor, z: Tensor, G: Tensor) -> Tensor:
-    """c [B, 1] such that z - c b restores sum_j b_j z_j = G (0 for rows without mass), sums in float64 where the
-    device has it (as the C++ kernel's double accumulators)."""
-    acc = torch.float32 if b.device.type == "mps" else torch.float64
-    bb = b.to(acc)
+    """c [B, 1] such that z - c b restores sum_j b_j z_j = G (0 for rows without mass)."""
+    bb = _acc(b)
     sbb = (bb * bb).sum(1)
-    sbz = (bb * z.to(acc)).sum(1)
+    sbz = (bb * _acc(z)).sum(1)
     c = torch.where(sbb > 0, (sbz - G) / torch.where(sbb > 0, sbb, torch.ones_like(sbb)), torch.zeros_like(sbb))
     return c.to(z.dtype).unsqueeze(1)
 
 
-def _acc(t: Tensor) -> Tensor:
-    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+def _log_eps_mass_sum(mass: Tensor, x: Tensor, log_den: Tensor, eps: float) -> Tensor:
+    """eps sum_i mass_i x_i / den_i per row over the support of ``mass``, with den as its log (the log domain's
+    terms of G_t); zeros for eps = 0."""
+    if eps == 0:
+        return _acc(x.new_zeros(x.shape[0]))
+    terms = torch.where(mass > 0, mass * x * torch.exp(math.log(eps) - log_den), torch.zeros_like(x))
+    return _acc(terms).sum(1)
 
 
 def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tensor, y: Tensor,
@@ -291,24 +300,21 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     mx, sm = t_mul(ut, None, True)
     direct = gc * _exp_times(mx, hist_s[last], sm)
     ga, gb = w, None
-    log_eps = math.log(eps) if eps else 0.0
     G = None
     for t in range(last, -1, -1):
         if t != last:
             ut = log_a - hist_r[t]
         if t != last:
             ga = ga + w
-        if eps is not None:  # eps sum_i a_i w_t,i / r_t,i, r_t as its log
-            awr = _acc(torch.where(a > 0, a * w * torch.exp(log_eps - hist_r[t]), torch.zeros_like(w))).sum(1) \
-                if eps > 0 else torch.zeros_like(_acc(g))
+        if eps is not None:  # eps sum_i a_i w_t,i / r_t,i
+            awr = _log_eps_mass_sum(a, w, hist_r[t], eps)
             G = awr if t == last else G + awr - zs
         mx, sm = t_mul(ut, w, False)
         prod = _exp_times(mx, hist_s[t], sm)
         z = (direct - prod) if t == last else -prod
         if eps is not None:
             z = z - _gauge_shift(b, z, G) * b
-            zs = _acc(torch.where(b > 0, b * z * torch.exp(log_eps - hist_s[t]), torch.zeros_like(z))).sum(1) \
-                if eps > 0 else torch.zeros_like(_acc(g))
+            zs = _log_eps_mass_sum(b, z, hist_s[t], eps)
         gb = z if gb is None else gb + z
         if t == 0:
             break

@@ -151,7 +151,7 @@ class _NoForwardAD(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_tangent, _):
         raise RuntimeError(f"{ctx.op}: forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) "
-                           "is not supported; use reverse mode (torch.autograd.grad, torch.func.grad / jacrev)")
+                           "is not supported; use reverse mode (torch.autograd.grad or .backward())")
 
 
 def reverse_mode_only(op: str, *tensors):
