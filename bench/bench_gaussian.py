@@ -20,7 +20,7 @@ clamped eigenvalues, eps I added on the C x C path as ours does; the published f
 Usage: python bench/bench_gaussian.py [--device cpu|cuda] [--sizes 8x512x7x7,...] [--full-grid] [--dtype float32]
        [--reps 10] [--warmup 2] [--baseline-budget 20] [--baselines published,eigh,pot,svdvals,eigvalsh,ns_matmul]
        [--dense-max-work 5e9] [--time-limit 200] [--threads N] [--csv out.csv] [--json out.json]
-Defaults: on CUDA the issue's grid (256x512x7x7, 256x2048x7x7, 256x64x56x56, 256x256x14x14); on CPU small batches
+Defaults: on CUDA the ResNet feature-map grid (256x512x7x7, 256x2048x7x7, 256x64x56x56, 256x256x14x14); on CPU small batches
 (8 samples) of the same shapes plus the CPU target case 32x512x7x7 (full covariance vs eigh).
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default=None, help="comma-separated NxCxHxW")
-    p.add_argument("--full-grid", action="store_true", help="the issue's N=256 grid (default on CUDA)")
+    p.add_argument("--full-grid", action="store_true", help="the ResNet feature-map N=256 grid (default on CUDA)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--grids", default="1,4")
     p.add_argument("--covariances", default="diag,full")

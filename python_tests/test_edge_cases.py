@@ -1,10 +1,10 @@
 """Regression tests: bad and edge-case input must give a clear error or the right answer, never a silent
 NaN, a garbage number or a second copy of the history.
 
-Each test is built from the issue's reproducer of one item (CPU op; the Triton kernels under TRITON_INTERPRET=1 where
-the path exists; the CUDA C++ kernels under the host emulation in test_sinkhorn.py). The last section is a
-seeded random-case loop (hypothesis is not installed in this environment) over shapes, zero masses, cost layouts,
-both domains and both dtypes against the float64 reference, bounded by its case count.
+Each test reproduces one failure mode (CPU op; the Triton kernels under TRITON_INTERPRET=1 where the path exists; the
+CUDA C++ kernels under the host emulation in test_sinkhorn.py). The last section is a seeded random-case loop
+(deterministic, no extra dependency) over shapes, zero masses, cost layouts, both domains and both dtypes against the
+float64 reference, bounded by its case count.
 """
 import math
 import os
@@ -36,7 +36,7 @@ def rel(x, y):
 # The shared-cost scaling path's first half-iteration (column sum minus zero-mass rows) must not cancel
 # ------------------------------------------------------------------------------------------------------------------
 def dominated_column_problem(dtype, n=16):
-    """The issue's reproducer: a zero-mass row whose K entry (1) dominates its column (others exp(-50))."""
+    """A zero-mass row whose K entry (1) dominates its column (others exp(-50))."""
     cost = 1 - torch.eye(n, dtype=dtype)
     a = torch.full((1, n), 1 / (n - 1), dtype=dtype)
     a[0, 0] = 0
@@ -181,7 +181,7 @@ print((kib("VmHWM") - base) * 1024)
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_backward_peak_rss_below_history():
-    """Peak RSS of the backward in a fresh process (the method of the issue's +400 MiB / +56 MiB numbers)."""
+    """Peak RSS of the backward in a fresh process (RSS, not the allocator's count, so a second copy of the history shows)."""
     B, n, T = 512, 400, 20
     history = ((T + 1) * B * n + T * B * n) * 4
     proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(B), str(n), str(T)], capture_output=True,
@@ -208,7 +208,7 @@ def test_whole_row_underflow_raises_naming_reg_and_log_domain():
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
 def test_float32_small_reg_raises_instead_of_nan(shared):
-    """The issue's float32 case, reg 1e-3 with cost in [0, 1]: NaN before, now a clear error (or the right value)."""
+    """The float32 case reg 1e-3 with cost in [0, 1]: NaN before, now a clear error (or the right value)."""
     g = torch.Generator().manual_seed(0)
     a, b = simplex(4, 8, F32, 0, 1), simplex(4, 8, F32, 0, 2)
     cost = torch.rand(8, 8, generator=g)
@@ -554,7 +554,7 @@ def test_eps0_constant_feature_map_gradient_is_finite(covariance, path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Fuzz: seeded random cases (hypothesis is not installed here), bounded by the case count
+# Fuzz: seeded random cases (deterministic on every machine), bounded by the case count
 # ------------------------------------------------------------------------------------------------------------------
 FUZZ_CASES = int(os.environ.get("WKD_FUZZ_CASES", "60"))
 
