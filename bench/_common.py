@@ -66,6 +66,95 @@ def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10) ->
             for name, t in times.items()}
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The one benchmark row schema. Every script under bench/ writes its measurements as rows with these columns (one
+# CSV per run), so that results of different scripts and machines concatenate into one table.
+# ------------------------------------------------------------------------------------------------------------------
+ROW_FIELDS = ("op", "backend", "mode", "shape", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+              "max_rel_err", "note")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def quantiles_ms(times_ms) -> dict:
+    """median / p20 / p80 of a list of per-call times in milliseconds (linear interpolation between samples)."""
+    t = sorted(float(x) for x in times_ms)
+    if not t:
+        raise ValueError("quantiles_ms: times_ms is empty")
+
+    def q(p):
+        k = (len(t) - 1) * p
+        lo, hi = int(k), min(int(k) + 1, len(t) - 1)
+        return t[lo] + (t[hi] - t[lo]) * (k - lo)
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
+def bench_row(op: str, backend: str, mode: str, shape, dtype, device: str, times_ms=None, peak_mem_mb=None,
+              max_rel_err=None, note: str = "") -> dict:
+    """One row of the schema. ``shape`` is a string ("B=256 C=1000") or a dict/tuple rendered as one; ``dtype`` a
+    torch dtype or its name; ``device`` the device name (device_name()); ``times_ms`` the per-call times (None for
+    a row that records only an error or a skip, explained in ``note``)."""
+    if mode not in MODES:
+        raise ValueError(f"bench_row: mode must be one of {MODES}, got {mode!r}")
+    if isinstance(shape, dict):
+        shape = " ".join(f"{k}={v}" for k, v in shape.items())
+    elif isinstance(shape, (tuple, list)):
+        shape = "x".join(str(s) for s in shape)
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(op=op, backend=backend, mode=mode, shape=str(shape), dtype=str(dtype).replace("torch.", ""),
+               device=device, peak_mem_mb=peak_mem_mb, max_rel_err=max_rel_err, note=note)
+    if times_ms is not None:
+        row.update(quantiles_ms(times_ms))
+    return row
+
+
+class RowWriter:
+    """Writes schema rows as they are measured: the CSV gets one line per row at once, and the JSON (rows + run
+    metadata) and the markdown table are rewritten after every row, so a run killed mid-way keeps every finished
+    row in all three files. Any path may be None."""
+
+    def __init__(self, csv_path=None, json_path=None, md_path=None, meta=None):
+        self.rows, self.meta = [], dict(meta or {})
+        self.csv_path, self.json_path, self.md_path = csv_path, json_path, md_path
+        if csv_path:
+            with open(csv_path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=ROW_FIELDS).writeheader()
+
+    def add(self, row: dict) -> dict:
+        unknown = set(row) - set(ROW_FIELDS)
+        if unknown:
+            raise ValueError(f"RowWriter.add: columns outside the schema: {sorted(unknown)}")
+        row = {k: row.get(k) for k in ROW_FIELDS}
+        self.rows.append(row)
+        if self.csv_path:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=ROW_FIELDS).writerow(row)
+                f.flush()
+                os.fsync(f.fileno())
+        if self.json_path:
+            _atomic_write(self.json_path, json.dumps({"meta": self.meta, "rows": self.rows}, indent=2))
+        if self.md_path:
+            _atomic_write(self.md_path, markdown_table(self.rows, ROW_FIELDS) + "\n")
+        return row
+
+
+def markdown_table(rows: list[dict], columns) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _atomic_write(path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it over ``path``: a reader (or a kill) never sees half
+    a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # The released CKA distances of the paper, by class count. They are not
 # shipped here (the official code, https://github.com/JiamingLv/WKD, carries no licence): copy the files of its
 # `wkd_cost_matrix/` folder under these names into data/ (git-ignored) or a folder named by --data-dir /
