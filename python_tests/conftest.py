@@ -294,7 +294,10 @@ def assert_interruptible(long_call: str, setup: str = "", within_s: float = 5.0)
     import time
 
     code = "\n".join([
-        "import sys, time",
+        "import signal, sys, time",
+        # A process started in the background by a non-interactive shell (as CI runners do) inherits SIGINT ignored,
+        # and Python then keeps ignoring it: install Python's own handler, so the test checks the kernel's polling.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)",
         "import torch",
         "import wkd_kernels as wk",
         textwrap.dedent(setup),
