@@ -102,6 +102,10 @@ def test_tolerance_plugin_names_a_miss_and_an_error(tmp_path):
         def test_error():
             raise ValueError("boom")
 
+        def test_assert_close_miss():  # conftest.assert_close's message
+            raise AssertionError("grad: worst relative error 1.2e-03 (max abs error 1.0e-03) > rtol 1.0e-04 + atol "
+                                 "0.0e+00; worst entry at (0, 1)")
+
         def test_pass():
             assert assert_within(torch.ones(3), torch.ones(3), 0.0, "exact") == 0.0
     """))
@@ -109,10 +113,11 @@ def test_tolerance_plugin_names_a_miss_and_an_error(tmp_path):
                           str(tmp_path / "test_demo.py")], capture_output=True, text=True, env=_env(),
                          cwd=str(tmp_path), timeout=300)
     out = res.stdout
-    line = {n: next((ln for ln in out.splitlines() if f"::{n} " in ln), "") for n in ("test_miss", "test_error",
-                                                                                     "test_pass")}
+    line = {n: next((ln for ln in out.splitlines() if f"::{n} " in ln), "")
+            for n in ("test_miss", "test_error", "test_assert_close_miss", "test_pass")}
     assert "TOLERANCE MISS (AssertionError: TOLERANCE MISS demo value: measured 1.000e-02 > tolerance 1.0e-04" \
         in line["test_miss"], out
     assert "FAILED (ValueError: boom)" in line["test_error"], out
+    assert "TOLERANCE MISS (AssertionError: grad: worst relative error 1.2e-03" in line["test_assert_close_miss"], out
     assert "PASSED" in line["test_pass"], out
-    assert "2 failed, 1 passed" in out, out
+    assert "3 failed, 1 passed" in out, out
