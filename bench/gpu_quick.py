@@ -381,7 +381,7 @@ def calibration_kernels():
             cap = tl.where(late, 0, cap)
             tl.debug_barrier()
             acc = tl.zeros([W], dtype=tl.float32)
-            for j in range(0, P):
+            for j in range(P):
                 acc += tl.load(slot_ptr + (buf * P + j) * W + offs, cache_modifier=".cg")
             expect = (P * (1 + r + offs) + (P * (P - 1)) // 2).to(tl.float32)
             errors += tl.sum((acc != expect).to(tl.int32), axis=0)
@@ -426,7 +426,7 @@ def calibration_rows(args, device: str, dev_name: str) -> list:
         x = torch.ones(progs * per, dtype=torch.float32, device=device)
         out = torch.empty(progs, dtype=torch.float32, device=device)
 
-        def run():
+        def run(x=x, out=out, per=per, repeat=repeat):
             read[(progs,)](x, out, per, repeat, BLOCK=block)
         run()
         sync(device)
@@ -439,7 +439,7 @@ def calibration_rows(args, device: str, dev_name: str) -> list:
         else:
             times, note = None, f"{'info' if ok else 'WRONG sums'}: interpreter run, timing n/a on CPU"
         rows.append(bench_row("calibration", "triton", "fwd", f"{label}: {shape}", DTYPE, dev_name, times, note=note))
-        del x
+        del x, out, run
     if device == "cuda":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         P = min(128, sms)  # one CTA per SM: all co-resident
@@ -509,7 +509,7 @@ def run_tasks(tasks, writer: RowWriter, args, device: str) -> list:
         for row in rows:
             writer.add(row)
             note = row.get("note") or ""
-            if task.ours and (note.startswith("ABOVE") or note.startswith("error")):
+            if task.ours and (note.startswith(("ABOVE", "error"))):
                 failures.append(f"{row['backend']} {row['shape']}: {note}")
             ms = row.get("median_ms")
             print(f"[{time.perf_counter() - _T0:6.1f}s] {row['op']} | {row['backend']} | {row['shape']} | "

@@ -18,8 +18,9 @@
 # OUTDIR: summary.md (rewritten after every step, so a killed run still returns it), suite.log, preflight.txt,
 # build.log (+ build_no_cuda.log, build_error.txt after a failed build), gpu_quick.{json,md,csv} (rewritten after
 # every row), tests_gpu.log, gaussian.json, train_step.json.
-# The released cost matrices are read from data/ (copy them there before the call; the folder is git-ignored and
-# must travel with the device call) or WKD_DATA_DIR; without them gpu_quick uses a random stand-in and says so.
+# The released cost matrices are read from data/ (copy them there before the call; the folder is git-ignored, so
+# it must be copied to the GPU machine with the checkout) or WKD_DATA_DIR; without them gpu_quick uses a random
+# stand-in and says so.
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -36,7 +37,8 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/python_tests${PYTHONPATH:+:$PYTHONPATH}"  # the pytest plugin python_tests/tolerance.py
 PY="${PYTHON:-python3}"
 
-# Step caps in seconds (sum 480: 8 minutes of a 10-minute device call; `timeout` may add 5 s per step to kill).
+# Step caps in seconds (sum 480: 8 minutes, for a GPU machine that runs one command for at most 10; `timeout` may
+# add 5 s per step to kill).
 CAP_PREFLIGHT=20
 CAP_BUILD=120
 CAP_BUILD_NO_CUDA=45

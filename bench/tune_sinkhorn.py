@@ -1,6 +1,6 @@
 """tune_sinkhorn: times the launch configurations of the Sinkhorn kernels, one schema row per configuration.
 
-Sweeps (each off unless named; a tuning run is a device call of its own, after the build):
+Sweeps (each off unless named; a tuning run is a command of its own on the GPU machine, after the build):
 
   --sweep-tiles       the Triton per-half-iteration kernels (n or m > 256) at the first --sizes entry with n or m >
                       256, with each float32 tile of sk.DOT_CONFIG_CANDIDATES (BLOCK_B x BLOCK_N x BLOCK_K x warps)

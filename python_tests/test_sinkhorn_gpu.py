@@ -39,7 +39,7 @@ TOL = {"exact": (1e-4, 5e-4), "tf32x3": (1e-3, 3e-3)}  # (value, gradients)
 
 
 # ------------------------------------------------------------------------------------------------- problems
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem_cpu(size: str):
     """(a, b, cost) float32 on CPU: WKD-L's marginals (softmax(logits / 2), target class given zero mass) on the
     shared sharpened cost for "BxC"; random rows with one zero-mass entry and a uniform [0, 1) cost for "BxNxM"."""
@@ -69,7 +69,7 @@ def grad_weights(B, device):
     return torch.linspace(0.5, 1.5, B, dtype=DTYPE, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(size: str):
     """The float64 CPU op on the float32 inputs: (value, grad_a, grad_b)."""
     a, b, c = (t.double() for t in problem_cpu(size))
