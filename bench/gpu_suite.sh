@@ -34,7 +34,9 @@ cd "$(dirname "$0")/.."
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD/python_tests${PYTHONPATH:+:$PYTHONPATH}"  # the pytest plugin python_tests/tolerance.py
+# the checkout (the package imports even when both builds failed: the torch backend needs no extension) and the
+# pytest plugin python_tests/tolerance.py
+export PYTHONPATH="$PWD:$PWD/python_tests${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 
 # Step caps in seconds (sum 480: 8 minutes, for a GPU machine that runs one command for at most 10; `timeout` may
