@@ -51,7 +51,6 @@ CAP_BURES=25
 CAP_TRAIN_STEP=30
 
 if [ $DRY -eq 1 ]; then
-  DEV=cpu
   export TRITON_INTERPRET=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   QUICK_ARGS=(--device cpu --smoke)
   BURES_ARGS=(--device cpu --sizes 2x8x3x3 --reps 1 --warmup 0 --baseline-budget 1)
@@ -61,7 +60,6 @@ if [ $DRY -eq 1 ]; then
   # CPU steps on a loaded machine (interpreter, model construction) take longer than their GPU caps allow
   CAP_PREFLIGHT=40 CAP_BURES=60 CAP_TRAIN_STEP=60
 else
-  DEV=cuda
   unset TRITON_INTERPRET
   QUICK_ARGS=(--device cuda)
   BURES_ARGS=(--device cuda --sizes 256x512x7x7 --reps 10 --baseline-budget 5)
