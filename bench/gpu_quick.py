@@ -202,8 +202,8 @@ def unavailable(method: Method, device: str):
             return f"Triton unavailable: {TRITON_IMPORT_ERROR}"
         if device == "cpu" and not INTERPRET:
             return "Triton on CPU needs TRITON_INTERPRET=1"
-    if method.precision == "tf32" and device != "cuda":
-        return "TF32 needs a CUDA device"
+    if method.kind == "plain" and method.precision == "tf32" and device != "cuda":
+        return "TF32 matmuls need a CUDA device"
     return None
 
 
