@@ -74,7 +74,7 @@ def test_gpu_quick_killed_after_its_second_row_keeps_the_rows(tmp_path):
     assert [r["backend"] for r in csv_rows[:len(rows)]] == [r["backend"] for r in rows]
 
 
-def test_step_caps_fit_the_device_command_limit():
+def test_step_caps_fit_one_command_on_the_gpu_machine():
     """Every step of gpu_suite.sh runs under one of its CAP_* variables; they sum to at most 8 minutes, and with
     timeout's kill grace per step stay within the 10-minute limit of one command on the GPU machine."""
     text = (REPO / "bench" / "gpu_suite.sh").read_text()
