@@ -1,9 +1,10 @@
 """Shared test fixtures.
 
 Triton kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported
-(the README's test command does that). GPU tests are marked `gpu` and skip without CUDA.
+(the README's test command does that). GPU tests are marked `gpu` and are deselected without CUDA.
 """
 import dataclasses
+import importlib
 import os
 import signal
 import sys
@@ -41,6 +42,20 @@ def load_cost_matrix(name):
     if d is None or not (d / name).exists():
         pytest.skip(f"real cost matrix {name} not found (../shared/data, data/ or WKD_DATA_DIR)")
     return torch.load(d / name, weights_only=True)
+
+
+def import_or_skip(module: str):
+    """``pytest.importorskip`` that also skips when the module is installed but cannot load with this torch: the
+    torchvision wheels on PyPI are built against the CUDA build of torch, so next to a CPU-only torch (e.g. torch
+    2.13.0+cpu) ``import torchvision`` (and timm, torchdistill, which import it) raises RuntimeError, not
+    ImportError. The skip reason quotes the error."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.skip(f"{module} is not installed ({exc})", allow_module_level=True)
+    except Exception as exc:  # noqa: BLE001 (any error while importing a third-party package)
+        pytest.skip(f"{module} is installed but does not load with torch {torch.__version__}: "
+                    f"{type(exc).__name__}: {str(exc)[:200]}", allow_module_level=True)
 
 
 def import_pot():
@@ -277,12 +292,24 @@ def _per_test_timeout(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without a CUDA device the tests marked ``gpu`` are deselected (not generated to be skipped); the terminal
+    summary says how many."""
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items:
+        items[:] = [item for item in items if "gpu" not in item.keywords]
+        config.hook.pytest_deselected(items=gpu_items)
+        config.stash[_GPU_DESELECTED] = len(gpu_items)
+
+
+_GPU_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.stash.get(_GPU_DESELECTED, 0)
+    if n:
+        terminalreporter.write_line(f"{n} tests marked gpu deselected: no CUDA device (bench/gpu_suite.sh runs them)")
 
 
 def assert_interruptible(long_call: str, setup: str = "", within_s: float = 5.0) -> None:

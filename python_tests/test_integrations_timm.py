@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
-pytest.importorskip("timm.task.distillation")
+from conftest import import_or_skip  # noqa: E402
+
+timm = import_or_skip("timm")
+import_or_skip("timm.task.distillation")
 
 from wkd_kernels import cosine_weight, sharpen  # noqa: E402
 from wkd_kernels.interrelations import classifier_cosine_distance  # noqa: E402

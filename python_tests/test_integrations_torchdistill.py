@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("torchdistill")
+from conftest import import_or_skip  # noqa: E402
+
+import_or_skip("torchdistill")
 yaml = pytest.importorskip("yaml")
 
 from torchdistill.common.main_util import import_dependencies  # noqa: E402

@@ -1,5 +1,5 @@
 """The Sinkhorn ops on a GPU: every backend that runs on CUDA tensors against the float64 CPU op, with NaN-poisoned
-allocations, bitwise determinism, and CUDA-graph capture (marked gpu: skipped without a CUDA device).
+allocations, bitwise determinism, and CUDA-graph capture (marked gpu: deselected without a CUDA device).
 
 Backends (parameter ids, in the order bench/gpu_suite.sh runs them: the CUDA C++ and device-generic ones before the
 Triton ones, selected with ``-k "not triton"`` / ``-k triton``): "cuda" (torch.ops.wkd.sinkhorn, the CUDA C++
