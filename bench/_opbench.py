@@ -252,7 +252,8 @@ def _rel_err(x: Sequence, ref: Sequence, k: int) -> float:
 
 def _reference(case: Case, cotangents, k: int):
     """(values, gradients) of the float64 reference on the first k entries."""
-    leaves = [case.head(x, i, k).detach().double().cpu().requires_grad_(i in case.grad_inputs) for i, x in enumerate(case.inputs)]
+    leaves = [case.head(x, i, k).detach().double().cpu().requires_grad_(i in case.grad_inputs)
+              for i, x in enumerate(case.inputs)]
     outs = _as_tuple(case.reference(*leaves))
     gs = [g[:k].double().cpu() for g in cotangents]
     grads = torch.autograd.grad(list(outs), [leaves[i] for i in case.grad_inputs], gs)
@@ -307,7 +308,8 @@ def _run_case(case: Case, args, dev_name: str, writer: RowWriter) -> None:
         except Exception as exc:  # a method that cannot run here is reported, not fatal
             for mode in args.modes:
                 writer.add(bench_row(args.op, m.backend, mode, case.shape, dtype, dev_name,
-                                       note=_join(case.note, m.note, f"failed: {type(exc).__name__}: {str(exc)[:120]}")))
+                                       note=_join(case.note, m.note,
+                                                  f"failed: {type(exc).__name__}: {str(exc)[:120]}")))
     for mode in args.modes:
         parts = [t.parts(mode) for _, t, _ in live]
         times = [[] for _ in live]

@@ -178,7 +178,8 @@ def main(argv=None):
     ap = ob.build_parser(__doc__, "256x512x7x7,256x64x56x56", "4x32x4x4,3x8x6x6",
                          "comma-separated NxCxHxW feature-map shapes")
     ap.add_argument("--covariances", default="diag,full", help="comma-separated diag, full; default: %(default)s")
-    ap.add_argument("--grids", default="1,4", help="comma-separated cells per side; default: %(default)s (--smoke: 1,2)")
+    ap.add_argument("--grids", default="1,4",
+                    help="comma-separated cells per side; default: %(default)s (--smoke: 1,2)")
     ap.add_argument("--dense-max-work", type=float, default=None,
                     help="skip the C x C baselines (eigh, pot) where N * cells * C^3 exceeds this; default: 5e9 on "
                          "CPU, no limit on CUDA")

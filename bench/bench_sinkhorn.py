@@ -40,11 +40,11 @@ def make_case(B, C, args):
 
     methods = [ob.Method(bk, ours(bk)) for bk in args.backends]
     if "plain" in args.baselines:
-        methods.append(ob.Method("plain PyTorch (matmul + autograd)", lambda a, b, cost: plain_pytorch(a, b, cost,
-                                                                                                         reg, T)))
-    return ob.Case(shape=f"B={B} C={C} reg={reg:g} iters={T}", inputs=(a, b, cost), grad_inputs=(0,), shared_inputs=(2,),
-                   reference=lambda a, b, cost: sinkhorn_reference(a, b, cost, reg, T)[0], methods=methods,
-                   note=f"cost: {src}")
+        methods.append(ob.Method("plain PyTorch (matmul + autograd)",
+                                 lambda a, b, cost: plain_pytorch(a, b, cost, reg, T)))
+    return ob.Case(shape=f"B={B} C={C} reg={reg:g} iters={T}", inputs=(a, b, cost), grad_inputs=(0,),
+                   shared_inputs=(2,), reference=lambda a, b, cost: sinkhorn_reference(a, b, cost, reg, T)[0],
+                   methods=methods, note=f"cost: {src}")
 
 
 def main(argv=None):
