@@ -25,6 +25,7 @@ they are measured). --plot FILE.png draws the times (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -39,12 +40,8 @@ from _common import (DATA_HELP, RowWriter, bench_row, device_name, find_cost_fil
 import wkd_kernels as wk  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
 
-try:
-    import ot  # noqa: F401
-
-    HAVE_POT = True
-except ImportError:
-    HAVE_POT = False
+# POT is imported where it is used (importing it takes seconds, and bench_sinkhorn.py imports this module)
+HAVE_POT = importlib.util.find_spec("ot") is not None
 
 # Defaults of the flags that --full changes: (default run, --full). An explicit flag wins over both.
 PRESETS = {"reps": (10, 21), "pot_reps": (1, 1), "pot_rows": (16, 0), "pot_batch_rows": (8, 8), "ref_rows": (32, 0)}
@@ -374,7 +371,7 @@ def main(argv=None):
             "against wkd_kernels.reference.sinkhorn_reference in float64 on the reduced problems")
     meta = {"device": device_name(args.device), "torch": torch.__version__, "build": wk.build_info(),
             "iters": args.iters, "reg": args.reg, "dtype": args.dtype, "reference": ref_name,
-            "pot": getattr(sys.modules.get("ot"), "__version__", None), "argv": sys.argv[1:]}
+            "pot": importlib.import_module("ot").__version__ if HAVE_POT else None, "argv": sys.argv[1:]}
     pot_note = ("POT skipped" if args.skip_pot or not HAVE_POT else
                 f"POT: {args.pot_reps} rep(s), loop on {args.pot_rows or 'all'} rows, "
                 f"solve_batch on {args.pot_batch_rows or 'all'} rows, scaled to B")
