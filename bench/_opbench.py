@@ -299,6 +299,8 @@ def _run_case(case: Case, args, dev_name: str, writer: RowWriter) -> None:
         None)
     live = []
     for m in case.methods:
+        if m.backend == "triton" and args.device == "cpu":
+            m.note = _join(m.note, "interpreted (TRITON_INTERPRET=1): not kernel times")
         try:
             t = _Timed(m, case.inputs, case.grad_inputs, cotangents)
             err = {"fwd": _rel_err(_as_tuple(m.forward(*case.inputs)), ref_vals, k)}
