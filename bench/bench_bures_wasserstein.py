@@ -51,8 +51,8 @@ def make_case(B, n, args):
     mu2 = (0.5 * torch.randn(B, n, generator=g)).to(args.device, args.torch_dtype)
     S1 = spd_batch(B, n, args.torch_dtype, args.device, seed=0)
     S2 = spd_batch(B, n, args.torch_dtype, args.device, seed=1)
-    methods = [ob.Method(bk, (lambda bk: lambda *x: wk.bures_wasserstein(*x, method=args.method, backend=bk))(bk))
-               for bk in args.backends]
+    methods = [ob.Method(bk, (lambda bk: lambda *x: wk.bures_wasserstein(*x, method=args.method, backend=bk))(bk),
+                         f"method={args.method}") for bk in args.backends]
     skipped = []
     if "eigh" in args.baselines:
         methods.append(ob.Method("plain PyTorch (eigh)", eigh_bures))
@@ -62,8 +62,7 @@ def make_case(B, n, args):
         else:
             methods.append(ob.Method("POT (bures_wasserstein_distance)", pot_bures))
     return ob.Case(shape=f"B={B} n={n}", inputs=(mu1, S1, mu2, S2), grad_inputs=(0, 1),
-                   reference=bures_wasserstein_reference, methods=methods, skipped=skipped,
-                   note=f"method={args.method}")
+                   reference=bures_wasserstein_reference, methods=methods, skipped=skipped)
 
 
 def main(argv=None):

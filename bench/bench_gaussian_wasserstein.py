@@ -171,7 +171,7 @@ def make_cases(sizes, args, t_start):
                     reference = _per_sample(svdvals_lowrank, grid)
                 yield ob.Case(shape=f"N={N} C={C} H={H} W={W} cov={cov} grid={grid}", inputs=(f_s, f_t),
                               grad_inputs=(0,), reference=reference, methods=methods, skipped=skipped,
-                              note=f"path={path}")
+                              note=f"our path: {path}")
 
 
 def main(argv=None):

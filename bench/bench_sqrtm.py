@@ -42,12 +42,12 @@ def eigh_sqrt(S):
 def make_case(B, n, args):
     """The Case of one size: input S, differentiated."""
     S = spd_batch(B, n, args.torch_dtype, args.device)
-    methods = [ob.Method(bk, (lambda bk: lambda S: wk.sqrtm(S, args.method, backend=bk))(bk))
+    methods = [ob.Method(bk, (lambda bk: lambda S: wk.sqrtm(S, args.method, backend=bk))(bk), f"method={args.method}")
                for bk in args.backends]
     if "eigh" in args.baselines:
         methods.append(ob.Method("plain PyTorch (eigh)", eigh_sqrt))
     return ob.Case(shape=f"B={B} n={n}", inputs=(S,), grad_inputs=(0,), reference=sqrtm_reference,
-                   methods=methods, note=f"method={args.method}")
+                   methods=methods)
 
 
 def main(argv=None):
