@@ -140,6 +140,9 @@ def build_parser(description: str, default_sizes: str, smoke_sizes: str, size_he
                     help="include the triton backend on CPU tensors (needs TRITON_INTERPRET=1 in the environment "
                          "before start; interpreted kernels: their times are not kernel times)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
+    ap.add_argument("--time-limit", type=float, default=float("inf"),
+                    help="seconds from the start after which the remaining sizes are not measured (their rows say "
+                         "'skipped'); rows already measured are on disk at every moment; default: none")
     ap.set_defaults(default_sizes=default_sizes, smoke_sizes=smoke_sizes)
     return ap
 
@@ -175,6 +178,7 @@ def resolve(args, op: str, has_cuda_cpp: bool, baselines: Sequence[str]):
         args.baselines = parse_list(args.baselines, "baselines", baselines)
     args.torch_dtype = getattr(torch, args.dtype)
     args.op = op
+    args.t_start = time.perf_counter()
     return args
 
 
@@ -283,15 +287,39 @@ def run(cases, args, meta: Optional[dict] = None) -> list:
     return writer.rows
 
 
+def _failure(exc) -> str:
+    return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
 def _run_case(case: Case, args, dev_name: str, writer: RowWriter) -> None:
     dtype = args.dtype
-    k = min(args.check, case.inputs[0].shape[0])
-    for backend, reason in case.skipped:
+
+    def no_times(backend, note):
         for mode in args.modes:
-            writer.add(bench_row(args.op, backend, mode, case.shape, dtype, dev_name, note=_join(case.note, reason)))
+            writer.add(bench_row(args.op, backend, mode, case.shape, dtype, dev_name, note=note))
+
+    for backend, reason in case.skipped:
+        no_times(backend, _join(case.note, reason))
+    if time.perf_counter() - args.t_start > args.time_limit:
+        for m in case.methods:
+            no_times(m.backend, _join(case.note, m.note, f"skipped: --time-limit {args.time_limit:g} s reached"))
+        return
+    k = min(args.check, case.inputs[0].shape[0])
+    # fixed seeded cotangents for the backward, shaped like the outputs of the first method that runs
+    first, failed = None, {}
+    for m in case.methods:
+        try:
+            first = _as_tuple(m.forward(*case.inputs))
+            break
+        except Exception as exc:  # reported below, with the other methods' errors
+            failed[m.backend] = _failure(exc)
+    if first is None:
+        for m in case.methods:
+            no_times(m.backend, _join(case.note, m.note, failed[m.backend]))
+        return
     g = torch.Generator().manual_seed(1)
-    first = _as_tuple(case.methods[0].forward(*case.inputs))
     cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in first]
+    del first
     need_grad = any(m != "fwd" for m in args.modes)
     ref_vals, ref_grads = _reference(case, cotangents, k) if need_grad else (
         [o.detach() for o in _as_tuple(case.reference(*(case.head(x, i, k).detach().double().cpu()
@@ -302,32 +330,56 @@ def _run_case(case: Case, args, dev_name: str, writer: RowWriter) -> None:
         if m.backend == "triton" and args.device == "cpu":
             m.note = _join(m.note, "interpreted (TRITON_INTERPRET=1): not kernel times")
         try:
+            if m.backend in failed:
+                raise RuntimeError(failed[m.backend])
             t = _Timed(m, case.inputs, case.grad_inputs, cotangents)
             err = {"fwd": _rel_err(_as_tuple(m.forward(*case.inputs)), ref_vals, k)}
             if need_grad:
                 err["bwd"] = err["fwd+bwd"] = _rel_err(t._grad(t._forward_on_leaves()), ref_grads, k)
             live.append((m, t, err))
         except Exception as exc:  # a method that cannot run here is reported, not fatal
-            for mode in args.modes:
-                writer.add(bench_row(args.op, m.backend, mode, case.shape, dtype, dev_name,
-                                       note=_join(case.note, m.note,
-                                                  f"failed: {type(exc).__name__}: {str(exc)[:120]}")))
+            no_times(m.backend, _join(case.note, m.note, failed.get(m.backend) or _failure(exc)))
+            _release(args.device)
     for mode in args.modes:
         parts = [t.parts(mode) for _, t, _ in live]
         times = [[] for _ in live]
+        errors = [None for _ in live]
         for rep in range(args.warmup + args.reps):
             for i, (setup, timed) in enumerate(parts):
-                ms = _time_once(setup, timed, args.device)
+                if errors[i] is not None:
+                    continue
+                try:
+                    ms = _time_once(setup, timed, args.device)
+                except Exception as exc:  # e.g. out of memory in one mode: that row says so, the run goes on
+                    errors[i] = _failure(exc)
+                    _release(args.device)
+                    continue
                 if rep >= args.warmup:
                     times[i].append(ms)
-        for (m, _, err), (setup, timed), ts in zip(live, parts, times):
-            row = bench_row(args.op, m.backend, mode, case.shape, dtype, dev_name, times_ms=ts,
-                            peak_mem_mb=_peak_mem_mb(setup, timed, args.device), max_rel_err=err[mode],
-                            note=_join(case.note, m.note))
+        for (m, _, err), (setup, timed), ts, error in zip(live, parts, times, errors):
+            if error is None:
+                try:
+                    peak = _peak_mem_mb(setup, timed, args.device)
+                except Exception as exc:
+                    error = _failure(exc)
+                    _release(args.device)
+            if error is not None:
+                writer.add(bench_row(args.op, m.backend, mode, case.shape, dtype, dev_name,
+                                     note=_join(case.note, m.note, error)))
+                print(f"  {case.shape} {m.backend:>28s} {mode:>7s}: {error}", flush=True)
+                continue
+            row = bench_row(args.op, m.backend, mode, case.shape, dtype, dev_name, times_ms=ts, peak_mem_mb=peak,
+                            max_rel_err=err[mode], note=_join(case.note, m.note))
             writer.add(row)
             print(f"  {case.shape} {m.backend:>28s} {mode:>7s}: median {row['median_ms']:.4g} ms "
                   f"(p20 {row['p20_ms']:.4g}, p80 {row['p80_ms']:.4g}), max rel err {err[mode]:.1e}"
-                  + (f", peak {row['peak_mem_mb']:.1f} MB" if row["peak_mem_mb"] is not None else ""), flush=True)
+                  + (f", peak {peak:.1f} MB" if peak is not None else ""), flush=True)
+
+
+def _release(device):
+    """After a failure (e.g. out of memory): free the cached blocks so that the next method starts clean."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _join(*parts):

@@ -61,6 +61,12 @@ def smoke_dir(tmp_path_factory):
     jobs = [(str(BENCH / f"bench_{op}.py"), ["--smoke", "--device", "cpu", "--out", str(out)]) for op in ERROR_BOUNDS]
     jobs.append((str(BENCH / "compare_pot.py"), ["--device", "cpu", "--sizes", "8x50", "--reps", "2", "--pot-reps",
                                                  "1", "--pot-batch-rows", "4", "--out", str(out)]))
+    # a backend that cannot run on these tensors, and a time limit already passed: rows that say so, no crash
+    jobs.append((str(BENCH / "bench_sqrtm.py"), ["--device", "cpu", "--backends", "cuda,torch", "--baselines", "none",
+                                                 "--sizes", "2x4", "--modes", "fwd,bwd", "--reps", "1",
+                                                 "--out", str(out / "failing")]))
+    jobs.append((str(BENCH / "bench_sinkhorn.py"), ["--smoke", "--device", "cpu", "--time-limit", "0",
+                                                    "--out", str(out / "time_limit")]))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", RUNNER.format(bench=str(BENCH), jobs=jobs)], cwd=REPO, env=env,
@@ -129,6 +135,24 @@ def test_compare_pot_writes_the_schema(smoke_dir):
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
         if r["backend"] in OUR_BACKENDS:
             assert float(r["max_rel_err"]) < ERROR_BOUNDS["sinkhorn"], r
+
+
+def test_a_backend_that_cannot_run_gives_failed_rows(smoke_dir):
+    header, rows = read_rows(smoke_dir / "failing" / "bench_sqrtm.csv")
+    assert header == ROW_FIELDS
+    assert sorted((r["backend"], r["mode"]) for r in rows) == [("cuda", "bwd"), ("cuda", "fwd"), ("torch", "bwd"),
+                                                               ("torch", "fwd")]
+    for r in rows:
+        if r["backend"] == "cuda":
+            assert r["median_ms"] == "" and "failed: ValueError" in r["note"] and "CUDA tensors" in r["note"], r
+        else:
+            assert finite(r["median_ms"]) and float(r["max_rel_err"]) < ERROR_BOUNDS["sqrtm"], r
+
+
+def test_time_limit_skips_the_remaining_sizes(smoke_dir):
+    _, rows = read_rows(smoke_dir / "time_limit" / "bench_sinkhorn.csv")
+    assert len({r["shape"] for r in rows}) == 2 and len(rows) == 2 * len(MODES) * (len(OUR_BACKENDS) + 1)
+    assert all(r["median_ms"] == "" and "skipped: --time-limit 0 s reached" in r["note"] for r in rows)
 
 
 def test_row_writer_killed_mid_run_keeps_its_rows(tmp_path):
