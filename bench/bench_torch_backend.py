@@ -4,8 +4,8 @@ reg 0.05, 10 iterations, eps 1e-8 (WKD-L's settings; docs/design.md section 3).
 
 Timing: medians over --reps of forward and of forward + backward (exact gradient w.r.t. a), the methods measured
 round-robin in one process (bench/_common.time_interleaved). Memory (torch backend): the peak of the bytes malloc
-holds in use during its exact backward, above what was held at its start (glibc mallinfo2, sampled after every ATen op: the
-largest set of live tensors), next to the history the forward saved (hist_r + hist_s + y: T B (n + m) + B n
+holds in use during its exact backward, above what was held at its start (glibc mallinfo2, sampled after every ATen
+op: the largest set of live tensors), next to the history the forward saved (hist_r + hist_s + y: T B (n + m) + B n
 numbers). The C++ kernel is one opaque op (its internal peak cannot be sampled this way): not measured.
 
 Rows (bench/README.md schema, op "sinkhorn", written to --out as they are measured): fwd and fwd+bwd of every
