@@ -10,8 +10,8 @@ loops are timed, both computing every (i, j) entry, as the published tool does:
 Where the full loop would take too long (C^2 > --full-max, e.g. C=1000: 10^6 calls), the loop runs on `--pairs`
 random pairs and its time is extrapolated linearly to C^2 (marked "extrapolated from N pairs"); the error column
 compares the loop with ours on the pairs it computed. Features are random class-structured [C, n, D] tensors (the
-timing depends on shapes only). Ours runs in float64 (the default) and float32; the loops in float32 (their usual dtype) with the
-difference measured against ours in float64.
+timing depends on shapes only). Ours runs in float64 (the default) and float32; the loops in float32 (their usual
+dtype) with the difference measured against ours in float64.
 
 Rows (bench/README.md schema, op "cka_distance", mode "fwd", written to --out as they are measured): one per method;
 max_rel_err is max |d - d_ours64| / max |d_ours64| over the off-diagonal entries computed (ours in float64 is the
