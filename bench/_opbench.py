@@ -183,11 +183,6 @@ def resolve(args, op: str, has_cuda_cpp: bool, baselines: Sequence[str]):
 
 
 # ------------------------------------------------------------------------------------------------------- timing
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
