@@ -112,8 +112,10 @@ def default_backends(device: str, has_cuda_cpp: bool, triton_interpret: bool) ->
     return ["torch"] + (["triton"] if wk.HAS_TRITON else []) + (["cuda"] if has_cuda_cpp and wk.HAS_CUDA_EXT else [])
 
 
-def build_parser(description: str, default_sizes: str, smoke_sizes: str, size_help: str) -> argparse.ArgumentParser:
-    """The options every per-op script shares; a script adds its own before parsing."""
+def build_parser(description: str, default_sizes: str, smoke_sizes: str, size_help: str,
+                 baselines: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The options every per-op script shares (``baselines``: the names --baselines accepts, for its help); a script
+    adds its own before parsing."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=dev, choices=["cpu", "cuda"], help="default: %(default)s here")
@@ -125,7 +127,8 @@ def build_parser(description: str, default_sizes: str, smoke_sizes: str, size_he
                          "runs on the device in this installation (triton on CPU tensors only with "
                          "--triton-interpret)")
     ap.add_argument("--baselines", default=None,
-                    help="comma-separated plain-PyTorch (or POT) baselines, 'none' for none; default: all of this op")
+                    help="comma-separated baselines among " + (", ".join(baselines) or "none")
+                         + "; 'none' for none; default: all")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method and mode; default: 10 "
                                                            "(--smoke: 3)")

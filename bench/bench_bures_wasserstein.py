@@ -66,7 +66,8 @@ def make_case(B, n, args):
 
 
 def main(argv=None):
-    ap = ob.build_parser(__doc__, "256x64,4096x64", "4x8,3x16", "comma-separated Bxn (B pairs of n-dim Gaussians)")
+    ap = ob.build_parser(__doc__, "256x64,4096x64", "4x8,3x16", "comma-separated Bxn (B pairs of n-dim Gaussians)",
+                         BASELINES)
     ap.add_argument("--method", default="newton_schulz", choices=["newton_schulz", "eigh"],
                     help="our op's method; default: %(default)s")
     args = ob.resolve(ap.parse_args(argv), "bures_wasserstein", has_cuda_cpp=False, baselines=BASELINES)

@@ -60,7 +60,7 @@ def make_cases(sizes, args):
 
 def main(argv=None):
     ap = ob.build_parser(__doc__, "256x512x7x7,256x64x56x56", "4x16x4x4,3x8x6x6",
-                         "comma-separated NxCxHxW feature-map shapes")
+                         "comma-separated NxCxHxW feature-map shapes", BASELINES)
     ap.add_argument("--covariances", default="diag,full", help="comma-separated diag, full; default: %(default)s")
     ap.add_argument("--grids", default="1,4",
                     help="comma-separated cells per side; default: %(default)s (--smoke: 1,2)")

@@ -53,7 +53,8 @@ def make_case(B, p, q, args):
 
 
 def main(argv=None):
-    ap = ob.build_parser(__doc__, "256x49x49,256x196x196", "4x8x8,3x5x7", "comma-separated Bxpxq (B matrices p x q)")
+    ap = ob.build_parser(__doc__, "256x49x49,256x196x196", "4x8x8,3x5x7", "comma-separated Bxpxq (B matrices p x q)",
+                         BASELINES)
     args = ob.resolve(ap.parse_args(argv), "nuclear_norm", has_cuda_cpp=False, baselines=BASELINES)
     sizes = ob.parse_sizes(args.sizes, 3, "256x49x49,256x196x196")
     return ob.run((make_case(B, p, q, args) for B, p, q in sizes), args)

@@ -48,7 +48,7 @@ def make_case(B, C, args):
 
 
 def main(argv=None):
-    ap = ob.build_parser(__doc__, "256x1000,256x100", "8x50,4x20", "comma-separated BxC (B rows, C classes)")
+    ap = ob.build_parser(__doc__, "256x1000,256x100", "8x50,4x20", "comma-separated BxC (B rows, C classes)", BASELINES)
     ap.add_argument("--reg", type=float, default=0.05, help="entropic regularisation; default: %(default)s")
     ap.add_argument("--iters", type=int, default=10, help="Sinkhorn iterations; default: %(default)s")
     ap.add_argument("--data-dir", default=None, help=DATA_HELP)

@@ -51,7 +51,7 @@ def make_case(B, n, args):
 
 
 def main(argv=None):
-    ap = ob.build_parser(__doc__, "256x64,4096x64", "4x8,3x16", "comma-separated Bxn (B matrices n x n)")
+    ap = ob.build_parser(__doc__, "256x64,4096x64", "4x8,3x16", "comma-separated Bxn (B matrices n x n)", BASELINES)
     ap.add_argument("--method", default="newton_schulz", choices=["newton_schulz", "eigh"],
                     help="our op's method; default: %(default)s")
     args = ob.resolve(ap.parse_args(argv), "sqrtm", has_cuda_cpp=False, baselines=BASELINES)
