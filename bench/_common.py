@@ -28,8 +28,9 @@ def device_name(device: str) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def time_fn(fn, device: str, warmup: int = 2, reps: int = 10) -> dict:
-    """Median / min / max wall time of fn() in milliseconds (CUDA events on GPU)."""
+def time_fn(fn, device: str, warmup: int = 2, reps: int = 10, keep_times: bool = False) -> dict:
+    """Median / min / max wall time of fn() in milliseconds (CUDA events on GPU); with ``keep_times`` also every
+    time ("times_ms", for quantiles_ms)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -45,15 +46,18 @@ def time_fn(fn, device: str, warmup: int = 2, reps: int = 10) -> dict:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+    out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+    if keep_times:
+        out["times_ms"] = times
+    return out
 
 
-def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10) -> dict:
+def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10, keep_times: bool = False) -> dict:
     """time_fn for several functions measured round-robin (rep 1 of each, then rep 2 of each, ...).
 
     On a shared or virtualised machine whose speed drifts by tens of percent between seconds, timing one method
     after the other compares machine states, not methods; interleaving gives each method the same conditions.
-    Returns {name: time_fn-style dict}.
+    Returns {name: time_fn-style dict} (with "times_ms" when ``keep_times``).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -62,8 +66,8 @@ def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10) ->
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(time_fn(fn, device, 0, 1)["median_ms"])
-    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "reps": reps}
-            for name, t in times.items()}
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "reps": reps,
+                   **({"times_ms": t} if keep_times else {})} for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -135,6 +139,12 @@ class RowWriter:
         if self.md_path:
             _atomic_write(self.md_path, markdown_table(self.rows, ROW_FIELDS) + "\n")
         return row
+
+    def update_meta(self, **items) -> None:
+        """Add run metadata (e.g. the load average at the end) and rewrite the JSON with it."""
+        self.meta.update(items)
+        if self.json_path:
+            _atomic_write(self.json_path, json.dumps({"meta": self.meta, "rows": self.rows}, indent=2))
 
 
 def markdown_table(rows: list[dict], columns) -> str:

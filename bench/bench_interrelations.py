@@ -8,18 +8,21 @@ loops are timed, both computing every (i, j) entry, as the published tool does:
   * "per-pair (nxn)": the cheapest per-pair form, <K~_i, K~_j> / (||K~_i|| ||K~_j||) on n x n centred Grams
     recomputed per pair (linear only).
 Where the full loop would take too long (C^2 > --full-max, e.g. C=1000: 10^6 calls), the loop runs on `--pairs`
-random pairs and its time is extrapolated linearly to C^2 (marked "extrapolated from N pairs"); the max difference column compares ours with
-the loop on the pairs it computed. Features are random class-structured [C, n, D] tensors (the timing depends on
-shapes only). Ours runs in float64 (the default) and float32; the loops in float32 (their usual dtype) with the
-difference measured against ours in float64.
+random pairs and its time is extrapolated linearly to C^2 (marked "extrapolated from N pairs"); the error column
+compares the loop with ours on the pairs it computed. Features are random class-structured [C, n, D] tensors (the
+timing depends on shapes only). Ours runs in float64 (the default) and float32; the loops in float32 (their usual
+dtype) with the difference measured against ours in float64.
+
+Rows (bench/README.md schema, op "cka_distance", mode "fwd", written to --out as they are measured): one per method;
+max_rel_err is max |d - d_ours64| / max |d_ours64| over the off-diagonal entries computed (ours in float64 is the
+reference, its own row leaves the column empty); a loop timed on a subset of pairs has one time, extrapolated.
 
 Usage: python bench/bench_interrelations.py [--device cpu|cuda] [--sizes 100x50x256,1000x50x1000]
-       [--full-max 10000] [--pairs 2000] [--kernels linear,rbf] [--threads N] [--csv out.csv] [--json out.json]
+       [--full-max 10000] [--pairs 2000] [--kernels linear,rbf] [--threads N] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -27,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name, print_table, save, time_fn  # noqa: E402
+from _common import REPO, ROW_FIELDS, RowWriter, bench_row, device_name, markdown_table, time_fn  # noqa: E402
 
 from wkd_kernels.interrelations import cka_distance  # noqa: E402
 
@@ -87,7 +90,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="100x50x256,1000x50x1000", help="CxnxD list")
@@ -99,22 +102,33 @@ def main():
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads for both methods (0: torch's default); on a shared, busy machine "
                          "1 avoids the OpenMP oversubscription that slows every small product down 10-30x")
-    ap.add_argument("--csv")
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(REPO / "bench_results"),
+                    help="folder for bench_interrelations.csv/.json/.md (default: bench_results/ in the checkout)")
+    args = ap.parse_args(argv)
     dev = args.device
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rows = []
+    dev_name = device_name(dev)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_interrelations")
+    writer = RowWriter(f"{stem}.csv", f"{stem}.json", f"{stem}.md",
+                       meta={"device": dev_name, "torch": torch.__version__, "argv": sys.argv[1:]})
+    print(f"# cka_distance vs the per-pair loop on {dev_name} (torch {torch.__version__}); times: median ms")
     for size in args.sizes.split(","):
         C, n, D = (int(v) for v in size.split("x"))
         x = class_features(C, n, D, dev)
         for kernel in args.kernels.split(","):
             ref64 = cka_distance(x, kernel)  # float64 compute
-            t64 = time_fn(lambda: cka_distance(x, kernel), dev, warmup=1, reps=args.reps)["median_ms"]
+            t64 = time_fn(lambda: cka_distance(x, kernel), dev, warmup=1, reps=args.reps, keep_times=True)
             t32 = time_fn(lambda: cka_distance(x, kernel, compute_dtype=torch.float32), dev, warmup=1,
-                          reps=args.reps)["median_ms"]
+                          reps=args.reps, keep_times=True)
+            scale = ref64.abs().max().item()
             d32 = (cka_distance(x, kernel, compute_dtype=torch.float32).double() - ref64.double()).abs().max().item()
+            shape = f"C={C} n={n} D={D} kernel={kernel}"
+            for label, t, err, note in (("wkd_kernels (compute float64)", t64, None, "the reference of the rows"),
+                                        ("wkd_kernels (compute float32)", t32, d32 / scale, "")):
+                writer.add(bench_row("cka_distance", label, "fwd", shape, x.dtype, dev_name,
+                                     times_ms=t["times_ms"], max_rel_err=err, note=note))
             for (k, form), fn in PAIR_FNS.items():
                 if k != kernel:
                     continue
@@ -134,19 +148,12 @@ def main():
                 _sync(dev)
                 t_loop = (time.perf_counter() - t0) * 1e3 * total / len(pairs)
                 diff = max(abs(v - float(ref64[i, j])) for (i, j), v in got.items() if i != j)
-                rows.append({
-                    "C": C, "n": n, "D": D, "kernel": kernel, "baseline": f"per-pair ({form}) fp32",
-                    "baseline_ms": t_loop, "baseline_note": note,
-                    "ours_fp64_ms": t64, "ours_fp32_ms": t32,
-                    "speedup_fp64": t_loop / t64, "speedup_fp32": t_loop / t32,
-                    "max_abs_diff_loop_vs_ours": diff, "max_abs_diff_ours_fp32_vs_fp64": d32,
-                })
-    meta = {"device": device_name(dev), "torch": torch.__version__}
-    print(f"# cka_distance vs the per-pair loop on {meta['device']} (torch {meta['torch']}); times: median ms")
-    print_table(rows, ["C", "n", "D", "kernel", "baseline", "baseline_ms", "baseline_note", "ours_fp64_ms",
-                       "ours_fp32_ms", "speedup_fp64", "speedup_fp32", "max_abs_diff_loop_vs_ours",
-                       "max_abs_diff_ours_fp32_vs_fp64"])
-    save(rows, meta, args.csv, args.json)
+                writer.add(bench_row("cka_distance", f"per-pair loop ({form}) fp32", "fwd", shape, "float32",
+                                     dev_name, times_ms=[t_loop], max_rel_err=diff / scale,
+                                     note=f"{note}; x{t_loop / t64['median_ms']:.3g} the time of ours (float64)"))
+    print(markdown_table(writer.rows, ROW_FIELDS))
+    print(f"# rows written to {stem}.csv, .json, .md")
+    return writer.rows
 
 
 if __name__ == "__main__":

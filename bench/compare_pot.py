@@ -18,11 +18,14 @@ ot.batch.solve_batch (which materialises [rows, C-1, C-1] and its autodiff graph
 the full table of docs/benchmarks.md (21 reps, POT's loop and the reference on all B rows: several minutes, and
 about 1 GB more memory for the [B, C-1, C-1] reduced costs at C=1000).
 
-A line per method is printed as it finishes, then the table. --plot FILE.png draws the times (needs matplotlib).
+A line per method is printed as it finishes, then the table. --csv / --json / --out write the rows in the schema
+of every benchmark here (bench/README.md; op "sinkhorn", one row per method and mode fwd / fwd+bwd, written as
+they are measured). --plot FILE.png draws the times (needs matplotlib).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -31,18 +34,14 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (DATA_HELP, device_name, find_cost_file, need_matplotlib, plot_times,  # noqa: E402
-                     print_table, save, stand_in_warning, time_fn, time_interleaved, wkd_cost)
+from _common import (DATA_HELP, RowWriter, bench_row, device_name, find_cost_file, need_matplotlib,  # noqa: E402
+                     plot_times, print_table, stand_in_warning, time_fn, time_interleaved, wkd_cost)
 
 import wkd_kernels as wk  # noqa: E402
 from wkd_kernels.reference import sinkhorn_reference  # noqa: E402
 
-try:
-    import ot  # noqa: F401
-
-    HAVE_POT = True
-except ImportError:
-    HAVE_POT = False
+# POT is imported where it is used (importing it takes seconds, and bench_sinkhorn.py imports this module)
+HAVE_POT = importlib.util.find_spec("ot") is not None
 
 # Defaults of the flags that --full changes: (default run, --full). An explicit flag wins over both.
 PRESETS = {"reps": (10, 21), "pot_reps": (1, 1), "pot_rows": (16, 0), "pot_batch_rows": (8, 8), "ref_rows": (32, 0)}
@@ -140,7 +139,22 @@ def fmt_row(r):
             f"max rel err {r['max_rel_err']:.1e}{extra}")
 
 
-def bench_size(B, C, args, device, dtype):
+def schema_rows(r, dev_name, fwd, fwdbwd, n_ref):
+    """The rows of the one benchmark schema (bench/_common.ROW_FIELDS) for one method of the table: fwd (when
+    timed) and fwd+bwd. ``fwd`` / ``fwdbwd``: time_fn-style dicts with "times_ms"."""
+    backend = r["method"][len("wkd_kernels ("):-1] if r["method"].startswith("wkd_kernels (") else r["method"]
+    shape = f"B={r['B']} C={r['C']} reg={r['reg']:g} iters={r['iters']}"
+    note = "; ".join(p for p in (f"cost: {r['cost']}", f"error vs {r['reference']} on the first {n_ref} rows",
+                                 r.get("note")) if p)
+    out = []
+    for mode, t, mem in (("fwd", fwd, None), ("fwd+bwd", fwdbwd, r.get("extra_mem_MB"))):
+        if t is not None:
+            out.append(bench_row("sinkhorn", backend, mode, shape, r["dtype"], dev_name, times_ms=t["times_ms"],
+                                 peak_mem_mb=mem, max_rel_err=r["max_rel_err"], note=note))
+    return out
+
+
+def bench_size(B, C, args, device, dtype, writer=None):
     cost, src = wkd_cost(C, dtype=dtype, data_dir=args.data_dir)
     cost = cost.to(device)
     a, b, y = wkd_marginals(B, C, dtype, device)
@@ -156,11 +170,14 @@ def bench_size(B, C, args, device, dtype):
         r = {"B": B, "C": C, "dtype": str(dtype).replace("torch.", ""), "method": method,
              "fwd_ms": fwd["median_ms"] if fwd else None, "fwd_bwd_ms": fwdbwd["median_ms"] if fwdbwd else None,
              "max_rel_err": err, "reference": "POT float64" if HAVE_POT else "sinkhorn_reference float64",
-             "cost": src, "note": note}
+             "cost": src, "note": note, "reg": reg, "iters": T}
         if mem is not None:
             r["extra_mem_MB"] = mem
         rows.append(r)
         say(fmt_row(r))
+        if writer is not None:
+            for sr in schema_rows(r, writer.meta["device"], fwd, fwdbwd, n_ref):
+                writer.add(sr)
 
     def ours_fns(bk):
         def fwd():
@@ -220,8 +237,10 @@ def bench_size(B, C, args, device, dtype):
             out.sum().backward()
         fast["plain PyTorch, CUDA graph"] = (None, graph.replay, rel_err(out.detach(), ref))
 
-    t_f = time_interleaved({k: f for k, (f, _, _) in fast.items() if f is not None}, device, args.warmup, args.reps)
-    t_fb = time_interleaved({k: fb for k, (_, fb, _) in fast.items()}, device, args.warmup, args.reps)
+    t_f = time_interleaved({k: f for k, (f, _, _) in fast.items() if f is not None}, device, args.warmup, args.reps,
+                           keep_times=True)
+    t_fb = time_interleaved({k: fb for k, (_, fb, _) in fast.items()}, device, args.warmup, args.reps,
+                            keep_times=True)
     for name, (_, fwdbwd, err) in fast.items():
         row(name, t_f.get(name), t_fb[name], err, mem=peak_extra_mb(fwdbwd))
 
@@ -238,10 +257,9 @@ def bench_size(B, C, args, device, dtype):
                 pot_sinkhorn2_loop(x, lb, lM, reg, T).sum().backward()
 
             scale = B / n_loop
-            tf = time_fn(lambda: pot_sinkhorn2_loop(la, lb, lM, reg, T), "cpu", 1, args.pot_reps)
-            tfb = time_fn(pot_loop_fwdbwd, "cpu", 1, args.pot_reps)
-            for t in (tf, tfb):
-                t["median_ms"] *= scale
+            tf = time_fn(lambda: pot_sinkhorn2_loop(la, lb, lM, reg, T), "cpu", 1, args.pot_reps, keep_times=True)
+            tfb = time_fn(pot_loop_fwdbwd, "cpu", 1, args.pot_reps, keep_times=True)
+            scale_times(scale, tf, tfb)
             row("POT sinkhorn2, loop over rows (cpu)", tf, tfb,
                 rel_err(pot_sinkhorn2_loop(la, lb, lM, reg, T), ref),
                 note=f"{n_loop} rows x{scale:g}" if scale != 1 else "")
@@ -255,10 +273,10 @@ def bench_size(B, C, args, device, dtype):
                 x = sa.detach().requires_grad_()
                 pot_solve_batch(x, sb, sM, reg, T, "autodiff").sum().backward()
 
-            tf = time_fn(lambda: pot_solve_batch(sa, sb, sM, reg, T, "detach"), "cpu", 1, args.pot_reps)
-            tfb = time_fn(sb_fwdbwd, "cpu", 1, args.pot_reps)
-            for t in (tf, tfb):
-                t["median_ms"] *= scale
+            tf = time_fn(lambda: pot_solve_batch(sa, sb, sM, reg, T, "detach"), "cpu", 1, args.pot_reps,
+                         keep_times=True)
+            tfb = time_fn(sb_fwdbwd, "cpu", 1, args.pot_reps, keep_times=True)
+            scale_times(scale, tf, tfb)
             err = rel_err(pot_solve_batch(sa, sb, sM, reg, T, "detach"), ref)
             row("POT solve_batch (cpu)", tf, tfb, err, note=f"{n_batch} rows x{scale:g}" if scale != 1 else "")
             del sa, sb, sM
@@ -270,6 +288,13 @@ def bench_size(B, C, args, device, dtype):
                 r["speedup_fwd_vs_pot"] = best_f / r["fwd_ms"] if r["fwd_ms"] else None
                 r["speedup_fwd_bwd_vs_pot"] = best_fb / r["fwd_bwd_ms"]
     return rows
+
+
+def scale_times(scale, *timings):
+    """Scale time_fn-style dicts (median and every time) from the timed rows to all B rows."""
+    for t in timings:
+        t["median_ms"] *= scale
+        t["times_ms"] = [x * scale for x in t["times_ms"]]
 
 
 def parse_sizes(text):
@@ -314,8 +339,10 @@ def build_parser():
                     help="no POT rows (the float64 reference is still computed); default: off, and POT rows are "
                          "skipped anyway when POT is not installed")
     ap.add_argument("--data-dir", default=None, help=DATA_HELP)
-    ap.add_argument("--csv", metavar="FILE", help="also write the rows as CSV; default: none")
-    ap.add_argument("--json", metavar="FILE", help="also write rows and run metadata as JSON; default: none")
+    ap.add_argument("--csv", metavar="FILE", help="also write the rows (bench/README.md schema) as CSV; default: none")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows and run metadata as JSON; default: none")
+    ap.add_argument("--out", metavar="DIR", help="also write compare_pot.csv, .json and .md (the rows) into DIR; "
+                                                 "default: none")
     ap.add_argument("--plot", metavar="FILE.png",
                     help="draw time per method and size (needs matplotlib: pip install matplotlib); default: none")
     return ap
@@ -344,16 +371,23 @@ def main(argv=None):
             "against wkd_kernels.reference.sinkhorn_reference in float64 on the reduced problems")
     meta = {"device": device_name(args.device), "torch": torch.__version__, "build": wk.build_info(),
             "iters": args.iters, "reg": args.reg, "dtype": args.dtype, "reference": ref_name,
-            "pot": getattr(sys.modules.get("ot"), "__version__", None), "argv": sys.argv[1:]}
+            "pot": importlib.import_module("ot").__version__ if HAVE_POT else None, "argv": sys.argv[1:]}
     pot_note = ("POT skipped" if args.skip_pot or not HAVE_POT else
                 f"POT: {args.pot_reps} rep(s), loop on {args.pot_rows or 'all'} rows, "
                 f"solve_batch on {args.pot_batch_rows or 'all'} rows, scaled to B")
     say(f"# compare_pot: device={meta['device']}, torch {torch.__version__}, dtype {args.dtype}, reg {args.reg}, "
         f"{args.iters} iterations, medians of {args.reps} after {args.warmup} warm-up; {pot_note}; "
         f"error reference: {ref_name}")
+    writer = None
+    if args.csv or args.json or args.out:
+        paths = [args.csv, args.json, None]
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            paths = [p or os.path.join(args.out, f"compare_pot.{ext}") for p, ext in zip(paths, ("csv", "json", "md"))]
+        writer = RowWriter(*paths, meta=meta)
     rows = []
     for B, C in sizes:
-        rows += bench_size(B, C, args, args.device, dtype)
+        rows += bench_size(B, C, args, args.device, dtype, writer)
     err_col = "max_rel_err_vs_pot64" if HAVE_POT else "max_rel_err_vs_ref64"
     for r in rows:
         r[err_col] = r["max_rel_err"]
@@ -366,7 +400,6 @@ def main(argv=None):
     say()
     print_table(rows, cols)
     say("# cost:", ", ".join(sorted({f"C={r['C']}: {r['cost']}" for r in rows})))
-    save(rows, meta, args.csv, args.json)
     if args.plot:
         plot_times(rows, args.plot, title=f"compare_pot: {meta['device']}, torch {torch.__version__}, {args.dtype}, "
                                           f"{args.iters} iterations")

@@ -151,7 +151,7 @@ def nuclear_norm_reference(M: Tensor, dtype: torch.dtype = torch.float64) -> Ten
 def published_wkd_feature_diag(f_s: Tensor, f_t: Tensor, grid: int = 1, eps: float = 1e-5) -> Tensor:
     """The published WKD-F diagonal formula, per sample and cell: sum_c (mu_s - mu_t)^2 + (std_s - std_t)^2 with
     std = sqrt(var + eps), var unbiased (torch.var's default), cells by slicing. Returns [N, P] (in the input dtype;
-    plain PyTorch, used as the baseline of bench/bench_gaussian.py)."""
+    plain PyTorch, used as a baseline of bench/bench_gaussian_wasserstein.py)."""
     out = []
     for h0, h1 in cell_bounds_reference(f_s.shape[2], grid):
         for w0, w1 in cell_bounds_reference(f_s.shape[3], grid):
