@@ -1,6 +1,6 @@
 """Device helpers shared by every Sinkhorn kernel family (tl.dot, row-wise and single-launch kernels): host scalars
 rebuilt in the data type, correctly rounded division, exp / log with the accurate-libdevice switch, the log-domain
-eps addition, kernel-matrix tiles, the online log-sum-exp step, and the fused epilogues of the forward
+eps addition, the online log-sum-exp step, and the fused epilogues of the forward
 half-iterations, the backward products and the backward's gauge correction.
 
 ``ACCURATE`` (a constexpr of every kernel): libdevice exp / log / log1p, accurate in float32, instead of the fast
@@ -64,30 +64,6 @@ def log_add_eps(x, log_eps, HAS_EPS: tl.constexpr, ACCURATE: tl.constexpr):
     else:
         y = x
     return y
-
-
-@triton.jit
-def kernel_tile(mat_ptr, off, mask, reg, LOG: tl.constexpr, FROM_COST: tl.constexpr, ACCURATE: tl.constexpr):
-    """A tile of K (scaling) or L = -cost/reg (log): from the prebuilt buffer, or computed from the cost tile.
-
-    Returns (tile, cost tile when FROM_COST else the raw tile). (Inner-loop helpers call no other helper: each
-    helper call costs a lot under the interpreter.)"""
-    raw = tl.load(mat_ptr + off, mask=mask, other=0.0)
-    if FROM_COST:
-        if raw.dtype == tl.float32:
-            neg = -tl.math.div_rn(raw, reg)
-        else:
-            neg = -(raw / reg)
-        if LOG:
-            tile = neg
-        else:
-            if ACCURATE:
-                tile = libdevice.exp(neg)
-            else:
-                tile = tl.exp(neg)
-    else:
-        tile = raw
-    return tile, raw
 
 
 @triton.jit
@@ -176,7 +152,6 @@ def bwd_epilogue_log(mx, sm, sm2, g, den, grad_old, SIDE_S: tl.constexpr, FIRST:
         grad = grad_old + w
         out = w
     return grad, out
-
 
 
 @triton.jit

@@ -29,6 +29,31 @@ def sinkhorn_kpad_kernel(cost_ptr, k_ptr, kc_ptr, n, m, ld, numel, reg_hi, reg_l
     tl.store(kc_ptr + offs, k * c, mask=mask)
 
 
+@triton.jit
+def _output_tile(B, ND, NP, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_B rows and BLOCK_N columns of a product's [B, NP] output (int64) and their masks.
+    Returns (rows, cols, rows < B, cols < ND, cols < NP)."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return rows, cols, rows < B, cols < ND, cols < NP
+
+
+@triton.jit
+def _operand_tiles(x_ptr, mat_ptr, rows, rmask, cols, pmask, k0, KP, stride_mk, stride_mn, BLOCK_K: tl.constexpr):
+    """The k-chunk [k0, k0 + BLOCK_K) of a product: the left operand x [BLOCK_B, BLOCK_K] from the work buffer (row
+    stride KP) and the tile [BLOCK_K, BLOCK_N] of the matrix read through (stride_mk, stride_mn), both 0 outside.
+    Returns (ks, x, tile, moff, mmask): the chunk's indices, the operands, and the matrix tile's offsets and mask (for
+    K∘cost, same layout)."""
+    ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+    kmask = ks < KP
+    x = tl.load(x_ptr + rows[:, None] * KP + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
+    mmask = kmask[:, None] & pmask[None, :]
+    tile = tl.load(mat_ptr + moff, mask=mmask, other=0.0)
+    return ks, x, tile, moff, mmask
+
 
 @triton.jit
 def sinkhorn_fwd_dot_kernel(
@@ -51,23 +76,13 @@ def sinkhorn_fwd_dot_kernel(
     K): with KP, NP and the strides multiples of 16, Triton can prove 16-byte alignment and 16-element constancy of
     the masks, so the k-loop's loads are 16-byte vectors whatever n and m (the zero padding adds nothing to the
     products). ND: the true output size (stores, epilogue loads)."""
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
     DT = x_ptr.dtype.element_ty
-    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rmask = rows < B
-    cmask = cols < ND
-    pmask = cols < NP
+    rows, cols, rmask, cmask, pmask = _output_tile(B, ND, NP, BLOCK_B, BLOCK_N)
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
     acc_y = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
     for k0 in range(0, KP, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        kmask = ks < KP
-        x = tl.load(x_ptr + rows[:, None] * KP + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
-        mmask = kmask[:, None] & pmask[None, :]
-        kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
+        _, x, kt, moff, mmask = _operand_tiles(x_ptr, kmat_ptr, rows, rmask, cols, pmask, k0, KP, stride_mk,
+                                               stride_mn, BLOCK_K)
         acc = tl.dot(x, kt, acc, input_precision=PREC, out_dtype=DT)
         if FINAL:
             kct = tl.load(kc_ptr + moff, mask=mmask, other=0.0)
@@ -86,8 +101,7 @@ def sinkhorn_fwd_dot_kernel(
         if STORE_HIST:
             tl.store(y_ptr + ooff, acc_y, mask=omask)
         part = tl.sum(tl.where(omask, scal * acc_y, 0.0), axis=1)
-        tl.store(part_ptr + rows * n_part + pid_n, part, mask=rmask)
-
+        tl.store(part_ptr + rows * n_part + tl.program_id(1), part, mask=rmask)
 
 
 @triton.jit
@@ -105,23 +119,13 @@ def sinkhorn_bwd_dot_kernel(
 ):
     """One backward product for a shared cost (scaling domain) with its epilogue fused. KD, ND: the true reduced
     and output sizes; KP, NP: rounded up to 16 (padded leading dimensions, as in sinkhorn_fwd_dot_kernel)."""
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
     DT = x_ptr.dtype.element_ty
-    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rmask = rows < B
-    cmask = cols < ND
-    pmask = cols < NP
+    rows, cols, rmask, cmask, pmask = _output_tile(B, ND, NP, BLOCK_B, BLOCK_N)
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
     acc2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=DT)
     for k0 in range(0, KP, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        kmask = ks < KP
-        x = tl.load(x_ptr + rows[:, None] * KP + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
-        mmask = kmask[:, None] & pmask[None, :]
-        kt = tl.load(kmat_ptr + moff, mask=mmask, other=0.0)
+        ks, x, kt, moff, mmask = _operand_tiles(x_ptr, kmat_ptr, rows, rmask, cols, pmask, k0, KP, stride_mk,
+                                                stride_mn, BLOCK_K)
         acc = tl.dot(x, kt, acc, input_precision=PREC, out_dtype=DT)
         if FIRST:
             loff = rows[:, None] * KD + ks[None, :]

@@ -7,8 +7,41 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._device import (bwd_epilogue_log, bwd_epilogue_scaling, div_rn, exp, half_update, host_scalar, kernel_tile,
-                      lse_update, value_terms)
+from ._device import (bwd_epilogue_log, bwd_epilogue_scaling, div_rn, exp, half_update, host_scalar, lse_update,
+                      value_terms)
+
+
+@triton.jit
+def _row_tiles(mat_ptr, cost_ptr, off, mask, reg, LOG: tl.constexpr, FROM_COST: tl.constexpr,
+               WANT_COST: tl.constexpr, ACCURATE: tl.constexpr):
+    """A tile of K (scaling) or L = -cost/reg (log), from the prebuilt buffer or computed from the cost tile, and the
+    cost tile when WANT_COST (the products that also sum K∘cost; else the raw tile again, unused).
+
+    Returns (tile, cost tile). (Inner-loop helpers call no other helper: each helper call costs a lot under the
+    interpreter.)"""
+    raw = tl.load(mat_ptr + off, mask=mask, other=0.0)
+    if FROM_COST:
+        if raw.dtype == tl.float32:
+            neg = -tl.math.div_rn(raw, reg)
+        else:
+            neg = -(raw / reg)
+        if LOG:
+            tile = neg
+        else:
+            if ACCURATE:
+                tile = libdevice.exp(neg)
+            else:
+                tile = tl.exp(neg)
+    else:
+        tile = raw
+    if WANT_COST:
+        if FROM_COST:
+            ct = raw
+        else:
+            ct = tl.load(cost_ptr + off, mask=mask, other=0.0)
+    else:
+        ct = raw
+    return tile, ct
 
 
 @triton.jit
@@ -26,7 +59,6 @@ def sinkhorn_kmat_kernel(cost_ptr, out_ptr, numel, reg_hi, reg_lo, LOG: tl.const
     else:
         out = exp(neg, ACCURATE)
     tl.store(out_ptr + offs, out, mask=mask)
-
 
 
 @triton.jit
@@ -58,14 +90,7 @@ def sinkhorn_fwd_rows_kernel(
         kmask = ks < KD
         moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
         mmask = kmask[:, None] & cmask[None, :]
-        tile, raw = kernel_tile(mbase, moff, mmask, reg, LOG, FROM_COST, ACCURATE)
-        if FINAL:
-            if FROM_COST:
-                ct = raw
-            else:
-                ct = tl.load(cbase + moff, mask=mmask, other=0.0)
-        else:
-            ct = raw
+        tile, ct = _row_tiles(mbase, cbase, moff, mmask, reg, LOG, FROM_COST, FINAL, ACCURATE)
         if LOG:
             x = tl.load(x_ptr + row * KD + ks, mask=kmask, other=float("-inf"))
             val = tl.where(mmask, x[:, None] + tile, float("-inf"))
@@ -88,7 +113,6 @@ def sinkhorn_fwd_rows_kernel(
             tl.store(y_ptr + ooff, y, mask=cmask)
         part = tl.sum(tl.where(cmask, term, 0.0), axis=0)
         tl.store(part_ptr + row * n_part + pid_n, part)
-
 
 
 @triton.jit
@@ -121,14 +145,7 @@ def sinkhorn_bwd_rows_kernel(
         coef = tl.load(c_ptr + loff, mask=kmask, other=0.0)
         moff = ks[:, None] * stride_mk + cols[None, :] * stride_mn
         mmask = kmask[:, None] & cmask[None, :]
-        tile, raw = kernel_tile(mbase, moff, mmask, reg, LOG, FROM_COST, ACCURATE)
-        if FIRST:
-            if FROM_COST:
-                ct = raw
-            else:
-                ct = tl.load(cbase + moff, mask=mmask, other=0.0)
-        else:
-            ct = raw
+        tile, ct = _row_tiles(mbase, cbase, moff, mmask, reg, LOG, FROM_COST, FIRST, ACCURATE)
         if LOG:
             lm = tl.load(lm_ptr + loff, mask=kmask, other=0.0)
             lh = tl.load(lh_ptr + loff, mask=kmask, other=0.0)

@@ -36,7 +36,6 @@ def sinkhorn_fwd_init_kernel(a_ptr, u_ptr, n, ld_u, LOG: tl.constexpr, ACCURATE:
         tl.store(u_ptr + row * ld_u + offs, tl.where(mask, u0, 0.0).to(DT), mask=offs < ld_u)
 
 
-
 @triton.jit
 def sinkhorn_bwd_init_kernel(g_ptr, a_ptr, rT_ptr, y_ptr, ga_ptr, x_ptr, numel, n, ld_x, LOG: tl.constexpr,
                               ACCURATE: tl.constexpr, BLOCK: tl.constexpr):
@@ -62,7 +61,6 @@ def sinkhorn_bwd_init_kernel(g_ptr, a_ptr, rT_ptr, y_ptr, ga_ptr, x_ptr, numel, 
         x = w * div_rn(a, r)
     tl.store(ga_ptr + src, w, mask=mask)
     tl.store(x_ptr + offs, tl.where(mask, x, 0.0), mask=inb)
-
 
 
 @triton.jit
