@@ -43,7 +43,7 @@ TORCH_LIBRARY(wkd, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
       "Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
-  // Triton kernels of the two ops above (wkd_kernels/triton/sinkhorn.py), same contract; registered from Python for
+  // Triton kernels of the two ops above (wkd_kernels/triton/sinkhorn/), same contract; registered from Python for
   // every device type (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). precision: the tl.dot input
   // precision for float32, "ieee" | "tf32x3" | "tf32" (float64 ignores it).
   m.def(

@@ -771,7 +771,7 @@ def test_bad_input_raw_op(backend, msg, make):
 
 
 # ==========================================================================================================
-# 3. Triton internals (wkd_kernels/triton/sinkhorn.py): small tiles, the precision argument, the Triton ops' checks
+# 3. Triton internals (wkd_kernels/triton/sinkhorn/): small tiles, the precision argument, the Triton ops' checks
 # ==========================================================================================================
 @pytest.fixture
 def dev():
@@ -1323,7 +1323,7 @@ def test_tuning_ops_under_host_emulation(tmp_path):
 
 
 # ==========================================================================================================
-# 6. Single-launch Triton kernels (n, m <= ONCHIP_MAX_C, shared cost; wkd_kernels/triton/sinkhorn.py, last section)
+# 6. Single-launch Triton kernels (n, m <= ONCHIP_MAX_C, shared cost; wkd_kernels/triton/sinkhorn/onchip_kernels.py)
 #    against the float64 reference (autograd through it), the CPU op (value and history), launch counts. Their
 #    sm_80 / sm_90 compilation: python_tests/triton_compile_matrix.py (drive_sinkhorn_onchip).
 # ==========================================================================================================

@@ -273,7 +273,7 @@ def check_dot_kernel_load_widths(arch: int = 90, sizes=((1000, 999), (1024, 1024
                         sk.sinkhorn_forward(a, b, cost, 0.05, T, 0.0, False, True, prec)
                         sk.sinkhorn_backward(torch.ones(B, dtype=dt), a, b, cost, *hist, 0.05, False, prec)
                     for fn, args, kw in rec.calls:
-                        if fn.__name__ not in ("_sinkhorn_fwd_dot_kernel", "_sinkhorn_bwd_dot_kernel") or kw.get("FIRST"):
+                        if fn.__name__ not in ("sinkhorn_fwd_dot_kernel", "sinkhorn_bwd_dot_kernel") or kw.get("FIRST"):
                             continue
                         flags = tuple(sorted((k, v) for k, v in kw.items() if k in ("FINAL", "SIDE_S", "STORE_OUT")))
                         role = (fn.__name__, str(dt).replace("torch.", ""), prec, flags)
