@@ -2,7 +2,7 @@
 
 The op contract (recurrences, outputs, history layout) is stated once, in the schema comment of ``wkd::sinkhorn`` in
 csrc/ops.cpp (summarised in docs/design.md section 3). Kernels: CPU csrc/cpu/sinkhorn.cpp and CUDA C++
-csrc/cuda/sinkhorn.cu (both registered in C++ on ``wkd::sinkhorn``), Triton wkd_kernels/triton/sinkhorn.py
+csrc/cuda/sinkhorn.cu (both registered in C++ on ``wkd::sinkhorn``), Triton wkd_kernels/triton/sinkhorn/
 (``wkd::sinkhorn_triton``, registered here for every device type, so that it also runs on CPU tensors under
 TRITON_INTERPRET=1), ATen wkd_kernels/aten/sinkhorn.py (``wkd::sinkhorn_torch``, every device type; also the CPU
 kernel of ``wkd::sinkhorn`` in an installation without the compiled extension). Reference:
