@@ -159,7 +159,7 @@ def drive_sinkhorn_onchip(sizes=(100,)):
                                 sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, False, prec)
                                 out = sk.sinkhorn_forward_onchip(a, a, cost, 0.05, T, eps, log_domain, True, prec)
                                 sk.sinkhorn_backward_onchip(g, a, a, cost, *out[3:], 0.05, log_domain, prec)
-        # every scaling-domain configuration bench/gpu_quick.py --sweep-onchip may time (tl.dot and broadcast
+        # every scaling-domain configuration bench/tune_sinkhorn.py --sweep-onchip may time (tl.dot and broadcast
         # products), K on the fly, "ieee"
         saved_config = {dt: dict(cfg) for dt, cfg in sk.ONCHIP_CONFIG.items()}
         sk.ONCHIP_K_BUFFER.update({dt: False for dt in sk.ONCHIP_K_BUFFER})

@@ -19,7 +19,7 @@ FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 # tl.dot kernels (shared cost, scaling domain, n or m > ONCHIP_MAX_C): (BLOCK_B, BLOCK_N, BLOCK_K, num_warps) per
 # (dtype, precision). B=256, n=m=1000 float32 gives 8 x 16 = 128 programs per half-iteration (one wave on an
 # H100/H200). Chosen from ptxas register reports for sm_90 (no spills, except 8 bytes in the tf32x3 first backward
-# step), NOT from timings: no GPU has run them. bench/gpu_quick.py --sweep-tiles times the candidates below
+# step), NOT from timings: no GPU has run them. bench/tune_sinkhorn.py --sweep-tiles times the candidates below
 # (64 x 32 x 32 / 4 warps lowers to wgmma for tf32 / tf32x3 on sm_90); the first GPU run picks the defaults here.
 # Every block must be a power of two >= 16 (tl.dot).
 DOT_CONFIG = {
@@ -49,7 +49,7 @@ ONCHIP_MAX_C = 256
 # float32 FMA accuracy, the precision argument then has no effect); log domain: powers of two (register tile
 # BLOCK_B x BLOCK_K x BLOCK_N). Occupancy: a grid of B / BLOCK_B programs, so BLOCK_B = 16 gives 16 programs at
 # B = 256, a fraction of an H100/H200's 132 SMs; BLOCK_B = 2 gives 128. Which wins (fewer, denser programs or more,
-# sparser ones) is for the GPU run to measure: bench/gpu_quick.py --sweep-onchip times ONCHIP_CONFIG_CANDIDATES.
+# sparser ones) is for the GPU run to measure: bench/tune_sinkhorn.py --sweep-onchip times ONCHIP_CONFIG_CANDIDATES.
 ONCHIP_CONFIG = {
     torch.float32: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
     torch.float64: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
