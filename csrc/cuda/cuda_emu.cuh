@@ -1,5 +1,6 @@
-// Host emulation of the CUDA subset used by csrc/cuda/sinkhorn.cu, for verification without a GPU: compiled
-// only when WKD_CUDA_EMULATE is defined (python_tests/cuda_emulation/ builds it), never by setup.py.
+// Host emulation of the CUDA subset used by csrc/cuda/sinkhorn.cu and csrc/cuda/sinkhorn/, for verification
+// without a GPU: compiled only when WKD_CUDA_EMULATE is defined (python_tests/cuda_emulation/ builds it), never by
+// setup.py.
 //
 // A launch runs the blocks one after another; the threads of a block are cooperative fibers (ucontext), run
 // round-robin, each until it reaches a barrier: __syncthreads() waits for every live thread of the block,
@@ -149,6 +150,26 @@ inline void check_aligned16(const void* p) {
                  block_idx().x, block_idx().y, current()->cur);
     std::abort();
   }
+}
+
+// Verification-only switches of the emulated device, set through wkd_cuda_emu::configure
+// (python_tests/cuda_emulation/): small < 0 applies the size rule of the single-launch kernels, 0 / 1 forces them
+// off / on (where they apply: shared cost, C <= 256); smem_limit: the emulated opt-in shared memory per block
+// (sm_90: 227 KiB). (The tile of the per-half-iteration kernels and the rows per CTA of the single-launch kernels
+// are per-call arguments of the tuning ops instead.)
+struct Config {
+  int small = -1;
+  int smem_limit = 227 * 1024;
+};
+inline Config& config() {
+  static Config c;
+  return c;
+}
+
+// The emulated multiprocessor count: the environment variable WKD_EMU_SMS, 8 when unset.
+inline int sm_count() {
+  const char* env = std::getenv("WKD_EMU_SMS");
+  return env ? std::max(1, std::atoi(env)) : 8;
 }
 
 // Number of kernel launches since the library was loaded (the tests assert launch counts through it).

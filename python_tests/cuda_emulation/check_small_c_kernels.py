@@ -54,7 +54,8 @@ def counted(f, *args):
 def expected_launches(B, n, m, dtype, smem, sms=int(os.environ.get("WKD_EMU_SMS", "8"))):
     """(forward, backward) launches of the single-launch path: 1 each, +1 (the build kernel) where the kernel
     matrix (row stride m rounded up to odd) does not fit in the shared memory per block next to the state of one
-    row (forward 3n + m, backward 3n + 3m values, each rounded up to 4): csrc/cuda/sinkhorn.cu small_plan."""
+    row (forward 3n + m, backward 3n + 3m values, each rounded up to 4): small_plan in
+    csrc/cuda/sinkhorn/small_plan.cuh."""
     def r4(x):
         return (x + 3) // 4 * 4
 

@@ -3,7 +3,7 @@
     python python_tests/cuda_emulation/check_tuning_ops.py BUILD_DIR        (WKD_EMU_SMS=8)
 
 Builds emu_sinkhorn_cuda.cpp (the same build as check_emulated_kernels.py) and checks, on CPU tensors, the library
-wkd_cuda_emu_tuning (csrc/cuda/sinkhorn.cu, section "tuning ops": the ops wkd_tuning::* of a CUDA build, run by the
+wkd_cuda_emu_tuning (csrc/cuda/sinkhorn/tuning_ops.cu: the ops wkd_tuning::* of a CUDA build, run by the
 emulated kernels):
   * per-half-iteration kernels, every tile table entry (`tile` = 0 .. num_tiles() - 1) and -1: u, v, hist_r,
     hist_s, y, grad_a, grad_b bitwise equal to the product op (wkd_cuda_emu.sinkhorn, the automatic tile), the
@@ -117,7 +117,8 @@ for k in range(num_tiles):
     if not (bm % tm == 0 and bn % tn == 0 and bm >= 16 and bn >= 32 and min_blocks >= 1):
         bad.append(f"tile_table() entry {k}: {table[5 * k:5 * k + 5]} is not a valid (BM, BN, TM, TN, min CTAs)")
 if table[:5] != [32, 64, 4, 4, 1]:
-    bad.append(f"tile_table() entry 0 is {table[:5]}, the comment of csrc/cuda/sinkhorn.cu says 32 x 64, 4 x 4, 1")
+    bad.append(f"tile_table() entry 0 is {table[:5]}, the comment of csrc/cuda/sinkhorn/gemm_kernels.cuh says "
+               "32 x 64, 4 x 4, 1")
 
 # ---- per-half-iteration kernels: every tile entry
 for (B, n, m, small), dtype in itertools.product(((5, 300, 300, -1), (9, 100, 81, 0)), (F64, F32)):
@@ -170,7 +171,7 @@ for (n, m), dtype, log in itertools.product(((81, 81), (100, 81)), (F64, F32), (
             fwd_bwd(tune, a, b, cost, gv, T, log, tile=num_tiles - 1), auto, cpu, dtype, value_bitwise=True)
 
 
-# ---- rows_per_block lowered by the shared-memory plan (csrc/cuda/sinkhorn.cu small_plan)
+# ---- rows_per_block lowered by the shared-memory plan (csrc/cuda/sinkhorn/small_plan.cuh small_plan)
 def r4(x):
     return (x + 3) // 4 * 4
 
