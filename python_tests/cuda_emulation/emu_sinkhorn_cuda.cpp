@@ -3,7 +3,8 @@
 // of libraries of their own, so that they load in the same process as wkd_kernels._C (which may define wkd_tuning):
 //   wkd_cuda_emu::sinkhorn / sinkhorn_backward: the schemas of wkd::sinkhorn / wkd::sinkhorn_backward
 //       (csrc/ops.cpp), the automatic launch choices of the product ops;
-//   wkd_cuda_emu::configure / launch_count / last_launches: the emulated device's switches and the launch log;
+//   wkd_cuda_emu::configure / resident_ctas_per_sm / launch_count / last_launches: the emulated device's switches,
+//       its occupancy model and the launch log;
 //   wkd_cuda_emu_tuning::*: the tuning ops (csrc/cuda/sinkhorn/tuning_ops.cu) on the emulated kernels.
 // Built by emulator.load (python_tests/cuda_emulation/emulator.py).
 #define WKD_CUDA_EMULATE 1
@@ -32,9 +33,19 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward(const at::Tensor& grad_valu
 }
 
 // The switches of wkd_emu::Config (csrc/cuda/cuda_emu.cuh).
-void configure(int64_t small, int64_t smem_limit) {
+void configure(int64_t small, int64_t smem_limit, int64_t regs_per_thread) {
+  TORCH_CHECK_VALUE(regs_per_thread >= 1 && regs_per_thread <= 255,
+                    "wkd_cuda_emu.configure: `regs_per_thread` must be in [1, 255], got ", regs_per_thread);
   ::wkd_emu::config().small = static_cast<int>(small);
   ::wkd_emu::config().smem_limit = static_cast<int>(smem_limit);
+  ::wkd_emu::config().regs_per_thread = static_cast<int>(regs_per_thread);
+}
+
+// The emulated device's resident CTAs per SM for a launch shape (wkd_emu::resident_ctas_per_sm).
+int64_t resident_ctas_per_sm(int64_t threads, int64_t smem) {
+  TORCH_CHECK_VALUE(threads >= 1 && threads <= 1024 && smem >= 0, "wkd_cuda_emu.resident_ctas_per_sm: `threads` must "
+                    "be in [1, 1024] and `smem` >= 0, got ", threads, ", ", smem);
+  return ::wkd_emu::resident_ctas_per_sm(static_cast<int>(threads), static_cast<size_t>(smem));
 }
 
 int64_t launch_count() { return ::wkd_emu::launch_count(); }
@@ -63,7 +74,9 @@ TORCH_LIBRARY(wkd_cuda_emu, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
       "Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
-  m.def("configure(int small=-1, int smem_limit=232448) -> ()", &wkd_cuda_emu_ops::configure);
+  m.def("configure(int small=-1, int smem_limit=232448, int regs_per_thread=64) -> ()",
+        &wkd_cuda_emu_ops::configure);
+  m.def("resident_ctas_per_sm(int threads, int smem) -> int", &wkd_cuda_emu_ops::resident_ctas_per_sm);
   m.def("launch_count() -> int", &wkd_cuda_emu_ops::launch_count);
   m.def("last_launches(int count) -> int[]", &wkd_cuda_emu_ops::last_launches);
 }

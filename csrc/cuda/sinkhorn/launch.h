@@ -14,7 +14,7 @@ namespace wkd {
 namespace cuda_sinkhorn {
 
 constexpr int kTileAuto = -1;      // launch_gemm's rule picks the tile table entry per product
-constexpr int kRowsAuto = -1;      // small_rows_target picks the rows per CTA of the single-launch kernels
+constexpr int kRowsAuto = -1;      // small_plan picks the rows per CTA of the single-launch kernels (one wave)
 constexpr int kSmallMaxC = 256;    // the single-launch kernels take a shared cost with n, m <= kSmallMaxC
 constexpr int kSmallMaxRows = 16;  // at most this many batch rows per CTA of the single-launch kernels
 

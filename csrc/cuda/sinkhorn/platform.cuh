@@ -105,6 +105,22 @@ void allow_dynamic_smem(Kern* kern, size_t bytes) {
 #endif
 }
 
+// How many CTAs of `kern` one SM holds at once with `threads` threads and `smem` bytes of dynamic shared memory
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor: registers, shared memory, threads; a host-side computation, no
+// device synchronisation), at least 1.
+template <class Kern>
+int resident_ctas_per_sm(Kern* kern, int threads, size_t smem) {
+#ifdef WKD_CUDA_EMULATE
+  (void)kern;
+  return ::wkd_emu::resident_ctas_per_sm(threads, smem);
+#else
+  allow_dynamic_smem(kern, smem);
+  int ctas = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kern, threads, smem));
+  return std::max(ctas, 1);
+#endif
+}
+
 }  // namespace
 }  // namespace cuda_sinkhorn
 }  // namespace wkd

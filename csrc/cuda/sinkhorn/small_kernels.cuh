@@ -15,12 +15,12 @@ namespace {
 // Single-launch kernels for small C (docs/design.md section 3): shared cost [n, m] with n, m <= kSmallMaxC (256), both
 // domains, float32 and float64. The forward (all T iterations, y and the value) is ONE launch, the exact backward's
 // whole reverse sweep ONE launch (plus one build launch each when the kernel matrix does not fit in shared memory).
-//   * Each CTA owns R consecutive batch rows (R <= kSmallMaxRows, chosen by the host so that the grid fills about
-//     two waves, or asked for per call by the tuning ops' rows_per_block; small_plan lowers either to fit shared
-//     memory; R changes no result bit: every output is one thread's loop whatever R) and keeps their state in
-//     dynamic shared memory: u, v (forward; logs in the log domain), the backward's w/x, z/zv and the grad_a /
-//     grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no
-//     global scratch); nothing synchronises with the host: graph-capturable.
+//   * Each CTA owns R consecutive batch rows (R <= kSmallMaxRows, chosen by the host so that the grid is one wave
+//     with as many CTAs as that allows, or asked for per call by the tuning ops' rows_per_block; small_plan lowers
+//     either to fit shared memory; R changes no result bit: every output is one thread's loop whatever R) and keeps
+//     their state in dynamic shared memory: u, v (forward; logs in the log domain), the backward's w/x, z/zv and the
+//     grad_a / grad_b accumulators. Nothing is exchanged between CTAs (no atomics, no global scratch); nothing
+//     synchronises with the host: graph-capturable.
 //   * The kernel matrix M (K = exp(-C/reg) in the scaling domain, L = -C/reg in the log domain) is held in shared
 //     memory when M and the state of at least one row fit in the opt-in limit (sm_90, 227 KiB: float32 up to
 //     C = 237, float64 up to C = 167; fewer rows per CTA when needed): each CTA forms it from cost with the same
@@ -84,14 +84,42 @@ struct SmallM {
   __device__ __forceinline__ T row(int64_t i, int64_t j) const { return r[i * ri + j * rj]; }
 };
 
+// Cost entries each thread loads per iteration of the in-CTA build of M (independent loads in flight together).
+constexpr int kSmallBuildUnroll = 8;
+
+// M in shared memory from the cost: entry k = i m + j of cost to Ms[i ldk + j], K = exp(c / -reg) or
+// L = c / -reg (the prep kernels' expressions). Each thread issues kSmallBuildUnroll independent loads (strided by
+// the CTA's thread count), then forms and stores those entries; 32-bit index arithmetic (n m <= 65536).
+template <typename T, bool LOG>
+__device__ __forceinline__ void small_build_in_smem(const SmallArgs<T>& p, T* Ms) {
+  constexpr int U = kSmallBuildUnroll;
+  const unsigned nm = static_cast<unsigned>(p.n * p.m), m = static_cast<unsigned>(p.m);
+  const unsigned ldk = static_cast<unsigned>(p.ldk), nt = blockDim.x;
+  const T* cost = p.cost;
+  const T nreg = p.nreg;
+  unsigned k = threadIdx.x;
+  for (; k + (U - 1) * nt < nm; k += U * nt) {
+    T c[U];
+#pragma unroll
+    for (int q = 0; q < U; ++q) c[q] = cost[k + q * nt];
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const unsigned e = k + q * nt, i = e / m;
+      Ms[i * ldk + (e - i * m)] = LOG ? c[q] / nreg : dexp(c[q] / nreg);
+    }
+  }
+  for (; k < nm; k += nt) {
+    const unsigned i = k / m;
+    const T c = cost[k];
+    Ms[i * ldk + (k - i * m)] = LOG ? c / nreg : dexp(c / nreg);
+  }
+}
+
 template <typename T, bool LOG>
 __device__ __forceinline__ SmallM<T> small_matrix(const SmallArgs<T>& p, T* Ms) {
   const int64_t n = p.n, m = p.m;
   if (p.M) return SmallM<T>{p.M, m, p.MT, 1, n};
-  for (int64_t k = threadIdx.x; k < n * m; k += blockDim.x) {
-    const T c = p.cost[k];
-    Ms[(k / m) * p.ldk + k % m] = LOG ? c / p.nreg : dexp(c / p.nreg);
-  }
+  small_build_in_smem<T, LOG>(p, Ms);
   return SmallM<T>{Ms, p.ldk, Ms, p.ldk, 1};
 }
 

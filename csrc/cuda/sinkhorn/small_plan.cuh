@@ -28,25 +28,15 @@ struct SmallPlan {
   size_t smem = 0;
 };
 
-// The rows per CTA the single-launch kernels aim for before the shared-memory limit is applied: rows_per_block in
-// [1, kSmallMaxRows] (an explicit choice of the tuning ops), or kRowsAuto: clamp(B / (2 x SMs), 1, kSmallMaxRows),
-// about two waves of CTAs.
-inline int small_rows_target(int64_t B, int rows_per_block) {
-  if (rows_per_block != kRowsAuto) return rows_per_block;
-  const int64_t sms = sm_count();
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kSmallMaxRows, B / (2 * sms))));
-}
-
-// arrays_n / arrays_m: state arrays of n / m values per row; rb: rows per work item (kSmallRB in the scaling
-// domain, 1 in the log domain); rows_per_block: small_rows_target's argument. The plan then lowers R while the
-// state of R rows does not fit in the opt-in shared memory, and, when M goes on chip, while M and the state of R
-// rows do not fit together: an explicit rows_per_block is an upper bound that the plan may lower (never raise),
-// exactly as it lowers the automatic target (SmallPlan::R is what runs; wkd_tuning::small_plan reports it).
+// The plan for a target of R_target rows per CTA: R is lowered while the state of R rows does not fit in the opt-in
+// shared memory, and, when M goes on chip, while M and the state of R rows do not fit together (never raised;
+// SmallPlan::R is what runs). arrays_n / arrays_m: state arrays of n / m values per row; rb: rows per work item
+// (kSmallRB in the scaling domain, 1 in the log domain).
 template <typename T>
-SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m, int rb, int rows_per_block) {
+SmallPlan small_plan_rows(int64_t n, int64_t m, int arrays_n, int arrays_m, int rb, int R_target) {
   SmallPlan pl;
   const size_t limit = static_cast<size_t>(smem_optin_bytes());
-  pl.R = small_rows_target(B, rows_per_block);
+  pl.R = R_target;
   auto state_bytes = [&](int R) {
     return size_t(R) * size_t(arrays_n * round4(n) + arrays_m * round4(m)) * sizeof(T);
   };
@@ -64,16 +54,44 @@ SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m
   return pl;
 }
 
+// The launch plan of B rows. rows_per_block in [1, kSmallMaxRows] (an explicit choice of the tuning ops): that
+// target, lowered by small_plan_rows. kRowsAuto: one wave of CTAs, with as many CTAs as that allows: the smallest R
+// with ceil(B / R) <= resident_ctas(plan) x SMs, where resident_ctas(plan) is how many CTAs of that plan (threads,
+// dynamic shared memory) one SM holds at once (the occupancy calculator; registers included); kSmallMaxRows (as
+// lowered) when B needs more than one wave even then. (Each CTA forms its own copy of M: more CTAs than fit at once
+// would only queue behind the first wave.) Fewer or more rows per CTA change no result bit: every output is one
+// thread's loop whatever R. The resident count does not grow with R (threads and shared memory do not shrink), so
+// the search starts at the R that one wave of R = 1's resident count needs: a few occupancy queries.
+template <typename T, class ResidentCtas>
+SmallPlan small_plan(int64_t B, int64_t n, int64_t m, int arrays_n, int arrays_m, int rb, int rows_per_block,
+                     const ResidentCtas& resident_ctas) {
+  if (rows_per_block != kRowsAuto) return small_plan_rows<T>(n, m, arrays_n, arrays_m, rb, rows_per_block);
+  const int64_t sms = sm_count();
+  const int64_t most = int64_t(resident_ctas(small_plan_rows<T>(n, m, arrays_n, arrays_m, rb, 1))) * sms;
+  int R = static_cast<int>(std::min<int64_t>(kSmallMaxRows, std::max<int64_t>(1, ceil_div(B, most))));
+  for (;; ++R) {
+    const SmallPlan pl = small_plan_rows<T>(n, m, arrays_n, arrays_m, rb, R);
+    // shared memory caps R (larger targets give this same plan), or the largest R
+    if (pl.R < R || R == kSmallMaxRows) return pl;
+    if (ceil_div(B, pl.R) <= int64_t(resident_ctas(pl)) * sms) return pl;
+  }
+}
+
 // The plans of the two directions: per row, the forward keeps 3 state arrays of n values and 1 of m, the backward
-// 3 of n and 3 of m (the kernels' shared-memory layout).
+// 3 of n and 3 of m (the kernels' shared-memory layout); the resident CTAs are those of the kernel that runs.
 template <typename T>
 SmallPlan small_forward_plan(int64_t B, int64_t n, int64_t m, bool log_domain, int rows_per_block) {
-  return small_plan<T>(B, n, m, 3, 1, log_domain ? 1 : kSmallRB, rows_per_block);
+  auto* kern = log_domain ? &small_forward_kernel<T, true> : &small_forward_kernel<T, false>;
+  return small_plan<T>(B, n, m, 3, 1, log_domain ? 1 : kSmallRB, rows_per_block,
+                       [&](const SmallPlan& pl) { return resident_ctas_per_sm(kern, pl.threads, pl.smem); });
 }
 template <typename T>
 SmallPlan small_backward_plan(int64_t B, int64_t n, int64_t m, bool log_domain, int rows_per_block) {
-  return small_plan<T>(B, n, m, 3, 3, log_domain ? 1 : kSmallRB, rows_per_block);
+  auto* kern = log_domain ? &small_backward_kernel<T, true> : &small_backward_kernel<T, false>;
+  return small_plan<T>(B, n, m, 3, 3, log_domain ? 1 : kSmallRB, rows_per_block,
+                       [&](const SmallPlan& pl) { return resident_ctas_per_sm(kern, pl.threads, pl.smem); });
 }
+
 }  // namespace
 }  // namespace cuda_sinkhorn
 }  // namespace wkd
