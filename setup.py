@@ -1,7 +1,8 @@
 """Build of record for wkd_kernels._C (layout and dispatch: docs/design.md sections 1-2).
 
-The C++ CPU sources always build. The CUDA C++ sources (csrc/cuda/*.cu) build when torch was built with CUDA, a
-CUDA toolkit (nvcc) is found, and there is something to compile for: a visible GPU or an architecture asked for.
+The C++ CPU sources always build. The CUDA C++ sources (csrc/cuda/*.cu, csrc/cuda/*/*.cu) build when torch was
+built with CUDA, a CUDA toolkit (nvcc) is found, and there is something to compile for: a visible GPU or an
+architecture asked for.
 With no GPU visible and no architecture asked for they are skipped (the Triton kernels need no build). Overrides:
   TORCH_CUDA_ARCH_LIST  the GPU architectures, e.g. "9.0"; setting it also asks for the CUDA sources on a machine
                         without a GPU (a login node)
@@ -114,7 +115,7 @@ def _extension():
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        cu = sorted(glob.glob("csrc/cuda/*.cu"))
+        cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*/*.cu"))
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' architectures"
         _say(f"CUDA sources {' '.join(cu)} for TORCH_CUDA_ARCH_LIST={arch} (each architecture is one more nvcc pass)")
         sources += cu

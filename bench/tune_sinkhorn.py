@@ -49,7 +49,7 @@ ROWS_PER_BLOCK = (-1, 1, 2, 4, 8, 16)  # -1: the automatic choice
 
 
 def cuda_tuning_op(name: str):
-    """torch.ops.wkd_tuning.<name> (csrc/cuda/sinkhorn.cu, section "tuning ops": wkd::sinkhorn / sinkhorn_backward
+    """torch.ops.wkd_tuning.<name> (csrc/cuda/sinkhorn/tuning_ops.cu: wkd::sinkhorn / sinkhorn_backward
     with the tile table entry and the rows per CTA as per-call arguments, num_tiles, tile_table, small_plan), or
     None in a build without them. Every use of those ops goes through here."""
     try:

@@ -1316,7 +1316,8 @@ def test_tuning_ops_under_host_emulation(tmp_path):
     off) 100 x 81, bitwise the automatic choice except the value (to rounding), the products' launch shapes those of
     the entry; rows_per_block in {1, 2, 3, 4, 8, 16} at 81 x 81 and 100 x 81, both domains, float32 / float64, every
     output bitwise, the launch the one small_plan reports; rows_per_block lowered by the shared-memory plan (M off
-    chip, M on chip); ValueError for out-of-range choices. WKD_EMU_SMS=8 (the automatic rows per CTA: B / 16).
+    chip, M on chip); the automatic rows per CTA at 132 SMs (one wave, the smallest such R); ValueError for
+    out-of-range choices. WKD_EMU_SMS=8.
     Set WKD_EMU_BUILD_DIR to reuse the build between runs.
     """
     run_emulation_check("check_tuning_ops.py", "TUNING EMULATION OK", tmp_path, sms=8)

@@ -1,5 +1,6 @@
-// Host emulation of the CUDA subset used by csrc/cuda/sinkhorn.cu, for verification without a GPU: compiled
-// only when WKD_CUDA_EMULATE is defined (python_tests/cuda_emulation/ builds it), never by setup.py.
+// Host emulation of the CUDA subset used by csrc/cuda/sinkhorn.cu and csrc/cuda/sinkhorn/, for verification
+// without a GPU: compiled only when WKD_CUDA_EMULATE is defined (python_tests/cuda_emulation/ builds it), never by
+// setup.py.
 //
 // A launch runs the blocks one after another; the threads of a block are cooperative fibers (ucontext), run
 // round-robin, each until it reaches a barrier: __syncthreads() waits for every live thread of the block,
@@ -149,6 +150,42 @@ inline void check_aligned16(const void* p) {
                  block_idx().x, block_idx().y, current()->cur);
     std::abort();
   }
+}
+
+// Verification-only switches of the emulated device, set through wkd_cuda_emu::configure
+// (python_tests/cuda_emulation/): small < 0 applies the size rule of the single-launch kernels, 0 / 1 forces them
+// off / on (where they apply: shared cost, C <= 256); smem_limit: the emulated opt-in shared memory per block
+// (sm_90: 227 KiB); regs_per_thread: the registers per thread of every emulated kernel, for resident_ctas_per_sm
+// (default: what ptxas reports for small_forward_kernel<float, false> on sm_90 with nvcc 13). (The tile of the
+// per-half-iteration kernels and the rows per CTA of the single-launch kernels are per-call arguments of the tuning
+// ops instead.)
+struct Config {
+  int small = -1;
+  int smem_limit = 227 * 1024;
+  int regs_per_thread = 64;
+};
+inline Config& config() {
+  static Config c;
+  return c;
+}
+
+// The emulated multiprocessor count: the environment variable WKD_EMU_SMS, 8 when unset.
+inline int sm_count() {
+  const char* env = std::getenv("WKD_EMU_SMS");
+  return env ? std::max(1, std::atoi(env)) : 8;
+}
+
+// CTAs of `threads` threads and `smem` bytes of dynamic shared memory that one SM of the emulated device holds at
+// once, by the occupancy calculator's limits of sm_90: 2048 threads and 32 CTAs per SM, 65536 registers allocated
+// per warp in units of 256 (config().regs_per_thread per thread), 228 KiB of shared memory per SM with 1 KiB
+// reserved per CTA. At least 1.
+inline int resident_ctas_per_sm(int threads, size_t smem) {
+  const int warps = (threads + 31) / 32;
+  const int by_threads = 2048 / (warps * 32);
+  const int regs_per_warp = (config().regs_per_thread * 32 + 255) / 256 * 256;
+  const int by_regs = 65536 / (regs_per_warp * warps);
+  const int by_smem = static_cast<int>(size_t(228 * 1024) / (smem + 1024));
+  return std::max(1, std::min(std::min(32, by_threads), std::min(by_regs, by_smem)));
 }
 
 // Number of kernel launches since the library was loaded (the tests assert launch counts through it).

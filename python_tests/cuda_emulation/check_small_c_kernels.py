@@ -54,7 +54,8 @@ def counted(f, *args):
 def expected_launches(B, n, m, dtype, smem, sms=int(os.environ.get("WKD_EMU_SMS", "8"))):
     """(forward, backward) launches of the single-launch path: 1 each, +1 (the build kernel) where the kernel
     matrix (row stride m rounded up to odd) does not fit in the shared memory per block next to the state of one
-    row (forward 3n + m, backward 3n + 3m values, each rounded up to 4): csrc/cuda/sinkhorn.cu small_plan."""
+    row (forward 3n + m, backward 3n + 3m values, each rounded up to 4): small_plan in
+    csrc/cuda/sinkhorn/small_plan.cuh."""
     def r4(x):
         return (x + 3) // 4 * 4
 
@@ -118,9 +119,19 @@ for (n, m), dtype, log in itertools.product(((7, 5), (5, 33), (100, 91), (256, 1
 # small reg in the log domain (K underflows in float32; L does not)
 for dtype in (F64, F32):
     run_case(3, 91, 91, 4, dtype, True, 0.0, reg=0.004)
-# B over several CTAs (rows per CTA = B / (2 x emulated SMs): 8 SMs -> 2 rows per CTA at B = 33)
+# B over several CTAs of several rows, the last one partial: with 1 emulated SM, one wave of 33 rows needs several
+# rows per CTA (the automatic rows per CTA: small_plan)
+sms_env = os.environ.get("WKD_EMU_SMS")
+os.environ["WKD_EMU_SMS"] = "1"
 for dtype, log in itertools.product((F64, F32), (False, True)):
+    R = torch.ops.wkd_cuda_emu_tuning.small_plan(33, 81, 81, dtype, log, False)[0]
+    if not 1 < R < 33 or 33 % R == 0:
+        bad.append(f"B=33 C=81 {dtype} log={log} on 1 SM: the plan runs R={R}, not several rows with a partial CTA")
     run_case(33, 81, 81, 2, dtype, log, 0.0)
+if sms_env is None:
+    del os.environ["WKD_EMU_SMS"]
+else:
+    os.environ["WKD_EMU_SMS"] = sms_env
 
 # ---- M off chip (build kernel + global passes) gives bitwise the on-chip numbers
 for dtype, log in itertools.product((F64, F32), (False, True)):

@@ -3,7 +3,7 @@
     python python_tests/cuda_emulation/check_tuning_ops.py BUILD_DIR        (WKD_EMU_SMS=8)
 
 Builds emu_sinkhorn_cuda.cpp (the same build as check_emulated_kernels.py) and checks, on CPU tensors, the library
-wkd_cuda_emu_tuning (csrc/cuda/sinkhorn.cu, section "tuning ops": the ops wkd_tuning::* of a CUDA build, run by the
+wkd_cuda_emu_tuning (csrc/cuda/sinkhorn/tuning_ops.cu: the ops wkd_tuning::* of a CUDA build, run by the
 emulated kernels):
   * per-half-iteration kernels, every tile table entry (`tile` = 0 .. num_tiles() - 1) and -1: u, v, hist_r,
     hist_s, y, grad_a, grad_b bitwise equal to the product op (wkd_cuda_emu.sinkhorn, the automatic tile), the
@@ -16,6 +16,8 @@ emulated kernels):
   * the plan that runs (small_plan): R = rows_per_block where shared memory allows; lowered (never raised) to fit
     the emulated opt-in shared memory: M off chip (R = the state rows that fit), M on chip (R = the rows that fit
     next to M), the outputs still bitwise the automatic choice's;
+  * the automatic rows per CTA at 132 SMs, B x C = 2048 x 100 and 4096 x 81: one wave of CTAs under the emulated
+    occupancy (wkd_cuda_emu.resident_ctas_per_sm), and the smallest such R;
   * out-of-range `tile` / `rows_per_block` (and small_plan's arguments) raise ValueError naming the argument and
     the valid range; num_tiles() and tile_table() describe the table (5 integers per entry).
 Prints the failing cases, or "TUNING EMULATION OK"; exits 1 on a failure.
@@ -117,7 +119,8 @@ for k in range(num_tiles):
     if not (bm % tm == 0 and bn % tn == 0 and bm >= 16 and bn >= 32 and min_blocks >= 1):
         bad.append(f"tile_table() entry {k}: {table[5 * k:5 * k + 5]} is not a valid (BM, BN, TM, TN, min CTAs)")
 if table[:5] != [32, 64, 4, 4, 1]:
-    bad.append(f"tile_table() entry 0 is {table[:5]}, the comment of csrc/cuda/sinkhorn.cu says 32 x 64, 4 x 4, 1")
+    bad.append(f"tile_table() entry 0 is {table[:5]}, the comment of csrc/cuda/sinkhorn/gemm_kernels.cuh says "
+               "32 x 64, 4 x 4, 1")
 
 # ---- per-half-iteration kernels: every tile entry
 for (B, n, m, small), dtype in itertools.product(((5, 300, 300, -1), (9, 100, 81, 0)), (F64, F32)):
@@ -170,7 +173,7 @@ for (n, m), dtype, log in itertools.product(((81, 81), (100, 81)), (F64, F32), (
             fwd_bwd(tune, a, b, cost, gv, T, log, tile=num_tiles - 1), auto, cpu, dtype, value_bitwise=True)
 
 
-# ---- rows_per_block lowered by the shared-memory plan (csrc/cuda/sinkhorn.cu small_plan)
+# ---- rows_per_block lowered by the shared-memory plan (csrc/cuda/sinkhorn/small_plan.cuh small_plan)
 def r4(x):
     return (x + 3) // 4 * 4
 
@@ -199,6 +202,40 @@ for dtype, log, backward in itertools.product((F64, F32), (False, True), (False,
             bad.append(f"{tag}: the kernel ran {kernel_launch}, the plan says {(ctas, threads, dyn)}")
         compare(tag, got, auto, fwd_bwd(cpu_ops, a, b, cost, gv, 2, log), dtype, value_bitwise=True)
 emu.configure(-1, SMEM_SM90)
+
+# ---- the automatic rows per CTA: one wave of CTAs, with the most CTAs that allows. 132 SMs (H100 SXM) at
+# B x C = 2048 x 100 and 4096 x 81, where the former rule clamp(B / (2 SMs), 1, 16) asked for 293 / 274 CTAs:
+# more than the SMs hold at once. The plan's CTAs fit in one wave of the emulated occupancy (resident_ctas_per_sm of
+# the plan's launch shape, times the SMs), and one row fewer per CTA would not fit (or shared memory caps R).
+ONE_WAVE_SMS = 132
+sms_env = os.environ.get("WKD_EMU_SMS")
+os.environ["WKD_EMU_SMS"] = str(ONE_WAVE_SMS)  # the emulated sm_count reads it at every plan
+for regs in (None, 128, 96):  # the default registers per thread, and two more CTA-per-SM regimes
+    if regs is None:
+        emu.configure(-1, SMEM_SM90)
+    else:
+        emu.configure(-1, SMEM_SM90, regs)
+    for (B, c), dtype, log, backward in itertools.product(((2048, 100), (4096, 81)), (F32, F64), (False, True),
+                                                          (False, True)):
+        tag = f"automatic plan B={B} C={c} {dtype} log={log} backward={backward} regs={regs} {ONE_WAVE_SMS} SMs"
+        R, ctas, threads, on_chip, dyn = tune.small_plan(B, c, c, dtype, log, backward)
+        wave = emu.resident_ctas_per_sm(threads, dyn) * ONE_WAVE_SMS
+        if ctas != -(-B // R) or (ctas > wave and R < 16):
+            bad.append(f"{tag}: R={R}, {ctas} CTAs of {threads} threads, {dyn} B: not one wave ({wave} resident)")
+        if R > 1:
+            R1, ctas1, threads1, _, dyn1 = tune.small_plan(B, c, c, dtype, log, backward, R - 1)
+            if R1 == R - 1 and ctas1 <= emu.resident_ctas_per_sm(threads1, dyn1) * ONE_WAVE_SMS:
+                bad.append(f"{tag}: R={R}, but R={R - 1} ({ctas1} CTAs) also fits in one wave")
+# 128 registers per thread: two 256-thread CTAs per SM, 264 at once; 4096 x 81 then needs 16 rows per CTA
+emu.configure(-1, SMEM_SM90, 128)
+plan = tuple(tune.small_plan(4096, 81, 81, F32, False, False))
+if plan[:3] != (16, 256, 256):
+    bad.append(f"automatic plan 4096 x 81 float32, 128 registers: {plan}, expected R=16, 256 CTAs of 256 threads")
+emu.configure(-1, SMEM_SM90)
+if sms_env is None:
+    del os.environ["WKD_EMU_SMS"]
+else:
+    os.environ["WKD_EMU_SMS"] = sms_env
 
 # ---- clear errors for out-of-range choices
 a, b, cost, gv = problem(3, 20, 20, F32)
