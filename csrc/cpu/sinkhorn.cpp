@@ -236,14 +236,7 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
 //   G_T = eps sum_i a_i w_T,i / r_T,i,  G_t = G_{t+1} + eps (sum_i a_i w_t,i / r_t,i - sum_j b_j z_{t+1,j} / s_{t+1,j})
 // (0 for eps = 0: rescaling v_t leaves the value unchanged). The sweep's z_t violates it by a rounding residual,
 // which zero-mass entries amplify by up to exp(max cost / reg); z_t -= b (sum_j b_j z_t,j - G_t) / sum_j b_j^2
-// restores it. Without eps (the legacy call) nothing is corrected.
-struct GaugeTarget {
-  bool on = false;  // eps given: correct z_t
-  double G = 0;     // G_t of the current step
-  double zs = 0;    // sum_j b_j z_{t+1,j} / s_{t+1,j} of the previous step (eps > 0)
-  // c such that z_t -= c b restores sum_j b_j z_t,j = G (sbz = sum_j b_j z_t,j, sbb = sum_j b_j^2)
-  double shift(double sbz, double sbb) const { return sbb > 0 ? (sbz - G) / sbb : 0.0; }
-};
+// restores it. Without eps (the legacy call, correct = false) nothing is corrected.
 
 template <typename T>
 void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n, int64_t m, int64_t T_iters,
@@ -276,7 +269,7 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
     for (int64_t j = 0; j < m; ++j)
       direct[j] = sm[j] == T(0) ? T(0) : g * std::exp(mx[j] - s_at(last)[j]) * sm[j];
   }
-  GaugeTarget gauge{correct};
+  double G = 0, zs = 0;  // G_t; sum_j b_j z_{t+1,j} / s_{t+1,j} of the previous step (eps > 0)
   // The log domain folds eps into its sums (eps / r_t as exp(log eps - log r_t)): there the factor is 1.
   const double log_eps = eps > 0 ? std::log(eps) : 0.0, sum_factor = log_domain ? 1.0 : eps;
   auto eps_term = [&](double num, double den) {  // num / den; the log domain: num eps / exp(den), den = log r or log s
@@ -291,7 +284,7 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
       if (!log_domain) x[i] = w[i] * ut[i];
       if (eps > 0 && a[i] > T(0)) awr += eps_term(double(a[i]) * double(w[i]), double(r[i]));
     }
-    gauge.G = (t == last ? 0.0 : gauge.G - sum_factor * gauge.zs) + sum_factor * awr;
+    G = (t == last ? 0.0 : G - sum_factor * zs) + sum_factor * awr;
     if (!log_domain) vec_mat<T>(M, nullptr, x.data(), tmp.data(), n, m);
     else col_reduce<T>(M, nullptr, ut.data(), w.data(), mx.data(), sm.data(), n, m);
     const T* s = s_at(t);
@@ -306,11 +299,11 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
       sbz += double(b[j]) * double(z[j]);
       sbb += double(b[j]) * double(b[j]);
     }
-    const double c = gauge.on ? gauge.shift(sbz, sbb) : 0.0;
-    gauge.zs = 0;  // sum_j b_j z_j / s_j (log domain: times eps)
+    const double c = correct && sbb > 0 ? (sbz - G) / sbb : 0.0;  // z_t -= c b restores sum_j b_j z_t,j = G_t
+    zs = 0;  // sum_j b_j z_j / s_j (log domain: times eps)
     for (int64_t j = 0; j < m; ++j) {
       z[j] = T(double(z[j]) - c * double(b[j]));
-      if (eps > 0 && b[j] > T(0)) gauge.zs += eps_term(double(b[j]) * double(z[j]), double(s[j]));
+      if (eps > 0 && b[j] > T(0)) zs += eps_term(double(b[j]) * double(z[j]), double(s[j]));
       gb[j] += z[j];
       if (!log_domain) y[j] = z[j] * vt[j];
     }
@@ -334,6 +327,44 @@ void rows_parallel(int64_t B, int64_t len, const F& f) {
   at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) f(bi, bi * len);
   });
+}
+
+// The elementwise passes of the BLAS paths over one row: functions of restrict pointers, so that they vectorise.
+template <typename T>  // den += add (when do_add); out = num / den     (v = b / s, u = a / r)
+void add_divide(T* __restrict den, const T* __restrict num, T* __restrict out, int64_t len, T add, bool do_add) {
+  if (do_add)
+    for (int64_t k = 0; k < len; ++k) den[k] += add;
+  for (int64_t k = 0; k < len; ++k) out[k] = num[k] / den[k];
+}
+template <typename T>  // u = a / r, w = g y / r; ut = u, ga = w, x = w u     (the last step of the backward sweep)
+void last_w_pass(const T* __restrict a, const T* __restrict r, const T* __restrict y, T g, T* __restrict ut,
+                 T* __restrict ga, T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T u_i = a[i] / r[i], w = g * y[i] / r[i];
+    ut[i] = u_i, ga[i] = w, x[i] = w * u_i;
+  }
+}
+template <typename T>  // w = -prod / r; ga += w; x = w a / r
+void w_pass(const T* __restrict prod, const T* __restrict r, const T* __restrict a, T* __restrict ga, T* __restrict x,
+            int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T w = -prod[i] / r[i];
+    ga[i] += w, x[i] = w * (a[i] / r[i]);
+  }
+}
+template <typename T>  // z = ((g direct if last) - prod) / s
+void z_pass(const T* __restrict direct, const T* __restrict prod, const T* __restrict s, T g, bool last,
+            T* __restrict z, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) z[j] = ((last ? g * direct[j] : T(0)) - prod[j]) / s[j];
+}
+template <typename T>  // z -= c b; gb += z (gb = z if last); zv = z v = z b / s
+void correct_pass(T* __restrict zv, T* __restrict gb, const T* __restrict b, const T* __restrict s, double c, bool last,
+                  int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    const T z = T(double(zv[j]) - c * double(b[j]));
+    gb[j] = last ? z : gb[j] + z;
+    zv[j] = z * (b[j] / s[j]);
+  }
 }
 
 // s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
@@ -416,20 +447,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       s_has_eps = false;
     }
     T* s_p = s.data_ptr<T>();
-    rows_parallel(B, m, [&](int64_t, int64_t o) {
-      for (int64_t j = o; j < o + m; ++j) {
-        if (!s_has_eps) s_p[j] += e;
-        v_p[j] = b_p[j] / s_p[j];
-      }
-    });
+    rows_parallel(B, m, [&](int64_t, int64_t o) { add_divide<T>(s_p + o, b_p + o, v_p + o, m, e, !s_has_eps); });
     at::mm_out(r, v, K.t());
     T* r_p = r.data_ptr<T>();
-    rows_parallel(B, n, [&](int64_t, int64_t o) {
-      for (int64_t i = o; i < o + n; ++i) {
-        r_p[i] += e;
-        u_p[i] = a_p[i] / r_p[i];
-      }
-    });
+    rows_parallel(B, n, [&](int64_t, int64_t o) { add_divide<T>(r_p + o, a_p + o, u_p + o, n, e, true); });
   }
   at::Tensor y = at::empty({B, n}, a.options());
   at::mm_out(y, v, K.mul(cost).t());
@@ -472,50 +493,30 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
   // gauge[bi] = G_t of row bi; zs[bi] = sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0); sbb[bi] = sum_j b_j^2
   std::vector<double> gauge(B, 0.0), zs(B, 0.0), sbb(B, 0.0);
   // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
-  {
-    const T* r = hr + last * B * n;
-    rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-      const T g = g_p[bi];
-      for (int64_t i = o; i < o + n; ++i) {
-        const T u_i = a_p[i] / r[i];
-        const T w = g * y_p[i] / r[i];
-        ut_p[i] = u_i;
-        ga_p[i] = w;
-        x_p[i] = w * u_i;
-      }
-      if (has_eps) gauge[bi] = eps * ordered_sum(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
-      double bb = 0;
-      for (int64_t j = bi * m; j < (bi + 1) * m; ++j) bb += double(b_p[j]) * double(b_p[j]);
-      sbb[bi] = bb;
-    });
-  }
+  const T* r_last = hr + last * B * n;
+  rows_parallel(B, n, [&](int64_t bi, int64_t o) {
+    last_w_pass<T>(a_p + o, r_last + o, y_p + o, g_p[bi], ut_p + o, ga_p + o, x_p + o, n);
+    if (has_eps) gauge[bi] = eps * ordered_sum(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
+    for (int64_t j = bi * m; j < (bi + 1) * m; ++j) sbb[bi] += double(b_p[j]) * double(b_p[j]);
+  });
   at::Tensor direct = at::mm(ut, K.mul(cost));
   const T* d_p = direct.data_ptr<T>();
   for (int64_t t = last; t >= 0; --t) {
     at::mm_out(tmp_m, x, K);  // K^T (w_t u_t) per row
     const T* s = hs + t * B * m;
     rows_parallel(B, m, [&](int64_t bi, int64_t o) {
-      const T g = g_p[bi];
-      for (int64_t j = o; j < o + m; ++j) zv_p[j] = ((t == last ? g * d_p[j] : T(0)) - tm_p[j]) / s[j];  // z_t
+      z_pass<T>(d_p + o, tm_p + o, s + o, g_p[bi], t == last, zv_p + o, m);  // z_t
       double sbz = 0;
       for (int64_t j = o; j < o + m; ++j) sbz += double(b_p[j]) * double(zv_p[j]);
       const double c = correct && sbb[bi] > 0 ? (sbz - gauge[bi]) / sbb[bi] : 0.0;  // the gauge correction
-      for (int64_t j = o; j < o + m; ++j) {
-        const T z = T(double(zv_p[j]) - c * double(b_p[j]));
-        gb_p[j] = t == last ? z : gb_p[j] + z;
-        zv_p[j] = z * (b_p[j] / s[j]);
-      }
+      correct_pass<T>(zv_p + o, gb_p + o, b_p + o, s + o, c, t == last, m);
       if (has_eps) zs[bi] = ordered_sum(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
     });
     if (t == 0) break;
     at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
     const T* r = hr + (t - 1) * B * n;
     rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-      for (int64_t i = o; i < o + n; ++i) {
-        const T w = -tn_p[i] / r[i];
-        ga_p[i] += w;
-        x_p[i] = w * (a_p[i] / r[i]);
-      }
+      w_pass<T>(tn_p + o, r + o, a_p + o, ga_p + o, x_p + o, n);
       if (has_eps) gauge[bi] += eps * (ordered_sum(x_p + o, n) - zs[bi]);
     });
   }
