@@ -126,11 +126,10 @@ inline T safe_log(T x) {
 // Kernel matrix of one cost block: K = exp(-C/reg) (scaling) or L = -C/reg (log domain).
 template <typename T>
 void kernel_matrix(const T* C, T* out, int64_t nm, T reg, bool log_domain) {
-  if (log_domain) {
+  if (log_domain)
     for (int64_t k = 0; k < nm; ++k) out[k] = -C[k] / reg;
-  } else {
+  else
     for (int64_t k = 0; k < nm; ++k) out[k] = std::exp(-C[k] / reg);
-  }
 }
 
 // K (scaling) or L (log domain) of one [n, m] block is usable when no row and no column is entirely 0 (K: exp
@@ -139,14 +138,13 @@ template <typename T>
 bool kernel_block_ok(const T* M, int64_t n, int64_t m, bool log_domain) {
   const T dead = log_domain ? -std::numeric_limits<T>::infinity() : T(0);
   std::vector<char> col(m, 0);
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // branch-free, so that it vectorises
     const T* Mi = M + i * m;
-    bool any = false;
+    char any = 0;
     for (int64_t j = 0; j < m; ++j) {
-      if (Mi[j] != dead) {
-        any = true;
-        col[j] = 1;
-      }
+      const char live = Mi[j] != dead;
+      col[j] |= live;
+      any |= live;
     }
     if (!any) return false;
   }
@@ -175,14 +173,17 @@ template <typename T>
 void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int64_t m, int64_t T_iters, T eps,
                  bool log_domain, T* value, T* u, T* v, T* r_hist, T* s_hist, T* y_out, int64_t r_stride,
                  int64_t s_stride) {
-  std::vector<T> r(n), s(m), tmp(std::max(n, m));
+  const int64_t nm = std::max(n, m);
+  std::vector<T> r(n), s(m), tmp(nm), mx(log_domain ? nm : 0), sm(log_domain ? nm : 0);
   int64_t cnt = 0;
   for (int64_t i = 0; i < n; ++i) cnt += a[i] > T(0);
   const bool has_eps = eps > T(0);
   const T log_eps = has_eps ? std::log(eps) : T(0);
-  if (!log_domain) {
-    for (int64_t i = 0; i < n; ++i) u[i] = a[i] > T(0) ? T(1) / T(cnt) : T(0);
-    for (int64_t t = 0; t < T_iters; ++t) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i)
+    u[i] = log_domain ? (a[i] > T(0) ? -std::log(T(cnt)) : ninf) : (a[i] > T(0) ? T(1) / T(cnt) : T(0));
+  for (int64_t t = 0; t < T_iters; ++t) {
+    if (!log_domain) {
       vec_mat<T>(M, nullptr, u, s.data(), n, m);
       for (int64_t j = 0; j < m; ++j) {
         s[j] += eps;
@@ -193,21 +194,7 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
         r[i] += eps;
         u[i] = a[i] / r[i];
       }
-      if (r_hist) {
-        std::copy(r.begin(), r.end(), r_hist + t * r_stride);
-        std::copy(s.begin(), s.end(), s_hist + t * s_stride);
-      }
-    }
-    mat_vec<T>(M, C, v, tmp.data(), n, m);  // y = (K∘C) v_T
-    T acc = 0;
-    for (int64_t i = 0; i < n; ++i) acc += u[i] * tmp[i];
-    *value = acc;
-    if (y_out) std::copy(tmp.begin(), tmp.begin() + n, y_out);
-  } else {
-    std::vector<T> mx(std::max(n, m)), sm(std::max(n, m));
-    const T ninf = -std::numeric_limits<T>::infinity();
-    for (int64_t i = 0; i < n; ++i) u[i] = a[i] > T(0) ? -std::log(T(cnt)) : ninf;
-    for (int64_t t = 0; t < T_iters; ++t) {
+    } else {
       col_reduce<T>(M, nullptr, u, nullptr, mx.data(), sm.data(), n, m);
       for (int64_t j = 0; j < m; ++j) {
         s[j] = log_add_eps(mx[j] + safe_log(sm[j]), log_eps, has_eps);
@@ -218,20 +205,25 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
         r[i] = log_add_eps(mx[i] + safe_log(sm[i]), log_eps, has_eps);
         u[i] = safe_log(a[i]) - r[i];
       }
-      if (r_hist) {
-        std::copy(r.begin(), r.end(), r_hist + t * r_stride);
-        std::copy(s.begin(), s.end(), s_hist + t * s_stride);
-      }
     }
-    row_reduce<T>(M, C, v, nullptr, mx.data(), sm.data(), n, m);  // log y = log (K∘C) v_T
-    T acc = 0;
+    if (r_hist) {
+      std::copy(r.begin(), r.end(), r_hist + t * r_stride);
+      std::copy(s.begin(), s.end(), s_hist + t * s_stride);
+    }
+  }
+  T acc = 0;  // y = (K∘C) v_T (scaling), log y = log (K∘C) v_T (log domain); value = sum_i u_i y_i
+  if (!log_domain) {
+    mat_vec<T>(M, C, v, tmp.data(), n, m);
+    for (int64_t i = 0; i < n; ++i) acc += u[i] * tmp[i];
+  } else {
+    row_reduce<T>(M, C, v, nullptr, mx.data(), sm.data(), n, m);
     for (int64_t i = 0; i < n; ++i) {
       tmp[i] = mx[i] + safe_log(sm[i]);
       if (u[i] != ninf && sm[i] != T(0)) acc += std::exp(u[i] + mx[i]) * sm[i];
     }
-    *value = acc;
-    if (y_out) std::copy(tmp.begin(), tmp.begin() + n, y_out);
   }
+  *value = acc;
+  if (y_out) std::copy(tmp.begin(), tmp.begin() + n, y_out);
 }
 
 // --------------------------------- one row, backward ---------------------------------
@@ -244,119 +236,85 @@ void forward_row(const T* M, const T* C, const T* a, const T* b, int64_t n, int6
 //   G_T = eps sum_i a_i w_T,i / r_T,i,  G_t = G_{t+1} + eps (sum_i a_i w_t,i / r_t,i - sum_j b_j z_{t+1,j} / s_{t+1,j})
 // (0 for eps = 0: rescaling v_t leaves the value unchanged). The sweep's z_t violates it by a rounding residual,
 // which zero-mass entries amplify by up to exp(max cost / reg); z_t -= b (sum_j b_j z_t,j - G_t) / sum_j b_j^2
-// restores it. Without eps (the legacy call) nothing is corrected.
-struct GaugeTarget {
-  double eps = 0;
-  bool on = false;  // eps given: correct z_t
-  double G = 0;     // G_t of the current step
-  double zs = 0;    // sum_j b_j z_{t+1,j} / s_{t+1,j} of the previous step (eps > 0)
-  // c such that z_t -= c b restores sum_j b_j z_t,j = G (sbz = sum_j b_j z_t,j, sbb = sum_j b_j^2)
-  double shift(double sbz, double sbb) const { return sbb > 0 ? (sbz - G) / sbb : 0.0; }
-};
+// restores it. Without eps (the legacy call, correct = false) nothing is corrected.
 
 template <typename T>
 void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n, int64_t m, int64_t T_iters,
                   bool log_domain, const T* r_hist, const T* s_hist, const T* y_in, int64_t r_stride,
                   int64_t s_stride, T* ga, T* gb, double eps, bool correct) {
-  std::vector<T> w(n), z(m), direct(m), ut(n), vt(m), x(n), y(m), tmp(std::max(n, m));
+  const int64_t nm = std::max(n, m), last = T_iters - 1;
+  std::vector<T> w(n), z(m), direct(m), ut(n), vt(m), x(n), y(m), tmp(nm);
+  std::vector<T> mx(log_domain ? nm : 0), sm(log_domain ? nm : 0), loga(log_domain ? n : 0), logb(log_domain ? m : 0);
   std::fill(ga, ga + n, T(0));
   std::fill(gb, gb + m, T(0));
   auto r_at = [&](int64_t t) { return r_hist + t * r_stride; };
   auto s_at = [&](int64_t t) { return s_hist + t * s_stride; };
-  const int64_t last = T_iters - 1;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < int64_t(loga.size()); ++i) loga[i] = safe_log(a[i]);
+  for (int64_t j = 0; j < int64_t(logb.size()); ++j) logb[j] = safe_log(b[j]);
+  auto load_uv = [&](int64_t t) {  // u_t, v_t (scaling) or log u_t, log v_t (log domain)
+    const T* r = r_at(t);
+    const T* s = s_at(t);
+    for (int64_t i = 0; i < n; ++i) ut[i] = log_domain ? loga[i] - r[i] : a[i] / r[i];
+    for (int64_t j = 0; j < m; ++j) vt[j] = log_domain ? logb[j] - s[j] : b[j] / s[j];
+  };
+  load_uv(last);
+  // w_T from y = (K∘C) v_T (or its log), stored by the forward; direct_T = (K∘C)^T u_T (times g in the log domain)
+  for (int64_t i = 0; i < n; ++i)
+    w[i] = !log_domain ? g * y_in[i] / r_at(last)[i] : y_in[i] == ninf ? T(0) : g * std::exp(y_in[i] - r_at(last)[i]);
   if (!log_domain) {
-    auto load_uv = [&](int64_t t) {
-      const T* r = r_at(t);
-      const T* s = s_at(t);
-      for (int64_t i = 0; i < n; ++i) ut[i] = a[i] / r[i];
-      for (int64_t j = 0; j < m; ++j) vt[j] = b[j] / s[j];
-    };
-    load_uv(last);
-    const T* kcv = y_in;  // y = (K∘C) v_T, stored by the forward
-    for (int64_t i = 0; i < n; ++i) w[i] = g * kcv[i] / r_at(last)[i];
     vec_mat<T>(M, C, ut.data(), direct.data(), n, m);
-    GaugeTarget gauge{eps, correct};
-    for (int64_t t = last; t >= 0; --t) {
-      if (t != last) load_uv(t);
-      double awr = 0;  // sum_i a_i w_t,i / r_t,i
-      const T* r = r_at(t);
-      for (int64_t i = 0; i < n; ++i) {
-        ga[i] += w[i];
-        x[i] = w[i] * ut[i];
-        if (eps > 0 && a[i] > T(0)) awr += double(a[i]) * double(w[i]) / double(r[i]);
-      }
-      gauge.G = (t == last ? 0.0 : gauge.G - eps * gauge.zs) + eps * awr;
-      vec_mat<T>(M, nullptr, x.data(), tmp.data(), n, m);
-      const T* s = s_at(t);
-      double sbz = 0, sbb = 0;
-      for (int64_t j = 0; j < m; ++j) {
-        z[j] = ((t == last ? g * direct[j] : T(0)) - tmp[j]) / s[j];
-        sbz += double(b[j]) * double(z[j]);
-        sbb += double(b[j]) * double(b[j]);
-      }
-      const double c = gauge.on ? gauge.shift(sbz, sbb) : 0.0;
-      gauge.zs = 0;
-      for (int64_t j = 0; j < m; ++j) {
-        z[j] = T(double(z[j]) - c * double(b[j]));
-        if (eps > 0 && b[j] > T(0)) gauge.zs += double(b[j]) * double(z[j]) / double(s[j]);
-        gb[j] += z[j];
-        y[j] = z[j] * vt[j];
-      }
-      if (t > 0) {
-        mat_vec<T>(M, nullptr, y.data(), tmp.data(), n, m);
-        const T* rp = r_at(t - 1);
-        for (int64_t i = 0; i < n; ++i) w[i] = -tmp[i] / rp[i];
-      }
-    }
   } else {
-    std::vector<T> mx(std::max(n, m)), sm(std::max(n, m)), loga(n), logb(m);
-    for (int64_t i = 0; i < n; ++i) loga[i] = safe_log(a[i]);
-    for (int64_t j = 0; j < m; ++j) logb[j] = safe_log(b[j]);
-    auto load_uv = [&](int64_t t) {  // log u_t, log v_t
-      const T* r = r_at(t);
-      const T* s = s_at(t);
-      for (int64_t i = 0; i < n; ++i) ut[i] = loga[i] - r[i];
-      for (int64_t j = 0; j < m; ++j) vt[j] = logb[j] - s[j];
-    };
-    load_uv(last);
-    const T* log_y = y_in;  // log (K∘C) v_T, stored by the forward
-    const T ninf = -std::numeric_limits<T>::infinity();
-    for (int64_t i = 0; i < n; ++i) w[i] = log_y[i] == ninf ? T(0) : g * std::exp(log_y[i] - r_at(last)[i]);
     col_reduce<T>(M, C, ut.data(), nullptr, mx.data(), sm.data(), n, m);
     for (int64_t j = 0; j < m; ++j)
       direct[j] = sm[j] == T(0) ? T(0) : g * std::exp(mx[j] - s_at(last)[j]) * sm[j];
-    GaugeTarget gauge{eps, correct};
-    const double log_eps = eps > 0 ? std::log(eps) : 0.0;
-    for (int64_t t = last; t >= 0; --t) {
-      if (t != last) load_uv(t);
-      double awr = 0;  // sum_i a_i w_t,i eps / r_t,i (r_t as its log)
-      const T* r = r_at(t);
-      for (int64_t i = 0; i < n; ++i) {
-        ga[i] += w[i];
-        if (eps > 0 && a[i] > T(0)) awr += double(a[i]) * double(w[i]) * std::exp(log_eps - double(r[i]));
-      }
-      gauge.G = (t == last ? 0.0 : gauge.G - gauge.zs) + awr;
-      col_reduce<T>(M, nullptr, ut.data(), w.data(), mx.data(), sm.data(), n, m);
-      const T* s = s_at(t);
-      double sbz = 0, sbb = 0;
-      for (int64_t j = 0; j < m; ++j) {
+  }
+  double G = 0, zs = 0;  // G_t; sum_j b_j z_{t+1,j} / s_{t+1,j} of the previous step (eps > 0)
+  // The log domain folds eps into its sums (eps / r_t as exp(log eps - log r_t)): there the factor is 1.
+  const double log_eps = eps > 0 ? std::log(eps) : 0.0, sum_factor = log_domain ? 1.0 : eps;
+  auto eps_term = [&](double num, double den) {  // num / den; the log domain: num eps / exp(den), den = log r or log s
+    return log_domain ? num * std::exp(log_eps - den) : num / den;
+  };
+  for (int64_t t = last; t >= 0; --t) {
+    if (t != last) load_uv(t);
+    double awr = 0;  // sum_i a_i w_t,i / r_t,i
+    const T* r = r_at(t);
+    for (int64_t i = 0; i < n; ++i) {
+      ga[i] += w[i];
+      if (!log_domain) x[i] = w[i] * ut[i];
+      if (eps > 0 && a[i] > T(0)) awr += eps_term(double(a[i]) * double(w[i]), double(r[i]));
+    }
+    G = (t == last ? 0.0 : G - sum_factor * zs) + sum_factor * awr;
+    if (!log_domain) vec_mat<T>(M, nullptr, x.data(), tmp.data(), n, m);
+    else col_reduce<T>(M, nullptr, ut.data(), w.data(), mx.data(), sm.data(), n, m);
+    const T* s = s_at(t);
+    double sbz = 0, sbb = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      if (!log_domain) {
+        z[j] = ((t == last ? g * direct[j] : T(0)) - tmp[j]) / s[j];
+      } else {
         const T prod = sm[j] == T(0) ? T(0) : std::exp(mx[j] - s[j]) * sm[j];
         z[j] = (t == last ? direct[j] : T(0)) - prod;
-        sbz += double(b[j]) * double(z[j]);
-        sbb += double(b[j]) * double(b[j]);
       }
-      const double c = gauge.on ? gauge.shift(sbz, sbb) : 0.0;
-      gauge.zs = 0;  // here eps sum_j b_j z_j / s_j (the eps factor folded in)
-      for (int64_t j = 0; j < m; ++j) {
-        z[j] = T(double(z[j]) - c * double(b[j]));
-        if (eps > 0 && b[j] > T(0)) gauge.zs += double(b[j]) * double(z[j]) * std::exp(log_eps - double(s[j]));
-        gb[j] += z[j];
-      }
-      if (t > 0) {
-        row_reduce<T>(M, nullptr, vt.data(), z.data(), mx.data(), sm.data(), n, m);
-        const T* rp = r_at(t - 1);
-        for (int64_t i = 0; i < n; ++i) w[i] = sm[i] == T(0) ? T(0) : -std::exp(mx[i] - rp[i]) * sm[i];
-      }
+      sbz += double(b[j]) * double(z[j]);
+      sbb += double(b[j]) * double(b[j]);
+    }
+    const double c = correct && sbb > 0 ? (sbz - G) / sbb : 0.0;  // z_t -= c b restores sum_j b_j z_t,j = G_t
+    zs = 0;  // sum_j b_j z_j / s_j (log domain: times eps)
+    for (int64_t j = 0; j < m; ++j) {
+      z[j] = T(double(z[j]) - c * double(b[j]));
+      if (eps > 0 && b[j] > T(0)) zs += eps_term(double(b[j]) * double(z[j]), double(s[j]));
+      gb[j] += z[j];
+      if (!log_domain) y[j] = z[j] * vt[j];
+    }
+    if (t == 0) break;
+    const T* rp = r_at(t - 1);
+    if (!log_domain) {
+      mat_vec<T>(M, nullptr, y.data(), tmp.data(), n, m);
+      for (int64_t i = 0; i < n; ++i) w[i] = -tmp[i] / rp[i];
+    } else {
+      row_reduce<T>(M, nullptr, vt.data(), z.data(), mx.data(), sm.data(), n, m);
+      for (int64_t i = 0; i < n; ++i) w[i] = sm[i] == T(0) ? T(0) : -std::exp(mx[i] - rp[i]) * sm[i];
     }
   }
 }
@@ -371,12 +329,50 @@ void rows_parallel(int64_t B, int64_t len, const F& f) {
   });
 }
 
+// The elementwise passes of the BLAS paths over one row: functions of restrict pointers, so that they vectorise.
+template <typename T>  // den += add (when do_add); out = num / den     (v = b / s, u = a / r)
+void add_divide(T* __restrict den, const T* __restrict num, T* __restrict out, int64_t len, T add, bool do_add) {
+  if (do_add)
+    for (int64_t k = 0; k < len; ++k) den[k] += add;
+  for (int64_t k = 0; k < len; ++k) out[k] = num[k] / den[k];
+}
+template <typename T>  // u = a / r, w = g y / r; ut = u, ga = w, x = w u     (the last step of the backward sweep)
+void last_w_pass(const T* __restrict a, const T* __restrict r, const T* __restrict y, T g, T* __restrict ut,
+                 T* __restrict ga, T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T u_i = a[i] / r[i], w = g * y[i] / r[i];
+    ut[i] = u_i, ga[i] = w, x[i] = w * u_i;
+  }
+}
+template <typename T>  // w = -prod / r; ga += w; x = w a / r
+void w_pass(const T* __restrict prod, const T* __restrict r, const T* __restrict a, T* __restrict ga, T* __restrict x,
+            int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T w = -prod[i] / r[i];
+    ga[i] += w, x[i] = w * (a[i] / r[i]);
+  }
+}
+template <typename T>  // z = ((g direct if last) - prod) / s
+void z_pass(const T* __restrict direct, const T* __restrict prod, const T* __restrict s, T g, bool last,
+            T* __restrict z, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) z[j] = ((last ? g * direct[j] : T(0)) - prod[j]) / s[j];
+}
+template <typename T>  // z -= c b; gb += z (gb = z if last); zv = z v = z b / s
+void correct_pass(T* __restrict zv, T* __restrict gb, const T* __restrict b, const T* __restrict s, double c, bool last,
+                  int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    const T z = T(double(zv[j]) - c * double(b[j]));
+    gb[j] = last ? z : gb[j] + z;
+    zv[j] = z * (b[j] / s[j]);
+  }
+}
+
 // s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
 // accumulated in float64. Returns false when rows have too many zeros.
 // The subtraction cancels where the zero-mass rows carry most of a column (e.g. a zero-mass row whose
 // K entry is 1 over a column of exp(-37) entries: the difference is exactly 0 and v = b / 0): such a
-// column is recomputed exactly over the support (a contiguous row of K^T, only for the affected
-// columns: O(n) each). "Most" is dtype-aware: the float64 difference has an absolute error of a few
+// column is recomputed exactly over the support (column j of K, read with stride m, only for the
+// affected columns: O(n) each). "Most" is dtype-aware: the float64 difference has an absolute error of a few
 // float64 ulps of the column sum, so it is kept when that is below the output dtype's rounding
 // (float32: the column sum exceeds the difference by < 2^20; float64: by < 2).
 bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, at::Tensor& s_out) {
@@ -386,13 +382,11 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
   const int64_t max_zeros = zero_mask.sum(1).max().item<int64_t>();
   if (max_zeros * 8 > n) return false;
   const at::Tensor colsum = K.sum(0, /*keepdim=*/false, at::kDouble);
-  const at::Tensor KT = max_zeros > 0 ? K.t().contiguous() : at::Tensor();  // [m, n]: column j of K contiguous
   const bool* zm = zero_mask.data_ptr<bool>();
   const double* cs = colsum.data_ptr<double>();
   const double keep_ratio = s_out.scalar_type() == at::kFloat ? std::ldexp(1.0, -20) : 0.5;
   AT_DISPATCH_FLOATING_TYPES(s_out.scalar_type(), "wkd_first_half", [&] {
     const scalar_t* kp = K.data_ptr<scalar_t>();
-    const scalar_t* ktp = max_zeros > 0 ? KT.data_ptr<scalar_t>() : nullptr;
     scalar_t* out = s_out.data_ptr<scalar_t>();
     at::parallel_for(0, B, std::max<int64_t>(1, 65536 / m), [&](int64_t b0, int64_t b1) {
       std::vector<double> acc(m);
@@ -409,9 +403,8 @@ bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, 
         if (zeros > 0) {
           for (int64_t j = 0; j < m; ++j) {
             if (acc[j] > cs[j] * keep_ratio) continue;
-            const scalar_t* KTj = ktp + j * n;  // cancelled: sum over the support exactly
-            double exact = 0;
-            for (int64_t i = 0; i < n; ++i) exact += zrow[i] ? 0.0 : double(KTj[i]);
+            double exact = 0;  // cancelled: sum over the support exactly (column j of K, stride m; rare)
+            for (int64_t i = 0; i < n; ++i) exact += zrow[i] ? 0.0 : double(kp[i * m + j]);
             acc[j] = exact;
           }
         }
@@ -434,14 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (!kernel_block_ok<T>(K.data_ptr<T>(), n, m, false)) kernel_range_error(kFwd, a.scalar_type(), reg, false);
   at::Tensor hist_r = at::empty({keep_history ? T_iters : 0, B, n}, a.options());
   at::Tensor hist_s = at::empty({keep_history ? T_iters : 0, B, m}, a.options());
-  at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty({B, n}, a.options());
-  at::Tensor s_tmp = keep_history ? at::Tensor() : at::empty({B, m}, a.options());
-  at::Tensor u = at::empty({B, n}, a.options());
-  at::Tensor v = at::empty({B, m}, a.options());
-  const T* a_p = a.data_ptr<T>();
-  const T* b_p = b.data_ptr<T>();
-  T* u_p = u.data_ptr<T>();
-  T* v_p = v.data_ptr<T>();
+  at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty_like(a);
+  at::Tensor s_tmp = keep_history ? at::Tensor() : at::empty_like(b);
+  at::Tensor u = at::empty_like(a), v = at::empty_like(b);
+  const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>();
+  T *u_p = u.data_ptr<T>(), *v_p = v.data_ptr<T>();
   const T e = T(eps);
   for (int64_t t = 0; t < T_iters; ++t) {
     check_interrupt();  // Ctrl-C between iterations
@@ -457,20 +447,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       s_has_eps = false;
     }
     T* s_p = s.data_ptr<T>();
-    rows_parallel(B, m, [&](int64_t, int64_t o) {
-      for (int64_t j = o; j < o + m; ++j) {
-        if (!s_has_eps) s_p[j] += e;
-        v_p[j] = b_p[j] / s_p[j];
-      }
-    });
+    rows_parallel(B, m, [&](int64_t, int64_t o) { add_divide<T>(s_p + o, b_p + o, v_p + o, m, e, !s_has_eps); });
     at::mm_out(r, v, K.t());
     T* r_p = r.data_ptr<T>();
-    rows_parallel(B, n, [&](int64_t, int64_t o) {
-      for (int64_t i = o; i < o + n; ++i) {
-        r_p[i] += e;
-        u_p[i] = a_p[i] / r_p[i];
-      }
-    });
+    rows_parallel(B, n, [&](int64_t, int64_t o) { add_divide<T>(r_p + o, a_p + o, u_p + o, n, e, true); });
   }
   at::Tensor y = at::empty({B, n}, a.options());
   at::mm_out(y, v, K.mul(cost).t());
@@ -486,7 +466,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // Backward (see backward_row for the recurrences and the gauge correction): two GEMMs per iteration (one in the
-// first), fused passes; the correction adds one O(m) pass per row and iteration.
+// first), fused elementwise passes. The gauge sums are float64 and in order (one serial pass each), so the
+// elementwise work stays vectorisable; sum_j b_j^2 is the same every iteration, and without eps the G_t terms
+// (eps times a sum) are 0 and not summed.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_value, const at::Tensor& a,
                                                         const at::Tensor& b, const at::Tensor& cost,
@@ -494,109 +476,67 @@ std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_v
                                                         const at::Tensor& y, double reg, double eps, bool correct) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
+  const bool has_eps = eps > 0;
   const at::Tensor K = at::exp(cost.div(-reg));
-  const T* a_p = a.data_ptr<T>();
-  const T* b_p = b.data_ptr<T>();
-  const T* g_p = grad_value.data_ptr<T>();
-  const T* hr = hist_r.data_ptr<T>();
-  const T* hs = hist_s.data_ptr<T>();
-  const T* y_p = y.data_ptr<T>();
-  at::Tensor ga = at::empty_like(a), gb = at::empty_like(b);
-  at::Tensor x = at::empty({B, n}, a.options()), ut = at::empty({B, n}, a.options());
-  at::Tensor zv = at::empty({B, m}, a.options()), tmp_m = at::empty({B, m}, a.options());
-  at::Tensor tmp_n = at::empty({B, n}, a.options());
-  T* ga_p = ga.data_ptr<T>();
-  T* gb_p = gb.data_ptr<T>();
-  T* x_p = x.data_ptr<T>();
-  T* ut_p = ut.data_ptr<T>();
+  const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>(), *g_p = grad_value.data_ptr<T>();
+  const T *hr = hist_r.data_ptr<T>(), *hs = hist_s.data_ptr<T>(), *y_p = y.data_ptr<T>();
+  at::Tensor ga = at::empty_like(a), gb = at::empty_like(b), x = at::empty_like(a), ut = at::empty_like(a);
+  at::Tensor zv = at::empty_like(b), tmp_m = at::empty_like(b), tmp_n = at::empty_like(a);
+  T *ga_p = ga.data_ptr<T>(), *gb_p = gb.data_ptr<T>(), *x_p = x.data_ptr<T>(), *ut_p = ut.data_ptr<T>();
   T* zv_p = zv.data_ptr<T>();
-  const T* tm_p = tmp_m.data_ptr<T>();
-  const T* tn_p = tmp_n.data_ptr<T>();
-  // gauge[bi] = G_t of row bi; zs[bi] = sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0)
-  std::vector<double> gauge(B, 0.0), zs(B, 0.0);
+  const T *tm_p = tmp_m.data_ptr<T>(), *tn_p = tmp_n.data_ptr<T>();
+  auto ordered_sum = [](const T* p, int64_t len) {  // float64, in order
+    double acc = 0;
+    for (int64_t k = 0; k < len; ++k) acc += double(p[k]);
+    return acc;
+  };
+  // gauge[bi] = G_t of row bi; zs[bi] = sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0); sbb[bi] = sum_j b_j^2
+  std::vector<double> gauge(B, 0.0), zs(B, 0.0), sbb(B, 0.0);
   // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
-  {
-    const T* r = hr + last * B * n;
-    rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-      const T g = g_p[bi];
-      double awr = 0;
-      for (int64_t i = o; i < o + n; ++i) {
-        const T u_i = a_p[i] / r[i];
-        const T w = g * y_p[i] / r[i];
-        ut_p[i] = u_i;
-        ga_p[i] = w;
-        x_p[i] = w * u_i;
-        awr += double(x_p[i]);  // sum_i a_i w_i / r_i = sum_i x_i
-      }
-      gauge[bi] = eps * awr;
-    });
-  }
+  const T* r_last = hr + last * B * n;
+  rows_parallel(B, n, [&](int64_t bi, int64_t o) {
+    last_w_pass<T>(a_p + o, r_last + o, y_p + o, g_p[bi], ut_p + o, ga_p + o, x_p + o, n);
+    if (has_eps) gauge[bi] = eps * ordered_sum(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
+    for (int64_t j = bi * m; j < (bi + 1) * m; ++j) sbb[bi] += double(b_p[j]) * double(b_p[j]);
+  });
   at::Tensor direct = at::mm(ut, K.mul(cost));
   const T* d_p = direct.data_ptr<T>();
   for (int64_t t = last; t >= 0; --t) {
     at::mm_out(tmp_m, x, K);  // K^T (w_t u_t) per row
     const T* s = hs + t * B * m;
     rows_parallel(B, m, [&](int64_t bi, int64_t o) {
-      const T g = g_p[bi];
-      double sbz = 0, sbb = 0;
-      for (int64_t j = o; j < o + m; ++j) {  // z_t into zv, then the gauge correction
-        const T z = ((t == last ? g * d_p[j] : T(0)) - tm_p[j]) / s[j];
-        zv_p[j] = z;
-        sbz += double(b_p[j]) * double(z);
-        sbb += double(b_p[j]) * double(b_p[j]);
-      }
-      const double c = correct && sbb > 0 ? (sbz - gauge[bi]) / sbb : 0.0;
-      double zsum = 0;
-      for (int64_t j = o; j < o + m; ++j) {
-        const T z = T(double(zv_p[j]) - c * double(b_p[j]));
-        gb_p[j] = t == last ? z : gb_p[j] + z;
-        zv_p[j] = z * (b_p[j] / s[j]);
-        zsum += double(zv_p[j]);  // sum_j b_j z_j / s_j = sum_j (z v)_j
-      }
-      zs[bi] = zsum;
+      z_pass<T>(d_p + o, tm_p + o, s + o, g_p[bi], t == last, zv_p + o, m);  // z_t
+      double sbz = 0;
+      for (int64_t j = o; j < o + m; ++j) sbz += double(b_p[j]) * double(zv_p[j]);
+      const double c = correct && sbb[bi] > 0 ? (sbz - gauge[bi]) / sbb[bi] : 0.0;  // the gauge correction
+      correct_pass<T>(zv_p + o, gb_p + o, b_p + o, s + o, c, t == last, m);
+      if (has_eps) zs[bi] = ordered_sum(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
     });
     if (t == 0) break;
     at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
     const T* r = hr + (t - 1) * B * n;
     rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-      double awr = 0;
-      for (int64_t i = o; i < o + n; ++i) {
-        const T w = -tn_p[i] / r[i];
-        ga_p[i] += w;
-        x_p[i] = w * (a_p[i] / r[i]);
-        awr += double(x_p[i]);
-      }
-      gauge[bi] += eps * (awr - zs[bi]);
+      w_pass<T>(tn_p + o, r + o, a_p + o, ga_p + o, x_p + o, n);
+      if (has_eps) gauge[bi] += eps * (ordered_sum(x_p + o, n) - zs[bi]);
     });
   }
   return {ga, gb};
 }
 
 // --------------------------------- per-row path ---------------------------------
-template <typename T>
-void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters,
-                  double eps, bool log_domain, bool shared, at::Tensor& value, at::Tensor& u, at::Tensor& v,
-                  at::Tensor& hist_r, at::Tensor& hist_s, at::Tensor& y, bool keep_history) {
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
-  at::Tensor shared_M;
-  if (shared) {
-    shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
-    if (!kernel_block_ok<T>(shared_M.data_ptr<T>(), n, m, log_domain))
-      kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
-  }
-  std::atomic<bool> range_ok{true};
-  const T* a_p = a.data_ptr<T>();
-  const T* b_p = b.data_ptr<T>();
-  const T* c_p = cost.data_ptr<T>();
-  T* val_p = value.data_ptr<T>();
-  T* u_p = u.data_ptr<T>();
-  T* v_p = v.data_ptr<T>();
-  T* hr = keep_history ? hist_r.data_ptr<T>() : nullptr;
-  T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
-  T* yp = keep_history ? y.data_ptr<T>() : nullptr;
+// Calls row(bi, M, C) for every row bi, rows in parallel, with C the cost of row bi and M its kernel matrix (K, or L
+// in the log domain): one for a shared cost, else built per row into a per-thread buffer. Rows run in blocks (of
+// >= ~2^24 multiply-adds), each one parallel region: Ctrl-C is seen between blocks (the interrupt check must run on
+// the calling thread). With check_range, a dead row or column of M (kernel_block_ok) skips it and returns false.
+template <typename T, typename F>
+bool for_each_row(const at::Tensor& cost, int64_t B, int64_t n, int64_t m, int64_t T_iters, double reg,
+                  bool log_domain, bool check_range, const F& row) {
+  const bool shared = cost.dim() == 2;
+  const at::Tensor shared_M = !shared ? at::Tensor() : log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
   const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
-  // Rows in blocks (of >= ~2^24 multiply-adds), each block one parallel region: Ctrl-C is seen between blocks (the
-  // interrupt check must run outside the parallel region, on the calling thread).
+  if (shared && check_range && !kernel_block_ok<T>(sM, n, m, log_domain)) return false;
+  const T* c_p = cost.data_ptr<T>();
+  std::atomic<bool> range_ok{true};
   const int64_t per_row = std::max<int64_t>(1, 2 * T_iters * n * m);
   const int64_t rows_per_block = std::max<int64_t>(at::get_num_threads(), (int64_t(1) << 24) / per_row);
   for (int64_t blk = 0; blk < B; blk += rows_per_block) {
@@ -609,71 +549,78 @@ void forward_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
         if (!shared) {
           kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
           M = Mbuf.data();
-          if (!kernel_block_ok<T>(M, n, m, log_domain)) {
+          if (check_range && !kernel_block_ok<T>(M, n, m, log_domain)) {
             range_ok.store(false);
             continue;
           }
         }
-        forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi,
-                       u_p + bi * n, v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr,
-                       yp ? yp + bi * n : nullptr, B * n, B * m);
+        row(bi, M, C);
       }
     });
   }
-  if (!range_ok.load()) kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
+  return range_ok.load();
 }
 
 template <typename T>
-void backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
-                   const at::Tensor& hist_r, const at::Tensor& hist_s, const at::Tensor& y, double reg,
-                   bool log_domain, bool shared, at::Tensor& ga, at::Tensor& gb, double eps, bool correct) {
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_s.size(0);
-  at::Tensor shared_M;
-  if (shared) shared_M = log_domain ? cost.div(-reg) : at::exp(cost.div(-reg));
-  const T* a_p = a.data_ptr<T>();
-  const T* b_p = b.data_ptr<T>();
-  const T* c_p = cost.data_ptr<T>();
-  const T* g_p = grad_value.data_ptr<T>();
-  const T* hr = hist_r.data_ptr<T>();
-  const T* hs = hist_s.data_ptr<T>();
-  const T* yp = y.data_ptr<T>();
-  T* ga_p = ga.data_ptr<T>();
-  T* gb_p = gb.data_ptr<T>();
-  const T* sM = shared ? shared_M.data_ptr<T>() : nullptr;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> Mbuf(shared ? 0 : n * m);
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const T* C = shared ? c_p : c_p + bi * n * m;
-      const T* M = sM;
-      if (!shared) {
-        kernel_matrix<T>(C, Mbuf.data(), n * m, T(reg), log_domain);
-        M = Mbuf.data();
-      }
-      backward_row<T>(M, C, a_p + bi * n, b_p + bi * m, g_p[bi], n, m, T_iters, log_domain, hr + bi * n, hs + bi * m,
-                      yp + bi * n, B * n, B * m, ga_p + bi * n, gb_p + bi * m, eps, correct);
-    }
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_rows(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters, double eps,
+    bool log_domain, bool keep_history) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_hist = keep_history ? T_iters : 0;
+  at::Tensor value = at::empty({B}, a.options()), u = at::empty_like(a), v = at::empty_like(b);
+  at::Tensor hist_r = at::empty({T_hist, B, n}, a.options()), hist_s = at::empty({T_hist, B, m}, a.options());
+  at::Tensor y = at::empty({keep_history ? B : 0, n}, a.options());
+  const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>();
+  T *val_p = value.data_ptr<T>(), *u_p = u.data_ptr<T>(), *v_p = v.data_ptr<T>();
+  T* hr = keep_history ? hist_r.data_ptr<T>() : nullptr;
+  T* hs = keep_history ? hist_s.data_ptr<T>() : nullptr;
+  T* yp = keep_history ? y.data_ptr<T>() : nullptr;
+  const bool ok = for_each_row<T>(cost, B, n, m, T_iters, reg, log_domain, true,
+                                  [&](int64_t bi, const T* M, const T* C) {
+    forward_row<T>(M, C, a_p + bi * n, b_p + bi * m, n, m, T_iters, T(eps), log_domain, val_p + bi, u_p + bi * n,
+                   v_p + bi * m, hr ? hr + bi * n : nullptr, hs ? hs + bi * m : nullptr, yp ? yp + bi * n : nullptr,
+                   B * n, B * m);
   });
+  if (!ok) kernel_range_error(kFwd, a.scalar_type(), reg, log_domain);
+  return {value, u, v, hist_r, hist_s, y};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> backward_rows(const at::Tensor& grad_value, const at::Tensor& a, const at::Tensor& b,
+                                                 const at::Tensor& cost, const at::Tensor& hist_r,
+                                                 const at::Tensor& hist_s, const at::Tensor& y, double reg,
+                                                 bool log_domain, double eps, bool correct) {
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1), T_iters = hist_s.size(0);
+  at::Tensor ga = at::empty_like(a), gb = at::empty_like(b);
+  const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>(), *g_p = grad_value.data_ptr<T>();
+  const T *hr = hist_r.data_ptr<T>(), *hs = hist_s.data_ptr<T>(), *yp = y.data_ptr<T>();
+  T *ga_p = ga.data_ptr<T>(), *gb_p = gb.data_ptr<T>();
+  for_each_row<T>(cost, B, n, m, T_iters, reg, log_domain, false,
+                  [&](int64_t bi, const T* M, const T* C) {
+    backward_row<T>(M, C, a_p + bi * n, b_p + bi * m, g_p[bi], n, m, T_iters, log_domain, hr + bi * n, hs + bi * m,
+                    yp + bi * n, B * n, B * m, ga_p + bi * n, gb_p + bi * m, eps, correct);
+  });
+  return {ga, gb};
 }
 
 // --------------------------------- value checks ---------------------------------
-// One read of each input: per row of [rows, len], the sum (catches nan/inf) and the minimum (catches negatives),
-// rows in parallel. Only when something looks wrong does the exact (slower) check_sinkhorn_values run, to name
-// the argument and the problem; a false alarm (a finite row whose float sum overflows) then passes.
+// One read of each input, rows in parallel, branch-free (so that it vectorises): every entry finite and >= 0 and,
+// with need_positive_rows, some entry > 0 in every row (a row sum > 0). Only when that fails does the exact
+// check_sinkhorn_values run, to name the argument and the problem.
 template <typename T>
-bool rows_look_valid(const at::Tensor& t, int64_t len, bool need_positive_rows) {
+bool rows_valid(const at::Tensor& t, int64_t len, bool need_positive_rows) {
   const T* p = t.data_ptr<T>();
   const int64_t rows = t.numel() / len;
+  const T big = std::numeric_limits<T>::max();
   std::atomic<bool> ok{true};
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1 && ok.load(std::memory_order_relaxed); ++r) {
       const T* x = p + r * len;
-      T sum = 0, mn = x[0];
+      int in_range = 1, positive = 0;  // NaN fails both comparisons
       for (int64_t k = 0; k < len; ++k) {
-        sum += x[k];
-        mn = x[k] < mn ? x[k] : mn;
+        in_range &= (x[k] >= T(0)) & (x[k] <= big);
+        positive |= x[k] > T(0);
       }
-      if (!std::isfinite(sum) || !(mn >= T(0)) || (need_positive_rows && !(sum > T(0))))
-        ok.store(false, std::memory_order_relaxed);
+      if (!in_range || (need_positive_rows && !positive)) ok.store(false, std::memory_order_relaxed);
     }
   });
   return ok.load();
@@ -681,8 +628,8 @@ bool rows_look_valid(const at::Tensor& t, int64_t len, bool need_positive_rows) 
 
 void check_values_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, const char* op) {
   const bool ok = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_check_values", [&] {
-    return rows_look_valid<scalar_t>(a, a.size(1), true) && rows_look_valid<scalar_t>(b, b.size(1), true) &&
-           rows_look_valid<scalar_t>(cost, cost.size(-1), false);
+    return rows_valid<scalar_t>(a, a.size(1), true) && rows_valid<scalar_t>(b, b.size(1), true) &&
+           rows_valid<scalar_t>(cost, cost.size(-1), false);
   });
   if (!ok) check_sinkhorn_values(a, b, cost, op);
 }
@@ -708,25 +655,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(!f32 || static_cast<float>(reg) > 0.f, kFwd, ": `reg` = ", reg,
                     " underflows to 0 in float32 (cost / reg is computed in the dtype of the inputs); use a larger "
                     "`reg` or float64");
-  if (d.shared_cost && !log_domain) {
-    auto out = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu_blas", [&] {
-      return forward_shared_blas<scalar_t>(a, b, cost, reg, num_iters, eps, keep_history);
-    });
-    check_result_finite(std::get<0>(out), a.scalar_type(), reg, kFwd);
-    return out;
-  }
-  at::Tensor value = at::empty({d.B}, a.options());
-  at::Tensor u = at::empty({d.B, d.n}, a.options());
-  at::Tensor v = at::empty({d.B, d.m}, a.options());
-  at::Tensor hist_r = at::empty({keep_history ? num_iters : 0, d.B, d.n}, a.options());
-  at::Tensor hist_s = at::empty({keep_history ? num_iters : 0, d.B, d.m}, a.options());
-  at::Tensor y = keep_history ? at::empty({d.B, d.n}, a.options()) : at::empty({0, d.n}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
-    forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain, d.shared_cost, value, u, v, hist_r, hist_s,
-                           y, keep_history);
+  auto out = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
+    return d.shared_cost && !log_domain ? forward_shared_blas<scalar_t>(a, b, cost, reg, num_iters, eps, keep_history)
+                                        : forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain,
+                                                                 keep_history);
   });
-  if (!log_domain) check_result_finite(value, a.scalar_type(), reg, kFwd);
-  return {value, u, v, hist_r, hist_s, y};
+  if (!log_domain) check_result_finite(std::get<0>(out), a.scalar_type(), reg, kFwd);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_value, const at::Tensor& a_in,
@@ -742,18 +677,11 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_
   const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous(), y = y_in.contiguous();
   const at::Tensor g = grad_value.contiguous();
   at::Tensor ga, gb;
-  if (d.shared_cost && !log_domain) {
-    std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu_blas", [&] {
-      return backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, eps, correct);
-    });
-  } else {
-    ga = at::empty_like(a);
-    gb = at::empty_like(b);
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
-      backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, d.shared_cost, ga, gb, eps,
-                              correct);
-    });
-  }
+  std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
+    return d.shared_cost && !log_domain
+               ? backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, eps, correct)
+               : backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, eps, correct);
+  });
   if (!log_domain && at::isfinite(g).all().item<bool>()) {
     check_result_finite(ga, a.scalar_type(), reg, kBwd);
     check_result_finite(gb, a.scalar_type(), reg, kBwd);

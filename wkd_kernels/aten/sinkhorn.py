@@ -217,20 +217,25 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
-def _gauge_shift(b: Tensor, z: Tensor, G: Tensor) -> Tensor:
-    """c [B, 1] such that z - c b restores sum_j b_j z_j = G (0 for rows without mass)."""
-    bb = _acc(b)
-    sbb = (bb * bb).sum(1)
-    sbz = (bb * _acc(z)).sum(1)
-    c = torch.where(sbb > 0, (sbz - G) / torch.where(sbb > 0, sbb, torch.ones_like(sbb)), torch.zeros_like(sbb))
-    return c.to(z.dtype).unsqueeze(1)
+class _GaugeShift:
+    """c [B, 1] such that z - c b restores sum_j b_j z_j = G (0 for rows without mass); b in the accumulation dtype
+    and sum_j b_j^2 (the same at every step of a sweep) computed once."""
+
+    def __init__(self, b: Tensor):
+        self.bb = _acc(b)
+        sbb = (self.bb * self.bb).sum(1)
+        self.has_mass = sbb > 0
+        self.sbb = torch.where(self.has_mass, sbb, torch.ones_like(sbb))
+
+    def __call__(self, z: Tensor, G: Tensor) -> Tensor:
+        sbz = (self.bb * _acc(z)).sum(1)
+        c = torch.where(self.has_mass, (sbz - G) / self.sbb, torch.zeros_like(sbz))
+        return c.to(z.dtype).unsqueeze(1)
 
 
 def _log_eps_mass_sum(mass: Tensor, x: Tensor, log_den: Tensor, eps: float) -> Tensor:
     """eps sum_i mass_i x_i / den_i per row over the support of ``mass``, with den as its log (the log domain's
-    terms of G_t); zeros for eps = 0."""
-    if eps == 0:
-        return _acc(x.new_zeros(x.shape[0]))
+    terms of G_t; eps > 0)."""
     terms = torch.where(mass > 0, mass * x * torch.exp(math.log(eps) - log_den), torch.zeros_like(x))
     return _acc(terms).sum(1)
 
@@ -260,6 +265,9 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     T = hist_r.shape[0]
     last = T - 1
     gc = g.unsqueeze(1)
+    gauge_shift = None if eps is None else _GaugeShift(b)
+    # eps = 0: every G_t is 0 (eps times a sum), so the sums are skipped
+    G = None if eps is None else _acc(g.new_zeros(g.shape[0]))
     if not log_domain:
         ut = a / hist_r[last]
         w = gc * y / hist_r[last]
@@ -268,10 +276,9 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
         x = w.mul_(ut)  # w's buffer holds x = w_t u_t from here on
         KTx, Kzv, z, zv, gb = (torch.empty_like(b), torch.empty_like(a), torch.empty_like(b), torch.empty_like(b),
                                torch.zeros_like(b))
-        G = None
         for t in range(last, -1, -1):
             s = hist_s[t]
-            if eps is not None:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i
+            if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i
                 awr = eps * _acc(x).sum(1)
                 G = awr if t == last else G + awr - zs
             t_mul(x, False, out=KTx)
@@ -281,10 +288,10 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
                 torch.neg(KTx, out=z)
             z.div_(s)
             if eps is not None:
-                z.sub_(_gauge_shift(b, z, G) * b)
+                z.sub_(gauge_shift(z, G) * b)
             gb.add_(z)
             torch.div(b, s, out=zv).mul_(z)
-            if eps is not None:  # sum_j b_j z_j / s_j = sum_j (z v)_j
+            if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j
                 zs = eps * _acc(zv).sum(1)
             if t == 0:
                 break
@@ -300,20 +307,20 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     mx, sm = t_mul(ut, None, True)
     direct = gc * _exp_times(mx, hist_s[last], sm)
     ga, gb = w, None
-    G = None
     for t in range(last, -1, -1):
         if t != last:
             ut = log_a - hist_r[t]
         if t != last:
             ga = ga + w
-        if eps is not None:  # eps sum_i a_i w_t,i / r_t,i
+        if eps:  # eps sum_i a_i w_t,i / r_t,i
             awr = _log_eps_mass_sum(a, w, hist_r[t], eps)
             G = awr if t == last else G + awr - zs
         mx, sm = t_mul(ut, w, False)
         prod = _exp_times(mx, hist_s[t], sm)
         z = (direct - prod) if t == last else -prod
         if eps is not None:
-            z = z - _gauge_shift(b, z, G) * b
+            z = z - gauge_shift(z, G) * b
+        if eps:
             zs = _log_eps_mass_sum(b, z, hist_s[t], eps)
         gb = z if gb is None else gb + z
         if t == 0:

@@ -155,8 +155,29 @@ def check_sinkhorn_args(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iter
     return shared
 
 
+def _sinkhorn_values_look_valid(a: Tensor, b: Tensor, cost: Tensor) -> bool:
+    """Two reductions over ``a`` and ``b``, one over ``cost``, one host read in all: every entry finite and >= 0 (a NaN
+    fails both bounds) and every row of ``a`` and ``b`` with an entry > 0 (a row sum > 0). False also for empty
+    inputs (the exact checks handle them)."""
+    if min(a.numel(), b.numel(), cost.numel()) == 0:
+        return False
+    ok = None
+    for t, rows in ((a, True), (b, True), (cost, False)):
+        if rows:
+            row_max = t.amax(1)
+            t_ok = (t.amin() >= 0) & (row_max.amax() <= torch.finfo(t.dtype).max) & (row_max > 0).all()
+        else:
+            lo, hi = torch.aminmax(t)
+            t_ok = (lo >= 0) & (hi <= torch.finfo(t.dtype).max)
+        ok = t_ok if ok is None else ok & t_ok
+    return bool(ok)
+
+
 def check_sinkhorn_values(a: Tensor, b: Tensor, cost: Tensor, op: str = "wkd.sinkhorn") -> None:
-    """Value checks (non-finite, negative, empty rows). They read the data: on a GPU they synchronise."""
+    """Value checks (non-finite, negative, empty rows). They read the data: on a GPU they synchronise (once when the
+    inputs are valid; the exact checks that name the argument and the problem run only when they are not)."""
+    if _sinkhorn_values_look_valid(a, b, cost):
+        return
     for name, t in (("a", a), ("b", b), ("cost", cost)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{op}: `{name}` contains non-finite values (inf or nan)")
@@ -175,10 +196,12 @@ _UNDERFLOW = {torch.float32: 103.0, torch.float64: 745.0}
 
 def kernel_underflows(cost: Tensor, reg: float) -> bool:
     """True when K = exp(-cost / reg) has a row or a column that is entirely 0 in the dtype of ``cost`` (reads
-    the values: a synchronisation on a GPU). The scaling iterations then divide by 0."""
-    K = torch.exp(cost / -reg)
-    nz = K > 0
-    return bool((~nz.any(-1)).any()) or bool((~nz.any(-2)).any())
+    the values: a synchronisation on a GPU). The scaling iterations then divide by 0. exp(-c / reg) decreases with
+    c, so a row (column) of K is 0 exactly when its entry at the row's (column's) smallest cost is: K itself is
+    never formed."""
+    live_rows = torch.exp(cost.amin(-1) / -reg) > 0
+    live_cols = torch.exp(cost.amin(-2) / -reg) > 0
+    return not bool(live_rows.all() & live_cols.all())
 
 
 def check_sinkhorn_kernel_range(cost: Tensor, reg: float, log_domain: bool, op: str = "wkd.sinkhorn") -> None:
@@ -194,8 +217,9 @@ def check_sinkhorn_kernel_range(cost: Tensor, reg: float, log_domain: bool, op: 
                              f"{_UNDERFLOW[cost.dtype]:.0f}): the scaling iterations would divide by 0. Use "
                              "log_domain=True, or a larger `reg`")
     else:
-        fin = torch.isfinite(cost / -reg)
-        if bool((~fin.any(-1)).any()) or bool((~fin.any(-2)).any()):
+        # -c / reg decreases with c: a row (column) is all -inf exactly when its smallest cost gives -inf
+        fin_rows, fin_cols = torch.isfinite(cost.amin(-1) / -reg), torch.isfinite(cost.amin(-2) / -reg)
+        if not bool(fin_rows.all() & fin_cols.all()):
             raise ValueError(f"{op}: -cost / reg overflows to -inf in {cost.dtype} on a whole row or column of `cost` "
                              f"with `reg` = {reg} (even with log_domain=True): use a larger `reg` or rescale `cost`")
 
