@@ -65,6 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="load FILE (the teacher's weights) with full unpickling (weights_only=False), which can run "
                         "code stored in it: only for files you trust (adds to train.trusted_checkpoints)")
     add_own_data_args(p)
+    p.add_argument("--traceback", action="store_true",
+                   help="show the Python traceback of a configuration / input error (default: its message)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     return p.parse_args(argv)
 
@@ -217,4 +219,5 @@ def build_cost_matrix(cfg: dict, output, *, source: Optional[str] = None, layer:
 
 
 if __name__ == "__main__":
-    main()
+    from .train import run_command_line
+    run_command_line(main)

@@ -62,6 +62,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(weights_only=False), which can run code stored in it: only for files you trust; "
                         "repeatable (adds to train.trusted_checkpoints)")
     add_own_data_args(p)
+    p.add_argument("--traceback", action="store_true",
+                   help="show the Python traceback of a configuration / input error (default: its message)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=2 train.amp=none")
     return p.parse_args(argv)
 
@@ -451,8 +453,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
         cleanup_distributed()
 
 
-if __name__ == "__main__":
+def run_command_line(entry, argv: Optional[List[str]] = None) -> None:
+    """``entry(argv)`` for a ``python -m`` entry point: a configuration / input error (ValueError,
+    FileNotFoundError: their messages name the flag or key to set) exits with status 2 and the message alone,
+    unless ``--traceback``; Ctrl-C exits with 130."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        main()
+        entry(argv)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (ValueError, FileNotFoundError) as e:
+        if "--traceback" in argv:
+            raise
+        print(f"error: {e}\n(--traceback shows where it was raised)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_command_line(main)

@@ -102,3 +102,16 @@ def test_detection_and_classification_weight_wkd_f_the_same_way():
     got = det(logits, logits, torch.zeros(5, dtype=torch.long), roi_s, roi_t)["loss_wkd_f"]
     ref = det["wkd_f"].__class__(8, 8, projector=None, weight=1.0)(roi_s, roi_t).loss
     torch.testing.assert_close(got, 0.5 * ref)
+
+
+def test_command_line_errors_are_a_message_not_a_traceback(tmp_path):
+    import subprocess
+    from cls_helpers import REPO
+    cmd = [sys.executable, "-m", "examples.classification.train", "--config", str(OWN / "wkd_l.yaml"),
+           "--data-dir", str(tmp_path / "nothing_here")]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error: --data-dir:" in r.stderr and "must hold `train/` and `val/` folders" in r.stderr
+    r = subprocess.run(cmd + ["--traceback"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" in r.stderr
