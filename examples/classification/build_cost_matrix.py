@@ -23,7 +23,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +37,7 @@ from wkd_kernels.interrelations import cka_distance
 from wkd_kernels.ops.feature_layout import as_nchw
 
 from .data import build_datasets
-from .train import build_network
+from .train import add_own_data_args, apply_own_data_args, build_network
 
 SOURCES = ("logits", "pooled", "features")
 
@@ -64,6 +64,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--trust-checkpoint", action="append", default=[], metavar="FILE",
                    help="load FILE (the teacher's weights) with full unpickling (weights_only=False), which can run "
                         "code stored in it: only for files you trust (adds to train.trusted_checkpoints)")
+    add_own_data_args(p)
+    p.add_argument("--traceback", action="store_true",
+                   help="show the Python traceback of a configuration / input error (default: its message)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     return p.parse_args(argv)
 
@@ -88,28 +91,46 @@ def _write_tensor(path: Path, tensor: torch.Tensor) -> None:
 def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     args = parse_args(argv)
     cfg = resolve(ClassificationConfig, load_config(args.config, args.overrides), args.config)
-    dcfg, mcfg = dict(cfg["data"]), cfg["model"]
     if args.synthetic:
-        dcfg["dataset"] = "synthetic"
+        cfg["data"]["dataset"] = "synthetic"
     if args.data:
-        dcfg["root"] = args.data
-    source = args.source or cfg["cost_matrix"]["source"]
-    layer = args.layer or cfg["cost_matrix"]["layer"]
+        cfg["data"]["root"] = args.data
+    apply_own_data_args(cfg, args)
+    return build_cost_matrix(cfg, args.output, source=args.source, layer=args.layer, n_per_class=args.n_per_class,
+                             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
+                             save_every=args.save_every, resume=args.resume, progress=not args.no_progress,
+                             seed=args.seed, trusted=args.trust_checkpoint, config_name=args.config)
+
+
+def build_cost_matrix(cfg: dict, output, *, source: Optional[str] = None, layer: Optional[str] = None,
+                      n_per_class: Optional[int] = None, batch_size: int = 128, workers: Optional[int] = None,
+                      device: str = "auto", amp: str = "none", save_every: int = 200, resume: bool = False,
+                      progress: bool = True, seed: int = 0, trusted: Sequence[str] = (),
+                      config_name: str = "config") -> torch.Tensor:
+    """Write the [K, K] ``1 - CKA`` distance of the teacher of the resolved classification config ``cfg`` (its
+    ``model.teacher`` / ``model.teacher_checkpoint`` over its ``data`` training set) to ``output`` (+ a JSON
+    sidecar) and return it. Arguments as the command-line flags (module docstring); ``source`` / ``layer`` default
+    to ``cost_matrix.source`` / ``cost_matrix.layer`` of ``cfg``."""
+    dcfg, mcfg = dict(cfg["data"]), cfg["model"]
+    source = source or cfg["cost_matrix"]["source"]
+    layer = layer or cfg["cost_matrix"]["layer"]
+    if source not in SOURCES:
+        raise ValueError(f"cost_matrix.source must be one of {SOURCES}, got {source!r}")
     if not mcfg["teacher"]:
-        raise ValueError(f"{args.config}: model.teacher is required (the network whose classes are compared)")
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda"
+        raise ValueError(f"{config_name}: model.teacher is required (the network whose classes are compared)")
+    device = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda"
                           else "cpu")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
 
     from .models import build_model
-    torch.manual_seed(args.seed)  # a randomly initialised (synthetic-run) teacher is the same on every run
+    torch.manual_seed(seed)  # a randomly initialised (synthetic-run) teacher is the same on every run
     ckpt = mcfg["teacher_checkpoint"]
     if ckpt is None and dcfg["dataset"] != "synthetic":
         raise ValueError("model.teacher_checkpoint is not set: a cost matrix of a random teacher is meaningless "
                          "(allowed only with --synthetic)")
     K = int(dcfg["num_classes"])
-    trusted = list(cfg["train"]["trusted_checkpoints"]) + list(args.trust_checkpoint)
+    trusted = list(cfg["train"]["trusted_checkpoints"]) + list(trusted)
     teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model,
                             trusted).to(device).eval()
     if source == "features" and layer not in teacher.feature_channels:
@@ -121,14 +142,14 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     counts = Counter(targets)
     if len(counts) != K:
         raise ValueError(f"build_cost_matrix: the training set has samples of {len(counts)} classes, expected {K}")
-    n = args.n_per_class or min(counts.values())
+    n = n_per_class or min(counts.values())
     if n < 2 or n > min(counts.values()):
         raise ValueError(f"--n-per-class must be in [2, {min(counts.values())}] (the smallest class count), got {n}")
 
-    out = Path(args.output)
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial_path = out.with_name(out.stem + ".partial.pth")
-    state = load_checkpoint(partial_path) if args.resume else None
+    state = load_checkpoint(partial_path) if resume else None
     if state is not None and (state["n"] != n or state["source"] != source or state["num_classes"] != K):
         raise ValueError(f"--resume: {partial_path} was made with n={state['n']}, source={state['source']}, "
                          f"K={state['num_classes']}; this run asks n={n}, source={source}, K={K}")
@@ -143,22 +164,22 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
             keep.append(i)
             seen[y] += 1
     keep_from = [i for i in keep if i >= start]
-    if args.workers is not None:
-        workers = args.workers
+    if workers is not None:
+        pass
     elif dcfg["dataset"] == "synthetic":
         workers = dcfg["synthetic_workers"]
     else:
         workers = dcfg["workers"]
-    loader = DataLoader(Subset(train_set, keep_from), batch_size=args.batch_size, shuffle=False,
+    loader = DataLoader(Subset(train_set, keep_from), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     print(f"teacher {mcfg['teacher']} on {device}: {n} samples per class x {K} classes, source={source}"
           + (f" ({layer})" if source == "features" else "") + (f", resuming at index {start}" if state else ""))
     pos = 0
-    with tqdm(total=len(keep_from), desc="cost matrix", unit="img", disable=args.no_progress) as bar, \
+    with tqdm(total=len(keep_from), desc="cost matrix", unit="img", disable=not progress) as bar, \
             torch.no_grad():
         for b, (images, ys) in enumerate(loader):
             images = images.to(device, non_blocking=True)
-            with autocast(device, args.amp):
+            with autocast(device, amp):
                 o = teacher(images, features=source != "logits")
             if source == "logits":
                 v = o.logits
@@ -175,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
                 filled[y] += 1
             pos += len(ys)
             bar.update(len(ys))
-            if args.save_every > 0 and (b + 1) % args.save_every == 0 and pos < len(keep_from):
+            if save_every > 0 and (b + 1) % save_every == 0 and pos < len(keep_from):
                 save_checkpoint(partial_path, {"features": feats, "filled": filled, "n": n, "source": source,
                                                "num_classes": K, "next_index": keep_from[pos]})
     if feats is None or int(filled.min()) != n:
@@ -184,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     d = 0.5 * (d + d.T)
     d.fill_diagonal_(0.0)
     _write_tensor(out, d)
-    meta = {"config": str(args.config), "teacher": mcfg["teacher"], "teacher_checkpoint": ckpt, "source": source,
+    meta = {"config": str(config_name), "teacher": mcfg["teacher"], "teacher_checkpoint": ckpt, "source": source,
             "layer": layer if source == "features" else None, "n_per_class": n, "num_classes": K,
             "feature_dim": int(feats.shape[2]), "dataset": dcfg["dataset"], "kernel": "linear"}
     with open(out.with_suffix(".json"), "w") as f:
@@ -198,4 +219,5 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    main()
+    from .train import run_command_line
+    run_command_line(main)

@@ -1,11 +1,13 @@
 """Datasets and loaders: ImageNet (``train/`` and ``val/`` folders), CIFAR-100 (torchvision format), synthetic.
 
 Config keys (section ``data``; types and defaults: ``examples.common.schema.ClsDataConfig``):
-    dataset: ``imagenet`` | ``cifar100`` | ``synthetic`` (``--synthetic`` forces the latter)
-    root: dataset directory (ImageNet: holds ``train/`` and ``val/`` class folders; CIFAR-100: the directory that
-        holds ``cifar-100-python/``, nothing is downloaded)
+    dataset: ``imagenet`` | ``cifar100`` | ``folder`` | ``synthetic`` (``--synthetic`` forces the latter;
+        ``--data-dir`` sets ``folder``)
+    root: dataset directory (ImageNet and ``folder``: holds ``train/`` and ``val/`` class folders, torchvision's
+        ImageFolder layout; CIFAR-100: the directory that holds ``cifar-100-python/``, nothing is downloaded)
     num_classes, input_size: classes and the square training resolution (32 for CIFAR models, 224 otherwise;
         CIFAR-100 at 224 is the cross-architecture setting: images are upsampled)
+    hflip: random horizontal flips in training (``folder`` only; off for data that flipping changes, e.g. digits)
     workers: DataLoader worker processes per training process
     synthetic_size / synthetic_val_size: samples of the synthetic train / val sets
 """
@@ -17,12 +19,12 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["SyntheticDataset", "build_datasets", "build_loaders", "ShardSampler", "IMAGENET_MEAN", "IMAGENET_STD",
-           "CIFAR100_MEAN", "CIFAR100_STD"]
+__all__ = ["SyntheticDataset", "build_datasets", "build_loaders", "ShardSampler", "class_folders", "IMAGENET_MEAN",
+           "IMAGENET_STD", "CIFAR100_MEAN", "CIFAR100_STD"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-DATASETS = ("imagenet", "cifar100", "synthetic")
+DATASETS = ("imagenet", "cifar100", "folder", "synthetic")
 
 
 class SyntheticDataset(Dataset):
@@ -76,8 +78,29 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
-def _transforms(dataset: str, input_size: int):
+def class_folders(root, split: str = "train") -> list:
+    """The sorted class folder names of ``root/split`` (torchvision ImageFolder's classes); errors say what to
+    create."""
+    d = Path(root).expanduser() / split
+    if not d.is_dir():
+        raise FileNotFoundError(f"--data-dir: {Path(root).expanduser()} must hold `train/` and `val/` folders with "
+                                f"one sub-folder of images per class ({d} is missing)")
+    classes = sorted(e.name for e in d.iterdir() if e.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"--data-dir: {d} has {len(classes)} class folder(s); classification needs >= 2 "
+                         f"(one sub-folder of images per class)")
+    return classes
+
+
+def _transforms(dataset: str, input_size: int, hflip: bool = True):
     from torchvision import transforms as T
+    if dataset == "folder":  # your own images: resized to input_size, CIFAR-style crop augmentation
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        size = T.Resize((input_size, input_size), antialias=True)
+        flip = [T.RandomHorizontalFlip()] if hflip else []
+        train = T.Compose([size, T.RandomCrop(input_size, padding=max(1, input_size // 8)), *flip, T.ToTensor(),
+                           norm])
+        return train, T.Compose([size, T.ToTensor(), norm])
     if dataset == "imagenet":
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         resize = int(round(input_size * 256 / 224))
@@ -120,16 +143,19 @@ def build_datasets(data_cfg: dict, *, train_transform: bool = True) -> Tuple[Dat
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: {root} is not a directory")
-    t_train, t_val = _transforms(dataset, input_size)
+    t_train, t_val = _transforms(dataset, input_size, bool(data_cfg["hflip"]))
     if not train_transform:
         t_train = t_val
-    if dataset == "imagenet":
+    if dataset in ("imagenet", "folder"):
         from torchvision.datasets import ImageFolder
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise FileNotFoundError(f"data.root: {root} must hold `train/` and `val/` class folders "
                                         f"({root / split} is missing)")
         train, val = ImageFolder(str(root / "train"), t_train), ImageFolder(str(root / "val"), t_val)
+        if val.classes != train.classes:
+            raise ValueError(f"data.root: the class folders of {root / 'val'} differ from those of "
+                             f"{root / 'train'}: {sorted(set(val.classes) ^ set(train.classes))[:5]}")
     else:
         from torchvision.datasets import CIFAR100
         if not (root / "cifar-100-python").is_dir():

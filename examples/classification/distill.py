@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from examples.common.checkpoint import read_torch_file
+from examples.common.losses import build_distillation_losses, scheduled_weight
 from examples.common.methods import METHODS, get_method
 from examples.common.schema import DistillConfig, resolve
 from wkd_kernels import sharpen
-from wkd_kernels.losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDLogitLoss,
-                                cosine_weight, make_projector)
+from wkd_kernels.losses import make_projector
 from wkd_kernels.ops.feature_layout import as_nchw
 
-__all__ = ["Distiller", "CLS_METHODS", "load_cost_matrix", "match_spatial", "scheduled_weight"]
+__all__ = ["Distiller", "CLS_METHODS", "load_distance", "load_cost_matrix", "match_spatial", "scheduled_weight"]
 
 CLS_METHODS = tuple(METHODS)  # classification runs every method of the shared registry
 
@@ -58,17 +58,14 @@ def _required(sec: dict, key: str, where: str):
     return sec[key]
 
 
-def load_cost_matrix(path, kappa: float, num_classes: int) -> Tensor:
-    """Load a [C, C] class distance (``torch.save``d tensor, or a dict with key ``distance``) and sharpen it.
-
-    ``path`` may also be the [C, C] distance tensor itself. Returns ``sharpen(d, kappa)`` = 1 - exp(-kappa d),
-    float32 [C, C]; errors name the file.
-    """
+def load_distance(path, num_classes: int) -> Tensor:
+    """The [C, C] class distance (unsharpened, float32) in ``path``: a ``torch.save``d tensor or a dict with key
+    ``distance``; ``path`` may also be the tensor itself. Errors name the file."""
     if isinstance(path, Tensor):
         if path.dim() != 2 or tuple(path.shape) != (num_classes, num_classes):
             raise ValueError(f"distill.wkd_l.cost: the distance tensor is {list(path.shape)}, expected "
                              f"[{num_classes}, {num_classes}]")
-        return sharpen(path.float(), float(kappa))
+        return path.float()
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"distill.wkd_l.cost: cost-matrix file {p} does not exist (build one with "
@@ -84,15 +81,12 @@ def load_cost_matrix(path, kappa: float, num_classes: int) -> Tensor:
                          f"{getattr(obj, 'shape', type(obj).__name__)}")
     if obj.shape[0] != num_classes:
         raise ValueError(f"distill.wkd_l.cost: {p} is {list(obj.shape)} but the model has {num_classes} classes")
-    return sharpen(obj.float(), float(kappa))
+    return obj.float()
 
 
-def scheduled_weight(base: float, decay_start: Optional[float], epoch: int, total_epochs: int) -> float:
-    """``cosine_weight(epoch, base, decay_start, total_epochs)``; constant ``base`` when decay_start is None or
-    not below total_epochs (short smoke runs of long recipes)."""
-    if decay_start is None or decay_start >= total_epochs:
-        return float(base)
-    return cosine_weight(float(min(epoch, total_epochs)), float(base), float(decay_start), float(total_epochs))
+def load_cost_matrix(path, kappa: float, num_classes: int) -> Tensor:
+    """``sharpen(load_distance(path, num_classes), kappa)`` = 1 - exp(-kappa d), float32 [C, C]."""
+    return sharpen(load_distance(path, num_classes), float(kappa))
 
 
 def match_spatial(f_s: Tensor, f_t: Tensor) -> Tensor:
@@ -147,7 +141,6 @@ class Distiller(nn.Module):
         self.method, self.terms, self.cfg, self.total_epochs = method, spec.terms, distill_cfg, int(total_epochs)
         self.ce_weight = float(distill_cfg["ce_weight"])
         self.student = student
-        self.losses = nn.ModuleDict()
         self._teacher = [teacher] if teacher is not None else []  # a list: not a submodule, not in state_dict
         if teacher is not None:
             teacher.eval()
@@ -160,18 +153,10 @@ class Distiller(nn.Module):
         num_classes = student.classifier.out_features
         self._epoch = 0
         c = distill_cfg
-        if method == "kd":
-            self.losses["kd"] = KDLoss(c["kd"]["temperature"])
-        elif method == "dkd":
-            self.losses["dkd"] = DKDLoss(c["dkd"]["alpha"], c["dkd"]["beta"], c["dkd"]["temperature"])
-        elif method == "nkd":
-            self.losses["nkd"] = NKDLoss(c["nkd"]["temperature"], c["nkd"]["gamma"])
+        cost = None
         if "wkd_l" in spec.terms:
-            sec = c["wkd_l"]
-            cost = load_cost_matrix(_required(sec, "cost", "distill.wkd_l"), sec["kappa"], num_classes)
-            self.losses["wkd_l"] = WKDLogitLoss(cost, float(_required(sec, "temperature", "distill.wkd_l")),
-                                                float(_required(sec, "weight", "distill.wkd_l")), reg=sec["reg"],
-                                                num_iters=sec["num_iters"], log_domain=sec["log_domain"])
+            cost = load_distance(_required(c["wkd_l"], "cost", "distill.wkd_l"), num_classes)
+        features, projectors = None, {}
         self.feature_term = next((t for t in spec.terms if t in ("fitnet", "wkd_f")), None)
         if self.feature_term is not None:
             name = self.feature_term
@@ -184,28 +169,22 @@ class Distiller(nn.Module):
             cs, ct = student.feature_channels[layer], teacher.feature_channels[layer]
             self.feature_layer = layer
             self.feature_layouts = (_layout(student, layer), _layout(teacher, layer))
-            # WKD-F reads the teacher's tokens itself; FitNet's MSE gets [N, C, H, W] views
-            t_layout, t_prefix = self.feature_layouts[1] if name == "wkd_f" else ("nchw", 0)
             self.spatial_projector = sec["projector"] == "convreg"
             proj = sec["projector"]
             if self.spatial_projector:  # the published ConvReg needs both maps' sizes: one probe forward
                 if input_size is None:
                     raise ValueError(f"distill.{name}.projector=convreg needs the input size (data.input_size)")
                 s_size, t_size = _feature_sizes(student, teacher, layer, int(input_size))
-                proj = make_projector("convreg", cs, ct, fn=f"distill.{name}.projector", student_size=s_size,
-                                      teacher_size=t_size)
-                cs = ct  # the loss sees the projected map
-                self.losses[f"{name}_projector"] = proj
-                proj = None
-            if name == "fitnet":
-                self.losses["fitnet"] = FitNetLoss(cs, ct, projector=proj)
-            else:
-                self.losses["wkd_f"] = WKDFeatureLoss(
-                    cs, ct, covariance=sec["covariance"], grid=sec["grid"], mean_cov_ratio=sec["mean_cov_ratio"],
-                    eps=sec["eps"], projector=proj, hidden_channels=sec["hidden_channels"],
-                    weight=float(_required(sec, "weight", "distill.wkd_f")), method=sec["method"],
-                    num_iters=sec["num_iters"], path=sec["path"], teacher_layout=t_layout,
-                    teacher_prefix_tokens=t_prefix)
+                projectors[f"{name}_projector"] = make_projector(
+                    "convreg", cs, ct, fn=f"distill.{name}.projector", student_size=s_size, teacher_size=t_size)
+                cs, proj = ct, None  # the loss sees the projected map
+            features = dict(student_channels=cs, teacher_channels=ct, projector=proj)
+            if name == "wkd_f":  # WKD-F reads the teacher's tokens itself; FitNet's MSE gets [N, C, H, W] views
+                t_layout, t_prefix = self.feature_layouts[1]
+                features.update(teacher_layout=t_layout, teacher_prefix_tokens=t_prefix)
+        # the loss modules and every weight (WKD-F's included, applied once): examples.common.losses
+        self.losses = build_distillation_losses(c, supported=CLS_METHODS, num_classes=num_classes, cost=cost,
+                                                features=features, projectors=projectors)
         self.set_epoch(0)
 
     @property
@@ -227,16 +206,8 @@ class Distiller(nn.Module):
     def set_epoch(self, epoch: int) -> Dict[str, float]:
         """Update the scheduled loss weights for 0-based ``epoch``; returns them (for logging)."""
         self._epoch = int(epoch)
-        weights = {}
-        for name in ("wkd_l", "wkd_f"):
-            if name in self.losses:
-                sec = self.cfg[name]
-                # 1-based epoch, as the published (mdistiller) trainer passes it: the weight reaches 0 in the last
-                w = scheduled_weight(float(sec["weight"]), sec["decay_start"], self._epoch + 1,
-                                     self.total_epochs)
-                self.losses[name].weight = w
-                weights[f"w_{name}"] = w
-        return weights
+        # 1-based epoch, as the published (mdistiller) trainer passes it: the weight reaches 0 in the last
+        return self.losses.set_epoch(self._epoch + 1, self.total_epochs)
 
     def _dkd_factor(self) -> float:
         warm = float(self.cfg["dkd"]["warmup_epochs"])
@@ -255,15 +226,12 @@ class Distiller(nn.Module):
             out_t = self.teacher(images, features=need_features)
         t = out_t.logits.float()
         s32 = s.float()
-        m, cfg = self.method, self.cfg
-        if m == "kd":
-            terms["kd"] = float(cfg["kd"]["weight"]) * self.losses["kd"](s32, t)
-        elif m == "dkd":
-            terms["dkd"] = (float(cfg["dkd"]["weight"]) * self._dkd_factor()) * self.losses["dkd"](s32, t, targets)
-        elif m == "nkd":
-            terms["nkd"] = float(cfg["nkd"]["weight"]) * self.losses["nkd"](s32, t, targets)
+        raw: Dict[str, Tensor] = {}
+        for name in ("kd", "dkd", "nkd"):
+            if name in self.terms:
+                raw[name] = self.losses[name](s32, t) if name == "kd" else self.losses[name](s32, t, targets)
         if "wkd_l" in self.terms:
-            terms["wkd_l"] = self.losses["wkd_l"](s32, t, targets)
+            raw["wkd_l"] = self.losses["wkd_l"](s32, t, targets)
         if self.feature_term is not None:
             name = self.feature_term
             f_t = out_t.features[self.feature_layer].float()
@@ -276,8 +244,6 @@ class Distiller(nn.Module):
                 f_s = self.losses[f"{name}_projector"](f_s)
             else:
                 f_s = match_spatial(f_s, t_map)
-            if name == "fitnet":
-                terms["fitnet"] = float(cfg["fitnet"]["weight"]) * self.losses["fitnet"](f_s, f_t)
-            else:
-                terms["wkd_f"] = self.losses["wkd_f"](f_s, f_t).loss
+            raw[name] = self.losses[name](f_s, f_t) if name == "fitnet" else self.losses[name](f_s, f_t).loss
+        terms.update(self.losses.combine(raw, dkd_warmup=self._dkd_factor() if "dkd" in self.terms else 1.0))
         return s, terms

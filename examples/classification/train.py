@@ -4,6 +4,12 @@
         [--device auto|cuda|cpu] [--cost FILE] [--cost-dir DIR] [--trust-checkpoint FILE ...] [key.sub=value ...]
     torchrun --nproc_per_node N -m examples.classification.train --config CONFIG ...
 
+Your own images (``DIR/train/<class>/*``, ``DIR/val/<class>/*``; configs/own_data/, README "Your own images"):
+    python -m examples.classification.train --config CONFIG --data-dir DIR [--input-size N] [--student NAME]
+        [--teacher NAME] [--teacher-checkpoint FILE]
+``--data-dir`` sets ``data.dataset=folder`` and the class count from the folders. A WKD-L config without
+``distill.wkd_l.cost`` builds the cost from the teacher (``build_cost_matrix``) into ``OUT/cost_matrix.pth``.
+
 The loop, DDP, AMP, lr schedule, resume, checkpoints and logging are ``examples.common.trainer``'s; this file is the
 classification task (data, student + teacher + losses from ``distill.py``, top-1 / top-5 evaluation). The config
 schema (keys, types, defaults) is ``examples.common.schema.ClassificationConfig``. ``train.batch_size`` is the
@@ -55,8 +61,83 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="load FILE (a teacher / student weights file or OUT/last.pth) with full unpickling "
                         "(weights_only=False), which can run code stored in it: only for files you trust; "
                         "repeatable (adds to train.trusted_checkpoints)")
+    add_own_data_args(p)
+    p.add_argument("--traceback", action="store_true",
+                   help="show the Python traceback of a configuration / input error (default: its message)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=2 train.amp=none")
     return p.parse_args(argv)
+
+
+def add_own_data_args(p: argparse.ArgumentParser) -> None:
+    """The flags for training on one's own image folder (shared with ``build_cost_matrix``)."""
+    g = p.add_argument_group("your own images")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="an image folder: DIR/train/<class>/* and DIR/val/<class>/* (any images PIL reads); sets "
+                        "data.dataset=folder, data.root=DIR and data.num_classes = the number of class folders")
+    g.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="images are resized to N x N (sets data.input_size; default: the config's)")
+    g.add_argument("--student", default=None, metavar="NAME", help="student architecture (sets model.student)")
+    g.add_argument("--teacher", default=None, metavar="NAME", help="teacher architecture (sets model.teacher)")
+    g.add_argument("--teacher-checkpoint", default=None, metavar="FILE",
+                   help="the trained teacher's weights, e.g. best.pth of a run of configs/own_data/teacher.yaml "
+                        "(sets model.teacher_checkpoint)")
+
+
+def apply_own_data_args(cfg: dict, args: argparse.Namespace) -> dict:
+    """Apply ``--data-dir`` / ``--input-size`` / ``--student`` / ``--teacher`` / ``--teacher-checkpoint`` to the
+    resolved config ``cfg`` (in place; returned). With ``--data-dir`` the class count is the number of class
+    folders of DIR/train (a different explicit ``data.num_classes`` override is an error naming both)."""
+    from .data import class_folders
+    if getattr(args, "data_dir", None):
+        if getattr(args, "synthetic", False):
+            raise ValueError("--data-dir and --synthetic are exclusive")
+        if getattr(args, "data", None):
+            raise ValueError("--data-dir and --data are exclusive (--data-dir DIR is an image folder, --data the "
+                             "root of the config's dataset)")
+        classes = class_folders(args.data_dir, "train")
+        explicit = [o for o in getattr(args, "overrides", []) if o.split("=", 1)[0].strip() == "data.num_classes"]
+        if explicit and int(cfg["data"]["num_classes"]) != len(classes):
+            raise ValueError(f"data.num_classes={cfg['data']['num_classes']} but --data-dir {args.data_dir} has "
+                             f"{len(classes)} class folders in train/: drop the override")
+        cfg["data"].update(dataset="folder", root=str(Path(args.data_dir).expanduser()), num_classes=len(classes))
+    if getattr(args, "input_size", None) is not None:
+        if args.input_size < 8:
+            raise ValueError(f"--input-size must be >= 8, got {args.input_size}")
+        cfg["data"]["input_size"] = int(args.input_size)
+    for flag in ("student", "teacher"):
+        if getattr(args, flag, None):
+            cfg["model"][flag] = getattr(args, flag)
+    if getattr(args, "teacher_checkpoint", None):  # relative to the working directory, like every flag path
+        cfg["model"]["teacher_checkpoint"] = str(Path(args.teacher_checkpoint).expanduser().resolve())
+    return cfg
+
+
+def ensure_cost_from_teacher(cfg: dict, out: Path, info, log=print) -> Optional[Path]:
+    """WKD-L without a cost (``distill.wkd_l.cost: null``, as in configs/own_data/): build the teacher's class
+    distance (``build_cost_matrix`` with ``cost_matrix.source``) into ``out/cost_matrix.pth`` on rank 0 (kept and
+    reused by later runs and ``--resume``) and point ``distill.wkd_l.cost`` at it. Does nothing for other methods,
+    a set cost, ``--synthetic`` (random stand-in) or a missing teacher checkpoint (``build_distiller`` then says
+    what to pass). Returns the file or None."""
+    method = get_method(cfg["distill"]["method"], CLS_METHODS)
+    mcfg = cfg["model"]
+    if ("wkd_l" not in method.terms or cfg["distill"]["wkd_l"]["cost"] is not None
+            or cfg["data"]["dataset"] == "synthetic" or not mcfg["teacher"] or not mcfg["teacher_checkpoint"]):
+        return None
+    path = (out / "cost_matrix.pth").resolve()
+    if info.is_main:
+        if path.is_file():
+            log(f"WKD-L cost: {path} (built from the teacher by an earlier run)")
+        else:
+            from .build_cost_matrix import build_cost_matrix
+            log(f"distill.wkd_l.cost is not set: building the teacher's class distance (1 - CKA of its "
+                f"{cfg['cost_matrix']['source']}) into {path}")
+            out.mkdir(parents=True, exist_ok=True)
+            build_cost_matrix(cfg, path, device=info.device.type, workers=cfg["data"]["workers"],
+                              progress=bool(cfg["train"]["progress"]), trusted=cfg["train"]["trusted_checkpoints"],
+                              config_name="training config")
+    barrier()
+    cfg["distill"]["wkd_l"]["cost"] = str(path)
+    return path
 
 
 def _default_out(config: str) -> Path:
@@ -78,6 +159,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         cfg["data"]["root"] = args.data
     if args.device:
         cfg["train"]["device"] = args.device
+    apply_own_data_args(cfg, args)
     cfg["train"]["trusted_checkpoints"] = list(cfg["train"]["trusted_checkpoints"]) + \
         [str(Path(f).expanduser().resolve()) for f in getattr(args, "trust_checkpoint", [])]
     method = get_method(cfg["distill"]["method"], CLS_METHODS)
@@ -208,11 +290,24 @@ def build_distiller(cfg: dict, *, synthetic: bool, log=print, cost_dir: Optional
             ckpt = None
         if ckpt is None:
             if not (synthetic or mcfg["allow_random_teacher"]):
-                raise ValueError("model.teacher_checkpoint is not set: distilling from a randomly initialised "
-                                 "teacher is only allowed with --synthetic or model.allow_random_teacher=true")
+                raise ValueError(
+                    f"model.teacher_checkpoint is not set: pass --teacher-checkpoint FILE, the weights of a trained "
+                    f"{mcfg['teacher']} with {K} classes (on your own images, train it first: python -m "
+                    f"examples.classification.train --config examples/classification/configs/own_data/teacher.yaml "
+                    f"--data-dir DIR --out runs/teacher, then --teacher-checkpoint runs/teacher/best.pth). "
+                    f"A random teacher is only allowed with --synthetic or model.allow_random_teacher=true")
             log("warning: the teacher is randomly initialised (no model.teacher_checkpoint)")
         teacher = build_network(mcfg["teacher"], K, ckpt, "model.teacher_checkpoint", build_model, trusted)
-    if "wkd_l" in method.terms and isinstance(dcfg["wkd_l"]["cost"], str):
+    if "wkd_l" in method.terms and dcfg["wkd_l"]["cost"] is None and not synthetic:
+        raise ValueError("distill.wkd_l.cost is not set: pass --cost FILE (a [C, C] class distance, e.g. from "
+                         "python -m examples.classification.build_cost_matrix), or --teacher-checkpoint FILE so "
+                         "that the trainer builds it from the teacher")
+    if "wkd_l" in method.terms and dcfg["wkd_l"]["cost"] is None:
+        log("warning: --synthetic: distill.wkd_l.cost is not set; using a random stand-in")
+        g = torch.Generator().manual_seed(0)
+        d = torch.rand(K, K, generator=g)
+        dcfg["wkd_l"] = dict(dcfg["wkd_l"], cost=((d + d.T) / 2).fill_diagonal_(0.0))
+    elif "wkd_l" in method.terms and isinstance(dcfg["wkd_l"]["cost"], str):
         name = dcfg["wkd_l"]["cost"]
         path, tried = resolve_cost(name, cost_dir)
         if path is not None:
@@ -349,16 +444,30 @@ def main(argv: Optional[List[str]] = None) -> dict:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        out = Path(args.out) if args.out else _default_out(args.config)
+        ensure_cost_from_teacher(cfg, out, info, log)
         seed_everything(cfg["train"]["seed"], 0)  # identical initialisation on every rank
         task = ClassificationTask(cfg, args, info, log)
-        out = Path(args.out) if args.out else _default_out(args.config)
         return Trainer(cfg, task, info, out, resume=args.resume, log=log).run()
     finally:
         cleanup_distributed()
 
 
-if __name__ == "__main__":
+def run_command_line(entry, argv: Optional[List[str]] = None) -> None:
+    """``entry(argv)`` for a ``python -m`` entry point: a configuration / input error (ValueError,
+    FileNotFoundError: their messages name the flag or key to set) exits with status 2 and the message alone,
+    unless ``--traceback``; Ctrl-C exits with 130."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        main()
+        entry(argv)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (ValueError, FileNotFoundError) as e:
+        if "--traceback" in argv:
+            raise
+        print(f"error: {e}\n(--traceback shows where it was raised)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_command_line(main)

@@ -163,10 +163,11 @@ class DistillConfig:
 # ------------------------------------------------------------------------------------------------ classification
 @dataclass
 class ClsDataConfig:
-    dataset: str = "imagenet"            # imagenet | cifar100 | synthetic
+    dataset: str = "imagenet"            # imagenet | cifar100 | folder | synthetic
     root: Optional[str] = None
     num_classes: int = _ranged(1000, at_least(1))
     input_size: int = _ranged(224, at_least(1))
+    hflip: bool = True                   # folder: random horizontal flips in training
     workers: int = _ranged(8, at_least(0))  # per process
     synthetic_size: int = _ranged(256, at_least(1))
     synthetic_val_size: int = _ranged(64, at_least(1))

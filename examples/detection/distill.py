@@ -28,10 +28,9 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
+from examples.common.losses import DistillationLosses, build_distillation_losses
 from examples.common.methods import get_method
 from examples.common.schema import DistillConfig, resolve
-from wkd_kernels.interrelations import sharpen
-from wkd_kernels.losses import DKDLoss, KDLoss, WKDFeatureLoss, WKDLogitLoss
 
 __all__ = ["DistillLosses", "DetectionDistiller", "StudentStepOutput", "load_cost", "DET_METHODS",
            "WKD_F_PROJECTORS"]
@@ -67,14 +66,15 @@ def load_cost(path: str, num_classes: int) -> Tensor:
     return d.float()
 
 
-class DistillLosses(nn.Module):
-    """The configured distillation terms on the student's sampled RoIs.
+class DistillLosses(DistillationLosses):
+    """The configured distillation terms on the student's sampled RoIs (``examples.common.losses``, which also
+    applies every weight, WKD-F's included, once).
 
     Args:
         cfg: the ``distill`` section (``examples.common.schema.DistillConfig``): ``method`` (one of
             ``DET_METHODS``) and the sections of its terms; each term's ``weight`` is its factor in the total loss
             (WKD-L: the loss's own gamma), the other keys the options of its loss class. ``wkd_l.cost`` is a path
-            (see ``load_cost``) or a tensor.
+            (see ``load_cost``) or a tensor. Detection keeps the weights constant (no ``decay_start`` schedule).
         num_classes: K + 1, background included.
         roi_channels: channels of the RoIAlign features (256 for FPN students and teachers).
 
@@ -84,73 +84,51 @@ class DistillLosses(nn.Module):
     """
 
     def __init__(self, cfg: Optional[Mapping[str, Any]], num_classes: int, roi_channels: int = 256):
-        super().__init__()
         cfg = resolve(DistillConfig, dict(cfg or {}), "distill", prefix="distill.")
-        self.method = get_method(cfg["method"], DET_METHODS)
+        method = get_method(cfg["method"], DET_METHODS)
         if cfg["ce_weight"] != 1.0 or cfg["ban"]:
             raise ValueError("`distill.ce_weight` / `distill.ban` are classification options (detection trains the "
                              "student's own Faster R-CNN losses unweighted)")
-        self.dkd_warmup_iters = 0
-        self.kd = self.dkd = self.wkd_l = self.wkd_f = None
-        terms = self.method.terms
-        self.weights = {t: float(cfg[t]["weight"]) for t in terms if t != "wkd_l"}
-        if "kd" in terms:
-            self.kd = KDLoss(cfg["kd"]["temperature"])
-        if "dkd" in terms:
-            c = cfg["dkd"]
-            self.dkd = DKDLoss(c["alpha"], c["beta"], c["temperature"])
-            self.dkd_warmup_iters = int(c["warmup_iters"])
-            if c["warmup_epochs"]:
-                raise ValueError("`distill.dkd.warmup_epochs`: detection warms DKD up over iterations "
-                                 "(distill.dkd.warmup_iters)")
+        terms = method.terms
+        if "dkd" in terms and cfg["dkd"]["warmup_epochs"]:
+            raise ValueError("`distill.dkd.warmup_epochs`: detection warms DKD up over iterations "
+                             "(distill.dkd.warmup_iters)")
+        cost = None
         if "wkd_l" in terms:
-            c = cfg["wkd_l"]
-            cost = c["cost"]
-            if cost is None:
+            c = cfg["wkd_l"]["cost"]
+            if c is None:
                 raise ValueError("`distill.wkd_l.cost` is required: a [C, C] class-distance file from "
                                  "`python -m examples.detection.build_cost_matrix`")
-            d = cost.float() if isinstance(cost, Tensor) else load_cost(str(cost), num_classes)
-            if d.shape != (num_classes, num_classes):
-                raise ValueError(f"`distill.wkd_l.cost` is {list(d.shape)}, expected [{num_classes}, {num_classes}]")
-            for key in ("temperature", "weight"):
-                if c[key] is None:
-                    raise ValueError(f"`distill.wkd_l.{key}` is required")
-            self.wkd_l = WKDLogitLoss(sharpen(d, c["kappa"]), c["temperature"], c["weight"], c["reg"],
-                                      c["num_iters"], log_domain=c["log_domain"])
+            cost = c.float() if isinstance(c, Tensor) else load_cost(str(c), num_classes)
+        features = None
         if "wkd_f" in terms:
-            c = cfg["wkd_f"]
-            if c["weight"] is None:
-                raise ValueError("`distill.wkd_f.weight` is required")
-            if c["projector"] not in WKD_F_PROJECTORS:
+            if cfg["wkd_f"]["projector"] not in WKD_F_PROJECTORS:
                 raise ValueError(f"`distill.wkd_f.projector` must be one of {list(WKD_F_PROJECTORS)}, got "
-                                 f"{c['projector']!r}")
-            self.wkd_f = WKDFeatureLoss(roi_channels, roi_channels, covariance=c["covariance"], grid=c["grid"],
-                                        mean_cov_ratio=c["mean_cov_ratio"], eps=c["eps"], projector=c["projector"],
-                                        hidden_channels=c["hidden_channels"], method=c["method"],
-                                        num_iters=c["num_iters"], path=c["path"])
+                                 f"{cfg['wkd_f']['projector']!r}")
+            features = dict(student_channels=roi_channels, teacher_channels=roi_channels,
+                            projector=cfg["wkd_f"]["projector"])
+        built = build_distillation_losses(cfg, supported=DET_METHODS, num_classes=num_classes, cost=cost,
+                                          features=features)
+        super().__init__(built.method, built.cfg, dict(built.items()))
+        self.dkd_warmup_iters = int(cfg["dkd"]["warmup_iters"]) if "dkd" in terms else 0
 
     @property
     def enabled(self) -> tuple[str, ...]:
         return self.method.terms
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.method.needs_teacher
-
     def forward(self, logits_s: Tensor, logits_t: Tensor, labels: Tensor, roi_s: Tensor, roi_t: Tensor,
                 iteration: int = 0) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        w = self.weights
-        if self.kd is not None:
-            out["loss_kd"] = w["kd"] * self.kd(logits_s, logits_t)
-        if self.dkd is not None:
-            ramp = min(1.0, (iteration + 1) / self.dkd_warmup_iters) if self.dkd_warmup_iters > 0 else 1.0
-            out["loss_dkd"] = (w["dkd"] * ramp) * self.dkd(logits_s, logits_t, labels)
-        if self.wkd_l is not None:
-            out["loss_wkd_l"] = self.wkd_l(logits_s, logits_t, labels)
-        if self.wkd_f is not None:
-            out["loss_wkd_f"] = w["wkd_f"] * self.wkd_f(roi_s, roi_t).loss
-        return out
+        raw: dict[str, Tensor] = {}
+        if "kd" in self.terms:
+            raw["kd"] = self["kd"](logits_s, logits_t)
+        if "dkd" in self.terms:
+            raw["dkd"] = self["dkd"](logits_s, logits_t, labels)
+        if "wkd_l" in self.terms:
+            raw["wkd_l"] = self["wkd_l"](logits_s, logits_t, labels)
+        if "wkd_f" in self.terms:
+            raw["wkd_f"] = self["wkd_f"](roi_s, roi_t).loss
+        ramp = (min(1.0, (iteration + 1) / self.dkd_warmup_iters) if self.dkd_warmup_iters > 0 else 1.0)
+        return {f"loss_{k}": v for k, v in self.combine(raw, dkd_warmup=ramp).items()}
 
 
 class StudentStepOutput(dict):

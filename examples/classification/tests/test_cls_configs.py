@@ -33,6 +33,7 @@ def test_config_set_is_complete():
     expected |= {f"cifar100_cross/{p}/{m}.yaml" for p in ["swin_t_r18", "vit_s_r18", "vit_s_mv2", "convnext_t_deit_t",
                                                           "convnext_t_swin_p"] for m in ("wkd_l", "wkd_f")}
     expected |= {f"imagenet/ban_r18/{m}.yaml" for m in ("ce", "kd", "wkd_l")}
+    expected |= {f"own_data/{m}.yaml" for m in ("teacher", "baseline", "wkd_l")}
     assert set(REL) == expected
 
 
@@ -43,7 +44,10 @@ def test_config_schema(rel):
     assert "expected_top1" in cfg and "# source:" in path.read_text()
     top1 = cfg["expected_top1"]
     assert top1 is None or 60 < float(top1) < 90
-    if "/wkd_" in rel or "ban_r18" in rel:
+    own_data = rel.startswith("own_data/")  # your own images: no paper number, the teacher file is a flag
+    if own_data:
+        assert top1 is None and cfg["data"]["dataset"] == "folder"
+    elif "/wkd_" in rel or "ban_r18" in rel:
         assert top1 is not None, "WKD and BAN configs state the paper's top-1"
     d = cfg["distill"]
     assert d["method"] in METHODS
@@ -54,7 +58,7 @@ def test_config_schema(rel):
     if d["method"] in ("wkd_l", "wkd_lf"):
         assert d["wkd_l"]["reg"] == 0.05 and d["wkd_l"]["num_iters"] == 10 and "kappa" in d["wkd_l"]
     if d["method"] != "ce":
-        assert cfg["model"]["teacher"] and cfg["model"]["teacher_checkpoint"]
+        assert cfg["model"]["teacher"] and (own_data or cfg["model"]["teacher_checkpoint"])
 
 
 def _cfg_for_build(rel, tmp: Path):
@@ -74,18 +78,18 @@ def _cfg_for_build(rel, tmp: Path):
     return cfg
 
 
-@pytest.mark.parametrize("rel", [r for r in REL if r.startswith("cifar100/")])
+@pytest.mark.parametrize("rel", [r for r in REL if r.startswith(("cifar100/", "own_data/"))])
 def test_cifar_configs_build_and_step(rel, tmp_path):
     cfg = _cfg_for_build(rel, tmp_path)
     distiller = train.build_distiller(cfg, synthetic=True, log=lambda *a: None)
     distiller.train()
     x = torch.randn(2, 3, 32, 32)
-    _, terms = distiller(x, torch.tensor([1, 2]))
+    _, terms = distiller(x, torch.tensor([1, 0]))  # own_data/ configs: 2 classes until --data-dir counts them
     total = sum(terms.values())
     assert torch.isfinite(total)
 
 
-@pytest.mark.parametrize("rel", [r for r in REL if not r.startswith("cifar100/")])
+@pytest.mark.parametrize("rel", [r for r in REL if not r.startswith(("cifar100/", "own_data/"))])
 def test_large_configs_build_on_meta(rel, tmp_path):
     cfg = _cfg_for_build(rel, tmp_path)
     with torch.device("meta"):
