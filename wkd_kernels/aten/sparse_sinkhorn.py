@@ -1,0 +1,208 @@
+"""Sinkhorn over one shared sparse kernel, in ATen ops only (any device type): the kernel of
+:func:`wkd_kernels.ops.sparse_sinkhorn.sparse_sinkhorn` (contract and API: docs/vocabulary_ot.md).
+
+The cost is a sparse CSR [C, C] tensor: a stored entry (i, j) is an allowed coupling with cost c_ij, an absent one is
+excluded (K_ij = 0). The same recurrences as the dense ``wkd::sinkhorn`` (docs/design.md section 3): per row,
+u0 = 1/|supp a| on supp a, then ``num_iters`` times ``v = b / (K^T u + eps); u = a / (K v + eps)``, value
+``sum_ij u_i K_ij c_ij v_j``.
+
+Layout: the B rows of masses are held as the columns of [C, B] tensors, so that every product is one CSR x dense
+``torch.sparse.mm`` (measured on CPU with C = 50,257, B = 512, k = 8: 1.4x faster than [B, C] x CSR on the
+transposed layout, 2x faster than dense x CSR). K and K^T are both kept as CSR (K^T built once by a sort of the
+nnz). The log domain runs the same iterations with sparse log-sum-exp reductions: per stored entry e_ij = p_i -
+c_ij / reg, a segment max and a segment sum over the CSR rows (``torch.segment_reduce``), over column blocks of at
+most ``chunk_elements`` nnz x block temporaries.
+
+The exact reverse sweep is :func:`wkd_kernels.aten.sinkhorn.exact_backward_sweep` itself (the same gauge correction
+as the dense kernels), given these products on transposed views of the [C, B] buffers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .sinkhorn import exact_backward_sweep
+
+__all__ = ["SparseCost", "sparse_sinkhorn_forward", "sparse_sinkhorn_backward", "CHUNK_ELEMENTS"]
+
+# Elements of the largest [nnz, J] temporary of the log domain (2^24: 64 MiB in float32).
+CHUNK_ELEMENTS = 1 << 24
+_NINF = float("-inf")
+
+
+class _Pattern:
+    """One CSR orientation: row pointers, column indices, per-nnz row index and cost, and the scaling-domain
+    matrices K = exp(-c / reg) and K∘c as sparse CSR tensors (built on first use)."""
+
+    def __init__(self, crow: Tensor, col: Tensor, cost: Tensor, size: int, reg: float):
+        self.crow, self.col, self.cost, self.size, self.reg = crow, col, cost, size, reg
+        self.lengths = crow[1:] - crow[:-1]
+        self.row = torch.repeat_interleave(torch.arange(size, device=crow.device), self.lengths)
+        self.L = cost / -reg
+        self._K = self._KC = None
+
+    def _csr(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, values, (self.size, self.size))
+
+    def K(self) -> Tensor:
+        if self._K is None:
+            self._K = self._csr(torch.exp(self.L))
+        return self._K
+
+    def KC(self) -> Tensor:
+        if self._KC is None:
+            self._KC = self._csr(torch.exp(self.L) * self.cost)
+        return self._KC
+
+    def mm(self, x: Tensor, weighted: bool = False) -> Tensor:
+        """[C, J] -> [C, J]: K x (K∘c x when weighted); x is made contiguous first (no copy when it already is)."""
+        return torch.sparse.mm(self.KC() if weighted else self.K(), x.contiguous())
+
+    def lse(self, p: Tensor, c: Optional[Tensor] = None, weighted: bool = False,
+            chunk_elements: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """Per row i and column t of p [C, J]: mx_it = max_j (L_ij + p_jt) over the stored j of row i, and
+        sm_it = sum_j c_jt W_ij exp(L_ij + p_jt - mx_it) (c: signed weights [C, J] or None; W = cost if weighted).
+        Rows whose terms are all -inf get mx = -inf, sm = 0."""
+        nnz, J = self.col.numel(), p.shape[1]
+        cap = CHUNK_ELEMENTS if chunk_elements is None else int(chunk_elements)
+        width = max(1, min(J, cap // max(1, nnz)))
+        mxs, sms = [], []
+        for t0 in range(0, J, width):
+            t1 = min(J, t0 + width)
+            e = p[:, t0:t1].index_select(0, self.col).add_(self.L.unsqueeze(1))  # [nnz, J']
+            mx = torch.segment_reduce(e, "max", lengths=self.lengths, axis=0)
+            shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            e.sub_(shift.index_select(0, self.row)).exp_()
+            if weighted:
+                e.mul_(self.cost.unsqueeze(1))
+            if c is not None:
+                e.mul_(c[:, t0:t1].index_select(0, self.col))
+            sm = torch.zeros_like(mx).index_add_(0, self.row, e)
+            mxs.append(mx)
+            sms.append(sm)
+        if len(mxs) == 1:
+            return mxs[0], sms[0]
+        if not mxs:  # no column
+            return p.new_empty(self.size, 0), p.new_empty(self.size, 0)
+        return torch.cat(mxs, 1), torch.cat(sms, 1)
+
+
+class SparseCost:
+    """The shared sparse cost of :func:`sparse_sinkhorn_forward`: ``cost`` a sparse CSR [C, C] tensor (values =
+    cost of the stored couplings) and ``reg``; holds K and K^T (as CSR) and their log-domain structure."""
+
+    def __init__(self, cost: Tensor, reg: float):
+        C = cost.shape[0]
+        crow, col, val = cost.crow_indices(), cost.col_indices(), cost.values()
+        self.size, self.reg, self.dtype, self.device = C, float(reg), val.dtype, val.device
+        self.nnz = col.numel()
+        self.rows = _Pattern(crow, col, val, C, reg)
+        # K^T: the same entries sorted by (column, row)
+        order = torch.argsort(col * C + self.rows.row, stable=True)
+        counts = torch.bincount(col, minlength=C)
+        crow_t = torch.zeros(C + 1, dtype=crow.dtype, device=crow.device)
+        crow_t[1:] = torch.cumsum(counts, 0)
+        self.cols = _Pattern(crow_t, self.rows.row[order].to(col.dtype), val[order], C, reg)
+        self.max_cost = val.max() if self.nnz else val.new_zeros(())
+
+    # products on [C, J] tensors
+    def mul(self, y: Tensor, weighted: bool = False) -> Tensor:
+        """K y (K∘c y when weighted): [C, J] -> [C, J]."""
+        return self.rows.mm(y, weighted)
+
+    def t_mul(self, x: Tensor, weighted: bool = False) -> Tensor:
+        """K^T x ((K∘c)^T x when weighted): [C, J] -> [C, J]."""
+        return self.cols.mm(x, weighted)
+
+
+def _log_add_eps(x: Tensor, eps: float) -> Tensor:
+    return torch.logaddexp(x, torch.full_like(x, math.log(eps))) if eps > 0 else x
+
+
+def _log_of(mx: Tensor, sm: Tensor) -> Tensor:
+    """log(exp(mx) sm) with -inf where sm == 0."""
+    return torch.where(sm > 0, mx + torch.log(sm), torch.full_like(sm, _NINF))
+
+
+def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int, eps: float = 0.0,
+                            log_domain: bool = False, keep_history: bool = True,
+                            chunk_elements: Optional[int] = None) -> Tuple[Tensor, ...]:
+    """(value [B], u [C, B], v [C, B], hist_r [T, C, B], hist_s [T, C, B], y [C, B]) for masses ``a``, ``b``
+    given as [C, B] (one column per row of masses; arguments already checked). u, v are scalings (log-scalings in
+    the log domain); hist_r / hist_s the denominators K v + eps and K^T u + eps (their logs in the log domain), kept
+    for the exact backward when ``keep_history`` (else T = 0); y = (K∘c) v_T (its log in the log domain)."""
+    C, B = a.shape
+    supp = a > 0
+    cnt = supp.sum(0, keepdim=True).to(a.dtype)
+    T = num_iters if keep_history else 0
+    hist_r, hist_s = a.new_empty(T, C, B), a.new_empty(T, C, B)
+    if not log_domain:
+        u = torch.where(supp, 1.0 / cnt, torch.zeros_like(a))
+        v = b
+        for t in range(num_iters):
+            s = K.t_mul(u)
+            if eps > 0:
+                s.add_(eps)
+            v = b / s
+            r = K.mul(v)
+            if eps > 0:
+                r.add_(eps)
+            u = a / r
+            if keep_history:
+                hist_r[t].copy_(r)
+                hist_s[t].copy_(s)
+        y = K.mul(v, weighted=True)
+        value = (u * y).sum(0)
+        return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, B))
+    log_a, log_b = torch.log(a), torch.log(b)
+    u = torch.where(supp, -torch.log(cnt), torch.full_like(a, _NINF))
+    v = log_b
+    for t in range(num_iters):
+        s = _log_add_eps(_log_of(*K.cols.lse(u, chunk_elements=chunk_elements)), eps)
+        v = log_b - s
+        r = _log_add_eps(_log_of(*K.rows.lse(v, chunk_elements=chunk_elements)), eps)
+        u = log_a - r
+        if keep_history:
+            hist_r[t].copy_(r)
+            hist_s[t].copy_(s)
+    mx, sm = K.rows.lse(v, weighted=True, chunk_elements=chunk_elements)
+    y = _log_of(mx, sm)
+    fin = torch.isfinite(u) & (sm > 0)
+    value = torch.where(fin, torch.exp(torch.where(fin, u + mx, torch.zeros_like(u))) * sm,
+                        torch.zeros_like(sm)).sum(0)
+    return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, B))
+
+
+def sparse_sinkhorn_backward(grad_value: Tensor, a: Tensor, b: Tensor, K: SparseCost, hist_r: Tensor,
+                             hist_s: Tensor, y: Tensor, log_domain: bool = False, eps: Optional[float] = None,
+                             chunk_elements: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(grad_a, grad_b), both [C, B], of sum_t grad_value_t value_t through the fixed-iteration loop (the exact
+    reverse sweep of :func:`wkd_kernels.aten.sinkhorn.exact_backward_sweep`, run on [B, C] views)."""
+    aT, bT, yT = a.t(), b.t(), y.t()
+    hrT, hsT = hist_r.transpose(1, 2), hist_s.transpose(1, 2)
+
+    if not log_domain:
+        def t_mul(x, weighted=False, out=None):  # x [B, C] view -> [B, C]
+            res = K.t_mul(x.t(), weighted).t()
+            return res if out is None else out.copy_(res)
+
+        def mul(yv, weighted=False, out=None):
+            res = K.mul(yv.t(), weighted).t()
+            return res if out is None else out.copy_(res)
+
+        ga, gb = exact_backward_sweep(grad_value, aT, bT, hrT, hsT, yT, False, t_mul, mul, eps)
+        return ga.t(), gb.t()
+
+    def col_red(p, c, weighted):  # per column j of K: over the stored i of column j
+        mx, sm = K.cols.lse(p.t(), None if c is None else c.t(), weighted, chunk_elements)
+        return mx.t(), sm.t()
+
+    def row_red(q, c, weighted):
+        mx, sm = K.rows.lse(q.t(), None if c is None else c.t(), weighted, chunk_elements)
+        return mx.t(), sm.t()
+
+    ga, gb = exact_backward_sweep(grad_value, aT, bT, hrT, hsT, yT, True, col_red, row_red, eps)
+    return ga.t(), gb.t()
