@@ -25,10 +25,10 @@ _OP = "wkd.sparse_sinkhorn"
 
 def _envelope_potential(log_s: Tensor, mass: Tensor, reg: float) -> Tensor:
     """reg * log(scaling) centred over the support of ``mass`` per column, 0 off the support ([C, B])."""
-    supp = mass > 0
-    f = torch.where(supp, reg * log_s, torch.zeros_like(log_s))
-    mean = f.sum(0, keepdim=True) / supp.sum(0, keepdim=True).clamp_min(1)
-    return torch.where(supp, f - mean, torch.zeros_like(f))
+    off = mass <= 0
+    f = (log_s * reg).masked_fill_(off, 0.0)
+    mean = f.sum(0, keepdim=True) / (mass.shape[0] - off.sum(0, keepdim=True)).clamp_min(1)
+    return f.sub_(mean).masked_fill_(off, 0.0)
 
 
 class _SparseSinkhorn(torch.autograd.Function):
@@ -61,8 +61,8 @@ class _SparseSinkhorn(torch.autograd.Function):
                                                   ctx.log_domain, ctx.eps, ctx.chunk)
             else:
                 aT, bT, log_u, log_v = ctx.saved_tensors
-                ga = _envelope_potential(log_u, aT, K.reg) * grad_value
-                gb = _envelope_potential(log_v, bT, K.reg) * grad_value
+                ga = _envelope_potential(log_u, aT, K.reg).mul_(grad_value)
+                gb = _envelope_potential(log_v, bT, K.reg).mul_(grad_value)
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (grad_value,), _OP)
         return ga, gb, None, None, None, None, None, None
