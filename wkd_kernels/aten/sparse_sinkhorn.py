@@ -141,7 +141,8 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int,
                             chunk_elements: Optional[int] = None) -> Tuple[Tensor, ...]:
     """(value [B], u [C, B], v [C, B], hist_r [T, C, B], hist_s [T, C, B], y [C, B]) for masses ``a``, ``b``
     given as [C, B] (one column per row of masses; arguments already checked). u, v are scalings (log-scalings in
-    the log domain); hist_r / hist_s the denominators K v + eps and K^T u + eps (their logs in the log domain), kept
+    the log domain), contiguous [C, B] whatever the layout of ``a`` and ``b`` (which the scaling domain reads
+    elementwise only: transposed views are fine); hist_r / hist_s the denominators K v + eps and K^T u + eps (their logs in the log domain), kept
     for the exact backward when ``keep_history`` (else T = 0); y = (K∘c) v_T (its log in the log domain)."""
     C, B = a.shape
     supp = a > 0
@@ -150,20 +151,20 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int,
     hist_r, hist_s = a.new_empty(T, C, B), a.new_empty(T, C, B)
     if not log_domain:
         # preallocated buffers (the history's slots when kept): no allocation per iteration
-        u = supp.to(a.dtype).div_(cnt)
-        v = torch.empty_like(b)
-        r_buf, s_buf = (None, None) if keep_history else (torch.empty_like(a), torch.empty_like(b))
+        u = torch.empty(C, B, dtype=a.dtype, device=a.device).copy_(supp).div_(cnt)
+        v = torch.empty_like(u)
+        buf = None if keep_history else torch.empty_like(u)  # s, then r (each consumed before the next)
         for t in range(num_iters):
-            s = K.t_mul(u, out=hist_s[t] if keep_history else s_buf)
+            s = K.t_mul(u, out=hist_s[t] if keep_history else buf)
             if eps > 0:
                 s.add_(eps)
             torch.div(b, s, out=v)
-            r = K.mul(v, out=hist_r[t] if keep_history else r_buf)
+            r = K.mul(v, out=hist_r[t] if keep_history else buf)
             if eps > 0:
                 r.add_(eps)
             torch.div(a, r, out=u)
-        y = K.mul(v, weighted=True)
-        value = (u * y).sum(0)
+        y = K.mul(v, weighted=True, out=buf)
+        value = (y * u).sum(0) if keep_history else y.mul_(u).sum(0)
         return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, B))
     log_a, log_b = torch.log(a), torch.log(b)
     u = torch.where(supp, -torch.log(cnt), torch.full_like(a, _NINF))

@@ -37,10 +37,13 @@ class _SparseSinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, K, num_iters, eps, log_domain, exact, chunk_elements):
-        aT, bT = a.t().contiguous(), b.t().contiguous()
+        if exact or log_domain:  # the reverse sweep and the segment reductions want [C, B] memory
+            aT, bT = a.t().contiguous(), b.t().contiguous()
+        else:  # the scaling iterations read a and b elementwise only: transposed views, no copy
+            aT, bT = a.t(), b.t()
         value, u, v, hist_r, hist_s, y = sparse_sinkhorn_forward(aT, bT, K, num_iters, eps, log_domain, exact,
                                                                  chunk_elements)
-        log_u, log_v = (u, v) if log_domain else (torch.log(u), torch.log(v))
+        log_u, log_v = (u, v) if log_domain else (u.log_(), v.log_())  # u, v are not used again
         ctx.K, ctx.eps, ctx.log_domain, ctx.exact, ctx.chunk = K, eps, log_domain, exact, chunk_elements
         if exact:
             ctx.save_for_backward(aT, bT, hist_r, hist_s, y)
@@ -61,8 +64,8 @@ class _SparseSinkhorn(torch.autograd.Function):
                                                   ctx.log_domain, ctx.eps, ctx.chunk)
             else:
                 aT, bT, log_u, log_v = ctx.saved_tensors
-                ga = _envelope_potential(log_u, aT, K.reg).mul_(grad_value)
-                gb = _envelope_potential(log_v, bT, K.reg).mul_(grad_value)
+                ga = _envelope_potential(log_u, aT, K.reg).mul_(grad_value) if ctx.needs_input_grad[0] else None
+                gb = _envelope_potential(log_v, bT, K.reg).mul_(grad_value) if ctx.needs_input_grad[1] else None
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (grad_value,), _OP)
         return ga, gb, None, None, None, None, None, None
