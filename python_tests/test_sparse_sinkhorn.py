@@ -206,6 +206,29 @@ def test_log_domain_chunking_invariant():
         _close(g, r, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_embedding_cost_dense_and_implicit_paths_equal_dense_op(kind, log_domain):
+    g = torch.Generator().manual_seed(14)
+    e = torch.randn(11, 3, generator=g, dtype=D)
+    a = torch.softmax(torch.randn(3, 11, generator=g, dtype=D), 1)
+    b = torch.softmax(torch.randn(3, 11, generator=g, dtype=D), 1)
+    x = F.normalize(e, dim=1) if kind == "cosine" else e
+    cost = (1 - x @ x.t()).clamp_min(0) if kind == "cosine" else (torch.cdist(x, x) ** 2)
+    reg = 0.3 if kind == "cosine" else 3.0
+    w = torch.tensor([1.0, -0.5, 2.0], dtype=D)
+    ref = _grads(lambda p, q: wk.sinkhorn(p, q, cost, reg, 6, backend="torch").value, a, b, w)
+    paths = {"dense": wk.embedding_cost(e, reg, kind),
+             "implicit": wk.embedding_cost(e, reg, kind, max_kernel_bytes=0, tile_rows=4)}
+    for path, K in paths.items():
+        res = wk.sparse_sinkhorn(a, b, K, reg, 6, log_domain=log_domain)
+        assert res.path == path
+        got = _grads(lambda p, q: wk.sparse_sinkhorn(p, q, K, reg, 6, log_domain=log_domain).value, a, b, w)
+        for r, x_ in zip(ref, got):
+            _close(x_, r, rtol=1e-9, atol=1e-12)
+    assert wk.sparse_sinkhorn(a, b, wk.knn_kernel(e, 3), reg, 2).path == "sparse"
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The vocabulary loss
 # ------------------------------------------------------------------------------------------------------------------

@@ -220,3 +220,86 @@ def sparse_sinkhorn_backward(grad_value: Tensor, a: Tensor, b: Tensor, K: Sparse
 
     ga, gb = exact_backward_sweep(grad_value, aT, bT, hrT, hsT, yT, True, col_red, row_red, eps)
     return ga.t(), gb.t()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every coupling allowed, the cost computed from embeddings: K stored whole ("dense") or recomputed per row tile
+# ("implicit", never C x C in memory)
+# ----------------------------------------------------------------------------------------------------------
+def pair_cost(x: Tensor, y: Tensor, kind: str, y_sq: Optional[Tensor] = None) -> Tensor:
+    """[R, C] cost between rows of x and of y: "cosine" (rows already unit-norm): 1 - x y^T, "sqeuclidean":
+    |x|^2 + |y|^2 - 2 x y^T; clamped at 0 (rounding)."""
+    if kind == "cosine":
+        return (1.0 - x @ y.t()).clamp_min_(0.0)
+    if y_sq is None:
+        y_sq = (y * y).sum(1)
+    return ((x * x).sum(1, keepdim=True) + y_sq.unsqueeze(0) - 2.0 * (x @ y.t())).clamp_min_(0.0)
+
+
+class EmbeddingCost:
+    """The full C x C cost between embeddings (cosine or squared Euclidean), for :func:`sparse_sinkhorn_forward`
+    in place of a :class:`SparseCost`: ``path="dense"`` stores K and K∘c ([C, C] each); ``path="implicit"``
+    recomputes them per tile of ``tile_rows`` rows at every product (memory O(tile_rows C), compute d/B times a
+    stored product). The cost is symmetric: K^T = K."""
+
+    def __init__(self, embeddings: Tensor, reg: float, kind: str, path: str, tile_rows: int):
+        e = embeddings.detach()
+        if kind == "cosine":
+            e = e / e.norm(dim=1, keepdim=True)
+        self.e, self.kind, self.path, self.reg = e, kind, path, float(reg)
+        self.size, self.dtype, self.device = e.shape[0], e.dtype, e.device
+        self.e_sq = (e * e).sum(1) if kind == "sqeuclidean" else None
+        self.tile_rows = max(1, int(tile_rows))
+        self.rows = self.cols = self  # symmetric: the same reductions both ways
+        self._tiles = [(i0, min(self.size, i0 + self.tile_rows)) for i0 in range(0, self.size, self.tile_rows)]
+        if path == "dense":
+            self._C = pair_cost(e, e, kind, self.e_sq)
+            self._K = torch.exp(self._C / -self.reg)
+            self._KC = self._K * self._C
+            self.max_cost = self._C.max()
+        else:
+            self.max_cost = max((self._cost(i0, i1).max() for i0, i1 in self._tiles), key=float)
+
+    def _cost(self, i0: int, i1: int) -> Tensor:
+        if self.path == "dense":
+            return self._C[i0:i1]
+        return pair_cost(self.e[i0:i1], self.e, self.kind, self.e_sq)
+
+    def mul(self, y: Tensor, weighted: bool = False, out: Optional[Tensor] = None) -> Tensor:
+        """K y (K∘c y when weighted): [C, J] -> [C, J] (into ``out`` when given)."""
+        if out is None:
+            out = y.new_empty(self.size, y.shape[1])
+        if self.path == "dense":
+            return torch.mm(self._KC if weighted else self._K, y, out=out)
+        for i0, i1 in self._tiles:
+            c = self._cost(i0, i1)
+            k = torch.exp(c / -self.reg)
+            torch.mm(k.mul_(c) if weighted else k, y, out=out[i0:i1])
+        return out
+
+    t_mul = mul
+
+    def lse(self, p: Tensor, c: Optional[Tensor] = None, weighted: bool = False,
+            chunk_elements: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """The reductions of :meth:`_Pattern.lse` over all j: per row i and column t of p [C, J],
+        mx_it = max_j (L_ij + p_jt), sm_it = sum_j c_jt W_ij exp(L_ij + p_jt - mx_it)."""
+        C, J = p.shape
+        cap = CHUNK_ELEMENTS if chunk_elements is None else int(chunk_elements)
+        mx, sm = p.new_empty(C, J), p.new_empty(C, J)
+        for i0, i1 in self._tiles:
+            cost = self._cost(i0, i1)
+            L = cost / -self.reg  # [R, C]
+            width = max(1, min(J, cap // max(1, (i1 - i0) * C)))
+            for t0 in range(0, J, width):
+                t1 = min(J, t0 + width)
+                e = L.unsqueeze(2) + p[:, t0:t1].unsqueeze(0)  # [R, C, J']
+                m = e.amax(1)
+                shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                e.sub_(shift.unsqueeze(1)).exp_()
+                if weighted:
+                    e.mul_(cost.unsqueeze(2))
+                if c is not None:
+                    e.mul_(c[:, t0:t1].unsqueeze(0))
+                mx[i0:i1, t0:t1] = m
+                sm[i0:i1, t0:t1] = e.sum(1)
+        return mx, sm

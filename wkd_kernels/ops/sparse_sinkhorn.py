@@ -14,11 +14,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ..aten.sparse_sinkhorn import SparseCost, sparse_sinkhorn_backward, sparse_sinkhorn_forward
+from ..aten.sparse_sinkhorn import (EmbeddingCost, SparseCost, pair_cost, sparse_sinkhorn_backward,
+                                    sparse_sinkhorn_forward)
 from .checks import as_bool, as_int, as_log_domain, as_real, auto_log_domain, values_check_requested
 from .common import first_order_only, reverse_mode_only
 
-__all__ = ["SparseSinkhornResult", "SparseCost", "sparse_sinkhorn", "sparse_cost", "knn_kernel", "csr_from_dense"]
+__all__ = ["SparseSinkhornResult", "SparseCost", "EmbeddingCost", "sparse_sinkhorn", "sparse_cost", "embedding_cost",
+           "knn_kernel", "csr_from_dense"]
 
 _OP = "wkd.sparse_sinkhorn"
 
@@ -78,12 +80,15 @@ class SparseSinkhornResult(NamedTuple):
         ``divergence=True``); differentiable w.r.t. ``a`` and ``b``.
     log_u, log_v: [B, C] log-scalings of the problem (a, b) (-inf off the support); not differentiable.
     log_domain: whether the log-domain iterations ran (``log_domain="auto"`` decides per call).
+    path: which kernel ran: ``"sparse"`` (CSR), ``"dense"`` (K stored whole) or ``"implicit"`` (K recomputed
+        per row tile from embeddings); see :func:`embedding_cost`.
     """
 
     value: Tensor
     log_u: Tensor
     log_v: Tensor
     log_domain: bool
+    path: str
 
 
 def sparse_cost(cost: Tensor, reg: float) -> SparseCost:
@@ -92,6 +97,36 @@ def sparse_cost(cost: Tensor, reg: float) -> SparseCost:
     reg = as_real(reg, "reg", _OP)
     _check_cost(cost, reg)
     return SparseCost(cost, reg)
+
+
+def embedding_cost(embeddings: Tensor, reg: float, cost: str = "cosine", *, max_kernel_bytes: int = 1 << 30,
+                   tile_rows: Optional[int] = None) -> EmbeddingCost:
+    """Every coupling allowed, with the cost between C embeddings (``"cosine"``: 1 - cos, ``"sqeuclidean"``), for
+    :func:`sparse_sinkhorn` in place of a sparse cost: K stored whole (``path="dense"``) when the C x C cost, K
+    and K∘c fit in ``max_kernel_bytes``, else recomputed tile by tile at every product (``path="implicit"``:
+    memory O(tile_rows C), never C x C; ``tile_rows`` default: 2^22 / C rows). The result reports the path."""
+    op = "wkd.embedding_cost"
+    reg = as_real(reg, "reg", op)
+    if not (reg > 0 and math.isfinite(reg)):
+        raise ValueError(f"{op}: `reg` must be a positive finite number, got {reg}")
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[0] < 1:
+        raise ValueError(f"{op}: `embeddings` must be [C, d], got "
+                         f"{list(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__}")
+    if embeddings.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: `embeddings` must be float32 or float64, got {embeddings.dtype}")
+    if cost not in ("cosine", "sqeuclidean"):
+        raise ValueError(f"{op}: `cost` must be 'cosine' or 'sqeuclidean', got {cost!r}")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(f"{op}: `embeddings` contains non-finite values (inf or nan)")
+    if cost == "cosine" and bool((embeddings.norm(dim=1) == 0).any()):
+        raise ValueError(f"{op}: `embeddings` has zero rows, whose cosine distance is undefined")
+    C = embeddings.shape[0]
+    max_kernel_bytes = as_int(max_kernel_bytes, "max_kernel_bytes", op)
+    path = "dense" if 3 * C * C * embeddings.element_size() <= max_kernel_bytes else "implicit"
+    rows = max(1, (1 << 22) // C) if tile_rows is None else as_int(tile_rows, "tile_rows", op)
+    if rows < 1:
+        raise ValueError(f"{op}: `tile_rows` must be >= 1, got {rows}")
+    return EmbeddingCost(embeddings, reg, cost, path, rows)
 
 
 def _check_cost(cost, reg: float) -> None:
@@ -162,7 +197,8 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         cost: sparse CSR [C, C] (``dense.to_sparse_csr()`` or :func:`knn_kernel`): stored entries are the allowed
             couplings with their cost (>= 0; a stored 0 is an allowed coupling at cost 0); every row and column
             needs at least one entry. Or a :class:`SparseCost` from :func:`sparse_cost` (prepared once, same
-            ``reg``). No gradient w.r.t. the cost.
+            ``reg``), or an :class:`EmbeddingCost` from :func:`embedding_cost` (every coupling, the cost from
+            embeddings, K stored or recomputed per tile). No gradient w.r.t. the cost.
         reg: entropic regularisation > 0, in the units of the cost.
         num_iters: iterations (>= 1); no convergence test.
         eps: added to every denominator (0 matches POT's ``ot.sinkhorn2`` on the dense problem).
@@ -181,7 +217,7 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
 
     Returns:
-        :class:`SparseSinkhornResult` ``(value [B], log_u [B, C], log_v [B, C], log_domain)``.
+        :class:`SparseSinkhornResult` ``(value [B], log_u [B, C], log_v [B, C], log_domain, path)``.
     """
     if grad not in ("exact", "envelope"):
         raise ValueError(f"{_OP}: `grad` must be 'exact' or 'envelope', got {grad!r}")
@@ -192,11 +228,12 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         raise ValueError(f"{_OP}: `num_iters` must be >= 1, got {num_iters}")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{_OP}: `eps` must be a finite number >= 0, got {eps}")
-    if isinstance(cost, SparseCost):
+    if isinstance(cost, (SparseCost, EmbeddingCost)):
         if not (reg > 0 and math.isfinite(reg)):
             raise ValueError(f"{_OP}: `reg` must be a positive finite number, got {reg}")
         if cost.reg != reg:
             raise ValueError(f"{_OP}: `cost` was prepared with reg = {cost.reg}, called with `reg` = {reg}")
+
         K = cost
     else:
         _check_cost(cost, reg)
@@ -223,7 +260,8 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
                if not log_domain else "")
             + "Or the stored couplings of `cost` cannot carry the masses (some mass of `a` has no stored coupling "
               "to the support of `b`): include the diagonal / more neighbours")
-    return SparseSinkhornResult(value, log_u, log_v, bool(log_domain))
+    return SparseSinkhornResult(value, log_u, log_v, bool(log_domain),
+                                getattr(K, "path", "sparse"))
 
 
 def csr_from_dense(cost: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -248,13 +286,6 @@ def csr_from_dense(cost: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # The k-nearest-neighbour cost
 # ----------------------------------------------------------------------------------------------------------
-def _pair_cost(x: Tensor, y: Tensor, kind: str, y_sq: Optional[Tensor]) -> Tensor:
-    if kind == "cosine":
-        return (1.0 - x @ y.t()).clamp_min_(0.0)
-    d = (x * x).sum(1, keepdim=True) + y_sq.unsqueeze(0) - 2.0 * (x @ y.t())
-    return d.clamp_min_(0.0)
-
-
 def knn_kernel(embeddings: Tensor, k: int, cost: str = "cosine", *, block_rows: int = 1024) -> Tensor:
     """The symmetric k-nearest-neighbour cost of C embeddings as a sparse CSR [C, C] tensor for
     :func:`sparse_sinkhorn`: entry (i, j) is stored when j is among the k nearest neighbours of i or i among those
@@ -297,7 +328,7 @@ def knn_kernel(embeddings: Tensor, k: int, cost: str = "cosine", *, block_rows: 
         rows, cols, vals = [], [], []
         for i0 in range(0, C, block_rows):
             i1 = min(C, i0 + block_rows)
-            d = _pair_cost(e[i0:i1], e, cost, e_sq)  # [R, C]
+            d = pair_cost(e[i0:i1], e, cost, e_sq)  # [R, C]
             idx = torch.arange(i0, i1, device=e.device)
             d[idx - i0, idx] = -1.0  # the row itself first, then k others
             dist, nb = torch.topk(d, k + 1, dim=1, largest=False)
