@@ -292,6 +292,18 @@ def test_vocab_loss_fused_lm_head_equals_logits():
         _close(x, r, rtol=1e-10, atol=1e-14)
 
 
+def test_vocab_loss_defaults_small_reg_float32_and_embedding_cost():
+    cost, s, t, labels = _vocab_setup()
+    x = s.clone().requires_grad_()
+    val = wk.VocabOTLoss(cost)(x, t, labels)  # reg 1e-3: the log domain
+    val.backward()
+    assert bool(torch.isfinite(val)) and bool(torch.isfinite(x.grad).all()) and float(val) > 0
+    e = torch.randn(24, 8, generator=torch.Generator().manual_seed(15))
+    dense = wk.VocabOTLoss(wk.embedding_cost(e, 0.1), reg=0.1)(s, t, labels)
+    implicit = wk.VocabOTLoss(wk.embedding_cost(e, 0.1, max_kernel_bytes=0, tile_rows=5), reg=0.1)(s, t, labels)
+    _close(implicit, dense, rtol=1e-5)
+
+
 def test_vocab_loss_no_kept_token_is_zero_with_zero_gradient():
     cost, s, t, labels = _vocab_setup()
     x = s.clone().requires_grad_()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.checks import as_bool, as_int, as_log_domain, as_real
-from ..ops.sparse_sinkhorn import SparseCost, sparse_cost, sparse_sinkhorn
+from ..ops.sparse_sinkhorn import EmbeddingCost, SparseCost, sparse_cost, sparse_sinkhorn
 
 __all__ = ["VocabOTLoss"]
 
@@ -97,7 +97,8 @@ class VocabOTLoss(nn.Module):
     Args:
         cost: sparse CSR [V, V] cost (:func:`wkd_kernels.knn_kernel` of the teacher's token embeddings, or any
             CSR whose stored entries are the allowed couplings), float32/float64; kept on the module and moved with
-            the logits on first use per device/dtype.
+            the logits on first use per device/dtype. Or an :class:`EmbeddingCost` (:func:`wkd_kernels.embedding_cost`,
+            every coupling, built with this ``reg`` on the logits' device and compute dtype).
         reg: entropic regularisation of K = exp(-cost / reg) (WASD uses 1e-3; the log domain is then chosen
             automatically).
         num_iters: Sinkhorn iterations (WASD: 10).
@@ -122,9 +123,13 @@ class VocabOTLoss(nn.Module):
                  reduction: str = "mean", chunk_elements: Optional[int] = None):
         super().__init__()
         self.reg = as_real(reg, "reg", _FN)
-        prepared = sparse_cost(cost, self.reg)  # checks cost and reg
-        self.cost = cost
-        self.num_classes = cost.shape[0]
+        if isinstance(cost, EmbeddingCost):
+            if cost.reg != self.reg:
+                raise ValueError(f"{_FN}: `cost` was prepared with reg = {cost.reg}, the loss has `reg` = {self.reg}")
+            prepared, self.cost, self.num_classes = cost, None, cost.size
+        else:
+            prepared = sparse_cost(cost, self.reg)  # checks cost and reg
+            self.cost, self.num_classes = cost, cost.shape[0]
         self.num_iters = as_int(num_iters, "num_iters", _FN)
         if self.num_iters < 1:
             raise ValueError(f"{_FN}: `num_iters` must be >= 1, got {self.num_iters}")
@@ -146,16 +151,22 @@ class VocabOTLoss(nn.Module):
             raise ValueError(f"{_FN}: `reduction` must be 'mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
         self.chunk_elements = chunk_elements
-        self._prepared = {(cost.device, cost.dtype): prepared}
+        self._prepared = {(prepared.device, prepared.dtype): prepared}
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, nnz={self.cost.values().numel()}, reg={self.reg}, "
+        kind = f"nnz={self.cost.values().numel()}" if self.cost is not None else \
+            f"path={self._prepared[next(iter(self._prepared))].path}"
+        return (f"num_classes={self.num_classes}, {kind}, reg={self.reg}, "
                 f"num_iters={self.num_iters}, temperature={self.temperature}, weight={self.weight}, "
                 f"divergence={self.divergence}, grad={self.grad!r}, chunk_size={self.chunk_size}")
 
     def _kernel(self, device: torch.device, dtype: torch.dtype) -> SparseCost:
         key = (device, dtype)
         if key not in self._prepared:
+            if self.cost is None:
+                have = next(iter(self._prepared))
+                raise ValueError(f"{_FN}: the EmbeddingCost `cost` is on {have[0]} in {have[1]}, the logits need "
+                                 f"{device} in {dtype}: build it from embeddings there (wkd_kernels.embedding_cost)")
             c = self.cost.to(device=device, dtype=dtype)
             self._prepared[key] = SparseCost(c, self.reg)
         return self._prepared[key]
