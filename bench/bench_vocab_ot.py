@@ -14,11 +14,12 @@ ImageNet-21k part (--imagenet): C = 21,843 classes, B = 256 rows, k-NN cost of r
 against wk.sinkhorn (C++ CPU kernel) on the same problem densified (excluded couplings at cost 1e4, K = 0); the
 gather formulation of the published WKD-L (B x (C-1)^2 floats) by arithmetic in the note.
 
-Timing: medians (p20 / p80) over --reps calls after --warmup calls and the memory call, the methods of one size measured round-robin in one
-process (bench/_common.time_interleaved's rule). Memory (peak_mem_mb): the peak resident set during one forward +
-backward above the resident set at its start (Linux: /proc/self/clear_refs resets VmHWM, VmHWM read after the
-call), inputs and the prepared kernel excluded; the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536 so
-that freed large blocks leave the resident set at once (glibc would otherwise keep them and under-count).
+Timing: medians (p20 / p80) over --reps calls after --warmup calls and the memory call, the methods of one size
+measured round-robin in one process (bench/_common.time_interleaved's rule). Memory (peak_mem_mb): the peak
+resident set during one forward + backward above the resident set at its start (Linux: /proc/self/clear_refs
+resets VmHWM, VmHWM read after the call), inputs and the prepared kernel excluded; the script re-executes itself
+with MALLOC_MMAP_THRESHOLD_=65536 so that freed large blocks leave the resident set at once (glibc would otherwise
+keep them and under-count).
 
     python bench/bench_vocab_ot.py --vocab 50257 --reps 2
     python bench/bench_vocab_ot.py --vocab none --imagenet --reps 1
@@ -73,13 +74,18 @@ def peak_extra_mb(fn, times=None) -> float:
 # The WASD formulation in plain PyTorch: [V, N] scalings, COO kernel, torch.sparse.mm
 # ------------------------------------------------------------------------------------------------------------------
 class WasdStyle:
-    def __init__(self, cost_csr: torch.Tensor, reg: float):
+    """layout "coo": the WASD formulation as described (sparse COO kernel); "csr": the same loop with CSR matrices
+    (torch.sparse.mm on CSR), separating the choice of format from the rest of our implementation."""
+
+    def __init__(self, cost_csr: torch.Tensor, reg: float, layout: str = "coo"):
         coo = cost_csr.to_sparse_coo().coalesce()
         self.reg = reg
         self.K = torch.sparse_coo_tensor(coo.indices(), torch.exp(-coo.values() / reg), coo.shape).coalesce()
         self.KC = torch.sparse_coo_tensor(coo.indices(), torch.exp(-coo.values() / reg) * coo.values(),
                                           coo.shape).coalesce()
         self.Kt = self.K.t().coalesce()
+        if layout == "csr":
+            self.K, self.KC, self.Kt = (m.to_sparse_csr() for m in (self.K, self.KC, self.Kt))
 
     def ot(self, p, q, iters, exact):
         """transport cost [N] of p, q [N, V]."""
@@ -150,16 +156,19 @@ def bench_vocab(V, args, writer, dev):
     shape = f"V={V} N={args.tokens} k={args.k} nnz={nnz} T={args.iters} reg={args.reg} graph={args.graph}"
     p, q = masses(args.tokens, V, 1), masses(args.tokens, V, 2)
     K = wk.sparse_cost(cost, args.reg)
-    base = WasdStyle(cost, args.reg)
+    bases = {name: WasdStyle(cost, args.reg, "coo" if name == "wasd" else "csr") for name in args.baselines}
     problems = [("ot", False)] + ([("divergence", True)] if args.divergence else [])
     for what, div in problems:
         for grad in args.grads:
             exact = grad == "exact"
             ours = lambda x, exact=exact, div=div: wk.sparse_sinkhorn(  # noqa: E731
                 x, q, K, args.reg, args.iters, grad=grad, log_domain=False, divergence=div).value
-            theirs = (lambda x, exact=exact: base.divergence(x, q, args.iters, exact)) if div else \
-                (lambda x, exact=exact: base.ot(x, q, args.iters, exact))
-            fns = {"ours": lambda: fwd_bwd(ours, p), "wasd": lambda: fwd_bwd(theirs, p)}
+            fns = {"ours": lambda: fwd_bwd(ours, p)}
+            for name, base in bases.items():
+                theirs = (lambda x, exact=exact, base=base: base.divergence(x, q, args.iters, exact)) if div else \
+                    (lambda x, exact=exact, base=base: base.ot(x, q, args.iters, exact))
+                fns[name] = lambda theirs=theirs: fwd_bwd(theirs, p)
+            ref = args.baselines[0]
             times = {n: [] for n in fns}
             outs = {}
             for n, fn in fns.items():  # --warmup calls
@@ -177,23 +186,27 @@ def bench_vocab(V, args, writer, dev):
                     t0 = time.perf_counter()
                     outs[n] = fn()
                     times[n].append((time.perf_counter() - t0) * 1e3)
-            ref_v = outs["wasd"][0].double()
+            ref_v = outs[ref][0].double()
             err = float(((outs["ours"][0].double() - ref_v).abs() / ref_v.abs()).max())
-            g_ours, g_base = outs["ours"][1], outs["wasd"][1]
+            g_ours, g_base = outs["ours"][1], outs[ref][1]
             bad = int((~torch.isfinite(g_base)).sum())
             if bad:
                 gnote = (f"the baseline's gradient has {bad} non-finite entries (float32 autograd through the loop "
                          f"overflows), ours {int((~torch.isfinite(g_ours)).sum())}")
             else:  # gradients w.r.t. masses on the simplex: compared up to a constant per row
                 g_ours, g_base = g_ours - g_ours.mean(1, keepdim=True), g_base - g_base.mean(1, keepdim=True)
-                gnote = f"max |grad diff| / max |grad| = {float((g_ours - g_base).abs().max() / g_base.abs().max()):.1e}"
-            sp = sorted(times["wasd"])[len(times["wasd"]) // 2] / sorted(times["ours"])[len(times["ours"]) // 2]
+                rel = float((g_ours - g_base).abs().max() / g_base.abs().max())
+                gnote = f"max |grad diff| / max |grad| = {rel:.1e}"
+            med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+            labels = {"ours": "wk.sparse_sinkhorn (CSR, [V, N] layout)",
+                      "wasd": "WASD formulation, plain PyTorch (COO, torch.sparse.mm)",
+                      "csr": "the WASD loop in plain PyTorch with CSR matrices (torch.sparse.mm)"}
             for n in fns:
-                note = (f"{what}, grad={grad}; " + ("wk.sparse_sinkhorn (CSR, [V, N] layout)" if n == "ours" else
-                                                    "WASD formulation, plain PyTorch (COO, torch.sparse.mm)"))
+                note = f"{what}, grad={grad}; {labels[n]}"
                 if n == "ours":
-                    note += (f"; {sp:.2f}x the baseline's time, {mem['ours'] / max(mem['wasd'], 1e-9):.2f}x its "
-                             f"peak; {gnote}")
+                    note += "".join(f"; {med[b] / med['ours']:.2f}x faster than '{b}', "
+                                    f"{mem['ours'] / max(mem[b], 1e-9):.2f}x its peak" for b in args.baselines)
+                    note += f"; vs '{ref}': {gnote}"
                 writer.add(bench_row(f"vocab_ot_{what}", "torch" if n == "ours" else "plain-pytorch", "fwd+bwd",
                                      shape, torch.float32, dev, times[n], round(mem[n], 1),
                                      err if n == "ours" else None, note))
@@ -290,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--log-domain-reg", type=float, default=None,
                     help="also time ours in the log domain at this reg (e.g. WASD's 1e-3)")
     ap.add_argument("--grads", default="envelope,exact")
+    ap.add_argument("--baselines", default="wasd", help="comma list of 'wasd' (COO) and 'csr'; the first is the "
+                    "reference of max_rel_err")
     ap.add_argument("--divergence", action="store_true", help="also the Sinkhorn divergence (3 problems)")
     ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--dense", action="store_true", help="ImageNet-21k part: also the dense-K path")
@@ -301,6 +316,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_vocab_ot", help="output prefix (.csv, .json, .md)")
     args = ap.parse_args(argv)
     args.grads = args.grads.split(",")
+    args.baselines = args.baselines.split(",")
     dev = device_name("cpu")
     writer = RowWriter(args.out + ".csv", args.out + ".json", args.out + ".md",
                        meta={"device": dev, "torch": torch.__version__, "argv": sys.argv[1:]})
