@@ -25,12 +25,14 @@ __all__ = ["SparseSinkhornResult", "SparseCost", "EmbeddingCost", "sparse_sinkho
 _OP = "wkd.sparse_sinkhorn"
 
 
-def _envelope_potential(log_s: Tensor, mass: Tensor, reg: float) -> Tensor:
-    """reg * log(scaling) centred over the support of ``mass`` per column, 0 off the support ([C, B])."""
-    off = mass <= 0
-    f = (log_s * reg).masked_fill_(off, 0.0)
-    mean = f.sum(0, keepdim=True) / (mass.shape[0] - off.sum(0, keepdim=True)).clamp_min(1)
-    return f.sub_(mean).masked_fill_(off, 0.0)
+def _envelope_potential(log_s: Tensor, mass: Tensor, reg: float, scale: Tensor) -> Tensor:
+    """scale * (reg * log(scaling) centred over the support of ``mass``), 0 off the support: [B, C] in row-major
+    memory (the layout of the masses' gradient) from [C, B] inputs."""
+    off = (mass <= 0).t()
+    f = torch.mul(log_s.t(), reg, out=torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype,
+                                                   device=log_s.device)).masked_fill_(off, 0.0)
+    mean = f.sum(1, keepdim=True) / (mass.shape[0] - off.sum(1, keepdim=True)).clamp_min(1)
+    return f.sub_(mean).masked_fill_(off, 0.0).mul_(scale.unsqueeze(1))
 
 
 class _SparseSinkhorn(torch.autograd.Function):
@@ -52,6 +54,7 @@ class _SparseSinkhorn(torch.autograd.Function):
         else:
             ctx.save_for_backward(aT, bT, log_u, log_v)
         ctx.mark_non_differentiable(log_u, log_v)
+        ctx.set_materialize_grads(False)  # no [B, C] zero gradients for log_u, log_v
         return value, log_u.t(), log_v.t()
 
     @staticmethod
@@ -66,8 +69,9 @@ class _SparseSinkhorn(torch.autograd.Function):
                                                   ctx.log_domain, ctx.eps, ctx.chunk)
             else:
                 aT, bT, log_u, log_v = ctx.saved_tensors
-                ga = _envelope_potential(log_u, aT, K.reg).mul_(grad_value) if ctx.needs_input_grad[0] else None
-                gb = _envelope_potential(log_v, bT, K.reg).mul_(grad_value) if ctx.needs_input_grad[1] else None
+                ga = _envelope_potential(log_u, aT, K.reg, grad_value) if ctx.needs_input_grad[0] else None
+                gb = _envelope_potential(log_v, bT, K.reg, grad_value) if ctx.needs_input_grad[1] else None
+                ga, gb = (None if ga is None else ga.t()), (None if gb is None else gb.t())  # [C, B] like the sweep's
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (grad_value,), _OP)
         return ga, gb, None, None, None, None, None, None
@@ -244,14 +248,15 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if log_domain == "auto":
         log_domain = auto_log_domain(float(K.max_cost), reg, K.dtype)
     B = a.shape[0]
+    # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
+    exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     if divergence:
         value, log_u, log_v = _SparseSinkhorn.apply(torch.cat([a, a, b]), torch.cat([b, a, b]), K, num_iters, eps,
-                                                    log_domain, grad == "exact", chunk_elements)
+                                                    log_domain, exact, chunk_elements)
         value = value[:B] - 0.5 * (value[B:2 * B] + value[2 * B:])
         log_u, log_v = log_u[:B], log_v[:B]
     else:
-        value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, grad == "exact",
-                                                    chunk_elements)
+        value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
     if checks and not bool(torch.isfinite(value).all()):
         raise ValueError(
             f"{_OP}: the iterations gave a non-finite value ({'log' if log_domain else 'scaling'} domain, `reg` = "
