@@ -359,3 +359,12 @@ def test_bad_input_errors():
         loss(s, t, labels[:, :3])
     with pytest.raises(TypeError, match="`cost` must be a sparse CSR"):
         wk.VocabOTLoss(torch.rand(4, 4))
+
+
+def test_no_history_without_gradient():
+    a, b, cost, mask = _problem(seed=16)
+    csr = wk.csr_from_dense(cost, mask)
+    with torch.no_grad():
+        r = wk.sparse_sinkhorn(a.requires_grad_(), b, csr, 0.1, 5)
+    assert r.value.grad_fn is None
+    _close(r.value, wk.sparse_sinkhorn(a.detach(), b, csr, 0.1, 5, grad="envelope").value, rtol=0)

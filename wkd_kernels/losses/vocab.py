@@ -41,7 +41,7 @@ def _token_distances(s: Tensor, t: Tensor, K: SparseCost, temperature: float, nu
     p = F.softmax(s / temperature, dim=1)
     q = F.softmax(t / temperature, dim=1)
     return sparse_sinkhorn(p, q, K, K.reg, num_iters, eps=eps, grad=grad, log_domain=log_domain,
-                           divergence=divergence, check_values=False, chunk_elements=chunk_elements).value
+                           divergence=divergence, chunk_elements=chunk_elements).value
 
 
 class _ChunkedLoss(torch.autograd.Function):

@@ -237,7 +237,6 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             raise ValueError(f"{_OP}: `reg` must be a positive finite number, got {reg}")
         if cost.reg != reg:
             raise ValueError(f"{_OP}: `cost` was prepared with reg = {cost.reg}, called with `reg` = {reg}")
-
         K = cost
     else:
         _check_cost(cost, reg)
@@ -265,8 +264,7 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
                if not log_domain else "")
             + "Or the stored couplings of `cost` cannot carry the masses (some mass of `a` has no stored coupling "
               "to the support of `b`): include the diagonal / more neighbours")
-    return SparseSinkhornResult(value, log_u, log_v, bool(log_domain),
-                                getattr(K, "path", "sparse"))
+    return SparseSinkhornResult(value, log_u, log_v, bool(log_domain), getattr(K, "path", "sparse"))
 
 
 def csr_from_dense(cost: Tensor, mask: Optional[Tensor] = None) -> Tensor:
