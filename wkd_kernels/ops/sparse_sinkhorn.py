@@ -213,6 +213,8 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             needed when reg is small, e.g. 1e-3 with costs in [0, 2]); ``False``: the scaling domain (faster);
             ``"auto"`` (default): the log domain exactly when exp(-max stored cost / reg) leaves the normal range of
             the dtype (it reads the largest stored cost). A non-finite result is an error, never a silent NaN.
+            With ``False`` and a reg so small that every off-diagonal entry of a k-NN kernel underflows, K is its
+            diagonal (cost 0 keeps it at 1) and the result is finite but meaningless: keep ``"auto"``.
         divergence: return the Sinkhorn divergence S(a, b) = OT(a, b) - OT(a, a)/2 - OT(b, b)/2 (the three
             problems run as one batch of 3B rows; gradients w.r.t. both ``a`` and ``b``).
         check_values: the value checks of ``a``/``b`` (finite, non-negative, positive mass) and of the result;
