@@ -274,7 +274,8 @@ def csr_from_dense(cost: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     (bool [C, C]; None: all) is True, zero costs included (``cost.to_sparse_csr()`` would drop them, excluding
     e.g. the diagonal couplings)."""
     op = "wkd.csr_from_dense"
-    if not isinstance(cost, Tensor) or cost.dim() != 2 or cost.shape[0] != cost.shape[1] or cost.layout != torch.strided:
+    if not isinstance(cost, Tensor) or cost.layout != torch.strided or cost.dim() != 2 \
+            or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"{op}: `cost` must be a dense square [C, C] tensor")
     if mask is None:
         mask = torch.ones_like(cost, dtype=torch.bool)
