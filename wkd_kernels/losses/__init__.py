@@ -6,6 +6,7 @@
                    projector="bottleneck")(student_features, teacher_features) -> (loss, mean_loss, cov_loss)
     wkd_feature_loss(student_features, teacher_features, covariance="diag", grid=1, mean_cov_ratio=2.0, eps=1e-5)
     KDLoss / kd_loss, DKDLoss / dkd_loss, NKDLoss / nkd_loss, FitNetLoss / fitnet_loss
+    VocabOTLoss(cost, reg=1e-3, num_iters=10, temperature=1.0, weight=1.0)(student_logits, teacher_logits, labels)
     cosine_weight(epoch, base_weight, decay_start_epoch, total_epochs)
     make_projector("conv1x1" | "conv1x1_linear" | "bottleneck" | "convreg" | None | module, student_channels,
                    teacher_channels, student_size=..., teacher_size=...)
@@ -15,10 +16,11 @@ from .feature import WKDFeatureLoss, WKDFeatureLossOutput, wkd_feature_loss
 from .logit import WKDLogitLoss, prepare_wkd_cost, wkd_logit_loss
 from .projectors import make_projector
 from .schedule import cosine_weight
+from .vocab import VocabOTLoss
 
 __all__ = [
     "WKDLogitLoss", "wkd_logit_loss", "prepare_wkd_cost",
     "WKDFeatureLoss", "wkd_feature_loss", "WKDFeatureLossOutput",
     "KDLoss", "kd_loss", "DKDLoss", "dkd_loss", "NKDLoss", "nkd_loss", "FitNetLoss", "fitnet_loss",
-    "cosine_weight", "make_projector",
+    "cosine_weight", "make_projector", "VocabOTLoss",
 ]

@@ -1,0 +1,370 @@
+"""Sinkhorn over a shared sparse cost (wk.sparse_sinkhorn), the k-NN cost (wk.knn_kernel) and the vocabulary loss
+(wk.VocabOTLoss): values and both gradients against a dense float64 Sinkhorn written here (the sparse kernel
+densified, excluded couplings K = 0), POT, the dense op, gradcheck, chunking and padding invariance, bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wkd_kernels as wk
+from wkd_kernels.reference import sinkhorn_reference
+
+D = torch.float64
+
+
+def _problem(B=3, C=9, density=0.5, seed=0, dtype=D, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(C, C, generator=g, dtype=D) * scale
+    cost = 0.5 * (cost + cost.t())
+    cost.fill_diagonal_(0.0)
+    mask = torch.rand(C, C, generator=g) < density
+    mask = mask | mask.t() | torch.eye(C, dtype=torch.bool)
+    a = torch.softmax(torch.randn(B, C, generator=g, dtype=D) * 2, 1)
+    b = torch.softmax(torch.randn(B, C, generator=g, dtype=D) * 2, 1)
+    a[0, 1] = 0.0  # a zero mass removes its entry
+    b[1, 2] = 0.0
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    return a.to(dtype), b.to(dtype), cost.to(dtype), mask
+
+
+def _dense_reference(a, b, cost, mask, reg, num_iters, eps=0.0):
+    """Plain dense Sinkhorn in float64 with autograd: K = exp(-cost/reg) on the mask, 0 elsewhere."""
+    a, b, cost = a.double(), b.double(), cost.double()
+    K = torch.exp(-cost / reg) * mask
+    supp = a > 0
+    u = torch.where(supp, 1.0 / supp.sum(1, keepdim=True), torch.zeros_like(a))
+    for _ in range(num_iters):
+        v = b / (u @ K + eps)
+        u = a / (v @ K.t() + eps)
+    return (u * (v @ (K * cost).t())).sum(1)
+
+
+def _gauge_reference(a, b, cost, mask, reg, num_iters, eps=0.0):
+    """The package's float64 reference (gauge-corrected autograd), excluded couplings as a cost of 1e4 (K = 0 in
+    float64, K * cost = 0)."""
+    return sinkhorn_reference(a, b, torch.where(mask, cost, torch.full_like(cost, 1e4)), reg, num_iters, eps)[0]
+
+
+def _grads(fn, a, b, weights):
+    a = a.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_()
+    value = fn(a, b)
+    ga, gb = torch.autograd.grad((value * weights).sum(), (a, b))
+    return value.detach(), ga, gb
+
+
+def _close(x, y, rtol, atol=0.0):
+    torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_value_and_exact_gradients_match_dense_reference(log_domain, eps):
+    a, b, cost, mask = _problem()
+    w = torch.tensor([0.3, -1.2, 0.7], dtype=D)
+    csr = wk.csr_from_dense(cost, mask)
+    ref = _grads(lambda x, y: _dense_reference(x, y, cost, mask, 0.25, 6, eps), a, b, w)
+    if eps > 0:  # plain autograd leaves a rounding residual in the adjoint (docs/design.md section 3)
+        ref = _grads(lambda x, y: _gauge_reference(x, y, cost, mask, 0.25, 6, eps), a, b, w)
+    got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.25, 6, eps=eps, log_domain=log_domain).value, a, b, w)
+    for r, g in zip(ref, got):
+        _close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_small_reg_log_domain_matches_float64():
+    # reg 1e-3 with costs up to 0.2: K spans exp(-200), below float32's range; the log domain keeps it exact
+    a, b, cost, mask = _problem(scale=0.2, seed=3)
+    w = torch.ones(3, dtype=D)
+    csr32 = wk.csr_from_dense(cost.float(), mask)
+    ref = _grads(lambda x, y: _dense_reference(x, y, cost, mask, 1e-3, 10), a, b, w)
+    res = wk.sparse_sinkhorn(a.float(), b.float(), csr32, 1e-3, 10)
+    assert res.log_domain  # "auto" chose it
+    got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr32, 1e-3, 10).value, a.float(), b.float(), w.float())
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    _close(got[0], ref[0], rtol=1e-4)
+    scale = ref[1].abs().max()
+    _close(got[1], ref[1], rtol=0, atol=2e-3 * scale)
+
+
+def test_scaling_domain_underflow_is_an_error_not_nan():
+    a, b, cost, mask = _problem(scale=1.0, seed=4)
+    # entries far from the diagonal underflow to 0 in float32; a column with only such entries cannot carry mass
+    cost = cost.float() + 200.0 * (1 - torch.eye(9))
+    csr = wk.csr_from_dense(cost, mask)
+    with pytest.raises(ValueError, match="log_domain"):
+        wk.sparse_sinkhorn(a.float().roll(1, 1), b.float(), csr, 1.0, 5, log_domain=False)
+
+
+def test_full_pattern_equals_dense_op_both_gradients():
+    a, b, cost, _ = _problem(C=7, seed=1)
+    csr = wk.csr_from_dense(cost)
+    w = torch.tensor([1.0, 2.0, -0.5], dtype=D)
+    for grad in ("exact", "envelope"):
+        ref = _grads(lambda x, y: wk.sinkhorn(x, y, cost, 0.05, 8, grad=grad, backend="torch").value, a, b, w)
+        got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.05, 8, grad=grad).value, a, b, w)
+        for r, g in zip(ref, got):
+            _close(g, r, rtol=1e-10, atol=1e-13)
+
+
+def test_matches_pot():
+    ot = pytest.importorskip("ot")
+    a, b, cost, _ = _problem(C=8, seed=2)
+    res = wk.sparse_sinkhorn(a, b, wk.csr_from_dense(cost), 0.1, 20).value
+    for i in range(a.shape[0]):
+        ia, ib = a[i] > 0, b[i] > 0  # POT on the reduced problem
+        want = ot.sinkhorn2(a[i][ia].numpy(), b[i][ib].numpy(), cost[ia][:, ib].numpy(), 0.1, numItermax=20,
+                            stopThr=0.0)
+        assert math.isclose(float(res[i]), float(want), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_gradcheck_float64(log_domain):
+    a, b, cost, mask = _problem(B=2, C=5, seed=5)
+    csr = wk.csr_from_dense(cost, mask)
+    # away from the boundary of the simplex (a finite difference must not make a mass negative)
+    a = (a + 0.05) / (a + 0.05).sum(1, keepdim=True)
+    b = (b + 0.05) / (b + 0.05).sum(1, keepdim=True)
+    fn = lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.2, 4, eps=1e-3, log_domain=log_domain).value  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a.requires_grad_(), b.clone().requires_grad_()), eps=1e-6, atol=1e-7)
+    fn = lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.2, 4, log_domain=log_domain, divergence=True).value  # noqa
+    assert torch.autograd.gradcheck(fn, (a, b.clone().requires_grad_()), eps=1e-6, atol=1e-7)
+
+
+def test_divergence_definition_zero_at_equal_and_nonnegative():
+    a, b, cost, mask = _problem(C=10, seed=6, density=0.6)
+    csr = wk.csr_from_dense(cost, mask)
+    w = torch.ones(3, dtype=D)
+
+    def ref(x, y):
+        return (_dense_reference(x, y, cost, mask, 0.1, 50) - 0.5 * _dense_reference(x, x, cost, mask, 0.1, 50)
+                - 0.5 * _dense_reference(y, y, cost, mask, 0.1, 50))
+
+    want = _grads(ref, a, b, w)
+    got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.1, 50, divergence=True).value, a, b, w)
+    for r, g in zip(want, got):
+        _close(g, r, rtol=1e-9, atol=1e-12)
+    assert bool((got[0] > 0).all())
+    same = wk.sparse_sinkhorn(a, a, csr, 0.1, 50, divergence=True).value
+    assert float(same.abs().max()) <= 1e-12
+    # converged (50 iterations), random pairs on a kNN cost: non-negative
+    g = torch.Generator().manual_seed(7)
+    knn = wk.knn_kernel(torch.randn(40, 6, generator=g, dtype=D), 5)
+    p = torch.softmax(torch.randn(16, 40, generator=g, dtype=D) * 3, 1)
+    q = torch.softmax(torch.randn(16, 40, generator=g, dtype=D) * 3, 1)
+    assert bool((wk.sparse_sinkhorn(p, q, knn, 0.05, 50, divergence=True).value >= 0).all())
+
+
+def _brute_knn(e, k, kind):
+    if kind == "cosine":
+        x = F.normalize(e, dim=1)
+        d = (1 - x @ x.t()).clamp_min(0)
+    else:
+        d = torch.cdist(e, e) ** 2
+    d.fill_diagonal_(-1)
+    return d.clamp_min(0), torch.topk(d, k + 1, dim=1, largest=False).indices
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sqeuclidean"])
+def test_knn_kernel_symmetric_and_contains_neighbours(kind):
+    e = torch.randn(30, 4, dtype=D, generator=torch.Generator().manual_seed(8))
+    K = wk.knn_kernel(e, 4, kind, block_rows=7)
+    assert K.layout == torch.sparse_csr and K.shape == (30, 30)
+    dense_mask = torch.zeros(30, 30, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(30), K.crow_indices()[1:] - K.crow_indices()[:-1])
+    dense_mask[rows, K.col_indices()] = True
+    values = torch.zeros(30, 30, dtype=D)
+    values[rows, K.col_indices()] = K.values()
+    d, nb = _brute_knn(e, 4, kind)
+    want = torch.zeros(30, 30, dtype=torch.bool)
+    want[torch.arange(30).repeat_interleave(5), nb.reshape(-1)] = True
+    want |= want.t().clone()
+    assert torch.equal(dense_mask, want)
+    assert bool(dense_mask.diagonal().all()) and float(values.diagonal().abs().max()) == 0.0
+    _close(values, torch.where(want, d, torch.zeros_like(d)).fill_diagonal_(0), rtol=1e-12, atol=1e-12)
+    K2 = wk.knn_kernel(e, 4, kind, block_rows=30)
+    assert torch.equal(K2.col_indices(), K.col_indices())
+
+
+def test_sparse_cost_prepared_once_equals_per_call():
+    a, b, cost, mask = _problem(seed=9)
+    csr = wk.csr_from_dense(cost, mask)
+    prepared = wk.sparse_cost(csr, 0.1)
+    _close(wk.sparse_sinkhorn(a, b, prepared, 0.1, 5).value, wk.sparse_sinkhorn(a, b, csr, 0.1, 5).value, 0)
+    with pytest.raises(ValueError, match="reg"):
+        wk.sparse_sinkhorn(a, b, prepared, 0.2, 5)
+
+
+def test_log_domain_chunking_invariant():
+    a, b, cost, mask = _problem(B=5, seed=10)
+    csr = wk.csr_from_dense(cost, mask)
+    w = torch.arange(5, dtype=D)
+    ref = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.1, 5, log_domain=True).value, a, b, w)
+    got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.1, 5, log_domain=True, chunk_elements=1).value,
+                 a, b, w)
+    for r, g in zip(ref, got):
+        _close(g, r, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_embedding_cost_dense_and_implicit_paths_equal_dense_op(kind, log_domain):
+    g = torch.Generator().manual_seed(14)
+    e = torch.randn(11, 3, generator=g, dtype=D)
+    a = torch.softmax(torch.randn(3, 11, generator=g, dtype=D), 1)
+    b = torch.softmax(torch.randn(3, 11, generator=g, dtype=D), 1)
+    x = F.normalize(e, dim=1) if kind == "cosine" else e
+    cost = (1 - x @ x.t()).clamp_min(0) if kind == "cosine" else (torch.cdist(x, x) ** 2)
+    reg = 0.3 if kind == "cosine" else 3.0
+    w = torch.tensor([1.0, -0.5, 2.0], dtype=D)
+    ref = _grads(lambda p, q: wk.sinkhorn(p, q, cost, reg, 6, backend="torch").value, a, b, w)
+    paths = {"dense": wk.embedding_cost(e, reg, kind),
+             "implicit": wk.embedding_cost(e, reg, kind, max_kernel_bytes=0, tile_rows=4)}
+    for path, K in paths.items():
+        res = wk.sparse_sinkhorn(a, b, K, reg, 6, log_domain=log_domain)
+        assert res.path == path
+        got = _grads(lambda p, q: wk.sparse_sinkhorn(p, q, K, reg, 6, log_domain=log_domain).value, a, b, w)
+        for r, x_ in zip(ref, got):
+            _close(x_, r, rtol=1e-9, atol=1e-12)
+    assert wk.sparse_sinkhorn(a, b, wk.knn_kernel(e, 3), reg, 2).path == "sparse"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The vocabulary loss
+# ------------------------------------------------------------------------------------------------------------------
+def _vocab_setup(V=24, seed=11, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(V, 8, generator=g)
+    cost = wk.knn_kernel(emb, 4).to(dtype)
+    s = torch.randn(2, 5, V, generator=g, dtype=dtype)
+    t = torch.randn(2, 5, V, generator=g, dtype=dtype)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[0, 3:] = -100
+    return cost, s, t, labels
+
+
+def _reference_loss(s, t, cost, labels, reg, iters, tau, divergence, grad):
+    keep = (labels != -100).reshape(-1)
+    V = s.shape[-1]
+    p = torch.softmax(s.reshape(-1, V)[keep] / tau, 1)
+    q = torch.softmax(t.reshape(-1, V)[keep] / tau, 1)
+    return wk.sparse_sinkhorn(p, q, cost, reg, iters, grad=grad, divergence=divergence).value.mean()
+
+
+@pytest.mark.parametrize("grad", ["envelope", "exact"])
+def test_vocab_loss_chunking_and_padding(grad):
+    cost, s, t, labels = _vocab_setup(dtype=D)
+    want = None
+    for chunk in (1, 3, 100):
+        loss = wk.VocabOTLoss(cost, reg=0.05, num_iters=7, temperature=2.0, grad=grad, chunk_size=chunk)
+        x = s.clone().requires_grad_()
+        val = loss(x, t, labels)
+        (gs,) = torch.autograd.grad(val * 1.5, x)
+        if want is None:
+            xr = s.clone().requires_grad_()
+            ref = _reference_loss(xr, t, cost, labels, 0.05, 7, 2.0, True, grad)
+            (gr,) = torch.autograd.grad(ref * 1.5, xr)
+            want = (ref.detach(), gr)
+        _close(val.detach(), want[0], rtol=1e-12)
+        _close(gs, want[1], rtol=1e-10, atol=1e-14)
+        assert float(gs[0, 3:].abs().max()) == 0.0  # padding tokens contribute nothing
+    # padding tokens may hold anything, NaN included
+    s2 = s.clone()
+    s2[0, 3:] = float("nan")
+    _close(wk.VocabOTLoss(cost, reg=0.05, num_iters=7, temperature=2.0, grad=grad)(s2, t, labels), want[0], 1e-12)
+    mask = labels != -100
+    _close(wk.VocabOTLoss(cost, reg=0.05, num_iters=7, temperature=2.0, grad=grad)(s2, t, mask=mask), want[0], 1e-12)
+
+
+def test_vocab_loss_fused_lm_head_equals_logits():
+    cost, _, t, labels = _vocab_setup(dtype=D)
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(2, 5, 6, generator=g, dtype=D, requires_grad=True)
+    W = torch.randn(24, 6, generator=g, dtype=D, requires_grad=True)
+    bias = torch.randn(24, generator=g, dtype=D, requires_grad=True)
+    loss = wk.VocabOTLoss(cost, reg=0.05, num_iters=5, chunk_size=3, grad="exact")
+    ref = loss(F.linear(h, W, bias), t, labels)
+    want = torch.autograd.grad(ref, (h, W, bias))
+    got_val = loss.forward_hidden(h, W, t, labels, lm_head_bias=bias)
+    got = torch.autograd.grad(got_val, (h, W, bias))
+    _close(got_val.detach(), ref.detach(), rtol=1e-12)
+    for r, x in zip(want, got):
+        _close(x, r, rtol=1e-10, atol=1e-14)
+
+
+def test_vocab_loss_defaults_small_reg_float32_and_embedding_cost():
+    cost, s, t, labels = _vocab_setup()
+    x = s.clone().requires_grad_()
+    val = wk.VocabOTLoss(cost)(x, t, labels)  # reg 1e-3: the log domain
+    val.backward()
+    assert bool(torch.isfinite(val)) and bool(torch.isfinite(x.grad).all()) and float(val) > 0
+    e = torch.randn(24, 8, generator=torch.Generator().manual_seed(15))
+    dense = wk.VocabOTLoss(wk.embedding_cost(e, 0.1), reg=0.1)(s, t, labels)
+    implicit = wk.VocabOTLoss(wk.embedding_cost(e, 0.1, max_kernel_bytes=0, tile_rows=5), reg=0.1)(s, t, labels)
+    _close(implicit, dense, rtol=1e-5)
+
+
+def test_vocab_loss_no_kept_token_is_zero_with_zero_gradient():
+    cost, s, t, labels = _vocab_setup()
+    x = s.clone().requires_grad_()
+    val = wk.VocabOTLoss(cost)(x, t, torch.full_like(labels, -100))
+    val.backward()
+    assert float(val) == 0.0 and float(x.grad.abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ------------------------------------------------------------------------------------------------------------------
+def test_bad_input_errors():
+    a, b, cost, mask = _problem(C=6, seed=13)
+    csr = wk.csr_from_dense(cost, mask)
+    with pytest.raises(TypeError, match="`cost` must be a sparse CSR"):
+        wk.sparse_sinkhorn(a, b, cost, 0.1, 3)
+    rect = torch.sparse_csr_tensor(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.tensor([0.0, 0.0], dtype=D),
+                                   (2, 3))
+    with pytest.raises(ValueError, match="`cost` must be square"):
+        wk.sparse_sinkhorn(a[:, :2], b[:, :2], rect, 0.1, 3)
+    neg = wk.csr_from_dense(cost - 0.5, mask)
+    with pytest.raises(ValueError, match="`cost` must be non-negative"):
+        wk.sparse_sinkhorn(a, b, neg, 0.1, 3)
+    no_row = mask.clone()
+    no_row[2] = False
+    with pytest.raises(ValueError, match="empty row"):
+        wk.sparse_sinkhorn(a, b, wk.csr_from_dense(cost, no_row), 0.1, 3)
+    with pytest.raises(ValueError, match="`a` has 5 classes"):
+        wk.sparse_sinkhorn(a[:, :5], b, csr, 0.1, 3)
+    with pytest.raises(ValueError, match="`b` contains non-finite"):
+        wk.sparse_sinkhorn(a, b.clone().fill_(float("nan")), csr, 0.1, 3)
+    with pytest.raises(ValueError, match="`a` must be non-negative"):
+        wk.sparse_sinkhorn(-a, b, csr, 0.1, 3)
+    with pytest.raises(ValueError, match="`reg`"):
+        wk.sparse_sinkhorn(a, b, csr, 0.0, 3)
+    with pytest.raises(ValueError, match="`num_iters`"):
+        wk.sparse_sinkhorn(a, b, csr, 0.1, 0)
+    with pytest.raises(ValueError, match="`grad`"):
+        wk.sparse_sinkhorn(a, b, csr, 0.1, 3, grad="autograd")
+    with pytest.raises(ValueError, match="`k`"):
+        wk.knn_kernel(torch.randn(5, 3), 5)
+    with pytest.raises(ValueError, match="`cost` must be 'cosine'"):
+        wk.knn_kernel(torch.randn(5, 3), 2, "l1")
+    cost_v, s, t, labels = _vocab_setup()
+    loss = wk.VocabOTLoss(cost_v)
+    with pytest.raises(ValueError, match="`student_logits` has 23 classes"):
+        loss(s[..., :23], t[..., :23], labels)
+    bad = s.clone()
+    bad[1, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="`student_logits` contains non-finite"):
+        loss(bad, t, labels)
+    with pytest.raises(ValueError, match="`labels` must have the leading shape"):
+        loss(s, t, labels[:, :3])
+    with pytest.raises(TypeError, match="`cost` must be a sparse CSR"):
+        wk.VocabOTLoss(torch.rand(4, 4))
+
+
+def test_no_history_without_gradient():
+    a, b, cost, mask = _problem(seed=16)
+    csr = wk.csr_from_dense(cost, mask)
+    with torch.no_grad():
+        r = wk.sparse_sinkhorn(a.requires_grad_(), b, csr, 0.1, 5)
+    assert r.value.grad_fn is None
+    _close(r.value, wk.sparse_sinkhorn(a.detach(), b, csr, 0.1, 5, grad="envelope").value, rtol=0)

@@ -1,0 +1,355 @@
+"""Sinkhorn over one shared sparse cost (vocabulary-scale WKD-L / LLM distillation): :func:`sparse_sinkhorn`, its
+autograd, and :func:`knn_kernel`, the symmetric k-nearest-neighbour cost built from token or class embeddings.
+
+A dense C x C cost stops fitting at LLM vocabularies (GPT-2, C = 50,257: 10 GB in float32; Qwen, C = 151,936:
+92 GB). Keeping only the couplings between each token and its k nearest neighbours in the teacher's embedding space
+(the sparse kernel of WASD, github.com/aailab-kaist/WASD) makes the kernel O(C k). The kernels (ATen ops only, any
+device type) are in wkd_kernels/aten/sparse_sinkhorn.py; what, why and measurements: docs/vocabulary_ot.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..aten.sparse_sinkhorn import (EmbeddingCost, SparseCost, pair_cost, sparse_sinkhorn_backward,
+                                    sparse_sinkhorn_forward)
+from .checks import as_bool, as_int, as_log_domain, as_real, auto_log_domain, values_check_requested
+from .common import first_order_only, reverse_mode_only
+
+__all__ = ["SparseSinkhornResult", "SparseCost", "EmbeddingCost", "sparse_sinkhorn", "sparse_cost", "embedding_cost",
+           "knn_kernel", "csr_from_dense"]
+
+_OP = "wkd.sparse_sinkhorn"
+
+
+def _envelope_potential(log_s: Tensor, mass: Tensor, reg: float, scale: Tensor) -> Tensor:
+    """scale * (reg * log(scaling) centred over the support of ``mass``), 0 off the support: [B, C] in row-major
+    memory (the layout of the masses' gradient) from [C, B] inputs."""
+    off = (mass <= 0).t()
+    f = torch.mul(log_s.t(), reg, out=torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype,
+                                                   device=log_s.device)).masked_fill_(off, 0.0)
+    mean = f.sum(1, keepdim=True) / (mass.shape[0] - off.sum(1, keepdim=True)).clamp_min(1)
+    return f.sub_(mean).masked_fill_(off, 0.0).mul_(scale.unsqueeze(1))
+
+
+class _SparseSinkhorn(torch.autograd.Function):
+    """value [B] of the fixed-iteration Sinkhorn over masses a, b [B, C] and the shared sparse cost; log_u, log_v
+    [B, C] (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, a, b, K, num_iters, eps, log_domain, exact, chunk_elements):
+        if exact or log_domain:  # the reverse sweep and the segment reductions want [C, B] memory
+            aT, bT = a.t().contiguous(), b.t().contiguous()
+        else:  # the scaling iterations read a and b elementwise only: transposed views, no copy
+            aT, bT = a.t(), b.t()
+        value, u, v, hist_r, hist_s, y = sparse_sinkhorn_forward(aT, bT, K, num_iters, eps, log_domain, exact,
+                                                                 chunk_elements)
+        log_u, log_v = (u, v) if log_domain else (u.log_(), v.log_())  # u, v are not used again
+        ctx.K, ctx.eps, ctx.log_domain, ctx.exact, ctx.chunk = K, eps, log_domain, exact, chunk_elements
+        if exact:
+            ctx.save_for_backward(aT, bT, hist_r, hist_s, y)
+        else:
+            ctx.save_for_backward(aT, bT, log_u, log_v)
+        ctx.mark_non_differentiable(log_u, log_v)
+        ctx.set_materialize_grads(False)  # no [B, C] zero gradients for log_u, log_v
+        return value, log_u.t(), log_v.t()
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_log_u, grad_log_v):
+        if grad_value is None:
+            return (None,) * 8
+        K = ctx.K
+        with torch.no_grad():
+            if ctx.exact:
+                aT, bT, hist_r, hist_s, y = ctx.saved_tensors
+                ga, gb = sparse_sinkhorn_backward(grad_value.contiguous(), aT, bT, K, hist_r, hist_s, y,
+                                                  ctx.log_domain, ctx.eps, ctx.chunk)
+            else:
+                aT, bT, log_u, log_v = ctx.saved_tensors
+                ga = _envelope_potential(log_u, aT, K.reg, grad_value) if ctx.needs_input_grad[0] else None
+                gb = _envelope_potential(log_v, bT, K.reg, grad_value) if ctx.needs_input_grad[1] else None
+                ga, gb = (None if ga is None else ga.t()), (None if gb is None else gb.t())  # [C, B] like the sweep's
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (grad_value,), _OP)
+        return ga, gb, None, None, None, None, None, None
+
+
+class SparseSinkhornResult(NamedTuple):
+    """Result of :func:`sparse_sinkhorn`.
+
+    value: [B] transport cost sum_ij P_ij c_ij per row over the stored couplings (or the Sinkhorn divergence with
+        ``divergence=True``); differentiable w.r.t. ``a`` and ``b``.
+    log_u, log_v: [B, C] log-scalings of the problem (a, b) (-inf off the support); not differentiable.
+    log_domain: whether the log-domain iterations ran (``log_domain="auto"`` decides per call).
+    path: which kernel ran: ``"sparse"`` (CSR), ``"dense"`` (K stored whole) or ``"implicit"`` (K recomputed
+        per row tile from embeddings); see :func:`embedding_cost`.
+    """
+
+    value: Tensor
+    log_u: Tensor
+    log_v: Tensor
+    log_domain: bool
+    path: str
+
+
+def sparse_cost(cost: Tensor, reg: float) -> SparseCost:
+    """Prepare a sparse CSR [C, C] cost once for many :func:`sparse_sinkhorn` calls with the same ``reg`` (K and K^T
+    as CSR, their log-domain structure); checks ``cost`` as :func:`sparse_sinkhorn` does."""
+    reg = as_real(reg, "reg", _OP)
+    _check_cost(cost, reg)
+    return SparseCost(cost, reg)
+
+
+def embedding_cost(embeddings: Tensor, reg: float, cost: str = "cosine", *, max_kernel_bytes: int = 1 << 30,
+                   tile_rows: Optional[int] = None) -> EmbeddingCost:
+    """Every coupling allowed, with the cost between C embeddings (``"cosine"``: 1 - cos, ``"sqeuclidean"``), for
+    :func:`sparse_sinkhorn` in place of a sparse cost: K stored whole (``path="dense"``) when the C x C cost, K
+    and K∘c fit in ``max_kernel_bytes``, else recomputed tile by tile at every product (``path="implicit"``:
+    memory O(tile_rows C), never C x C; ``tile_rows`` default: 2^22 / C rows). The result reports the path."""
+    op = "wkd.embedding_cost"
+    reg = as_real(reg, "reg", op)
+    if not (reg > 0 and math.isfinite(reg)):
+        raise ValueError(f"{op}: `reg` must be a positive finite number, got {reg}")
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[0] < 1:
+        raise ValueError(f"{op}: `embeddings` must be [C, d], got "
+                         f"{list(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__}")
+    if embeddings.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: `embeddings` must be float32 or float64, got {embeddings.dtype}")
+    if cost not in ("cosine", "sqeuclidean"):
+        raise ValueError(f"{op}: `cost` must be 'cosine' or 'sqeuclidean', got {cost!r}")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(f"{op}: `embeddings` contains non-finite values (inf or nan)")
+    if cost == "cosine" and bool((embeddings.norm(dim=1) == 0).any()):
+        raise ValueError(f"{op}: `embeddings` has zero rows, whose cosine distance is undefined")
+    C = embeddings.shape[0]
+    max_kernel_bytes = as_int(max_kernel_bytes, "max_kernel_bytes", op)
+    path = "dense" if 3 * C * C * embeddings.element_size() <= max_kernel_bytes else "implicit"
+    rows = max(1, (1 << 22) // C) if tile_rows is None else as_int(tile_rows, "tile_rows", op)
+    if rows < 1:
+        raise ValueError(f"{op}: `tile_rows` must be >= 1, got {rows}")
+    return EmbeddingCost(embeddings, reg, cost, path, rows)
+
+
+def _check_cost(cost, reg: float) -> None:
+    if not (reg > 0 and math.isfinite(reg)):
+        raise ValueError(f"{_OP}: `reg` must be a positive finite number, got {reg}")
+    if not isinstance(cost, Tensor) or cost.layout != torch.sparse_csr:
+        layout = cost.layout if isinstance(cost, Tensor) else type(cost).__name__
+        raise TypeError(f"{_OP}: `cost` must be a sparse CSR tensor [C, C] (tensor.to_sparse_csr(), or "
+                        f"wkd_kernels.knn_kernel), got {layout}")
+    if cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"{_OP}: `cost` must be square [C, C], got {list(cost.shape)}")
+    if cost.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{_OP}: `cost` must be float32 or float64, got {cost.dtype}")
+    if cost.requires_grad:
+        raise NotImplementedError(f"{_OP}: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
+    val, crow = cost.values(), cost.crow_indices()
+    if not bool(torch.isfinite(val).all()):
+        raise ValueError(f"{_OP}: `cost` has non-finite stored values (inf or nan)")
+    if bool((val < 0).any()):
+        raise ValueError(f"{_OP}: `cost` must be non-negative (stored values < 0 found)")
+    empty_rows = int(((crow[1:] - crow[:-1]) == 0).sum())
+    if empty_rows:
+        raise ValueError(f"{_OP}: `cost` has {empty_rows} empty row(s): every class needs at least one allowed "
+                         "coupling (include the diagonal, as knn_kernel does)")
+    empty_cols = cost.shape[1] - int(torch.unique(cost.col_indices()).numel())
+    if empty_cols:
+        raise ValueError(f"{_OP}: `cost` has {empty_cols} empty column(s): every class needs at least one allowed "
+                         "coupling (include the diagonal, as knn_kernel does)")
+
+
+def _check_masses(a, b, C: int, dtype, device, check_values: bool) -> None:
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{_OP}: `{name}` must be a [B, C] tensor, got "
+                             f"{list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.shape[1] != C:
+            raise ValueError(f"{_OP}: `{name}` has {t.shape[1]} classes but `cost` is [{C}, {C}]")
+        if t.dtype != dtype:
+            raise TypeError(f"{_OP}: `{name}` must have the dtype of `cost` ({dtype}), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{_OP}: `{name}` is on {t.device}, `cost` on {device}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{_OP}: `a` and `b` must have the same number of rows, got {a.shape[0]} and {b.shape[0]}")
+    if check_values:
+        for name, t in (("a", a), ("b", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{_OP}: `{name}` contains non-finite values (inf or nan)")
+            if bool((t < 0).any()):
+                raise ValueError(f"{_OP}: `{name}` must be non-negative (a probability vector per row)")
+            if bool((t.sum(1) <= 0).any()):
+                raise ValueError(f"{_OP}: every row of `{name}` needs positive mass (a row sums to 0)")
+
+
+def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: float, num_iters: int, *,
+                    eps: float = 0.0, grad: str = "exact", log_domain: Union[bool, str] = "auto",
+                    divergence: bool = False, check_values: Optional[bool] = None,
+                    chunk_elements: Optional[int] = None) -> SparseSinkhornResult:
+    """Fixed-iteration entropic OT per row over ONE shared sparse cost: :func:`wkd_kernels.sinkhorn`'s contract with
+    K = exp(-cost / reg) on the stored entries of ``cost`` and 0 elsewhere (excluded couplings).
+
+    Per row: u0 = 1/|supp a| on supp a, then ``num_iters`` times ``v = b / (K^T u + eps); u = a / (K v + eps)``;
+    value = sum_ij u_i K_ij c_ij v_j (the transport cost of the plan, not the entropic objective). With a cost that
+    stores every entry this equals :func:`wkd_kernels.sinkhorn` on the dense cost. Zero masses remove their entries.
+    Memory: O(nnz) for the kernel, O(B C) per iteration vector, never B x C x C or C x C.
+
+    Args:
+        a, b: [B, C] non-negative masses (rows summing to 1), float32/float64, the dtype and device of ``cost``.
+        cost: sparse CSR [C, C] (``dense.to_sparse_csr()`` or :func:`knn_kernel`): stored entries are the allowed
+            couplings with their cost (>= 0; a stored 0 is an allowed coupling at cost 0); every row and column
+            needs at least one entry. Or a :class:`SparseCost` from :func:`sparse_cost` (prepared once, same
+            ``reg``), or an :class:`EmbeddingCost` from :func:`embedding_cost` (every coupling, the cost from
+            embeddings, K stored or recomputed per tile). No gradient w.r.t. the cost.
+        reg: entropic regularisation > 0, in the units of the cost.
+        num_iters: iterations (>= 1); no convergence test.
+        eps: added to every denominator (0 matches POT's ``ot.sinkhorn2`` on the dense problem).
+        grad: ``"exact"``: the gradient of this fixed-iteration computation (reverse sweep; keeps 2 T [C, B]
+            denominators); ``"envelope"``: the centred dual potentials reg*log u, reg*log v (POT's envelope gradient,
+            what WASD uses; keeps nothing but u and v).
+        log_domain: ``True``: iterate on log-scalings with sparse log-sum-exp (segment max + sum over the CSR rows;
+            needed when reg is small, e.g. 1e-3 with costs in [0, 2]); ``False``: the scaling domain (faster);
+            ``"auto"`` (default): the log domain exactly when exp(-max stored cost / reg) leaves the normal range of
+            the dtype (it reads the largest stored cost). A non-finite result is an error, never a silent NaN.
+            With ``False`` and a reg so small that every off-diagonal entry of a k-NN kernel underflows, K is its
+            diagonal (cost 0 keeps it at 1) and the result is finite but meaningless: keep ``"auto"``.
+        divergence: return the Sinkhorn divergence S(a, b) = OT(a, b) - OT(a, a)/2 - OT(b, b)/2 (the three
+            problems run as one batch of 3B rows; gradients w.r.t. both ``a`` and ``b``).
+        check_values: the value checks of ``a``/``b`` (finite, non-negative, positive mass) and of the result;
+            None: always on CPU, on other devices per :mod:`wkd_kernels.settings`.
+        chunk_elements: largest nnz x columns temporary of the log domain (default
+            :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
+
+    Returns:
+        :class:`SparseSinkhornResult` ``(value [B], log_u [B, C], log_v [B, C], log_domain, path)``.
+    """
+    if grad not in ("exact", "envelope"):
+        raise ValueError(f"{_OP}: `grad` must be 'exact' or 'envelope', got {grad!r}")
+    reg, num_iters, eps = as_real(reg, "reg", _OP), as_int(num_iters, "num_iters", _OP), as_real(eps, "eps", _OP)
+    log_domain = as_log_domain(log_domain, _OP)
+    divergence = as_bool(divergence, "divergence", _OP)
+    if num_iters < 1:
+        raise ValueError(f"{_OP}: `num_iters` must be >= 1, got {num_iters}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{_OP}: `eps` must be a finite number >= 0, got {eps}")
+    if isinstance(cost, (SparseCost, EmbeddingCost)):
+        if not (reg > 0 and math.isfinite(reg)):
+            raise ValueError(f"{_OP}: `reg` must be a positive finite number, got {reg}")
+        if cost.reg != reg:
+            raise ValueError(f"{_OP}: `cost` was prepared with reg = {cost.reg}, called with `reg` = {reg}")
+        K = cost
+    else:
+        _check_cost(cost, reg)
+        K = SparseCost(cost, reg)
+    checks = values_check_requested(check_values, "torch", K.device, _OP)
+    _check_masses(a, b, K.size, K.dtype, K.device, checks)
+    a, b = reverse_mode_only(_OP, a, b)
+    if log_domain == "auto":
+        log_domain = auto_log_domain(float(K.max_cost), reg, K.dtype)
+    B = a.shape[0]
+    # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
+    exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if divergence:
+        value, log_u, log_v = _SparseSinkhorn.apply(torch.cat([a, a, b]), torch.cat([b, a, b]), K, num_iters, eps,
+                                                    log_domain, exact, chunk_elements)
+        value = value[:B] - 0.5 * (value[B:2 * B] + value[2 * B:])
+        log_u, log_v = log_u[:B], log_v[:B]
+    else:
+        value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
+    if checks and not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{_OP}: the iterations gave a non-finite value ({'log' if log_domain else 'scaling'} domain, `reg` = "
+            f"{reg}, {str(K.dtype).replace('torch.', '')}). "
+            + ("K = exp(-cost / reg) underflows or the scalings overflow: use log_domain=True or a larger `reg`. "
+               if not log_domain else "")
+            + "Or the stored couplings of `cost` cannot carry the masses (some mass of `a` has no stored coupling "
+              "to the support of `b`): include the diagonal / more neighbours")
+    return SparseSinkhornResult(value, log_u, log_v, bool(log_domain), getattr(K, "path", "sparse"))
+
+
+def csr_from_dense(cost: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """A dense [C, C] cost as the sparse CSR cost of :func:`sparse_sinkhorn`, storing every entry where ``mask``
+    (bool [C, C]; None: all) is True, zero costs included (``cost.to_sparse_csr()`` would drop them, excluding
+    e.g. the diagonal couplings)."""
+    op = "wkd.csr_from_dense"
+    if not isinstance(cost, Tensor) or cost.layout != torch.strided or cost.dim() != 2 \
+            or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"{op}: `cost` must be a dense square [C, C] tensor")
+    if mask is None:
+        mask = torch.ones_like(cost, dtype=torch.bool)
+    elif not isinstance(mask, Tensor) or mask.shape != cost.shape or mask.dtype != torch.bool:
+        raise ValueError(f"{op}: `mask` must be a bool tensor of the shape of `cost` {list(cost.shape)}")
+    C = cost.shape[0]
+    mask = mask.to(cost.device)
+    crow = torch.zeros(C + 1, dtype=torch.int64, device=cost.device)
+    crow[1:] = torch.cumsum(mask.sum(1), 0)
+    col = mask.nonzero()[:, 1]
+    return torch.sparse_csr_tensor(crow, col, cost.detach()[mask], (C, C))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The k-nearest-neighbour cost
+# ----------------------------------------------------------------------------------------------------------
+def knn_kernel(embeddings: Tensor, k: int, cost: str = "cosine", *, block_rows: int = 1024) -> Tensor:
+    """The symmetric k-nearest-neighbour cost of C embeddings as a sparse CSR [C, C] tensor for
+    :func:`sparse_sinkhorn`: entry (i, j) is stored when j is among the k nearest neighbours of i or i among those
+    of j, plus the diagonal (cost 0), with value the cost between the two embeddings.
+
+    Args:
+        embeddings: [C, d] float32/float64 (e.g. the teacher's token embedding matrix; detached).
+        k: neighbours per row besides the row itself, 1 <= k < C.
+        cost: ``"cosine"``: 1 - cos(e_i, e_j) in [0, 2]; ``"sqeuclidean"``: |e_i - e_j|^2.
+        block_rows: rows per block of the neighbour search: memory O(block_rows C), never C x C.
+
+    Returns:
+        sparse CSR [C, C] with at most C (2k + 1) stored entries, in the dtype and on the device of ``embeddings``.
+    """
+    op = "wkd.knn_kernel"
+    k = as_int(k, "k", op)
+    block_rows = as_int(block_rows, "block_rows", op)
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+        raise ValueError(f"{op}: `embeddings` must be [C, d], got "
+                         f"{list(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__}")
+    if embeddings.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: `embeddings` must be float32 or float64, got {embeddings.dtype}")
+    C = embeddings.shape[0]
+    if not 1 <= k < C:
+        raise ValueError(f"{op}: `k` must be in [1, C - 1] = [1, {C - 1}], got {k}")
+    if cost not in ("cosine", "sqeuclidean"):
+        raise ValueError(f"{op}: `cost` must be 'cosine' or 'sqeuclidean', got {cost!r}")
+    if block_rows < 1:
+        raise ValueError(f"{op}: `block_rows` must be >= 1, got {block_rows}")
+    with torch.no_grad():
+        e = embeddings.detach()
+        if not bool(torch.isfinite(e).all()):
+            raise ValueError(f"{op}: `embeddings` contains non-finite values (inf or nan)")
+        if cost == "cosine":
+            norms = e.norm(dim=1, keepdim=True)
+            if bool((norms == 0).any()):
+                raise ValueError(f"{op}: `embeddings` has zero rows, whose cosine distance is undefined")
+            e = e / norms
+        e_sq = (e * e).sum(1) if cost == "sqeuclidean" else None
+        rows, cols, vals = [], [], []
+        for i0 in range(0, C, block_rows):
+            i1 = min(C, i0 + block_rows)
+            d = pair_cost(e[i0:i1], e, cost, e_sq)  # [R, C]
+            idx = torch.arange(i0, i1, device=e.device)
+            d[idx - i0, idx] = -1.0  # the row itself first, then k others
+            dist, nb = torch.topk(d, k + 1, dim=1, largest=False)
+            rows.append(idx.repeat_interleave(k + 1))
+            cols.append(nb.reshape(-1))
+            vals.append(dist.clamp_min(0.0).reshape(-1))
+        r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+        # symmetrise: both orientations, duplicates merged (equal costs up to rounding: keep the larger)
+        r, c, v = torch.cat([r, c]), torch.cat([c, r]), torch.cat([v, v])
+        keys, inverse = torch.unique(r * C + c, return_inverse=True)
+        merged = torch.full((keys.numel(),), -1.0, dtype=v.dtype, device=v.device).scatter_reduce_(
+            0, inverse, v, "amax")
+        rr, cc = keys // C, keys % C
+        merged = torch.where(rr == cc, torch.zeros_like(merged), merged)
+        counts = torch.bincount(rr, minlength=C)
+        crow = torch.zeros(C + 1, dtype=torch.int64, device=e.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        return torch.sparse_csr_tensor(crow, cc, merged, (C, C))
