@@ -61,7 +61,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (COST_FILES, REPO, RowWriter, _atomic_write, bench_row, capture_cuda_graph,  # noqa: E402
+from _common import (COST_FILES, REPO, RowWriter, _atomic_write, bench_row, capture_cuda_graph, time_fn,  # noqa: E402
                      device_name, wkd_cost)
 from compare_pot import plain_pytorch, wkd_logits  # noqa: E402
 
@@ -254,20 +254,7 @@ def call_times_ms(fn, device: str, reps: int, warmup: int) -> list:
     fn()
     sync(device)
     reps = max(1, min(reps, int(MEASURE_CAP_S / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t1 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t1) * 1e3)
-    return times
+    return time_fn(fn, device, warmup=0, reps=reps, keep_times=True)["times_ms"]
 
 
 def peak_extra_mb(fn, device: str):
