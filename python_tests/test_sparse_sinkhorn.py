@@ -368,3 +368,18 @@ def test_no_history_without_gradient():
         r = wk.sparse_sinkhorn(a.requires_grad_(), b, csr, 0.1, 5)
     assert r.value.grad_fn is None
     _close(r.value, wk.sparse_sinkhorn(a.detach(), b, csr, 0.1, 5, grad="envelope").value, rtol=0)
+
+
+@pytest.mark.parametrize("grad", ["exact", "envelope"])
+def test_double_backward_is_a_clear_error(grad):
+    """Differentiating the gradient of sparse_sinkhorn (create_graph=True) raises the op's clear error rather than a
+    silently missing second-order term or an unrelated autograd error."""
+    g = torch.Generator().manual_seed(3)
+    C = 6
+    d = torch.rand(C, C, generator=g, dtype=torch.float64)
+    cost = wk.csr_from_dense((d + d.T) / 2)
+    a = torch.softmax(torch.randn(2, C, generator=g, dtype=torch.float64), 1).requires_grad_()
+    b = torch.softmax(torch.randn(2, C, generator=g, dtype=torch.float64), 1)
+    (ga,) = torch.autograd.grad(wk.sparse_sinkhorn(a, b, cost, 0.1, 10, grad=grad).value.sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="wkd.sparse_sinkhorn: double backward"):
+        torch.autograd.grad(ga.sum(), a)

@@ -49,10 +49,11 @@ class _SparseSinkhorn(torch.autograd.Function):
                                                                  chunk_elements)
         log_u, log_v = (u, v) if log_domain else (u.log_(), v.log_())  # u, v are not used again
         ctx.K, ctx.eps, ctx.log_domain, ctx.exact, ctx.chunk = K, eps, log_domain, exact, chunk_elements
+        # a and b themselves (no copy) anchor the double-backward error of first_order_only, as in wk.sinkhorn
         if exact:
-            ctx.save_for_backward(aT, bT, hist_r, hist_s, y)
+            ctx.save_for_backward(a, b, aT, bT, hist_r, hist_s, y)
         else:
-            ctx.save_for_backward(aT, bT, log_u, log_v)
+            ctx.save_for_backward(a, b, aT, bT, log_u, log_v)
         ctx.mark_non_differentiable(log_u, log_v)
         ctx.set_materialize_grads(False)  # no [B, C] zero gradients for log_u, log_v
         return value, log_u.t(), log_v.t()
@@ -64,16 +65,17 @@ class _SparseSinkhorn(torch.autograd.Function):
         K = ctx.K
         with torch.no_grad():
             if ctx.exact:
-                aT, bT, hist_r, hist_s, y = ctx.saved_tensors
+                a, b, aT, bT, hist_r, hist_s, y = ctx.saved_tensors
                 ga, gb = sparse_sinkhorn_backward(grad_value.contiguous(), aT, bT, K, hist_r, hist_s, y,
                                                   ctx.log_domain, ctx.eps, ctx.chunk)
             else:
-                aT, bT, log_u, log_v = ctx.saved_tensors
+                a, b, aT, bT, log_u, log_v = ctx.saved_tensors
                 ga = _envelope_potential(log_u, aT, K.reg, grad_value) if ctx.needs_input_grad[0] else None
                 gb = _envelope_potential(log_v, bT, K.reg, grad_value) if ctx.needs_input_grad[1] else None
                 ga, gb = (None if ga is None else ga.t()), (None if gb is None else gb.t())  # [C, B] like the sweep's
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (grad_value,), _OP)
+        ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (a, b, grad_value),
+                                  _OP)
         return ga, gb, None, None, None, None, None, None
 
 
