@@ -87,7 +87,7 @@ def triton_row(pb, precision: str, label: str, args, device: str, dev_name: str)
         return bench_row("sinkhorn", backend, "fwd+bwd", pb.shape, gq.DTYPE, dev_name, note=f"n/a: {why}")
     ref = gq.reference(pb, args.iters)
     step = gq.fwd_bwd_step(method, pb, args.iters)
-    errs = {k: gq.rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), step())}
+    errs = {k: gq.rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), step(), strict=True)}
     verdict = gq.judge(method, errs) if precision != "tf32" else \
         "info: tf32, inexact by design: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
     times, eager_ms = measure(step, device, args)
@@ -152,9 +152,10 @@ def cuda_row(pb, args, device: str, dev_name: str, tile: int = -1, rows_per_bloc
 
     ref = gq.reference(pb, it)
     got, auto = step(), product()
-    errs = {k: gq.rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), (got[0], got[3], got[4]))}
+    errs = {k: gq.rel_err(x, ref[k])
+            for k, x in zip(("value", "grad_a", "grad_b"), (got[0], got[3], got[4]), strict=True)}
     verdict = gq.judge(gq.make_method("cuda"), errs)
-    same = all(torch.equal(x, y) for x, y in zip(got[1:], auto[1:]))
+    same = all(torch.equal(x, y) for x, y in zip(got[1:], auto[1:], strict=True))
     if small or tile < 0:
         same = same and torch.equal(got[0], auto[0])
     else:  # float32 partial sums of up to ~1000 terms in another order: equal to 1e-5 relative

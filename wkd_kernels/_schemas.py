@@ -53,5 +53,5 @@ def define(with_base: bool) -> None:
     if _LIB is not None:
         return
     _LIB = torch.library.Library("wkd", "FRAGMENT")
-    for name, schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).items():
+    for schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).values():
         _LIB.define(schema)
