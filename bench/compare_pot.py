@@ -301,7 +301,7 @@ def parse_sizes(text):
     try:
         return [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s]
     except ValueError:
-        raise SystemExit(f"--sizes: expected a comma-separated list of BxC, e.g. 256x1000,256x100; got {text!r}")
+        raise SystemExit(f"--sizes: expected a comma-separated list of BxC, e.g. 256x1000,256x100; got {text!r}") from None
 
 
 def build_parser():
@@ -383,7 +383,7 @@ def main(argv=None):
         paths = [args.csv, args.json, None]
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            paths = [p or os.path.join(args.out, f"compare_pot.{ext}") for p, ext in zip(paths, ("csv", "json", "md"))]
+            paths = [p or os.path.join(args.out, f"compare_pot.{ext}") for p, ext in zip(paths, ("csv", "json", "md"), strict=True)]
         writer = RowWriter(*paths, meta=meta)
     rows = []
     for B, C in sizes:

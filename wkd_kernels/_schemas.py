@@ -36,7 +36,8 @@ SCHEMAS = {
 
 # The ops with a torch-backend twin (the Triton ones have their own; the backward ops are twinned too).
 _TWINNED = ("sinkhorn", "sinkhorn_backward", "sinkhorn_gibbs", "sinkhorn_gibbs_backward", "feature_stats",
-            "feature_stats_backward", "sqrtm", "sqrtm_backward", "nuclear_norm", "bures_wasserstein", "bures_wasserstein_backward")
+            "feature_stats_backward", "sqrtm", "sqrtm_backward", "nuclear_norm", "bures_wasserstein",
+            "bures_wasserstein_backward")
 
 
 def torch_twin(name: str) -> str:

@@ -19,8 +19,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_ELEMENTS", "sinkhorn_forward", "sinkhorn_backward", "sinkhorn_gibbs_forward", "sinkhorn_gibbs_backward",
-           "exact_backward_sweep"]
+__all__ = ["CHUNK_ELEMENTS", "sinkhorn_forward", "sinkhorn_backward", "sinkhorn_gibbs_forward",
+           "sinkhorn_gibbs_backward", "exact_backward_sweep"]
 
 # Elements of the largest [B, n, J] temporary of the chunked paths (2^22: 16 MiB in float32).
 CHUNK_ELEMENTS = 1 << 22

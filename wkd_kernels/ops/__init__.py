@@ -8,5 +8,6 @@ from .nuclear_norm import nuclear_norm
 from .sinkhorn import GibbsKernel, SinkhornResult, gibbs_kernel, sinkhorn
 from .sqrtm import sqrtm
 
-__all__ = ["SinkhornResult", "sinkhorn", "GibbsKernel", "gibbs_kernel", "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein",
+__all__ = ["SinkhornResult", "sinkhorn", "GibbsKernel", "gibbs_kernel",
+           "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein",
            "gaussian_wasserstein", "gaussian_wasserstein_terms", "GaussianW2Terms"]
