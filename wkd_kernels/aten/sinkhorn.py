@@ -254,13 +254,13 @@ class _GaugeShift:
     def __init__(self, b: Tensor):
         self.bb = _acc(b)
         sbb = (self.bb * self.bb).sum(1)
-        self.has_mass = sbb > 0
-        self.sbb = torch.where(self.has_mass, sbb, torch.ones_like(sbb))
+        # a row without mass gets c = sbz / inf = 0
+        self.sbb = torch.where(sbb > 0, sbb, torch.full_like(sbb, float("inf")))
 
-    def __call__(self, z: Tensor, G: Tensor) -> Tensor:
-        sbz = (self.bb * _acc(z)).sum(1)
-        c = torch.where(self.has_mass, (sbz - G) / self.sbb, torch.zeros_like(sbz))
-        return c.to(z.dtype).unsqueeze(1)
+    def __call__(self, z: Tensor, G: Optional[Tensor]) -> Tensor:
+        """c [B, 1] in the dtype of z; G None: every G_t is 0 (eps = 0)."""
+        sbz = torch.linalg.vecdot(self.bb, _acc(z))  # sum_j b_j z_j in the accumulation dtype
+        return torch.div(sbz if G is None else sbz - G, self.sbb).to(z.dtype).unsqueeze(1)
 
 
 def _log_eps_mass_sum(mass: Tensor, x: Tensor, log_den: Tensor, eps: float) -> Tensor:
@@ -299,37 +299,39 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     # eps = 0: every G_t is 0 (eps times a sum), so the sums are skipped
     G = None if eps is None else _acc(g.new_zeros(g.shape[0]))
     if not log_domain:
-        ut = a / hist_r[last]
+        # u_t = a / r_t and v_t = b / s_t of every iteration in two ops (one more history's worth of memory, freed on
+        # return): the loop below then runs 11 ATen calls per iteration, not 15
+        U, V = torch.div(a, hist_r), torch.div(b, hist_s)
+        ut = U[last]
         w = gc * y / hist_r[last]
         direct = t_mul(ut, True).mul_(gc)
         ga = w.clone()
-        x = w.mul_(ut)  # w's buffer holds x = w_t u_t from here on
+        x = w.mul_(ut)  # w's buffer holds x = w_T u_T, then -x = -w_t u_t for t < T (its sign folded into z's)
         KTx, Kzv, z, zv, gb = (torch.empty_like(b), torch.empty_like(a), torch.empty_like(b), torch.empty_like(b),
                                torch.zeros_like(b))
         for t in range(last, -1, -1):
             s = hist_s[t]
-            if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i
+            if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i (x holds -x below T)
                 awr = eps * _acc(x).sum(1)
-                G = awr if t == last else G + awr - zs
-            t_mul(x, False, out=KTx)
+                G = awr if t == last else G - awr - zs
+            t_mul(x, False, out=KTx)  # K^T x_T, then K^T (-x_t) = -K^T x_t exactly
             if t == last:
                 torch.sub(direct, KTx, out=z)
+                z.div_(s)
             else:
-                torch.neg(KTx, out=z)
-            z.div_(s)
+                torch.div(KTx, s, out=z)
             if eps is not None:
-                z.sub_(gauge_shift(z, G) * b)
+                z.addcmul_(gauge_shift(z, G if eps else None), b, value=-1)  # z - c b
             gb.add_(z)
-            torch.div(b, s, out=zv).mul_(z)
+            torch.mul(V[t], z, out=zv)
             if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j
                 zs = eps * _acc(zv).sum(1)
             if t == 0:
                 break
-            r = hist_r[t - 1]
             mul(zv, False, out=Kzv)
-            w = Kzv.div_(r)  # -w_{t-1}
+            w = Kzv.div_(hist_r[t - 1])  # -w_{t-1}
             ga.sub_(w)
-            torch.div(a, r, out=x).mul_(w).neg_()
+            torch.mul(U[t - 1], w, out=x)  # -x_{t-1} = -w_{t-1} u_{t-1}
         return ga, gb
     log_a, log_b = torch.log(a), torch.log(b)
     ut = log_a - hist_r[last]
