@@ -298,6 +298,7 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     gauge_shift = None if eps is None else _GaugeShift(b)
     # eps = 0: every G_t is 0 (eps times a sum), so the sums are skipped
     G = None if eps is None else _acc(g.new_zeros(g.shape[0]))
+    zs = None  # eps sum_j b_j z_{t+1,j} / s_{t+1,j}, set by the step before the one that reads it (eps > 0)
     if not log_domain:
         # u_t = a / r_t and v_t = b / s_t of every iteration in two ops (one more history's worth of memory, freed on
         # return): the loop below then runs 11 ATen calls per iteration, not 15

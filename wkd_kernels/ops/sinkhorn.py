@@ -345,6 +345,31 @@ def gibbs_kernel(cost: Tensor, reg: float, *, check_values: Optional[bool] = Non
     return GibbsKernel(K, K * cost, float(reg))
 
 
+def _values_look_valid(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float, log_domain: bool) -> bool:
+    """The value checks of the Python path (check_sinkhorn_values, check_sinkhorn_kernel_range) as a handful of
+    reductions and one host read: True when they would pass; False sends the caller to them, which name the problem.
+    Every entry finite and >= 0 (NaN fails every comparison), every row of a and b with mass; with ``cost``, no row
+    or column of K = exp(-cost / reg) (L = -cost / reg) entirely 0 (-inf): exp(-x / reg) decreases with x, so that
+    is K's value at the largest row / column minimum of the cost. Empty inputs and a reg that is not a normal
+    float32 go to the exact checks."""
+    if min(a.numel(), b.numel()) == 0 or (cost is not None and cost.numel() == 0) or not reg > 1e-30:
+        return False
+    big = torch.finfo(a.dtype).max
+    row_a, row_b = a.amax(1), b.amax(1)
+    low = [a.amin(), b.amin(), row_a.amin(), row_b.amin()]  # >= 0, >= 0, > 0, > 0
+    high = [row_a.amax(), row_b.amax()]  # <= big
+    if cost is not None:
+        worst = torch.stack((cost.amin(-1).amax(), cost.amin(-2).amax())) / -reg
+        low.append(cost.amin())
+        high.append(cost.amax())
+        live = torch.isfinite(worst) if log_domain else torch.exp(worst) > 0
+    lo, hi = torch.stack(low), torch.stack(high)
+    ok = (lo[:2] >= 0).all() & (lo[2:4] > 0).all() & (hi <= big).all()
+    if cost is not None:
+        ok = ok & (lo[4] >= 0) & live.all()
+    return bool(ok)
+
+
 def _check_kernel(kernel, cost: Tensor, reg: float, op: str) -> None:
     if not isinstance(kernel, GibbsKernel):
         raise TypeError(f"{op}: `kernel` must be a GibbsKernel (wkd_kernels.gibbs_kernel(cost, reg)), got "
@@ -445,9 +470,9 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     use_kernel = (kernel is not None and kind in ("cpu", "torch") and not log_domain and cost.dim() == 2
                   and (keep_history or not needs_grad))
     python_checks = values_check_requested(check_values, kind, a.device)
-    if python_checks:
-        # with a kernel, cost and the range of K were checked when it was built: a and b only
-        check_sinkhorn_values(a, b, cost if not use_kernel else a.new_ones(1, 1))
+    # with a kernel, cost and the range of K were checked when it was built: a and b only
+    if python_checks and not _values_look_valid(a, b, None if use_kernel else cost, reg, log_domain):
+        check_sinkhorn_values(a, b, cost if not use_kernel else a.new_ones(1, 1))  # they name the problem
         if not use_kernel:
             check_sinkhorn_kernel_range(cost, reg, log_domain)
     args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
