@@ -237,3 +237,60 @@ def test_loss_under_torch_compile_matches():
     l1.backward()
     assert_close(l1, l0, 1e-6)
     assert_close(x1.grad, x0.grad, 1e-5, scale=x0.grad.abs().max())
+
+
+# ------------------------------------------------------------- the torch backend's value checks (one host read)
+def _bad(kind):
+    a, b, cost = problem(3, 6, 5, F64, zeros=0)
+    reg, log_domain = 0.1, False
+    if kind == "a nan":
+        a[1, 2] = float("nan")
+    elif kind == "b negative":
+        b[0, 1] = -0.1
+    elif kind == "a empty row":
+        a[2] = 0
+    elif kind == "b inf":
+        b[1, 1] = float("inf")
+    elif kind == "cost inf":
+        cost[0, 0] = float("inf")
+    elif kind == "cost negative":
+        cost[1, 1] = -1e-3
+    elif kind == "K dead column":
+        cost[:, 3] = 80.0  # exp(-800) underflows in float64
+    elif kind == "K dead row":
+        cost[4] = 80.0
+    elif kind == "L overflows":
+        cost[2] = 1e10  # -1e10 / 1e-300 overflows to -inf in float64
+        reg, log_domain = 1e-300, True
+    return a, b, cost, reg, log_domain
+
+
+BAD = {"a nan": "`a` contains non-finite", "b negative": "`b` must be non-negative",
+       "a empty row": "every row of `a` needs positive mass", "b inf": "`b` contains non-finite",
+       "cost inf": "`cost` contains non-finite", "cost negative": "`cost` must be non-negative",
+       "K dead column": "K = exp\\(-cost / reg\\) underflows", "K dead row": "K = exp\\(-cost / reg\\) underflows",
+       "L overflows": "-cost / reg overflows to -inf"}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_torch_backend_value_checks_name_the_problem(kind):
+    a, b, cost, reg, log_domain = _bad(kind)
+    with pytest.raises(ValueError, match=BAD[kind]):
+        wk.sinkhorn(a, b, cost, reg, 3, backend="torch", log_domain=log_domain)
+
+
+def test_torch_backend_value_checks_pass_valid_extremes():
+    """Huge finite costs whose K has a live entry in every row and column, a K entry just above underflow, one-hot
+    marginals: no false alarm."""
+    a, b, cost = problem(3, 6, 5, F64, zeros=0)
+    cost = cost * 1e300
+    cost.fill_diagonal_(0.0)
+    cost[5] = 0.0
+    cost[:, 4] = 0.0
+    wk.sinkhorn(a, b, cost, 0.1, 2, backend="torch", log_domain=True)
+    a1, _, edge = problem(3, 6, 5, F64, zeros=0)
+    a1[:, 5] = 0  # a one-hot-like zero-mass row whose K row is subnormal
+    a1 = a1 / a1.sum(1, keepdim=True)
+    edge[5] = 74.4  # exp(-744) is a float64 subnormal > 0: the row is live
+    r = wk.sinkhorn(a1, b, edge, 0.1, 2, backend="torch", check_values=True)
+    assert torch.isfinite(r.value).all()

@@ -350,9 +350,10 @@ def _values_look_valid(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
     reductions and one host read: True when they would pass; False sends the caller to them, which name the problem.
     Every entry finite and >= 0 (NaN fails every comparison), every row of a and b with mass; with ``cost``, no row
     or column of K = exp(-cost / reg) (L = -cost / reg) entirely 0 (-inf): exp(-x / reg) decreases with x, so that
-    is K's value at the largest row / column minimum of the cost. Empty inputs and a reg that is not a normal
-    float32 go to the exact checks."""
-    if min(a.numel(), b.numel()) == 0 or (cost is not None and cost.numel() == 0) or not reg > 1e-30:
+    is K's value at the largest row / column minimum of the cost. Empty inputs and, in float32, a reg that may not
+    be a normal float32 go to the exact checks."""
+    if (min(a.numel(), b.numel()) == 0 or (cost is not None and cost.numel() == 0)
+            or (a.dtype == torch.float32 and not reg > 1e-30)):
         return False
     big = torch.finfo(a.dtype).max
     row_a, row_b = a.amax(1), b.amax(1)
