@@ -300,10 +300,7 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     G = None if eps is None else _acc(g.new_zeros(g.shape[0]))
     zs = None  # eps sum_j b_j z_{t+1,j} / s_{t+1,j}, set by the step before the one that reads it (eps > 0)
     if not log_domain:
-        # u_t = a / r_t and v_t = b / s_t of every iteration in two ops (one more history's worth of memory, freed on
-        # return): the loop below then runs 11 ATen calls per iteration, not 15
-        U, V = torch.div(a, hist_r), torch.div(b, hist_s)
-        ut = U[last]
+        ut = a / hist_r[last]
         w = gc * y / hist_r[last]
         direct = t_mul(ut, True).mul_(gc)
         ga = w.clone()
@@ -324,7 +321,7 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
             if eps is not None:
                 z.addcmul_(gauge_shift(z, G if eps else None), b, value=-1)  # z - c b
             gb.add_(z)
-            torch.mul(V[t], z, out=zv)
+            torch.div(b, s, out=zv).mul_(z)
             if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j
                 zs = eps * _acc(zv).sum(1)
             if t == 0:
@@ -332,7 +329,7 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
             mul(zv, False, out=Kzv)
             w = Kzv.div_(hist_r[t - 1])  # -w_{t-1}
             ga.sub_(w)
-            torch.mul(U[t - 1], w, out=x)  # -x_{t-1} = -w_{t-1} u_{t-1}
+            torch.div(a, hist_r[t - 1], out=x).mul_(w)  # -x_{t-1} = -w_{t-1} u_{t-1}
         return ga, gb
     log_a, log_b = torch.log(a), torch.log(b)
     ut = log_a - hist_r[last]
