@@ -178,7 +178,9 @@ class WKDLogitLoss(nn.Module):
     Args:
         cost: [C, C] class cost, unitless (e.g. ``sharpen(cka_distance(feats), kappa)`` or a released matrix
             sharpened); stored once as the non-persistent buffer ``cost`` = relu(cost) + 1e-8 (float32, or
-            float64 when given float64), so ``.to(device)`` moves it and checkpoints do not carry it.
+            float64 when given float64), so ``.to(device)`` moves it and checkpoints do not carry it. Its Gibbs
+            kernel K = exp(-cost / reg) and K∘cost is computed once and kept in ``gibbs_cache`` for the ``cpu`` and
+            ``torch`` backends in the scaling domain with the exact gradient (see :meth:`gibbs_kernel_for`).
         temperature: tau > 0 of the non-target softmaxes.
         weight: gamma >= 0 of the Wasserstein term; a plain attribute, update it per epoch with ``cosine_weight``.
         reg: entropic regularisation lambda > 0 (default 0.05, as published).
