@@ -43,6 +43,21 @@ TORCH_LIBRARY(wkd, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
       "Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
+  // Sinkhorn on a precomputed Gibbs kernel: the scaling domain of wkd::sinkhorn for a shared cost, with K [n, m] =
+  // exp(-cost / reg) and KC [n, m] = K∘cost given instead of cost and reg (computed once per cost, e.g. by
+  // WKDLogitLoss through wkd_kernels.gibbs_kernel, which checks the cost's values and K's range there). The same
+  // iteration, outputs and history as wkd::sinkhorn(a, b, cost, reg, num_iters, eps, log_domain=False,
+  // keep_history). The CPU kernel checks a and b as wkd::sinkhorn does, and K (finite, >= 0, no row or column
+  // entirely 0) in the one pass that sums its columns for the first half-iteration; KC is trusted to be K∘cost.
+  // CPU (C++) and the torch backend (wkd::sinkhorn_gibbs_torch, every device type); no Triton or CUDA C++ kernel.
+  m.def(
+      "sinkhorn_gibbs(Tensor a, Tensor b, Tensor K, Tensor KC, int num_iters, float eps=0.0, "
+      "bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
+  // The exact gradient of wkd::sinkhorn_gibbs: wkd::sinkhorn_backward's reverse sweep (and gauge correction, with
+  // eps) on the given K and KC.
+  m.def(
+      "sinkhorn_gibbs_backward(Tensor grad_value, Tensor a, Tensor b, Tensor K, Tensor KC, Tensor hist_r, "
+      "Tensor hist_s, Tensor y, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
   // Triton kernels of the two ops above (wkd_kernels/triton/sinkhorn/), same contract; registered from Python for
   // every device type (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). precision: the tl.dot input
   // precision for float32, "ieee" | "tf32x3" | "tf32" (float64 ignores it).

@@ -14,6 +14,8 @@ import torch
 SCHEMAS = {
     "sinkhorn": "sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, bool log_domain=False, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
     "sinkhorn_backward": "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
+    "sinkhorn_gibbs": "sinkhorn_gibbs(Tensor a, Tensor b, Tensor K, Tensor KC, int num_iters, float eps=0.0, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
+    "sinkhorn_gibbs_backward": "sinkhorn_gibbs_backward(Tensor grad_value, Tensor a, Tensor b, Tensor K, Tensor KC, Tensor hist_r, Tensor hist_s, Tensor y, float? eps=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
     "sinkhorn_triton": "sinkhorn_triton(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, bool log_domain=False, bool keep_history=True, str precision=\"ieee\") -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
     "sinkhorn_triton_backward": "sinkhorn_triton_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, Tensor y, float reg, bool log_domain=False, str precision=\"ieee\", float? eps=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
     "feature_stats": "feature_stats(Tensor x, int grid=1, bool full=False, bool unbiased=True) -> (Tensor mean, Tensor var)",  # noqa: E501
@@ -33,8 +35,9 @@ SCHEMAS = {
 }
 
 # The ops with a torch-backend twin (the Triton ones have their own; the backward ops are twinned too).
-_TWINNED = ("sinkhorn", "sinkhorn_backward", "feature_stats", "feature_stats_backward", "sqrtm", "sqrtm_backward",
-            "nuclear_norm", "bures_wasserstein", "bures_wasserstein_backward")
+_TWINNED = ("sinkhorn", "sinkhorn_backward", "sinkhorn_gibbs", "sinkhorn_gibbs_backward", "feature_stats",
+            "feature_stats_backward", "sqrtm", "sqrtm_backward", "nuclear_norm", "bures_wasserstein",
+            "bures_wasserstein_backward")
 
 
 def torch_twin(name: str) -> str:
