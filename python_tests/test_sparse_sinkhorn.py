@@ -383,3 +383,173 @@ def test_double_backward_is_a_clear_error(grad):
     (ga,) = torch.autograd.grad(wk.sparse_sinkhorn(a, b, cost, 0.1, 10, grad=grad).value.sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="wkd.sparse_sinkhorn: double backward"):
         torch.autograd.grad(ga.sum(), a)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The registered ops (wkd::sparse_sinkhorn: C++ on CPU; wkd::sparse_sinkhorn_torch: ATen, every device type), both
+# backends of wk.sparse_sinkhorn
+# ------------------------------------------------------------------------------------------------------------------
+SPARSE_BACKENDS = ["torch", "cpu"]
+
+
+@pytest.fixture(params=SPARSE_BACKENDS)
+def sparse_backend(request):
+    if request.param == "cpu" and not wk.HAS_C_EXT:
+        pytest.skip("no compiled extension")
+    return request.param
+
+
+def _ops(backend):
+    if backend == "cpu":
+        return torch.ops.wkd.sparse_sinkhorn.default, torch.ops.wkd.sparse_sinkhorn_backward.default
+    return torch.ops.wkd.sparse_sinkhorn_torch.default, torch.ops.wkd.sparse_sinkhorn_torch_backward.default
+
+
+def test_cpu_kernel_is_registered_and_auto_picks_it():
+    if not wk.HAS_C_EXT:
+        pytest.skip("no compiled extension")
+    for name in ("wkd::sparse_sinkhorn", "wkd::sparse_sinkhorn_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+    for name in ("wkd::sparse_sinkhorn_torch", "wkd::sparse_sinkhorn_torch_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), name
+    # "auto" runs the C++ kernel: the same bits as backend="cpu"
+    a, b, cost, mask = _problem(seed=21)
+    csr = wk.csr_from_dense(cost, mask)
+    auto = wk.sparse_sinkhorn(a, b, csr, 0.2, 5, log_domain=False).value
+    _close(auto, wk.sparse_sinkhorn(a, b, csr, 0.2, 5, log_domain=False, backend="cpu").value, rtol=0)
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+@pytest.mark.parametrize("grad", ["exact", "envelope"])
+def test_backends_match_float64_dense_reference(sparse_backend, log_domain, eps, grad):
+    """Values and gradients of both backends against the float64 dense references (exact: the gauge-corrected
+    reverse sweep; envelope: the centred potentials of the dense op), B = 37 rows: two full blocks of the C++
+    kernel and a partial one, zero masses included."""
+    a, b, cost, mask = _problem(B=37, C=11, seed=22, density=0.4)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, generator=g, dtype=D)
+    csr = wk.csr_from_dense(cost, mask)
+    got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.25, 6, eps=eps, grad=grad, log_domain=log_domain,
+                                                 backend=sparse_backend).value, a, b, w)
+    if grad == "exact":
+        ref = _grads(lambda x, y: _gauge_reference(x, y, cost, mask, 0.25, 6, eps), a, b, w)
+    else:
+        dense = torch.where(mask, cost, torch.full_like(cost, 1e4))
+        ref = _grads(lambda x, y: wk.sinkhorn(x, y, dense, 0.25, 6, eps=eps, grad="envelope",
+                                              backend="torch").value, a, b, w)
+    for r, x in zip(ref, got):
+        _close(x, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", ["exact", "envelope"])
+def test_cpu_kernel_equals_torch_backend_float32(grad):
+    """float32 on a k-NN cost, B = 50 (partial block), non-contiguous masses: the C++ kernel and the ATen backend
+    agree to float32 rounding, values and gradients (the divergence: 3B rows)."""
+    if not wk.HAS_C_EXT:
+        pytest.skip("no compiled extension")
+    g = torch.Generator().manual_seed(23)
+    V = 300
+    knn = wk.knn_kernel(torch.randn(V, 16, generator=g), 6)
+    p = torch.softmax(torch.randn(V, 50, generator=g) * 2, 0).t()  # a transposed view
+    q = torch.softmax(torch.randn(50, V, generator=g) * 2, 1)
+    w = torch.rand(50, generator=g)
+    for div in (False, True):
+        res = {be: _grads(lambda x, y, be=be, div=div: wk.sparse_sinkhorn(
+            x, y, knn, 0.05, 10, grad=grad, divergence=div, log_domain=False, backend=be).value, p, q, w)
+               for be in SPARSE_BACKENDS}
+        for c, t in zip(res["cpu"], res["torch"]):
+            _close(c, t, rtol=1e-5, atol=1e-5 * float(t.abs().max()))
+
+
+def _op_args(dtype=D, B=5, C=9, seed=24, keep=True, log_domain=False, eps=0.0, T=3, int32=False):
+    a, b, cost, mask = _problem(B=B, C=C, seed=seed, dtype=dtype)
+    K = wk.sparse_cost(wk.csr_from_dense(cost, mask), 0.3)
+    arrays = list(K.arrays)
+    if int32:
+        arrays = [t.to(torch.int32) if not t.is_floating_point() else t for t in arrays]
+    return (a.t().contiguous(), b.t().contiguous(), *arrays, 0.3, T, eps, log_domain, keep)
+
+
+def test_opcheck(sparse_backend):
+    """Schema, fake kernel and autograd registration of both ops of the backend (opcheck), forward with and without
+    history, both domains, int32 and int64 indices, and the backward op on the forward's history."""
+    fwd, bwd = _ops(sparse_backend)
+    for keep in (True, False):
+        for log_domain in (False, True):
+            for int32 in (False, True):
+                args = _op_args(keep=keep, log_domain=log_domain, eps=1e-3 if log_domain else 0.0, int32=int32)
+                torch.library.opcheck(fwd, args)
+    for log_domain in (False, True):
+        for eps in (None, 0.0, 1e-3):
+            args = _op_args(log_domain=log_domain, eps=eps or 0.0)
+            out = fwd(*args)
+            g = torch.linspace(0.5, 1.5, args[0].shape[1], dtype=D)
+            torch.library.opcheck(bwd, (g, *args[:8], *out[3:], 0.3, log_domain, eps))
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_gradcheck_float64_both_backends(sparse_backend, log_domain):
+    a, b, cost, mask = _problem(B=3, C=6, seed=25)
+    csr = wk.sparse_cost(wk.csr_from_dense(cost, mask), 0.2)
+    a = (a + 0.05) / (a + 0.05).sum(1, keepdim=True)
+    b = (b + 0.05) / (b + 0.05).sum(1, keepdim=True)
+    fn = lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.2, 4, eps=1e-3, log_domain=log_domain,  # noqa: E731
+                                         backend=sparse_backend).value
+    assert torch.autograd.gradcheck(fn, (a.requires_grad_(), b.requires_grad_()), eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph_with_backward(sparse_backend):
+    """wk.sparse_sinkhorn under torch.compile(fullgraph=True) with a prepared cost (aot_eager): the op is one node,
+    its fake kernel gives the shapes, its autograd the backward; equal to eager. (A raw CSR tensor, or
+    log_domain="auto"/check_values on CPU, read values on the host and cannot be traced without a break.)"""
+    torch._dynamo.reset()
+    a, b, cost, mask = _problem(B=4, C=8, seed=26)
+    K = wk.sparse_cost(wk.csr_from_dense(cost, mask), 0.2)
+
+    def loss(logits, b):
+        return wk.sparse_sinkhorn(torch.softmax(logits, 1), b, K, 0.2, 6, eps=1e-8, log_domain=False,
+                                  check_values=False, backend=sparse_backend).value.mean()
+
+    x = torch.randn(4, 8, dtype=D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    l1 = compiled(x, b)
+    (g1,) = torch.autograd.grad(l1, x)
+    l2 = loss(x, b)
+    (g2,) = torch.autograd.grad(l2, x)
+    _close(l1, l2, rtol=1e-12)
+    _close(g1, g2, rtol=1e-10, atol=1e-14)
+
+
+def test_op_bad_input_names_the_argument(sparse_backend):
+    fwd, bwd = _ops(sparse_backend)
+    args = list(_op_args())
+    err = (ValueError, TypeError, RuntimeError)
+
+    def bad(i, value, match):
+        a = list(args)
+        a[i] = value
+        with pytest.raises(err, match=match):
+            fwd(*a)
+
+    bad(0, args[0][:, :2], r"`b` must have the shape of `a`")
+    bad(1, args[1].float(), r"`b` must have the dtype of `a`|`b` must have the shape of `a`")
+    bad(2, args[2][:-1], r"`crow` must be an int32/int64 \[C \+ 1\]")
+    bad(3, args[3].double(), r"`col` must be an int32/int64")
+    bad(4, args[4][:-1], r"`cost` must be \[nnz\]")
+    bad(7, args[7].float(), r"`cost_t` must have the dtype of `a`")
+    bad(6, args[6][:-1], r"`col_t`|`cost_t` must be \[nnz\]")
+    bad(8, 0.0, r"`reg` must be a positive finite number")
+    bad(9, 0, r"`num_iters` must be >= 1")
+    bad(10, -1.0, r"`eps` must be a finite number >= 0")
+    out = fwd(*args)
+    g = torch.ones(args[0].shape[1], dtype=D)
+    with pytest.raises(err, match=r"`hist_r` must be the \[T, C, B\]"):
+        bwd(g, *args[:8], out[3][:, :2], out[4], out[5], 0.3)
+    with pytest.raises(err, match=r"`grad_value` must be a \[5\]"):
+        bwd(g[:2], *args[:8], *out[3:], 0.3)
+    with pytest.raises(err, match=r"`y` must be \[C, B\]"):
+        bwd(g, *args[:8], out[3], out[4], out[5][:2], 0.3)
+    with pytest.raises(ValueError, match=r"no Triton kernel"):
+        a, b, cost, mask = _problem()
+        wk.sparse_sinkhorn(a, b, wk.csr_from_dense(cost, mask), 0.3, 2, backend="triton")
