@@ -109,7 +109,7 @@ TORCH_LIBRARY(wkd, m) {
   // public [B, C] masses; any strides). The cost comes as CSR arrays in both orientations: crow [C + 1], col [nnz],
   // cost [nnz] (values >= 0, the dtype of a) of the cost, and crow_t, col_t, cost_t of its transpose (the same
   // entries sorted by column; for a symmetric cost the same arrays); int32 or int64 indices, no empty row or column.
-  // Outputs: value [B]; u, v [C, B] = u_T, v_T (log u_T, log v_T when log_domain); with keep_history:
+  // Outputs: value [B]; u, v [C, B] = log u_T, log v_T in both domains (-inf off the supports); with keep_history:
   //   hist_r [T, C, B] = r_1..r_T, hist_s [T, C, B] = s_1..s_T, y [C, B] = (K∘cost) v_T (logs when log_domain);
   //   without: hist_r, hist_s [0, C, B], y [0, B]. chunk_elements: the largest nnz x columns temporary of the ATen
   //   log domain (None: its default); kernels without such temporaries ignore it.

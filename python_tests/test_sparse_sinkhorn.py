@@ -443,23 +443,31 @@ def test_backends_match_float64_dense_reference(sparse_backend, log_domain, eps,
 
 
 @pytest.mark.parametrize("grad", ["exact", "envelope"])
-def test_cpu_kernel_equals_torch_backend_float32(grad):
-    """float32 on a k-NN cost, B = 50 (partial block), non-contiguous masses: the C++ kernel and the ATen backend
-    agree to float32 rounding, values and gradients (the divergence: 3B rows)."""
+def test_float32_backends_against_float64(grad):
+    """float32 on a k-NN cost, B = 50 (a partial block), non-contiguous masses, plain OT and divergence (3B rows):
+    both backends' values within 1e-6 of the float64 result and of each other, gradients within 3e-5 of the largest
+    entry (the float32 rounding of the reverse sweep, which sums in a different order in each backend: measured
+    7e-6 (C++) and 1.2e-5 (ATen); the dense op's documented bound at reg >= 0.05 is 6e-5)."""
     if not wk.HAS_C_EXT:
         pytest.skip("no compiled extension")
     g = torch.Generator().manual_seed(23)
     V = 300
     knn = wk.knn_kernel(torch.randn(V, 16, generator=g), 6)
+    knn64 = torch.sparse_csr_tensor(knn.crow_indices(), knn.col_indices(), knn.values().double(), knn.shape)
     p = torch.softmax(torch.randn(V, 50, generator=g) * 2, 0).t()  # a transposed view
     q = torch.softmax(torch.randn(50, V, generator=g) * 2, 1)
     w = torch.rand(50, generator=g)
     for div in (False, True):
-        res = {be: _grads(lambda x, y, be=be, div=div: wk.sparse_sinkhorn(
-            x, y, knn, 0.05, 10, grad=grad, divergence=div, log_domain=False, backend=be).value, p, q, w)
-               for be in SPARSE_BACKENDS}
-        for c, t in zip(res["cpu"], res["torch"]):
-            _close(c, t, rtol=1e-5, atol=1e-5 * float(t.abs().max()))
+        def run(be, K, x, y, div=div):
+            return _grads(lambda s, t: wk.sparse_sinkhorn(s, t, K, 0.05, 10, grad=grad, divergence=div,
+                                                          log_domain=False, backend=be).value, x, y, w.to(x.dtype))
+        ref = run("torch", knn64, p.double(), q.double())
+        got = {be: run(be, knn, p, q) for be in SPARSE_BACKENDS}
+        _close(got["cpu"][0], got["torch"][0], rtol=1e-6)
+        for res in got.values():
+            _close(res[0], ref[0], rtol=1e-6)
+            for x, r in zip(res[1:], ref[1:]):
+                _close(x, r, rtol=0, atol=3e-5 * float(r.abs().max()))
 
 
 def _op_args(dtype=D, B=5, C=9, seed=24, keep=True, log_domain=False, eps=0.0, T=3, int32=False):

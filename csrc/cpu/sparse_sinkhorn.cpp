@@ -167,8 +167,8 @@ void forward_block(const Csr<T>& K, const Csr<T>& Kt, const at::Tensor& a, const
     for (int64_t l = 0; l < NB; ++l) val[l] += double(u[i * NB + l]) * double(acc[l]);
     for (int64_t l = 0; l < w; ++l) {
       if (keep) y_out[i * B + b0 + l] = acc[l];
-      u_out[i * B + b0 + l] = u[i * NB + l];
-      v_out[i * B + b0 + l] = v[i * NB + l];
+      u_out[i * B + b0 + l] = std::log(u[i * NB + l]);  // the op returns log-scalings
+      v_out[i * B + b0 + l] = std::log(v[i * NB + l]);
     }
   }
   for (int64_t l = 0; l < w; ++l) value[b0 + l] = T(val[l]);

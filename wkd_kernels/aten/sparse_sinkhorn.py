@@ -107,7 +107,9 @@ class SparseCost:
 
     def __init__(self, cost: Optional[Tensor], reg: float, arrays: Optional[Tuple[Tensor, ...]] = None):
         if arrays is None:  # from the CSR tensor: K^T = the same entries sorted by (column, row)
-            crow, col, val = cost.crow_indices(), cost.col_indices(), cost.values()
+            # own copies (O(nnz)), not views of the sparse tensor's members: torch.compile traces the arrays as graph
+            # inputs, and a view of a sparse tensor is not one it can trace
+            crow, col, val = cost.crow_indices().clone(), cost.col_indices().clone(), cost.values().detach().clone()
             C = cost.shape[0]
             rows = _Pattern(crow, col, val, C, reg)
             order = torch.argsort(col * C + rows.row, stable=True)
@@ -118,10 +120,10 @@ class SparseCost:
         else:  # the six CSR arrays of both orientations (the op's arguments)
             C = arrays[0].numel() - 1
             rows = _Pattern(*arrays[:3], C, reg)
-        crow, col, val = arrays[:3]
+        val = arrays[2]
         self.size, self.reg, self.dtype, self.device = C, float(reg), val.dtype, val.device
-        self.nnz = col.numel()
-        self.arrays = arrays
+        self.nnz = val.numel()
+        self.arrays = arrays  # (crow, col, cost, crow_t, col_t, cost_t): the arguments of wkd::sparse_sinkhorn
         self.rows = rows
         self.cols = _Pattern(*arrays[3:], C, reg)
         self.max_cost = val.max() if self.nnz else val.new_zeros(())

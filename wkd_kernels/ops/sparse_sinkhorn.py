@@ -172,6 +172,8 @@ def _torch_forward(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters,
     if log_domain:  # the segment reductions want [C, B] memory (the scaling domain reads a, b elementwise)
         a, b = a.contiguous(), b.contiguous()
     out = sparse_sinkhorn_forward(a, b, K, num_iters, eps, log_domain, keep_history, chunk_elements)
+    if not log_domain:  # the op returns log-scalings in both domains (u, v are fresh buffers)
+        out = (out[0], out[1].log_(), out[2].log_()) + out[3:]
     if not keep_history:  # the schema's empty history: [0, C, B]
         out = out[:3] + (a.new_empty(0, *a.shape), a.new_empty(0, *a.shape)) + out[5:]
     return out
@@ -205,13 +207,13 @@ torch.library.register_kernel("wkd::sparse_sinkhorn_backward", _BASE_DEVICES)(
     lambda *args, **kwargs: _torch_backward(*args, **kwargs, _op=_OP + "_backward"))
 
 
-def _envelope_grad(scaling: Tensor, mass: Tensor, reg: float, log_domain: bool, g: Tensor) -> Tensor:
-    """g * (reg * log(scaling) centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses)."""
-    log_s = scaling if log_domain else torch.log(scaling)
-    supp = mass > 0
-    f = torch.where(supp, reg * log_s, torch.zeros_like(log_s))
-    mean = f.sum(0, keepdim=True) / supp.sum(0, keepdim=True).clamp_min(1)
-    return torch.where(supp, f - mean, torch.zeros_like(f)).mul_(g.unsqueeze(0))
+def _envelope_grad(log_s: Tensor, mass: Tensor, reg: float, g: Tensor) -> Tensor:
+    """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), with one
+    [C, B] temporary besides the result."""
+    off = mass <= 0
+    f = torch.mul(log_s, reg).masked_fill_(off, 0.0)
+    count = (mass.shape[0] - off.sum(0, keepdim=True)).clamp_min(1)
+    return f.sub_(f.sum(0, keepdim=True) / count).masked_fill_(off, 0.0).mul_(g.unsqueeze(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -237,8 +239,8 @@ def _make_backward(backward_op):
                 ga, gb = backward_op(grad_value.contiguous(), a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r,
                                      hist_s, y, ctx.reg, ctx.log_domain, ctx.eps, ctx.chunk)
             else:  # envelope gradient (no history kept)
-                ga = _envelope_grad(u, a, ctx.reg, ctx.log_domain, grad_value) if need_a else None
-                gb = _envelope_grad(v, b, ctx.reg, ctx.log_domain, grad_value) if need_b else None
+                ga = _envelope_grad(u, a, ctx.reg, grad_value) if need_a else None
+                gb = _envelope_grad(v, b, ctx.reg, grad_value) if need_b else None
         ga, gb = first_order_only((ga if need_a else None, gb if need_b else None), (a, b, grad_value), _OP)
         return (ga, gb) + (None,) * (ctx.n_inputs - 2)
     return _backward
@@ -446,10 +448,8 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     else:
         op = torch.ops.wkd.sparse_sinkhorn if kind == "cpu" else torch.ops.wkd.sparse_sinkhorn_torch
         # [C, B] views of the masses (the kernels read them with their strides: no copy)
-        value, u, v, *_ = op(a.t(), b.t(), *K.arrays, reg, num_iters, eps, bool(log_domain), exact,
-                             chunk_elements)
-        # not in place: the envelope gradient reads the saved u, v
-        log_u, log_v = ((u, v) if log_domain else (torch.log(u), torch.log(v)))
+        value, log_u, log_v, *_ = op(a.t(), b.t(), *K.arrays, reg, num_iters, eps, bool(log_domain), exact,
+                                     chunk_elements)
         log_u, log_v = log_u.t(), log_v.t()
     if divergence:
         value = value[:B] - 0.5 * (value[B:2 * B] + value[2 * B:])
