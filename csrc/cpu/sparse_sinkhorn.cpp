@@ -1,13 +1,19 @@
 // Sparse (CSR) Sinkhorn on CPU: the CPU kernels of wkd::sparse_sinkhorn and wkd::sparse_sinkhorn_backward (contract:
 // the schema comment in csrc/ops.cpp; docs/vocabulary_ot.md).
 //
-// One shared CSR kernel K = exp(-cost / reg) [C, C] (and K∘cost) serves every row of masses. The B rows (the columns
-// of the [C, B] masses) are processed in blocks of NB tokens: a block keeps its scalings in compact [C, NB] buffers
-// (tokens innermost, so that one stored entry K_ij updates NB lanes from one contiguous run of the gathered vector),
-// and streams K once per half-iteration. Blocks are independent (at::parallel_for over blocks, no barrier); K's
-// exp, division by reg and the eps of every denominator are fused into the passes. The exact backward is the
-// reverse sweep of wkd::sinkhorn_backward (docs/design.md section 3) with its gauge correction (float64 sums in
-// order, per token), over the O(T C B) history the forward kept.
+// One shared CSR kernel K = exp(-cost / reg) [C, C] (and K∘cost) serves every row of masses, held as the columns
+// of [C, B] tensors. Each product is one pass over the rows of K (or of K^T, its CSR transpose), rows in parallel
+// (at::parallel_for over fixed chunks of rows): per stored entry a contiguous run of B values is gathered and
+// accumulated (the access of a CSR x dense product), and the eps, the division by the masses and the history write
+// are fused into the same pass, so each half-iteration reads and writes every [C, B] array once. Per-token sums
+// (the value, the gauge sums of the backward) are float64, per chunk, added in chunk order: results do not depend
+// on the thread count. The exact backward is the reverse sweep of wkd::sinkhorn_backward (docs/design.md section 3)
+// with its gauge correction, over the O(T C B) history the forward kept.
+//
+// The gathers of random rows are latency-bound: each row prefetches the runs of the next row in software, which
+// doubled their speed (single thread, V = 50,257, B = 128, random k = 8 graph), to parity with the ATen (MKL)
+// CSR x dense product. A first version in blocks of 16 tokens with compact [C, 16] scalings (K streamed once per
+// half-iteration per block) gathered one 64-byte line per stored entry and was 2.2x slower than that product.
 //
 // The log domain (small reg) runs the ATen implementation (wkd::sparse_sinkhorn_torch[_backward], registered from
 // Python): its segment log-sum-exp reductions are not re-implemented here.
@@ -26,8 +32,6 @@
 
 namespace wkd {
 namespace {
-
-constexpr int64_t NB = 16;  // tokens per block: one 64-byte line of float32 per gathered row
 
 using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -95,96 +99,159 @@ struct Csr {
   }
 };
 
-// acc[l] = sum over the stored entries e of row i of w[e] x[col[e], l]  (x: compact [C, NB])
+// acc[0:B] = sum over the stored entries e of row i of w[e] x[col[e], 0:B]  (x: [C, B] contiguous). Tiles of TL
+// tokens held in registers while the row's entries are walked: the loads of the row's entries are independent and
+// in flight together (the gathers are memory-bound), and acc is written once.
+constexpr int64_t TL = 32;
+
 template <typename T>
-inline void gather_row(const int64_t* __restrict crow, const int64_t* __restrict col, const T* __restrict w,
-                       const T* __restrict x, int64_t i, T* __restrict acc) {
-  for (int64_t l = 0; l < NB; ++l) acc[l] = T(0);
-  for (int64_t e = crow[i], end = crow[i + 1]; e < end; ++e) {
-    const T we = w[e];
-    const T* __restrict xr = x + col[e] * NB;
-    for (int64_t l = 0; l < NB; ++l) acc[l] += we * xr[l];
+static inline __attribute__((always_inline)) void gather_body(const int64_t* __restrict crow,
+                                                              const int64_t* __restrict col, const T* __restrict w,
+                                                              const T* __restrict x, int64_t B, int64_t i,
+                                                              T* __restrict acc, int64_t n_rows) {
+  const int64_t e0 = crow[i], e1 = crow[i + 1];
+  if (i + 1 < n_rows) {  // software prefetch of the next row's gathered runs (random rows: the hardware cannot)
+    constexpr int64_t per_line = 64 / sizeof(T);
+    for (int64_t e = e1, e2 = crow[i + 2]; e < e2; ++e) {
+      const T* xr = x + col[e] * B;
+      for (int64_t l = 0; l < B; l += per_line) __builtin_prefetch(xr + l);
+    }
+  }
+  int64_t l0 = 0;
+  for (; l0 + TL <= B; l0 += TL) {
+    T t[TL];
+    for (int64_t l = 0; l < TL; ++l) t[l] = T(0);
+    for (int64_t e = e0; e < e1; ++e) {
+      const T we = w[e];
+      const T* __restrict xr = x + col[e] * B + l0;
+      for (int64_t l = 0; l < TL; ++l) t[l] += we * xr[l];
+    }
+    for (int64_t l = 0; l < TL; ++l) acc[l0 + l] = t[l];
+  }
+  for (int64_t l = l0; l < B; ++l) {
+    T t = T(0);
+    for (int64_t e = e0; e < e1; ++e) t += w[e] * x[col[e] * B + l];
+    acc[l] = t;
   }
 }
 
-// A block of tokens [b0, b0 + w) of a [C, B] tensor with strides (s0, s1); lanes >= w read `pad`.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// The extension is compiled for the baseline ISA (SSE2); the gathers get an AVX2 + FMA copy, chosen at run time.
 template <typename T>
-struct Lanes {
+__attribute__((target("avx2,fma"))) void gather_row_avx2(const int64_t* crow, const int64_t* col, const T* w,
+                                                         const T* x, int64_t B, int64_t i, T* acc, int64_t n_rows) {
+  gather_body(crow, col, w, x, B, i, acc, n_rows);
+}
+static bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();  // needed before __builtin_cpu_supports in code that may run during static initialisation
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#endif
+
+template <typename T>
+inline void gather_row(const int64_t* crow, const int64_t* col, const T* w, const T* x, int64_t B, int64_t i,
+                       T* acc, int64_t n_rows) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (has_avx2()) return gather_row_avx2(crow, col, w, x, B, i, acc, n_rows);
+#endif
+  gather_body(crow, col, w, x, B, i, acc, n_rows);
+}
+
+// A [C, B] operand with any strides (the masses come as transposed views of [B, C] memory).
+template <typename T>
+struct Mat {
   const T* p;
-  int64_t s0, s1, w;
-  T pad;
-  inline T operator()(int64_t i, int64_t l) const { return l < w ? p[i * s0 + l * s1] : pad; }
+  int64_t s0, s1;
+  explicit Mat(const at::Tensor& t) : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)) {}
+  inline T operator()(int64_t i, int64_t l) const { return p[i * s0 + l * s1]; }
 };
 
-template <typename T>
-Lanes<T> lanes_of(const at::Tensor& t, int64_t b0, int64_t w, T pad) {
-  return Lanes<T>{t.data_ptr<T>() + b0 * t.stride(1), t.stride(0), t.stride(1), w, pad};
+// Rows in fixed chunks (independent of the thread count), chunks in parallel: fn(chunk, r0, r1, acc, acc2) with
+// two [B] scratch rows. Per-token sums are accumulated per chunk and added in chunk order: deterministic.
+constexpr int64_t ROWS_PER_CHUNK = 256;
+
+template <typename T, typename F>
+void for_row_chunks(int64_t C, int64_t B, const F& fn) {
+  const int64_t nchunk = (C + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+  at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> acc(B), acc2(B);
+    for (int64_t c = c0; c < c1; ++c)
+      fn(c, c * ROWS_PER_CHUNK, std::min(C, (c + 1) * ROWS_PER_CHUNK), acc.data(), acc2.data());
+  });
 }
 
+// Per-chunk partial sums [nchunk, B] (float64), reduced in chunk order into out[0:B].
+struct ChunkSums {
+  int64_t nchunk, B;
+  std::vector<double> part;
+  ChunkSums(int64_t C, int64_t B_) : nchunk((C + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK), B(B_), part(nchunk * B_) {}
+  double* row(int64_t c) { return part.data() + c * B; }
+  void zero() { std::fill(part.begin(), part.end(), 0.0); }
+  void reduce(double* out) const {
+    for (int64_t l = 0; l < B; ++l) out[l] = 0.0;
+    for (int64_t c = 0; c < nchunk; ++c)
+      for (int64_t l = 0; l < B; ++l) out[l] += part[c * B + l];
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------------
-// Forward: scaling domain
+// Forward: scaling domain. u, v (the outputs) are the working scalings; each half-iteration is one pass over the
+// rows of K (or K^T) with the eps and the division fused, writing the history row as it goes.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T>
-void forward_block(const Csr<T>& K, const Csr<T>& Kt, const at::Tensor& a, const at::Tensor& b, int64_t b0,
-                   int64_t w, int64_t T_iters, T eps, bool keep, T* value, T* u_out, T* v_out, T* hist_r, T* hist_s,
-                   T* y_out, int64_t C, int64_t B) {
-  // padded lanes carry unit masses (finite, never written out)
-  const Lanes<T> A = lanes_of<T>(a, b0, w, T(1)), Bm = lanes_of<T>(b, b0, w, T(1));
-  std::vector<T> ubuf(C * NB), vbuf(C * NB);
-  T* __restrict u = ubuf.data();
-  T* __restrict v = vbuf.data();
-  T acc[NB];
-  // u_0 = 1 / |supp a| on supp a
-  int64_t cnt[NB] = {0};
+void forward_scaling(const Csr<T>& K, const Csr<T>& Kt, const at::Tensor& a_t, const at::Tensor& b_t,
+                     int64_t T_iters, T eps, bool keep, T* value, T* u, T* v, T* hist_r, T* hist_s, T* y_out,
+                     int64_t C, int64_t B) {
+  const Mat<T> a(a_t), b(b_t);
+  std::vector<int64_t> cnt(B, 0);  // u_0 = 1 / |supp a| on supp a
   for (int64_t i = 0; i < C; ++i)
-    for (int64_t l = 0; l < NB; ++l) cnt[l] += A(i, l) > T(0);
-  for (int64_t i = 0; i < C; ++i)
-    for (int64_t l = 0; l < NB; ++l) u[i * NB + l] = A(i, l) > T(0) ? T(1) / T(std::max<int64_t>(cnt[l], 1)) : T(0);
+    for (int64_t l = 0; l < B; ++l) cnt[l] += a(i, l) > T(0);
+  for_row_chunks<T>(C, B, [&](int64_t, int64_t r0, int64_t r1, T*, T*) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t l = 0; l < B; ++l)
+        u[i * B + l] = a(i, l) > T(0) ? T(1) / T(std::max<int64_t>(cnt[l], 1)) : T(0);
+  });
   for (int64_t t = 0; t < T_iters; ++t) {
-    T* hs = keep ? hist_s + t * C * B + b0 : nullptr;
-    for (int64_t j = 0; j < C; ++j) {  // s = K^T u + eps, v = b / s
-      gather_row(Kt.crow, Kt.col, Kt.k, u, j, acc);
-      for (int64_t l = 0; l < NB; ++l) {
-        const T s = acc[l] + eps;
-        v[j * NB + l] = Bm(j, l) / s;
-        if (keep && l < w) hs[j * B + l] = s;
-      }
-    }
-    T* hr = keep ? hist_r + t * C * B + b0 : nullptr;
-    for (int64_t i = 0; i < C; ++i) {  // r = K v + eps, u = a / r
-      gather_row(K.crow, K.col, K.k, v, i, acc);
-      for (int64_t l = 0; l < NB; ++l) {
-        const T r = acc[l] + eps;
-        u[i * NB + l] = A(i, l) / r;
-        if (keep && l < w) hr[i * B + l] = r;
-      }
-    }
-  }
-  // y = (K∘c) v_T, value = sum_i u_i y_i (float64 sum in order)
-  double val[NB] = {0};
-  for (int64_t i = 0; i < C; ++i) {
-    gather_row(K.crow, K.col, K.kc, v, i, acc);
-    for (int64_t l = 0; l < NB; ++l) val[l] += double(u[i * NB + l]) * double(acc[l]);
-    for (int64_t l = 0; l < w; ++l) {
-      if (keep) y_out[i * B + b0 + l] = acc[l];
-      u_out[i * B + b0 + l] = std::log(u[i * NB + l]);  // the op returns log-scalings
-      v_out[i * B + b0 + l] = std::log(v[i * NB + l]);
-    }
-  }
-  for (int64_t l = 0; l < w; ++l) value[b0 + l] = T(val[l]);
-}
-
-// Runs fn(b0, w) for every block of NB tokens, blocks in parallel; Ctrl-C is seen between waves of blocks.
-template <typename F>
-void for_blocks(int64_t B, const F& fn) {
-  const int64_t nblk = (B + NB - 1) / NB;
-  const int64_t wave = std::max<int64_t>(1, at::get_num_threads()) * 4;
-  for (int64_t k0 = 0; k0 < nblk; k0 += wave) {
     check_interrupt();
-    at::parallel_for(k0, std::min(nblk, k0 + wave), 1, [&](int64_t k_begin, int64_t k_end) {
-      for (int64_t k = k_begin; k < k_end; ++k) fn(k * NB, std::min(NB, B - k * NB));
+    T* hs = keep ? hist_s + t * C * B : nullptr;
+    for_row_chunks<T>(C, B, [&](int64_t, int64_t r0, int64_t r1, T* acc, T*) {
+      for (int64_t j = r0; j < r1; ++j) {  // s = K^T u + eps, v = b / s
+        gather_row(Kt.crow, Kt.col, Kt.k, u, B, j, acc, r1);
+        for (int64_t l = 0; l < B; ++l) acc[l] += eps;
+        for (int64_t l = 0; l < B; ++l) v[j * B + l] = b(j, l) / acc[l];
+        if (keep) std::copy(acc, acc + B, hs + j * B);
+      }
+    });
+    T* hr = keep ? hist_r + t * C * B : nullptr;
+    for_row_chunks<T>(C, B, [&](int64_t, int64_t r0, int64_t r1, T* acc, T*) {
+      for (int64_t i = r0; i < r1; ++i) {  // r = K v + eps, u = a / r
+        gather_row(K.crow, K.col, K.k, v, B, i, acc, r1);
+        for (int64_t l = 0; l < B; ++l) acc[l] += eps;
+        for (int64_t l = 0; l < B; ++l) u[i * B + l] = a(i, l) / acc[l];
+        if (keep) std::copy(acc, acc + B, hr + i * B);
+      }
     });
   }
+  // y = (K∘c) v_T, value = sum_i u_i y_i (float64 partial sums in chunk order); then u, v -> log u, log v
+  ChunkSums sums(C, B);
+  for_row_chunks<T>(C, B, [&](int64_t c, int64_t r0, int64_t r1, T* acc, T*) {
+    double* part = sums.row(c);
+    for (int64_t i = r0; i < r1; ++i) {
+      gather_row(K.crow, K.col, K.kc, v, B, i, acc, r1);
+      for (int64_t l = 0; l < B; ++l) part[l] += double(u[i * B + l]) * double(acc[l]);
+      if (keep) std::copy(acc, acc + B, y_out + i * B);
+    }
+    for (int64_t k = r0 * B; k < r1 * B; ++k) u[k] = std::log(u[k]);
+  });
+  for_row_chunks<T>(C, B, [&](int64_t, int64_t r0, int64_t r1, T*, T*) {
+    for (int64_t k = r0 * B; k < r1 * B; ++k) v[k] = std::log(v[k]);
+  });
+  std::vector<double> val(B);
+  sums.reduce(val.data());
+  for (int64_t l = 0; l < B; ++l) value[l] = T(val[l]);
 }
 
 Tensors6 sparse_sinkhorn_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& crow,
@@ -208,110 +275,116 @@ Tensors6 sparse_sinkhorn_cpu(const at::Tensor& a, const at::Tensor& b, const at:
   at::Tensor value = at::empty({B}, opts), u = at::empty({C, B}, opts), v = at::empty({C, B}, opts);
   at::Tensor hist_r = at::empty({T_keep, C, B}, opts), hist_s = at::empty({T_keep, C, B}, opts);
   at::Tensor y = at::empty({keep_history ? C : 0, B}, opts);
+  if (B == 0) return {value, u, v, hist_r, hist_s, y};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparse_sinkhorn_cpu", [&] {
     using T = scalar_t;
     const Csr<T> K(crow, col, cost, reg, true), Kt(crow_t, col_t, cost_t, reg, false);
-    for_blocks(B, [&](int64_t b0, int64_t w) {
-      forward_block<T>(K, Kt, a, b, b0, w, num_iters, T(eps), keep_history, value.data_ptr<T>(), u.data_ptr<T>(),
+    forward_scaling<T>(K, Kt, a, b, num_iters, T(eps), keep_history, value.data_ptr<T>(), u.data_ptr<T>(),
                        v.data_ptr<T>(), keep_history ? hist_r.data_ptr<T>() : nullptr,
-                       keep_history ? hist_s.data_ptr<T>() : nullptr, keep_history ? y.data_ptr<T>() : nullptr, C,
-                       B);
-    });
+                       keep_history ? hist_s.data_ptr<T>() : nullptr, keep_history ? y.data_ptr<T>() : nullptr, C, B);
   });
   return {value, u, v, hist_r, hist_s, y};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward: the exact reverse sweep (scaling domain), per block of tokens. With w_t = dL/du_t / r_t and
-// z_t = dL/dv_t / s_t:
+// Backward: the exact reverse sweep (scaling domain), one pass over the rows per product. With w_t = dL/du_t / r_t
+// and z_t = dL/dv_t / s_t:
 //   w_T = g y / r_T,  direct = g (K∘C)^T u_T
 //   for t = T..1:  ga += w_t;  z_t = (direct if t = T) - K^T (w_t u_t) / s_t;  gauge-correct z_t;  gb += z_t
 //                  w_{t-1} = -K (z_t v_t) / r_{t-1}
 // The gauge correction (eps given): z_t -= b (sum_j b_j z_t,j - G_t) / sum_j b_j^2 with G_T = eps sum_i x_T,i and
-// G_t = G_{t+1} + eps (sum_i x_t,i - sum_j (z v)_{t+1,j}), x_t = w_t u_t (docs/design.md section 3).
+// G_t = G_{t+1} + eps (sum_i x_t,i - sum_j (z v)_{t+1,j}), x_t = w_t u_t (docs/design.md section 3); the sums are
+// float64 per token, in chunk order.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T>
-void backward_block(const Csr<T>& K, const Csr<T>& Kt, const T* g, const at::Tensor& a, const at::Tensor& b,
-                    const T* hist_r, const T* hist_s, const T* y, int64_t T_iters, double eps, bool correct,
-                    int64_t b0, int64_t w, T* ga, T* gb, int64_t C, int64_t B) {
-  const Lanes<T> A = lanes_of<T>(a, b0, w, T(1)), Bm = lanes_of<T>(b, b0, w, T(1));
+void backward_scaling(const Csr<T>& K, const Csr<T>& Kt, const T* g, const at::Tensor& a_t, const at::Tensor& b_t,
+                      const T* hist_r, const T* hist_s, const T* y, int64_t T_iters, double eps, bool correct, T* ga,
+                      T* gb, int64_t C, int64_t B) {
+  const Mat<T> a(a_t), b(b_t);
   const bool has_eps = eps > 0;
-  std::vector<T> xbuf(C * NB), utbuf(C * NB), zbuf(C * NB);
-  T* __restrict x = xbuf.data();
-  T* __restrict ut = utbuf.data();
-  T* __restrict z = zbuf.data();  // z_t, then (z v)_t in place
-  T gl[NB], acc[NB], acc2[NB];
-  double G[NB] = {0}, zs[NB] = {0}, sumx[NB] = {0}, sbb[NB] = {0}, sbz[NB], c[NB];
-  for (int64_t l = 0; l < NB; ++l) gl[l] = l < w ? g[b0 + l] : T(0);
+  const auto opts = a_t.options();
+  at::Tensor xbuf = at::empty({C, B}, opts), zbuf = at::empty({C, B}, opts), utbuf = at::empty({C, B}, opts);
+  T* x = xbuf.data_ptr<T>();
+  T* z = zbuf.data_ptr<T>();  // z_t, then (z v)_t in place
+  T* ut = utbuf.data_ptr<T>();  // u_T, for the direct term (freed after the first step)
+  ChunkSums sums(C, B);
+  std::vector<double> G(B, 0.0), zs(B, 0.0), sumx(B, 0.0), sbb(B, 0.0), sbz(B), c(B);
   for (int64_t j = 0; j < C; ++j)
-    for (int64_t l = 0; l < w; ++l) sbb[l] += double(Bm(j, l)) * double(Bm(j, l));
+    for (int64_t l = 0; l < B; ++l) sbb[l] += double(b(j, l)) * double(b(j, l));
   const int64_t last = T_iters - 1;
-  const int64_t o = b0;  // offset of the block in a [C, B] row
   {
-    const T* hr = hist_r + last * C * B + o;
-    const T* yy = y + o;
-    for (int64_t i = 0; i < C; ++i)
-      for (int64_t l = 0; l < NB; ++l) {
-        const T r = l < w ? hr[i * B + l] : T(1), yl = l < w ? yy[i * B + l] : T(0);
-        const T u_i = A(i, l) / r, wi = gl[l] * yl / r;
-        ut[i * NB + l] = u_i;
-        x[i * NB + l] = wi * u_i;
-        if (l < w) ga[i * B + o + l] = wi;
-        if (has_eps) sumx[l] += double(wi * u_i);
-      }
+    const T* hr = hist_r + last * C * B;
+    sums.zero();
+    for_row_chunks<T>(C, B, [&](int64_t ch, int64_t r0, int64_t r1, T*, T*) {
+      double* part = sums.row(ch);
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t l = 0; l < B; ++l) {
+          const T r = hr[i * B + l], u_i = a(i, l) / r, wi = g[l] * y[i * B + l] / r;
+          ut[i * B + l] = u_i;
+          x[i * B + l] = wi * u_i;
+          ga[i * B + l] = wi;
+          part[l] += double(wi * u_i);
+        }
+    });
+    sums.reduce(sumx.data());
   }
   for (int64_t t = last; t >= 0; --t) {
-    const T* hs = hist_s + t * C * B + o;
-    for (int64_t l = 0; l < NB; ++l) {
+    check_interrupt();
+    const T* hs = hist_s + t * C * B;
+    for (int64_t l = 0; l < B; ++l) {
       const double awr = eps * sumx[l];
       G[l] = t == last ? awr : G[l] + awr - zs[l];
-      sbz[l] = 0.0;
     }
-    for (int64_t j = 0; j < C; ++j) {  // z = (direct - K^T x) / s
-      gather_row(Kt.crow, Kt.col, Kt.k, x, j, acc);
-      if (t == last) {
-        gather_row(Kt.crow, Kt.col, Kt.kc, ut, j, acc2);
-        for (int64_t l = 0; l < NB; ++l) acc[l] = gl[l] * acc2[l] - acc[l];
-      } else {
-        for (int64_t l = 0; l < NB; ++l) acc[l] = -acc[l];
-      }
-      for (int64_t l = 0; l < NB; ++l) {
-        const T s = l < w ? hs[j * B + l] : T(1);
-        const T zj = acc[l] / s;
-        z[j * NB + l] = zj;
-        if (correct) sbz[l] += double(Bm(j, l)) * double(zj);
-      }
-    }
-    for (int64_t l = 0; l < NB; ++l) {
-      c[l] = correct && l < w && sbb[l] > 0 ? (sbz[l] - G[l]) / sbb[l] : 0.0;
-      zs[l] = 0.0;
-    }
-    for (int64_t j = 0; j < C; ++j)  // gauge correction, gb += z, z v in place
-      for (int64_t l = 0; l < NB; ++l) {
-        const T bj = Bm(j, l), s = l < w ? hs[j * B + l] : T(1);
-        const T zj = z[j * NB + l] - T(c[l]) * bj;
-        if (l < w) {
-          if (t == last) gb[j * B + o + l] = zj; else gb[j * B + o + l] += zj;
+    sums.zero();
+    for_row_chunks<T>(C, B, [&](int64_t ch, int64_t r0, int64_t r1, T* acc, T* acc2) {
+      double* part = sums.row(ch);
+      for (int64_t j = r0; j < r1; ++j) {  // z = (direct - K^T x) / s
+        gather_row(Kt.crow, Kt.col, Kt.k, x, B, j, acc, r1);
+        if (t == last) {
+          gather_row(Kt.crow, Kt.col, Kt.kc, ut, B, j, acc2, r1);
+          for (int64_t l = 0; l < B; ++l) acc[l] = g[l] * acc2[l] - acc[l];
+        } else {
+          for (int64_t l = 0; l < B; ++l) acc[l] = -acc[l];
         }
-        const T zv = bj / s * zj;
-        z[j * NB + l] = zv;
-        if (has_eps) zs[l] += double(zv);
+        for (int64_t l = 0; l < B; ++l) z[j * B + l] = acc[l] / hs[j * B + l];
+        if (correct)
+          for (int64_t l = 0; l < B; ++l) part[l] += double(b(j, l)) * double(z[j * B + l]);
       }
-    for (int64_t l = 0; l < NB; ++l) zs[l] *= eps;
+    });
+    sums.reduce(sbz.data());
+    for (int64_t l = 0; l < B; ++l) c[l] = correct && sbb[l] > 0 ? (sbz[l] - G[l]) / sbb[l] : 0.0;
+    sums.zero();
+    for_row_chunks<T>(C, B, [&](int64_t ch, int64_t r0, int64_t r1, T*, T*) {
+      double* part = sums.row(ch);
+      for (int64_t j = r0; j < r1; ++j)  // gauge correction, gb += z, z v in place
+        for (int64_t l = 0; l < B; ++l) {
+          const T bj = b(j, l), zj = z[j * B + l] - T(c[l]) * bj;
+          gb[j * B + l] = t == last ? zj : gb[j * B + l] + zj;
+          const T zv = bj / hs[j * B + l] * zj;
+          z[j * B + l] = zv;
+          part[l] += double(zv);
+        }
+    });
+    sums.reduce(zs.data());
+    for (int64_t l = 0; l < B; ++l) zs[l] *= eps;
+    if (t == last) utbuf.reset();
     if (t == 0) break;
-    const T* hr = hist_r + (t - 1) * C * B + o;
-    for (int64_t l = 0; l < NB; ++l) sumx[l] = 0.0;
-    for (int64_t i = 0; i < C; ++i) {  // w = -K (z v) / r_{t-1}; ga += w; x = w u_{t-1}
-      gather_row(K.crow, K.col, K.k, z, i, acc);
-      for (int64_t l = 0; l < NB; ++l) {
-        const T r = l < w ? hr[i * B + l] : T(1);
-        const T wn = acc[l] / r;  // -w_{t-1}
-        if (l < w) ga[i * B + o + l] -= wn;
-        const T xi = -(A(i, l) / r) * wn;
-        x[i * NB + l] = xi;
-        if (has_eps) sumx[l] += double(xi);
+    const T* hr = hist_r + (t - 1) * C * B;
+    sums.zero();
+    for_row_chunks<T>(C, B, [&](int64_t ch, int64_t r0, int64_t r1, T* acc, T*) {
+      double* part = sums.row(ch);
+      for (int64_t i = r0; i < r1; ++i) {  // w = -K (z v) / r_{t-1}; ga += w; x = w u_{t-1}
+        gather_row(K.crow, K.col, K.k, z, B, i, acc, r1);
+        for (int64_t l = 0; l < B; ++l) {
+          const T r = hr[i * B + l], wn = acc[l] / r;  // -w_{t-1}
+          ga[i * B + l] -= wn;
+          const T xi = -(a(i, l) / r) * wn;
+          x[i * B + l] = xi;
+          if (has_eps) part[l] += double(xi);
+        }
       }
-    }
+    });
+    sums.reduce(sumx.data());
   }
 }
 
@@ -347,15 +420,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_sinkhorn_backward_cpu(
   const at::Tensor g = grad_value.contiguous(), hr = hist_r.contiguous(), hs = hist_s.contiguous(),
                    yc = y.contiguous();
   at::Tensor ga = at::empty({C, B}, a.options()), gb = at::empty({C, B}, a.options());
-  const int64_t T_iters = hr.size(0);
+  if (B == 0) return {ga, gb};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparse_sinkhorn_backward_cpu", [&] {
     using T = scalar_t;
     const Csr<T> K(crow, col, cost, reg, false), Kt(crow_t, col_t, cost_t, reg, true);
-    for_blocks(B, [&](int64_t b0, int64_t w) {
-      backward_block<T>(K, Kt, g.data_ptr<T>(), a, b, hr.data_ptr<T>(), hs.data_ptr<T>(), yc.data_ptr<T>(),
-                        T_iters, eps.value_or(0.0), eps.has_value(), b0, w, ga.data_ptr<T>(), gb.data_ptr<T>(), C,
-                        B);
-    });
+    backward_scaling<T>(K, Kt, g.data_ptr<T>(), a, b, hr.data_ptr<T>(), hs.data_ptr<T>(), yc.data_ptr<T>(),
+                        hr.size(0), eps.value_or(0.0), eps.has_value(), ga.data_ptr<T>(), gb.data_ptr<T>(), C, B);
   });
   return {ga, gb};
 }
