@@ -166,7 +166,7 @@ def bench_vocab(V, args, writer, dev):
             exact = grad == "exact"
             fns = {}
             for be in ours_backends:
-                ours = lambda x, exact=exact, div=div, be=be: wk.sparse_sinkhorn(  # noqa: E731
+                ours = lambda x, div=div, be=be, grad=grad: wk.sparse_sinkhorn(  # noqa: E731
                     x, q, K, args.reg, args.iters, grad=grad, log_domain=False, divergence=div, backend=be).value
                 fns[f"ours-{be}"] = lambda ours=ours: fwd_bwd(ours, p)
             for name, base in bases.items():
@@ -182,7 +182,7 @@ def bench_vocab(V, args, writer, dev):
             # also a warm-up call of each; with --reps 0 the only call, and the timed one
             mem = {}
             for n, fn in fns.items():
-                def keep(fn=fn, n=n):
+                def keep(fn=fn, n=n, outs=outs):
                     outs[n] = fn()
                     return outs[n]
                 mem[n] = peak_extra_mb(keep, None if args.reps else times[n])

@@ -68,7 +68,7 @@ def test_value_and_exact_gradients_match_dense_reference(log_domain, eps):
     if eps > 0:  # plain autograd leaves a rounding residual in the adjoint (docs/design.md section 3)
         ref = _grads(lambda x, y: _gauge_reference(x, y, cost, mask, 0.25, 6, eps), a, b, w)
     got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.25, 6, eps=eps, log_domain=log_domain).value, a, b, w)
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         _close(g, r, rtol=1e-10, atol=1e-12)
 
 
@@ -101,9 +101,10 @@ def test_full_pattern_equals_dense_op_both_gradients():
     csr = wk.csr_from_dense(cost)
     w = torch.tensor([1.0, 2.0, -0.5], dtype=D)
     for grad in ("exact", "envelope"):
-        ref = _grads(lambda x, y: wk.sinkhorn(x, y, cost, 0.05, 8, grad=grad, backend="torch").value, a, b, w)
-        got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.05, 8, grad=grad).value, a, b, w)
-        for r, g in zip(ref, got):
+        ref = _grads(lambda x, y, grad=grad: wk.sinkhorn(x, y, cost, 0.05, 8, grad=grad, backend="torch").value,
+                     a, b, w)
+        got = _grads(lambda x, y, grad=grad: wk.sparse_sinkhorn(x, y, csr, 0.05, 8, grad=grad).value, a, b, w)
+        for r, g in zip(ref, got, strict=True):
             _close(g, r, rtol=1e-10, atol=1e-13)
 
 
@@ -142,7 +143,7 @@ def test_divergence_definition_zero_at_equal_and_nonnegative():
 
     want = _grads(ref, a, b, w)
     got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.1, 50, divergence=True).value, a, b, w)
-    for r, g in zip(want, got):
+    for r, g in zip(want, got, strict=True):
         _close(g, r, rtol=1e-9, atol=1e-12)
     assert bool((got[0] > 0).all())
     same = wk.sparse_sinkhorn(a, a, csr, 0.1, 50, divergence=True).value
@@ -202,7 +203,7 @@ def test_log_domain_chunking_invariant():
     ref = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.1, 5, log_domain=True).value, a, b, w)
     got = _grads(lambda x, y: wk.sparse_sinkhorn(x, y, csr, 0.1, 5, log_domain=True, chunk_elements=1).value,
                  a, b, w)
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         _close(g, r, rtol=1e-13, atol=1e-15)
 
 
@@ -223,8 +224,8 @@ def test_embedding_cost_dense_and_implicit_paths_equal_dense_op(kind, log_domain
     for path, K in paths.items():
         res = wk.sparse_sinkhorn(a, b, K, reg, 6, log_domain=log_domain)
         assert res.path == path
-        got = _grads(lambda p, q: wk.sparse_sinkhorn(p, q, K, reg, 6, log_domain=log_domain).value, a, b, w)
-        for r, x_ in zip(ref, got):
+        got = _grads(lambda p, q, K=K: wk.sparse_sinkhorn(p, q, K, reg, 6, log_domain=log_domain).value, a, b, w)
+        for r, x_ in zip(ref, got, strict=True):
             _close(x_, r, rtol=1e-9, atol=1e-12)
     assert wk.sparse_sinkhorn(a, b, wk.knn_kernel(e, 3), reg, 2).path == "sparse"
 
@@ -288,7 +289,7 @@ def test_vocab_loss_fused_lm_head_equals_logits():
     got_val = loss.forward_hidden(h, W, t, labels, lm_head_bias=bias)
     got = torch.autograd.grad(got_val, (h, W, bias))
     _close(got_val.detach(), ref.detach(), rtol=1e-12)
-    for r, x in zip(want, got):
+    for r, x in zip(want, got, strict=True):
         _close(x, r, rtol=1e-10, atol=1e-14)
 
 
@@ -438,7 +439,7 @@ def test_backends_match_float64_dense_reference(sparse_backend, log_domain, eps,
         dense = torch.where(mask, cost, torch.full_like(cost, 1e4))
         ref = _grads(lambda x, y: wk.sinkhorn(x, y, dense, 0.25, 6, eps=eps, grad="envelope",
                                               backend="torch").value, a, b, w)
-    for r, x in zip(ref, got):
+    for r, x in zip(ref, got, strict=True):
         _close(x, r, rtol=1e-10, atol=1e-12)
 
 
@@ -466,7 +467,7 @@ def test_float32_backends_against_float64(grad):
         _close(got["cpu"][0], got["torch"][0], rtol=1e-6)
         for res in got.values():
             _close(res[0], ref[0], rtol=1e-6)
-            for x, r in zip(res[1:], ref[1:]):
+            for x, r in zip(res[1:], ref[1:], strict=True):
                 _close(x, r, rtol=0, atol=3e-5 * float(r.abs().max()))
 
 

@@ -36,7 +36,8 @@ SCHEMAS = {
 
 # The ops with a torch-backend twin (the Triton ones have their own; the backward ops are twinned too).
 _TWINNED = ("sinkhorn", "sinkhorn_backward", "feature_stats", "feature_stats_backward", "sqrtm", "sqrtm_backward",
-            "nuclear_norm", "bures_wasserstein", "bures_wasserstein_backward", "sparse_sinkhorn", "sparse_sinkhorn_backward")
+            "nuclear_norm", "bures_wasserstein", "bures_wasserstein_backward", "sparse_sinkhorn",
+            "sparse_sinkhorn_backward")
 
 
 def torch_twin(name: str) -> str:
@@ -55,5 +56,5 @@ def define(with_base: bool) -> None:
     if _LIB is not None:
         return
     _LIB = torch.library.Library("wkd", "FRAGMENT")
-    for name, schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).items():
+    for schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).values():
         _LIB.define(schema)
