@@ -9,7 +9,7 @@ follows the method as described: a sparse COO kernel exp(-C/reg) from the teache
 scalings updated by torch.sparse.mm, 10 iterations, envelope gradients through the dual potentials; the exact
 gradient by autograd through the same loop). Both compute the transport cost sum u K∘C v; their values are
 compared (max_rel_err of our row against the baseline). Ours is timed per --backends: "cpu" (the C++ kernel of
-csrc/cpu/sparse_sinkhorn.cpp, what backend="auto" runs on CPU) and "torch" (the ATen ops of the torch backend).
+csrc/cpu/sparse_sinkhorn.cpp) and "torch" (the ATen ops, what backend="auto" runs).
 The log-domain and ImageNet-21k rows run the torch backend.
 
 ImageNet-21k part (--imagenet): C = 21,843 classes, B = 256 rows, k-NN cost of random [C, 512] embeddings; ours
@@ -207,8 +207,7 @@ def bench_vocab(V, args, writer, dev):
                     rel = float((g_ours - g_base).abs().max() / g_base.abs().max())
                     gnote[n] = f"max |grad diff| / max |grad| = {rel:.1e}"
             med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-            labels = {"ours-cpu": "wk.sparse_sinkhorn, C++ CPU kernel (token blocks of 16, CSR K streamed once per "
-                                  "half-iteration per block)",
+            labels = {"ours-cpu": "wk.sparse_sinkhorn, C++ CPU kernel (rows of all tokens, fused passes)",
                       "ours-torch": "wk.sparse_sinkhorn, torch backend (ATen CSR x dense, [V, N] layout)",
                       "wasd": "WASD formulation, plain PyTorch (COO, torch.sparse.mm)",
                       "csr": "the WASD loop in plain PyTorch with CSR matrices (torch.sparse.mm)"}

@@ -11,9 +11,10 @@
 // with its gauge correction, over the O(T C B) history the forward kept.
 //
 // The gathers of random rows are latency-bound: each row prefetches the runs of the next row in software, which
-// doubled their speed (single thread, V = 50,257, B = 128, random k = 8 graph), to parity with the ATen (MKL)
-// CSR x dense product. A first version in blocks of 16 tokens with compact [C, 16] scalings (K streamed once per
-// half-iteration per block) gathered one 64-byte line per stored entry and was 2.2x slower than that product.
+// doubled their speed (loaded 2-core VM, single thread, V = 50,257, B = 128, random k = 8 graph), to parity with
+// the ATen (MKL) CSR x dense product there; with 2 threads at B = 512 it measured slower than that product, which is
+// why backend="auto" runs ATen for this op. A first version in blocks of 16 tokens with compact [C, 16] scalings
+// (K streamed once per half-iteration per block) gathered one 64-byte line per stored entry and was slower still.
 //
 // The log domain (small reg) runs the ATen implementation (wkd::sparse_sinkhorn_torch[_backward], registered from
 // Python): its segment log-sum-exp reductions are not re-implemented here.

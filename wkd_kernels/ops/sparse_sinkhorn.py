@@ -397,8 +397,9 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             None: always on CPU, on other devices per :mod:`wkd_kernels.settings`.
         chunk_elements: largest nnz x columns temporary of the log domain (default
             :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
-        backend: for a CSR cost, ``"auto"`` (the C++ CPU kernel on CPU tensors when built, else ``"torch"``),
-            ``"cpu"`` (csrc/cpu/sparse_sinkhorn.cpp) or ``"torch"`` (ATen ops, any device type); None: the setting
+        backend: for a CSR cost, ``"torch"`` (ATen ops, any device type) or ``"cpu"`` (the C++ kernel,
+            csrc/cpu/sparse_sinkhorn.cpp); ``"auto"`` runs ``"torch"`` on every device for this op (the C++ kernel
+            measured slower than ATen's CSR x dense product on CPU, docs/vocabulary_ot.md); None: the setting
             (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU) and
             ``torch.ops.wkd.sparse_sinkhorn_torch``. An :class:`EmbeddingCost` always runs ATen ops.
 
@@ -429,10 +430,9 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if backend in ("triton", "cuda"):
         raise ValueError(f"{_OP}: there is no {'Triton' if backend == 'triton' else 'CUDA C++'} kernel for this op; "
                          "use backend='torch' (every device type), 'cpu' or 'auto'")
-    kind = resolve_backend("torch" if isinstance(K, EmbeddingCost) else backend, torch.empty(0, device=K.device),
-                           _OP, has_cuda_cpp=False)
-    if kind not in ("cpu", "torch"):  # "auto" where a fused GPU backend was measured: this op has ATen kernels only
-        kind = "torch"
+    # "auto" runs the ATen ops: the C++ kernel measured slower than them at V = 50,257, N = 512 (docs/vocabulary_ot.md)
+    kind = resolve_backend("torch" if backend == "auto" or isinstance(K, EmbeddingCost) else backend,
+                           torch.empty(0, device=K.device), _OP, has_cuda_cpp=False)
     checks = values_check_requested(check_values, "torch", K.device, _OP)
     _check_masses(a, b, K.size, K.dtype, K.device, checks)
     a, b = reverse_mode_only(_OP, a, b)
