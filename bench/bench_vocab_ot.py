@@ -9,7 +9,8 @@ follows the method as described: a sparse COO kernel exp(-C/reg) from the teache
 scalings updated by torch.sparse.mm, 10 iterations, envelope gradients through the dual potentials; the exact
 gradient by autograd through the same loop). Both compute the transport cost sum u K∘C v; their values are
 compared (max_rel_err of our row against the baseline). Ours is timed per --backends: "cpu" (the C++ kernel of
-csrc/cpu/sparse_sinkhorn.cpp) and "torch" (the ATen ops, what backend="auto" runs).
+csrc/cpu/sparse_sinkhorn.cpp; what backend="auto" runs for the exact gradient) and "torch" (the ATen ops; "auto"
+for the envelope gradient).
 The log-domain and ImageNet-21k rows run the torch backend.
 
 ImageNet-21k part (--imagenet): C = 21,843 classes, B = 256 rows, k-NN cost of random [C, 512] embeddings; ours

@@ -406,18 +406,27 @@ def _ops(backend):
     return torch.ops.wkd.sparse_sinkhorn_torch.default, torch.ops.wkd.sparse_sinkhorn_torch_backward.default
 
 
-def test_cpu_kernel_is_registered_and_auto_runs_aten():
+def test_cpu_kernel_is_registered_and_the_auto_rule():
     if not wk.HAS_C_EXT:
         pytest.skip("no compiled extension")
     for name in ("wkd::sparse_sinkhorn", "wkd::sparse_sinkhorn_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     for name in ("wkd::sparse_sinkhorn_torch", "wkd::sparse_sinkhorn_torch_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), name
-    # "auto" runs the ATen ops (measured faster than the C++ kernel, docs/vocabulary_ot.md): the torch backend's bits
-    a, b, cost, mask = _problem(seed=21)
+    # "auto": the C++ kernel for the exact gradient (scaling domain), ATen otherwise; bit-equal to the chosen backend
+    a, b, cost, mask = _problem(B=20, seed=21)
     csr = wk.csr_from_dense(cost, mask)
-    auto = wk.sparse_sinkhorn(a, b, csr, 0.2, 5, log_domain=False).value
-    _close(auto, wk.sparse_sinkhorn(a, b, csr, 0.2, 5, log_domain=False, backend="torch").value, rtol=0)
+    w = torch.rand(20, dtype=D)
+    for grad, want in (("exact", "cpu"), ("envelope", "torch")):
+        got = _grads(lambda x, y, grad=grad: wk.sparse_sinkhorn(x, y, csr, 0.2, 5, log_domain=False,
+                                                                grad=grad).value, a, b, w)
+        ref = _grads(lambda x, y, grad=grad, want=want: wk.sparse_sinkhorn(x, y, csr, 0.2, 5, log_domain=False,
+                                                                           grad=grad, backend=want).value, a, b, w)
+        for x, r in zip(got, ref, strict=True):
+            assert torch.equal(x, r), grad
+    with torch.no_grad():  # no gradient: no history, the forward alone: ATen
+        _close(wk.sparse_sinkhorn(a, b, csr, 0.2, 5, log_domain=False).value,
+               wk.sparse_sinkhorn(a, b, csr, 0.2, 5, log_domain=False, backend="torch").value, rtol=0)
 
 
 @pytest.mark.parametrize("log_domain", [False, True])

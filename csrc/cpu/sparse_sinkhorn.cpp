@@ -12,8 +12,9 @@
 //
 // The gathers of random rows are latency-bound: each row prefetches the runs of the next row in software, which
 // doubled their speed (loaded 2-core VM, single thread, V = 50,257, B = 128, random k = 8 graph), to parity with
-// the ATen (MKL) CSR x dense product there; with 2 threads at B = 512 it measured slower than that product, which is
-// why backend="auto" runs ATen for this op. A first version in blocks of 16 tokens with compact [C, 16] scalings
+// the ATen (MKL) CSR x dense product there; with 2 threads at B = 512 the forward alone measured slower than that
+// product and the exact forward + backward faster (the fused reverse sweep), which is the rule of backend="auto"
+// (wkd_kernels/ops/sparse_sinkhorn.py). A first version in blocks of 16 tokens with compact [C, 16] scalings
 // (K streamed once per half-iteration per block) gathered one 64-byte line per stored entry and was slower still.
 //
 // The log domain (small reg) runs the ATen implementation (wkd::sparse_sinkhorn_torch[_backward], registered from

@@ -398,9 +398,10 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         chunk_elements: largest nnz x columns temporary of the log domain (default
             :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
         backend: for a CSR cost, ``"torch"`` (ATen ops, any device type) or ``"cpu"`` (the C++ kernel,
-            csrc/cpu/sparse_sinkhorn.cpp); ``"auto"`` runs ``"torch"`` on every device for this op (the C++ kernel
-            measured slower than ATen's CSR x dense product on CPU, docs/vocabulary_ot.md); None: the setting
-            (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU) and
+            csrc/cpu/sparse_sinkhorn.cpp); ``"auto"``: the C++ kernel for the exact gradient in the scaling domain
+            on CPU tensors when built (its fused reverse sweep measured faster), the ATen ops otherwise (its
+            forward alone measured slower than ATen's CSR x dense product; docs/vocabulary_ot.md); None: the
+            setting (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU) and
             ``torch.ops.wkd.sparse_sinkhorn_torch``. An :class:`EmbeddingCost` always runs ATen ops.
 
     Returns:
@@ -430,9 +431,9 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if backend in ("triton", "cuda"):
         raise ValueError(f"{_OP}: there is no {'Triton' if backend == 'triton' else 'CUDA C++'} kernel for this op; "
                          "use backend='torch' (every device type), 'cpu' or 'auto'")
-    # "auto" runs the ATen ops: the C++ kernel measured slower than them at V = 50,257, N = 512 (docs/vocabulary_ot.md)
-    kind = resolve_backend("torch" if backend == "auto" or isinstance(K, EmbeddingCost) else backend,
-                           torch.empty(0, device=K.device), _OP, has_cuda_cpp=False)
+    if isinstance(K, EmbeddingCost):
+        backend = "torch"
+    kind = resolve_backend(backend, torch.empty(0, device=K.device), _OP, has_cuda_cpp=False)
     checks = values_check_requested(check_values, "torch", K.device, _OP)
     _check_masses(a, b, K.size, K.dtype, K.device, checks)
     a, b = reverse_mode_only(_OP, a, b)
@@ -441,6 +442,10 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     B = a.shape[0]
     # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
     exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if backend == "auto" and kind == "cpu" and not (exact and not log_domain):
+        # measured (docs/vocabulary_ot.md): the C++ kernel's fused reverse sweep beats the ATen path, its forward
+        # alone does not; the log domain runs ATen either way
+        kind = "torch"
     if divergence:
         a, b = torch.cat([a, a, b]), torch.cat([b, a, b])
     if isinstance(K, EmbeddingCost):
