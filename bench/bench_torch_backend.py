@@ -97,6 +97,34 @@ def torch_backward(a, b, cost, reg, T, eps):
     return lambda: at_sk.sinkhorn_backward(g, a, b, cost, *out[3:], reg, False, eps)
 
 
+def timed_calls(a, b, cost, reg, T, eps):
+    """The forward and forward+backward calls timed per method: our backends built here, then plain PyTorch."""
+    def fwd(bk):
+        return lambda: wk.sinkhorn(a, b, cost, reg, T, eps=eps, backend=bk).value
+
+    def fwdbwd(bk):
+        def run():
+            x = a.detach().requires_grad_()
+            wk.sinkhorn(x, b, cost, reg, T, eps=eps, backend=bk).value.sum().backward()
+            return x.grad
+        return run
+
+    def plain_fwd():
+        return plain_pytorch(a, b, cost, reg, T, eps)
+
+    def plain_fwdbwd():
+        x = a.detach().requires_grad_()
+        plain_pytorch(x, b, cost, reg, T, eps).sum().backward()
+        return x.grad
+
+    backends = (["cpu"] if wk.HAS_C_EXT else []) + ["torch"]
+    f = {f"wkd_kernels ({bk})": fwd(bk) for bk in backends}
+    f["plain PyTorch (matmul + autograd)"] = plain_fwd
+    fb = {f"wkd_kernels ({bk})": fwdbwd(bk) for bk in backends}
+    fb["plain PyTorch (matmul + autograd)"] = plain_fwdbwd
+    return f, fb
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256x1000,256x100", help="comma-separated BxC list; default: %(default)s")
@@ -127,29 +155,7 @@ def main(argv=None):
         a, b, _ = wkd_marginals(B, C, torch.float32, "cpu")
         reg, T, eps = args.reg, args.iters, args.eps
 
-        def fwd(bk):
-            return lambda: wk.sinkhorn(a, b, cost, reg, T, eps=eps, backend=bk).value
-
-        def fwdbwd(bk):
-            def run():
-                x = a.detach().requires_grad_()
-                wk.sinkhorn(x, b, cost, reg, T, eps=eps, backend=bk).value.sum().backward()
-                return x.grad
-            return run
-
-        def plain_fwd():
-            return plain_pytorch(a, b, cost, reg, T, eps)
-
-        def plain_fwdbwd():
-            x = a.detach().requires_grad_()
-            plain_pytorch(x, b, cost, reg, T, eps).sum().backward()
-            return x.grad
-
-        backends = (["cpu"] if wk.HAS_C_EXT else []) + ["torch"]
-        f = {f"wkd_kernels ({bk})": fwd(bk) for bk in backends}
-        f["plain PyTorch (matmul + autograd)"] = plain_fwd
-        fb = {f"wkd_kernels ({bk})": fwdbwd(bk) for bk in backends}
-        fb["plain PyTorch (matmul + autograd)"] = plain_fwdbwd
+        f, fb = timed_calls(a, b, cost, reg, T, eps)
         t_f = time_interleaved(f, "cpu", args.warmup, args.reps, keep_times=True)
         t_fb = time_interleaved(fb, "cpu", args.warmup, args.reps, keep_times=True)
         k = min(args.check, B)

@@ -138,16 +138,18 @@ static inline __attribute__((always_inline)) void gather_body(const int64_t* __r
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-// The extension is compiled for the baseline ISA (SSE2); the gathers get an AVX2 + FMA copy, chosen at run time.
+// The extension is compiled for the baseline ISA (SSE2); the gathers get an AVX2 copy, chosen at run time. No FMA:
+// each token's sum is the same sequence of rounded multiplies and adds in both copies, so the result does not
+// depend on the CPU.
 template <typename T>
-__attribute__((target("avx2,fma"))) void gather_row_avx2(const int64_t* crow, const int64_t* col, const T* w,
+__attribute__((target("avx2"))) void gather_row_avx2(const int64_t* crow, const int64_t* col, const T* w,
                                                          const T* x, int64_t B, int64_t i, T* acc, int64_t n_rows) {
   gather_body(crow, col, w, x, B, i, acc, n_rows);
 }
 static bool has_avx2() {
   static const bool yes = [] {
     __builtin_cpu_init();  // needed before __builtin_cpu_supports in code that may run during static initialisation
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2");
   }();
   return yes;
 }

@@ -21,7 +21,7 @@ KL).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +54,15 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, chunk_fn, index, chunk_size, n_rows, *tensors):
         rows, shared = tensors[:n_rows], tensors[n_rows:]
         needs = [t.requires_grad for t in tensors]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs)]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs, strict=True)]
         total = None
         for chunk in (index.split(chunk_size) if index.numel() else ()):
             with torch.enable_grad():
-                ins = [t.index_select(0, chunk).detach().requires_grad_(need) for t, need in zip(rows, needs)]
-                ins += [t.detach().requires_grad_(need) for t, need in zip(shared, needs[n_rows:])]
+                ins = [t.index_select(0, chunk).detach().requires_grad_(need)
+                       for t, need in zip(rows, needs[:n_rows], strict=True)]
+                ins += [t.detach().requires_grad_(need) for t, need in zip(shared, needs[n_rows:], strict=True)]
                 val = chunk_fn(*ins)
-                wanted = [x for x, need in zip(ins, needs) if need]
+                wanted = [x for x, need in zip(ins, needs, strict=True) if need]
                 got = iter(torch.autograd.grad(val, wanted)) if wanted else iter(())
             for k, need in enumerate(needs):
                 if not need:
