@@ -7,7 +7,7 @@ import wkd_kernels as wk
 from wkd_kernels import reference as ref
 
 from conftest import (GAUSSIAN_BACKENDS, assert_close, available_backends, backend_or_reason, import_pot,
-                      triton_device)
+                      backward_zero_bytes)
 
 
 METHODS = ("newton_schulz", "eigh")
@@ -160,8 +160,7 @@ def test_bad_input_errors():
 # Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_triton_bures_newton_schulz(dtype, tol):
-    dev = triton_device()
+def test_triton_bures_newton_schulz(dtype, tol, dev):
     mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(3, 6, dtype, seed=11))
     w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, "newton_schulz", 40, "ieee")
     cpu = torch.ops.wkd.bures_wasserstein(*(t.cpu() for t in (mu1, S1, mu2, S2)), "newton_schulz", 40)
@@ -176,8 +175,7 @@ def test_triton_bures_newton_schulz(dtype, tol):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
 
 
-def test_triton_bures_eigh():
-    dev = triton_device()
+def test_triton_bures_eigh(dev):
     mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(1, 5, seed=12))
     w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, "eigh", 1, "ieee")
     expected = ref.bures_wasserstein_reference(*(t.cpu() for t in (mu1, S1, mu2, S2)))
@@ -192,10 +190,9 @@ def test_triton_bures_eigh():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_triton_ops_opcheck(method):
+def test_triton_ops_opcheck(method, dev):
     """torch.ops.wkd.bures_wasserstein_triton and its backward op: schema, fake kernel, autograd registration
     (opcheck; CPU tensors under the interpreter, tiny sizes)."""
-    dev = triton_device()
     B, n = (1, 2) if method == "eigh" else (2, 3)  # the interpreted Jacobi kernel is slow
     args = [t.to(dev).requires_grad_() for t in _gauss(B, n, seed=14)]
     torch.library.opcheck(torch.ops.wkd.bures_wasserstein_triton.default, (*args, method, 20, "ieee"))
@@ -259,3 +256,16 @@ def test_indefinite_covariance_with_positive_trace_is_an_error_with_value_checks
     with pytest.raises(ValueError, match=r"wkd\.bures_wasserstein.*`S2`"):
         wk.bures_wasserstein(*gaussian_backend.to(mu1, S1, mu2, S2), method="eigh", backend=gaussian_backend.name,
                              check_values=True)
+
+
+# ------------------------------------------------------------------------------- the backward allocates no zero outputs
+
+def test_backward_allocates_no_zero_outputs():
+    B, n = 32, 8
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, B, n, 2 * n, generator=g, dtype=F64)
+    S1, S2 = (X[i] @ X[i].mT / (2 * n) + 0.1 * torch.eye(n, dtype=F64) for i in range(2))
+    mu1, mu2 = torch.randn(B, n, generator=g, dtype=F64), torch.randn(B, n, generator=g, dtype=F64)
+    S1.requires_grad_()
+    mat = B * n * n * 8
+    assert backward_zero_bytes(lambda s: wk.bures_wasserstein(mu1, s, mu2, S2), (S1,)) < mat  # was 3 [B, n, n]

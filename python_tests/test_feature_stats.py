@@ -195,9 +195,8 @@ def test_bad_input_errors():
 # Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_triton_forward_backward(dtype, tol):
+def test_triton_forward_backward(dtype, tol, dev):
     """The Triton ops torch.ops.wkd.feature_stats_triton / _backward against the float64 reference."""
-    dev = triton_device()
     x = _x((2, 5, 7, 6), dtype).to(dev)
     for grid, full, unbiased in ((1, False, True), (3, False, False), (1, True, True), (3, True, True)):
         mean, var = torch.ops.wkd.feature_stats_triton(x, grid, full, unbiased)
@@ -214,8 +213,7 @@ def test_triton_forward_backward(dtype, tol):
         torch.testing.assert_close(gx.cpu().double(), gr, rtol=tol * 10, atol=tol * 10)
 
 
-def test_triton_half_input_and_chunked_cells():
-    dev = triton_device()
+def test_triton_half_input_and_chunked_cells(dev):
     # 20 x 18 map on grid 1: one cell of 360 positions, streamed in chunks of 256 (Chan merge)
     x = _x((1, 3, 20, 18), torch.bfloat16).to(dev)
     mean, var = torch.ops.wkd.feature_stats_triton(x, 1, False, True)
@@ -228,10 +226,9 @@ def test_triton_half_input_and_chunked_cells():
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_triton_ops_opcheck(full):
+def test_triton_ops_opcheck(full, dev):
     """torch.ops.wkd.feature_stats_triton and its backward op: schema, fake kernel, autograd (opcheck; CPU tensors
     under the interpreter, tiny sizes)."""
-    dev = triton_device()
     x = _x((2, 3, 4, 4)).to(dev).requires_grad_()
     torch.library.opcheck(torch.ops.wkd.feature_stats_triton.default, (x, 2, full, True))
     xd = x.detach()

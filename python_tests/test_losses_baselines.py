@@ -218,3 +218,17 @@ def test_bad_input(case):
     call, match = _bad()[case]
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------- logits / temperature overflow
+
+def test_logits_over_temperature_overflow_names_the_users_arguments():
+    from wkd_kernels.losses import dkd_loss, kd_loss, nkd_loss, wkd_logit_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(4, 5, generator=g) * 1e30, torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
+    cost = torch.rand(5, 5, generator=g)
+    for f in (lambda: wkd_logit_loss(s, t, y, cost, 1e-30, 1.0), lambda: kd_loss(s, t, 1e-30),
+              lambda: nkd_loss(s, t, y, 1e-30), lambda: dkd_loss(s, t, y, temperature=1e-30)):
+        with pytest.raises(ValueError, match=r"`student_logits` / `temperature`"):  # was `a` / a NaN loss
+            f()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import wkd_kernels as wk
-from conftest import rel_error, triton_device
+from conftest import rel_error
 from wkd_kernels.losses import WKDFeatureLoss, WKDFeatureLossOutput, make_projector, wkd_feature_loss
 from wkd_kernels import _build
 
@@ -371,7 +371,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("cov", ["diag", "full"])
-def test_backend_and_precision_arguments(cov):
+def test_backend_and_precision_arguments(cov, dev):
     """The loss passes backend= / precision= to the Gaussian ops (function and module, argument and setting):
     backend="cuda" on CPU tensors is an error, a bad precision names the argument, the CPU kernels accept and ignore
     "tf32x3", and backend="triton" (CPU tensors under the interpreter, or CUDA) gives the CPU loss and gradient."""
@@ -393,7 +393,6 @@ def test_backend_and_precision_arguments(cov):
     with wk.settings.override(backend="cuda"):
         with pytest.raises(ValueError, match="backend='cuda'"):
             wkd_feature_loss(f_s, f_t, covariance=cov)
-    dev = triton_device()
     xs = f_s.detach().to(dev).requires_grad_()
     got = wkd_feature_loss(xs, f_t.to(dev), covariance=cov, num_iters=40, backend="triton").loss
     (gg,) = torch.autograd.grad(got, xs)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import simplex, triton_device
+from conftest import simplex
 from sinkhorn_ground_truth import sinkhorn_mp, sinkhorn_mp_finite_differences
 
 import wkd_kernels as wk
@@ -127,8 +127,7 @@ def test_uncorrected_backward_is_what_the_correction_fixes():
 
 @pytest.mark.parametrize("onchip", [True, False], ids=["single_launch", "per_half_iteration"])
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-def test_triton_one_hot_b_zero_mass_gradient_matches_ground_truth(onchip, log_domain, monkeypatch):
-    dev = triton_device()
+def test_triton_one_hot_b_zero_mass_gradient_matches_ground_truth(onchip, log_domain, monkeypatch, dev):
     from wkd_kernels.triton import sinkhorn as tri
 
     monkeypatch.setattr(tri, "ONCHIP_MAX_C", 256 if onchip else 0)
@@ -195,8 +194,7 @@ def test_value_and_gradients_match_ground_truth_property(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
-                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+@pytest.mark.cuda_emulation  # opt-in: WKD_TEST_CUDA_EMULATION=1 (deselected otherwise; conftest.OPT_IN)
 def test_cuda_gauge_correction_under_host_emulation(tmp_path):
     """The CUDA C++ backward's gauge correction (single-launch, per-half-iteration and per-row kernels, both
     domains), emulated on CPU, against the ground truth: python_tests/cuda_emulation/check_gauge_correction.py in a

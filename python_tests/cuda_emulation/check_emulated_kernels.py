@@ -9,7 +9,7 @@ wkd_kernels.reference.sinkhorn_reference (autograd through it for the gradients)
 multiprocessor count (1: every product takes the 32 x 64 tiles; 1000: the 16 x 32 tiles). The single-launch kernels
 for C <= 256 are switched off here (wkd_cuda_emu.configure(small=0)): check_small_c_kernels.py checks them. Prints the
 failing cases, or "EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn.py::test_kernels_under_host_emulation.
+Run by python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation.
 """
 import itertools
 import sys

@@ -15,7 +15,7 @@ build as check_emulated_kernels.py) and checks, on CPU tensors:
     per-half-iteration kernels (wkd_cuda_emu.configure(small=0)) and the value to rounding.
 The launch choices (every tile table entry, the rows per CTA) are checked by check_tuning_ops.py.
 Prints the maximum errors and the failing cases, or "SMALL-C EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn.py::test_single_launch_kernels_under_host_emulation.
+Run by python_tests/test_sinkhorn_cuda.py::test_single_launch_kernels_under_host_emulation.
 """
 import itertools
 import os

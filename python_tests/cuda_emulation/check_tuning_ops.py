@@ -21,7 +21,7 @@ emulated kernels):
   * out-of-range `tile` / `rows_per_block` (and small_plan's arguments) raise ValueError naming the argument and
     the valid range; num_tiles() and tile_table() describe the table (5 integers per entry).
 Prints the failing cases, or "TUNING EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn.py::test_tuning_ops_under_host_emulation.
+Run by python_tests/test_sinkhorn_cuda.py::test_tuning_ops_under_host_emulation.
 """
 import itertools
 import os
