@@ -6,23 +6,27 @@ import torch
 
 import wkd_kernels as wk
 from conftest import assert_interruptible, available_backends, backend_or_reason, rand_cost, simplex
+from pairwise import pairwise
 from sinkhorn_harness import F32, F64, problem, run_op
 
 
 # ------------------------------------------------------------------------------- opcheck, torch.compile (every backend)
 def _op_samples(backend, sizes):
+    """opcheck's samples: pairwise (every pair of values in some sample) over cost layout x domain x keep_history x
+    dtype per size; the interpreter: shared-scaling and per_row-log in float64 only (slow)."""
+    grid = {"shared": [True, False], "log_domain": [False, True], "keep": [True, False], "dtype": [F32, F64]}
+
+    def runs(c):
+        return not backend.interpreted or (c["log_domain"] != c["shared"] and c["dtype"] == F64)
+
     out = []
     for B, n, m in sizes:
         a, b = simplex(B, n, zeros=1), simplex(B, m, seed=2)
-        for cost in (rand_cost(n, m), rand_cost(B, n, m)):
-            for log_domain in (False, True):
-                if backend.interpreted and log_domain != (cost.dim() == 3):
-                    continue  # the interpreter: shared-scaling and per_row-log only (slow)
-                for keep in (True, False):
-                    for dtype in ((F64,) if backend.interpreted else (F32, F64)):
-                        ad, bd, cd = backend.to(a.to(dtype), b.to(dtype), cost.to(dtype))
-                        out.append((ad.requires_grad_(), bd.requires_grad_(), cd, 0.1, 4,
-                                    1e-8 if log_domain else 0.0, log_domain, keep))
+        for c in pairwise(grid, runs):
+            cost = rand_cost(n, m) if c["shared"] else rand_cost(B, n, m)
+            ad, bd, cd = backend.to(a.to(c["dtype"]), b.to(c["dtype"]), cost.to(c["dtype"]))
+            out.append((ad.requires_grad_(), bd.requires_grad_(), cd, 0.1, 4, 1e-8 if c["log_domain"] else 0.0,
+                        c["log_domain"], c["keep"]))
     return out
 
 
