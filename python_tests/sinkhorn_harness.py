@@ -194,7 +194,7 @@ def ref_grads(a, b, cost, reg, T, eps, g):
 def check_grads(got, want, rtol, what=""):
     """Gradients against one scale, the largest entry of `want` (some entries cancel to rounding noise)."""
     scale = max(w.abs().max().item() for w in want)
-    for name, x, y in zip(("grad_a", "grad_b"), got, want):
+    for name, x, y in zip(("grad_a", "grad_b"), got, want, strict=False):
         assert_close(x, y, rtol, what=f"{what} {name}", scale=scale)
 
 
@@ -247,9 +247,9 @@ def check_sinkhorn(backend, a, b, cost, reg, T, eps, log_domain, family="op", fw
     cpu = None
     if tol.value_cpu is not None:
         cpu = cpu_op(a, b, cost, reg, T, eps, log_domain)
-        assert len(cpu) == len(OUTPUTS) and all(x.dtype == y.dtype for x, y in zip(out, cpu))
+        assert len(cpu) == len(OUTPUTS) and all(x.dtype == y.dtype for x, y in zip(out, cpu, strict=False))
         close(out[0], cpu[0], tol.value_cpu, "value vs CPU op")
-        for name, x, y in zip(OUTPUTS[1:], out[1:], cpu[1:]):
+        for name, x, y in zip(OUTPUTS[1:], out[1:], cpu[1:], strict=False):
             close(x, y, tol.outputs_cpu, f"{name} vs CPU op", lf)
     if g is None:
         g = torch.randn(B, generator=torch.Generator().manual_seed(7), dtype=F64).to(dt)
@@ -258,12 +258,12 @@ def check_sinkhorn(backend, a, b, cost, reg, T, eps, log_domain, family="op", fw
     assert all(t.dtype == dt and t.device.type == backend.device for t in grads)
     want = ref_grads(a, b, cost, reg, T, eps, g)
     gfl = max(w.abs().max().item() for w in want)  # one scale: some entries cancel to rounding noise
-    for name, x, y in zip(("grad_a", "grad_b"), grads, want):
+    for name, x, y in zip(("grad_a", "grad_b"), grads, want, strict=False):
         close(x, y, tol.grad_ref, f"{name} vs reference", gfl)
     if tol.grad_cpu is not None and cpu is not None:  # CPU backward on this forward's history and on the CPU op's
         for hist, what in ((out[3:], "this history"), (cpu[3:], "CPU history")):
             cpu_g = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, *(t.cpu() for t in hist), reg, log_domain)
-            for name, x, y in zip(("grad_a", "grad_b"), grads, cpu_g):
+            for name, x, y in zip(("grad_a", "grad_b"), grads, cpu_g, strict=False):
                 close(x, y, tol.grad_cpu, f"{name} vs CPU op ({what})", gfl)
     return out, grads
 

@@ -70,7 +70,7 @@ def test_odd_sizes_value_and_gradient(gaussian_backend, method, n):
     w2r = ref.bures_wasserstein_reference(*args)
     gr = torch.autograd.grad(w2r.sum(), args)
     assert_close(w2, w2r, *TOL[F64], what=f"W^2 ({gaussian_backend}, {method}, n={n})", mode="entry")
-    for name, a, b in zip(("mu1", "S1", "mu2", "S2"), g, gr):
+    for name, a, b in zip(("mu1", "S1", "mu2", "S2"), g, gr, strict=False):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         assert_close(a, b, 1e-7, 1e-7, what=f"grad {name} ({gaussian_backend}, {method}, n={n})")
 
@@ -105,7 +105,7 @@ def test_backward_matches_reference(method):
     args = [t.requires_grad_() for t in _gauss(3, 6, seed=4)]
     g = torch.autograd.grad(wk.bures_wasserstein(*args, method=method, num_iters=40).sum(), args)
     gr = torch.autograd.grad(ref.bures_wasserstein_reference(*args).sum(), args)
-    for a, b in zip(g, gr):
+    for a, b in zip(g, gr, strict=False):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
 
@@ -132,7 +132,7 @@ def test_compile_fullgraph():
     comp = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     gc = torch.autograd.grad(comp, args)
     torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
+    for a, b in zip(gc, ge, strict=False):
         torch.testing.assert_close(a, b)
 
 
@@ -166,12 +166,12 @@ def test_triton_bures_newton_schulz(dtype, tol, dev):
     cpu = torch.ops.wkd.bures_wasserstein(*(t.cpu() for t in (mu1, S1, mu2, S2)), "newton_schulz", 40)
     expected = ref.bures_wasserstein_reference(*(t.cpu() for t in (mu1, S1, mu2, S2)))
     assert float(((w2.cpu().double() - expected) / expected).abs().max()) <= tol
-    for a, b in zip((R1, R2, Q), cpu[1:]):
+    for a, b in zip((R1, R2, Q), cpu[1:], strict=False):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
     grad = torch.ones(3, dtype=dtype, device=dev)
     gt = torch.ops.wkd.bures_wasserstein_triton_backward(grad, mu1, mu2, R1, R2, Q, "newton_schulz", 40, "ieee")
     gc = torch.ops.wkd.bures_wasserstein_backward(grad.cpu(), mu1.cpu(), mu2.cpu(), *cpu[1:], "newton_schulz", 40)
-    for a, b in zip(gt, gc):
+    for a, b in zip(gt, gc, strict=False):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
 
 
@@ -184,7 +184,7 @@ def test_triton_bures_eigh(dev):
                                                          R2, Q, "eigh", 1, "ieee")
     args = [t.cpu().requires_grad_() for t in (mu1, S1, mu2, S2)]
     gr = torch.autograd.grad(ref.bures_wasserstein_reference(*args).sum(), args)
-    for a, b in zip(gt, gr):
+    for a, b in zip(gt, gr, strict=False):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
 
@@ -228,7 +228,7 @@ def test_cuda_op_matches_cpu(method):
     wr = wk.bures_wasserstein(*ar, method=method)
     gr = torch.autograd.grad(wr.sum(), ar)
     torch.testing.assert_close(w.cpu(), wr, rtol=1e-4, atol=1e-3)
-    for a, b in zip(gc, gr):
+    for a, b in zip(gc, gr, strict=False):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
 
 

@@ -50,7 +50,8 @@ def test_cpu_matches_reference_float64(grid, full, unbiased):
     torch.testing.assert_close(var, vr, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("shape,grid", ODD_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,grid", ODD_SHAPES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_matches_reference_on_every_backend(gaussian_backend, shape, grid, covariance, dtype):
@@ -70,7 +71,8 @@ def test_matches_reference_on_every_backend(gaussian_backend, shape, grid, covar
     assert_close(v, vr, rtol, atol, f"var ({gaussian_backend})")
     gm = torch.randn(mr.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     gv = torch.randn(vr.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
-    (gx,) = torch.autograd.grad((m * gaussian_backend.to(gm.to(dtype))).sum() + (v * gaussian_backend.to(gv.to(dtype))).sum(), xd)
+    weighted = (m * gaussian_backend.to(gm.to(dtype))).sum() + (v * gaussian_backend.to(gv.to(dtype))).sum()
+    (gx,) = torch.autograd.grad(weighted, xd)
     (gr,) = torch.autograd.grad((mr * gm).sum() + (vr * gv).sum(), xr)
     assert_close(gx, gr, 10 * rtol, atol, f"grad x ({gaussian_backend})")
 
@@ -221,7 +223,8 @@ def test_triton_half_input_and_chunked_cells(dev):
     mr, vr = ref.feature_stats_reference(x.cpu(), 1, False, True)
     torch.testing.assert_close(mean.cpu().double(), mr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.cpu().double(), vr, rtol=1e-5, atol=1e-5)
-    gx = torch.ops.wkd.feature_stats_triton_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, 1, False, True)
+    gx = torch.ops.wkd.feature_stats_triton_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, 1, False,
+                                                     True)
     assert gx.dtype == torch.bfloat16 and torch.isfinite(gx.float()).all()
 
 

@@ -156,7 +156,8 @@ def test_bad_input_errors():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu_target_shape():
-    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (the WKD-F accuracy target), CUDA vs CPU gradients."""
+    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (the WKD-F accuracy target), CUDA vs CPU
+    gradients."""
     f_s, f_t = _feats((16, 512, 7, 7), torch.float32, seed=8)
     expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 1, eps=0.0)[:, 0]
     x = f_s.cuda().requires_grad_()
@@ -188,7 +189,7 @@ def test_cuda_graph_capture_forward_backward():
     graph, captured, eager = capture_cuda_graph(step)  # warm-up: compiles, fills the cell-index cache
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(captured, eager):
+    for a, b in zip(captured, eager, strict=False):
         torch.testing.assert_close(a, b)
 
 

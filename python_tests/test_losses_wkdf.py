@@ -151,7 +151,7 @@ def test_module_projector_matches_literal(projector):
     if params:
         g = torch.autograd.grad(out.loss, params)
         g_ref = torch.autograd.grad(ref, list(ref_proj.parameters()))
-        for a, b in zip(g, g_ref):
+        for a, b in zip(g, g_ref, strict=False):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -283,7 +283,7 @@ def test_channels_last_and_strided_inputs(cov):
     big[:, :, 1:8, 1:10] = f_s
     sl = wkd_feature_loss(big[:, :, 1:8, 1:10], f_t, cov, grid=3)
     for out in (cl, sl):
-        for a, b in zip(out, ref):
+        for a, b in zip(out, ref, strict=False):
             assert _rel(a, b) < 1e-12
 
 
@@ -305,9 +305,9 @@ def test_torch_compile(cov):
     compiled = torch.compile(crit, backend="aot_eager", fullgraph=True)
     out = compiled(x, f_t)
     g = torch.autograd.grad(out.loss, list(crit.parameters()))
-    for a, b in zip(out, eager):
+    for a, b in zip(out, eager, strict=False):
         assert _rel(a, b) < 1e-10
-    for a, b in zip(g, g_eager):
+    for a, b in zip(g, g_eager, strict=False):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 

@@ -131,7 +131,8 @@ def test_backend_and_precision_arguments():
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30], ids=lambda s: f"{s:g}")
 def test_float32_value_at_extreme_magnitudes(gaussian_backend, scale):
     """|M|_F^2 under/overflows float32 for |M| below ~1e-19 / above ~1e19 although the nuclear norm is representable:
-    the start X0 = M / |M|_F must not see it (NaN, resp. 0, before the scaling); value and polar factor as at scale 1."""
+    the start X0 = M / |M|_F must not see it (NaN, resp. 0, before the scaling); value and polar factor as at scale
+    1."""
     M = _mat(3, 5, 4, seed=11)
     Ms = (M * scale).float()
     v = wk.nuclear_norm(gaussian_backend.to(Ms).requires_grad_(), backend=gaussian_backend.name)

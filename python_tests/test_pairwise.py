@@ -15,7 +15,7 @@ def required_pairs(params, valid):
     names = list(params)
     out = set()
     for combo in itertools.product(*params.values()):
-        case = dict(zip(names, combo))
+        case = dict(zip(names, combo, strict=False))
         if valid is None or valid(case):
             out |= covered_pairs([case], names)
     return out

@@ -52,7 +52,7 @@ def test_forward_big_tiles_match_cpu(B, n, m, dtype):
         a, b, cost = cproblem(B, n, m, dtype, True, zeros)
         out = native(a, b, cost, 0.05, 10, 1e-8)
         cpu = cpu_op(a, b, cost, 0.05, 10, 1e-8)
-        for name, x, y in zip(OUTPUTS, out, cpu):
+        for name, x, y in zip(OUTPUTS, out, cpu, strict=False):
             assert_close(x, y, TOL[("op", dtype)].outputs_cpu, what=name)
         cpu64 = cpu_op(a.double(), b.double(), cost.double(), 0.05, 10, 1e-8)
         assert_close(out[0], cpu64[0], TOL[("op", dtype)].value_cpu, what="value vs float64")
@@ -80,7 +80,7 @@ def test_deterministic():
     a, b, cost = cproblem(256, 1000, 1000, F32, True, zeros=1)
     first = native(a, b, cost, 0.05, 10, 1e-8)
     second = native(a, b, cost, 0.05, 10, 1e-8)
-    for x, y in zip(first, second):
+    for x, y in zip(first, second, strict=False):
         assert torch.equal(x, y)
     g = torch.randn(256, device="cuda")
     ga1 = native_backward(g, a, b, cost, first, 0.05)
@@ -96,14 +96,14 @@ def test_noncontiguous_inputs_and_side_stream():
     cost_nc = cost.t().contiguous().t()
     want = native(a, b, cost, 0.1, 5)
     got = native(a_nc, b, cost_nc, 0.1, 5)
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         assert torch.equal(x, y)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         got_s = native(a, b, cost, 0.1, 5)
     torch.cuda.current_stream().wait_stream(s)
-    for x, y in zip(got_s, want):
+    for x, y in zip(got_s, want, strict=False):
         assert torch.equal(x, y)
 
 
@@ -174,7 +174,7 @@ def test_cuda_graph_capture_forward_backward(shared, log_domain):
     graph.replay()
     torch.cuda.synchronize()
     want = step(a2, b2)
-    for x, y in zip(outs, want):
+    for x, y in zip(outs, want, strict=False):
         assert torch.equal(x, y)
 
 

@@ -166,7 +166,7 @@ def autograd_step(backend: str, a, b, cost):
 
 
 def bitwise_diff(xs, ys, names):
-    return [n for n, x, y in zip(names, xs, ys) if not torch.equal(x, y)]
+    return [n for n, x, y in zip(names, xs, ys, strict=False) if not torch.equal(x, y)]
 
 
 # ------------------------------------------------------------------------------------------------- tests

@@ -108,7 +108,7 @@ def test_reference_autograd_zero_mass_gradient_matches_ground_truth(shared):
     g = torch.linspace(0.5, 1.5, a.shape[0], dtype=F64)
     want = sinkhorn_mp(a, b, cost, 0.02, 6, 0.0, g)
     got = reference_value_and_grads(a, b, cost, 0.02, 6, 0.0, g)
-    for x, y in zip(got[1:], want[1:]):
+    for x, y in zip(got[1:], want[1:], strict=False):
         assert entry_errors(x, y).max() < RTOL
 
 
@@ -135,7 +135,7 @@ def test_triton_one_hot_b_zero_mass_gradient_matches_ground_truth(onchip, log_do
     g = torch.linspace(0.5, 1.5, a.shape[0], dtype=F64)
     want = sinkhorn_mp(a, b, cost, 0.02, 6, 0.0, g)
     got = op_value_and_grads(a, b, cost, 0.02, 6, 0.0, log_domain, g, backend="triton", dev=dev)
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         x, y = (x[:, None], y[:, None]) if x.dim() == 1 else (x, y)
         assert entry_errors(x, y).max() < RTOL
 

@@ -29,12 +29,12 @@ def test_history_layout_and_no_history(backend, shared, log_domain):
     light = run_op(backend, a, b, cost, 0.3, T, 0.0, log_domain, False)
     assert light[3].shape == (0, B, n) and light[4].shape == (0, B, m) and light[5].shape == (0, n)
     full = run_op(backend, a, b, cost, 0.3, T, 0.0, log_domain, True)
-    for name, x, y_ in zip(("value", "u", "v"), light[:3], full[:3]):
+    for name, x, y_ in zip(("value", "u", "v"), light[:3], full[:3], strict=False):
         if backend.name == "cuda":  # the CUDA C++ kernels: the same code path, bitwise
             assert torch.equal(x, y_), name
         assert_close(x, y_, 1e-14, what=f"{backend} {name} without history")
     cpu = cpu_op(a, b, cost, 0.3, T, 0.0, log_domain, False)
-    for name, x, y_ in zip(OUTPUTS, light, cpu):
+    for name, x, y_ in zip(OUTPUTS, light, cpu, strict=False):
         assert_close(x, y_, TOL[("op", F64)].value_cpu, what=f"{backend} {name} (no history) vs CPU op")
 
 
@@ -69,7 +69,7 @@ def test_non_contiguous_inputs(backend, shared):
     assert not a_nc.is_contiguous() and not b_nc.is_contiguous() and not cost_nc.is_contiguous()
     want = run_op(backend, a, b, cost, 0.1, T)
     got = run_op(backend, a_nc, b_nc, cost_nc, 0.1, T)
-    for name, x, y in zip(OUTPUTS, got, want):
+    for name, x, y in zip(OUTPUTS, got, want, strict=False):
         assert_close(x, y, 1e-6, what=name, mode="row")
     g2 = backend.to(torch.linspace(0.5, 1.5, 2 * B, dtype=F32))
     ga, gb = run_backward(backend, g2[::2], a_nc, b_nc, cost_nc, got, 0.1)

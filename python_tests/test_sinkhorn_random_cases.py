@@ -56,7 +56,7 @@ def test_fuzz_against_extended_precision_ground_truth():
     platform's BLAS rounds how decided whether it agreed with the op."""
     rng = np.random.default_rng(16)
     failures = []
-    for k in range(FUZZ_CASES):
+    for _ in range(FUZZ_CASES):
         case = _fuzz_case(rng)
         B, n, m, shared, log_domain, dtype, T, eps, reg, seed, za, zb, layout = case
         a, b, cost = _fuzz_inputs(B, n, m, shared, dtype, seed, za, zb, layout, reg)
@@ -85,7 +85,7 @@ def test_fuzz_against_extended_precision_ground_truth():
 def test_fuzz_triton_against_cpu_op(dev):
     rng = np.random.default_rng(61)
     failures = []
-    for k in range(max(4, FUZZ_CASES // 6)):
+    for _ in range(max(4, FUZZ_CASES // 6)):
         case = _fuzz_case(rng)
         B, n, m, shared, log_domain, dtype, T, eps, reg, seed, za, zb, layout = case
         B = max(B, 1)

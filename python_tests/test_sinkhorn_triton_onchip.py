@@ -141,7 +141,7 @@ def test_onchip_keep_history_false(dev, oc_big_tiles, log_domain):
     on = sk.sinkhorn_forward_onchip(a.to(dev), b.to(dev), cost.to(dev), 0.1, 3, 1e-8, log_domain, True, "ieee")
     off = sk.sinkhorn_forward_onchip(a.to(dev), b.to(dev), cost.to(dev), 0.1, 3, 1e-8, log_domain, False, "ieee")
     assert [tuple(t.shape) for t in off[3:]] == [(0, 7, 100), (0, 7, 100), (0, 100)]
-    for name, x, y in zip(("value", "u", "v"), off[:3], on[:3]):
+    for name, x, y in zip(("value", "u", "v"), off[:3], on[:3], strict=False):
         assert torch.equal(x, y), name  # same code path, same rounding
 
 
@@ -151,7 +151,7 @@ def test_onchip_k_buffer_matches_on_the_fly(dev, oc_big_tiles, monkeypatch):
     want = oc_check(a, b, cost, 0.1, 3, 0.0, False, dev)
     monkeypatch.setitem(sk.ONCHIP_K_BUFFER, F64, True)
     got = oc_check(a, b, cost, 0.1, 3, 0.0, False, dev)
-    for x, y in zip(want[0] + want[1], got[0] + got[1]):
+    for x, y in zip(want[0] + want[1], got[0] + got[1], strict=False):
         oc_close(x, y, 1e-14, "K buffer vs on the fly")
 
 

@@ -107,10 +107,10 @@ def test_triton_keep_history_false_small_blocks(dev, small_blocks, shared, log_d
     light = run_triton(a, b, cost, 0.1, T, 1e-8, log_domain, dev, keep_history=False)
     assert light[3].shape == (0, B, n) and light[4].shape == (0, B, m) and light[5].shape == (0, n)
     assert full[3].shape == (T, B, n) and full[4].shape == (T, B, m) and full[5].shape == (B, n)
-    for name, x, y in zip(("value", "u", "v"), light[:3], full[:3]):
+    for name, x, y in zip(("value", "u", "v"), light[:3], full[:3], strict=False):
         close(x, y, 1e-14, name)
     cpu = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, T, 1e-8, log_domain, False)
-    for name, x, y in zip(OUTPUTS, light, cpu):
+    for name, x, y in zip(OUTPUTS, light, cpu, strict=False):
         close(x, y, TOL[("tiles", F64)].outputs_cpu, name)
 
 
@@ -124,7 +124,7 @@ def test_triton_non_contiguous_inputs_small_blocks(dev, small_blocks, shared):
     assert not a_nc.is_contiguous() and not b_nc.is_contiguous() and not cost_nc.is_contiguous()
     want = run_triton(a, b, cost, 0.1, T, 0.0, False, dev)
     got = run_triton(a_nc, b_nc, cost_nc, 0.1, T, 0.0, False, dev)
-    for name, x, y in zip(OUTPUTS, got, want):
+    for name, x, y in zip(OUTPUTS, got, want, strict=False):
         close(x, y, 1e-6, name)
     g2 = torch.linspace(0.5, 1.5, 2 * B, dtype=F32).to(dev)
     bwd = torch.ops.wkd.sinkhorn_triton_backward
@@ -142,12 +142,12 @@ def test_fp32_dot_precision_argument(dev, small_blocks):
         out = run_triton(a, b, cost, 0.1, 3, 0.0, False, dev, precision=p)
         close(out[0], ieee[0], 1e-5 if p == "tf32x3" else 1e-2, f"value ({p})")
         op = torch.ops.wkd.sinkhorn_triton(a.to(dev), b.to(dev), cost.to(dev), 0.1, 3, 0.0, False, True, p)
-        for name, x, y in zip(OUTPUTS, op, out):
+        for name, x, y in zip(OUTPUTS, op, out, strict=False):
             close(x, y, 0.0, f"{name} (op, {p})")
     a64, b64, c64 = a.double(), b.double(), cost.double()
     d_ieee = run_triton(a64, b64, c64, 0.1, 3, 0.0, False, dev)
     d_tf32 = run_triton(a64, b64, c64, 0.1, 3, 0.0, False, dev, precision="tf32")
-    for name, x, y in zip(OUTPUTS, d_tf32, d_ieee):
+    for name, x, y in zip(OUTPUTS, d_tf32, d_ieee, strict=False):
         close(x, y, 0.0, f"{name} (float64 ignores precision)")
 
 
@@ -227,7 +227,7 @@ def test_cuda_routing_opcheck_compile_and_graph_capture(monkeypatch):
     args = (a, b, cost, 0.1, 5, 1e-8, False, True)
     want = sk.sinkhorn_forward(*args, "ieee")  # the launcher itself
     got = torch.ops.wkd.sinkhorn_triton(*args)
-    for name, x, y in zip(OUTPUTS, got, want):
+    for name, x, y in zip(OUTPUTS, got, want, strict=False):
         close(x, y, 0.0, f"{name} (op)")
     res = wk.sinkhorn(a, b, cost, 0.1, 5, eps=1e-8, backend="triton")
     close(res.value, want[0], 0.0, "wk.sinkhorn with the Triton backend")
@@ -258,5 +258,5 @@ def test_cuda_routing_opcheck_compile_and_graph_capture(monkeypatch):
     graph, captured, eager = capture_cuda_graph(step)  # the warm-up compiles the kernels outside the capture
     graph.replay()
     torch.cuda.synchronize()
-    for x, y in zip(captured, eager):
+    for x, y in zip(captured, eager, strict=False):
         close(x, y, 0.0, "graph replay")

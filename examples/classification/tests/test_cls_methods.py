@@ -117,7 +117,8 @@ def test_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key `train.epoch` \(did you mean `train.epochs`\?\)"):
         train.main(["--config", str(cfg), "--out", str(tmp_path / "o4"), "train.epoch=1"])
     cfg = tiny_config(tmp_path, "wkd_l", name="c5.yaml")
-    with pytest.raises(ValueError, match=r"unknown config key `distill.wkd_l.decay_strat` \(did you mean `distill.wkd_l.decay_start`\?\)"):
+    with pytest.raises(ValueError, match=r"unknown config key `distill.wkd_l.decay_strat` "
+                                         r"\(did you mean `distill.wkd_l.decay_start`\?\)"):
         train.main(["--config", str(cfg), "--out", str(tmp_path / "o5"), "distill.wkd_l.decay_strat=3"])
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
 
