@@ -9,6 +9,10 @@ With no GPU visible and no architecture asked for they are skipped (the Triton k
   WKD_FORCE_CUDA=1   build the CUDA sources (fails loudly if torch or the toolkit cannot); with no GPU visible and
                      no TORCH_CUDA_ARCH_LIST, for "8.0;9.0"
   WKD_NO_CUDA=1      never build them
+  WKD_BUILD_TUNING_OPS=1  also compile bench/cuda/sinkhorn_tuning_ops.cu into the extension, with the CUDA sources:
+                     the benchmark-only ops torch.ops.wkd_tuning.* that bench/tune_sinkhorn.py sweeps (the launch
+                     choices as per-call arguments; bench/gpu_suite.sh --tuning-ops sets it). Off by default: the
+                     product build has no wkd_tuning library
   WKD_NO_EXT=1       build no extension at all (no C++ compiler needed): every op runs on the `torch` backend
                      (ATen ops, wkd_kernels/aten/); the same happens, with one line saying so, when no C++ compiler is
                      found
@@ -37,6 +41,8 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The benchmark-only CUDA ops (torch.ops.wkd_tuning.*), compiled only with WKD_BUILD_TUNING_OPS=1.
+TUNING_OPS_SOURCE = "bench/cuda/sinkhorn_tuning_ops.cu"
 BUILD_TEMP = os.path.abspath(os.environ.get("WKD_BUILD_TEMP") or os.path.join(HERE, "build", "temp"))
 
 
@@ -112,10 +118,15 @@ def _extension():
          "(needs a C++17 compiler with OpenMP)")
     _say(f"CPU C++ sources: {' '.join(sources)}")
     _say(f"CUDA C++ sources: {'yes' if with_cuda else 'no'} ({why})")
+    if _flag("WKD_BUILD_TUNING_OPS") and not with_cuda:
+        _say("WKD_BUILD_TUNING_OPS=1 ignored: the tuning ops are CUDA C++ and the CUDA sources are not built")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*/*.cu"))
+        if _flag("WKD_BUILD_TUNING_OPS"):
+            cu.append(TUNING_OPS_SOURCE)
+            _say(f"benchmark-only tuning ops: yes (WKD_BUILD_TUNING_OPS=1: {TUNING_OPS_SOURCE}, torch.ops.wkd_tuning)")
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' architectures"
         _say(f"CUDA sources {' '.join(cu)} for TORCH_CUDA_ARCH_LIST={arch} (each architecture is one more nvcc pass)")
         sources += cu

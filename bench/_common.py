@@ -280,7 +280,7 @@ def plot_times(rows: list[dict], path, title: str = "", columns=("fwd_ms", "fwd_
 
     sizes = list(dict.fromkeys((r["B"], r["C"]) for r in rows))
     fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False)
-    for ax, (B, C) in zip(axes[0], sizes):
+    for ax, (B, C) in zip(axes[0], sizes, strict=True):
         rs = [r for r in rows if (r["B"], r["C"]) == (B, C)]
         methods = [r["method"] + (f" [{r['note']}]" if r.get("note") else "") for r in rs]
         width = 0.8 / len(columns)
@@ -288,7 +288,7 @@ def plot_times(rows: list[dict], path, title: str = "", columns=("fwd_ms", "fwd_
             xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rs))]
             vals = [r.get(col) or 0 for r in rs]
             bars = ax.bar(xs, vals, width, label=col.replace("_ms", "").replace("_", "+"))
-            for bar, v in zip(bars, vals):
+            for bar, v in zip(bars, vals, strict=True):
                 if v:
                     ax.annotate(_fmt(float(v)), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
                                 fontsize=7)

@@ -201,7 +201,7 @@ class _Timed:
         return _as_tuple(self.method.forward(*self.leaves))
 
     def _grad(self, outs):
-        pairs = [(o, g) for o, g in zip(outs, self.cotangents) if o.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, self.cotangents, strict=True) if o.requires_grad]
         return torch.autograd.grad([o for o, _ in pairs], [self.leaves[i] for i in self.grad_idx],
                                    [g for _, g in pairs])
 
@@ -244,7 +244,7 @@ def _peak_mem_mb(setup, timed, device):
 # ------------------------------------------------------------------------------------------------------- errors
 def _rel_err(x: Sequence, ref: Sequence, k: int) -> float:
     worst = 0.0
-    for a, r in zip(x, ref):
+    for a, r in zip(x, ref, strict=True):
         a = a[:k].detach().double().cpu()
         r = r.detach().double().cpu()
         scale = r.abs().max().item()
@@ -354,7 +354,7 @@ def _run_case(case: Case, args, dev_name: str, writer: RowWriter) -> None:
                     continue
                 if rep >= args.warmup:
                     times[i].append(ms)
-        for (m, _, err), (setup, timed), ts, error in zip(live, parts, times, errors):
+        for (m, _, err), (setup, timed), ts, error in zip(live, parts, times, errors, strict=True):
             if error is None:
                 try:
                     peak = _peak_mem_mb(setup, timed, args.device)

@@ -13,6 +13,7 @@ Reference: wkd_kernels.reference.bures_wasserstein_reference (float64 eigh).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -51,7 +52,7 @@ def make_case(B, n, args):
     mu2 = (0.5 * torch.randn(B, n, generator=g)).to(args.device, args.torch_dtype)
     S1 = spd_batch(B, n, args.torch_dtype, args.device, seed=0)
     S2 = spd_batch(B, n, args.torch_dtype, args.device, seed=1)
-    methods = [ob.Method(bk, (lambda bk: lambda *x: wk.bures_wasserstein(*x, method=args.method, backend=bk))(bk),
+    methods = [ob.Method(bk, functools.partial(wk.bures_wasserstein, method=args.method, backend=bk),
                          f"method={args.method}") for bk in args.backends]
     skipped = []
     if "eigh" in args.baselines:

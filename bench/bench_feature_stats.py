@@ -13,6 +13,7 @@ ResNet34/18 on ImageNet (256x512x7x7) and the first stage (256x64x56x56).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -50,7 +51,7 @@ def make_cases(sizes, args):
                 if grid > min(H, W):
                     continue
                 full = cov == "full"
-                methods = [ob.Method(bk, (lambda bk: lambda x: wk.feature_stats(x, grid, cov, backend=bk))(bk))
+                methods = [ob.Method(bk, functools.partial(wk.feature_stats, grid=grid, covariance=cov, backend=bk))
                            for bk in args.backends]
                 if "slicing" in args.baselines:
                     methods.append(ob.Method("plain PyTorch (cell slicing)", slicing_stats(grid, full, x.dtype)))

@@ -26,6 +26,7 @@ unbounded gradient at these rank-deficient covariances, eps = 0).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -146,8 +147,8 @@ def make_cases(sizes, args):
                     continue
                 low_rank = cov == "full" and max(cell_sizes(H, W, grid)) < C
                 path = "diag" if cov == "diag" else ("low-rank" if low_rank else "CxC")
-                methods = [ob.Method(bk, (lambda bk, cov=cov, grid=grid: lambda a, b: wk.gaussian_wasserstein(
-                    a, b, cov, grid=grid, eps=EPS, backend=bk))(bk)) for bk in args.backends]
+                methods = [ob.Method(bk, functools.partial(wk.gaussian_wasserstein, covariance=cov, grid=grid,
+                                                             eps=EPS, backend=bk)) for bk in args.backends]
                 skipped = []
                 for name in args.baselines:
                     kind, label, fn = BASELINES[name]

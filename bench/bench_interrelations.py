@@ -23,6 +23,7 @@ Usage: python bench/bench_interrelations.py [--device cpu|cuda] [--sizes 100x50x
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -119,8 +120,8 @@ def main(argv=None):
         x = class_features(C, n, D, dev)
         for kernel in args.kernels.split(","):
             ref64 = cka_distance(x, kernel)  # float64 compute
-            t64 = time_fn(lambda: cka_distance(x, kernel), dev, warmup=1, reps=args.reps, keep_times=True)
-            t32 = time_fn(lambda: cka_distance(x, kernel, compute_dtype=torch.float32), dev, warmup=1,
+            t64 = time_fn(functools.partial(cka_distance, x, kernel), dev, warmup=1, reps=args.reps, keep_times=True)
+            t32 = time_fn(functools.partial(cka_distance, x, kernel, compute_dtype=torch.float32), dev, warmup=1,
                           reps=args.reps, keep_times=True)
             scale = ref64.abs().max().item()
             d32 = (cka_distance(x, kernel, compute_dtype=torch.float32).double() - ref64.double()).abs().max().item()

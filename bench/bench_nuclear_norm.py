@@ -13,6 +13,7 @@ torch.linalg.svdvals(M).sum(-1) with autograd. Reference: wkd_kernels.reference.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -45,7 +46,7 @@ def svdvals_nuclear(M):
 def make_case(B, p, q, args):
     """The Case of one size: input M, differentiated."""
     M = cross_grams(B, p, q, args.torch_dtype, args.device)
-    methods = [ob.Method(bk, (lambda bk: lambda M: wk.nuclear_norm(M, backend=bk))(bk)) for bk in args.backends]
+    methods = [ob.Method(bk, functools.partial(wk.nuclear_norm, backend=bk)) for bk in args.backends]
     if "svdvals" in args.baselines:
         methods.append(ob.Method("plain PyTorch (svdvals)", svdvals_nuclear))
     return ob.Case(shape=f"B={B} p={p} q={q}", inputs=(M,), grad_inputs=(0,), reference=nuclear_norm_reference,

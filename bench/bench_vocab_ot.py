@@ -8,7 +8,10 @@ formulation (github.com/aailab-kaist/WASD; its source could not be read where th
 follows the method as described: a sparse COO kernel exp(-C/reg) from the teacher's token embeddings, dense [V, N]
 scalings updated by torch.sparse.mm, 10 iterations, envelope gradients through the dual potentials; the exact
 gradient by autograd through the same loop). Both compute the transport cost sum u K∘C v; their values are
-compared (max_rel_err of our row against the baseline).
+compared (max_rel_err of our row against the baseline). Ours is timed per --backends: "cpu" (the C++ kernel of
+csrc/cpu/sparse_sinkhorn.cpp; what backend="auto" runs for the exact gradient) and "torch" (the ATen ops; "auto"
+for the envelope gradient).
+The log-domain and ImageNet-21k rows run the torch backend.
 
 ImageNet-21k part (--imagenet): C = 21,843 classes, B = 256 rows, k-NN cost of random [C, 512] embeddings; ours
 against wk.sinkhorn (C++ CPU kernel) on the same problem densified (excluded couplings at cost 1e4, K = 0); the
@@ -157,13 +160,16 @@ def bench_vocab(V, args, writer, dev):
     p, q = masses(args.tokens, V, 1), masses(args.tokens, V, 2)
     K = wk.sparse_cost(cost, args.reg)
     bases = {name: WasdStyle(cost, args.reg, "coo" if name == "wasd" else "csr") for name in args.baselines}
+    ours_backends = [be for be in args.backends if be != "cpu" or wk.HAS_C_EXT]
     problems = [("ot", False)] + ([("divergence", True)] if args.divergence else [])
     for what, div in problems:
         for grad in args.grads:
             exact = grad == "exact"
-            ours = lambda x, exact=exact, div=div: wk.sparse_sinkhorn(  # noqa: E731
-                x, q, K, args.reg, args.iters, grad=grad, log_domain=False, divergence=div).value
-            fns = {"ours": lambda: fwd_bwd(ours, p)}
+            fns = {}
+            for be in ours_backends:
+                ours = lambda x, div=div, be=be, grad=grad: wk.sparse_sinkhorn(  # noqa: E731
+                    x, q, K, args.reg, args.iters, grad=grad, log_domain=False, divergence=div, backend=be).value
+                fns[f"ours-{be}"] = lambda ours=ours: fwd_bwd(ours, p)
             for name, base in bases.items():
                 theirs = (lambda x, exact=exact, base=base: base.divergence(x, q, args.iters, exact)) if div else \
                     (lambda x, exact=exact, base=base: base.ot(x, q, args.iters, exact))
@@ -177,7 +183,7 @@ def bench_vocab(V, args, writer, dev):
             # also a warm-up call of each; with --reps 0 the only call, and the timed one
             mem = {}
             for n, fn in fns.items():
-                def keep(fn=fn, n=n):
+                def keep(fn=fn, n=n, outs=outs):
                     outs[n] = fn()
                     return outs[n]
                 mem[n] = peak_extra_mb(keep, None if args.reps else times[n])
@@ -187,35 +193,42 @@ def bench_vocab(V, args, writer, dev):
                     outs[n] = fn()
                     times[n].append((time.perf_counter() - t0) * 1e3)
             ref_v = outs[ref][0].double()
-            err = float(((outs["ours"][0].double() - ref_v).abs() / ref_v.abs()).max())
-            g_ours, g_base = outs["ours"][1], outs[ref][1]
-            bad = int((~torch.isfinite(g_base)).sum())
-            if bad:
-                gnote = (f"the baseline's gradient has {bad} non-finite entries (float32 autograd through the loop "
-                         f"overflows), ours {int((~torch.isfinite(g_ours)).sum())}")
-            else:  # gradients w.r.t. masses on the simplex: compared up to a constant per row
-                g_ours, g_base = g_ours - g_ours.mean(1, keepdim=True), g_base - g_base.mean(1, keepdim=True)
-                rel = float((g_ours - g_base).abs().max() / g_base.abs().max())
-                gnote = f"max |grad diff| / max |grad| = {rel:.1e}"
+            err, gnote = {}, {}
+            for n in fns:
+                if not n.startswith("ours"):
+                    continue
+                err[n] = float(((outs[n][0].double() - ref_v).abs() / ref_v.abs()).max())
+                g_ours, g_base = outs[n][1], outs[ref][1]
+                bad = int((~torch.isfinite(g_base)).sum())
+                if bad:
+                    gnote[n] = (f"the baseline's gradient has {bad} non-finite entries (float32 autograd through the "
+                                f"loop overflows), ours {int((~torch.isfinite(g_ours)).sum())}")
+                else:  # gradients w.r.t. masses on the simplex: compared up to a constant per row
+                    g_ours, g_base = g_ours - g_ours.mean(1, keepdim=True), g_base - g_base.mean(1, keepdim=True)
+                    rel = float((g_ours - g_base).abs().max() / g_base.abs().max())
+                    gnote[n] = f"max |grad diff| / max |grad| = {rel:.1e}"
             med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-            labels = {"ours": "wk.sparse_sinkhorn (CSR, [V, N] layout)",
+            labels = {"ours-cpu": "wk.sparse_sinkhorn, C++ CPU kernel (rows of all tokens, fused passes)",
+                      "ours-torch": "wk.sparse_sinkhorn, torch backend (ATen CSR x dense, [V, N] layout)",
                       "wasd": "WASD formulation, plain PyTorch (COO, torch.sparse.mm)",
                       "csr": "the WASD loop in plain PyTorch with CSR matrices (torch.sparse.mm)"}
             for n in fns:
                 note = f"{what}, grad={grad}; {labels[n]}"
-                if n == "ours":
-                    note += "".join(f"; {med[b] / med['ours']:.2f}x faster than '{b}', "
-                                    f"{mem['ours'] / max(mem[b], 1e-9):.2f}x its peak" for b in args.baselines)
-                    note += f"; vs '{ref}': {gnote}"
-                writer.add(bench_row(f"vocab_ot_{what}", "torch" if n == "ours" else "plain-pytorch", "fwd+bwd",
-                                     shape, torch.float32, dev, times[n], round(mem[n], 1),
-                                     err if n == "ours" else None, note))
+                if n.startswith("ours"):
+                    note += "".join(f"; {med[b] / med[n]:.2f}x faster than '{b}', "
+                                    f"{mem[n] / max(mem[b], 1e-9):.2f}x its peak" for b in args.baselines)
+                    if n == "ours-cpu" and "ours-torch" in med:
+                        note += f"; {med['ours-torch'] / med[n]:.2f}x faster than the torch backend"
+                    note += f"; vs '{ref}': {gnote[n]}"
+                backend = n[len("ours-"):] if n.startswith("ours") else "plain-pytorch"
+                writer.add(bench_row(f"vocab_ot_{what}", backend, "fwd+bwd", shape, torch.float32, dev, times[n],
+                                     round(mem[n], 1), err.get(n), note))
                 print(writer.rows[-1], flush=True)
     if args.log_domain_reg:
         r = args.log_domain_reg
         Kl = wk.sparse_cost(cost, r)
         fn = lambda: fwd_bwd(lambda x: wk.sparse_sinkhorn(x, q, Kl, r, args.iters, grad="envelope",  # noqa: E731
-                                                          log_domain=True).value, p)
+                                                          log_domain=True, backend="torch").value, p)
         mem = peak_extra_mb(fn)
         times = []
         for _ in range(max(1, args.reps // 2)):
@@ -242,7 +255,7 @@ def bench_imagenet(args, writer, dev):
     results = {}
     for grad in args.grads:
         fn = lambda grad=grad: fwd_bwd(lambda x: wk.sparse_sinkhorn(  # noqa: E731
-            x, b, K, args.reg, args.iters, grad=grad, log_domain=False).value, a)
+            x, b, K, args.reg, args.iters, grad=grad, log_domain=False, backend="torch").value, a)
         for _ in range(args.warmup):
             fn()
         mem = peak_extra_mb(fn)  # also a warm-up call
@@ -263,7 +276,7 @@ def bench_imagenet(args, writer, dev):
         fns = {"dense": lambda: fwd_bwd(lambda x: wk.sinkhorn(x, b, dense, args.reg, T, grad=grad,  # noqa: E731
                                                               log_domain=False, backend="cpu").value, a),
                "sparse": lambda: fwd_bwd(lambda x: wk.sparse_sinkhorn(x, b, K, args.reg, T, grad=grad,  # noqa
-                                                                      log_domain=False).value, a)}
+                                                                      log_domain=False, backend="torch").value, a)}
         mem = {n: peak_extra_mb(fn) for n, fn in fns.items()}
         times, outs = {n: [] for n in fns}, {}
         for _ in range(max(1, args.dense_reps)):
@@ -303,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--log-domain-reg", type=float, default=None,
                     help="also time ours in the log domain at this reg (e.g. WASD's 1e-3)")
     ap.add_argument("--grads", default="envelope,exact")
+    ap.add_argument("--backends", default="cpu,torch",
+                    help="comma list of wk.sparse_sinkhorn backends timed (LLM part): 'cpu' (C++, when built), 'torch'")
     ap.add_argument("--baselines", default="wasd", help="comma list of 'wasd' (COO) and 'csr'; the first is the "
                     "reference of max_rel_err")
     ap.add_argument("--divergence", action="store_true", help="also the Sinkhorn divergence (3 problems)")
@@ -317,6 +332,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.grads = args.grads.split(",")
     args.baselines = args.baselines.split(",")
+    args.backends = args.backends.split(",")
     dev = device_name("cpu")
     writer = RowWriter(args.out + ".csv", args.out + ".json", args.out + ".md",
                        meta={"device": dev, "torch": torch.__version__, "argv": sys.argv[1:]})

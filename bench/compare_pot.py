@@ -179,13 +179,13 @@ def bench_size(B, C, args, device, dtype, writer=None):
             for sr in schema_rows(r, writer.meta["device"], fwd, fwdbwd, n_ref):
                 writer.add(sr)
 
-    def ours_fns(bk):
+    def ours_fns(bk, kernel=None):
         def fwd():
-            return wk.sinkhorn(a, b, cost, reg, T, backend=bk).value
+            return wk.sinkhorn(a, b, cost, reg, T, backend=bk, kernel=kernel).value
 
         def fwdbwd():
             x = a.detach().requires_grad_()
-            wk.sinkhorn(x, b, cost, reg, T, backend=bk).value.sum().backward()
+            wk.sinkhorn(x, b, cost, reg, T, backend=bk, kernel=kernel).value.sum().backward()
             return x.grad
         return fwd, fwdbwd
 
@@ -210,6 +210,11 @@ def bench_size(B, C, args, device, dtype, writer=None):
     for bk in backends:
         fwd, fwdbwd = ours_fns(bk)
         fast[f"wkd_kernels ({bk})"] = (fwd, fwdbwd, rel_err(fwd(), ref))
+    if args.cached_kernel:  # K = exp(-cost / reg) and K∘cost computed once, as WKDLogitLoss keeps them
+        kernel = wk.gibbs_kernel(cost, reg)
+        for bk in [bk for bk in backends if bk in ("cpu", "torch")]:
+            fwd, fwdbwd = ours_fns(bk, kernel)
+            fast[f"wkd_kernels ({bk}, cached kernel)"] = (fwd, fwdbwd, rel_err(fwd(), ref))
 
     def plain_fwd():
         return plain_pytorch(a, b, cost, reg, T)
@@ -301,7 +306,8 @@ def parse_sizes(text):
     try:
         return [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s]
     except ValueError:
-        raise SystemExit(f"--sizes: expected a comma-separated list of BxC, e.g. 256x1000,256x100; got {text!r}")
+        raise SystemExit(f"--sizes: expected a comma-separated list of BxC, e.g. 256x1000,256x100; "
+                         f"got {text!r}") from None
 
 
 def build_parser():
@@ -338,6 +344,11 @@ def build_parser():
     ap.add_argument("--skip-pot", action="store_true",
                     help="no POT rows (the float64 reference is still computed); default: off, and POT rows are "
                          "skipped anyway when POT is not installed")
+    ap.add_argument("--cached-kernel", action="store_true",
+                    help="also time ours on K = exp(-cost / reg) and K∘cost computed once (wkd_kernels.gibbs_kernel, "
+                         "as WKDLogitLoss keeps them; cpu and torch backends); default: off")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (ours, plain PyTorch and POT); default: torch's")
     ap.add_argument("--data-dir", default=None, help=DATA_HELP)
     ap.add_argument("--csv", metavar="FILE", help="also write the rows (bench/README.md schema) as CSV; default: none")
     ap.add_argument("--json", metavar="FILE", help="also write the rows and run metadata as JSON; default: none")
@@ -357,6 +368,8 @@ def resolve_args(args):
 
 def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.plot:
         need_matplotlib()  # fail now, not after the run
     dtype = getattr(torch, args.dtype)
@@ -383,7 +396,8 @@ def main(argv=None):
         paths = [args.csv, args.json, None]
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            paths = [p or os.path.join(args.out, f"compare_pot.{ext}") for p, ext in zip(paths, ("csv", "json", "md"))]
+            paths = [p or os.path.join(args.out, f"compare_pot.{ext}")
+                     for p, ext in zip(paths, ("csv", "json", "md"), strict=True)]
         writer = RowWriter(*paths, meta=meta)
     rows = []
     for B, C in sizes:

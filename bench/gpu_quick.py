@@ -299,7 +299,7 @@ def rows_method(pb: Problem, method: Method, args, device: str, dev_name: str) -
     with matmul_precision(method.precision == "tf32"):
         out = step()
         sync(device)
-        errs = {k: rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), out)}
+        errs = {k: rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), out, strict=True)}
         verdict = judge(method, errs)
         err = finite_max(errs)
         mem = peak_extra_mb(step, device)
@@ -310,7 +310,7 @@ def rows_method(pb: Problem, method: Method, args, device: str, dev_name: str) -
             graph, captured, _ = capture_cuda_graph(step, warmup=1)
             graph.replay()
             torch.cuda.synchronize()
-            gerrs = {k: rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), captured)}
+            gerrs = {k: rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), captured, strict=True)}
             gtimes = call_times_ms(graph.replay, device, args.reps, args.warmup)
             rows.append(bench_row("sinkhorn", f"{method.name} graph", "fwd+bwd", pb.shape, DTYPE, dev_name, gtimes,
                                   None, finite_max(gerrs), f"{judge(method, gerrs)}; CUDA graph replay; "
@@ -435,7 +435,7 @@ def calibration_rows(args, device: str, dev_name: str) -> list:
             barrier_launch(P, R, device)
         t = {R: [barrier_launch(P, R, device) for _ in range(5)] for R in (r1, r2)}
         bad = sum(x[1] + x[2] for R in t for x in t[R])
-        per_round = [(b[0] - a[0]) / (r2 - r1) for a, b in zip(t[r1], t[r2])]
+        per_round = [(b[0] - a[0]) / (r2 - r1) for a, b in zip(t[r1], t[r2], strict=True)]
         us = statistics.median(per_round) * 1e3
         halves = 4 * args.iters - 1
         note = (f"{'info' if not bad else f'WRONG: {bad} mismatches/timeouts'}: {us:.2f} us per round; x{halves} "

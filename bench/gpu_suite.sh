@@ -5,6 +5,11 @@
 #   bash bench/gpu_suite.sh --dry-run OUTDIR  # on a CPU machine: every step's command on tiny sizes (CPU tensors,
 #                                             # TRITON_INTERPRET=1, the extension already built), ~2 minutes, then
 #                                             # a check that OUTDIR holds the files a GPU run returns
+#   bash bench/gpu_suite.sh --tuning-ops OUTDIR  # the build also compiles the benchmark-only CUDA ops
+#                                             # torch.ops.wkd_tuning.* (WKD_BUILD_TUNING_OPS=1, off in the product
+#                                             # build), so that a later `python bench/tune_sinkhorn.py
+#                                             # --sweep-cuda-tiles --sweep-cuda-rows` on the same machine reuses this
+#                                             # build: one build serves the suite and the sweep
 # Steps, in order, each under a hard cap (seconds; the caps sum to 480, python_tests/test_gpu_suite.py checks it):
 #   preflight     one line: GPU name and clocks, driver, torch and its CUDA, nvcc, Triton, ninja, pytest plugins
 #   build         pip install -e . (CUDA C++ sources for TORCH_CUDA_ARCH_LIST, default 9.0); if it fails,
@@ -23,8 +28,15 @@
 # stand-in and says so.
 set -uo pipefail
 DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-OUT="${1:?usage: bash bench/gpu_suite.sh [--dry-run] OUTDIR}"
+TUNING_OPS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1; shift ;;
+    --tuning-ops) TUNING_OPS=1; shift ;;
+    *) break ;;
+  esac
+done
+OUT="${1:?usage: bash bench/gpu_suite.sh [--dry-run] [--tuning-ops] OUTDIR}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 # a reused OUTDIR: this run's files only (the dry run checks that they were made)
@@ -163,7 +175,12 @@ PREFLIGHT="$(head -c 2000 "$OUT/preflight.txt" 2>/dev/null)"
 log "$PREFLIGHT"
 summarize
 
-# 1. Build; on failure the same without the CUDA C++ sources, and on.
+# 1. Build; on failure the same without the CUDA C++ sources, and on. With --tuning-ops the build adds
+#    bench/cuda/sinkhorn_tuning_ops.cu (the ops bench/tune_sinkhorn.py sweeps; setup.py's WKD_BUILD_TUNING_OPS).
+if [ $TUNING_OPS -eq 1 ]; then
+  export WKD_BUILD_TUNING_OPS=1
+  log "--tuning-ops: the build includes the benchmark-only ops torch.ops.wkd_tuning (WKD_BUILD_TUNING_OPS=1)"
+fi
 if [ $DRY -eq 1 ]; then
   STEPS+=("build|$CAP_BUILD|0|skipped (dry run: the CPU extension is already built)")
   summarize

@@ -94,6 +94,23 @@ def make_losses(args, device, ct, cs):
     return losses, src
 
 
+def train_step(teacher, student, x, y, extra_loss, opt, device: str, amp: bool):
+    """step() -> loss: one training step of ``student`` (cross-entropy plus ``extra_loss`` against the frozen
+    ``teacher``) on the batch (x, y), through ``opt``."""
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            with torch.no_grad():
+                t_logits, t_feat = resnet_forward(teacher, x)
+            s_logits, s_feat = resnet_forward(student, x)
+            loss = F.cross_entropy(s_logits, y) + extra_loss(s_logits, t_logits, s_feat, t_feat, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -148,18 +165,7 @@ def main(argv=None):
     for name in methods:
         extra_loss, extra_params = losses[name]
         opt = torch.optim.SGD(list(student.parameters()) + extra_params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=amp):
-                with torch.no_grad():
-                    t_logits, t_feat = resnet_forward(teacher, x)
-                s_logits, s_feat = resnet_forward(student, x)
-                loss = F.cross_entropy(s_logits, y) + extra_loss(s_logits, t_logits, s_feat, t_feat, y)
-            loss.backward()
-            opt.step()
-            return loss
-
+        step = train_step(teacher, student, x, y, extra_loss, opt, args.device, amp)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         r = time_fn(step, args.device, warmup=args.warmup, reps=args.reps)
@@ -170,7 +176,7 @@ def main(argv=None):
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         rows.append(row)
         print(f"{name}: {r['median_ms']:.2f} ms", flush=True)
-        del opt
+        del step, opt  # the optimizer's momentum buffers go before the next method is measured
 
     kd = next((r["median_ms"] for r in rows if r["method"] == "KD"), None)
     for r in rows:
@@ -178,7 +184,8 @@ def main(argv=None):
     meta = {"device": device_name(args.device), "torch": torch.__version__, "batch": args.batch,
             "image_size": args.image_size, "classes": args.classes, "teacher": "resnet34", "student": "resnet18",
             "amp": args.amp, "channels_last": args.channels_last, "warmup": args.warmup, "reps": args.reps,
-            "wkdf_grid": args.grid, "wkdl_parity_rel_diff": wkdl_rel_diff, "wkdf_feature": f"layer4 {list(f.shape[1:])}", "cost": cost_src}
+            "wkdf_grid": args.grid, "wkdl_parity_rel_diff": wkdl_rel_diff,
+            "wkdf_feature": f"layer4 {list(f.shape[1:])}", "cost": cost_src}
     print(f"\nResNet34 -> ResNet18 training step, batch {args.batch}, {args.image_size}x{args.image_size}, "
           f"amp={args.amp}, channels_last={args.channels_last}, {meta['device']} (median of {args.reps}, "
           f"after {args.warmup} warm-up steps); cost: {cost_src}")

@@ -1,6 +1,8 @@
 """tune_sinkhorn: times the launch configurations of the Sinkhorn kernels, one schema row per configuration.
 
-Sweeps (each off unless named; a tuning run is a command of its own on the GPU machine, after the build):
+Sweeps (each off unless named; a tuning run is a command of its own on the GPU machine, after the build; the CUDA
+C++ sweeps need a build with the benchmark-only ops: WKD_BUILD_TUNING_OPS=1, which bash bench/gpu_suite.sh
+--tuning-ops sets for its build, so that the suite's one build serves the sweep too):
 
   --sweep-tiles       the Triton per-half-iteration kernels (n or m > 256) at the first --sizes entry with n or m >
                       256, with each float32 tile of sk.DOT_CONFIG_CANDIDATES (BLOCK_B x BLOCK_N x BLOCK_K x warps)
@@ -20,10 +22,12 @@ forward+backward (eager on CPU; the note adds the eager median on CUDA), max_rel
 float64 CPU op (bench/gpu_quick.reference), and the verdict first in the note: "ok", "ABOVE threshold" (the
 thresholds of gpu_quick) or, for a CUDA C++ row, "NOT BITWISE" when u, v or the gradients differ from the automatic
 choice's bits (the value too, except under a forced tile: its partial sums follow the tile width). The CUDA C++
-configurations are passed per call to the benchmarking ops torch.ops.wkd_tuning.* (one build serves the sweep); the
-one function cuda_tuning_op() reaches them. OUT/tune_sinkhorn.json, .md and .csv are rewritten after every row.
+configurations are passed per call to the benchmarking ops torch.ops.wkd_tuning.* (bench/cuda/sinkhorn_tuning_ops.cu,
+in a build with WKD_BUILD_TUNING_OPS=1; one build serves the sweep); the one function cuda_tuning_op() reaches them.
+OUT/tune_sinkhorn.json, .md and .csv are rewritten after every row.
 
 Usage:
+    bash bench/gpu_suite.sh --tuning-ops OUTDIR   # (or WKD_BUILD_TUNING_OPS=1 pip install --no-build-isolation -e .)
     python bench/tune_sinkhorn.py --sweep-tiles --sweep-onchip --sweep-cuda-tiles --sweep-cuda-rows --out OUT
     TRITON_INTERPRET=1 python bench/tune_sinkhorn.py --device cpu --smoke --sweep-tiles --sweep-onchip --out /tmp/t
 """
@@ -49,9 +53,10 @@ ROWS_PER_BLOCK = (-1, 1, 2, 4, 8, 16)  # -1: the automatic choice
 
 
 def cuda_tuning_op(name: str):
-    """torch.ops.wkd_tuning.<name> (csrc/cuda/sinkhorn/tuning_ops.cu: wkd::sinkhorn / sinkhorn_backward
+    """torch.ops.wkd_tuning.<name> (bench/cuda/sinkhorn_tuning_ops.cu: wkd::sinkhorn / sinkhorn_backward
     with the tile table entry and the rows per CTA as per-call arguments, num_tiles, tile_table, small_plan), or
-    None in a build without them. Every use of those ops goes through here."""
+    None in a build without them (they are built only with WKD_BUILD_TUNING_OPS=1). Every use of those ops goes
+    through here."""
     try:
         ops = torch.ops.wkd_tuning
         return getattr(ops, name) if ops.num_tiles is not None else None
@@ -63,7 +68,8 @@ def cuda_unavailable(device: str):
     if device != "cuda":
         return "the CUDA C++ kernels need --device cuda"
     if cuda_tuning_op("sinkhorn") is None:
-        return f"no torch.ops.wkd_tuning in this build ({gq.wk.build_info()})"
+        return (f"no torch.ops.wkd_tuning in this build (built with WKD_BUILD_TUNING_OPS=1 only: "
+                f"bash bench/gpu_suite.sh --tuning-ops; {gq.wk.build_info()})")
     return None
 
 
@@ -87,7 +93,7 @@ def triton_row(pb, precision: str, label: str, args, device: str, dev_name: str)
         return bench_row("sinkhorn", backend, "fwd+bwd", pb.shape, gq.DTYPE, dev_name, note=f"n/a: {why}")
     ref = gq.reference(pb, args.iters)
     step = gq.fwd_bwd_step(method, pb, args.iters)
-    errs = {k: gq.rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), step())}
+    errs = {k: gq.rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), step(), strict=True)}
     verdict = gq.judge(method, errs) if precision != "tf32" else \
         "info: tf32, inexact by design: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
     times, eager_ms = measure(step, device, args)
@@ -152,9 +158,10 @@ def cuda_row(pb, args, device: str, dev_name: str, tile: int = -1, rows_per_bloc
 
     ref = gq.reference(pb, it)
     got, auto = step(), product()
-    errs = {k: gq.rel_err(x, ref[k]) for k, x in zip(("value", "grad_a", "grad_b"), (got[0], got[3], got[4]))}
+    errs = {k: gq.rel_err(x, ref[k])
+            for k, x in zip(("value", "grad_a", "grad_b"), (got[0], got[3], got[4]), strict=True)}
     verdict = gq.judge(gq.make_method("cuda"), errs)
-    same = all(torch.equal(x, y) for x, y in zip(got[1:], auto[1:]))
+    same = all(torch.equal(x, y) for x, y in zip(got[1:], auto[1:], strict=True))
     if small or tile < 0:
         same = same and torch.equal(got[0], auto[0])
     else:  # float32 partial sums of up to ~1000 terms in another order: equal to 1e-5 relative

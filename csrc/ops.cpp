@@ -43,6 +43,21 @@ TORCH_LIBRARY(wkd, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, "
       "Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
+  // Sinkhorn on a precomputed Gibbs kernel: the scaling domain of wkd::sinkhorn for a shared cost, with K [n, m] =
+  // exp(-cost / reg) and KC [n, m] = K∘cost given instead of cost and reg (computed once per cost, e.g. by
+  // WKDLogitLoss through wkd_kernels.gibbs_kernel, which checks the cost's values and K's range there). The same
+  // iteration, outputs and history as wkd::sinkhorn(a, b, cost, reg, num_iters, eps, log_domain=False,
+  // keep_history). The CPU kernel checks a and b as wkd::sinkhorn does, and K (finite, >= 0, no row or column
+  // entirely 0) in the one pass that sums its columns for the first half-iteration; KC is trusted to be K∘cost.
+  // CPU (C++) and the torch backend (wkd::sinkhorn_gibbs_torch, every device type); no Triton or CUDA C++ kernel.
+  m.def(
+      "sinkhorn_gibbs(Tensor a, Tensor b, Tensor K, Tensor KC, int num_iters, float eps=0.0, "
+      "bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
+  // The exact gradient of wkd::sinkhorn_gibbs: wkd::sinkhorn_backward's reverse sweep (and gauge correction, with
+  // eps) on the given K and KC.
+  m.def(
+      "sinkhorn_gibbs_backward(Tensor grad_value, Tensor a, Tensor b, Tensor K, Tensor KC, Tensor hist_r, "
+      "Tensor hist_s, Tensor y, float? eps=None) -> (Tensor grad_a, Tensor grad_b)");
   // Triton kernels of the two ops above (wkd_kernels/triton/sinkhorn/), same contract; registered from Python for
   // every device type (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). precision: the tl.dot input
   // precision for float32, "ieee" | "tf32x3" | "tf32" (float64 ignores it).
@@ -102,4 +117,28 @@ TORCH_LIBRARY(wkd, m) {
       "bures_wasserstein_triton_backward(Tensor grad_w2, Tensor mu1, Tensor mu2, Tensor sqrt_S1, Tensor sqrt_S2, "
       "Tensor polar, str method=\"newton_schulz\", int num_iters=20, str precision=\"ieee\") -> (Tensor grad_mu1, "
       "Tensor grad_S1, Tensor grad_mu2, Tensor grad_S2)");
+
+  // ==== Sparse (CSR) Sinkhorn: vocabulary-scale OT over one shared sparse cost (docs/vocabulary_ot.md). ====
+  // The contract of wkd::sinkhorn above with K = exp(-cost / reg) on the STORED entries of a CSR [C, C] cost and 0
+  // elsewhere (excluded couplings), and the masses held as the columns of [C, B] tensors (one column per row of the
+  // public [B, C] masses; any strides). The cost comes as CSR arrays in both orientations: crow [C + 1], col [nnz],
+  // cost [nnz] (values >= 0, the dtype of a) of the cost, and crow_t, col_t, cost_t of its transpose (the same
+  // entries sorted by column; for a symmetric cost the same arrays); int32 or int64 indices, no empty row or column.
+  // Outputs: value [B]; u, v [C, B] = log u_T, log v_T in both domains (-inf off the supports); with keep_history:
+  //   hist_r [T, C, B] = r_1..r_T, hist_s [T, C, B] = s_1..s_T, y [C, B] = (K∘cost) v_T (logs when log_domain);
+  //   without: hist_r, hist_s [0, C, B], y [0, B]. chunk_elements: the largest nnz x columns temporary of the ATen
+  //   log domain (None: its default); kernels without such temporaries ignore it.
+  // O(nnz + B C T) memory, never C x C.
+  m.def(
+      "sparse_sinkhorn(Tensor a, Tensor b, Tensor crow, Tensor col, Tensor cost, Tensor crow_t, Tensor col_t, "
+      "Tensor cost_t, float reg, int num_iters, float eps=0.0, bool log_domain=False, bool keep_history=True, "
+      "int? chunk_elements=None) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)");
+  // The exact gradient (grad_a, grad_b [C, B]) of sum_b grad_value_b value_b through that loop: the reverse sweep
+  // and gauge correction of wkd::sinkhorn_backward over the history of a keep_history=True forward (T >= 1) with the
+  // same cost arrays, reg and log_domain; eps = the forward's eps (None skips the gauge correction). The envelope
+  // gradient (no history) is the centred reg * log u, reg * log v of the forward's outputs (autograd formula).
+  m.def(
+      "sparse_sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor crow, Tensor col, Tensor cost, "
+      "Tensor crow_t, Tensor col_t, Tensor cost_t, Tensor hist_r, Tensor hist_s, Tensor y, float reg, "
+      "bool log_domain=False, float? eps=None, int? chunk_elements=None) -> (Tensor grad_a, Tensor grad_b)");
 }

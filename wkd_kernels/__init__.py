@@ -18,8 +18,8 @@ The ops themselves are torch.ops.wkd.* (schemas in csrc/ops.cpp).
 """
 from ._build import HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON, build_info
 from . import settings
-from .ops import (GaussianW2Terms, SinkhornResult, bures_wasserstein, feature_stats, gaussian_wasserstein,
-                  gaussian_wasserstein_terms, nuclear_norm, sinkhorn, sqrtm)
+from .ops import (GaussianW2Terms, GibbsKernel, SinkhornResult, bures_wasserstein, feature_stats, gaussian_wasserstein,
+                  gaussian_wasserstein_terms, gibbs_kernel, nuclear_norm, sinkhorn, sqrtm)
 from .ops.sparse_sinkhorn import (SparseSinkhornResult, csr_from_dense, embedding_cost, knn_kernel, sparse_cost,
                                   sparse_sinkhorn)
 from . import interrelations, losses  # noqa: E402
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HAS_C_EXT", "HAS_CUDA_EXT", "HAS_TRITON", "build_info",
-    "settings", "SinkhornResult", "sinkhorn",
+    "settings", "SinkhornResult", "sinkhorn", "GibbsKernel", "gibbs_kernel",
     "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein", "gaussian_wasserstein",
     "gaussian_wasserstein_terms", "GaussianW2Terms",
     "interrelations", "losses", "cka_distance", "classifier_cosine_distance", "centroid_cosine_distance", "sharpen",

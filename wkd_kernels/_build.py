@@ -37,7 +37,8 @@ elif C_EXT_BUILT or os.environ.get("WKD_KERNELS_LIBRARY"):  # pragma: no cover
     warnings.warn(
         f"wkd_kernels: the compiled extension failed to load ({LOAD_ERROR}). It was built for a specific "
         f"torch/CUDA; this is torch {torch.__version__} (CUDA {torch.version.cuda}). Rebuild with "
-        "`pip install --no-build-isolation -e .`."
+        "`pip install --no-build-isolation -e .`.",
+        stacklevel=1,  # raised while wkd_kernels is imported: the warning is about the package, not a call site
     )
 
 from . import _schemas  # noqa: E402

@@ -14,6 +14,8 @@ import torch
 SCHEMAS = {
     "sinkhorn": "sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, bool log_domain=False, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
     "sinkhorn_backward": "sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, Tensor y, float reg, bool log_domain=False, float? eps=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
+    "sinkhorn_gibbs": "sinkhorn_gibbs(Tensor a, Tensor b, Tensor K, Tensor KC, int num_iters, float eps=0.0, bool keep_history=True) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
+    "sinkhorn_gibbs_backward": "sinkhorn_gibbs_backward(Tensor grad_value, Tensor a, Tensor b, Tensor K, Tensor KC, Tensor hist_r, Tensor hist_s, Tensor y, float? eps=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
     "sinkhorn_triton": "sinkhorn_triton(Tensor a, Tensor b, Tensor cost, float reg, int num_iters, float eps=0.0, bool log_domain=False, bool keep_history=True, str precision=\"ieee\") -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
     "sinkhorn_triton_backward": "sinkhorn_triton_backward(Tensor grad_value, Tensor a, Tensor b, Tensor cost, Tensor hist_r, Tensor hist_s, Tensor y, float reg, bool log_domain=False, str precision=\"ieee\", float? eps=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
     "feature_stats": "feature_stats(Tensor x, int grid=1, bool full=False, bool unbiased=True) -> (Tensor mean, Tensor var)",  # noqa: E501
@@ -30,11 +32,14 @@ SCHEMAS = {
     "nuclear_norm_triton": "nuclear_norm_triton(Tensor M, int num_iters=20, str precision=\"ieee\") -> (Tensor value, Tensor polar)",  # noqa: E501
     "bures_wasserstein_triton": "bures_wasserstein_triton(Tensor mu1, Tensor S1, Tensor mu2, Tensor S2, str method=\"newton_schulz\", int num_iters=20, str precision=\"ieee\") -> (Tensor w2, Tensor sqrt_S1, Tensor sqrt_S2, Tensor polar)",  # noqa: E501
     "bures_wasserstein_triton_backward": "bures_wasserstein_triton_backward(Tensor grad_w2, Tensor mu1, Tensor mu2, Tensor sqrt_S1, Tensor sqrt_S2, Tensor polar, str method=\"newton_schulz\", int num_iters=20, str precision=\"ieee\") -> (Tensor grad_mu1, Tensor grad_S1, Tensor grad_mu2, Tensor grad_S2)",  # noqa: E501
+    "sparse_sinkhorn": "sparse_sinkhorn(Tensor a, Tensor b, Tensor crow, Tensor col, Tensor cost, Tensor crow_t, Tensor col_t, Tensor cost_t, float reg, int num_iters, float eps=0.0, bool log_domain=False, bool keep_history=True, int? chunk_elements=None) -> (Tensor value, Tensor u, Tensor v, Tensor hist_r, Tensor hist_s, Tensor y)",  # noqa: E501
+    "sparse_sinkhorn_backward": "sparse_sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor crow, Tensor col, Tensor cost, Tensor crow_t, Tensor col_t, Tensor cost_t, Tensor hist_r, Tensor hist_s, Tensor y, float reg, bool log_domain=False, float? eps=None, int? chunk_elements=None) -> (Tensor grad_a, Tensor grad_b)",  # noqa: E501
 }
 
 # The ops with a torch-backend twin (the Triton ones have their own; the backward ops are twinned too).
-_TWINNED = ("sinkhorn", "sinkhorn_backward", "feature_stats", "feature_stats_backward", "sqrtm", "sqrtm_backward",
-            "nuclear_norm", "bures_wasserstein", "bures_wasserstein_backward")
+_TWINNED = ("sinkhorn", "sinkhorn_backward", "sinkhorn_gibbs", "sinkhorn_gibbs_backward", "feature_stats",
+            "feature_stats_backward", "sqrtm", "sqrtm_backward", "nuclear_norm", "bures_wasserstein",
+            "bures_wasserstein_backward", "sparse_sinkhorn", "sparse_sinkhorn_backward")
 
 
 def torch_twin(name: str) -> str:
@@ -53,5 +58,5 @@ def define(with_base: bool) -> None:
     if _LIB is not None:
         return
     _LIB = torch.library.Library("wkd", "FRAGMENT")
-    for name, schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).items():
+    for schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).values():
         _LIB.define(schema)

@@ -158,7 +158,8 @@ def cka_distance(class_features: Tensor, kernel: str = "linear", *, degree: int 
     _check_positive(max_chunk_bytes, "max_chunk_bytes", fn, integer=True)
     C, n, D = class_features.shape
     if n < 2:
-        raise ValueError(f"{fn}: `class_features` needs n >= 2 samples per class, got shape {list(class_features.shape)}")
+        raise ValueError(f"{fn}: `class_features` needs n >= 2 samples per class, "
+                         f"got shape {list(class_features.shape)}")
     if kernel == "polynomial":
         _check_positive(degree, "degree", fn, integer=True)
         _check_positive(gamma, "gamma", fn, allow_none=True)

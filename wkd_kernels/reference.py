@@ -85,7 +85,9 @@ def sinkhorn_reference(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters
     log_b = torch.where(b > 0, torch.log(b.clamp_min(torch.finfo(dtype).tiny)), ninf)
 
     def add_eps(x):
-        return torch.logaddexp(x, torch.full_like(x, float(torch.log(torch.tensor(eps, dtype=dtype))))) if eps > 0 else x
+        if eps > 0:
+            return torch.logaddexp(x, torch.full_like(x, float(torch.log(torch.tensor(eps, dtype=dtype)))))
+        return x
 
     log_v = None
     for _ in range(num_iters):

@@ -1,10 +1,9 @@
 // CPU kernels of wkd::sinkhorn and wkd::sinkhorn_backward (contract: the schema comment in csrc/ops.cpp).
 //
 // Two paths:
-//  * shared cost [n, m], scaling domain: every half-iteration of the whole batch is one BLAS product
-//    (U @ K or V @ K^T, [B, n] x [n, m]); the first one (u0 is a masked constant) is replaced by a
-//    column sum when rows have few zero-mass entries, and the backward skips the product whose result
-//    (the adjoint of the constant u0) is unused.
+//  * shared cost [n, m], scaling domain: K = exp(-cost / reg) and K∘cost are built here, then the BLAS path of
+//    csrc/cpu/sinkhorn_gibbs.cpp (one BLAS product per half-iteration of the whole batch) runs on them, the one
+//    wkd::sinkhorn_gibbs runs on a K and K∘cost built once per cost.
 //  * per-row cost [B, n, m] or log domain: rows run in parallel (at::parallel_for), each with its own
 //    n x m kernel buffer (K = exp(-cost/reg), or L = -cost/reg in the log domain) and plain loops.
 // The exact backward walks the iterations in reverse from the stored r_t = K v_t + eps and
@@ -22,12 +21,11 @@
 
 #include "../sinkhorn_common.h"
 #include "interrupt.h"
+#include "sinkhorn_cpu.h"
 
 namespace wkd {
+namespace sinkhorn_cpu {
 namespace {
-
-constexpr const char* kFwd = "wkd.sinkhorn";
-constexpr const char* kBwd = "wkd.sinkhorn_backward";
 
 // ------------------------------- scaling-domain row helpers -------------------------------
 // out_j = sum_i x_i M_ij (W_ij if W)      M, W row-major n x m
@@ -149,20 +147,6 @@ bool kernel_block_ok(const T* M, int64_t n, int64_t m, bool log_domain) {
     if (!any) return false;
   }
   return std::all_of(col.begin(), col.end(), [](char c) { return c != 0; });
-}
-
-const char* dtype_name(at::ScalarType st) { return st == at::kFloat ? "float32" : "float64"; }
-
-[[noreturn]] void kernel_range_error(const char* op, at::ScalarType st, double reg, bool log_domain) {
-  if (!log_domain) {
-    TORCH_CHECK_VALUE(false, op, ": K = exp(-cost / reg) underflows to 0 in ", dtype_name(st),
-                      " on a whole row or column of `cost` with `reg` = ", reg,
-                      " (it underflows where cost / reg > ", st == at::kFloat ? 103 : 745,
-                      "): the scaling iterations would divide by 0. Use log_domain=True, or a larger `reg`");
-  }
-  TORCH_CHECK_VALUE(false, op, ": -cost / reg overflows to -inf in ", dtype_name(st),
-                    " on a whole row or column of `cost` with `reg` = ", reg,
-                    " (even with log_domain=True): use a larger `reg` or rescale `cost`");
 }
 
 // --------------------------------- one row, forward ---------------------------------
@@ -319,210 +303,6 @@ void backward_row(const T* M, const T* C, const T* a, const T* b, T g, int64_t n
   }
 }
 
-// --------------------------------- shared cost, BLAS path ---------------------------------
-// Elementwise passes over [B, len] buffers, fused by hand and run in parallel over the batch.
-template <typename F>
-void rows_parallel(int64_t B, int64_t len, const F& f) {
-  // Chunks of >= 64K elements: smaller parallel regions cost more in thread wake-ups than they save.
-  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) f(bi, bi * len);
-  });
-}
-
-// The elementwise passes of the BLAS paths over one row: functions of restrict pointers, so that they vectorise.
-template <typename T>  // den += add (when do_add); out = num / den     (v = b / s, u = a / r)
-void add_divide(T* __restrict den, const T* __restrict num, T* __restrict out, int64_t len, T add, bool do_add) {
-  if (do_add)
-    for (int64_t k = 0; k < len; ++k) den[k] += add;
-  for (int64_t k = 0; k < len; ++k) out[k] = num[k] / den[k];
-}
-template <typename T>  // u = a / r, w = g y / r; ut = u, ga = w, x = w u     (the last step of the backward sweep)
-void last_w_pass(const T* __restrict a, const T* __restrict r, const T* __restrict y, T g, T* __restrict ut,
-                 T* __restrict ga, T* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T u_i = a[i] / r[i], w = g * y[i] / r[i];
-    ut[i] = u_i, ga[i] = w, x[i] = w * u_i;
-  }
-}
-template <typename T>  // w = -prod / r; ga += w; x = w a / r
-void w_pass(const T* __restrict prod, const T* __restrict r, const T* __restrict a, T* __restrict ga, T* __restrict x,
-            int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T w = -prod[i] / r[i];
-    ga[i] += w, x[i] = w * (a[i] / r[i]);
-  }
-}
-template <typename T>  // z = ((g direct if last) - prod) / s
-void z_pass(const T* __restrict direct, const T* __restrict prod, const T* __restrict s, T g, bool last,
-            T* __restrict z, int64_t m) {
-  for (int64_t j = 0; j < m; ++j) z[j] = ((last ? g * direct[j] : T(0)) - prod[j]) / s[j];
-}
-template <typename T>  // z -= c b; gb += z (gb = z if last); zv = z v = z b / s
-void correct_pass(T* __restrict zv, T* __restrict gb, const T* __restrict b, const T* __restrict s, double c, bool last,
-                  int64_t m) {
-  for (int64_t j = 0; j < m; ++j) {
-    const T z = T(double(zv[j]) - c * double(b[j]));
-    gb[j] = last ? z : gb[j] + z;
-    zv[j] = z * (b[j] / s[j]);
-  }
-}
-
-// s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
-// accumulated in float64. Returns false when rows have too many zeros.
-// The subtraction cancels where the zero-mass rows carry most of a column (e.g. a zero-mass row whose
-// K entry is 1 over a column of exp(-37) entries: the difference is exactly 0 and v = b / 0): such a
-// column is recomputed exactly over the support (column j of K, read with stride m, only for the
-// affected columns: O(n) each). "Most" is dtype-aware: the float64 difference has an absolute error of a few
-// float64 ulps of the column sum, so it is kept when that is below the output dtype's rounding
-// (float32: the column sum exceeds the difference by < 2^20; float64: by < 2).
-bool first_half_by_colsum(const at::Tensor& a, const at::Tensor& K, double eps, at::Tensor& s_out) {
-  const int64_t B = a.size(0), n = a.size(1), m = K.size(1);
-  if (B == 0) return false;  // (max() of an empty batch)
-  const at::Tensor zero_mask = a.le(0);
-  const int64_t max_zeros = zero_mask.sum(1).max().item<int64_t>();
-  if (max_zeros * 8 > n) return false;
-  const at::Tensor colsum = K.sum(0, /*keepdim=*/false, at::kDouble);
-  const bool* zm = zero_mask.data_ptr<bool>();
-  const double* cs = colsum.data_ptr<double>();
-  const double keep_ratio = s_out.scalar_type() == at::kFloat ? std::ldexp(1.0, -20) : 0.5;
-  AT_DISPATCH_FLOATING_TYPES(s_out.scalar_type(), "wkd_first_half", [&] {
-    const scalar_t* kp = K.data_ptr<scalar_t>();
-    scalar_t* out = s_out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / m), [&](int64_t b0, int64_t b1) {
-      std::vector<double> acc(m);
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        std::copy(cs, cs + m, acc.begin());
-        const bool* zrow = zm + bi * n;
-        int64_t zeros = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          if (!zrow[i]) continue;
-          ++zeros;
-          const scalar_t* Ki = kp + i * m;
-          for (int64_t j = 0; j < m; ++j) acc[j] -= double(Ki[j]);
-        }
-        if (zeros > 0) {
-          for (int64_t j = 0; j < m; ++j) {
-            if (acc[j] > cs[j] * keep_ratio) continue;
-            double exact = 0;  // cancelled: sum over the support exactly (column j of K, stride m; rare)
-            for (int64_t i = 0; i < n; ++i) exact += zrow[i] ? 0.0 : double(kp[i * m + j]);
-            acc[j] = exact;
-          }
-        }
-        const double inv = 1.0 / double(n - zeros);
-        for (int64_t j = 0; j < m; ++j) out[bi * m + j] = static_cast<scalar_t>(acc[j] * inv + eps);
-      }
-    });
-  });
-  return true;
-}
-
-// Forward: s_t = U K + eps (one GEMM), v = b / s; r_t = V K^T + eps (one GEMM), u = a / r.
-// History: hist_r[t] = r_t, hist_s[t] = s_t; y = (K∘C) v_T (the value is sum_i u_i y_i; the backward reuses y).
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_shared_blas(
-    const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double reg, int64_t T_iters, double eps,
-    bool keep_history) {
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
-  const at::Tensor K = at::exp(cost.div(-reg));
-  if (!kernel_block_ok<T>(K.data_ptr<T>(), n, m, false)) kernel_range_error(kFwd, a.scalar_type(), reg, false);
-  at::Tensor hist_r = at::empty({keep_history ? T_iters : 0, B, n}, a.options());
-  at::Tensor hist_s = at::empty({keep_history ? T_iters : 0, B, m}, a.options());
-  at::Tensor r_tmp = keep_history ? at::Tensor() : at::empty_like(a);
-  at::Tensor s_tmp = keep_history ? at::Tensor() : at::empty_like(b);
-  at::Tensor u = at::empty_like(a), v = at::empty_like(b);
-  const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>();
-  T *u_p = u.data_ptr<T>(), *v_p = v.data_ptr<T>();
-  const T e = T(eps);
-  for (int64_t t = 0; t < T_iters; ++t) {
-    check_interrupt();  // Ctrl-C between iterations
-    at::Tensor s = keep_history ? hist_s[t] : s_tmp;
-    at::Tensor r = keep_history ? hist_r[t] : r_tmp;
-    bool s_has_eps = true;
-    if (t > 0 || !first_half_by_colsum(a, K, eps, s)) {
-      if (t == 0) {
-        const at::Tensor supp = a.gt(0).to(a.scalar_type());
-        at::div_out(u, supp, supp.sum(1, true));
-      }
-      at::mm_out(s, u, K);
-      s_has_eps = false;
-    }
-    T* s_p = s.data_ptr<T>();
-    rows_parallel(B, m, [&](int64_t, int64_t o) { add_divide<T>(s_p + o, b_p + o, v_p + o, m, e, !s_has_eps); });
-    at::mm_out(r, v, K.t());
-    T* r_p = r.data_ptr<T>();
-    rows_parallel(B, n, [&](int64_t, int64_t o) { add_divide<T>(r_p + o, a_p + o, u_p + o, n, e, true); });
-  }
-  at::Tensor y = at::empty({B, n}, a.options());
-  at::mm_out(y, v, K.mul(cost).t());
-  const at::Tensor value = at::empty({B}, a.options());
-  T* val_p = value.data_ptr<T>();
-  const T* y_p = y.data_ptr<T>();
-  rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-    T acc = 0;
-    for (int64_t i = o; i < o + n; ++i) acc += u_p[i] * y_p[i];
-    val_p[bi] = acc;
-  });
-  return {value, u, v, hist_r, hist_s, keep_history ? y : at::empty({0, n}, a.options())};
-}
-
-// Backward (see backward_row for the recurrences and the gauge correction): two GEMMs per iteration (one in the
-// first), fused elementwise passes. The gauge sums are float64 and in order (one serial pass each), so the
-// elementwise work stays vectorisable; sum_j b_j^2 is the same every iteration, and without eps the G_t terms
-// (eps times a sum) are 0 and not summed.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> backward_shared_blas(const at::Tensor& grad_value, const at::Tensor& a,
-                                                        const at::Tensor& b, const at::Tensor& cost,
-                                                        const at::Tensor& hist_r, const at::Tensor& hist_s,
-                                                        const at::Tensor& y, double reg, double eps, bool correct) {
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
-  const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
-  const bool has_eps = eps > 0;
-  const at::Tensor K = at::exp(cost.div(-reg));
-  const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>(), *g_p = grad_value.data_ptr<T>();
-  const T *hr = hist_r.data_ptr<T>(), *hs = hist_s.data_ptr<T>(), *y_p = y.data_ptr<T>();
-  at::Tensor ga = at::empty_like(a), gb = at::empty_like(b), x = at::empty_like(a), ut = at::empty_like(a);
-  at::Tensor zv = at::empty_like(b), tmp_m = at::empty_like(b), tmp_n = at::empty_like(a);
-  T *ga_p = ga.data_ptr<T>(), *gb_p = gb.data_ptr<T>(), *x_p = x.data_ptr<T>(), *ut_p = ut.data_ptr<T>();
-  T* zv_p = zv.data_ptr<T>();
-  const T *tm_p = tmp_m.data_ptr<T>(), *tn_p = tmp_n.data_ptr<T>();
-  auto ordered_sum = [](const T* p, int64_t len) {  // float64, in order
-    double acc = 0;
-    for (int64_t k = 0; k < len; ++k) acc += double(p[k]);
-    return acc;
-  };
-  // gauge[bi] = G_t of row bi; zs[bi] = sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0); sbb[bi] = sum_j b_j^2
-  std::vector<double> gauge(B, 0.0), zs(B, 0.0), sbb(B, 0.0);
-  // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
-  const T* r_last = hr + last * B * n;
-  rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-    last_w_pass<T>(a_p + o, r_last + o, y_p + o, g_p[bi], ut_p + o, ga_p + o, x_p + o, n);
-    if (has_eps) gauge[bi] = eps * ordered_sum(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
-    for (int64_t j = bi * m; j < (bi + 1) * m; ++j) sbb[bi] += double(b_p[j]) * double(b_p[j]);
-  });
-  at::Tensor direct = at::mm(ut, K.mul(cost));
-  const T* d_p = direct.data_ptr<T>();
-  for (int64_t t = last; t >= 0; --t) {
-    at::mm_out(tmp_m, x, K);  // K^T (w_t u_t) per row
-    const T* s = hs + t * B * m;
-    rows_parallel(B, m, [&](int64_t bi, int64_t o) {
-      z_pass<T>(d_p + o, tm_p + o, s + o, g_p[bi], t == last, zv_p + o, m);  // z_t
-      double sbz = 0;
-      for (int64_t j = o; j < o + m; ++j) sbz += double(b_p[j]) * double(zv_p[j]);
-      const double c = correct && sbb[bi] > 0 ? (sbz - gauge[bi]) / sbb[bi] : 0.0;  // the gauge correction
-      correct_pass<T>(zv_p + o, gb_p + o, b_p + o, s + o, c, t == last, m);
-      if (has_eps) zs[bi] = ordered_sum(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
-    });
-    if (t == 0) break;
-    at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
-    const T* r = hr + (t - 1) * B * n;
-    rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-      w_pass<T>(tn_p + o, r + o, a_p + o, ga_p + o, x_p + o, n);
-      if (has_eps) gauge[bi] += eps * (ordered_sum(x_p + o, n) - zs[bi]);
-    });
-  }
-  return {ga, gb};
-}
-
 // --------------------------------- per-row path ---------------------------------
 // Calls row(bi, M, C) for every row bi, rows in parallel, with C the cost of row bi and M its kernel matrix (K, or L
 // in the log domain): one for a shared cost, else built per row into a per-thread buffer. Rows run in blocks (of
@@ -602,48 +382,6 @@ std::tuple<at::Tensor, at::Tensor> backward_rows(const at::Tensor& grad_value, c
   return {ga, gb};
 }
 
-// --------------------------------- value checks ---------------------------------
-// One read of each input, rows in parallel, branch-free (so that it vectorises): every entry finite and >= 0 and,
-// with need_positive_rows, some entry > 0 in every row (a row sum > 0). Only when that fails does the exact
-// check_sinkhorn_values run, to name the argument and the problem.
-template <typename T>
-bool rows_valid(const at::Tensor& t, int64_t len, bool need_positive_rows) {
-  const T* p = t.data_ptr<T>();
-  const int64_t rows = t.numel() / len;
-  const T big = std::numeric_limits<T>::max();
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1 && ok.load(std::memory_order_relaxed); ++r) {
-      const T* x = p + r * len;
-      int in_range = 1, positive = 0;  // NaN fails both comparisons
-      for (int64_t k = 0; k < len; ++k) {
-        in_range &= (x[k] >= T(0)) & (x[k] <= big);
-        positive |= x[k] > T(0);
-      }
-      if (!in_range || (need_positive_rows && !positive)) ok.store(false, std::memory_order_relaxed);
-    }
-  });
-  return ok.load();
-}
-
-void check_values_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, const char* op) {
-  const bool ok = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_check_values", [&] {
-    return rows_valid<scalar_t>(a, a.size(1), true) && rows_valid<scalar_t>(b, b.size(1), true) &&
-           rows_valid<scalar_t>(cost, cost.size(-1), false);
-  });
-  if (!ok) check_sinkhorn_values(a, b, cost, op);
-}
-
-// Scaling domain, valid inputs: a non-finite result can only come from K = exp(-cost / reg) underflowing where it
-// matters (a row of K that vanishes on the support of b, ...) or from the scalings overflowing. Reading [B] values
-// is free next to the GEMMs; on CPU the op therefore never returns such a NaN silently.
-void check_result_finite(const at::Tensor& t, at::ScalarType st, double reg, const char* op) {
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), op, ": the scaling-domain iterations gave a non-finite ",
-                    op == kBwd ? "gradient" : "value", " with `reg` = ", reg, " in ", dtype_name(st),
-                    ": K = exp(-cost / reg) underflows (cost / reg > ", st == at::kFloat ? 87 : 708,
-                    " somewhere) or the scalings overflow. Use log_domain=True, or a larger `reg`");
-}
-
 // --------------------------------- op entry points ---------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double reg, int64_t num_iters,
@@ -655,12 +393,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(!f32 || static_cast<float>(reg) > 0.f, kFwd, ": `reg` = ", reg,
                     " underflows to 0 in float32 (cost / reg is computed in the dtype of the inputs); use a larger "
                     "`reg` or float64");
-  auto out = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
-    return d.shared_cost && !log_domain ? forward_shared_blas<scalar_t>(a, b, cost, reg, num_iters, eps, keep_history)
-                                        : forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain,
-                                                                 keep_history);
-  });
-  if (!log_domain) check_result_finite(std::get<0>(out), a.scalar_type(), reg, kFwd);
+  Outputs out;
+  if (d.shared_cost && !log_domain) {
+    at::Tensor K = cost.div(-reg);
+    K.exp_();  // K = exp(-cost / reg), in place (the values of at::exp)
+    out = forward_gibbs(a, b, K, K.mul(cost), num_iters, eps, keep_history, kFwd, reg);
+  } else {
+    out = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_cpu", [&] {
+      return forward_rows<scalar_t>(a, b, cost, reg, num_iters, eps, log_domain, keep_history);
+    });
+  }
+  if (!log_domain) check_result_finite(std::get<0>(out), reg, kFwd, false);
   return out;
 }
 
@@ -677,23 +420,28 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& grad_
   const at::Tensor hist_r = hist_r_in.contiguous(), hist_s = hist_s_in.contiguous(), y = y_in.contiguous();
   const at::Tensor g = grad_value.contiguous();
   at::Tensor ga, gb;
-  std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
-    return d.shared_cost && !log_domain
-               ? backward_shared_blas<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, eps, correct)
-               : backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, eps, correct);
-  });
-  if (!log_domain && at::isfinite(g).all().item<bool>()) {
-    check_result_finite(ga, a.scalar_type(), reg, kBwd);
-    check_result_finite(gb, a.scalar_type(), reg, kBwd);
+  if (d.shared_cost && !log_domain) {
+    at::Tensor K = cost.div(-reg);
+    K.exp_();
+    std::tie(ga, gb) = backward_gibbs(g, a, b, K, K.mul(cost), hist_r, hist_s, y, eps, correct);
+  } else {
+    std::tie(ga, gb) = AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "wkd_sinkhorn_backward_cpu", [&] {
+      return backward_rows<scalar_t>(g, a, b, cost, hist_r, hist_s, y, reg, log_domain, eps, correct);
+    });
+  }
+  if (!log_domain && all_finite(g)) {
+    check_result_finite(ga, reg, kBwd, true);
+    check_result_finite(gb, reg, kBwd, true);
   }
   return {ga, gb};
 }
 
 }  // namespace
+}  // namespace sinkhorn_cpu
 
 TORCH_LIBRARY_IMPL(wkd, CPU, m) {
-  m.impl("sinkhorn", &sinkhorn_cpu);
-  m.impl("sinkhorn_backward", &sinkhorn_backward_cpu);
+  m.impl("sinkhorn", &sinkhorn_cpu::sinkhorn_cpu);
+  m.impl("sinkhorn_backward", &sinkhorn_cpu::sinkhorn_backward_cpu);
 }
 
 }  // namespace wkd

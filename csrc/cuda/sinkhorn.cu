@@ -42,13 +42,14 @@
 // lse.cuh (the log-sum-exp of every log-domain pass), gauge.cuh (the backward's gauge correction),
 // gemm_kernels.cuh (GEMM, epilogues, tile table, prep kernels), row_kernels.cuh (per-row kernels),
 // small_kernels.cuh and small_plan.cuh (single-launch kernels and their launch plan), launch.h (the host
-// interface below, for the other translation units), tuning_ops.cu (the benchmarking ops wkd_tuning::*: the
-// entry points below with the launch choices as per-call arguments). This file: the launch logic of the three
-// kernel families and the registration on wkd's CUDA key.
+// interface below, for the other translation units). The benchmarking ops wkd_tuning::* (the entry points below
+// with the launch choices as per-call arguments) are bench/cuda/sinkhorn_tuning_ops.cu, compiled next to this file
+// only with setup.py's WKD_BUILD_TUNING_OPS=1. This file: the launch logic of the three kernel families and the
+// registration on wkd's CUDA key.
 //
 // WKD_CUDA_EMULATE (verification only, never set by the build): these sources compile as host C++ against
 // csrc/cuda/cuda_emu.cuh, a cooperative-fiber emulator of the CUDA subset they use;
-// python_tests/cuda_emulation/emu_sinkhorn_cuda.cpp includes this file and tuning_ops.cu and registers the entry
+// python_tests/cuda_emulation/emu_sinkhorn_cuda.cpp includes this file and the tuning ops and registers the entry
 // points below as CPU kernels of a library of its own (wkd_cuda_emu, wkd_cuda_emu_tuning), so that the kernels
 // and their launch code are checked against the CPU op without a GPU. This file then registers nothing.
 #include "sinkhorn/gemm_kernels.cuh"

@@ -12,9 +12,9 @@ count by default, as in the paper), as
     features  [C * H * W]    (the flattened map of ``--layer``, what the released CIFAR-100 matrices used).
 ``wkd_kernels.interrelations.cka_distance`` (linear kernel) turns the [K, n, D] tensor into the [K, K] class
 distance (symmetric, zero diagonal, in [0, 1]), saved with ``torch.save`` as float32 like the files the paper
-released (the ``wkd_cost_matrix/`` folder of https://github.com/JiamingLv/WKD; not shipped here); WKD-L sharpens it with kappa when training. A JSON sidecar FILE.json records how it was
-made. ``--resume`` continues an interrupted run from FILE.partial.pth (written atomically every
-``--save-every`` batches).
+released (the ``wkd_cost_matrix/`` folder of https://github.com/JiamingLv/WKD; not shipped here); WKD-L sharpens
+it with kappa when training. A JSON sidecar FILE.json records how it was made. ``--resume`` continues an
+interrupted run from FILE.partial.pth (written atomically every ``--save-every`` batches).
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def build_cost_matrix(cfg: dict, output, *, source: Optional[str] = None, layer:
             v = v.float().cpu()
             if feats is None:
                 feats = torch.zeros(K, n, v.shape[1], dtype=torch.float32)
-            for row, y in zip(v, ys.tolist()):
+            for row, y in zip(v, ys.tolist(), strict=True):
                 feats[y, filled[y]] = row
                 filled[y] += 1
             pos += len(ys)

@@ -133,7 +133,8 @@ class Distiller(nn.Module):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], distill_cfg: dict, total_epochs: int,
                  input_size: Optional[int] = None):
         super().__init__()
-        distill_cfg = resolve(DistillConfig, distill_cfg, "distill", prefix="distill.")  # defaults, unknown keys (`decay_strat`)
+        # defaults, unknown keys (`decay_strat`)
+        distill_cfg = resolve(DistillConfig, distill_cfg, "distill", prefix="distill.")
         spec = get_method(distill_cfg["method"], CLS_METHODS)
         method = spec.name
         if spec.needs_teacher and teacher is None:

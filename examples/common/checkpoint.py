@@ -263,7 +263,7 @@ def unwrap_model(m: nn.Module) -> nn.Module:
     while True:
         if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             m = m.module
-        elif hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+        elif hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             m = m._orig_mod
         else:
             return m

@@ -35,7 +35,8 @@ class MetricLogger:
             except Exception as e:  # tensorboard missing or broken
                 global _TB_WARNED
                 if not _TB_WARNED:
-                    warnings.warn(f"MetricLogger: TensorBoard logging disabled ({e}); writing metrics.jsonl only")
+                    warnings.warn(f"MetricLogger: TensorBoard logging disabled ({e}); writing metrics.jsonl only",
+                                  stacklevel=2)
                     _TB_WARNED = True
 
     def log(self, step: int, scalars: Dict[str, float], prefix: str = "") -> None:

@@ -367,10 +367,11 @@ class Trainer:
                         vals = vals / info.world_size
                     vals = vals.tolist()  # the only host synchronisation of the loop
                     if not all(v == v and abs(v) != float("inf") for v in vals):
-                        raise NonFiniteLossError(f"training loss is {vals[0]} at step {step} (epoch {epoch}); terms: "
-                                                 + ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vals[1:])))
+                        raise NonFiniteLossError(
+                            f"training loss is {vals[0]} at step {step} (epoch {epoch}); terms: "
+                            + ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vals[1:], strict=True)))
                     row = {"loss": vals[0], **{(k if k.startswith("loss_") else f"loss_{k}"): v
-                                               for k, v in zip(names, vals[1:])},
+                                               for k, v in zip(names, vals[1:], strict=True)},
                            "lr": lr_now, "epoch": epoch, "sec_per_iter": (now - t_log) / max(1, step - s_log),
                            **scalars_epoch}
                     t_log, s_log = now, step

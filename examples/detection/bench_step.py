@@ -142,8 +142,8 @@ def bench(pair: str, batch: int, size: int, modes, steps: int, warmup: int, amp:
                 if i == warmup + steps - 1:
                     per_img = model.student.roi_heads.fg_bg_sampler.batch_size_per_image
                     results[mode] = {"median_ms": statistics.median(times), "min_ms": min(times),
-                                     "cpu_median_ms": statistics.median(cpu_times), "steps": steps, "terms": sorted(out.keys()),
-                                     "rois_per_step_max": per_img * batch}
+                                     "cpu_median_ms": statistics.median(cpu_times), "steps": steps,
+                                     "terms": sorted(out.keys()), "rois_per_step_max": per_img * batch}
     return results
 
 

@@ -81,7 +81,7 @@ def collect_class_features(teacher, dataset, feature: str = "box_head", max_per_
         if bg_per_image > 0:
             proposals, _ = teacher.rpn(images_t, feats)
         for i, t in enumerate(targets_t):
-            b, l = t["boxes"], t["labels"]
+            b, lab = t["boxes"], t["labels"]
             if bg_per_image > 0 and len(proposals[i]):
                 p = proposals[i]
                 iou = box_iou(p, b).amax(1) if len(b) else torch.zeros(len(p), device=p.device)
@@ -89,9 +89,9 @@ def collect_class_features(teacher, dataset, feature: str = "box_head", max_per_
                 if len(neg):
                     pick = torch.randperm(len(neg), generator=g)[:bg_per_image].to(neg.device)
                     b = torch.cat([b, neg[pick]])
-                    l = torch.cat([l, torch.zeros(len(pick), dtype=l.dtype, device=l.device)])
+                    lab = torch.cat([lab, torch.zeros(len(pick), dtype=lab.dtype, device=lab.device)])
             boxes.append(b)
-            labels.append(l)
+            labels.append(lab)
         if sum(len(b) for b in boxes) == 0:
             continue
         x = rh.box_roi_pool(feats, boxes, images_t.image_sizes)
@@ -101,7 +101,7 @@ def collect_class_features(teacher, dataset, feature: str = "box_head", max_per_
             x = rh.box_head(x)
             if feature == "logits":
                 x = rh.box_predictor(x)[0]
-        for xi, li in zip(x.float().cpu(), torch.cat(labels).cpu().tolist()):
+        for xi, li in zip(x.float().cpu(), torch.cat(labels).cpu().tolist(), strict=True):
             res[li].add(xi)
     return [r.items for r in res], [r.seen for r in res]
 

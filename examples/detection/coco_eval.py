@@ -40,7 +40,7 @@ def coco_stats(coco_gt, detections: list[dict], img_ids: list[int], verbose: boo
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats)}
+    return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats, strict=True)}
 
 
 def _gather(obj):
@@ -73,15 +73,15 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, amp: str =
         images = [im.to(device, non_blocking=True) for im in images]
         with autocast(device, amp):
             outputs = model(images)
-        for out, tgt in zip(outputs, targets):
+        for out, tgt in zip(outputs, targets, strict=True):
             img_id = int(tgt["image_id"])
             img_ids.append(img_id)
             boxes = out["boxes"].float().cpu()
             if boxes.numel() == 0:
                 continue
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            for b, s, l in zip(xywh, out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist()):
-                dets.append({"image_id": img_id, "category_id": cat_ids[l - 1], "bbox": b, "score": s})
+            for b, s, lab in zip(xywh, out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist(), strict=True):
+                dets.append({"image_id": img_id, "category_id": cat_ids[lab - 1], "bbox": b, "score": s})
         if progress is not None:
             progress.update(len(images))
     model.train(was_training)

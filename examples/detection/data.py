@@ -116,7 +116,7 @@ class CocoDetectionDataset(Dataset):
 
 def collate(batch):
     """List of (image, target) -> (list of images, list of targets) (images keep their own sizes)."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 

@@ -17,7 +17,8 @@
 R = the RoIs sampled by the student's box sampler (``box_batch_size_per_image`` per image, GT boxes included),
 K+1 classes with background at index 0; the distillation target is each RoI's assigned label (0 = background).
 The distillation losses (``DistillLosses``) then compare logits_s / logits_t (KD, DKD, WKD-L) and
-projector(roi_s) / roi_t (WKD-F; the projector is linear by default, see ``WKD_F_PROJECTORS``). In eval mode the wrapper returns ``student(images)`` (torchvision detections).
+projector(roi_s) / roi_t (WKD-F; the projector is linear by default, see ``WKD_F_PROJECTORS``). In eval mode the
+wrapper returns ``student(images)`` (torchvision detections).
 """
 from __future__ import annotations
 

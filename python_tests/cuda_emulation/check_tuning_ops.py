@@ -4,8 +4,8 @@ host emulation.
     python python_tests/cuda_emulation/check_tuning_ops.py BUILD_DIR        (WKD_EMU_SMS=8)
 
 Builds emu_sinkhorn_cuda.cpp (the same build as check_emulated_kernels.py) and checks, on CPU tensors, the library
-wkd_cuda_emu_tuning (csrc/cuda/sinkhorn/tuning_ops.cu: the ops wkd_tuning::* of a CUDA build, run by the
-emulated kernels):
+wkd_cuda_emu_tuning (bench/cuda/sinkhorn_tuning_ops.cu: the ops wkd_tuning::* of a CUDA build with
+WKD_BUILD_TUNING_OPS=1, run by the emulated kernels):
   * per-half-iteration kernels, every tile table entry (`tile` = 0 .. num_tiles() - 1) and -1: u, v, hist_r,
     hist_s, y, grad_a, grad_b bitwise equal to the product op (wkd_cuda_emu.sinkhorn, the automatic tile), the
     value to rounding (its partial sums follow the tile width); tile -1 bitwise the product op in every output;

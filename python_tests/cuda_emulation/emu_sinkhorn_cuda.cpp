@@ -5,12 +5,12 @@
 //       (csrc/ops.cpp), the automatic launch choices of the product ops;
 //   wkd_cuda_emu::configure / resident_ctas_per_sm / launch_count / last_launches: the emulated device's switches,
 //       its occupancy model and the launch log;
-//   wkd_cuda_emu_tuning::*: the tuning ops (csrc/cuda/sinkhorn/tuning_ops.cu) on the emulated kernels.
+//   wkd_cuda_emu_tuning::*: the tuning ops (bench/cuda/sinkhorn_tuning_ops.cu) on the emulated kernels.
 // Built by emulator.load (python_tests/cuda_emulation/emulator.py).
 #define WKD_CUDA_EMULATE 1
 #define WKD_TUNING_LIB "wkd_cuda_emu_tuning"
 #include "../../csrc/cuda/sinkhorn.cu"
-#include "../../csrc/cuda/sinkhorn/tuning_ops.cu"
+#include "../../bench/cuda/sinkhorn_tuning_ops.cu"
 
 namespace wkd_cuda_emu_ops {
 

@@ -1,6 +1,7 @@
 """What the emulation check programs share: the import paths (the repository and python_tests/) and the build of
-emu_sinkhorn_cuda.cpp (csrc/cuda/sinkhorn.cu, csrc/cuda/sinkhorn/ compiled as host C++ against
-csrc/cuda/cuda_emu.cuh) into the libraries wkd_cuda_emu and wkd_cuda_emu_tuning, loaded next to wkd_kernels._C."""
+emu_sinkhorn_cuda.cpp (csrc/cuda/sinkhorn.cu, csrc/cuda/sinkhorn/ and bench/cuda/sinkhorn_tuning_ops.cu compiled
+as host C++ against csrc/cuda/cuda_emu.cuh) into the libraries wkd_cuda_emu and wkd_cuda_emu_tuning, loaded next
+to wkd_kernels._C."""
 import os
 import sys
 from pathlib import Path

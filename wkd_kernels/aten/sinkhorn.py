@@ -19,7 +19,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_ELEMENTS", "sinkhorn_forward", "sinkhorn_backward", "exact_backward_sweep"]
+__all__ = ["CHUNK_ELEMENTS", "sinkhorn_forward", "sinkhorn_backward", "sinkhorn_gibbs_forward",
+           "sinkhorn_gibbs_backward", "exact_backward_sweep"]
 
 # Elements of the largest [B, n, J] temporary of the chunked paths (2^22: 16 MiB in float32).
 CHUNK_ELEMENTS = 1 << 22
@@ -39,10 +40,13 @@ class _ScalingProducts:
     """K^T x ([B, n] -> [B, m]) and K y ([B, m] -> [B, n]), optionally with K∘cost: GEMMs with a shared cost, column
     chunks of exp(-cost / reg) with a per-row cost."""
 
-    def __init__(self, cost: Tensor, reg: float, chunk_elements: Optional[int]):
+    def __init__(self, cost: Optional[Tensor], reg: float, chunk_elements: Optional[int],
+                 gibbs: Optional[Tuple[Tensor, Tensor]] = None):
         self.cost, self.reg = cost, reg
-        self.shared = cost.dim() == 2
-        if self.shared:
+        self.shared = gibbs is not None or cost.dim() == 2
+        if gibbs is not None:  # K and K∘cost of a shared cost, precomputed (wkd::sinkhorn_gibbs)
+            self.K, self._KC = gibbs
+        elif self.shared:
             self.K = torch.exp(cost / -reg)
             self._KC = None
         else:
@@ -164,48 +168,74 @@ def sinkhorn_forward(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: 
     """(value [B], u [B, n], v [B, m], hist_r [T, B, n], hist_s [T, B, m], y [B, n]) of ``wkd::sinkhorn``
     (arguments already checked; the outputs as the schema comment in csrc/ops.cpp states them)."""
     a, b, cost = a.contiguous(), b.contiguous(), cost.contiguous()
+    if not log_domain:
+        return _scaling_forward(a, b, _ScalingProducts(cost, reg, chunk_elements), num_iters, eps, keep_history)
     B, n, m = a.shape[0], a.shape[1], b.shape[1]
     supp = a > 0
     cnt = supp.sum(1, keepdim=True).to(a.dtype)
     T = num_iters if keep_history else 0
     hist_r, hist_s = a.new_empty(T, B, n), a.new_empty(T, B, m)
-    if not log_domain:
-        # written in place into preallocated buffers (the history's slots, u, v): no allocation per iteration
-        P = _ScalingProducts(cost, reg, chunk_elements)
-        u = torch.where(supp, 1.0 / cnt, torch.zeros_like(a))
-        v = torch.empty_like(b)
-        r_buf, s_buf = (None, None) if keep_history else (torch.empty_like(a), torch.empty_like(b))
-        for t in range(num_iters):
-            s = P.t_mul(u, out=hist_s[t] if keep_history else s_buf)
-            if eps > 0:
-                s.add_(eps)
-            torch.div(b, s, out=v)
-            r = P.mul(v, out=hist_r[t] if keep_history else r_buf)
-            if eps > 0:
-                r.add_(eps)
-            torch.div(a, r, out=u)
-        y = P.mul(v, weighted=True)  # (K∘cost) v_T
-        value = (u * y).sum(1)
-    else:
-        R = _LogReductions(cost, reg, B, chunk_elements)
-        log_a, log_b = torch.log(a), torch.log(b)
-        u = torch.where(supp, -torch.log(cnt), torch.full_like(a, _NINF))
-        v = b
-        for t in range(num_iters):
-            mx, sm = R.col(u)
-            s = _log_add_eps(mx + torch.log(sm), eps)
-            v = log_b - s
-            mx, sm = R.row(v)
-            r = _log_add_eps(mx + torch.log(sm), eps)
-            u = log_a - r
-            if keep_history:
-                hist_r[t].copy_(r)
-                hist_s[t].copy_(s)
-        mx, sm = R.row(v, weighted=True)  # log y = log (K∘cost) v_T
-        y = mx + torch.log(sm)
-        value = torch.where(torch.isfinite(u) & (sm != 0), torch.exp(u + _finite_or_zero(mx)) * sm,
-                            torch.zeros_like(sm)).sum(1)
+    R = _LogReductions(cost, reg, B, chunk_elements)
+    log_a, log_b = torch.log(a), torch.log(b)
+    u = torch.where(supp, -torch.log(cnt), torch.full_like(a, _NINF))
+    v = b
+    for t in range(num_iters):
+        mx, sm = R.col(u)
+        s = _log_add_eps(mx + torch.log(sm), eps)
+        v = log_b - s
+        mx, sm = R.row(v)
+        r = _log_add_eps(mx + torch.log(sm), eps)
+        u = log_a - r
+        if keep_history:
+            hist_r[t].copy_(r)
+            hist_s[t].copy_(s)
+    mx, sm = R.row(v, weighted=True)  # log y = log (K∘cost) v_T
+    y = mx + torch.log(sm)
+    value = torch.where(torch.isfinite(u) & (sm != 0), torch.exp(u + _finite_or_zero(mx)) * sm,
+                        torch.zeros_like(sm)).sum(1)
     return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, n))
+
+
+def _scaling_forward(a: Tensor, b: Tensor, P: _ScalingProducts, num_iters: int, eps: float,
+                     keep_history: bool) -> Tuple[Tensor, ...]:
+    """The scaling-domain loop on the products P (contiguous a, b), written in place into preallocated buffers (the
+    history's slots, u, v): no allocation per iteration."""
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    supp = a > 0
+    cnt = supp.sum(1, keepdim=True).to(a.dtype)
+    T = num_iters if keep_history else 0
+    hist_r, hist_s = a.new_empty(T, B, n), a.new_empty(T, B, m)
+    u = torch.where(supp, 1.0 / cnt, torch.zeros_like(a))
+    v = torch.empty_like(b)
+    r_buf, s_buf = (None, None) if keep_history else (torch.empty_like(a), torch.empty_like(b))
+    for t in range(num_iters):
+        s = P.t_mul(u, out=hist_s[t] if keep_history else s_buf)
+        if eps > 0:
+            s.add_(eps)
+        torch.div(b, s, out=v)
+        r = P.mul(v, out=hist_r[t] if keep_history else r_buf)
+        if eps > 0:
+            r.add_(eps)
+        torch.div(a, r, out=u)
+    y = P.mul(v, weighted=True)  # (K∘cost) v_T
+    value = (u * y).sum(1)
+    return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, n))
+
+
+def sinkhorn_gibbs_forward(a: Tensor, b: Tensor, K: Tensor, KC: Tensor, num_iters: int, eps: float = 0.0,
+                           keep_history: bool = True) -> Tuple[Tensor, ...]:
+    """The outputs of ``wkd::sinkhorn_gibbs``: the scaling domain of :func:`sinkhorn_forward` for a shared cost, on
+    its precomputed K = exp(-cost / reg) and KC = K∘cost (arguments already checked)."""
+    P = _ScalingProducts(None, 0.0, None, gibbs=(K.contiguous(), KC.contiguous()))
+    return _scaling_forward(a.contiguous(), b.contiguous(), P, num_iters, eps, keep_history)
+
+
+def sinkhorn_gibbs_backward(grad_value: Tensor, a: Tensor, b: Tensor, K: Tensor, KC: Tensor, hist_r: Tensor,
+                            hist_s: Tensor, y: Tensor, eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """(grad_a, grad_b) of ``wkd::sinkhorn_gibbs_backward`` (arguments already checked)."""
+    P = _ScalingProducts(None, 0.0, None, gibbs=(K.contiguous(), KC.contiguous()))
+    return exact_backward_sweep(grad_value.contiguous(), a.contiguous(), b.contiguous(), hist_r, hist_s, y, False,
+                                P.t_mul, P.mul, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,13 +254,13 @@ class _GaugeShift:
     def __init__(self, b: Tensor):
         self.bb = _acc(b)
         sbb = (self.bb * self.bb).sum(1)
-        self.has_mass = sbb > 0
-        self.sbb = torch.where(self.has_mass, sbb, torch.ones_like(sbb))
+        # a row without mass gets c = sbz / inf = 0
+        self.sbb = torch.where(sbb > 0, sbb, torch.full_like(sbb, float("inf")))
 
-    def __call__(self, z: Tensor, G: Tensor) -> Tensor:
-        sbz = (self.bb * _acc(z)).sum(1)
-        c = torch.where(self.has_mass, (sbz - G) / self.sbb, torch.zeros_like(sbz))
-        return c.to(z.dtype).unsqueeze(1)
+    def __call__(self, z: Tensor, G: Optional[Tensor]) -> Tensor:
+        """c [B, 1] in the dtype of z; G None: every G_t is 0 (eps = 0)."""
+        sbz = torch.linalg.vecdot(self.bb, _acc(z))  # sum_j b_j z_j in the accumulation dtype
+        return torch.div(sbz if G is None else sbz - G, self.sbb).to(z.dtype).unsqueeze(1)
 
 
 def _log_eps_mass_sum(mass: Tensor, x: Tensor, log_den: Tensor, eps: float) -> Tensor:
@@ -268,38 +298,38 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     gauge_shift = None if eps is None else _GaugeShift(b)
     # eps = 0: every G_t is 0 (eps times a sum), so the sums are skipped
     G = None if eps is None else _acc(g.new_zeros(g.shape[0]))
+    zs = None  # eps sum_j b_j z_{t+1,j} / s_{t+1,j}, set by the step before the one that reads it (eps > 0)
     if not log_domain:
         ut = a / hist_r[last]
         w = gc * y / hist_r[last]
         direct = t_mul(ut, True).mul_(gc)
         ga = w.clone()
-        x = w.mul_(ut)  # w's buffer holds x = w_t u_t from here on
+        x = w.mul_(ut)  # w's buffer holds x = w_T u_T, then -x = -w_t u_t for t < T (its sign folded into z's)
         KTx, Kzv, z, zv, gb = (torch.empty_like(b), torch.empty_like(a), torch.empty_like(b), torch.empty_like(b),
                                torch.zeros_like(b))
         for t in range(last, -1, -1):
             s = hist_s[t]
-            if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i
+            if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i (x holds -x below T)
                 awr = eps * _acc(x).sum(1)
-                G = awr if t == last else G + awr - zs
-            t_mul(x, False, out=KTx)
+                G = awr if t == last else G - awr - zs
+            t_mul(x, False, out=KTx)  # K^T x_T, then K^T (-x_t) = -K^T x_t exactly
             if t == last:
                 torch.sub(direct, KTx, out=z)
+                z.div_(s)
             else:
-                torch.neg(KTx, out=z)
-            z.div_(s)
+                torch.div(KTx, s, out=z)
             if eps is not None:
-                z.sub_(gauge_shift(z, G) * b)
+                z.addcmul_(gauge_shift(z, G if eps else None), b, value=-1)  # z - c b
             gb.add_(z)
             torch.div(b, s, out=zv).mul_(z)
             if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j
                 zs = eps * _acc(zv).sum(1)
             if t == 0:
                 break
-            r = hist_r[t - 1]
             mul(zv, False, out=Kzv)
-            w = Kzv.div_(r)  # -w_{t-1}
+            w = Kzv.div_(hist_r[t - 1])  # -w_{t-1}
             ga.sub_(w)
-            torch.div(a, r, out=x).mul_(w).neg_()
+            torch.div(a, hist_r[t - 1], out=x).mul_(w)  # -x_{t-1} = -w_{t-1} u_{t-1}
         return ga, gb
     log_a, log_b = torch.log(a), torch.log(b)
     ut = log_a - hist_r[last]

@@ -41,7 +41,8 @@ class _Pattern:
     def __init__(self, crow: Tensor, col: Tensor, cost: Tensor, size: int, reg: float):
         self.crow, self.col, self.cost, self.size, self.reg = crow, col, cost, size, reg
         self.lengths = crow[1:] - crow[:-1]
-        self.row = torch.repeat_interleave(torch.arange(size, device=crow.device), self.lengths)
+        self.row = torch.repeat_interleave(torch.arange(size, device=crow.device), self.lengths,
+                                           output_size=col.numel())
         self.L = cost / -reg
         self._K = self._KC = None
         # int32 indices where they fit: the CPU sparse x dense product converts int64 indices on every call
@@ -104,19 +105,34 @@ class SparseCost:
     """The shared sparse cost of :func:`sparse_sinkhorn_forward`: ``cost`` a sparse CSR [C, C] tensor (values =
     cost of the stored couplings) and ``reg``; holds K and K^T (as CSR) and their log-domain structure."""
 
-    def __init__(self, cost: Tensor, reg: float):
-        C = cost.shape[0]
-        crow, col, val = cost.crow_indices(), cost.col_indices(), cost.values()
+    def __init__(self, cost: Optional[Tensor], reg: float, arrays: Optional[Tuple[Tensor, ...]] = None):
+        if arrays is None:  # from the CSR tensor: K^T = the same entries sorted by (column, row)
+            # own copies (O(nnz)), not views of the sparse tensor's members: torch.compile traces the arrays as graph
+            # inputs, and a view of a sparse tensor is not one it can trace
+            crow, col, val = cost.crow_indices().clone(), cost.col_indices().clone(), cost.values().detach().clone()
+            C = cost.shape[0]
+            rows = _Pattern(crow, col, val, C, reg)
+            order = torch.argsort(col * C + rows.row, stable=True)
+            counts = torch.bincount(col, minlength=C)
+            crow_t = torch.zeros(C + 1, dtype=crow.dtype, device=crow.device)
+            crow_t[1:] = torch.cumsum(counts, 0)
+            arrays = (crow, col, val, crow_t, rows.row[order].to(col.dtype), val[order])
+        else:  # the six CSR arrays of both orientations (the op's arguments)
+            C = arrays[0].numel() - 1
+            rows = _Pattern(*arrays[:3], C, reg)
+        val = arrays[2]
         self.size, self.reg, self.dtype, self.device = C, float(reg), val.dtype, val.device
-        self.nnz = col.numel()
-        self.rows = _Pattern(crow, col, val, C, reg)
-        # K^T: the same entries sorted by (column, row)
-        order = torch.argsort(col * C + self.rows.row, stable=True)
-        counts = torch.bincount(col, minlength=C)
-        crow_t = torch.zeros(C + 1, dtype=crow.dtype, device=crow.device)
-        crow_t[1:] = torch.cumsum(counts, 0)
-        self.cols = _Pattern(crow_t, self.rows.row[order].to(col.dtype), val[order], C, reg)
+        self.nnz = val.numel()
+        self.arrays = arrays  # (crow, col, cost, crow_t, col_t, cost_t): the arguments of wkd::sparse_sinkhorn
+        self.rows = rows
+        self.cols = _Pattern(*arrays[3:], C, reg)
         self.max_cost = val.max() if self.nnz else val.new_zeros(())
+
+    @classmethod
+    def from_arrays(cls, crow: Tensor, col: Tensor, cost: Tensor, crow_t: Tensor, col_t: Tensor, cost_t: Tensor,
+                    reg: float) -> "SparseCost":
+        """From the CSR arrays of the cost and of its transpose (the arguments of ``wkd::sparse_sinkhorn``)."""
+        return cls(None, reg, (crow, col, cost, crow_t, col_t, cost_t))
 
     # products on [C, J] tensors
     def mul(self, y: Tensor, weighted: bool = False, out: Optional[Tensor] = None) -> Tensor:

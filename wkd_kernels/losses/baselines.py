@@ -119,7 +119,8 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
 
 
 class DKDLoss(nn.Module):
-    """Module form of :func:`dkd_loss`: ``DKDLoss(alpha, beta, temperature)(student [B, C], teacher [B, C], target)``."""
+    """Module form of :func:`dkd_loss`:
+    ``DKDLoss(alpha, beta, temperature)(student [B, C], teacher [B, C], target)``."""
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, *,
                  check_values: Optional[bool] = None):

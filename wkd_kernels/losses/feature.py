@@ -223,7 +223,8 @@ class WKDFeatureLoss(nn.Module):
         projector: ``"bottleneck"`` (default: 1x1 -> 3x3 -> 1x1 conv with ``hidden_channels``, BN, ReLU, the
             published ConvRegBottleNeck), ``"conv1x1"`` (1x1 conv + BN + ReLU), ``"conv1x1_linear"`` (1x1 conv + BN),
             ``"convreg"`` (the published spatial-size-changing ConvReg: needs ``student_size`` and ``teacher_size``),
-            an ``nn.Module``, or ``None`` (identity, needs Cs == Ct); see ``make_projector``. Its parameters belong to this module: add ``loss.parameters()`` to the optimiser.
+            an ``nn.Module``, or ``None`` (identity, needs Cs == Ct); see ``make_projector``. Its parameters belong
+            to this module: add ``loss.parameters()`` to the optimiser.
         hidden_channels: bottleneck width (default 256, as published).
         student_size, teacher_size: (H, W) of the student and teacher maps, for ``projector="convreg"`` (the maps may
             then differ in size; the projected student map must have the teacher's size). For token sequences they

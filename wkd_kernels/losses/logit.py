@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from .. import settings
 from ..ops.checks import as_bool, as_log_domain, auto_log_domain
-from ..ops.sinkhorn import sinkhorn
+from ..ops.common import resolve_backend
+from ..ops.sinkhorn import GibbsKernel, gibbs_kernel, sinkhorn
 from ..ops.checks import (check_int, check_logit_values, check_logits, check_number, check_target, check_target_values,
                       compute_dtype, target_index, loss_values_check_wanted)
 
@@ -82,8 +83,10 @@ def target_term(log_p_student: Tensor, p_teacher: Tensor, y: Tensor) -> Tensor:
 
 def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperature: float, weight: float,
                     reg: float, num_iters: int, grad: str, log_domain: bool, check_values: Optional[bool],
-                    fn: str, backend: Optional[str] = None, precision: Optional[str] = None) -> Tensor:
-    """Core of WKD-L on checked arguments; ``cost`` is already relu(cost) + 1e-8."""
+                    fn: str, backend: Optional[str] = None, precision: Optional[str] = None,
+                    kernel: Optional[GibbsKernel] = None) -> Tensor:
+    """Core of WKD-L on checked arguments; ``cost`` is already relu(cost) + 1e-8; ``kernel``: its Gibbs kernel in the
+    compute dtype, or None."""
     B, C = s.shape
     if loss_values_check_wanted(s, check_values, fn):
         check_logit_values(s, t, fn)
@@ -107,7 +110,7 @@ def _wkd_logit_loss(s: Tensor, t: Tensor, target: Tensor, cost: Tensor, temperat
                                  f"(temperature = {temperature}) overflows {dt}")
     with torch.autocast(device_type=s.device.type, enabled=False):
         wd = sinkhorn(p, q, cost, reg, num_iters, eps=SINKHORN_EPS, grad=grad, log_domain=log_domain,
-                      backend=backend, precision=precision, check_values=False).value
+                      backend=backend, precision=precision, check_values=False, kernel=kernel).value
     return loss_t + weight * wd.mean()
 
 
@@ -175,7 +178,9 @@ class WKDLogitLoss(nn.Module):
     Args:
         cost: [C, C] class cost, unitless (e.g. ``sharpen(cka_distance(feats), kappa)`` or a released matrix
             sharpened); stored once as the non-persistent buffer ``cost`` = relu(cost) + 1e-8 (float32, or
-            float64 when given float64), so ``.to(device)`` moves it and checkpoints do not carry it.
+            float64 when given float64), so ``.to(device)`` moves it and checkpoints do not carry it. Its Gibbs
+            kernel K = exp(-cost / reg) and K∘cost is computed once and kept in ``gibbs_cache`` for the ``cpu`` and
+            ``torch`` backends in the scaling domain with the exact gradient (see :meth:`gibbs_kernel_for`).
         temperature: tau > 0 of the non-target softmaxes.
         weight: gamma >= 0 of the Wasserstein term; a plain attribute, update it per epoch with ``cosine_weight``.
         reg: entropic regularisation lambda > 0 (default 0.05, as published).
@@ -196,6 +201,9 @@ class WKDLogitLoss(nn.Module):
         super().__init__()
         fn = "WKDLogitLoss"
         self.register_buffer("cost", prepare_wkd_cost(cost, None, fn, check_values=True), persistent=False)
+        # (key, GibbsKernel): K = exp(-cost / reg) and K∘cost, built on first use and rebuilt when the key changes
+        # (see gibbs_kernel_for); a plain attribute, so not in state_dict and not moved by .to()
+        self.gibbs_cache = None
         self._cost_max = float(self.cost.max())  # for log_domain="auto" (the cost is fixed)
         self.temperature = check_number(temperature, "temperature", fn, positive=True)
         self.weight = weight  # checked by the setter
@@ -224,6 +232,19 @@ class WKDLogitLoss(nn.Module):
         return (f"num_classes={self.num_classes}, temperature={self.temperature}, weight={self.weight}, "
                 f"reg={self.reg}, num_iters={self.num_iters}, grad={self.grad!r}, log_domain={self.log_domain!r}")
 
+    def gibbs_kernel_for(self, dtype: torch.dtype) -> GibbsKernel:
+        """K = exp(-cost / reg) and K∘cost of the ``cost`` buffer in ``dtype``, computed once and kept in
+        ``self.gibbs_cache`` under the key (cost's storage, device, in-place version ``cost._version``, dtype, reg):
+        ``.to(device / dtype)`` (a new buffer), an in-place change of ``cost`` or a new ``reg`` builds it again.
+        The K range check runs when it is built (on CPU, or where the ``check_values`` argument / setting asks)."""
+        cost = self.cost
+        key = (cost.data_ptr(), cost.device, cost._version, dtype, self.reg)
+        if self.gibbs_cache is None or self.gibbs_cache[0] != key:
+            self.gibbs_cache = None  # the old kernel's memory goes first
+            c = cost if cost.dtype == dtype else cost.to(dtype)
+            self.gibbs_cache = (key, gibbs_kernel(c, self.reg, check_values=self.check_values))
+        return self.gibbs_cache[1]
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
         fn = "WKDLogitLoss"
         B, C, temperature, weight, reg, num_iters = _check_common(
@@ -238,5 +259,13 @@ class WKDLogitLoss(nn.Module):
         log_domain = self.log_domain
         if log_domain == "auto":
             log_domain = auto_log_domain(self._cost_max, reg, compute_dtype(student_logits))
+        kernel = None  # the Gibbs kernel cache: where sinkhorn uses it (the scaling domain, exact gradient, the
+        # cpu and torch backends), and not while torch.compile traces (the graph computes K itself)
+        if not log_domain and self.grad == "exact" and not torch.compiler.is_compiling():
+            precision = settings.resolve_precision(self.precision, "sinkhorn", fn)
+            kind = resolve_backend(self.backend, student_logits, fn, has_cuda_cpp=True, precision=precision)
+            if kind in ("cpu", "torch"):
+                kernel = self.gibbs_kernel_for(compute_dtype(student_logits))
         return _wkd_logit_loss(student_logits, teacher_logits, target, self.cost, temperature, weight, reg,
-                               num_iters, self.grad, log_domain, self.check_values, fn, self.backend, self.precision)
+                               num_iters, self.grad, log_domain, self.check_values, fn, self.backend, self.precision,
+                               kernel)

@@ -5,8 +5,9 @@ from .bures_wasserstein import bures_wasserstein
 from .feature_stats import feature_stats
 from .gaussian_wasserstein import GaussianW2Terms, gaussian_wasserstein, gaussian_wasserstein_terms
 from .nuclear_norm import nuclear_norm
-from .sinkhorn import SinkhornResult, sinkhorn
+from .sinkhorn import GibbsKernel, SinkhornResult, gibbs_kernel, sinkhorn
 from .sqrtm import sqrtm
 
-__all__ = ["SinkhornResult", "sinkhorn", "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein",
+__all__ = ["SinkhornResult", "sinkhorn", "GibbsKernel", "gibbs_kernel",
+           "feature_stats", "sqrtm", "nuclear_norm", "bures_wasserstein",
            "gaussian_wasserstein", "gaussian_wasserstein_terms", "GaussianW2Terms"]

@@ -11,7 +11,8 @@ device type and as the CUDA kernel of ``wkd::bures_wasserstein`` at precision "i
   W^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 |R2 R1|_*,   R_i = S_i^1/2   (|R2 R1|_* = tr (R1 S2 R1)^1/2)
   newton_schulz: R1, R2 by coupled Newton-Schulz; (|R2 R1|_*, polar factor Q) by the polar Newton-Schulz iteration.
   eigh:          R1, R2, (R1 S2 R1)^1/2 and its pseudo-inverse by the Jacobi kernel; Q = R2 R1 (R1 S2 R1)^+1/2.
-  backward:      dW^2/dS1 = I + X1, R1 X1 + X1 R1 = -(R2 Q + Q^T R2);  dW^2/dS2 = I + X2, R2 X2 + X2 R2 = -(Q R1 + R1 Q^T)
+  backward:      dW^2/dS1 = I + X1, R1 X1 + X1 R1 = -(R2 Q + Q^T R2);
+                 dW^2/dS2 = I + X2, R2 X2 + X2 R2 = -(Q R1 + R1 Q^T)
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def _make_backward(backward_op):
             return (None,) * (4 + len(ctx.extra))
         with torch.no_grad():
             g = backward_op(grad_w2.contiguous(), mu1, mu2, R1, R2, Q, *ctx.extra)
-        g = first_order_only(tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:4])),
+        g = first_order_only(tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:4], strict=True)),
                              (mu1, mu2, anchor, grad_w2), "wkd.bures_wasserstein")
         return tuple(g) + (None,) * len(ctx.extra)
 

@@ -517,7 +517,8 @@ def check_logits(student: Tensor, teacher: Tensor, fn: str, min_classes: int = 1
     if B == 0:
         raise ValueError(f"{fn}: empty batch (`student_logits` has shape {list(student.shape)})")
     if C < min_classes:
-        raise ValueError(f"{fn}: needs at least {min_classes} classes, `student_logits` has shape {list(student.shape)}")
+        raise ValueError(f"{fn}: needs at least {min_classes} classes, "
+                         f"`student_logits` has shape {list(student.shape)}")
     return B, C
 
 

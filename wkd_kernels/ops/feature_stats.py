@@ -129,7 +129,8 @@ def feature_stats(x: Tensor, grid: int = 1, covariance: str = "diag", unbiased: 
     same along W), so neighbouring cells may overlap; cells are numbered row-major, p = i * grid + j.
 
     Args:
-        x: [N, C, H, W] features (float16/bfloat16/float32/float64; half inputs are accumulated and returned in float32).
+        x: [N, C, H, W] features (float16/bfloat16/float32/float64; half inputs are accumulated and returned in
+            float32).
         grid: cells per side, 1 <= grid <= min(H, W).
         covariance: ``"diag"`` (per-channel variance) or ``"full"`` (C x C covariance).
         unbiased: divide by m - 1 (torch.var's default, the published WKD-F code) instead of m, m = positions per cell.

@@ -22,7 +22,7 @@ from .checks import (HALF, as_int, check_precision, as_log_domain, as_real, auto
                      values_check_requested)
 from .common import check_dtype_on_device, first_order_only, resolve_backend, reverse_mode_only
 
-__all__ = ["SinkhornResult", "sinkhorn"]
+__all__ = ["GibbsKernel", "SinkhornResult", "gibbs_kernel", "sinkhorn"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,6 +63,46 @@ torch.library.register_fake("wkd::sinkhorn_torch_backward")(  # the schema of wk
                             _op="wkd.sinkhorn_torch_backward"))
 
 
+def check_gibbs_args(a, b, K, KC, num_iters, eps, op="wkd.sinkhorn_gibbs"):
+    """The argument checks of ``wkd::sinkhorn_gibbs`` (those of wkd::sinkhorn with K as a shared cost; messages as the
+    C++ kernel's)."""
+    for name, t in (("K", K), ("KC", KC)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: `{name}` must be a tensor")
+    if K.dim() != 2:
+        raise ValueError(f"{op}: `K` must be [n, m] (the Gibbs kernel of a cost shared by the batch), got shape "
+                         f"{list(K.shape)}")
+    if KC.shape != K.shape:
+        raise ValueError(f"{op}: `KC` must have the shape of `K` {list(K.shape)}, got {list(KC.shape)}")
+    check_sinkhorn_args(a, b, K, 1.0, num_iters, eps, op=op)
+    if KC.dtype != a.dtype:
+        raise TypeError(f"{op}: `KC` has dtype {KC.dtype} but `a` has {a.dtype}; all inputs must share one dtype")
+    if KC.device != a.device:
+        raise ValueError(f"{op}: `KC` is on {KC.device} but `a` is on {a.device}")
+
+
+def _gibbs_fake(a, b, K, KC, num_iters, eps=0.0, keep_history=True, _op="wkd.sinkhorn_gibbs"):
+    check_gibbs_args(a, b, K, KC, num_iters, eps, op=_op)
+    B, n, m = a.shape[0], a.shape[1], b.shape[1]
+    T = num_iters if keep_history else 0
+    return (a.new_empty(B), a.new_empty(B, n), b.new_empty(B, m), a.new_empty(T, B, n), a.new_empty(T, B, m),
+            a.new_empty(B if keep_history else 0, n))
+
+
+def _gibbs_backward_fake(grad_value, a, b, K, KC, hist_r, hist_s, y, eps=None, _op="wkd.sinkhorn_gibbs_backward"):
+    check_gibbs_args(a, b, K, KC, 1, 0.0 if eps is None else eps, op=_op)
+    check_sinkhorn_backward_args(grad_value, a, b, K, hist_r, hist_s, y, 1.0, op=_op)
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+torch.library.register_fake("wkd::sinkhorn_gibbs")(_gibbs_fake)
+torch.library.register_fake("wkd::sinkhorn_gibbs_torch")(
+    lambda *args, **kwargs: _gibbs_fake(*args, **kwargs, _op="wkd.sinkhorn_gibbs_torch"))
+torch.library.register_fake("wkd::sinkhorn_gibbs_backward")(_gibbs_backward_fake)
+torch.library.register_fake("wkd::sinkhorn_gibbs_torch_backward")(
+    lambda *args, **kwargs: _gibbs_backward_fake(*args, **kwargs, _op="wkd.sinkhorn_gibbs_torch_backward"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ATen kernels (the torch backend): wkd::sinkhorn_torch on every device type; also wkd::sinkhorn on CPU when the
 # compiled extension is absent, so that torch.ops.wkd.sinkhorn works in every installation
@@ -84,11 +124,30 @@ def _torch_backward(grad_value, a, b, cost, hist_r, hist_s, y, reg, log_domain=F
 
 torch.library.register_kernel("wkd::sinkhorn_torch", None)(_torch_forward)
 torch.library.register_kernel("wkd::sinkhorn_torch_backward", None)(_torch_backward)
+def _gibbs_torch_forward(a, b, K, KC, num_iters, eps=0.0, keep_history=True, _op="wkd.sinkhorn_gibbs_torch"):
+    check_gibbs_args(a, b, K, KC, num_iters, eps, op=_op)
+    check_dtype_on_device(a, _op)
+    return aten_sinkhorn.sinkhorn_gibbs_forward(a, b, K, KC, num_iters, eps, keep_history)
+
+
+def _gibbs_torch_backward(grad_value, a, b, K, KC, hist_r, hist_s, y, eps=None,
+                          _op="wkd.sinkhorn_gibbs_torch_backward"):
+    _gibbs_backward_fake(grad_value, a, b, K, KC, hist_r, hist_s, y, eps, _op=_op)  # the checks (no allocation)
+    check_dtype_on_device(a, _op)
+    return aten_sinkhorn.sinkhorn_gibbs_backward(grad_value, a, b, K, KC, hist_r, hist_s, y, eps)
+
+
+torch.library.register_kernel("wkd::sinkhorn_gibbs_torch", None)(_gibbs_torch_forward)
+torch.library.register_kernel("wkd::sinkhorn_gibbs_torch_backward", None)(_gibbs_torch_backward)
 if not _build.HAS_C_EXT:
     torch.library.register_kernel("wkd::sinkhorn", "cpu")(
         lambda *args, **kwargs: _torch_forward(*args, **kwargs, _op="wkd.sinkhorn"))
     torch.library.register_kernel("wkd::sinkhorn_backward", "cpu")(
         lambda *args, **kwargs: _torch_backward(*args, **kwargs, _op="wkd.sinkhorn_backward"))
+    torch.library.register_kernel("wkd::sinkhorn_gibbs", "cpu")(
+        lambda *args, **kwargs: _gibbs_torch_forward(*args, **kwargs, _op="wkd.sinkhorn_gibbs"))
+    torch.library.register_kernel("wkd::sinkhorn_gibbs_backward", "cpu")(
+        lambda *args, **kwargs: _gibbs_torch_backward(*args, **kwargs, _op="wkd.sinkhorn_gibbs_backward"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,6 +250,45 @@ def _setup_context_torch(ctx, inputs, output):
 torch.library.register_autograd("wkd::sinkhorn_torch", _backward, setup_context=_setup_context_torch)
 
 
+def _gibbs_setup_context(ctx, inputs, output):
+    a, b, K, KC, num_iters, eps, keep_history = inputs
+    if K.requires_grad or KC.requires_grad:
+        raise NotImplementedError("wkd.sinkhorn_gibbs: the gradient w.r.t. `K` and `KC` is not implemented; pass "
+                                  "them detached")
+    value, u, v, hist_r, hist_s, y = output
+    ctx.mark_non_differentiable(u, v, hist_r, hist_s, y)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(a, b, K, KC, hist_r, hist_s, y)
+    ctx.eps = eps
+
+
+def _gibbs_backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s, grad_y):
+    a, b, K, KC, hist_r, hist_s, y = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_a or need_b) or grad_value is None:
+        return (None,) * 7
+    if hist_r.shape[0] == 0:
+        raise RuntimeError("wkd.sinkhorn_gibbs: the gradient needs the history: run the forward with "
+                           "keep_history=True (the envelope gradient needs reg: use wkd::sinkhorn)")
+    with torch.no_grad():
+        op = (torch.ops.wkd.sinkhorn_gibbs_torch_backward if getattr(ctx, "torch_backend", False)
+              else torch.ops.wkd.sinkhorn_gibbs_backward)
+        ga, gb = op(grad_value.contiguous(), a, b, K, KC, hist_r, hist_s, y, ctx.eps)
+    ga, gb = first_order_only((ga if need_a else None, gb if need_b else None), (a, b, grad_value),
+                              "wkd.sinkhorn_gibbs")
+    return (ga, gb) + (None,) * 5
+
+
+def _gibbs_setup_context_torch(ctx, inputs, output):
+    _gibbs_setup_context(ctx, inputs, output)
+    ctx.torch_backend = True
+
+
+torch.library.register_autograd("wkd::sinkhorn_gibbs", _gibbs_backward, setup_context=_gibbs_setup_context)
+torch.library.register_autograd("wkd::sinkhorn_gibbs_torch", _gibbs_backward,
+                                setup_context=_gibbs_setup_context_torch)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
@@ -210,9 +308,85 @@ class SinkhornResult(NamedTuple):
     log_v: Tensor
 
 
+class GibbsKernel(NamedTuple):
+    """The Gibbs kernel of a shared cost, computed once for many :func:`sinkhorn` calls (:func:`gibbs_kernel`).
+
+    K: [n, m] exp(-cost / reg); KC: [n, m] K∘cost; reg: the ``reg`` they were computed with.
+    """
+
+    K: Tensor
+    KC: Tensor
+    reg: float
+
+
+def gibbs_kernel(cost: Tensor, reg: float, *, check_values: Optional[bool] = None) -> GibbsKernel:
+    """K = exp(-cost / reg) and K∘cost of a shared cost [n, m], for ``sinkhorn(..., kernel=)``.
+
+    Computed with the ATen ops and rounding of the kernels (the values of a per-call K, bit for bit). With the value
+    checks (always on CPU; on other devices when ``check_values`` or the setting asks: they synchronise), ``cost``
+    must be finite and non-negative and K must have no row or column entirely 0 (else the scaling iterations
+    divide by 0: the same errors as :func:`sinkhorn`'s). Memory: two [n, m] tensors.
+    """
+    op = "wkd.gibbs_kernel"
+    reg = as_real(reg, "reg", op)
+    if not isinstance(cost, Tensor) or cost.dim() != 2:
+        raise ValueError(f"{op}: `cost` must be a shared [n, m] tensor, got "
+                         f"{list(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__}")
+    if cost.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: `cost` must be float32 or float64, got {cost.dtype}")
+    if isinstance(reg, bool) or not (reg > 0) or reg == float("inf"):
+        raise ValueError(f"{op}: `reg` must be a finite number > 0, got {reg!r}")
+    cost = cost.detach()
+    if values_check_requested(check_values, "torch", cost.device, op) and not torch.compiler.is_compiling():
+        ones = cost.new_ones(1, 1)
+        check_sinkhorn_values(ones, ones, cost, op)
+        check_sinkhorn_kernel_range(cost, reg, False, op)
+    K = torch.exp(cost / -reg)
+    return GibbsKernel(K, K * cost, float(reg))
+
+
+def _values_look_valid(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float, log_domain: bool) -> bool:
+    """The value checks of the Python path (check_sinkhorn_values, check_sinkhorn_kernel_range) as a handful of
+    reductions and one host read: True when they would pass; False sends the caller to them, which name the problem.
+    Every entry finite and >= 0 (NaN fails every comparison), every row of a and b with mass; with ``cost``, no row
+    or column of K = exp(-cost / reg) (L = -cost / reg) entirely 0 (-inf): exp(-x / reg) decreases with x, so that
+    is K's value at the largest row / column minimum of the cost. Empty inputs and, in float32, a reg that may not
+    be a normal float32 go to the exact checks."""
+    if (min(a.numel(), b.numel()) == 0 or (cost is not None and cost.numel() == 0)
+            or (a.dtype == torch.float32 and not reg > 1e-30)):
+        return False
+    big = torch.finfo(a.dtype).max
+    row_a, row_b = a.amax(1), b.amax(1)
+    low = [a.amin(), b.amin(), row_a.amin(), row_b.amin()]  # >= 0, >= 0, > 0, > 0
+    high = [row_a.amax(), row_b.amax()]  # <= big
+    if cost is not None:
+        worst = torch.stack((cost.amin(-1).amax(), cost.amin(-2).amax())) / -reg
+        low.append(cost.amin())
+        high.append(cost.amax())
+        live = torch.isfinite(worst) if log_domain else torch.exp(worst) > 0
+    lo, hi = torch.stack(low), torch.stack(high)
+    ok = (lo[:2] >= 0).all() & (lo[2:4] > 0).all() & (hi <= big).all()
+    if cost is not None:
+        ok = ok & (lo[4] >= 0) & live.all()
+    return bool(ok)
+
+
+def _check_kernel(kernel, cost: Tensor, reg: float, op: str) -> None:
+    if not isinstance(kernel, GibbsKernel):
+        raise TypeError(f"{op}: `kernel` must be a GibbsKernel (wkd_kernels.gibbs_kernel(cost, reg)), got "
+                        f"{type(kernel).__name__}")
+    if kernel.reg != reg:
+        raise ValueError(f"{op}: `kernel` was computed with reg = {kernel.reg}, the call has `reg` = {reg}")
+    if kernel.K.shape != cost.shape or kernel.K.dtype != cost.dtype or kernel.K.device != cost.device:
+        raise ValueError(f"{op}: `kernel` ({list(kernel.K.shape)}, {kernel.K.dtype}, {kernel.K.device}) does not "
+                         f"match `cost` ({list(cost.shape)}, {cost.dtype}, {cost.device}); build it with "
+                         "wkd_kernels.gibbs_kernel(cost, reg) for this cost")
+
+
 def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, eps: float = 0.0,
              grad: str = "exact", log_domain: Union[bool, str] = False, backend: Optional[str] = None,
-             precision: Optional[str] = None, check_values: Optional[bool] = None) -> SinkhornResult:
+             precision: Optional[str] = None, check_values: Optional[bool] = None,
+             kernel: Optional[GibbsKernel] = None) -> SinkhornResult:
     """Fixed-iteration entropic OT (Sinkhorn) per row, batched, without ever forming a B x n x m tensor.
 
     With K = exp(-cost / reg) and per row: u0 = 1/|supp a| on the support of a (0 elsewhere), then ``num_iters``
@@ -263,6 +437,11 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         check_values: check for non-finite or negative entries, empty rows, and (see ``log_domain``) the range of
             K. Always done on CPU; on CUDA only when True (or the ``check_values`` setting) since it synchronises
             with the device.
+        kernel: ``gibbs_kernel(cost, reg)`` of this (shared) cost, computed once for many calls: the scaling domain
+            on the ``"cpu"`` and ``"torch"`` backends then runs ``wkd::sinkhorn_gibbs`` on it instead of forming K
+            and K∘cost (and, with the value checks, reading ``cost``) per call; the same numbers, bit for bit.
+            Ignored by the log domain, the envelope gradient and the Triton and CUDA C++ kernels (they take
+            ``cost``). It must belong to ``cost``: its reg, shape, dtype and device are checked, its values are not.
         Scalars (``reg``, ``num_iters``, ``eps``) may be Python, NumPy or 0-d tensor scalars.
 
     Returns:
@@ -285,14 +464,27 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         # a compiled graph cannot read max(cost) on the host: there "auto" takes the log domain, right in every regime
         log_domain = torch.compiler.is_compiling() or (
             a.shape[0] > 0 and auto_log_domain(float(cost.max()), reg, a.dtype))
-    python_checks = values_check_requested(check_values, kind, a.device)
-    if python_checks:
-        check_sinkhorn_values(a, b, cost)
-        check_sinkhorn_kernel_range(cost, reg, log_domain)
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     keep_history = needs_grad and grad == "exact"
+    if kernel is not None:
+        _check_kernel(kernel, cost, reg, op)
+    use_kernel = (kernel is not None and kind in ("cpu", "torch") and not log_domain and cost.dim() == 2
+                  and (keep_history or not needs_grad))
+    python_checks = values_check_requested(check_values, kind, a.device)
+    # with a kernel, cost and the range of K were checked when it was built: a and b only
+    if python_checks and not _values_look_valid(a, b, None if use_kernel else cost, reg, log_domain):
+        check_sinkhorn_values(a, b, cost if not use_kernel else a.new_ones(1, 1))  # they name the problem
+        if not use_kernel:
+            check_sinkhorn_kernel_range(cost, reg, log_domain)
     args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
-    if kind == "triton":
+    if use_kernel:
+        gibbs = torch.ops.wkd.sinkhorn_gibbs_torch if kind == "torch" else torch.ops.wkd.sinkhorn_gibbs
+        value, u, v, *_ = gibbs(a, b, kernel.K, kernel.KC, int(num_iters), float(eps), keep_history)
+        if python_checks and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value in {a.dtype}: entries of K "
+                             "underflow where the problem needs them, or the scalings overflow. Use log_domain=True, "
+                             "or a larger `reg`")
+    elif kind == "triton":
         value, u, v, *_ = torch.ops.wkd.sinkhorn_triton(*args, precision)
     elif kind == "torch":
         value, u, v, *_ = torch.ops.wkd.sinkhorn_torch(*args)

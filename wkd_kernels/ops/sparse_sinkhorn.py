@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ..aten.sparse_sinkhorn import (EmbeddingCost, SparseCost, pair_cost, sparse_sinkhorn_backward,
                                     sparse_sinkhorn_forward)
+from .. import _build, settings
 from .checks import as_bool, as_int, as_log_domain, as_real, auto_log_domain, values_check_requested
-from .common import first_order_only, reverse_mode_only
+from .common import check_dtype_on_device, first_order_only, resolve_backend, reverse_mode_only
 
 __all__ = ["SparseSinkhornResult", "SparseCost", "EmbeddingCost", "sparse_sinkhorn", "sparse_cost", "embedding_cost",
            "knn_kernel", "csr_from_dense"]
@@ -77,6 +78,179 @@ class _SparseSinkhorn(torch.autograd.Function):
         ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (a, b, grad_value),
                                   _OP)
         return ga, gb, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ops wkd::sparse_sinkhorn / wkd::sparse_sinkhorn_backward (schemas and contract: csrc/ops.cpp) and their ATen
+# twins wkd::sparse_sinkhorn_torch / _torch_backward: argument checks, fake kernels, ATen kernels, autograd
+# ----------------------------------------------------------------------------------------------------------
+_INDEX = (torch.int32, torch.int64)
+
+
+def _check_op_args(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters=1, eps=0.0, op=_OP) -> None:
+    """Shapes, dtypes and devices of the op's arguments (no value read): errors name the argument."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{op}: `{name}` must be a [C, B] tensor, got "
+                             f"{list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: `a` must be float32 or float64, got {a.dtype}")
+    if b.shape != a.shape:
+        raise ValueError(f"{op}: `b` must have the shape of `a` {list(a.shape)}, got {list(b.shape)}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{op}: `b` must have the dtype of `a` ({a.dtype}), got {b.dtype}")
+    C = a.shape[0]
+    for suffix, (cr, cl, cv) in (("", (crow, col, cost)), ("_t", (crow_t, col_t, cost_t))):
+        if not isinstance(cr, Tensor) or cr.dim() != 1 or cr.shape[0] != C + 1 or cr.dtype not in _INDEX:
+            raise ValueError(f"{op}: `crow{suffix}` must be an int32/int64 [C + 1] = [{C + 1}] tensor, got "
+                             f"{getattr(cr, 'dtype', type(cr).__name__)} {list(getattr(cr, 'shape', []))}")
+        if not isinstance(cl, Tensor) or cl.dim() != 1 or cl.dtype not in _INDEX:
+            raise ValueError(f"{op}: `col{suffix}` must be an int32/int64 [nnz] tensor")
+        if not isinstance(cv, Tensor) or cv.dim() != 1 or cv.shape[0] != cl.shape[0]:
+            raise ValueError(f"{op}: `cost{suffix}` must be [nnz] like `col{suffix}` ({cl.shape[0]}), got "
+                             f"{list(getattr(cv, 'shape', []))}")
+        if cv.dtype != a.dtype:
+            raise TypeError(f"{op}: `cost{suffix}` must have the dtype of `a` ({a.dtype}), got {cv.dtype}")
+    if col_t.shape[0] != col.shape[0]:
+        raise ValueError(f"{op}: `col_t` must hold the nnz = {col.shape[0]} entries of `col`, got {col_t.shape[0]}")
+    for name, t in (("b", b), ("crow", crow), ("col", col), ("cost", cost), ("crow_t", crow_t), ("col_t", col_t),
+                    ("cost_t", cost_t)):
+        if t.device != a.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device}, `a` on {a.device}")
+    if not (reg > 0 and math.isfinite(reg)):
+        raise ValueError(f"{op}: `reg` must be a positive finite number, got {reg}")
+    if num_iters < 1:
+        raise ValueError(f"{op}: `num_iters` must be >= 1, got {num_iters}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{op}: `eps` must be a finite number >= 0, got {eps}")
+
+
+def _check_backward_args(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg, eps,
+                         op) -> None:
+    _check_op_args(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, 1, 0.0 if eps is None else eps, op)
+    C, B = a.shape
+    if not isinstance(grad_value, Tensor) or list(grad_value.shape) != [B] or grad_value.dtype != a.dtype:
+        raise ValueError(f"{op}: `grad_value` must be a [{B}] tensor of dtype {a.dtype}")
+    for name, t in (("hist_r", hist_r), ("hist_s", hist_s)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[0] < 1 or list(t.shape[1:]) != [C, B]:
+            raise ValueError(f"{op}: `{name}` must be the [T, C, B] = [T, {C}, {B}] history of a keep_history=True "
+                             f"forward (T >= 1), got {list(getattr(t, 'shape', []))}")
+    if hist_s.shape[0] != hist_r.shape[0]:
+        raise ValueError(f"{op}: `hist_r` and `hist_s` must have the same T, got {hist_r.shape[0]}, {hist_s.shape[0]}")
+    if not isinstance(y, Tensor) or list(y.shape) != [C, B]:
+        raise ValueError(f"{op}: `y` must be [C, B] = [{C}, {B}], got {list(getattr(y, 'shape', []))}")
+    for name, t in (("grad_value", grad_value), ("hist_r", hist_r), ("hist_s", hist_s), ("y", y)):
+        if t.dtype != a.dtype or t.device != a.device:
+            raise ValueError(f"{op}: `{name}` must have the dtype and device of `a` ({a.dtype}, {a.device})")
+
+
+def _forward_fake(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps=0.0, log_domain=False,
+                  keep_history=True, chunk_elements=None, _op=_OP):
+    _check_op_args(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps, _op)
+    C, B = a.shape
+    T = num_iters if keep_history else 0
+    return (a.new_empty(B), a.new_empty(C, B), a.new_empty(C, B), a.new_empty(T, C, B), a.new_empty(T, C, B),
+            a.new_empty(C if keep_history else 0, B))
+
+
+def _backward_fake(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg,
+                   log_domain=False, eps=None, chunk_elements=None, _op=_OP + "_backward"):
+    _check_backward_args(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg, eps, _op)
+    return a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _long(*idx):
+    return tuple(t.long() for t in idx)
+
+
+def _torch_forward(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps=0.0, log_domain=False,
+                   keep_history=True, chunk_elements=None, _op=_OP + "_torch"):
+    _check_op_args(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps, _op)
+    check_dtype_on_device(a, _op)
+    crow, col, crow_t, col_t = _long(crow, col, crow_t, col_t)
+    K = SparseCost.from_arrays(crow, col, cost, crow_t, col_t, cost_t, reg)
+    if log_domain:  # the segment reductions want [C, B] memory (the scaling domain reads a, b elementwise)
+        a, b = a.contiguous(), b.contiguous()
+    out = sparse_sinkhorn_forward(a, b, K, num_iters, eps, log_domain, keep_history, chunk_elements)
+    if not log_domain:  # the op returns log-scalings in both domains (u, v are fresh buffers)
+        out = (out[0], out[1].log_(), out[2].log_()) + out[3:]
+    if not keep_history:  # the schema's empty history: [0, C, B]
+        out = out[:3] + (a.new_empty(0, *a.shape), a.new_empty(0, *a.shape)) + out[5:]
+    return out
+
+
+def _torch_backward(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg,
+                    log_domain=False, eps=None, chunk_elements=None, _op=_OP + "_torch_backward"):
+    _check_backward_args(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg, eps, _op)
+    check_dtype_on_device(a, _op)
+    crow, col, crow_t, col_t = _long(crow, col, crow_t, col_t)
+    K = SparseCost.from_arrays(crow, col, cost, crow_t, col_t, cost_t, reg)
+    ga, gb = sparse_sinkhorn_backward(grad_value.contiguous(), a.contiguous(), b.contiguous(), K, hist_r, hist_s,
+                                      y, log_domain, eps, chunk_elements)
+    return ga.contiguous(), gb.contiguous()
+
+
+torch.library.register_fake("wkd::sparse_sinkhorn")(_forward_fake)
+torch.library.register_fake("wkd::sparse_sinkhorn_backward")(_backward_fake)
+torch.library.register_fake("wkd::sparse_sinkhorn_torch")(
+    lambda *args, **kwargs: _forward_fake(*args, **kwargs, _op=_OP + "_torch"))
+torch.library.register_fake("wkd::sparse_sinkhorn_torch_backward")(
+    lambda *args, **kwargs: _backward_fake(*args, **kwargs, _op=_OP + "_torch_backward"))
+# the ATen kernels: the twins on every device type; the base ops on every device type but CPU (whose kernel is the
+# C++ one, csrc/cpu/sparse_sinkhorn.cpp), and on CPU too in an installation without the compiled extension
+torch.library.register_kernel("wkd::sparse_sinkhorn_torch", None)(_torch_forward)
+torch.library.register_kernel("wkd::sparse_sinkhorn_torch_backward", None)(_torch_backward)
+_BASE_DEVICES = ("cuda", "xpu", "mps") + (() if _build.HAS_C_EXT else ("cpu",))
+torch.library.register_kernel("wkd::sparse_sinkhorn", _BASE_DEVICES)(
+    lambda *args, **kwargs: _torch_forward(*args, **kwargs, _op=_OP))
+torch.library.register_kernel("wkd::sparse_sinkhorn_backward", _BASE_DEVICES)(
+    lambda *args, **kwargs: _torch_backward(*args, **kwargs, _op=_OP + "_backward"))
+
+
+def _envelope_grad(log_s: Tensor, mass: Tensor, reg: float, g: Tensor) -> Tensor:
+    """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), with one
+    [C, B] temporary besides the result."""
+    off = mass <= 0
+    f = torch.mul(log_s, reg).masked_fill_(off, 0.0)
+    count = (mass.shape[0] - off.sum(0, keepdim=True)).clamp_min(1)
+    return f.sub_(f.sum(0, keepdim=True) / count).masked_fill_(off, 0.0).mul_(g.unsqueeze(0))
+
+
+def _setup_context(ctx, inputs, output):
+    args = (list(inputs) + [0.0, False, True, None][len(inputs) - 10:])[:14]  # the schema's defaults
+    a, b, crow, col, cost, crow_t, col_t, cost_t, reg, _, eps, log_domain, _, chunk = args
+    if cost.requires_grad or cost_t.requires_grad:
+        raise NotImplementedError(f"{_OP}: the gradient w.r.t. `cost` is not implemented; pass cost.detach()")
+    _, u, v, hist_r, hist_s, y = output
+    ctx.mark_non_differentiable(u, v, hist_r, hist_s, y)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of u, v and the history
+    ctx.save_for_backward(a, b, crow, col, cost, crow_t, col_t, cost_t, u, v, hist_r, hist_s, y)
+    ctx.reg, ctx.log_domain, ctx.eps, ctx.chunk, ctx.n_inputs = reg, log_domain, eps, chunk, len(inputs)
+
+
+def _make_backward(backward_op):
+    def _backward(ctx, grad_value, *unused):
+        a, b, crow, col, cost, crow_t, col_t, cost_t, u, v, hist_r, hist_s, y = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_a or need_b) or grad_value is None:
+            return (None,) * ctx.n_inputs
+        with torch.no_grad():
+            if hist_r.shape[0] > 0:
+                ga, gb = backward_op(grad_value.contiguous(), a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r,
+                                     hist_s, y, ctx.reg, ctx.log_domain, ctx.eps, ctx.chunk)
+            else:  # envelope gradient (no history kept)
+                ga = _envelope_grad(u, a, ctx.reg, grad_value) if need_a else None
+                gb = _envelope_grad(v, b, ctx.reg, grad_value) if need_b else None
+        ga, gb = first_order_only((ga if need_a else None, gb if need_b else None), (a, b, grad_value), _OP)
+        return (ga, gb) + (None,) * (ctx.n_inputs - 2)
+    return _backward
+
+
+torch.library.register_autograd("wkd::sparse_sinkhorn", _make_backward(torch.ops.wkd.sparse_sinkhorn_backward),
+                                setup_context=_setup_context)
+torch.library.register_autograd("wkd::sparse_sinkhorn_torch",
+                                _make_backward(torch.ops.wkd.sparse_sinkhorn_torch_backward),
+                                setup_context=_setup_context)
 
 
 class SparseSinkhornResult(NamedTuple):
@@ -189,7 +363,7 @@ def _check_masses(a, b, C: int, dtype, device, check_values: bool) -> None:
 def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: float, num_iters: int, *,
                     eps: float = 0.0, grad: str = "exact", log_domain: Union[bool, str] = "auto",
                     divergence: bool = False, check_values: Optional[bool] = None,
-                    chunk_elements: Optional[int] = None) -> SparseSinkhornResult:
+                    chunk_elements: Optional[int] = None, backend: Optional[str] = None) -> SparseSinkhornResult:
     """Fixed-iteration entropic OT per row over ONE shared sparse cost: :func:`wkd_kernels.sinkhorn`'s contract with
     K = exp(-cost / reg) on the stored entries of ``cost`` and 0 elsewhere (excluded couplings).
 
@@ -223,6 +397,12 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             None: always on CPU, on other devices per :mod:`wkd_kernels.settings`.
         chunk_elements: largest nnz x columns temporary of the log domain (default
             :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
+        backend: for a CSR cost, ``"torch"`` (ATen ops, any device type) or ``"cpu"`` (the C++ kernel,
+            csrc/cpu/sparse_sinkhorn.cpp); ``"auto"``: the C++ kernel for the exact gradient in the scaling domain
+            on CPU tensors when built (its fused reverse sweep measured faster), the ATen ops otherwise (its
+            forward alone measured slower than ATen's CSR x dense product; docs/vocabulary_ot.md); None: the
+            setting (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU) and
+            ``torch.ops.wkd.sparse_sinkhorn_torch``. An :class:`EmbeddingCost` always runs ATen ops.
 
     Returns:
         :class:`SparseSinkhornResult` ``(value [B], log_u [B, C], log_v [B, C], log_domain, path)``.
@@ -245,6 +425,15 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     else:
         _check_cost(cost, reg)
         K = SparseCost(cost, reg)
+    if backend is None:  # the setting; one naming a GPU-only backend leaves this op's choice to "auto"
+        backend = settings.current().backend
+        backend = "auto" if backend in ("triton", "cuda") else backend
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"{_OP}: there is no {'Triton' if backend == 'triton' else 'CUDA C++'} kernel for this op; "
+                         "use backend='torch' (every device type), 'cpu' or 'auto'")
+    if isinstance(K, EmbeddingCost):
+        backend = "torch"
+    kind = resolve_backend(backend, torch.empty(0, device=K.device), _OP, has_cuda_cpp=False)
     checks = values_check_requested(check_values, "torch", K.device, _OP)
     _check_masses(a, b, K.size, K.dtype, K.device, checks)
     a, b = reverse_mode_only(_OP, a, b)
@@ -253,13 +442,23 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     B = a.shape[0]
     # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
     exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if backend == "auto" and kind == "cpu" and not (exact and not log_domain):
+        # measured (docs/vocabulary_ot.md): the C++ kernel's fused reverse sweep beats the ATen path, its forward
+        # alone does not; the log domain runs ATen either way
+        kind = "torch"
     if divergence:
-        value, log_u, log_v = _SparseSinkhorn.apply(torch.cat([a, a, b]), torch.cat([b, a, b]), K, num_iters, eps,
-                                                    log_domain, exact, chunk_elements)
+        a, b = torch.cat([a, a, b]), torch.cat([b, a, b])
+    if isinstance(K, EmbeddingCost):
+        value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
+    else:
+        op = torch.ops.wkd.sparse_sinkhorn if kind == "cpu" else torch.ops.wkd.sparse_sinkhorn_torch
+        # [C, B] views of the masses (the kernels read them with their strides: no copy)
+        value, log_u, log_v, *_ = op(a.t(), b.t(), *K.arrays, reg, num_iters, eps, bool(log_domain), exact,
+                                     chunk_elements)
+        log_u, log_v = log_u.t(), log_v.t()
+    if divergence:
         value = value[:B] - 0.5 * (value[B:2 * B] + value[2 * B:])
         log_u, log_v = log_u[:B], log_v[:B]
-    else:
-        value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
     if checks and not bool(torch.isfinite(value).all()):
         raise ValueError(
             f"{_OP}: the iterations gave a non-finite value ({'log' if log_domain else 'scaling'} domain, `reg` = "

@@ -4,8 +4,8 @@ them), the accumulator dtype and the ``tl.dot`` precision rule.
 Supported: Triton >= 3.5 (the release paired with torch 2.9; torch 2.11 ships 3.6). Older releases lack what the
 kernels use, as the compile matrix showed: Triton 3.2, 3.3 and 3.4 cannot compile a float64 ``tl.dot`` ("Unsupported
 lhs dtype fp64": the shared-cost Sinkhorn products, the covariance and matrix-root kernels), and 3.2 has no
-``tl.gather`` (the Jacobi eigensolver of ``sqrtm(method="eigh")``). CI compiles every kernel variant the launchers produce, for
-sm_80 and sm_90, under each version in ``TESTED_TRITON`` (python_tests/triton_compile_matrix.py).
+``tl.gather`` (the Jacobi eigensolver of ``sqrtm(method="eigh")``). CI compiles every kernel variant the launchers
+produce, for sm_80 and sm_90, under each version in ``TESTED_TRITON`` (python_tests/triton_compile_matrix.py).
 """
 from __future__ import annotations
 

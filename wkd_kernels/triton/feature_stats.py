@@ -29,8 +29,9 @@ from ._support import acc_dtype, explain_compile_errors
 # ------------------------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------------------------
-# Tile sizes chosen from the sm_90 register report (no spills; the register report of python_tests/triton_compile_matrix.py): the fp32 "ieee"
-# tl.dot runs on FMA units and replicates its operands across threads, so tiles stay small.
+# Tile sizes chosen from the sm_90 register report (no spills; the register report of
+# python_tests/triton_compile_matrix.py): the fp32 "ieee" tl.dot runs on FMA units and replicates its operands
+# across threads, so tiles stay small.
 _DIAG_BLOCK_C = 16        # channels per program (diag forward/backward)
 _DIAG_MAX_BLOCK_M = 256   # cell positions per chunk (diag forward)
 _BWD_BLOCK_Q = 128        # spatial positions per program (diag backward)

@@ -346,8 +346,8 @@ def sqrtm_forward(S: torch.Tensor, method: str, num_iters: int, precision: str =
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if S.dtype == torch.float64 else _MAX_SWEEPS_F32
         _sqrtm_eigh_fwd[(B,)](S, Y, Z, n, n * _eps(S.dtype), _tiny(S.dtype), _pinv_rel(n, S.dtype),
-                              WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(precision, S.dtype),
-                              num_warps=_warps(block))
+                              WRITE_Z=want_inverse, ACC=acc, MAX_SWEEPS=sweeps, BLOCK=block,
+                              PREC=dot_precision(precision, S.dtype), num_warps=_warps(block))
     else:
         _sqrtm_ns_fwd[(B,)](S, Y, n, int(num_iters), _tiny(S.dtype), 1.0 / _eps(S.dtype), _dev_max(n, S.dtype),
                             _tol(n, S.dtype), ACC=acc, BLOCK=block, PREC=dot_precision(precision, S.dtype),
@@ -372,7 +372,8 @@ def lyapunov(Y: torch.Tensor, G: torch.Tensor, method: str, num_iters: int, prec
     if eigh:
         sweeps = _MAX_SWEEPS_F64 if Y.dtype == torch.float64 else _MAX_SWEEPS_F32
         _lyap_eigh_bwd[(B,)](G, Y, X, n, n * _eps(Y.dtype), _tiny(Y.dtype), _pinv_rel(n, Y.dtype) ** 0.5, ACC=acc,
-                             MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(precision, Y.dtype), num_warps=_warps(block))
+                             MAX_SWEEPS=sweeps, BLOCK=block, PREC=dot_precision(precision, Y.dtype),
+                             num_warps=_warps(block))
     else:
         _lyap_ns_bwd[(B,)](G, Y, X, n, int(num_iters), _tiny(Y.dtype), 1.0 / _eps(Y.dtype), _tol(n, Y.dtype),
                            ACC=acc, BLOCK=block, PREC=dot_precision(precision, Y.dtype), num_warps=_warps(block))

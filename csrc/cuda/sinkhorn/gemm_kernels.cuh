@@ -312,9 +312,10 @@ struct EpiW {
 // (0 when it gives at least half a wave of blocks, else 1); 0..kNumTiles-1 forces an entry. The product ops
 // (wkd::sinkhorn, wkd::sinkhorn_backward) always pass kTileAuto. A forced entry comes only from the explicit
 // argument `tile` of the benchmarking ops wkd_tuning::sinkhorn / wkd_tuning::sinkhorn_backward
-// (csrc/cuda/sinkhorn/tuning_ops.cu; wkd_cuda_emu_tuning::* under emulation), per call: no build-time switch, no
-// global state, no environment. Their sweep: bench/gpu_quick.py --sweep-cuda-tiles. The defaults (this rule, and
-// the entries themselves) are not measured yet: no GPU has run the sweep.
+// (bench/cuda/sinkhorn_tuning_ops.cu, in a build with WKD_BUILD_TUNING_OPS=1; wkd_cuda_emu_tuning::* under
+// emulation), per call: no build-time tile switch, no global state, no environment. Their sweep:
+// bench/tune_sinkhorn.py --sweep-cuda-tiles. The defaults (this rule, and the entries themselves) are not measured
+// yet: no GPU has run the sweep.
 struct TileCfg {
   int bm, bn, tm, tn, min_blocks;
 };

@@ -1,6 +1,7 @@
 // The host interface of the CUDA C++ Sinkhorn kernels (csrc/cuda/sinkhorn.cu) that other translation units call:
-// the forward / backward with explicit launch choices, and what the tuning ops (tuning_ops.cu) and the host
-// emulation (python_tests/cuda_emulation/) report about the launch configurations. Host code only.
+// the forward / backward with explicit launch choices, and what the tuning ops (bench/cuda/sinkhorn_tuning_ops.cu,
+// built only with WKD_BUILD_TUNING_OPS=1) and the host emulation (python_tests/cuda_emulation/) report about the
+// launch configurations. Host code only.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -22,7 +22,8 @@ def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Post-activation basic block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x). [N, Cin, H, W] -> [N, C, H/s, W/s]."""
+    """Post-activation basic block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x).
+    [N, Cin, H, W] -> [N, C, H/s, W/s]."""
 
     expansion = 1
 

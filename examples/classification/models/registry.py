@@ -179,9 +179,10 @@ def _listed(keys: List[str]) -> str:
 def load_checkpoint_into(model: DistillModel, path: Union[str, os.PathLike], *, trusted: bool = False) -> None:
     """Load the weights stored at ``path`` into ``model.net`` (strict), on CPU tensors copied in place.
 
-    Accepts a raw state dict (``torch.save`` file or ``.safetensors``), or a dict holding it under "model" / "state_dict" / "net" (CRD, mdistiller and
-    the trainer's checkpoints), with or without "module." / "_orig_mod." / "net." prefixes. The file is read with
-    ``weights_only=True`` (``examples.common.checkpoint.read_torch_file``) unless ``trusted``. Raises
+    Accepts a raw state dict (``torch.save`` file or ``.safetensors``), or a dict holding it under "model" /
+    "state_dict" / "net" (CRD, mdistiller and the trainer's checkpoints), with or without "module." / "_orig_mod." /
+    "net." prefixes. The file is read with ``weights_only=True`` (``examples.common.checkpoint.read_torch_file``)
+    unless ``trusted``. Raises
     FileNotFoundError for a missing file, ``checkpoint.CheckpointError`` for a corrupted or untrusted one
     (``UntrustedCheckpointError``: it holds objects that could run code), and CheckpointMismatchError naming the
     path and the missing, unexpected and wrongly shaped keys.

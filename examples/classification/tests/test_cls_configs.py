@@ -1,8 +1,8 @@
 """Every YAML config loads and has the trainer's schema; the CIFAR (32x32) ones build (models and losses, with the
 released cost matrices when the test data folder has them: $WKD_DATA_DIR or ../shared/data next to the checkout;
 skipped otherwise); the ImageNet / cross-architecture ones build on the meta device (no weights, no memory); one
-cross-architecture WKD-F pair (ViT-S 14x14 tokens -> ResNet18 7x7) runs a
-real forward/backward to prove the spatial adaptation of the student map."""
+cross-architecture WKD-F pair (ViT-S 14x14 tokens -> ResNet18 7x7) runs a real forward/backward to prove the spatial
+adaptation of the student map."""
 from __future__ import annotations
 
 import os

@@ -61,7 +61,7 @@ def test_global_batches_do_not_depend_on_world_size():
         for s in [s1] + [t[1] for t in two]:
             s.set_epoch(epoch)
         one = [set(b) for b in _batches(s1, 8)]
-        both = [set(a) | set(b) for a, b in zip(_batches(two[0][1], 4), _batches(two[1][1], 4), strict=False)]
+        both = [set(a) | set(b) for a, b in zip(_batches(two[0][1], 4), _batches(two[1][1], 4), strict=True)]
         assert one == both and len(one) == 5
     assert sum(len(t[2].sampler) for t in two) == len(ds)  # sharded evaluation counts every sample once
 

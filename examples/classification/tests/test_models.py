@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import itertools
 import sys
 import weakref
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_forward_shapes_and_features(name):
     sizes = [maps[key].shape[-2:] for key in stage_keys]
     for key in stage_keys:
         assert maps[key].ndim == 4 and maps[key].shape[0] == 2
-    for a, b in zip(sizes, sizes[1:], strict=False):
+    for a, b in itertools.pairwise(sizes):
         if name in TOKEN_MODELS:
             assert a == b == (14, 14)
         else:

@@ -77,7 +77,7 @@ def test_teacher_box_head_runs_on_the_students_sampled_rois(coco_root, teacher_c
     torch.testing.assert_close(roi, out.roi_t)
     torch.testing.assert_close(logits, out.logits_t)
     # the ground-truth boxes are among the sampled RoIs (torchvision adds them), resized like the images
-    for rois, tg in zip(out.rois, targets_t, strict=False):
+    for rois, tg in zip(out.rois, targets_t, strict=True):
         for box in tg["boxes"]:
             assert (rois - box).abs().sum(1).min() < 1e-4
     # teacher is frozen and outside the trainable parameters / state dict
@@ -313,8 +313,8 @@ def test_clear_errors(coco_root, teacher_ckpt, tmp_path):
     cfg = tiny_cfg("r101_r18/wkd_l.yaml", coco_root, teacher={"arch": "resnet18_fpn", "checkpoint": str(teacher_ckpt)})
     with pytest.raises(ValueError, match="distill.wkd_l.cost"):
         build_distiller(cfg, 4)
-    with pytest.raises(ValueError, match=r"unknown config key `distill.wkd_f.grdi` "
-                                         r"\(did you mean `distill.wkd_f.grid`\?\)"):
+    with pytest.raises(ValueError,
+                       match=r"unknown config key `distill.wkd_f.grdi` \(did you mean `distill.wkd_f.grid`\?\)"):
         DistillLosses({"method": "wkd_f", "wkd_f": {"covariance": "diag", "grdi": 2}}, 4)
     with pytest.raises(ValueError, match="distill.wkd_f.projector"):
         DistillLosses({"method": "wkd_f", "wkd_f": {"weight": 1.0, "projector": "conv3x3"}}, 4)

@@ -1,7 +1,10 @@
 // The benchmarking ops of the CUDA C++ Sinkhorn kernels: the product ops (csrc/cuda/sinkhorn.cu) with the launch
 // choices as explicit per-call arguments, so that one build can time every tile table entry and several rows per
-// CTA (bench/gpu_quick.py --sweep-cuda-tiles). The product ops always use the automatic choices.
-// Library wkd_tuning (CUDA key) in the real build; under WKD_CUDA_EMULATE nothing is registered here:
+// CTA (bench/tune_sinkhorn.py --sweep-cuda-tiles / --sweep-cuda-rows). The product ops always use the automatic
+// choices. Not part of the product build: setup.py compiles this file into wkd_kernels._C, next to
+// csrc/cuda/sinkhorn.cu whose entry points it calls (csrc/cuda/sinkhorn/launch.h), only with WKD_BUILD_TUNING_OPS=1
+// (bench/gpu_suite.sh --tuning-ops sets it); the CMake build never does.
+// Library wkd_tuning (CUDA key) in that build; under WKD_CUDA_EMULATE nothing is registered here:
 // python_tests/cuda_emulation/emu_sinkhorn_cuda.cpp includes this file with WKD_TUNING_LIB "wkd_cuda_emu_tuning" and
 // registers the same schemas on the CPU key (the emulated kernels). Schemas:
 //   sinkhorn(<wkd::sinkhorn's arguments>, *, int tile=-1, int rows_per_block=-1) -> <wkd::sinkhorn's outputs>
@@ -24,7 +27,7 @@
 #include <tuple>
 #include <vector>
 
-#include "launch.h"
+#include "../../csrc/cuda/sinkhorn/launch.h"
 
 #ifndef WKD_TUNING_LIB
 #define WKD_TUNING_LIB "wkd_tuning"  // the library's name (a string literal: op names are formed by concatenation)
