@@ -77,8 +77,10 @@ else
   QUICK_ARGS=(--device cuda)
   BURES_ARGS=(--device cuda --sizes 256x512x7x7 --reps 10 --dense-max-work 0)
   STEP_ARGS=(--device cuda --reps 10 --warmup 3)
-  OTHER_TESTS=(python_tests/test_sinkhorn.py python_tests/test_feature_stats.py python_tests/test_sqrtm.py
-               python_tests/test_nuclear_norm.py python_tests/test_bures_wasserstein.py)
+  OTHER_TESTS=(python_tests/test_sinkhorn_{values,gradients,zero_mass,log_domain,history,bad_input}.py
+               python_tests/test_sinkhorn_{compile_opcheck,triton_tiles,triton_onchip,cuda,random_cases}.py
+               python_tests/test_feature_stats.py python_tests/test_sqrtm.py python_tests/test_nuclear_norm.py
+               python_tests/test_bures_wasserstein.py)
 fi
 START=$(date +%s)
 STEPS=()   # "name|cap|seconds|status"

@@ -251,6 +251,37 @@ def triton_device():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
+@pytest.fixture
+def dev():
+    """The device on which the Triton kernels run here (triton_device): cuda, or cpu under TRITON_INTERPRET=1."""
+    return triton_device()
+
+
+class _FactoryBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of zero-filled tensors created through the dispatcher (what autograd's materialisation uses)."""
+
+    OPS = {"zeros_like", "zeros", "new_zeros", "full_like", "full", "zero_", "fill_"}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.OPS and isinstance(out, torch.Tensor):
+            self.bytes += out.numel() * out.element_size()
+        return out
+
+
+def backward_zero_bytes(fn, inputs):
+    """Bytes of zero-filled tensors that the backward of ``fn(*inputs).sum()`` creates (a backward that materialises
+    zero gradients for non-differentiable outputs shows here)."""
+    out = fn(*inputs)
+    with _FactoryBytes() as mode:
+        out.sum().backward()
+    return mode.bytes
+
+
 def simplex(B, n, dtype=torch.float64, zeros=0, seed=0):
     """[B, n] random probability rows (seeded), with `zeros` entries per row set to exactly zero mass."""
     g = torch.Generator().manual_seed(seed)
@@ -291,25 +322,47 @@ def _per_test_timeout(request):
         signal.signal(signal.SIGALRM, previous)
 
 
+# Opt-in tests, deselected (not generated to be skipped) unless their environment variable is 1: marker -> variable
+OPT_IN = {"cuda_emulation": "WKD_TEST_CUDA_EMULATION"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_emulation: builds csrc/cuda/sinkhorn.cu as host C++ and runs it under "
+                                       "the host emulation, minutes (opt-in: WKD_TEST_CUDA_EMULATION=1)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Without a CUDA device the tests marked ``gpu`` are deselected (not generated to be skipped); the terminal
-    summary says how many."""
-    if torch.cuda.is_available():
-        return
-    gpu_items = [item for item in items if "gpu" in item.keywords]
-    if gpu_items:
-        items[:] = [item for item in items if "gpu" not in item.keywords]
-        config.hook.pytest_deselected(items=gpu_items)
-        config.stash[_GPU_DESELECTED] = len(gpu_items)
+    """Deselected (not generated to be skipped), the terminal summary says how many: without a CUDA device the tests
+    marked ``gpu``; the opt-in tests (OPT_IN) without their environment variable set to 1; where the Triton kernels
+    cannot run (no CUDA device and no TRITON_INTERPRET=1, or no triton), the tests of the Triton kernels themselves
+    (those that take the ``dev`` fixture)."""
+    rules = []  # (predicate on an item, what the summary says)
+    if not torch.cuda.is_available():
+        rules.append((lambda item: "gpu" in item.keywords,
+                      "marked gpu deselected: no CUDA device (bench/gpu_suite.sh runs them)"))
+    for marker, var in OPT_IN.items():
+        if os.environ.get(var, "0") != "1":
+            rules.append((lambda item, m=marker: m in item.keywords, f"marked {marker} deselected: opt-in ({var}=1)"))
+    triton_here = backend_or_reason("triton")
+    if isinstance(triton_here, str):
+        rules.append((lambda item: "dev" in getattr(item, "fixturenames", ()),
+                      f"of the Triton kernels deselected: {triton_here}"))
+    counts = {}
+    for keep_out, why in rules:
+        dropped = [item for item in items if keep_out(item)]
+        if dropped:
+            items[:] = [item for item in items if not keep_out(item)]
+            config.hook.pytest_deselected(items=dropped)
+            counts[why] = len(dropped)
+    config.stash[_DESELECTED] = counts
 
 
-_GPU_DESELECTED = pytest.StashKey[int]()
+_DESELECTED = pytest.StashKey[dict]()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    n = config.stash.get(_GPU_DESELECTED, 0)
-    if n:
-        terminalreporter.write_line(f"{n} tests marked gpu deselected: no CUDA device (bench/gpu_suite.sh runs them)")
+    for why, n in config.stash.get(_DESELECTED, {}).items():
+        terminalreporter.write_line(f"{n} tests {why}")
 
 
 def assert_interruptible(long_call: str, setup: str = "", within_s: float = 5.0) -> None:

@@ -35,7 +35,7 @@ def pairwise(params, valid=None):
         raise ValueError(f"pairwise: {total} combinations, more than {MAX_PRODUCT}: split the grid")
 
     def case(combo):
-        return {k: values[i][c] for i, (k, c) in enumerate(zip(names, combo))}
+        return {k: values[i][c] for i, (k, c) in enumerate(zip(names, combo, strict=False))}
 
     combos = [c for c in itertools.product(*(range(len(v)) for v in values)) if valid is None or valid(case(c))]
     if not combos:

@@ -68,7 +68,8 @@ def _row(a, b, C, reg, T, eps, g, want_grad):
 
 def _converged_row(a, b, C, reg, T, eps, g, want_grad, rounds=4):
     """_row at working_digits, then at 30 more digits at a time until two precisions agree on every output to
-    1e-20 relative (or 1e-40 of the largest, for exact zeros; the sweep also cancels where a gradient is far below the terms it is computed from, e.g. the
+    1e-20 relative (or 1e-40 of the largest, for exact zeros; the sweep also cancels where a gradient is far below
+    the terms it is computed from, e.g. the
     eps-sized gradients of a problem that eps alone makes depend on b); floats of the last one."""
     digits, prev = working_digits(C, reg), None
     for _ in range(rounds):
@@ -77,7 +78,7 @@ def _converged_row(a, b, C, reg, T, eps, g, want_grad, rounds=4):
             out = [value] + (list(ga) + list(gb) if want_grad else [])
             floor = mpmath.mpf(10) ** -40 * max(abs(x) for x in out)  # entries that are exactly 0
             if prev is not None and all(abs(x - y) <= mpmath.mpf(10) ** -20 * abs(x) + floor
-                                        for x, y in zip(out, prev)):
+                                        for x, y in zip(out, prev, strict=False)):
                 return float(value), [float(x) for x in ga or []], [float(x) for x in gb or []]
             prev = out
         digits += 30

@@ -72,13 +72,31 @@ def test_jacfwd_and_hessian_are_a_clear_error(name):
         hessian(fn)(x)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# More paths for double backward (its error node sits in each op's backward): the envelope gradient, the per-row
+# log-domain Sinkhorn, eigh's sqrtm, grid cells of feature_stats
+DOUBLE_BACKWARD_CASES = {
+    **CASES,
+    "sinkhorn_envelope": (lambda a: wk.sinkhorn(a, _B6, _COST, 0.5, 5, grad="envelope").value.square().sum(),
+                          _simplex(2, 6, 0)),
+    "sinkhorn_per_row_log": (lambda a: wk.sinkhorn(a, _B6, _COST.expand(2, 6, 6), 0.1, 5,
+                                                   log_domain=True).value.square().sum(), _simplex(2, 6, 0)),
+    "sqrtm_eigh": (lambda S: wk.sqrtm(S, "eigh").square().sum(), _spd(2, 4, 7)),
+    "feature_stats_grid": (lambda x: wk.feature_stats(x, 2, "full")[1].square().sum(), _randn(2, 3, 4, 4, seed=6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOUBLE_BACKWARD_CASES))
 def test_double_backward_is_a_clear_error(name):
-    fn, x0 = CASES[name]
+    """The gradient under create_graph=True equals the plain one and carries an error node: differentiating it
+    raises an error naming the op (never a gradient silently missing its second-order term)."""
+    fn, x0 = DOUBLE_BACKWARD_CASES[name]
     x = x0.clone().requires_grad_()
     (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
     assert g.requires_grad, "the gradient under create_graph=True must carry the error node"
-    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+    x1 = x0.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(fn(x1), x1)
+    assert torch.equal(g.detach(), g1), "create_graph=True changed the first-order gradient"
+    with pytest.raises(RuntimeError, match=r"wkd\.\w+: double backward .* is not supported"):
         torch.autograd.grad(g.sum(), x)
 
 

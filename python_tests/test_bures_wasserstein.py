@@ -7,7 +7,7 @@ import wkd_kernels as wk
 from wkd_kernels import reference as ref
 
 from conftest import (GAUSSIAN_BACKENDS, assert_close, available_backends, backend_or_reason, import_pot,
-                      triton_device)
+                      backward_zero_bytes)
 
 
 METHODS = ("newton_schulz", "eigh")
@@ -70,7 +70,7 @@ def test_odd_sizes_value_and_gradient(gaussian_backend, method, n):
     w2r = ref.bures_wasserstein_reference(*args)
     gr = torch.autograd.grad(w2r.sum(), args)
     assert_close(w2, w2r, *TOL[F64], what=f"W^2 ({gaussian_backend}, {method}, n={n})", mode="entry")
-    for name, a, b in zip(("mu1", "S1", "mu2", "S2"), g, gr):
+    for name, a, b in zip(("mu1", "S1", "mu2", "S2"), g, gr, strict=False):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         assert_close(a, b, 1e-7, 1e-7, what=f"grad {name} ({gaussian_backend}, {method}, n={n})")
 
@@ -105,7 +105,7 @@ def test_backward_matches_reference(method):
     args = [t.requires_grad_() for t in _gauss(3, 6, seed=4)]
     g = torch.autograd.grad(wk.bures_wasserstein(*args, method=method, num_iters=40).sum(), args)
     gr = torch.autograd.grad(ref.bures_wasserstein_reference(*args).sum(), args)
-    for a, b in zip(g, gr):
+    for a, b in zip(g, gr, strict=False):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
 
@@ -132,7 +132,7 @@ def test_compile_fullgraph():
     comp = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     gc = torch.autograd.grad(comp, args)
     torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
+    for a, b in zip(gc, ge, strict=False):
         torch.testing.assert_close(a, b)
 
 
@@ -160,24 +160,22 @@ def test_bad_input_errors():
 # Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_triton_bures_newton_schulz(dtype, tol):
-    dev = triton_device()
+def test_triton_bures_newton_schulz(dtype, tol, dev):
     mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(3, 6, dtype, seed=11))
     w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, "newton_schulz", 40, "ieee")
     cpu = torch.ops.wkd.bures_wasserstein(*(t.cpu() for t in (mu1, S1, mu2, S2)), "newton_schulz", 40)
     expected = ref.bures_wasserstein_reference(*(t.cpu() for t in (mu1, S1, mu2, S2)))
     assert float(((w2.cpu().double() - expected) / expected).abs().max()) <= tol
-    for a, b in zip((R1, R2, Q), cpu[1:]):
+    for a, b in zip((R1, R2, Q), cpu[1:], strict=False):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
     grad = torch.ones(3, dtype=dtype, device=dev)
     gt = torch.ops.wkd.bures_wasserstein_triton_backward(grad, mu1, mu2, R1, R2, Q, "newton_schulz", 40, "ieee")
     gc = torch.ops.wkd.bures_wasserstein_backward(grad.cpu(), mu1.cpu(), mu2.cpu(), *cpu[1:], "newton_schulz", 40)
-    for a, b in zip(gt, gc):
+    for a, b in zip(gt, gc, strict=False):
         torch.testing.assert_close(a.cpu(), b, rtol=tol * 10, atol=tol * 10)
 
 
-def test_triton_bures_eigh():
-    dev = triton_device()
+def test_triton_bures_eigh(dev):
     mu1, S1, mu2, S2 = (t.to(dev) for t in _gauss(1, 5, seed=12))
     w2, R1, R2, Q = torch.ops.wkd.bures_wasserstein_triton(mu1, S1, mu2, S2, "eigh", 1, "ieee")
     expected = ref.bures_wasserstein_reference(*(t.cpu() for t in (mu1, S1, mu2, S2)))
@@ -186,16 +184,15 @@ def test_triton_bures_eigh():
                                                          R2, Q, "eigh", 1, "ieee")
     args = [t.cpu().requires_grad_() for t in (mu1, S1, mu2, S2)]
     gr = torch.autograd.grad(ref.bures_wasserstein_reference(*args).sum(), args)
-    for a, b in zip(gt, gr):
+    for a, b in zip(gt, gr, strict=False):
         b = (b + b.mT) / 2 if b.dim() == 3 else b
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_triton_ops_opcheck(method):
+def test_triton_ops_opcheck(method, dev):
     """torch.ops.wkd.bures_wasserstein_triton and its backward op: schema, fake kernel, autograd registration
     (opcheck; CPU tensors under the interpreter, tiny sizes)."""
-    dev = triton_device()
     B, n = (1, 2) if method == "eigh" else (2, 3)  # the interpreted Jacobi kernel is slow
     args = [t.to(dev).requires_grad_() for t in _gauss(B, n, seed=14)]
     torch.library.opcheck(torch.ops.wkd.bures_wasserstein_triton.default, (*args, method, 20, "ieee"))
@@ -231,7 +228,7 @@ def test_cuda_op_matches_cpu(method):
     wr = wk.bures_wasserstein(*ar, method=method)
     gr = torch.autograd.grad(wr.sum(), ar)
     torch.testing.assert_close(w.cpu(), wr, rtol=1e-4, atol=1e-3)
-    for a, b in zip(gc, gr):
+    for a, b in zip(gc, gr, strict=False):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
 
 
@@ -259,3 +256,16 @@ def test_indefinite_covariance_with_positive_trace_is_an_error_with_value_checks
     with pytest.raises(ValueError, match=r"wkd\.bures_wasserstein.*`S2`"):
         wk.bures_wasserstein(*gaussian_backend.to(mu1, S1, mu2, S2), method="eigh", backend=gaussian_backend.name,
                              check_values=True)
+
+
+# ------------------------------------------------------------------------------- the backward allocates no zero outputs
+
+def test_backward_allocates_no_zero_outputs():
+    B, n = 32, 8
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, B, n, 2 * n, generator=g, dtype=F64)
+    S1, S2 = (X[i] @ X[i].mT / (2 * n) + 0.1 * torch.eye(n, dtype=F64) for i in range(2))
+    mu1, mu2 = torch.randn(B, n, generator=g, dtype=F64), torch.randn(B, n, generator=g, dtype=F64)
+    S1.requires_grad_()
+    mat = B * n * n * 8
+    assert backward_zero_bytes(lambda s: wk.bures_wasserstein(mu1, s, mu2, S2), (S1,)) < mat  # was 3 [B, n, n]

@@ -168,5 +168,5 @@ def test_losses_compile_fullgraph_with_backward(backend):
     comp = torch.compile(total, fullgraph=True, backend="aot_eager")(s, f_s)
     gc = torch.autograd.grad(comp, (s, f_s))
     torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
+    for a, b in zip(gc, ge, strict=False):
         torch.testing.assert_close(a, b)

@@ -50,7 +50,8 @@ def test_cpu_matches_reference_float64(grid, full, unbiased):
     torch.testing.assert_close(var, vr, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("shape,grid", ODD_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,grid", ODD_SHAPES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_matches_reference_on_every_backend(gaussian_backend, shape, grid, covariance, dtype):
@@ -70,7 +71,8 @@ def test_matches_reference_on_every_backend(gaussian_backend, shape, grid, covar
     assert_close(v, vr, rtol, atol, f"var ({gaussian_backend})")
     gm = torch.randn(mr.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     gv = torch.randn(vr.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
-    (gx,) = torch.autograd.grad((m * gaussian_backend.to(gm.to(dtype))).sum() + (v * gaussian_backend.to(gv.to(dtype))).sum(), xd)
+    weighted = (m * gaussian_backend.to(gm.to(dtype))).sum() + (v * gaussian_backend.to(gv.to(dtype))).sum()
+    (gx,) = torch.autograd.grad(weighted, xd)
     (gr,) = torch.autograd.grad((mr * gm).sum() + (vr * gv).sum(), xr)
     assert_close(gx, gr, 10 * rtol, atol, f"grad x ({gaussian_backend})")
 
@@ -195,9 +197,8 @@ def test_bad_input_errors():
 # Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_triton_forward_backward(dtype, tol):
+def test_triton_forward_backward(dtype, tol, dev):
     """The Triton ops torch.ops.wkd.feature_stats_triton / _backward against the float64 reference."""
-    dev = triton_device()
     x = _x((2, 5, 7, 6), dtype).to(dev)
     for grid, full, unbiased in ((1, False, True), (3, False, False), (1, True, True), (3, True, True)):
         mean, var = torch.ops.wkd.feature_stats_triton(x, grid, full, unbiased)
@@ -214,8 +215,7 @@ def test_triton_forward_backward(dtype, tol):
         torch.testing.assert_close(gx.cpu().double(), gr, rtol=tol * 10, atol=tol * 10)
 
 
-def test_triton_half_input_and_chunked_cells():
-    dev = triton_device()
+def test_triton_half_input_and_chunked_cells(dev):
     # 20 x 18 map on grid 1: one cell of 360 positions, streamed in chunks of 256 (Chan merge)
     x = _x((1, 3, 20, 18), torch.bfloat16).to(dev)
     mean, var = torch.ops.wkd.feature_stats_triton(x, 1, False, True)
@@ -223,15 +223,15 @@ def test_triton_half_input_and_chunked_cells():
     mr, vr = ref.feature_stats_reference(x.cpu(), 1, False, True)
     torch.testing.assert_close(mean.cpu().double(), mr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.cpu().double(), vr, rtol=1e-5, atol=1e-5)
-    gx = torch.ops.wkd.feature_stats_triton_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, 1, False, True)
+    gx = torch.ops.wkd.feature_stats_triton_backward(torch.ones_like(mean), torch.ones_like(var), x, mean, 1, False,
+                                                     True)
     assert gx.dtype == torch.bfloat16 and torch.isfinite(gx.float()).all()
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_triton_ops_opcheck(full):
+def test_triton_ops_opcheck(full, dev):
     """torch.ops.wkd.feature_stats_triton and its backward op: schema, fake kernel, autograd (opcheck; CPU tensors
     under the interpreter, tiny sizes)."""
-    dev = triton_device()
     x = _x((2, 3, 4, 4)).to(dev).requires_grad_()
     torch.library.opcheck(torch.ops.wkd.feature_stats_triton.default, (x, 2, full, True))
     xd = x.detach()

@@ -1,6 +1,7 @@
 """wkd_kernels.gaussian_wasserstein (WKD-F): the low-rank path (nuclear norm of the m x m cross-Gram) against a float64
 eigendecomposition with clamped eigenvalues, the C x C path, the diagonal path against the published formula, POT,
 finite gradients at rank-deficient covariances, gradcheck, torch.compile, bad input."""
+import numpy as np
 import pytest
 import torch
 
@@ -8,9 +9,10 @@ import wkd_kernels as wk
 from wkd_kernels import reference as ref
 from wkd_kernels.ops.checks import cell_sizes
 
-from conftest import assert_close, capture_cuda_graph, import_pot, rel_error, triton_device
+from conftest import assert_close, capture_cuda_graph, import_pot, rel_error
 from wkd_kernels import _build
 
+F64 = torch.float64
 
 
 def _feats(shape, dtype=torch.float64, seed=0, corr=0.6):
@@ -154,7 +156,8 @@ def test_bad_input_errors():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu_target_shape():
-    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (the WKD-F accuracy target), CUDA vs CPU gradients."""
+    """ResNet-18 layer-4 size: relative error of W^2 <= 1e-4 vs float64 (the WKD-F accuracy target), CUDA vs CPU
+    gradients."""
     f_s, f_t = _feats((16, 512, 7, 7), torch.float32, seed=8)
     expected = ref.gaussian_wasserstein_reference(f_s, f_t, "full", 1, eps=0.0)[:, 0]
     x = f_s.cuda().requires_grad_()
@@ -186,11 +189,11 @@ def test_cuda_graph_capture_forward_backward():
     graph, captured, eager = capture_cuda_graph(step)  # warm-up: compiles, fills the cell-index cache
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(captured, eager):
+    for a, b in zip(captured, eager, strict=False):
         torch.testing.assert_close(a, b)
 
 
-def test_backend_and_precision_arguments():
+def test_backend_and_precision_arguments(dev):
     """backend= / precision= reach the Gaussian ops: backend="cuda" on CPU tensors is an error, a bad precision names
     the argument, "tf32x3" is accepted and ignored by the CPU kernels; backend="triton" (CPU tensors under the
     interpreter, or CUDA) agrees with the CPU kernels on both paths."""
@@ -204,7 +207,6 @@ def test_backend_and_precision_arguments():
         wk.gaussian_wasserstein(f_s, f_t, precision="tf32")
     want = wk.gaussian_wasserstein(f_s, f_t, num_iters=40)
     assert torch.equal(wk.gaussian_wasserstein(f_s, f_t, num_iters=40, backend="cpu", precision="tf32x3"), want)
-    dev = triton_device()
     for path in ("low_rank", "dense"):
         got = wk.gaussian_wasserstein(f_s.to(dev), f_t.to(dev), num_iters=40, path=path, backend="triton")
         assert _rel(got.cpu(), wk.gaussian_wasserstein(f_s, f_t, num_iters=40, path=path)) <= 1e-9, path
@@ -240,3 +242,72 @@ def test_low_rank_path_float32_at_extreme_feature_magnitudes(gaussian_backend, s
         got = wk.gaussian_wasserstein(dev_s, dev_t, eps=0.0, path=path, backend=gaussian_backend.name)
         assert_close(got, want.reshape(got.shape), 1e-4, what=f"{path} path at {scale:g} ({gaussian_backend})",
                      mode="entry")
+
+
+# ---------------------------------------- the low-rank path to float64 accuracy (Newton-Schulz iterated to convergence)
+
+def small_singular_value_pair(C=96, H=5, W=5, small=1e-6, seed=0):
+    """A 96-channel 5 x 5 feature pair whose cross-Gram has one small non-zero singular value."""
+    g = torch.Generator().manual_seed(seed)
+    f_s = torch.randn(1, C, H, W, generator=g, dtype=F64)
+    m = H * W
+    w = torch.randn(m, generator=g, dtype=F64)
+    w = w - w.mean()
+    w = w / w.norm()  # w is orthogonal to the ones vector: R keeps the means and the centring
+    R = torch.eye(m, dtype=F64) - (1 - small) * torch.outer(w, w)
+    f_t = (f_s.flatten(2) @ R).view(1, C, H, W)
+    return f_s, f_t
+
+
+def exact_low_rank_w2(f_s, f_t):
+    xs, xt = f_s.flatten(2)[0], f_t.flatten(2)[0]
+    m = xs.shape[1]
+    Xs, Xt = xs - xs.mean(1, keepdim=True), xt - xt.mean(1, keepdim=True)
+    nuc = torch.linalg.svdvals(Xs.T @ Xt).sum()
+    return (xs.mean(1) - xt.mean(1)).square().sum() + ((Xs * Xs).sum() + (Xt * Xt).sum() - 2 * nuc) / (m - 1)
+
+
+def test_low_rank_wkdf_reaches_float64_accuracy():
+    f_s, f_t = small_singular_value_pair()
+    want = exact_low_rank_w2(f_s, f_t)
+    got = wk.gaussian_wasserstein(f_s, f_t)  # default num_iters: chosen from the dtype
+    assert abs(got.item() - want.item()) <= 1e-12 * want.abs().item(), (got.item(), want.item())
+    # the case is hard: the old fixed 20 steps stop short
+    assert abs(wk.gaussian_wasserstein(f_s, f_t, num_iters=20).item() - want.item()) > 1e-9 * want.abs().item()
+    M = torch.randn(8, 25, 25, generator=torch.Generator().manual_seed(1), dtype=F64)
+    M[:, :, 0] *= 1e-7
+    assert rel_error(wk.nuclear_norm(M), torch.linalg.svdvals(M).sum(-1)) < 1e-13
+
+
+# ---------------------------------------------------------- errors name the user's arguments; scalar arguments; eps = 0
+
+def test_errors_name_the_users_arguments():
+    f = torch.randn(2, 8, 3, 3, dtype=F64)
+    g = f.clone()
+    g[0, 0, 0, 0] = float("nan")
+    for path in ("low_rank", "dense"):
+        with pytest.raises(ValueError, match="`f_t` contains non-finite"):
+            wk.gaussian_wasserstein(f, g, path=path)  # was `M` / `x`
+        with pytest.raises(ValueError, match="`f_s` contains non-finite"):
+            wk.gaussian_wasserstein(g, f, path=path)
+
+
+def test_numpy_scalars_accepted():
+    f = torch.randn(2, 3, 4, 4, dtype=F64)
+    assert torch.equal(wk.gaussian_wasserstein(f, f.flip(0), "diag", np.int64(2), np.float32(1e-5)),
+                       wk.gaussian_wasserstein(f, f.flip(0), "diag", 2, float(np.float32(1e-5))))
+
+
+@pytest.mark.parametrize("covariance,path", [("diag", "auto"), ("full", "low_rank"), ("full", "dense")])
+def test_eps0_constant_feature_map_gradient_is_finite(covariance, path):
+    from wkd_kernels.losses import wkd_feature_loss
+
+    f_s = torch.ones(2, 3, 4, 4, dtype=F64, requires_grad=True)  # constant: every variance is 0
+    f_t = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    w = wk.gaussian_wasserstein(f_s, f_t, covariance, eps=0.0, path=path)
+    (gw,) = torch.autograd.grad(w.sum(), f_s)
+    assert torch.isfinite(gw).all()  # was all NaN
+    if covariance == "diag":
+        loss = wkd_feature_loss(f_s, f_t, eps=0.0).loss
+        (gl,) = torch.autograd.grad(loss, f_s)
+        assert torch.isfinite(gl).all()

@@ -86,7 +86,7 @@ SHAPES = [(1, 2), (5, 7), (16, 100), (4, 1000)]
 def test_kd(B, C, dtype, tl, tg):
     s, t, _ = make_logits(B, C, dtype=dtype)
     for T in (1.0, 4.0):
-        out = check_close(lambda x: kd_loss(x, t, T), lambda x: kd_literal(x, t, T), s, tl, tg)
+        out = check_close(lambda x, T=T: kd_loss(x, t, T), lambda x, T=T: kd_literal(x, t, T), s, tl, tg)
         assert out.dtype == dtype
     assert torch.equal(KDLoss(4.0)(s, t), kd_loss(s, t, 4.0))
 
@@ -96,7 +96,8 @@ def test_kd(B, C, dtype, tl, tg):
 def test_dkd(B, C, dtype, tl, tg):
     s, t, y = make_logits(B, C, seed=C, dtype=dtype)
     for alpha, beta, T in ((1.0, 8.0, 4.0), (1.0, 0.5, 1.0), (0.3, 2.0, 2.0)):
-        check_close(lambda x: dkd_loss(x, t, y, alpha, beta, T), lambda x: dkd_literal(x, t, y, alpha, beta, T),
+        c = (alpha, beta, T)
+        check_close(lambda x, c=c: dkd_loss(x, t, y, *c), lambda x, c=c: dkd_literal(x, t, y, *c),
                     s, tl, tg)
     assert torch.equal(DKDLoss(1.0, 8.0, 4.0)(s, t, y), dkd_loss(s, t, y, 1.0, 8.0, 4.0))
 
@@ -106,7 +107,8 @@ def test_dkd(B, C, dtype, tl, tg):
 def test_nkd(B, C, dtype, tl, tg):
     s, t, y = make_logits(B, C, seed=C + 1, dtype=dtype)
     for T, gamma in ((1.0, 1.5), (2.0, 0.5)):
-        check_close(lambda x: nkd_loss(x, t, y, T, gamma), lambda x: nkd_literal(x, t, y, T, gamma), s, tl, tg)
+        check_close(lambda x, c=(T, gamma): nkd_loss(x, t, y, *c), lambda x, c=(T, gamma): nkd_literal(x, t, y, *c), s,
+                    tl, tg)
     assert torch.equal(NKDLoss(1.0, 1.5)(s, t, y), nkd_loss(s, t, y, 1.0, 1.5))
 
 
@@ -218,3 +220,17 @@ def test_bad_input(case):
     call, match = _bad()[case]
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------- logits / temperature overflow
+
+def test_logits_over_temperature_overflow_names_the_users_arguments():
+    from wkd_kernels.losses import dkd_loss, kd_loss, nkd_loss, wkd_logit_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(4, 5, generator=g) * 1e30, torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
+    cost = torch.rand(5, 5, generator=g)
+    for f in (lambda: wkd_logit_loss(s, t, y, cost, 1e-30, 1.0), lambda: kd_loss(s, t, 1e-30),
+              lambda: nkd_loss(s, t, y, 1e-30), lambda: dkd_loss(s, t, y, temperature=1e-30)):
+        with pytest.raises(ValueError, match=r"`student_logits` / `temperature`"):  # was `a` / a NaN loss
+            f()

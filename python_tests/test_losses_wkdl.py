@@ -380,3 +380,17 @@ def test_backend_and_precision_arguments():
     with wk.settings.override(backend="triton"):
         module = WKDLogitLoss(cost.to(dev), 2.0, 1.0, log_domain=False)
         assert rel_err(module(sd, t.to(dev), y.to(dev)), want) <= 1e-10
+
+
+# ------------------------------------------------------------------------------------------- scalar arguments
+def test_numpy_and_tensor_scalars_accepted():
+    """NumPy and 0-d tensor scalars give the loss of Python numbers; a bad log_domain names the argument."""
+    import numpy as np
+
+    cost = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    s, t, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    ref = wkd_logit_loss(s, t, y, cost, 2.0, 1.0)
+    got = wkd_logit_loss(s, t, y, cost, np.float32(2.0), torch.tensor(1.0), num_iters=np.int64(10))
+    assert torch.equal(got, ref)
+    with pytest.raises(TypeError, match="`log_domain`"):
+        WKDLogitLoss(cost, 2.0, 1.0, log_domain="no")

@@ -7,8 +7,9 @@ import torch
 
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
+from wkd_kernels.ops import common as G
 
-from conftest import assert_close, assert_interruptible, triton_device
+from conftest import assert_close, assert_interruptible, backward_zero_bytes, rel_error
 
 F32, F64 = torch.float32, torch.float64
 # {dtype: (rtol, atol)} of the value against the reference (relative to the value per matrix)
@@ -88,9 +89,8 @@ def test_nuclear_norm_opcheck_and_errors():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_triton_nuclear_norm(dtype, tol):
+def test_triton_nuclear_norm(dtype, tol, dev):
     """The Triton op (value and polar factor) against the reference and the SVD."""
-    dev = triton_device()
     g = torch.Generator().manual_seed(10)
     M = (torch.randn(3, 9, 5, generator=g, dtype=torch.float64) + torch.eye(9, 5, dtype=torch.float64)).to(dtype)
     v, Q = torch.ops.wkd.nuclear_norm_triton(M.to(dev), 40, "ieee")
@@ -100,10 +100,9 @@ def test_triton_nuclear_norm(dtype, tol):
     torch.testing.assert_close(Q.cpu().double(), U @ Vh, rtol=tol * 100, atol=tol * 100)
 
 
-def test_triton_op_opcheck_and_precision():
+def test_triton_op_opcheck_and_precision(dev):
     """torch.ops.wkd.nuclear_norm_triton: opcheck on tiny sizes (CPU tensors under the interpreter); precision
     "tf32x3" stays within float32 accuracy, float64 ignores it; bad precision names the argument."""
-    dev = triton_device()
     for dtype in (F64, F32):
         M = _mat(2, 4, 3, dtype, seed=4).to(dev).requires_grad_()
         torch.library.opcheck(torch.ops.wkd.nuclear_norm_triton.default, (M, 20, "ieee"))
@@ -132,7 +131,8 @@ def test_backend_and_precision_arguments():
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30], ids=lambda s: f"{s:g}")
 def test_float32_value_at_extreme_magnitudes(gaussian_backend, scale):
     """|M|_F^2 under/overflows float32 for |M| below ~1e-19 / above ~1e19 although the nuclear norm is representable:
-    the start X0 = M / |M|_F must not see it (NaN, resp. 0, before the scaling); value and polar factor as at scale 1."""
+    the start X0 = M / |M|_F must not see it (NaN, resp. 0, before the scaling); value and polar factor as at scale
+    1."""
     M = _mat(3, 5, 4, seed=11)
     Ms = (M * scale).float()
     v = wk.nuclear_norm(gaussian_backend.to(Ms).requires_grad_(), backend=gaussian_backend.name)
@@ -152,3 +152,22 @@ def test_long_cpu_call_stops_on_ctrl_c():
         M = torch.randn(1500, 64, 64, dtype=torch.float64)
     """
     assert_interruptible("wk.nuclear_norm(M, num_iters=100000)", setup)
+
+
+# ----------------------------------------------- iterations to float64 accuracy; the backward allocates no zero outputs
+
+def test_triton_nuclear_norm_and_sqrtm_converge(dev):
+    M = torch.randn(4, 25, 25, generator=torch.Generator().manual_seed(1), dtype=F64)
+    M[:, :, 0] *= 1e-7
+    val, _ = torch.ops.wkd.nuclear_norm_triton(M.to(dev), G.default_num_iters(F64), "ieee")
+    assert rel_error(val.cpu(), torch.linalg.svdvals(M).sum(-1)) < 1e-13
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(2, 8, 8, generator=g, dtype=F64))
+    L = torch.logspace(0, -10, 8, dtype=F64)
+    Y = torch.ops.wkd.sqrtm_triton(((Q * L) @ Q.mT).to(dev), "newton_schulz", G.default_num_iters(F64), "ieee")
+    assert rel_error(Y.cpu(), (Q * L.sqrt()) @ Q.mT) < 1e-11
+
+
+def test_backward_allocates_no_zero_outputs():
+    M = torch.randn(32, 8, 5, generator=torch.Generator().manual_seed(0), dtype=F64, requires_grad=True)
+    assert backward_zero_bytes(lambda m: wk.nuclear_norm(m), (M,)) < 32 * 8 * 8 * 8 / 2  # was one [B, p, q]

@@ -15,7 +15,7 @@ def required_pairs(params, valid):
     names = list(params)
     out = set()
     for combo in itertools.product(*params.values()):
-        case = dict(zip(names, combo))
+        case = dict(zip(names, combo, strict=False))
         if valid is None or valid(case):
             out |= covered_pairs([case], names)
     return out
@@ -24,7 +24,7 @@ def required_pairs(params, valid):
 GRIDS = [
     ({"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 1, 2], "d": [0, 1, 2]}, None),
     ({"x": list(range(8)), "y": [True, False], "z": ["p", "q"], "w": [0.0, 1e-8], "v": [1, 2, 3]}, None),
-    # a constraint: "big" shapes only on backend "cpu" (the interpreter's restriction in test_sinkhorn.py)
+    # a constraint: "big" shapes only on backend "cpu" (the interpreter's restriction in sinkhorn_harness.py)
     ({"backend": ["cpu", "triton"], "shape": ["s1", "s2", "big1", "big2"], "dtype": ["f32", "f64"],
       "log": [False, True]}, lambda c: c["backend"] == "cpu" or not c["shape"].startswith("big")),
 ]

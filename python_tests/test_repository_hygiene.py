@@ -87,7 +87,8 @@ def test_no_private_names_imported_across_modules():
     bad = []
     for src, edges in _imports(modules).items():
         for target, names in edges:
-            bad += [f"{src} imports {n} from {target}" for n in names if n.startswith("_") and n not in ("__version__", "_C")]
+            bad += [f"{src} imports {n} from {target}" for n in names
+                    if n.startswith("_") and n not in ("__version__", "_C")]
     assert not bad, bad
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import wkd_kernels as wk
-from conftest import simplex, rand_cost, triton_device
+from conftest import simplex, rand_cost
 from wkd_kernels import settings
 
 
@@ -146,8 +146,7 @@ def test_backend_setting_is_the_default_of_backend_argument():
         assert torch.equal(wk.sinkhorn(a, b, c, 0.1, 3, backend="torch").value, want)  # the argument wins
 
 
-def test_precision_setting_reaches_the_triton_kernels():
-    dev = triton_device()
+def test_precision_setting_reaches_the_triton_kernels(dev):
     a, b, c = (t.float().to(dev) for t in _problem())
     tf32 = torch.ops.wkd.sinkhorn_triton(a, b, c, 0.1, 3, 0.0, False, False, "tf32")[0]
     with settings.override(sinkhorn_precision="tf32"):
@@ -158,10 +157,9 @@ def test_precision_setting_reaches_the_triton_kernels():
         assert torch.equal(wk.sqrtm(S, num_iters=10, backend="triton"), x3)
 
 
-def test_check_values_setting_for_the_gpu_kernels():
+def test_check_values_setting_for_the_gpu_kernels(dev):
     """The GPU kernels read no values: check_values (argument or setting) runs the Python checks before them; the
     CPU kernels always check."""
-    dev = triton_device()
     a, b, c = _problem()
     a[0, 1] = math.nan
     a, b, c = a.to(dev), b.to(dev), c.to(dev)

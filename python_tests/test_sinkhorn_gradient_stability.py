@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import simplex, triton_device
+from conftest import simplex
 from sinkhorn_ground_truth import sinkhorn_mp, sinkhorn_mp_finite_differences
 
 import wkd_kernels as wk
@@ -108,7 +108,7 @@ def test_reference_autograd_zero_mass_gradient_matches_ground_truth(shared):
     g = torch.linspace(0.5, 1.5, a.shape[0], dtype=F64)
     want = sinkhorn_mp(a, b, cost, 0.02, 6, 0.0, g)
     got = reference_value_and_grads(a, b, cost, 0.02, 6, 0.0, g)
-    for x, y in zip(got[1:], want[1:]):
+    for x, y in zip(got[1:], want[1:], strict=False):
         assert entry_errors(x, y).max() < RTOL
 
 
@@ -127,8 +127,7 @@ def test_uncorrected_backward_is_what_the_correction_fixes():
 
 @pytest.mark.parametrize("onchip", [True, False], ids=["single_launch", "per_half_iteration"])
 @pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log"])
-def test_triton_one_hot_b_zero_mass_gradient_matches_ground_truth(onchip, log_domain, monkeypatch):
-    dev = triton_device()
+def test_triton_one_hot_b_zero_mass_gradient_matches_ground_truth(onchip, log_domain, monkeypatch, dev):
     from wkd_kernels.triton import sinkhorn as tri
 
     monkeypatch.setattr(tri, "ONCHIP_MAX_C", 256 if onchip else 0)
@@ -136,7 +135,7 @@ def test_triton_one_hot_b_zero_mass_gradient_matches_ground_truth(onchip, log_do
     g = torch.linspace(0.5, 1.5, a.shape[0], dtype=F64)
     want = sinkhorn_mp(a, b, cost, 0.02, 6, 0.0, g)
     got = op_value_and_grads(a, b, cost, 0.02, 6, 0.0, log_domain, g, backend="triton", dev=dev)
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         x, y = (x[:, None], y[:, None]) if x.dim() == 1 else (x, y)
         assert entry_errors(x, y).max() < RTOL
 
@@ -195,8 +194,7 @@ def test_value_and_gradients_match_ground_truth_property(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("WKD_TEST_CUDA_EMULATION", "0") != "1",
-                    reason="opt-in (WKD_TEST_CUDA_EMULATION=1): builds csrc/cuda/sinkhorn.cu as host C++, minutes")
+@pytest.mark.cuda_emulation  # opt-in: WKD_TEST_CUDA_EMULATION=1 (deselected otherwise; conftest.OPT_IN)
 def test_cuda_gauge_correction_under_host_emulation(tmp_path):
     """The CUDA C++ backward's gauge correction (single-launch, per-half-iteration and per-row kernels, both
     domains), emulated on CPU, against the ground truth: python_tests/cuda_emulation/check_gauge_correction.py in a

@@ -16,8 +16,10 @@ import torch
 
 import wkd_kernels as wk
 from wkd_kernels import reference as ref
+from wkd_kernels.ops import common as G
+from wkd_kernels.ops.checks import check_psd_values
 
-from conftest import GAUSSIAN_BACKENDS, assert_close, available_backends, backend_or_reason, rel_error, triton_device
+from conftest import GAUSSIAN_BACKENDS, assert_close, available_backends, backend_or_reason, rel_error
 
 METHODS = ("newton_schulz", "eigh")
 F32, F64 = torch.float32, torch.float64
@@ -198,8 +200,7 @@ def test_bad_input_errors():
 # Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1; the Jacobi kernel is slow there: tiny matrices)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
-def test_triton_newton_schulz_and_lyapunov(dtype, tol):
-    dev = triton_device()
+def test_triton_newton_schulz_and_lyapunov(dtype, tol, dev):
     from wkd_kernels.triton import sqrtm as tri
 
     for n in (5, 20):
@@ -219,8 +220,7 @@ def test_triton_newton_schulz_and_lyapunov(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
-def test_triton_jacobi_eigh(dtype, tol):
-    dev = triton_device()
+def test_triton_jacobi_eigh(dtype, tol, dev):
     from wkd_kernels.triton import sqrtm as tri
 
     S = _spd(2, 6, dtype, seed=3).to(dev)
@@ -241,8 +241,7 @@ def test_triton_jacobi_eigh(dtype, tol):
     assert _rel(R[0] @ X[0] + X[0] @ R[0], Gs[0]) <= tol * 10
 
 
-def test_triton_large_matrix_fallback():
-    dev = triton_device()
+def test_triton_large_matrix_fallback(dev):
     from wkd_kernels.triton import sqrtm as tri
 
     S = _spd(1, tri.MAX_N + 3, seed=5).to(dev)  # beyond one register tile: batched torch products
@@ -254,10 +253,9 @@ def test_triton_large_matrix_fallback():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_triton_ops_opcheck(method):
+def test_triton_ops_opcheck(method, dev):
     """torch.ops.wkd.sqrtm_triton / sqrtm_triton_backward: schema, fake kernel, autograd registration (opcheck; CPU
     tensors under the interpreter, tiny sizes)."""
-    dev = triton_device()
     samples = [_spd(2, 3), _spd(1, 4, torch.float32)] if method == "newton_schulz" else [_spd(1, 3)]  # Jacobi: slow
     for S in samples:
         torch.library.opcheck(torch.ops.wkd.sqrtm_triton.default, (S.to(dev).requires_grad_(), method, 20, "ieee"))
@@ -266,10 +264,9 @@ def test_triton_ops_opcheck(method):
                           (torch.randn(S.shape, dtype=F64).to(dev), ref.sqrtm_reference(S).to(dev), method, 20, "ieee"))
 
 
-def test_triton_precision_argument():
+def test_triton_precision_argument(dev):
     """`precision` reaches the Triton kernels per call: tf32x3 stays within float32 accuracy, float64 ignores it;
     a bad string names the argument; the CPU kernel accepts and ignores "tf32x3"."""
-    dev = triton_device()
     S = _spd(2, 6, torch.float32, seed=4)
     ieee = wk.sqrtm(S.to(dev), num_iters=30, backend="triton", precision="ieee").cpu()
     x3 = wk.sqrtm(S.to(dev), num_iters=30, backend="triton", precision="tf32x3").cpu()
@@ -325,3 +322,98 @@ def test_eigh_non_finite_input_is_nan_or_an_error(gaussian_backend, bad):
     assert torch.isnan(Y[1]).all()
     assert_close(Y[[0, 2]], ref.sqrtm_reference(S[[0, 2]].double()), *TOL[F32], what="the finite matrices",
                  mode="fro")
+
+
+# ------------------- clearly indefinite input: an error (CPU, or with value checks) or NaN, never a large finite number
+
+@pytest.mark.parametrize("method", ["newton_schulz", "eigh"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_indefinite_input_raises(method, dtype):
+    for d in ([1.0, -1.0], [2.0, -1.0], [-1.0, -2.0]):
+        S = torch.diag(torch.tensor(d, dtype=dtype)).unsqueeze(0)  # sqrtm(diag(1, -1)) was +-9.2e18
+        with pytest.raises(ValueError, match=r"`S` must be positive semi-definite.*matrix 0"):
+            wk.sqrtm(S, method)
+        z = torch.zeros(1, 2, dtype=dtype)
+        eye = torch.eye(2, dtype=dtype).unsqueeze(0)
+        with pytest.raises(ValueError, match=r"`S1` must be positive semi-definite"):
+            wk.bures_wasserstein(z, S, z, eye, method)  # was -2.0, a negative squared distance
+        with pytest.raises(ValueError, match=r"`S2` must be positive semi-definite"):
+            wk.bures_wasserstein(z, eye, z, S, method)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_rounding_level_negative_eigenvalues_still_accepted(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, r = 24, 6
+    X = torch.randn(4, n, r, generator=g, dtype=F64)
+    S = X @ X.mT
+    L, V = torch.linalg.eigh(S)
+    L[:, : n - r] = -10 * n * torch.finfo(dtype).eps * L[:, -1:]  # rounding-level negative eigenvalues
+    S = ((V * L.unsqueeze(-2)) @ V.mT).to(dtype)
+    want = ((V * L.clamp_min(0).sqrt().unsqueeze(-2)) @ V.mT)
+    for method in ("newton_schulz", "eigh"):
+        Y = wk.sqrtm(S, method)
+        assert torch.isfinite(Y).all()
+        assert rel_error(Y, want) < (1e-3 if dtype == F32 else 1e-6)
+    w2 = wk.bures_wasserstein(torch.zeros(4, n, dtype=dtype), S, torch.zeros(4, n, dtype=dtype), S)
+    assert w2.abs().max() < 1e-3 * S.diagonal(0, -2, -1).sum(-1).max()
+
+
+def test_cuda_paths_check_or_give_nan():
+    """The CUDA wrappers' helpers, on CPU tensors: check_values=True runs check_psd_values; without it a negative (or
+    zero, S != 0) trace gives NaN instead of the root divided by a clamped trace."""
+    S = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([-1.0, -2.0])),
+                     torch.eye(2), torch.zeros(2, 2)])
+    with pytest.raises(ValueError, match=r"`S` must be positive semi-definite, but matrix 0"):
+        check_psd_values(S, "S", "wkd.sqrtm")
+    check_psd_values(S[2:], "S", "wkd.sqrtm")
+    Y = G.nan_unless_psd_trace(S, torch.ones(4, 2, 2))
+    assert torch.isnan(Y[:2]).all() and torch.equal(Y[2:], torch.ones(2, 2, 2))
+
+
+# the interpreter computes the diverging iterates in NumPy
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_triton_newton_schulz_indefinite_is_nan_or_bounded(dev):
+    S = torch.stack([torch.diag(torch.tensor([1.0, -1.0])), torch.diag(torch.tensor([2.0, -1.0]))]).to(dev)
+    Y = torch.ops.wkd.sqrtm_triton(S, "newton_schulz", 20, "ieee")
+    Y = G.nan_unless_psd_trace(S, Y).cpu()  # what the public CUDA path returns without value checks
+    assert torch.isnan(Y[0]).all()
+    assert (Y[1].abs() < 10).all()  # never a large finite number
+
+
+# -------------------------- Newton-Schulz: the backward at S = 0 is finite (0, as eigh); iterations to float64 accuracy
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_newton_schulz_backward_at_zero_is_zero(dtype):
+    for n in (3, 70):  # 70: above the Triton tile limit (torch fallback on GPU)
+        grads = {}
+        for method in ("newton_schulz", "eigh"):
+            S = torch.zeros(2, n, n, dtype=dtype, requires_grad=True)
+            wk.sqrtm(S, method).sum().backward()
+            grads[method] = S.grad
+        assert torch.isfinite(grads["newton_schulz"]).all()  # was all NaN
+        assert torch.equal(grads["newton_schulz"], grads["eigh"])
+
+
+@pytest.mark.parametrize("n", [3, 70])
+def test_triton_lyapunov_at_zero_is_zero(n, dev):
+    from wkd_kernels.triton import sqrtm as sq
+
+    Y = torch.zeros(2, n, n, device=dev)
+    Gr = torch.randn(2, n, n, generator=torch.Generator().manual_seed(0)).to(dev)
+    X = sq.lyapunov(Y, Gr, "newton_schulz", 20, "ieee")
+    assert torch.equal(X.cpu(), torch.zeros(2, n, n))
+
+
+def test_sqrtm_newton_schulz_float64_accuracy():
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    Q, _ = torch.linalg.qr(torch.randn(3, n, n, generator=g, dtype=F64))
+    L = torch.logspace(0, -10, n, dtype=F64)  # an eigenvalue 1e-10 tr S: not converged after 20 steps
+    S = (Q * L) @ Q.mT
+    want = (Q * L.sqrt()) @ Q.mT
+    eigh = rel_error(wk.sqrtm(S, "eigh"), want)
+    assert rel_error(wk.sqrtm(S), want) < max(1e-11, 10 * eigh)  # cond(S) = 1e10: ~eps cond^1/2
+    assert rel_error(wk.sqrtm(S, num_iters=20), want) > 1e-7  # the old default stops short
+    S32 = S.float()
+    assert rel_error(wk.sqrtm(S32), want) < 1e-3  # numerically rank-deficient in float32: ~sqrt(eps)

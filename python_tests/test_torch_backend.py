@@ -235,7 +235,7 @@ def test_newton_schulz_masking_traces_fullgraph():
         return Y, at_sq.sqrtm_backward(S, Y, "newton_schulz", 40), at_nn.nuclear_norm_forward(S, 100)[0]
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(S)
-    for x, y in zip(got, f(S)):
+    for x, y in zip(got, f(S), strict=False):
         assert_close(x, y, 1e-12)
 
 
@@ -285,11 +285,11 @@ def test_chunked_paths_stay_under_the_cap_and_match_unchunked(monkeypatch, share
         out = at_sk.sinkhorn_forward(a, b, cost, 0.1, T, 1e-8, log_domain, True)
         grad = at_sk.sinkhorn_backward(g, a, b, cost, *out[3:], 0.1, log_domain)
     assert mode.largest <= max(cap, T * B * max(n, m), n * m if shared else 0) < B * n * m
-    for x, y in zip(out + grad, whole + whole_grad):
+    for x, y in zip(out + grad, whole + whole_grad, strict=False):
         assert_close(x, y, 1e-13, mode="row")
     if wk.HAS_C_EXT:
         cpp = torch.ops.wkd.sinkhorn(a, b, cost, 0.1, T, 1e-8, log_domain, True)
-        for x, y in zip(out, cpp):
+        for x, y in zip(out, cpp, strict=False):
             assert_close(x, y, 1e-12, mode="row")
 
 

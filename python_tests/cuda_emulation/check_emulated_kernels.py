@@ -9,7 +9,7 @@ wkd_kernels.reference.sinkhorn_reference (autograd through it for the gradients)
 multiprocessor count (1: every product takes the 32 x 64 tiles; 1000: the 16 x 32 tiles). The single-launch kernels
 for C <= 256 are switched off here (wkd_cuda_emu.configure(small=0)): check_small_c_kernels.py checks them. Prints the
 failing cases, or "EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn.py::test_kernels_under_host_emulation.
+Run by python_tests/test_sinkhorn_cuda.py::test_kernels_under_host_emulation.
 """
 import itertools
 import sys
@@ -56,7 +56,7 @@ for (B, n, m, T), dtype, shared, log, eps in itertools.product(shapes, (F64, F32
         cpu = cpu_ops.sinkhorn(a, b, cost, 0.1, T, eps, log, keep)
         if len(out) != len(OUTPUTS):
             bad.append(f"{tag} keep={keep}: {len(out)} outputs")
-        for name, x, y in zip(OUTPUTS, out, cpu):
+        for name, x, y in zip(OUTPUTS, out, cpu, strict=False):
             if x.shape != y.shape or (x.numel() and rel(x, y) > TOL[dtype]):
                 bad.append(f"{tag} keep={keep} {name}")
     out = emu.sinkhorn(a, b, cost, 0.1, T, eps, log, True)
@@ -70,7 +70,7 @@ for (B, n, m, T), dtype, shared, log, eps in itertools.product(shapes, (F64, F32
     rg = torch.autograd.grad((val * gv.double()).sum(), (a64, b64))
     for what, want in (("cpu", cpu), ("reference", rg)):
         scale = max(w.abs().max().item() for w in want)
-        for name, x, y in zip(("grad_a", "grad_b"), got, want):
+        for name, x, y in zip(("grad_a", "grad_b"), got, want, strict=False):
             if rel(x, y, scale) > GTOL[dtype]:
                 bad.append(f"{tag} {name} vs {what}: {rel(x, y, scale):.3g}")
 # The emulated ops check their arguments with the messages of the C++ ops, naming their own library.

@@ -15,7 +15,7 @@ build as check_emulated_kernels.py) and checks, on CPU tensors:
     per-half-iteration kernels (wkd_cuda_emu.configure(small=0)) and the value to rounding.
 The launch choices (every tile table entry, the rows per CTA) are checked by check_tuning_ops.py.
 Prints the maximum errors and the failing cases, or "SMALL-C EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn.py::test_single_launch_kernels_under_host_emulation.
+Run by python_tests/test_sinkhorn_cuda.py::test_single_launch_kernels_under_host_emulation.
 """
 import itertools
 import os
@@ -51,7 +51,10 @@ def counted(f, *args):
     return out, emu.launch_count() - c0
 
 
-def expected_launches(B, n, m, dtype, smem, sms=int(os.environ.get("WKD_EMU_SMS", "8"))):
+EMU_SMS = int(os.environ.get("WKD_EMU_SMS", "8"))  # the emulated multiprocessor count (run_emulation_check sets it)
+
+
+def expected_launches(B, n, m, dtype, smem, sms=EMU_SMS):
     """(forward, backward) launches of the single-launch path: 1 each, +1 (the build kernel) where the kernel
     matrix (row stride m rounded up to odd) does not fit in the shared memory per block next to the state of one
     row (forward 3n + m, backward 3n + 3m values, each rounded up to 4): small_plan in
@@ -80,13 +83,13 @@ def run_case(B, n, m, T, dtype, log, eps, reg=0.1, smem=SMEM_SM90, seed=0):
         cpu = cpu_ops.sinkhorn(a, b, cost, reg, T, eps, log, keep)
         if launches != fwd_launches:
             bad.append(f"{tag} keep={keep}: forward took {launches} launches, expected {fwd_launches}")
-        for name, x, y in zip(OUTPUTS, out, cpu):
+        for name, x, y in zip(OUTPUTS, out, cpu, strict=False):
             if x.shape != y.shape:
                 bad.append(f"{tag} keep={keep} {name}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
             elif x.numel():
                 record(f"fwd {name} vs cpu", dtype, rel(x, y), TOL[dtype], f"{tag} keep={keep}")
     out = outs[True]
-    for name, x, y in zip(OUTPUTS[:3], outs[False][:3], out[:3]):
+    for name, x, y in zip(OUTPUTS[:3], outs[False][:3], out[:3], strict=False):
         if not same(x, y):
             bad.append(f"{tag}: {name} differs with / without history")
     ref = sinkhorn_reference(a, b, cost, reg, T, eps=eps, log_domain=log)
@@ -103,7 +106,7 @@ def run_case(B, n, m, T, dtype, log, eps, reg=0.1, smem=SMEM_SM90, seed=0):
     rg = torch.autograd.grad((val * gv.double()).sum(), (a64, b64))
     for what, want in (("cpu", cpu), ("reference", rg)):
         scale = max(w.abs().max().item() for w in want)
-        for name, x, y in zip(("grad_a", "grad_b"), got, want):
+        for name, x, y in zip(("grad_a", "grad_b"), got, want, strict=False):
             record(f"bwd {name} vs {what}", dtype, rel(x, y, scale), GTOL[dtype], tag)
     return a, b, cost, gv, out, got
 
@@ -137,7 +140,7 @@ else:
 for dtype, log in itertools.product((F64, F32), (False, True)):
     on = run_case(5, 81, 81, 3, dtype, log, 1e-8)
     off = run_case(5, 81, 81, 3, dtype, log, 1e-8, smem=4096)
-    for name, x, y in zip(OUTPUTS + ("grad_a", "grad_b"), on[4] + on[5], off[4] + off[5]):
+    for name, x, y in zip(OUTPUTS + ("grad_a", "grad_b"), on[4] + on[5], off[4] + off[5], strict=False):
         if not same(x, y):
             bad.append(f"81x81 {dtype} log={log}: {name} differs between M on chip and off chip")
     emu.configure(-1, 4096)
@@ -155,7 +158,7 @@ for C, dtype in itertools.product((3, 81, 100), (F64, F32)):
         bad.append(f"C={C} {dtype}: today's kernels took {launches} launches, expected 7")
     old_g = emu.sinkhorn_backward(gv, a, b, cost, *old[3:], 0.1, False)
     emu.configure(-1, SMEM_SM90)
-    for name, x, y in zip(OUTPUTS[1:] + ("grad_a", "grad_b"), out[1:] + got, old[1:] + old_g):
+    for name, x, y in zip(OUTPUTS[1:] + ("grad_a", "grad_b"), out[1:] + got, old[1:] + old_g, strict=False):
         if not same(x, y):
             bad.append(f"C={C} {dtype}: {name} not bitwise today's kernels ({rel(x, y):.3g})")
     record("value vs today's kernels", dtype, rel(out[0], old[0]), TOL[dtype] / 10, f"C={C}")

@@ -1,4 +1,5 @@
-"""The tuning ops of the CUDA C++ Sinkhorn kernels (per-call tile and rows-per-CTA choices for benchmarking) under host emulation.
+"""The tuning ops of the CUDA C++ Sinkhorn kernels (per-call tile and rows-per-CTA choices for benchmarking) under
+host emulation.
 
     python python_tests/cuda_emulation/check_tuning_ops.py BUILD_DIR        (WKD_EMU_SMS=8)
 
@@ -21,7 +22,7 @@ WKD_BUILD_TUNING_OPS=1, run by the emulated kernels):
   * out-of-range `tile` / `rows_per_block` (and small_plan's arguments) raise ValueError naming the argument and
     the valid range; num_tiles() and tile_table() describe the table (5 integers per entry).
 Prints the failing cases, or "TUNING EMULATION OK"; exits 1 on a failure.
-Run by python_tests/test_sinkhorn.py::test_tuning_ops_under_host_emulation.
+Run by python_tests/test_sinkhorn_cuda.py::test_tuning_ops_under_host_emulation.
 """
 import itertools
 import os
@@ -78,14 +79,14 @@ def compare(tag, got, auto, cpu, dtype, value_bitwise):
     vs the CPU op."""
     names = OUTPUTS + ("grad_a", "grad_b")
     g_all, a_all, c_all = got[0] + got[1], auto[0] + auto[1], cpu[0] + cpu[1]
-    for k, (name, x, y) in enumerate(zip(names, g_all, a_all)):
+    for name, x, y in zip(names, g_all, a_all, strict=False):
         if name == "value" and not value_bitwise:
             if not rel(x, y) <= TOL[dtype] / 10:
                 bad.append(f"{tag}: value vs the automatic choice {rel(x, y):.3g}")
         elif not same(x, y):
             bad.append(f"{tag}: {name} not bitwise the automatic choice's ({rel(x, y):.3g})")
     gscale = max(t.abs().max().item() for t in cpu[1])
-    for name, x, y in zip(names, g_all, c_all):
+    for name, x, y in zip(names, g_all, c_all, strict=False):
         err = rel(x, y, gscale if name.startswith("grad") else None)
         tol = GTOL[dtype] if name.startswith("grad") else TOL[dtype]
         if not err <= tol:
@@ -241,18 +242,20 @@ else:
 a, b, cost, gv = problem(3, 20, 20, F32)
 out = tune.sinkhorn(a, b, cost, REG, 2)
 for tile in (-2, num_tiles, 100):
-    expect_value_error(f"sinkhorn tile={tile}", lambda: tune.sinkhorn(a, b, cost, REG, 2, tile=tile),
+    expect_value_error(f"sinkhorn tile={tile}", lambda tile=tile: tune.sinkhorn(a, b, cost, REG, 2, tile=tile),
                        "wkd_cuda_emu_tuning.sinkhorn", "`tile`", f"[0, {num_tiles - 1}]", str(tile))
     expect_value_error(f"sinkhorn_backward tile={tile}",
-                       lambda: tune.sinkhorn_backward(gv, a, b, cost, *out[3:], REG, tile=tile),
+                       lambda tile=tile: tune.sinkhorn_backward(gv, a, b, cost, *out[3:], REG, tile=tile),
                        "wkd_cuda_emu_tuning.sinkhorn_backward", "`tile`", f"[0, {num_tiles - 1}]")
 for rpb in (-2, 0, 17):
-    expect_value_error(f"sinkhorn rows_per_block={rpb}", lambda: tune.sinkhorn(a, b, cost, REG, 2, rows_per_block=rpb),
+    expect_value_error(f"sinkhorn rows_per_block={rpb}",
+                       lambda rpb=rpb: tune.sinkhorn(a, b, cost, REG, 2, rows_per_block=rpb),
                        "`rows_per_block`", "[1, 16]", str(rpb))
     expect_value_error(f"sinkhorn_backward rows_per_block={rpb}",
-                       lambda: tune.sinkhorn_backward(gv, a, b, cost, *out[3:], REG, rows_per_block=rpb),
+                       lambda rpb=rpb: tune.sinkhorn_backward(gv, a, b, cost, *out[3:], REG, rows_per_block=rpb),
                        "`rows_per_block`", "[1, 16]")
-    expect_value_error(f"small_plan rows_per_block={rpb}", lambda: tune.small_plan(8, 20, 20, F32, False, False, rpb),
+    expect_value_error(f"small_plan rows_per_block={rpb}",
+                       lambda rpb=rpb: tune.small_plan(8, 20, 20, F32, False, False, rpb),
                        "`rows_per_block`", "[1, 16]")
 expect_value_error("small_plan n=300", lambda: tune.small_plan(8, 300, 20, F32), "<= 256", "n=300")
 expect_value_error("small_plan B=0", lambda: tune.small_plan(0, 20, 20, F32), ">= 1")

@@ -18,7 +18,8 @@ import wkd_kernels  # noqa: E402,F401  (torch.ops.wkd.*: the CPU op the emulated
 
 
 def load(build_dir: str):
-    """Build (or reuse, ninja) the emulated kernels in ``build_dir``; returns (torch.ops.wkd_cuda_emu, torch.ops.wkd)."""
+    """Build (or reuse, ninja) the emulated kernels in ``build_dir``; returns (torch.ops.wkd_cuda_emu,
+    torch.ops.wkd)."""
     os.makedirs(build_dir, exist_ok=True)
     ce.load(name="wkd_cuda_emu", sources=[str(HERE / "emu_sinkhorn_cuda.cpp")], build_directory=build_dir,
             extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, with_cuda=False)
