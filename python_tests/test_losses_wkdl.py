@@ -1,7 +1,7 @@
 """WKD-L (wkd_kernels.losses) against a literal implementation of the published lines, and the schedule helper.
 
-Parity criteria with the published code (float32): loss relative error <= 1e-5, student-logit gradient max abs error relative
-to the largest gradient entry <= 1e-4. Runs on CPU; the DDP smoke test uses gloo with 2 processes.
+Parity criteria with the published code (float32): loss relative error <= 1e-5, student-logit gradient max abs error
+relative to the largest gradient entry <= 1e-4. Runs on CPU; the DDP smoke test uses gloo with 2 processes.
 """
 import math
 import os

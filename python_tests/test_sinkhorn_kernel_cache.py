@@ -3,7 +3,7 @@ a precomputed K = exp(-cost / reg) and K∘cost, wk.gibbs_kernel, ``sinkhorn(...
 (csrc/ops.cpp, schema comment of wkd::sinkhorn_gibbs).
 
 Properties: the same numbers as the per-call path (bit for bit on the same backend, and the float64 reference to the
-tolerances of test_sinkhorn.py's "op" family), values and gradients; opcheck of the new ops; errors naming the
+tolerances of the "op" family of sinkhorn_harness.TOL), values and gradients; opcheck of the new ops; errors naming the
 argument; the loss's cache built once and rebuilt on an in-place change of the cost, on .to(dtype) and on a new reg,
 not in state_dict; the loss under torch.compile.
 """
@@ -16,11 +16,12 @@ import torch
 
 import wkd_kernels as wk
 from conftest import assert_close, rand_cost, simplex
+from sinkhorn_harness import TOL as HARNESS_TOL
 from wkd_kernels.reference import sinkhorn_reference
 
 F32, F64 = torch.float32, torch.float64
-# Relative tolerances vs the float64 reference (test_sinkhorn.py's "op" family): value, gradients.
-TOL = {F32: (1e-5, 1e-4), F64: (1e-10, 1e-9)}
+# Relative tolerances vs the float64 reference: the "op" family of the Sinkhorn tests' one table (value, gradients).
+TOL = {dt: (HARNESS_TOL[("op", dt)].value_ref, HARNESS_TOL[("op", dt)].grad_ref) for dt in (F32, F64)}
 BACKENDS = ["cpu", "torch"] if wk.HAS_C_EXT else ["torch"]
 
 

@@ -7,7 +7,7 @@ precision "ieee": there is no CUDA C++ one), ATen wkd_kernels/aten/sqrtm.py (``w
 and the CPU kernel of ``wkd::sqrtm`` without the compiled extension). Reference:
 :func:`wkd_kernels.reference.sqrtm_reference`.
 
-Accuracy of the two methods (pinned by the sqrtm tests in python_tests/ and test_edge_cases.py): see :func:`sqrtm`.
+Accuracy of the two methods (pinned by python_tests/test_sqrtm.py): see :func:`sqrtm`.
 """
 from __future__ import annotations
 

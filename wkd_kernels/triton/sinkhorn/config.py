@@ -55,7 +55,8 @@ ONCHIP_CONFIG = {
     torch.float64: {"scaling": (16, 32, 16, 4), "log": (4, 32, 16, 4)},
 }
 # The scaling-domain configurations the sweep times (tl.dot for BLOCK_B >= 16, broadcast products below); every one
-# compiles for sm_80 / sm_90 (the compile matrix drives each) and is tested against the reference (test_sinkhorn.py).
+# compiles for sm_80 / sm_90 (the compile matrix drives each) and is tested against the reference
+# (python_tests/test_sinkhorn_triton_onchip.py).
 ONCHIP_CONFIG_CANDIDATES = ((16, 32, 16, 4), (16, 64, 16, 4), (32, 32, 16, 4), (8, 32, 16, 4), (4, 32, 16, 4),
                             (2, 64, 16, 4), (1, 128, 16, 4))
 # Scaling domain: read K from a buffer built once per call (True, one extra launch per direction) instead of
