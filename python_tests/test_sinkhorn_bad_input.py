@@ -32,21 +32,6 @@ BAD = [
 ]
 
 
-BAD = [
-    ("`a` must be 2-D", lambda a, b, c: (a[0], b, c, 0.1, 3)),
-    ("`b` must be 2-D", lambda a, b, c: (a, b[None], c, 0.1, 3)),
-    ("`cost` must be [n, m] (shared", lambda a, b, c: (a, b, c[0], 0.1, 3)),
-    ("batch mismatch", lambda a, b, c: (a, b[:1], c, 0.1, 3)),
-    ("`cost` must be", lambda a, b, c: (a, b, c.T.contiguous(), 0.1, 3)),
-    ("`cost` must be", lambda a, b, c: (a, b, c.expand(3, 4, 3).contiguous(), 0.1, 3)),
-    ("`reg` must be", lambda a, b, c: (a, b, c, 0.0, 3)),
-    ("`reg` must be", lambda a, b, c: (a, b, c, -1.0, 3)),
-    ("`num_iters` must be", lambda a, b, c: (a, b, c, 0.1, 0)),
-    ("`b` has dtype", lambda a, b, c: (a, b.float(), c, 0.1, 3)),
-    ("`cost` has dtype", lambda a, b, c: (a, b, c.float(), 0.1, 3)),
-    ("`a` must be", lambda a, b, c: (a.long(), b.long(), c.long(), 0.1, 3)),
-    ("`cost` is on", lambda a, b, c: (a, b, c.to("meta"), 0.1, 3)),
-]
 def _set(t, index, value):
     """A copy of `t` with one entry set (a bad value for the value checks)."""
     t = t.clone()
