@@ -323,7 +323,7 @@ def _per_test_timeout(request):
 
 
 # Opt-in tests, deselected (not generated to be skipped) unless their environment variable is 1: marker -> variable
-OPT_IN = {"cuda_emulation": "WKD_TEST_CUDA_EMULATION"}
+OPT_IN = {"cuda_emulation": "WKD_TEST_CUDA_EMULATION", "e2e": "WKD_TEST_E2E"}
 
 
 def pytest_configure(config):
@@ -365,46 +365,57 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{n} tests {why}")
 
 
-def assert_interruptible(long_call: str, setup: str = "", within_s: float = 5.0) -> None:
-    """Runs ``setup`` then the statement ``long_call`` (a C++ kernel call of a minute or more) in a fresh Python
-    process, sends it SIGINT (Ctrl-C) a second into the call, and asserts that the call ends with KeyboardInterrupt
-    within ``within_s`` seconds of the signal (the CPU kernels poll for signals between iterations)."""
+def assert_interruptible(calls: dict, within_s: float = 5.0) -> None:
+    """``calls``: name -> (setup, long_call), each ``long_call`` a statement (a C++ kernel call of a minute or more).
+    One fresh Python process runs them in turn, each after its ``setup``; a second into each call it gets SIGINT
+    (Ctrl-C), and the call must end with KeyboardInterrupt within ``within_s`` seconds of the signal (the CPU
+    kernels poll for signals between iterations). One process for all: torch is imported once."""
     import subprocess
     import textwrap
     import time
 
-    code = "\n".join([
+    lines = [
         "import signal, sys, time",
         # A process started in the background by a non-interactive shell (as CI runners do) inherits SIGINT ignored,
         # and Python then keeps ignoring it: install Python's own handler, so the test checks the kernel's polling.
         "signal.signal(signal.SIGINT, signal.default_int_handler)",
         "import torch",
         "import wkd_kernels as wk",
-        textwrap.dedent(setup),
-        "print('READY', flush=True)",
-        "t0 = time.monotonic()",
-        "try:",
-        f"    {long_call}",
-        "except KeyboardInterrupt:",
-        "    print('INTERRUPTED', flush=True)",
-        "    sys.exit(0)",
-        "print(f'FINISHED after {time.monotonic() - t0:.1f} s', flush=True)",
-    ])
+    ]
+    for name, (setup, long_call) in calls.items():
+        lines += [
+            textwrap.dedent(setup),
+            f"print('READY {name}', flush=True)",
+            "t0 = time.monotonic()",
+            "try:",
+            f"    {long_call}",
+            f"    print(f'FINISHED {name} after {{time.monotonic() - t0:.1f}} s', flush=True)",
+            "    sys.exit(1)",
+            "except KeyboardInterrupt:",
+            f"    print('INTERRUPTED {name}', flush=True)",
+        ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
                                                                    os.environ.get("PYTHONPATH", "")] if p))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen([sys.executable, "-c", "\n".join(lines)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    late = []
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "READY", f"the child did not start: {line!r} {proc.stderr.read()[-2000:]}"
-        time.sleep(1.0)
-        t_signal = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=within_s + 60)
-        elapsed = time.monotonic() - t_signal
+        for name in calls:
+            line = proc.stdout.readline()
+            assert line.strip() == f"READY {name}", f"{name}: the child did not start it: {line!r} " + (
+                proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+            time.sleep(1.0)
+            t_signal = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            line = proc.stdout.readline()  # blocks until the call ends (or the child dies: "")
+            elapsed = time.monotonic() - t_signal
+            assert line.strip() == f"INTERRUPTED {name}", f"{name}: the call was not interrupted: {line!r} " + (
+                proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+            if elapsed >= within_s:
+                late.append(f"{name} ended {elapsed:.1f} s after SIGINT")
+        proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "INTERRUPTED" in out, f"the call was not interrupted: stdout {out!r}, stderr {err[-2000:]!r}"
-    assert elapsed < within_s, f"the call ended {elapsed:.1f} s after SIGINT (more than {within_s} s)"
+    assert not late, f"more than {within_s} s: " + "; ".join(late)

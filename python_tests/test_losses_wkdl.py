@@ -4,7 +4,6 @@ Parity criteria with the published code (float32): loss relative error <= 1e-5, 
 relative to the largest gradient entry <= 1e-4. Runs on CPU; the DDP smoke test uses gloo with 2 processes.
 """
 import math
-import os
 import socket
 
 import pytest
@@ -253,8 +252,7 @@ def _ddp_worker(rank, world, port, result_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("WKD_TEST_DDP", "0") != "1",
-                    reason="opt-in (WKD_TEST_DDP=1): two spawned processes each import torch, 10-40 s on 2 cores")
+@pytest.mark.e2e  # two spawned processes each import torch: 10-40 s on 2 cores
 def test_ddp_gloo_two_processes(tmp_path):
     import torch.multiprocessing as mp
 

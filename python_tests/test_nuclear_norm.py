@@ -151,7 +151,7 @@ def test_long_cpu_call_stops_on_ctrl_c():
     setup = """
         M = torch.randn(1500, 64, 64, dtype=torch.float64)
     """
-    assert_interruptible("wk.nuclear_norm(M, num_iters=100000)", setup)
+    assert_interruptible({"nuclear_norm": (setup, "wk.nuclear_norm(M, num_iters=100000)")})
 
 
 # ----------------------------------------------- iterations to float64 accuracy; the backward allocates no zero outputs

@@ -80,18 +80,20 @@ def test_torch_compile_fullgraph_with_backward(backend, compile_backend):
 
 
 # --------------------------------------------------------------------------------------------------------------- Ctrl-C
-@pytest.mark.parametrize("shared_cost", [True, False], ids=["shared_cost_blas", "per_row_cost"])
-@pytest.mark.parametrize("log_domain", [False, True], ids=["scaling", "log_domain"])
-def test_long_cpu_call_stops_on_ctrl_c(shared_cost, log_domain):
+def test_long_cpu_call_stops_on_ctrl_c():
     """Ctrl-C (SIGINT) during a minutes-long CPU Sinkhorn call raises KeyboardInterrupt within seconds (the kernel
     polls Python's signal handlers between iterations of the shared-cost path and between row blocks of the per-row
     paths: a block is at least one row per thread, so a single row of very many iterations is seen only after it;
-    here a row takes well under a second), instead of after the call."""
+    here a row takes well under a second), instead of after the call: shared (BLAS) and per-row cost, scaling and
+    log domain, one after the other in one process."""
     B, n = 5000, 64
-    cost = f"torch.rand({n}, {n}, dtype=torch.float64)" if shared_cost else \
-        f"torch.rand({B}, {n}, {n}, dtype=torch.float64)"
-    setup = f"""
-        a = torch.full(({B}, {n}), 1.0 / {n}, dtype=torch.float64)
-        cost = {cost}
-    """
-    assert_interruptible(f"wk.sinkhorn(a, a, cost, 0.1, 8000, log_domain={log_domain})", setup)
+    calls = {}
+    for cost_kind, cost in [("shared_cost_blas", f"torch.rand({n}, {n}, dtype=torch.float64)"),
+                            ("per_row_cost", f"torch.rand({B}, {n}, {n}, dtype=torch.float64)")]:
+        for domain, log_domain in [("scaling", False), ("log_domain", True)]:
+            setup = f"""
+                a = torch.full(({B}, {n}), 1.0 / {n}, dtype=torch.float64)
+                cost = {cost}
+            """
+            calls[f"{domain}-{cost_kind}"] = (setup, f"wk.sinkhorn(a, a, cost, 0.1, 8000, log_domain={log_domain})")
+    assert_interruptible(calls)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,6 +21,7 @@ from examples.common.checkpoint import load_checkpoint  # noqa: E402
 from examples.classification import train  # noqa: E402
 
 
+@pytest.mark.e2e
 def test_two_process_gloo_matches_single_process(tmp_path):
     cfg = tiny_config(tmp_path, "wkd_lf", epochs=2, steps=2, batch=8, extra={"train": {"sync_bn": True}})
     single, ddp = tmp_path / "single", tmp_path / "ddp"

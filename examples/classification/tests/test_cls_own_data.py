@@ -103,6 +103,7 @@ def test_detection_and_classification_weight_wkd_f_the_same_way():
     torch.testing.assert_close(got, 0.5 * ref)
 
 
+@pytest.mark.e2e
 def test_command_line_errors_are_a_message_not_a_traceback(tmp_path):
     import subprocess
     from cls_helpers import REPO

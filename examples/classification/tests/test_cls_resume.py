@@ -20,6 +20,7 @@ from examples.common.checkpoint import load_checkpoint  # noqa: E402
 from examples.classification import train  # noqa: E402
 
 
+@pytest.mark.e2e
 def test_kill_and_resume_reproduces_losses(tmp_path):
     # 3 epochs x 2 steps; the lr milestone (epoch 1) and the cosine weight decay (from epoch 1) both matter
     cfg = tiny_config(tmp_path, "wkd_lf", epochs=3, steps=2)
@@ -53,6 +54,7 @@ def test_stop_after_epochs_then_resume(tmp_path):
     assert (cut / "summary.json").exists()
 
 
+@pytest.mark.e2e
 def test_kill_and_resume_with_augmenting_workers(tmp_path):
     """Real images, random augmentation (RandomResizedCrop + flip) in a DataLoader worker process: the worker RNG of
     every epoch must come from the restored process RNG, so the resumed run still reproduces the losses."""

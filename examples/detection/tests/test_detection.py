@@ -353,6 +353,7 @@ def test_torchvision_resnet50_fpn_state_dict_loads_as_teacher_with_class_remap(t
         build_teacher("resnet50_fpn", 4, str(tmp_path / "tv.pth"), coco_category_ids=[1, 3, 7])
 
 
+@pytest.mark.e2e
 def test_torchrun_two_cpu_processes_train_and_evaluate(coco_root, tmp_path):
     """torchrun, 2 processes (gloo): sampler split, DDP step, per-rank RNG in the checkpoint, predictions of both
     ranks gathered for COCOeval on rank 0."""
