@@ -253,6 +253,64 @@ torch.library.register_autograd("wkd::sparse_sinkhorn_torch",
                                 setup_context=_setup_context)
 
 
+# The exact gradient of the public function is computed in the forward, a chunk of rows at a time (see
+# _RowGradientsInForward): the history of one chunk, 2 num_iters C rows numbers, is at most this many elements
+# (2^24: 64 MiB in float32).
+ROW_CHUNK_HISTORY_ELEMENTS = 1 << 24
+
+
+class _RowGradientsInForward(torch.autograd.Function):
+    """value [B] of ``op`` (wkd::sparse_sinkhorn or its ATen twin) with its exact gradient computed in the forward.
+
+    value_b depends on row b of ``a`` and ``b`` only, so d L / d a_b = grad_value_b * d value_b / d a_b: the forward
+    runs the op and its backward op (grad_value = 1) on chunks of ``rows`` rows, keeps d value / d a and d value /
+    d b ([B, C] each, for the inputs that need a gradient) and drops the chunk's history; the backward scales them by
+    grad_value. Extra memory: those gradients and one chunk's history, instead of the whole 2 num_iters [C, B]
+    history the op's own autograd keeps until the backward (2 GB at C = 50,257, B = 512, 10 iterations, float32).
+    The numbers are the backward op's, scaled by grad_value after instead of before the sweep (the sweep is linear in
+    it). The cost: the backward's work is done even if no backward follows."""
+
+    @staticmethod
+    def forward(ctx, a, b, op, backward_op, arrays, reg, num_iters, eps, log_domain, chunk_elements, rows):
+        B, C = a.shape
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        value = a.new_empty(B)
+        log_u, log_v = a.new_empty(B, C), a.new_empty(B, C)
+        ga = a.new_empty(B, C) if need_a else None
+        gb = a.new_empty(B, C) if need_b else None
+        for r0 in range(0, B, rows):
+            r1 = min(B, r0 + rows)
+            ac, bc = a[r0:r1].t(), b[r0:r1].t()  # [C, rows] views, as the op takes its masses
+            val, lu, lv, hist_r, hist_s, y = op(ac, bc, *arrays, reg, num_iters, eps, log_domain, True,
+                                                chunk_elements)
+            value[r0:r1] = val
+            log_u[r0:r1] = lu.t()
+            log_v[r0:r1] = lv.t()
+            gac, gbc = backward_op(torch.ones_like(val), ac, bc, *arrays, hist_r, hist_s, y, reg, log_domain, eps,
+                                   chunk_elements)
+            del hist_r, hist_s, y
+            if need_a:
+                ga[r0:r1] = gac.t()
+            if need_b:
+                gb[r0:r1] = gbc.t()
+        ctx.save_for_backward(a, b, *(g for g in (ga, gb) if g is not None))
+        ctx.mark_non_differentiable(log_u, log_v)
+        ctx.set_materialize_grads(False)
+        return value, log_u, log_v
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_log_u, grad_log_v):
+        if grad_value is None:
+            return (None,) * 11
+        a, b, *grads = ctx.saved_tensors
+        grads = iter(grads)
+        scale = grad_value.unsqueeze(1)
+        ga = next(grads) * scale if ctx.needs_input_grad[0] else None
+        gb = next(grads) * scale if ctx.needs_input_grad[1] else None
+        ga, gb = first_order_only((ga, gb), (a, b, grad_value), _OP)
+        return (ga, gb) + (None,) * 9
+
+
 class SparseSinkhornResult(NamedTuple):
     """Result of :func:`sparse_sinkhorn`.
 
@@ -382,8 +440,12 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         reg: entropic regularisation > 0, in the units of the cost.
         num_iters: iterations (>= 1); no convergence test.
         eps: added to every denominator (0 matches POT's ``ot.sinkhorn2`` on the dense problem).
-        grad: ``"exact"``: the gradient of this fixed-iteration computation (reverse sweep; keeps 2 T [C, B]
-            denominators); ``"envelope"``: the centred dual potentials reg*log u, reg*log v (POT's envelope gradient,
+        grad: ``"exact"``: the gradient of this fixed-iteration computation (reverse sweep). When a gradient is
+            needed it is computed in the forward, a chunk of rows at a time (each row's value depends on that row
+            only), and kept as [B, C] per input: the extra memory is that and one chunk's history (at most
+            :data:`ROW_CHUNK_HISTORY_ELEMENTS`), not 2 T [C, B] denominators; the backward scales it by the
+            upstream gradient. Inside ``torch.compile`` the op's own autograd (whole history) runs instead.
+            ``"envelope"``: the centred dual potentials reg*log u, reg*log v (POT's envelope gradient,
             what WASD uses; keeps nothing but u and v).
         log_domain: ``True``: iterate on log-scalings with sparse log-sum-exp (segment max + sum over the CSR rows;
             needed when reg is small, e.g. 1e-3 with costs in [0, 2]); ``False``: the scaling domain (faster);
@@ -450,7 +512,13 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         a, b = torch.cat([a, a, b]), torch.cat([b, a, b])
     if isinstance(K, EmbeddingCost):
         value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
-    else:
+    elif exact and not torch.compiler.is_compiling():  # the gradient computed in the forward, row chunk by chunk
+        op, backward_op = ((torch.ops.wkd.sparse_sinkhorn, torch.ops.wkd.sparse_sinkhorn_backward) if kind == "cpu"
+                           else (torch.ops.wkd.sparse_sinkhorn_torch, torch.ops.wkd.sparse_sinkhorn_torch_backward))
+        rows = max(1, ROW_CHUNK_HISTORY_ELEMENTS // (2 * num_iters * max(1, K.size)))
+        value, log_u, log_v = _RowGradientsInForward.apply(a, b, op, backward_op, K.arrays, reg, num_iters, eps,
+                                                           bool(log_domain), chunk_elements, rows)
+    else:  # no gradient asked for (or the envelope's), or inside torch.compile: the op and its registered autograd
         op = torch.ops.wkd.sparse_sinkhorn if kind == "cpu" else torch.ops.wkd.sparse_sinkhorn_torch
         # [C, B] views of the masses (the kernels read them with their strides: no copy)
         value, log_u, log_v, *_ = op(a.t(), b.t(), *K.arrays, reg, num_iters, eps, bool(log_domain), exact,
