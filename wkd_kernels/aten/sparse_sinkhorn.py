@@ -153,6 +153,11 @@ def _log_of(mx: Tensor, sm: Tensor) -> Tensor:
     return torch.where(sm > 0, mx + torch.log(sm), torch.full_like(sm, _NINF))
 
 
+# Columns of the [C, J] block of (K∘c) v from which the value is summed without a history: C J <= this (2^20: 4 MiB
+# in float32).
+VALUE_BLOCK_ELEMENTS = 1 << 20
+
+
 def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int, eps: float = 0.0,
                             log_domain: bool = False, keep_history: bool = True,
                             chunk_elements: Optional[int] = None) -> Tuple[Tensor, ...]:
@@ -163,27 +168,34 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int,
     (their logs in the log domain), kept for the exact backward when ``keep_history`` (else T = 0);
     y = (K∘c) v_T (its log in the log domain). ``K``: a :class:`SparseCost` or an :class:`EmbeddingCost`."""
     C, B = a.shape
-    supp = a > 0
-    cnt = supp.sum(0, keepdim=True).to(a.dtype)
     T = num_iters if keep_history else 0
     hist_r, hist_s = a.new_empty(T, C, B), a.new_empty(T, C, B)
     if not log_domain:
-        # preallocated buffers (the history's slots when kept): no allocation per iteration
-        u = torch.empty(C, B, dtype=a.dtype, device=a.device).copy_(supp).div_(cnt)
+        # preallocated buffers: no allocation per iteration. With the history each denominator goes to its slot;
+        # without it, into the buffer of the scaling it replaces (K^T u into v, K v into u): u and v are the only
+        # [C, B] buffers, and the value is summed over column blocks of (K∘c) v. u0 = 1/|supp a| from the indicator
+        # itself (a sum of ones, exact; a boolean sum would make an int64 [C, B] copy).
+        u = torch.empty(C, B, dtype=a.dtype, device=a.device).copy_(a > 0)
+        u.div_(u.sum(0, keepdim=True))
         v = torch.empty_like(u)
-        buf = None if keep_history else torch.empty_like(u)  # s, then r (each consumed before the next)
         for t in range(num_iters):
-            s = K.t_mul(u, out=hist_s[t] if keep_history else buf)
+            s = K.t_mul(u, out=hist_s[t] if keep_history else v)
             if eps > 0:
                 s.add_(eps)
             torch.div(b, s, out=v)
-            r = K.mul(v, out=hist_r[t] if keep_history else buf)
+            r = K.mul(v, out=hist_r[t] if keep_history else u)
             if eps > 0:
                 r.add_(eps)
             torch.div(a, r, out=u)
-        y = K.mul(v, weighted=True, out=buf)
-        value = (y * u).sum(0) if keep_history else y.mul_(u).sum(0)
-        return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, B))
+        if keep_history:
+            y = K.mul(v, weighted=True)
+            return (y * u).sum(0), u, v, hist_r, hist_s, y
+        width = max(1, min(B, VALUE_BLOCK_ELEMENTS // max(1, C)))
+        value = torch.cat([K.mul(v[:, j0:j0 + width], weighted=True).mul_(u[:, j0:j0 + width]).sum(0)
+                           for j0 in range(0, B, width)]) if B > 0 else a.new_zeros(0)
+        return value, u, v, hist_r, hist_s, a.new_empty(0, B)
+    supp = a > 0
+    cnt = supp.sum(0, keepdim=True).to(a.dtype)
     log_a, log_b = torch.log(a), torch.log(b)
     u = torch.where(supp, -torch.log(cnt), torch.full_like(a, _NINF))
     v = log_b

@@ -208,11 +208,14 @@ torch.library.register_kernel("wkd::sparse_sinkhorn_backward", _BASE_DEVICES)(
 
 
 def _envelope_grad(log_s: Tensor, mass: Tensor, reg: float, g: Tensor) -> Tensor:
-    """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), with one
-    [C, B] temporary besides the result."""
+    """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), a
+    transposed view of [B, C] memory: the layout of the gradient of the [B, C] masses, which autograd then keeps
+    without a copy. One boolean [C, B] temporary besides the result."""
     off = mass <= 0
-    f = torch.mul(log_s, reg).masked_fill_(off, 0.0)
-    count = (mass.shape[0] - off.sum(0, keepdim=True)).clamp_min(1)
+    out = torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype, device=log_s.device).t()
+    # |supp| per column as a sum of ones in the gradient's buffer (a boolean sum would make an int64 [C, B] copy)
+    count = out.copy_(~off).sum(0, keepdim=True).clamp_min(1)
+    f = torch.mul(log_s, reg, out=out).masked_fill_(off, 0.0)
     return f.sub_(f.sum(0, keepdim=True) / count).masked_fill_(off, 0.0).mul_(g.unsqueeze(0))
 
 
@@ -224,7 +227,11 @@ def _setup_context(ctx, inputs, output):
     _, u, v, hist_r, hist_s, y = output
     ctx.mark_non_differentiable(u, v, hist_r, hist_s, y)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradients of u, v and the history
-    ctx.save_for_backward(a, b, crow, col, cost, crow_t, col_t, cost_t, u, v, hist_r, hist_s, y)
+    # u, v: only the envelope gradient (no history) reads them, each for its own input's gradient
+    envelope = hist_r.shape[0] == 0
+    keep_u, keep_v = (u if envelope and ctx.needs_input_grad[0] else None,
+                      v if envelope and ctx.needs_input_grad[1] else None)
+    ctx.save_for_backward(a, b, crow, col, cost, crow_t, col_t, cost_t, keep_u, keep_v, hist_r, hist_s, y)
     ctx.reg, ctx.log_domain, ctx.eps, ctx.chunk, ctx.n_inputs = reg, log_domain, eps, chunk, len(inputs)
 
 
@@ -255,8 +262,8 @@ torch.library.register_autograd("wkd::sparse_sinkhorn_torch",
 
 # The exact gradient of the public function is computed in the forward, a chunk of rows at a time (see
 # _RowGradientsInForward): the history of one chunk, 2 num_iters C rows numbers, is at most this many elements
-# (2^24: 64 MiB in float32).
-ROW_CHUNK_HISTORY_ELEMENTS = 1 << 24
+# (2^23: 32 MiB in float32; the sweep's own vectors of the chunk take about as much again).
+ROW_CHUNK_HISTORY_ELEMENTS = 1 << 23
 
 
 class _RowGradientsInForward(torch.autograd.Function):
@@ -408,13 +415,16 @@ def _check_masses(a, b, C: int, dtype, device, check_values: bool) -> None:
             raise ValueError(f"{_OP}: `{name}` is on {t.device}, `cost` on {device}")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"{_OP}: `a` and `b` must have the same number of rows, got {a.shape[0]} and {b.shape[0]}")
-    if check_values:
-        for name, t in (("a", a), ("b", b)):
-            if not bool(torch.isfinite(t).all()):
+    if check_values and a.numel() > 0:
+        # reductions only (no [B, C] temporary), one host read: min and max propagate NaN, so every entry is finite
+        # exactly when both are; non-negative when the min is >= 0; a row's mass is its sum
+        stats = torch.stack([torch.stack((t.amin(), t.amax(), t.sum(1).amin())) for t in (a, b)]).tolist()
+        for name, (lo, hi, row_mass) in zip(("a", "b"), stats, strict=True):
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError(f"{_OP}: `{name}` contains non-finite values (inf or nan)")
-            if bool((t < 0).any()):
+            if lo < 0:
                 raise ValueError(f"{_OP}: `{name}` must be non-negative (a probability vector per row)")
-            if bool((t.sum(1) <= 0).any()):
+            if not row_mass > 0:
                 raise ValueError(f"{_OP}: every row of `{name}` needs positive mass (a row sums to 0)")
 
 
