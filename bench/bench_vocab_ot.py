@@ -5,9 +5,9 @@ LLM part (--vocab): V classes, k-NN cost (wk.knn_kernel, cosine) of random [V, -
 rows of softmax masses p, q (student / teacher), float32, --iters iterations, forward + backward w.r.t. p, with the
 envelope and the exact gradient, the plain OT (--divergence adds the Sinkhorn divergence). The baseline is the WASD
 formulation (github.com/aailab-kaist/WASD; the loop below follows the method as its paper describes it, not a
-line-by-line copy of that repository's code: a sparse COO kernel exp(-C/reg) from the teacher's token embeddings, dense [V, N]
-scalings updated by torch.sparse.mm, 10 iterations, envelope gradients through the dual potentials; the exact
-gradient by autograd through the same loop). Both compute the transport cost sum u K∘C v; their values are
+line-by-line copy of that repository's code: a sparse COO kernel exp(-C/reg) from the teacher's token embeddings,
+dense [V, N] scalings updated by torch.sparse.mm, 10 iterations, envelope gradients through the dual potentials;
+the exact gradient by autograd through the same loop). Both compute the transport cost sum u K∘C v; their values are
 compared (max_rel_err of our row against the baseline). Ours is timed per --backends: "cpu" (the C++ kernel of
 csrc/cpu/sparse_sinkhorn.cpp; what backend="auto" runs for the exact gradient) and "torch" (the ATen ops; "auto"
 for the envelope gradient).

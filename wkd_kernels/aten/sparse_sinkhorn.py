@@ -41,14 +41,22 @@ class _Pattern:
     def __init__(self, crow: Tensor, col: Tensor, cost: Tensor, size: int, reg: float):
         self.crow, self.col, self.cost, self.size, self.reg = crow, col, cost, size, reg
         self.lengths = crow[1:] - crow[:-1]
-        self.row = torch.repeat_interleave(torch.arange(size, device=crow.device), self.lengths,
-                                           output_size=col.numel())
+        self._row = None
         self.L = cost / -reg
         self._K = self._KC = None
         # int32 indices where they fit: the CPU sparse x dense product converts int64 indices on every call
         small = col.numel() < 2 ** 31 and size < 2 ** 31
         self._crow_mm = crow.to(torch.int32) if small else crow
         self._col_mm = col.to(torch.int32) if small else col
+
+    @property
+    def row(self) -> Tensor:
+        """The row index of every stored entry ([nnz] int64; built on first use: the scaling domain never reads
+        it)."""
+        if self._row is None:
+            self._row = torch.repeat_interleave(torch.arange(self.size, device=self.crow.device), self.lengths,
+                                                output_size=self.col.numel())
+        return self._row
 
     def _csr(self, values: Tensor) -> Tensor:
         return torch.sparse_csr_tensor(self._crow_mm, self._col_mm, values, (self.size, self.size))
@@ -153,9 +161,9 @@ def _log_of(mx: Tensor, sm: Tensor) -> Tensor:
     return torch.where(sm > 0, mx + torch.log(sm), torch.full_like(sm, _NINF))
 
 
-# Columns of the [C, J] block of (K∘c) v from which the value is summed without a history: C J <= this (2^20: 4 MiB
+# Columns of the [C, J] block of (K∘c) v from which the value is summed without a history: C J <= this (2^18: 1 MiB
 # in float32).
-VALUE_BLOCK_ELEMENTS = 1 << 20
+VALUE_BLOCK_ELEMENTS = 1 << 18
 
 
 def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int, eps: float = 0.0,

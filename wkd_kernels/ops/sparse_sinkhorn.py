@@ -210,11 +210,12 @@ torch.library.register_kernel("wkd::sparse_sinkhorn_backward", _BASE_DEVICES)(
 def _envelope_grad(log_s: Tensor, mass: Tensor, reg: float, g: Tensor) -> Tensor:
     """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), a
     transposed view of [B, C] memory: the layout of the gradient of the [B, C] masses, which autograd then keeps
-    without a copy. One boolean [C, B] temporary besides the result."""
-    off = mass <= 0
+    without a copy. One boolean [C, B] temporary besides the result (the support count is summed in the result's
+    buffer first)."""
     out = torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype, device=log_s.device).t()
     # |supp| per column as a sum of ones in the gradient's buffer (a boolean sum would make an int64 [C, B] copy)
-    count = out.copy_(~off).sum(0, keepdim=True).clamp_min(1)
+    count = torch.gt(mass, 0, out=out).sum(0, keepdim=True).clamp_min(1)
+    off = mass <= 0
     f = torch.mul(log_s, reg, out=out).masked_fill_(off, 0.0)
     return f.sub_(f.sum(0, keepdim=True) / count).masked_fill_(off, 0.0).mul_(g.unsqueeze(0))
 
