@@ -428,6 +428,12 @@ def _check_masses(a, b, C: int, dtype, device, check_values: bool) -> None:
                 raise ValueError(f"{_OP}: every row of `{name}` needs positive mass (a row sums to 0)")
 
 
+# (op, backward op) of each backend
+_OPS_OF_KIND = {"cpu": (torch.ops.wkd.sparse_sinkhorn, torch.ops.wkd.sparse_sinkhorn_backward),
+                "torch": (torch.ops.wkd.sparse_sinkhorn_torch, torch.ops.wkd.sparse_sinkhorn_torch_backward),
+                "triton": (torch.ops.wkd.sparse_sinkhorn_triton, torch.ops.wkd.sparse_sinkhorn_triton_backward)}
+
+
 def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: float, num_iters: int, *,
                     eps: float = 0.0, grad: str = "exact", log_domain: Union[bool, str] = "auto",
                     divergence: bool = False, check_values: Optional[bool] = None,
@@ -469,12 +475,17 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             None: always on CPU, on other devices per :mod:`wkd_kernels.settings`.
         chunk_elements: largest nnz x columns temporary of the log domain (default
             :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
-        backend: for a CSR cost, ``"torch"`` (ATen ops, any device type) or ``"cpu"`` (the C++ kernel,
-            csrc/cpu/sparse_sinkhorn.cpp); ``"auto"``: the C++ kernel for the exact gradient in the scaling domain
-            on CPU tensors when built (its fused reverse sweep measured faster), the ATen ops otherwise (its
-            forward alone measured slower than ATen's CSR x dense product; docs/vocabulary_ot.md); None: the
-            setting (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU) and
-            ``torch.ops.wkd.sparse_sinkhorn_torch``. An :class:`EmbeddingCost` always runs ATen ops.
+        backend: for a CSR cost, ``"torch"`` (ATen ops, any device type), ``"cpu"`` (the C++ kernel,
+            csrc/cpu/sparse_sinkhorn.cpp) or ``"triton"`` (wkd_kernels/triton/sparse_sinkhorn.py: a CSR x dense
+            product kernel with the fused Sinkhorn update, CUDA tensors or CPU tensors under TRITON_INTERPRET=1;
+            scaling domain only, the log domain -- asked for or chosen by ``"auto"`` -- is an error naming
+            ``log_domain``; unvalidated on GPU hardware: tested under the interpreter only, never timed);
+            ``"auto"``: the C++ kernel for the exact gradient in the scaling domain on CPU tensors when built (its
+            fused reverse sweep measured faster), the ATen ops otherwise (its forward alone measured slower than
+            ATen's CSR x dense product; docs/vocabulary_ot.md), never Triton; None: the setting
+            (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU),
+            ``torch.ops.wkd.sparse_sinkhorn_torch`` and ``torch.ops.wkd.sparse_sinkhorn_triton``. An
+            :class:`EmbeddingCost` always runs ATen ops.
 
     Returns:
         :class:`SparseSinkhornResult` ``(value [B], log_u [B, C], log_v [B, C], log_domain, path)``.
@@ -500,17 +511,22 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if backend is None:  # the setting; one naming a GPU-only backend leaves this op's choice to "auto"
         backend = settings.current().backend
         backend = "auto" if backend in ("triton", "cuda") else backend
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"{_OP}: there is no {'Triton' if backend == 'triton' else 'CUDA C++'} kernel for this op; "
-                         "use backend='torch' (every device type), 'cpu' or 'auto'")
+    if backend == "cuda":
+        raise ValueError(f"{_OP}: there is no CUDA C++ kernel for this op; use backend='torch' (every device type), "
+                         "'cpu', 'triton' or 'auto'")
     if isinstance(K, EmbeddingCost):
         backend = "torch"
     kind = resolve_backend(backend, torch.empty(0, device=K.device), _OP, has_cuda_cpp=False)
+    if backend == "auto" and kind == "triton":  # no GPU has measured the Triton kernel: "auto" never picks it
+        kind = "torch"
     checks = values_check_requested(check_values, "torch", K.device, _OP)
     _check_masses(a, b, K.size, K.dtype, K.device, checks)
     a, b = reverse_mode_only(_OP, a, b)
     if log_domain == "auto":
         log_domain = auto_log_domain(float(K.max_cost), reg, K.dtype)
+    if kind == "triton" and log_domain:
+        raise ValueError(f"{_OP}: backend='triton' runs the scaling domain only, and `log_domain` is (or 'auto' "
+                         "chose) True: the log domain runs on ATen ops, use backend='torch' (or log_domain=False)")
     B = a.shape[0]
     # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
     exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
@@ -523,13 +539,12 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if isinstance(K, EmbeddingCost):
         value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
     elif exact and not torch.compiler.is_compiling():  # the gradient computed in the forward, row chunk by chunk
-        op, backward_op = ((torch.ops.wkd.sparse_sinkhorn, torch.ops.wkd.sparse_sinkhorn_backward) if kind == "cpu"
-                           else (torch.ops.wkd.sparse_sinkhorn_torch, torch.ops.wkd.sparse_sinkhorn_torch_backward))
+        op, backward_op = _OPS_OF_KIND.get(kind, _OPS_OF_KIND["torch"])
         rows = max(1, ROW_CHUNK_HISTORY_ELEMENTS // (2 * num_iters * max(1, K.size)))
         value, log_u, log_v = _RowGradientsInForward.apply(a, b, op, backward_op, K.arrays, reg, num_iters, eps,
                                                            bool(log_domain), chunk_elements, rows)
     else:  # no gradient asked for (or the envelope's), or inside torch.compile: the op and its registered autograd
-        op = torch.ops.wkd.sparse_sinkhorn if kind == "cpu" else torch.ops.wkd.sparse_sinkhorn_torch
+        op = _OPS_OF_KIND.get(kind, _OPS_OF_KIND["torch"])[0]
         # [C, B] views of the masses (the kernels read them with their strides: no copy)
         value, log_u, log_v, *_ = op(a.t(), b.t(), *K.arrays, reg, num_iters, eps, bool(log_domain), exact,
                                      chunk_elements)
