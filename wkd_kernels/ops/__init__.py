@@ -6,7 +6,6 @@ from .feature_stats import feature_stats
 from .gaussian_wasserstein import GaussianW2Terms, gaussian_wasserstein, gaussian_wasserstein_terms
 from .nuclear_norm import nuclear_norm
 from .sinkhorn import GibbsKernel, SinkhornResult, gibbs_kernel, sinkhorn
-from . import sparse_sinkhorn_triton  # noqa: F401  (registers wkd::sparse_sinkhorn_triton)
 from .sqrtm import sqrtm
 
 __all__ = ["SinkhornResult", "sinkhorn", "GibbsKernel", "gibbs_kernel",
