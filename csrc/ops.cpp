@@ -141,4 +141,7 @@ TORCH_LIBRARY(wkd, m) {
       "sparse_sinkhorn_backward(Tensor grad_value, Tensor a, Tensor b, Tensor crow, Tensor col, Tensor cost, "
       "Tensor crow_t, Tensor col_t, Tensor cost_t, Tensor hist_r, Tensor hist_s, Tensor y, float reg, "
       "bool log_domain=False, float? eps=None, int? chunk_elements=None) -> (Tensor grad_a, Tensor grad_b)");
+  // The Triton kernels of the two ops above, wkd::sparse_sinkhorn_triton / _triton_backward (same schemas renamed,
+  // scaling domain only), are defined in Python (wkd_kernels/_schemas.py, PYTHON_TRITON_SCHEMAS): this library has
+  // no kernel for them.
 }

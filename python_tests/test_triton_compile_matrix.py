@@ -47,10 +47,11 @@ def test_compile_matrix_sm80_sm90():
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     done = [line for line in summary if line.startswith("compiled: ")]
     assert done, r.stdout[-2000:]
-    # every family is there: both dtypes, Sinkhorn (dot and row kernels) and the Gaussian kernels
+    # every family is there: both dtypes, Sinkhorn (dot and row kernels), the sparse Sinkhorn's CSR product and the
+    # Gaussian kernels
     assert "float32" in done[0] and "float64" in done[0]
-    for kernel in ("sinkhorn_fwd_dot_kernel", "sinkhorn_bwd_rows_kernel", "_sqrtm_eigh_fwd", "_nuclear_norm_fwd",
-                   "_feature_stats_full_bwd"):
+    for kernel in ("sinkhorn_fwd_dot_kernel", "sinkhorn_bwd_rows_kernel", "csr_product_kernel", "_sqrtm_eigh_fwd",
+                   "_nuclear_norm_fwd", "_feature_stats_full_bwd"):
         assert kernel in r.stdout, kernel
 
 

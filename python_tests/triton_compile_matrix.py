@@ -1,9 +1,10 @@
 """Compile, for real GPU targets and without a GPU, every Triton kernel variant that the package's launchers produce.
 
-    python python_tests/triton_compile_matrix.py [--arch 80,90] [--only sinkhorn|gaussian] [--jobs N]
+    python python_tests/triton_compile_matrix.py [--arch 80,90] [--only sinkhorn|sparse_sinkhorn|gaussian] [--jobs N]
 
 How the variants are found: the launchers themselves run (``wkd_kernels.triton.sinkhorn.sinkhorn_forward`` and
-``sinkhorn_backward``, ``feature_stats_forward/backward``, ``sqrtm_forward``, ``lyapunov``, ``nuclear_norm_forward``,
+``sinkhorn_backward``, ``wkd_kernels.triton.sparse_sinkhorn.sparse_sinkhorn_forward`` and ``sparse_sinkhorn_backward``,
+``feature_stats_forward/backward``, ``sqrtm_forward``, ``lyapunov``, ``nuclear_norm_forward``,
 ``bures_wasserstein_forward/backward``) on small CPU tensors over a grid of settings (dtype, every fp32 precision mode,
 shared and per-row cost, both domains, with and without history, eps = 0 and > 0, every matrix block size the
 Gaussian launchers can pick); ``JITFunction.run`` is replaced by a recorder, so every launch is captured with its
@@ -327,13 +328,36 @@ def _compile_job(args):
     return index, arch, compile_variant(v, arch)
 
 
+def drive_sparse_sinkhorn():
+    """Every launch configuration of the sparse (CSR) Sinkhorn launchers: float32 and float64, int32 and int64
+    indices (of both CSR orientations), with and without history, eps = 0 and > 0, the backward with and without
+    the gauge correction."""
+    from wkd_kernels.aten.sparse_sinkhorn import SparseCost
+    from wkd_kernels.triton import sparse_sinkhorn as ss
+
+    C, B, T = 5, 3, 2
+    dense = torch.rand(C, C, dtype=torch.float64)
+    for dt in (torch.float32, torch.float64):
+        K = SparseCost(dense.to(dt).to_sparse_csr(), 0.5)
+        for index in (torch.int32, torch.int64):
+            arrays = [t if t.is_floating_point() else t.to(index) for t in K.arrays]
+            a = torch.full((C, B), 1.0 / C, dtype=dt)
+            for eps in (0.0, 1e-8):
+                ss.sparse_sinkhorn_forward(a, a, *arrays, 0.5, T, eps, False)
+                out = ss.sparse_sinkhorn_forward(a, a, *arrays, 0.5, T, eps, True)
+                g = torch.ones(B, dtype=dt)
+                ss.sparse_sinkhorn_backward(g, a, a, *arrays, *out[3:], 0.5, eps)
+                ss.sparse_sinkhorn_backward(g, a, a, *arrays, *out[3:], 0.5, None)
+
+
 _VARIANTS: list = []
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="80,90", help="comma-separated sm versions to compile for (default: 80,90)")
-    ap.add_argument("--only", choices=("sinkhorn", "gaussian"), default=None, help="one kernel family (default: all)")
+    ap.add_argument("--only", choices=("sinkhorn", "sparse_sinkhorn", "gaussian"), default=None,
+                    help="one kernel family (default: all)")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                     help="parallel compile processes (default: min(4, CPUs))")
     ap.add_argument("--check-load-widths", action="store_true",
@@ -353,6 +377,8 @@ def main(argv=None) -> int:
         if args.only in (None, "sinkhorn"):
             drive_sinkhorn()
             drive_sinkhorn_onchip()
+        if args.only in (None, "sparse_sinkhorn"):
+            drive_sparse_sinkhorn()
         if args.only in (None, "gaussian"):
             drive_gaussian()
     _VARIANTS[:] = sorted(rec.variants.values(), key=lambda v: (v.name, repr(v.key())))

@@ -6,6 +6,11 @@ with that file and with the compiled library). The extension defines them; a bui
 
 ``TORCH_SCHEMAS``: the ``wkd::<op>_torch`` ops of the ``torch`` backend (wkd_kernels/aten/), always defined here:
 the base op's schema under the name ``<op>_torch`` (``<op>_torch_backward`` for a backward op).
+
+``PYTHON_TRITON_SCHEMAS``: the Triton ops that exist in Python only (``wkd::sparse_sinkhorn_triton`` and its
+backward), always defined here: the base op's schema under the name ``<op>_triton`` (``<op>_triton_backward``).
+Their contract is the base op's, in csrc/ops.cpp; they are not declared there because a schema of csrc/ops.cpp is
+registered by the compiled library, which would then have to be rebuilt for an op it has no kernel for.
 """
 from __future__ import annotations
 
@@ -49,14 +54,29 @@ def torch_twin(name: str) -> str:
 
 TORCH_SCHEMAS = {torch_twin(name): SCHEMAS[name].replace(name + "(", torch_twin(name) + "(", 1) for name in _TWINNED}
 
+# The base ops whose Triton op is defined in Python only (the others' Triton schemas are in csrc/ops.cpp).
+_PYTHON_TRITON = ("sparse_sinkhorn", "sparse_sinkhorn_backward")
+
+
+def triton_twin(name: str) -> str:
+    """``sparse_sinkhorn`` -> ``sparse_sinkhorn_triton``, ``sparse_sinkhorn_backward`` ->
+    ``sparse_sinkhorn_triton_backward``."""
+    return name[:-len("_backward")] + "_triton_backward" if name.endswith("_backward") else name + "_triton"
+
+
+PYTHON_TRITON_SCHEMAS = {triton_twin(name): SCHEMAS[name].replace(name + "(", triton_twin(name) + "(", 1)
+                         for name in _PYTHON_TRITON}
+
 _LIB = None
 
 
 def define(with_base: bool) -> None:
-    """Define the ``_torch`` ops, and the base ops too when ``with_base`` (no compiled extension). Idempotent."""
+    """Define the ``_torch`` ops and the Python-only Triton ops, and the base ops too when ``with_base`` (no compiled
+    extension). Idempotent."""
     global _LIB
     if _LIB is not None:
         return
     _LIB = torch.library.Library("wkd", "FRAGMENT")
-    for schema in ({**SCHEMAS, **TORCH_SCHEMAS} if with_base else TORCH_SCHEMAS).values():
+    for schema in ({**SCHEMAS, **TORCH_SCHEMAS, **PYTHON_TRITON_SCHEMAS} if with_base
+                   else {**TORCH_SCHEMAS, **PYTHON_TRITON_SCHEMAS}).values():
         _LIB.define(schema)

@@ -3,8 +3,9 @@ autograd, and :func:`knn_kernel`, the symmetric k-nearest-neighbour cost built f
 
 A dense C x C cost stops fitting at LLM vocabularies (GPT-2, C = 50,257: 10 GB in float32; Qwen, C = 151,936:
 92 GB). Keeping only the couplings between each token and its k nearest neighbours in the teacher's embedding space
-(the sparse kernel of WASD, github.com/aailab-kaist/WASD) makes the kernel O(C k). The kernels (ATen ops only, any
-device type) are in wkd_kernels/aten/sparse_sinkhorn.py; what, why and measurements: docs/vocabulary_ot.md.
+(the sparse kernel of WASD, github.com/aailab-kaist/WASD) makes the kernel O(C k). Kernels: ATen
+(any device type) wkd_kernels/aten/sparse_sinkhorn.py, C++ (CPU) csrc/cpu/sparse_sinkhorn.cpp, Triton (scaling domain,
+unvalidated on GPU hardware) wkd_kernels/triton/sparse_sinkhorn.py; what, why, measurements: docs/vocabulary_ot.md.
 """
 from __future__ import annotations
 
@@ -261,6 +262,58 @@ torch.library.register_autograd("wkd::sparse_sinkhorn_torch",
                                 setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# wkd::sparse_sinkhorn_triton / _triton_backward (schemas: _schemas.PYTHON_TRITON_SCHEMAS), wkd_kernels/triton/
+# sparse_sinkhorn.py: scaling domain only, every device type; `chunk_elements` ignored; unvalidated on GPU hardware
+# ----------------------------------------------------------------------------------------------------------
+_TRITON_OP = _OP + "_triton"
+
+
+def _check_triton(a, log_domain, op) -> None:
+    if log_domain:
+        raise ValueError(f"{op}: `log_domain`=True is not implemented by the Triton kernel (scaling domain only); the "
+                         "log domain runs on ATen ops: backend='torch' (torch.ops.wkd.sparse_sinkhorn_torch)")
+    if not (a.device.type == "cuda" or (a.device.type == "cpu" and settings.TRITON_INTERPRET)):
+        raise ValueError(f"{op}: the Triton kernel runs on CUDA tensors (on CPU tensors only under "
+                         f"TRITON_INTERPRET=1, set before triton is imported); these are on {a.device}")
+
+
+def _triton_forward(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps=0.0, log_domain=False,
+                    keep_history=True, chunk_elements=None, _fake=False):
+    _check_op_args(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps, _TRITON_OP)
+    _check_triton(a, log_domain, _TRITON_OP)
+    if _fake:
+        return _forward_fake(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps, log_domain,
+                             keep_history, chunk_elements, _op=_TRITON_OP)
+    check_dtype_on_device(a, _TRITON_OP)
+    from ..triton import sparse_sinkhorn as tri
+    return tri.sparse_sinkhorn_forward(a, b, crow, col, cost, crow_t, col_t, cost_t, reg, num_iters, eps,
+                                       keep_history)
+
+
+def _triton_backward(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg,
+                     log_domain=False, eps=None, chunk_elements=None, _fake=False):
+    op = _TRITON_OP + "_backward"
+    _check_backward_args(grad_value, a, b, crow, col, cost, crow_t, col_t, cost_t, hist_r, hist_s, y, reg, eps, op)
+    _check_triton(a, log_domain, op)
+    if _fake:
+        return a.new_empty(a.shape), b.new_empty(b.shape)
+    check_dtype_on_device(a, op)
+    from ..triton import sparse_sinkhorn as tri
+    ga, gb = tri.sparse_sinkhorn_backward(grad_value.contiguous(), a.contiguous(), b.contiguous(), crow, col, cost,
+                                          crow_t, col_t, cost_t, hist_r, hist_s, y, reg, eps)
+    return ga.contiguous(), gb.contiguous()
+
+
+for _name, _kernel in (("sparse_sinkhorn_triton", _triton_forward),
+                       ("sparse_sinkhorn_triton_backward", _triton_backward)):
+    torch.library.register_fake("wkd::" + _name)(lambda *args, _kernel=_kernel, **kw: _kernel(*args, **kw, _fake=True))
+    torch.library.register_kernel("wkd::" + _name, None)(_kernel)
+torch.library.register_autograd("wkd::sparse_sinkhorn_triton",
+                                _make_backward(torch.ops.wkd.sparse_sinkhorn_triton_backward),
+                                setup_context=_setup_context)
+
+
 # The exact gradient of the public function is computed in the forward, a chunk of rows at a time (see
 # _RowGradientsInForward): the history of one chunk, 2 num_iters C rows numbers, is at most this many elements
 # (2^23: 32 MiB in float32; the sweep's own vectors of the chunk take about as much again).
@@ -429,6 +482,12 @@ def _check_masses(a, b, C: int, dtype, device, check_values: bool) -> None:
                 raise ValueError(f"{_OP}: every row of `{name}` needs positive mass (a row sums to 0)")
 
 
+_OPS_OF_KIND = {  # (op, backward op) of each backend
+    "cpu": (torch.ops.wkd.sparse_sinkhorn, torch.ops.wkd.sparse_sinkhorn_backward),
+    "torch": (torch.ops.wkd.sparse_sinkhorn_torch, torch.ops.wkd.sparse_sinkhorn_torch_backward),
+    "triton": (torch.ops.wkd.sparse_sinkhorn_triton, torch.ops.wkd.sparse_sinkhorn_triton_backward)}
+
+
 def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: float, num_iters: int, *,
                     eps: float = 0.0, grad: str = "exact", log_domain: Union[bool, str] = "auto",
                     divergence: bool = False, check_values: Optional[bool] = None,
@@ -470,12 +529,16 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             None: always on CPU, on other devices per :mod:`wkd_kernels.settings`.
         chunk_elements: largest nnz x columns temporary of the log domain (default
             :data:`wkd_kernels.aten.sparse_sinkhorn.CHUNK_ELEMENTS`).
-        backend: for a CSR cost, ``"torch"`` (ATen ops, any device type) or ``"cpu"`` (the C++ kernel,
-            csrc/cpu/sparse_sinkhorn.cpp); ``"auto"``: the C++ kernel for the exact gradient in the scaling domain
-            on CPU tensors when built (its fused reverse sweep measured faster), the ATen ops otherwise (its
-            forward alone measured slower than ATen's CSR x dense product; docs/vocabulary_ot.md); None: the
-            setting (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU) and
-            ``torch.ops.wkd.sparse_sinkhorn_torch``. An :class:`EmbeddingCost` always runs ATen ops.
+        backend: for a CSR cost, ``"torch"`` (ATen ops, any device type), ``"cpu"`` (the C++ kernel,
+            csrc/cpu/sparse_sinkhorn.cpp) or ``"triton"`` (wkd_kernels/triton/sparse_sinkhorn.py, CUDA tensors;
+            scaling domain only: a log domain, asked for or chosen by ``"auto"``, is an error; unvalidated on GPU
+            hardware: tested under TRITON_INTERPRET=1 only, never timed);
+            ``"auto"``: the C++ kernel for the exact gradient in the scaling domain on CPU tensors when built (its
+            fused reverse sweep measured faster), the ATen ops otherwise (its forward alone measured slower than
+            ATen's CSR x dense product; docs/vocabulary_ot.md), never Triton; None: the setting
+            (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU),
+            ``torch.ops.wkd.sparse_sinkhorn_torch`` and ``torch.ops.wkd.sparse_sinkhorn_triton``. An
+            :class:`EmbeddingCost` always runs ATen ops.
 
     Returns:
         :class:`SparseSinkhornResult` ``(value [B], log_u [B, C], log_v [B, C], log_domain, path)``.
@@ -501,17 +564,21 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if backend is None:  # the setting; one naming a GPU-only backend leaves this op's choice to "auto"
         backend = settings.current().backend
         backend = "auto" if backend in ("triton", "cuda") else backend
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"{_OP}: there is no {'Triton' if backend == 'triton' else 'CUDA C++'} kernel for this op; "
-                         "use backend='torch' (every device type), 'cpu' or 'auto'")
+    if backend == "cuda":
+        raise ValueError(f"{_OP}: there is no CUDA C++ kernel for this op; use backend='torch' (every device type), "
+                         "'cpu', 'triton' or 'auto'")
     if isinstance(K, EmbeddingCost):
         backend = "torch"
     kind = resolve_backend(backend, torch.empty(0, device=K.device), _OP, has_cuda_cpp=False)
+    kind = "torch" if backend == "auto" and kind == "triton" else kind  # "auto" never picks Triton (unmeasured)
     checks = values_check_requested(check_values, "torch", K.device, _OP)
     _check_masses(a, b, K.size, K.dtype, K.device, checks)
     a, b = reverse_mode_only(_OP, a, b)
     if log_domain == "auto":
         log_domain = auto_log_domain(float(K.max_cost), reg, K.dtype)
+    if kind == "triton" and log_domain:
+        raise ValueError(f"{_OP}: backend='triton' runs the scaling domain only, and `log_domain` is (or 'auto' "
+                         "chose) True: the log domain runs on ATen ops, use backend='torch' (or log_domain=False)")
     B = a.shape[0]
     # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
     exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
@@ -524,13 +591,12 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     if isinstance(K, EmbeddingCost):
         value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
     elif exact and not torch.compiler.is_compiling():  # the gradient computed in the forward, row chunk by chunk
-        op, backward_op = ((torch.ops.wkd.sparse_sinkhorn, torch.ops.wkd.sparse_sinkhorn_backward) if kind == "cpu"
-                           else (torch.ops.wkd.sparse_sinkhorn_torch, torch.ops.wkd.sparse_sinkhorn_torch_backward))
+        op, backward_op = _OPS_OF_KIND.get(kind, _OPS_OF_KIND["torch"])
         rows = max(1, ROW_CHUNK_HISTORY_ELEMENTS // (2 * num_iters * max(1, K.size)))
         value, log_u, log_v = _RowGradientsInForward.apply(a, b, op, backward_op, K.arrays, reg, num_iters, eps,
                                                            bool(log_domain), chunk_elements, rows)
     else:  # no gradient asked for (or the envelope's), or inside torch.compile: the op and its registered autograd
-        op = torch.ops.wkd.sparse_sinkhorn if kind == "cpu" else torch.ops.wkd.sparse_sinkhorn_torch
+        op = _OPS_OF_KIND.get(kind, _OPS_OF_KIND["torch"])[0]
         # [C, B] views of the masses (the kernels read them with their strides: no copy)
         value, log_u, log_v, *_ = op(a.t(), b.t(), *K.arrays, reg, num_iters, eps, bool(log_domain), exact,
                                      chunk_elements)
