@@ -20,8 +20,8 @@ from ._build import HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON, build_info
 from . import settings
 from .ops import (GaussianW2Terms, GibbsKernel, SinkhornResult, bures_wasserstein, feature_stats, gaussian_wasserstein,
                   gaussian_wasserstein_terms, gibbs_kernel, nuclear_norm, sinkhorn, sqrtm)
-from .ops.sparse_sinkhorn import (SparseSinkhornResult, csr_from_dense, embedding_cost, knn_kernel, sparse_cost,
-                                  sparse_sinkhorn)
+from .ops.sparse_costs import csr_from_dense, knn_kernel
+from .ops.sparse_sinkhorn import SparseSinkhornResult, embedding_cost, sparse_cost, sparse_sinkhorn
 from . import interrelations, losses  # noqa: E402
 from .interrelations import centroid_cosine_distance, cka_distance, classifier_cosine_distance, sharpen
 from .losses import (DKDLoss, FitNetLoss, KDLoss, NKDLoss, WKDFeatureLoss, WKDFeatureLossOutput, WKDLogitLoss,

@@ -39,7 +39,7 @@ BLOCK_COLUMNS = 128
 NUM_WARPS = 4
 # Columns of the [C, J] block of (K∘c) v from which the value is summed without a history: C J <= this (the ATen
 # kernel's VALUE_BLOCK_ELEMENTS).
-VALUE_BLOCK_ELEMENTS = 1 << 20
+VALUE_BLOCK_ELEMENTS = 1 << 18
 
 
 @triton.jit
