@@ -532,9 +532,9 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
             csrc/cpu/sparse_sinkhorn.cpp) or ``"triton"`` (wkd_kernels/triton/sparse_sinkhorn.py, CUDA tensors;
             scaling domain only: a log domain, asked for or chosen by ``"auto"``, is an error; unvalidated on GPU
             hardware: tested under TRITON_INTERPRET=1 only, never timed);
-            ``"auto"``: the C++ kernel for the exact gradient in the scaling domain on CPU tensors when built (its
-            fused reverse sweep measured faster), the ATen ops otherwise (its forward alone measured slower than
-            ATen's CSR x dense product; docs/vocabulary_ot.md), never Triton; None: the setting
+            ``"auto"``: the ATen ops on every device (on CPU they measured faster than the C++ kernel in all four
+            cells of docs/benchmarks.md, "Vocabulary-scale Sinkhorn": envelope and exact gradient at V = 50,257
+            and 151,936), never Triton; None: the setting
             (:mod:`wkd_kernels.settings`). The ops are ``torch.ops.wkd.sparse_sinkhorn`` (C++ on CPU),
             ``torch.ops.wkd.sparse_sinkhorn_torch`` and ``torch.ops.wkd.sparse_sinkhorn_triton``. An
             :class:`EmbeddingCost` always runs ATen ops.
@@ -581,9 +581,9 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
     B = a.shape[0]
     # the history only when a gradient will be asked for (no_grad / inference: the envelope path's memory)
     exact = grad == "exact" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    if backend == "auto" and kind == "cpu" and not (exact and not log_domain):
-        # measured (docs/vocabulary_ot.md): the C++ kernel's fused reverse sweep beats the ATen path, its forward
-        # alone does not; the log domain runs ATen either way
+    if backend == "auto" and kind == "cpu":
+        # measured (docs/benchmarks.md, "Vocabulary-scale Sinkhorn"): the ATen path beats the C++ kernel with both
+        # gradients; the log domain runs ATen either way
         kind = "torch"
     if divergence:
         a, b = torch.cat([a, a, b]), torch.cat([b, a, b])
