@@ -261,8 +261,8 @@ def sparse_sinkhorn_backward(grad_value: Tensor, a: Tensor, b: Tensor, K: Sparse
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Every coupling allowed, the cost computed from embeddings: K stored whole ("dense") or recomputed per row tile
-# ("implicit", never C x C in memory)
+# Every coupling allowed, the cost computed from embeddings: K stored whole ("dense"), stored whole in bfloat16
+# ("dense_bf16") or recomputed per row tile ("implicit", never C x C in memory)
 # ----------------------------------------------------------------------------------------------------------
 def pair_cost(x: Tensor, y: Tensor, kind: str, y_sq: Optional[Tensor] = None) -> Tensor:
     """[R, C] cost between rows of x and of y: "cosine" (rows already unit-norm): 1 - x y^T, "sqeuclidean":
@@ -274,11 +274,42 @@ def pair_cost(x: Tensor, y: Tensor, kind: str, y_sq: Optional[Tensor] = None) ->
     return ((x * x).sum(1, keepdim=True) + y_sq.unsqueeze(0) - 2.0 * (x @ y.t())).clamp_min_(0.0)
 
 
+EMBEDDING_PATHS = ("dense", "dense_bf16", "implicit")
+
+
+def embedding_path(size: int, element_size: int, max_kernel_bytes: int, path: Optional[str], op: str) -> str:
+    """The path of :class:`EmbeddingCost` for C = ``size`` classes: ``path`` itself when given (honoured even where
+    its matrices exceed ``max_kernel_bytes``), else by size: "dense" when the cost, K and K∘c in the compute dtype
+    (3 C^2 ``element_size`` bytes) fit in ``max_kernel_bytes``, else "dense_bf16" when K and K∘c in bfloat16
+    (2 C^2 2 bytes) fit, else "implicit"."""
+    if path is not None:
+        if path not in EMBEDDING_PATHS:
+            raise ValueError(f"{op}: `path` must be None, 'dense', 'dense_bf16' or 'implicit', got {path!r}")
+        return path
+    if 3 * size * size * element_size <= max_kernel_bytes:
+        return "dense"
+    return "dense_bf16" if 2 * size * size * 2 <= max_kernel_bytes else "implicit"
+
+
 class EmbeddingCost:
     """The full C x C cost between embeddings (cosine or squared Euclidean), for :func:`sparse_sinkhorn_forward`
-    in place of a :class:`SparseCost`: ``path="dense"`` stores K and K∘c ([C, C] each); ``path="implicit"``
-    recomputes them per tile of ``tile_rows`` rows at every product (memory O(tile_rows C), compute d/B times a
-    stored product). The cost is symmetric: K^T = K."""
+    in place of a :class:`SparseCost`. Three paths:
+
+    - ``"dense"``: stores the cost, K and K∘c ([C, C] each, in the compute dtype).
+    - ``"dense_bf16"``: stores K and K∘c as bfloat16 [C, C] (2 bytes an entry; no stored cost: the max cost is
+      taken tile by tile at construction). The scaling domain multiplies by them per tile of ``tile_rows`` rows
+      upcast to the compute dtype (extra memory O(tile_rows C), no exp or cost recomputation); the scalings stay
+      in the compute dtype. The log domain recomputes the cost per tile as "implicit" does: log K of a bfloat16 K
+      would be -inf wherever K underflows (c / reg beyond ~92, as float32) and off by up to 2^-9 in absolute terms
+      everywhere, while the log domain is meant for exactly the c / reg that underflow. Each stored entry is
+      rounded by a relative 2^-9 at most, so the value is not float32-exact. Measured against the float64 dense
+      path (cosine cost, random embeddings, B = 8, 50 scaling-domain iterations, C = 300..2000, d = 32..64,
+      reg = 0.05..0.2, 42 cases over 3 seeds; float64 compute gave the same errors): value relative error at most
+      1.4e-3; gradients' norm-relative error at most 6e-3 (exact) and 2.8e-4 (envelope).
+    - ``"implicit"``: recomputes the cost and K per tile of ``tile_rows`` rows at every product (memory
+      O(tile_rows C), compute d/B times a stored product).
+
+    The cost is symmetric: K^T = K."""
 
     def __init__(self, embeddings: Tensor, reg: float, kind: str, path: str, tile_rows: int):
         e = embeddings.detach()
@@ -295,8 +326,26 @@ class EmbeddingCost:
             self._K = torch.exp(self._C / -self.reg)
             self._KC = self._K * self._C
             self.max_cost = self._C.max()
+        elif path == "dense_bf16":  # K and K∘c rounded from the compute dtype, one tile of rows at a time
+            C = self.size
+            self._K = torch.empty(C, C, dtype=torch.bfloat16, device=self.device)
+            self._KC = torch.empty(C, C, dtype=torch.bfloat16, device=self.device)
+            maxima = []
+            for i0, i1 in self._tiles:
+                c = self._cost(i0, i1)
+                maxima.append(c.max())
+                k = torch.exp(c / -self.reg)
+                self._K[i0:i1].copy_(k)
+                self._KC[i0:i1].copy_(k.mul_(c))
+            self.max_cost = torch.stack(maxima).max()
         else:
             self.max_cost = max((self._cost(i0, i1).max() for i0, i1 in self._tiles), key=float)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the stored [C, C] matrices: 3 C^2 element_size ("dense"), 4 C^2 ("dense_bf16"), 0 ("implicit")."""
+        return sum(m.nbytes for m in (getattr(self, "_C", None), getattr(self, "_K", None),
+                                      getattr(self, "_KC", None)) if m is not None)
 
     def _cost(self, i0: int, i1: int) -> Tensor:
         if self.path == "dense":
@@ -309,6 +358,11 @@ class EmbeddingCost:
             out = y.new_empty(self.size, y.shape[1])
         if self.path == "dense":
             return torch.mm(self._KC if weighted else self._K, y, out=out)
+        if self.path == "dense_bf16":  # the stored bfloat16 rows upcast one tile at a time
+            stored = self._KC if weighted else self._K
+            for i0, i1 in self._tiles:
+                torch.mm(stored[i0:i1].to(y.dtype), y, out=out[i0:i1])
+            return out
         for i0, i1 in self._tiles:
             c = self._cost(i0, i1)
             k = torch.exp(c / -self.reg)
