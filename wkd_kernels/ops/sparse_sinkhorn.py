@@ -314,9 +314,16 @@ torch.library.register_autograd("wkd::sparse_sinkhorn_triton",
 
 
 # The exact gradient of the public function is computed in the forward, a chunk of rows at a time (see
-# _RowGradientsInForward): the history of one chunk, 2 num_iters C rows numbers, is at most this many elements
-# (2^23: 32 MiB in float32; the sweep's own vectors of the chunk take about as much again).
-ROW_CHUNK_HISTORY_ELEMENTS = 1 << 23
+# _RowGradientsInForward): one chunk's history (2 num_iters [C] vectors per row) and the reverse sweep's own
+# vectors (about SWEEP_VECTORS_PER_ROW [C] vectors per row, its float64 gauge sums counted twice; measured) hold at
+# most ROW_CHUNK_ELEMENTS numbers (2^24: 64 MiB in float32).
+ROW_CHUNK_ELEMENTS = 1 << 24
+SWEEP_VECTORS_PER_ROW = 20
+
+
+def rows_per_chunk(num_iters: int, C: int) -> int:
+    """Rows of one chunk of the exact gradient computed in the forward (at least one)."""
+    return max(1, ROW_CHUNK_ELEMENTS // ((2 * num_iters + SWEEP_VECTORS_PER_ROW) * max(1, C)))
 
 
 class _RowGradientsInForward(torch.autograd.Function):
@@ -514,8 +521,8 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         eps: added to every denominator (0 matches POT's ``ot.sinkhorn2`` on the dense problem).
         grad: ``"exact"``: the gradient of this fixed-iteration computation (reverse sweep). When a gradient is
             needed it is computed in the forward, a chunk of rows at a time (each row's value depends on that row
-            only), and kept as [B, C] per input: the extra memory is that and one chunk's history (at most
-            :data:`ROW_CHUNK_HISTORY_ELEMENTS`), not 2 T [C, B] denominators; the backward scales it by the
+            only), and kept as [B, C] per input: the extra memory is that and one chunk's history and sweep (at
+            most :data:`ROW_CHUNK_ELEMENTS` numbers), not 2 T [C, B] denominators; the backward scales it by the
             upstream gradient. Inside ``torch.compile`` the op's own autograd (whole history) runs instead.
             ``"envelope"``: the centred dual potentials reg*log u, reg*log v (POT's envelope gradient,
             what WASD uses; keeps nothing but u and v).
@@ -594,7 +601,7 @@ def sparse_sinkhorn(a: Tensor, b: Tensor, cost: Union[Tensor, SparseCost], reg: 
         value, log_u, log_v = _SparseSinkhorn.apply(a, b, K, num_iters, eps, log_domain, exact, chunk_elements)
     elif exact and not torch.compiler.is_compiling():  # the gradient computed in the forward, row chunk by chunk
         op, backward_op = _OPS_OF_KIND.get(kind, _OPS_OF_KIND["torch"])
-        rows = max(1, ROW_CHUNK_HISTORY_ELEMENTS // (2 * num_iters * max(1, K.size)))
+        rows = rows_per_chunk(num_iters, K.size)
         value, log_u, log_v = _RowGradientsInForward.apply(a, b, op, backward_op, K.arrays, reg, num_iters, eps,
                                                            bool(log_domain), chunk_elements, rows)
     else:  # no gradient asked for (or the envelope's), or inside torch.compile: the op and its registered autograd
