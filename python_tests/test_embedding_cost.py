@@ -6,20 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import wkd_kernels as wk
+from test_sparse_sinkhorn import _close, _grads
 
 D = torch.float64
-
-
-def _grads(fn, a, b, weights):
-    a = a.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    value = fn(a, b)
-    ga, gb = torch.autograd.grad((value * weights).sum(), (a, b))
-    return value.detach(), ga, gb
-
-
-def _close(x, y, rtol, atol=0.0):
-    torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "sqeuclidean"])

@@ -60,7 +60,7 @@ def _grads(fn, a, b, weights):
 
 
 def _close(x, y, rtol, atol=0.0):
-    torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.detach().cpu().double(), y.detach().cpu().double(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("log_domain", [False, True])

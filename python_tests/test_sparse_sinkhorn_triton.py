@@ -7,25 +7,13 @@ import torch
 
 import wkd_kernels as wk
 from wkd_kernels import _schemas
-from test_sparse_sinkhorn import _dense_reference, _gauge_reference, _problem
+from test_sparse_sinkhorn import _close, _dense_reference, _gauge_reference, _grads, _problem
 
 D = torch.float64
 FWD = torch.ops.wkd.sparse_sinkhorn_triton.default
 BWD = torch.ops.wkd.sparse_sinkhorn_triton_backward.default
 TORCH_FWD = torch.ops.wkd.sparse_sinkhorn_torch.default
 TORCH_BWD = torch.ops.wkd.sparse_sinkhorn_torch_backward.default
-
-
-def _grads(fn, a, b, weights):
-    a = a.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    value = fn(a, b)
-    ga, gb = torch.autograd.grad((value * weights).sum(), (a, b))
-    return value.detach(), ga, gb
-
-
-def _close(x, y, rtol, atol=0.0):
-    torch.testing.assert_close(x.detach().cpu().double(), y.detach().cpu().double(), rtol=rtol, atol=atol)
 
 
 def _on(dev, *ts):
