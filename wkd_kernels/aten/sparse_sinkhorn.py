@@ -166,6 +166,22 @@ def _log_of(mx: Tensor, sm: Tensor) -> Tensor:
 VALUE_BLOCK_ELEMENTS = 1 << 18
 
 
+def uniform_on_support(a: Tensor) -> Tensor:
+    """u0 [C, B]: 1/|supp a| on the support of each column of ``a``, 0 elsewhere, in a fresh contiguous buffer; the
+    count is a sum of ones in that buffer (exact; a boolean sum would make an int64 [C, B] copy)."""
+    u = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a > 0)
+    return u.div_(u.sum(0, keepdim=True))
+
+
+def value_over_column_blocks(weighted_mul, u: Tensor, v: Tensor) -> Tensor:
+    """value [B] = sum_i u_i ((K∘c) v)_i per column, summed over column blocks of at most VALUE_BLOCK_ELEMENTS
+    numbers (one [C, J] temporary instead of a [C, B] one); ``weighted_mul(x)`` = (K∘c) x for [C, J] x."""
+    C, B = u.shape
+    width = max(1, min(B, VALUE_BLOCK_ELEMENTS // max(1, C)))
+    return torch.cat([weighted_mul(v[:, j0:j0 + width]).mul_(u[:, j0:j0 + width]).sum(0)
+                      for j0 in range(0, B, width)]) if B > 0 else u.new_zeros(0)
+
+
 def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int, eps: float = 0.0,
                             log_domain: bool = False, keep_history: bool = True,
                             chunk_elements: Optional[int] = None) -> Tuple[Tensor, ...]:
@@ -181,10 +197,8 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int,
     if not log_domain:
         # preallocated buffers: no allocation per iteration. With the history each denominator goes to its slot;
         # without it, into the buffer of the scaling it replaces (K^T u into v, K v into u): u and v are the only
-        # [C, B] buffers, and the value is summed over column blocks of (K∘c) v. u0 = 1/|supp a| from the indicator
-        # itself (a sum of ones, exact; a boolean sum would make an int64 [C, B] copy).
-        u = torch.empty(C, B, dtype=a.dtype, device=a.device).copy_(a > 0)
-        u.div_(u.sum(0, keepdim=True))
+        # [C, B] buffers, and the value is summed over column blocks of (K∘c) v.
+        u = uniform_on_support(a)
         v = torch.empty_like(u)
         for t in range(num_iters):
             s = K.t_mul(u, out=hist_s[t] if keep_history else v)
@@ -198,9 +212,7 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, K: SparseCost, num_iters: int,
         if keep_history:
             y = K.mul(v, weighted=True)
             return (y * u).sum(0), u, v, hist_r, hist_s, y
-        width = max(1, min(B, VALUE_BLOCK_ELEMENTS // max(1, C)))
-        value = torch.cat([K.mul(v[:, j0:j0 + width], weighted=True).mul_(u[:, j0:j0 + width]).sum(0)
-                           for j0 in range(0, B, width)]) if B > 0 else a.new_zeros(0)
+        value = value_over_column_blocks(lambda x: K.mul(x, weighted=True), u, v)
         return value, u, v, hist_r, hist_s, a.new_empty(0, B)
     supp = a > 0
     cnt = supp.sum(0, keepdim=True).to(a.dtype)

@@ -26,14 +26,17 @@ __all__ = ["SparseSinkhornResult", "SparseCost", "EmbeddingCost", "sparse_sinkho
 _OP = "wkd.sparse_sinkhorn"
 
 
-def _envelope_potential(log_s: Tensor, mass: Tensor, reg: float, scale: Tensor) -> Tensor:
-    """scale * (reg * log(scaling) centred over the support of ``mass``), 0 off the support: [B, C] in row-major
-    memory (the layout of the masses' gradient) from [C, B] inputs."""
-    off = (mass <= 0).t()
-    f = torch.mul(log_s.t(), reg, out=torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype,
-                                                   device=log_s.device)).masked_fill_(off, 0.0)
-    mean = f.sum(1, keepdim=True) / (mass.shape[0] - off.sum(1, keepdim=True)).clamp_min(1)
-    return f.sub_(mean).masked_fill_(off, 0.0).mul_(scale.unsqueeze(1))
+def _envelope_grad(log_s: Tensor, mass: Tensor, reg: float, g: Tensor) -> Tensor:
+    """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), a
+    transposed view of [B, C] memory: the layout of the gradient of the [B, C] masses, which autograd then keeps
+    without a copy. One boolean [C, B] temporary besides the result (the support count is summed in the result's
+    buffer first)."""
+    out = torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype, device=log_s.device).t()
+    # |supp| per column as a sum of ones in the gradient's buffer (a boolean sum would make an int64 [C, B] copy)
+    count = torch.gt(mass, 0, out=out).sum(0, keepdim=True).clamp_min(1)
+    off = mass <= 0
+    f = torch.mul(log_s, reg, out=out).masked_fill_(off, 0.0)
+    return f.sub_(f.sum(0, keepdim=True) / count).masked_fill_(off, 0.0).mul_(g.unsqueeze(0))
 
 
 class _SparseSinkhorn(torch.autograd.Function):
@@ -71,9 +74,8 @@ class _SparseSinkhorn(torch.autograd.Function):
                                                   ctx.log_domain, ctx.eps, ctx.chunk)
             else:
                 a, b, aT, bT, log_u, log_v = ctx.saved_tensors
-                ga = _envelope_potential(log_u, aT, K.reg, grad_value) if ctx.needs_input_grad[0] else None
-                gb = _envelope_potential(log_v, bT, K.reg, grad_value) if ctx.needs_input_grad[1] else None
-                ga, gb = (None if ga is None else ga.t()), (None if gb is None else gb.t())  # [C, B] like the sweep's
+                ga = _envelope_grad(log_u, aT, K.reg, grad_value) if ctx.needs_input_grad[0] else None
+                gb = _envelope_grad(log_v, bT, K.reg, grad_value) if ctx.needs_input_grad[1] else None
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ga, gb = first_order_only((ga.t() if need_a else None, gb.t() if need_b else None), (a, b, grad_value),
                                   _OP)
@@ -205,19 +207,6 @@ torch.library.register_kernel("wkd::sparse_sinkhorn", _BASE_DEVICES)(
     lambda *args, **kwargs: _torch_forward(*args, **kwargs, _op=_OP))
 torch.library.register_kernel("wkd::sparse_sinkhorn_backward", _BASE_DEVICES)(
     lambda *args, **kwargs: _torch_backward(*args, **kwargs, _op=_OP + "_backward"))
-
-
-def _envelope_grad(log_s: Tensor, mass: Tensor, reg: float, g: Tensor) -> Tensor:
-    """g * (reg * log_s centred over the support of ``mass``), 0 off it: [C, B] (columns = rows of masses), a
-    transposed view of [B, C] memory: the layout of the gradient of the [B, C] masses, which autograd then keeps
-    without a copy. One boolean [C, B] temporary besides the result (the support count is summed in the result's
-    buffer first)."""
-    out = torch.empty(log_s.shape[1], log_s.shape[0], dtype=log_s.dtype, device=log_s.device).t()
-    # |supp| per column as a sum of ones in the gradient's buffer (a boolean sum would make an int64 [C, B] copy)
-    count = torch.gt(mass, 0, out=out).sum(0, keepdim=True).clamp_min(1)
-    off = mass <= 0
-    f = torch.mul(log_s, reg, out=out).masked_fill_(off, 0.0)
-    return f.sub_(f.sum(0, keepdim=True) / count).masked_fill_(off, 0.0).mul_(g.unsqueeze(0))
 
 
 def _setup_context(ctx, inputs, output):

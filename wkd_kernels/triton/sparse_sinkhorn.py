@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..aten.sinkhorn import exact_backward_sweep
+from ..aten.sparse_sinkhorn import uniform_on_support, value_over_column_blocks
 from ._support import explain_compile_errors
 from .sinkhorn._device import div_rn, host_scalar
 from .sinkhorn.launch import split_float
@@ -37,9 +38,6 @@ __all__ = ["csr_product_kernel", "SparseGibbs", "sparse_sinkhorn_forward", "spar
 BLOCK_ROWS = 4
 BLOCK_COLUMNS = 128
 NUM_WARPS = 4
-# Columns of the [C, J] block of (K∘c) v from which the value is summed without a history: C J <= this (the ATen
-# kernel's VALUE_BLOCK_ELEMENTS).
-VALUE_BLOCK_ELEMENTS = 1 << 18
 
 
 @triton.jit
@@ -148,9 +146,7 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, crow: Tensor, col: Tensor, cos
     T = num_iters if keep_history else 0
     gibbs = SparseGibbs(crow, col, cost, crow_t, col_t, cost_t, reg)
     hist_r, hist_s = a.new_empty(T, C, B), a.new_empty(T, C, B)
-    # u0 = 1/|supp a| on supp a (a sum of ones, exact), as the ATen kernel
-    u = torch.empty(C, B, dtype=a.dtype, device=a.device).copy_(a > 0)
-    u.div_(u.sum(0, keepdim=True))
+    u = uniform_on_support(a)
     v = torch.empty_like(u)
     for t in range(num_iters):
         csr_product(crow_t, col_t, gibbs.K_t, u, v, mass=b, den=hist_s[t] if keep_history else None, eps=eps)
@@ -158,11 +154,9 @@ def sparse_sinkhorn_forward(a: Tensor, b: Tensor, crow: Tensor, col: Tensor, cos
     if keep_history:
         y = gibbs.mul(v, weighted=True)
         value = (y * u).sum(0)
-    else:  # the value summed over column blocks of (K∘c) v: one [C, width] temporary
+    else:
         y = a.new_empty(0, B)
-        width = max(1, min(B, VALUE_BLOCK_ELEMENTS // max(1, C)))
-        value = torch.cat([gibbs.mul(v[:, j0:j0 + width], weighted=True).mul_(u[:, j0:j0 + width]).sum(0)
-                           for j0 in range(0, B, width)]) if B > 0 else a.new_zeros(0)
+        value = value_over_column_blocks(lambda x: gibbs.mul(x, weighted=True), u, v)
     return value, u.log_(), v.log_(), hist_r, hist_s, y
 
 
