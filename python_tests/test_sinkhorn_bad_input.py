@@ -77,6 +77,31 @@ def test_bad_input_raw_op(backend, msg, make):
         op(*args, 0.0, False, True)
 
 
+# bad values the division by 0 of the scaling iterations does not reveal when eps > 0, and K's range
+BAD_WITH_EPS = [
+    ("every row of `b`", lambda a, b, c: (a, _set(b, (1, slice(None)), 0.0), c, 0.1, 3)),
+    ("every row of `a`", lambda a, b, c: (_set(a, (0, slice(None)), 0.0), b, c, 0.1, 3)),
+    ("K = exp(-cost / reg) underflows", lambda a, b, c: (a, b, _set(c, (1, slice(None)), 10.0), 0.01, 3)),
+]
+
+
+@pytest.mark.parametrize("msg,make", BAD_VALUES + BAD_WITH_EPS)
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+@pytest.mark.parametrize("with_kernel", [False, True], ids=["cost", "gibbs_kernel"])
+def test_bad_values_with_eps_and_cached_kernel(msg, make, eps, with_kernel):
+    """The CPU backends (the C++ kernel and the torch backend, whose scaling-domain checks are read once with the
+    result) reject every bad value with and without eps and with a cached Gibbs kernel, naming the problem."""
+    backends = (["cpu"] if wk.HAS_C_EXT else []) + ["torch"]
+    for name in backends:
+        a, b, c, reg, T = make(*good())
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            kernel = wk.gibbs_kernel(c, reg) if with_kernel else None
+            wk.sinkhorn(a, b, c, reg, T, eps=eps, backend=name, kernel=kernel)
+        with pytest.raises(ValueError, match=re.escape(msg)):  # the same with a gradient (the history is kept)
+            kernel = wk.gibbs_kernel(c, reg) if with_kernel else None
+            wk.sinkhorn(a.requires_grad_(), b, c, reg, T, eps=eps, backend=name, kernel=kernel)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_value_check_has_no_false_alarm_on_huge_finite_costs(backend, dtype):
     """The one-pass value check flags a row whose sum overflows; the exact check then lets it through."""

@@ -371,6 +371,40 @@ def _values_look_valid(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
     return bool(ok)
 
 
+def _checks_fold(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float) -> bool:
+    """Whether :func:`_scaling_checks` applies (else the exact checks run before the op): non-empty inputs, and in
+    float32 a reg that is a normal float32 (as :func:`_values_look_valid`)."""
+    return (min(a.numel(), b.numel()) > 0 and (cost is None or cost.numel() > 0)
+            and not (a.dtype == torch.float32 and not reg > 1e-30))
+
+
+def _scaling_values_ok(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float, eps: float, value: Tensor) -> bool:
+    """The value checks of the scaling-domain ATen loop, run on its result with one host read: True when the inputs
+    were valid and the value is finite.
+
+    Every entry of a, b (and ``cost``) >= 0 is a minimum (NaN fails the comparison). The rest shows in the value
+    when eps = 0: a non-finite entry of a, b or cost, a row without mass (u0 = 0, then b / 0) and a row or column of
+    K that underflows whole (a division by 0) all make it inf or NaN. With eps > 0 the denominators are never 0, so
+    the rows with mass and K's range (exp(-x / reg) of the largest row / column minimum of the cost) are checked
+    too. A valid value is >= 0 (a sum of non-negative terms), so its sum joins the minima (inf and NaN mapped to -1)."""
+    probe = [a.amin(), b.amin(), value.sum()] + ([] if cost is None else [cost.amin()])
+    ok = torch.stack(probe).nan_to_num(-1.0, -1.0, -1.0).amin() >= 0
+    if eps > 0:
+        positive = [a.amax(1).amin(), b.amax(1).amin()]
+        if cost is not None:
+            worst = torch.maximum(cost.amin(-1).amax(), cost.amin(-2).amax())
+            positive.append(torch.exp(worst / -reg))
+        ok = ok & (torch.stack(positive).amin() > 0)
+    return bool(ok)
+
+
+def _name_input_problem(a: Tensor, b: Tensor, cost: Tensor, reg: float, log_domain: bool, use_kernel: bool) -> None:
+    """The exact checks (they raise, naming the argument and the problem, when an input is invalid)."""
+    check_sinkhorn_values(a, b, cost if not use_kernel else a.new_ones(1, 1))
+    if not use_kernel:
+        check_sinkhorn_kernel_range(cost, reg, log_domain)
+
+
 def _check_kernel(kernel, cost: Tensor, reg: float, op: str) -> None:
     if not isinstance(kernel, GibbsKernel):
         raise TypeError(f"{op}: `kernel` must be a GibbsKernel (wkd_kernels.gibbs_kernel(cost, reg)), got "
@@ -471,30 +505,38 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     use_kernel = (kernel is not None and kind in ("cpu", "torch") and not log_domain and cost.dim() == 2
                   and (keep_history or not needs_grad))
     python_checks = values_check_requested(check_values, kind, a.device)
+    # The ATen loop in the scaling domain (the torch backend, the Gibbs ops): the checks are a few reductions read
+    # once, with the value's finiteness, after the op (_scaling_values_ok); elsewhere they run before the kernel.
+    aten_scaling = not log_domain and (kind == "torch" or use_kernel)
+    folded = python_checks and aten_scaling and _checks_fold(a, b, None if use_kernel else cost, reg)
     # with a kernel, cost and the range of K were checked when it was built: a and b only
-    if python_checks and not _values_look_valid(a, b, None if use_kernel else cost, reg, log_domain):
-        check_sinkhorn_values(a, b, cost if not use_kernel else a.new_ones(1, 1))  # they name the problem
-        if not use_kernel:
-            check_sinkhorn_kernel_range(cost, reg, log_domain)
+    if python_checks and not folded and not _values_look_valid(a, b, None if use_kernel else cost, reg, log_domain):
+        _name_input_problem(a, b, cost, reg, log_domain, use_kernel)
     args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
     if use_kernel:
         gibbs = torch.ops.wkd.sinkhorn_gibbs_torch if kind == "torch" else torch.ops.wkd.sinkhorn_gibbs
         value, u, v, *_ = gibbs(a, b, kernel.K, kernel.KC, int(num_iters), float(eps), keep_history)
-        if python_checks and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value in {a.dtype}: entries of K "
-                             "underflow where the problem needs them, or the scalings overflow. Use log_domain=True, "
-                             "or a larger `reg`")
     elif kind == "triton":
         value, u, v, *_ = torch.ops.wkd.sinkhorn_triton(*args, precision)
     elif kind == "torch":
         value, u, v, *_ = torch.ops.wkd.sinkhorn_torch(*args)
-        if python_checks and not log_domain and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value with `reg` = {reg} in "
-                             f"{str(a.dtype).replace('torch.', '')}: K = exp(-cost / reg) underflows (cost / reg > "
-                             f"{87 if a.dtype == torch.float32 else 708} somewhere) or the scalings overflow. Use "
-                             "log_domain=True, or a larger `reg`")
     else:  # "cpu" and "cuda": the C++ kernels registered on wkd::sinkhorn for the tensors' device
         value, u, v, *_ = torch.ops.wkd.sinkhorn(*args)
+    if folded:
+        ok = _scaling_values_ok(a, b, None if use_kernel else cost, reg, eps, value)
+    else:
+        ok = not (python_checks and aten_scaling) or bool(torch.isfinite(value).all())
+    if not ok:
+        if folded:
+            _name_input_problem(a, b, cost, reg, log_domain, use_kernel)
+        if use_kernel:
+            raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value in {a.dtype}: entries of K "
+                             "underflow where the problem needs them, or the scalings overflow. Use log_domain=True, "
+                             "or a larger `reg`")
+        raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value with `reg` = {reg} in "
+                         f"{str(a.dtype).replace('torch.', '')}: K = exp(-cost / reg) underflows (cost / reg > "
+                         f"{87 if a.dtype == torch.float32 else 708} somewhere) or the scalings overflow. Use "
+                         "log_domain=True, or a larger `reg`")
     if log_domain:
         log_u, log_v = u, v
     else:
