@@ -75,13 +75,34 @@ void correct_pass(T* __restrict zv, T* __restrict gb, const T* __restrict b, con
   }
 }
 
-// s_1 = K^T u0 + eps with u0 = 1{a>0}/|supp a|: a column sum minus the few zero-mass rows of K,
-// accumulated in float64. Returns false when rows have too many zeros.
-// The subtraction cancels where the zero-mass rows carry most of a column (e.g. a zero-mass row whose
-// K entry is 1 over a column of exp(-37) entries: the difference is exactly 0 and v = b / 0): such a
-// column is recomputed exactly over the support (column j of K, read with stride m, only for the
-// affected columns: O(n) each). "Most" is dtype-aware: the float64 difference has an absolute error of a few
-// float64 ulps of the column sum, so it is kept when that is below the output dtype's rounding
+// Row sums and dot products in float64 over 8 interleaved partial sums, added in a fixed order at the end: the same
+// digits on every CPU (IEEE additions in an order the source fixes; the compiler may not reassociate them), without
+// the serial dependency of a single accumulator (one addition's latency per term: 40 us a pass over 256 x 100).
+constexpr int kSumLanes = 8;
+
+inline double combine_lanes(const double* acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename T>
+double sum_f64(const T* __restrict p, int64_t len) {
+  double acc[kSumLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + kSumLanes <= len; k += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) acc[l] += double(p[k + l]);
+  for (int l = 0; k + l < len; ++l) acc[l] += double(p[k + l]);
+  return combine_lanes(acc);
+}
+
+template <typename T>
+double dot_f64(const T* __restrict x, const T* __restrict y, int64_t len) {
+  double acc[kSumLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + kSumLanes <= len; k += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) acc[l] += double(x[k + l]) * double(y[k + l]);
+  for (int l = 0; k + l < len; ++l) acc[l] += double(x[k + l]) * double(y[k + l]);
+  return combine_lanes(acc);
+}
 
 // One read of K [n, m]: cs_j = sum_i K_ij in float64 (in order of i; for float32 K, ATen's sum would first copy K
 // to float64, 8 bytes an entry, and the sum rounded to float32 is the same), and the check that K is usable: every entry
@@ -205,11 +226,7 @@ Outputs forward_blas(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   const at::Tensor value = at::empty({B}, a.options());
   T* val_p = value.data_ptr<T>();
   const T* y_p = y.data_ptr<T>();
-  rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-    T acc = 0;
-    for (int64_t i = o; i < o + n; ++i) acc += u_p[i] * y_p[i];
-    val_p[bi] = acc;
-  });
+  rows_parallel(B, n, [&](int64_t bi, int64_t o) { val_p[bi] = static_cast<T>(dot_f64<T>(u_p + o, y_p + o, n)); });
   return {value, u, v, hist_r, hist_s, keep_history ? y : at::empty({0, n}, a.options())};
 }
 
@@ -228,19 +245,14 @@ std::tuple<at::Tensor, at::Tensor> backward_blas(const at::Tensor& grad_value, c
   T *ga_p = ga.data_ptr<T>(), *gb_p = gb.data_ptr<T>(), *x_p = x.data_ptr<T>(), *ut_p = ut.data_ptr<T>();
   T* zv_p = zv.data_ptr<T>();
   const T *tm_p = tmp_m.data_ptr<T>(), *tn_p = tmp_n.data_ptr<T>();
-  auto ordered_sum = [](const T* p, int64_t len) {  // float64, in order
-    double acc = 0;
-    for (int64_t k = 0; k < len; ++k) acc += double(p[k]);
-    return acc;
-  };
   // gauge[bi] = G_t of row bi; zs[bi] = sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0); sbb[bi] = sum_j b_j^2
   std::vector<double> gauge(B, 0.0), zs(B, 0.0), sbb(B, 0.0);
   // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
   const T* r_last = hr + last * B * n;
   rows_parallel(B, n, [&](int64_t bi, int64_t o) {
     last_w_pass<T>(a_p + o, r_last + o, y_p + o, g_p[bi], ut_p + o, ga_p + o, x_p + o, n);
-    if (has_eps) gauge[bi] = eps * ordered_sum(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
-    for (int64_t j = bi * m; j < (bi + 1) * m; ++j) sbb[bi] += double(b_p[j]) * double(b_p[j]);
+    if (has_eps) gauge[bi] = eps * sum_f64<T>(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
+    sbb[bi] = dot_f64<T>(b_p + bi * m, b_p + bi * m, m);
   });
   at::Tensor direct = at::mm(ut, KC);
   const T* d_p = direct.data_ptr<T>();
@@ -249,18 +261,17 @@ std::tuple<at::Tensor, at::Tensor> backward_blas(const at::Tensor& grad_value, c
     const T* s = hs + t * B * m;
     rows_parallel(B, m, [&](int64_t bi, int64_t o) {
       z_pass<T>(d_p + o, tm_p + o, s + o, g_p[bi], t == last, zv_p + o, m);  // z_t
-      double sbz = 0;
-      for (int64_t j = o; j < o + m; ++j) sbz += double(b_p[j]) * double(zv_p[j]);
+      const double sbz = dot_f64<T>(b_p + o, zv_p + o, m);
       const double c = correct && sbb[bi] > 0 ? (sbz - gauge[bi]) / sbb[bi] : 0.0;  // the gauge correction
       correct_pass<T>(zv_p + o, gb_p + o, b_p + o, s + o, c, t == last, m);
-      if (has_eps) zs[bi] = ordered_sum(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
+      if (has_eps) zs[bi] = sum_f64<T>(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
     });
     if (t == 0) break;
     at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
     const T* r = hr + (t - 1) * B * n;
     rows_parallel(B, n, [&](int64_t bi, int64_t o) {
       w_pass<T>(tn_p + o, r + o, a_p + o, ga_p + o, x_p + o, n);
-      if (has_eps) gauge[bi] += eps * (ordered_sum(x_p + o, n) - zs[bi]);
+      if (has_eps) gauge[bi] += eps * (sum_f64<T>(x_p + o, n) - zs[bi]);
     });
   }
   return {ga, gb};
