@@ -207,16 +207,30 @@ def _scaling_forward(a: Tensor, b: Tensor, P: _ScalingProducts, num_iters: int, 
     hist_r, hist_s = a.new_empty(T, B, n), a.new_empty(T, B, m)
     u = torch.where(supp, 1.0 / cnt, torch.zeros_like(a))
     v = torch.empty_like(b)
-    r_buf, s_buf = (None, None) if keep_history else (torch.empty_like(a), torch.empty_like(b))
-    for t in range(num_iters):
-        s = P.t_mul(u, out=hist_s[t] if keep_history else s_buf)
-        if eps > 0:
-            s.add_(eps)
-        torch.div(b, s, out=v)
-        r = P.mul(v, out=hist_r[t] if keep_history else r_buf)
-        if eps > 0:
-            r.add_(eps)
-        torch.div(a, r, out=u)
+    # the slots the products are written into: the history's (views made once), else one buffer each
+    hs = hist_s.unbind(0) if keep_history else (torch.empty_like(b),) * num_iters
+    hr = hist_r.unbind(0) if keep_history else (torch.empty_like(a),) * num_iters
+    if P.shared:  # the GEMMs written out: at C = 100 a Python call per product is a few percent of the loop
+        K, Kt = P.K, P.K.t()
+        for t in range(num_iters):
+            s = torch.mm(u, K, out=hs[t])
+            if eps > 0:
+                s.add_(eps)
+            torch.div(b, s, out=v)
+            r = torch.mm(v, Kt, out=hr[t])
+            if eps > 0:
+                r.add_(eps)
+            torch.div(a, r, out=u)
+    else:
+        for t in range(num_iters):
+            s = P.t_mul(u, out=hs[t])
+            if eps > 0:
+                s.add_(eps)
+            torch.div(b, s, out=v)
+            r = P.mul(v, out=hr[t])
+            if eps > 0:
+                r.add_(eps)
+            torch.div(a, r, out=u)
     y = P.mul(v, weighted=True)  # (K∘cost) v_T
     value = (u * y).sum(1)
     return value, u, v, hist_r, hist_s, (y if keep_history else a.new_empty(0, n))
@@ -231,11 +245,13 @@ def sinkhorn_gibbs_forward(a: Tensor, b: Tensor, K: Tensor, KC: Tensor, num_iter
 
 
 def sinkhorn_gibbs_backward(grad_value: Tensor, a: Tensor, b: Tensor, K: Tensor, KC: Tensor, hist_r: Tensor,
-                            hist_s: Tensor, y: Tensor, eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    """(grad_a, grad_b) of ``wkd::sinkhorn_gibbs_backward`` (arguments already checked)."""
+                            hist_s: Tensor, y: Tensor, eps: Optional[float] = None,
+                            need_b: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """(grad_a, grad_b) of ``wkd::sinkhorn_gibbs_backward`` (arguments already checked); ``need_b=False``: grad_b is
+    None (the autograd formula's call when b needs no gradient)."""
     P = _ScalingProducts(None, 0.0, None, gibbs=(K.contiguous(), KC.contiguous()))
     return exact_backward_sweep(grad_value.contiguous(), a.contiguous(), b.contiguous(), hist_r, hist_s, y, False,
-                                P.t_mul, P.mul, eps)
+                                P.t_mul, P.mul, eps, need_b)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,11 +287,12 @@ def _log_eps_mass_sum(mass: Tensor, x: Tensor, log_den: Tensor, eps: float) -> T
 
 
 def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tensor, y: Tensor, t_mul: Callable,
-                   mul: Callable, eps: Optional[float]) -> Tuple[Tensor, Tensor]:
+                   mul: Callable, eps: Optional[float], need_b: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """The scaling-domain reverse sweep of :func:`exact_backward_sweep`, in place in a few preallocated [B, n] / [B, m]
     buffers (no allocation per step). The gauge sums run in the compute dtype: a float64 copy of z per step cost
     more than the two products of the step on CPU at C = 100, and bought nothing in float32, where the correction's
-    own rounding (z - c b in float32) is of the same order as a float32 sum's."""
+    own rounding (z - c b in float32) is of the same order as a float32 sum's. ``need_b=False``: grad_b is None, and
+    the first iteration's step (one product, whose z only grad_b reads) is skipped."""
     T = hist_r.shape[0]
     last = T - 1
     gc = g.unsqueeze(1)
@@ -286,12 +303,12 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
     ga = w.clone()
     x = w.mul_(ut)  # w's buffer holds x = w_T u_T, then -x = -w_t u_t for t < T (its sign folded into z's)
     KTx, Kzv, z, zv = torch.empty_like(b), torch.empty_like(a), torch.empty_like(b), torch.empty_like(b)
-    gb = torch.zeros_like(b)
+    gb = torch.zeros_like(b) if need_b else None
     if eps is not None:  # 1 / sum_j b_j^2 per row (0 for a row without mass: no correction there)
         sbb = torch.linalg.vecdot(b, b)
         inv_sbb = torch.where(sbb > 0, 1.0 / sbb, torch.zeros_like(sbb))
     G = zs = None  # G_t; eps sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0 only)
-    for t in range(last, -1, -1):
+    for t in range(last, -1 if need_b else 0, -1):
         s = hist_s[t]
         if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i (x holds -x below T)
             awr = x.sum(1).mul_(eps)
@@ -306,7 +323,8 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
             if eps:
                 c.sub_(G)
             z.addcmul_(c.mul_(inv_sbb).unsqueeze(1), b, value=-1)
-        gb.add_(z)
+        if need_b:
+            gb.add_(z)
         torch.div(b, s, out=zv).mul_(z)  # z v = z b / s
         if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j
             zs = zv.sum(1).mul_(eps)
@@ -321,7 +339,7 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
 
 def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tensor, y: Tensor,
                          log_domain: bool, t_mul: Callable, mul: Callable,
-                         eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                         eps: Optional[float] = None, need_b: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """(grad_a, grad_b) of sum_b g_b value_b through the fixed-iteration loop, from the history.
 
     Scaling form, with w_t = dL/du_t / r_t and z_t = dL/dv_t / s_t (u_t = a / r_t, v_t = b / s_t):
@@ -339,10 +357,11 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
     ``t_mul(x, weighted)`` / ``mul(y, weighted)``: scaling domain, K^T x [B, m] and K y [B, n] (weighted: K∘cost);
     log domain, the column / row reductions (p, c, weighted) -> (mx, sm) of :class:`_LogReductions`.
     Memory: a few [B, n] / [B, m] vectors besides the history (the products chunk their own temporaries); in the
-    scaling domain they are allocated once and updated in place.
+    scaling domain they are allocated once and updated in place. ``need_b=False`` (scaling domain): grad_b is None and
+    its work is skipped (the log domain computes it anyway).
     """
     if not log_domain:
-        return _scaling_sweep(g, a, b, hist_r, hist_s, y, t_mul, mul, eps)
+        return _scaling_sweep(g, a, b, hist_r, hist_s, y, t_mul, mul, eps, need_b)
     T = hist_r.shape[0]
     last = T - 1
     gc = g.unsqueeze(1)
@@ -381,12 +400,13 @@ def exact_backward_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s
 
 def sinkhorn_backward(grad_value: Tensor, a: Tensor, b: Tensor, cost: Tensor, hist_r: Tensor, hist_s: Tensor,
                       y: Tensor, reg: float, log_domain: bool = False, eps: Optional[float] = None,
-                      chunk_elements: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """(grad_a, grad_b) of ``wkd::sinkhorn_backward`` (arguments already checked)."""
+                      chunk_elements: Optional[int] = None, need_b: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """(grad_a, grad_b) of ``wkd::sinkhorn_backward`` (arguments already checked); ``need_b=False``: grad_b may be
+    None (the autograd formula's call when b needs no gradient)."""
     a, b, cost, g = a.contiguous(), b.contiguous(), cost.contiguous(), grad_value.contiguous()
     if not log_domain:
         P = _ScalingProducts(cost, reg, chunk_elements)
-        return exact_backward_sweep(g, a, b, hist_r, hist_s, y, False, P.t_mul, P.mul, eps)
+        return exact_backward_sweep(g, a, b, hist_r, hist_s, y, False, P.t_mul, P.mul, eps, need_b)
     R = _LogReductions(cost, reg, a.shape[0], chunk_elements)
     return exact_backward_sweep(g, a, b, hist_r, hist_s, y, True,
                                 lambda p, c, weighted: R.col(p, c, weighted),

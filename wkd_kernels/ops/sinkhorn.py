@@ -10,6 +10,7 @@ kernel of ``wkd::sinkhorn`` in an installation without the compiled extension). 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -221,9 +222,9 @@ def _backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s, grad_y)
     with torch.no_grad():
         if hist_r.shape[0] > 0:
             g = grad_value.contiguous()
-            if getattr(ctx, "torch_backend", False):
-                ga, gb = torch.ops.wkd.sinkhorn_torch_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg,
-                                                               ctx.log_domain, ctx.eps)
+            if getattr(ctx, "torch_backend", False):  # the ATen sweep itself (the op's kernel), told what is needed
+                ga, gb = aten_sinkhorn.sinkhorn_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg, ctx.log_domain,
+                                                         ctx.eps, need_b=need_b)
             elif ctx.precision is None:
                 ga, gb = torch.ops.wkd.sinkhorn_backward(g, a, b, cost, hist_r, hist_s, y, ctx.reg, ctx.log_domain,
                                                          ctx.eps)
@@ -271,9 +272,12 @@ def _gibbs_backward(ctx, grad_value, grad_u, grad_v, grad_hist_r, grad_hist_s, g
         raise RuntimeError("wkd.sinkhorn_gibbs: the gradient needs the history: run the forward with "
                            "keep_history=True (the envelope gradient needs reg: use wkd::sinkhorn)")
     with torch.no_grad():
-        op = (torch.ops.wkd.sinkhorn_gibbs_torch_backward if getattr(ctx, "torch_backend", False)
-              else torch.ops.wkd.sinkhorn_gibbs_backward)
-        ga, gb = op(grad_value.contiguous(), a, b, K, KC, hist_r, hist_s, y, ctx.eps)
+        if getattr(ctx, "torch_backend", False):  # the ATen sweep itself (the op's kernel), told what is needed
+            ga, gb = aten_sinkhorn.sinkhorn_gibbs_backward(grad_value, a, b, K, KC, hist_r, hist_s, y, ctx.eps,
+                                                           need_b=need_b)
+        else:
+            ga, gb = torch.ops.wkd.sinkhorn_gibbs_backward(grad_value.contiguous(), a, b, K, KC, hist_r, hist_s, y,
+                                                           ctx.eps)
     ga, gb = first_order_only((ga if need_a else None, gb if need_b else None), (a, b, grad_value),
                               "wkd.sinkhorn_gibbs")
     return (ga, gb) + (None,) * 5
@@ -356,6 +360,7 @@ def _values_look_valid(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
             or (a.dtype == torch.float32 and not reg > 1e-30)):
         return False
     big = torch.finfo(a.dtype).max
+    a, b = a.detach(), b.detach()  # no autograd graph for the checks
     row_a, row_b = a.amax(1), b.amax(1)
     low = [a.amin(), b.amin(), row_a.amin(), row_b.amin()]  # >= 0, >= 0, > 0, > 0
     high = [row_a.amax(), row_b.amax()]  # <= big
@@ -387,6 +392,15 @@ def _scaling_values_ok(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
     K that underflows whole (a division by 0) all make it inf or NaN. With eps > 0 the denominators are never 0, so
     the rows with mass and K's range (exp(-x / reg) of the largest row / column minimum of the cost) are checked
     too. A valid value is >= 0 (a sum of non-negative terms), so its sum joins the minima (inf and NaN mapped to -1)."""
+    a, b, value = a.detach(), b.detach(), value.detach()  # no autograd graph for the checks
+    if a.device.type == "cpu":  # reading a scalar of a CPU tensor costs no synchronisation: a few reads, no stacking
+        # the value's sum is finite when every value is (unless it overflows: then the exact test decides)
+        ok = (float(a.amin()) >= 0 and float(b.amin()) >= 0 and (cost is None or float(cost.amin()) >= 0)
+              and (math.isfinite(float(value.sum())) or bool(torch.isfinite(value).all())))
+        if ok and eps > 0:
+            ok = float(a.amax(1).amin()) > 0 and float(b.amax(1).amin()) > 0 and (cost is None or float(
+                torch.exp(torch.maximum(cost.amin(-1).amax(), cost.amin(-2).amax()) / -reg)) > 0)
+        return ok
     probe = [a.amin(), b.amin(), value.sum()] + ([] if cost is None else [cost.amin()])
     ok = torch.stack(probe).nan_to_num(-1.0, -1.0, -1.0).amin() >= 0
     if eps > 0:
@@ -398,10 +412,11 @@ def _scaling_values_ok(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
     return bool(ok)
 
 
-def _name_input_problem(a: Tensor, b: Tensor, cost: Tensor, reg: float, log_domain: bool, use_kernel: bool) -> None:
-    """The exact checks (they raise, naming the argument and the problem, when an input is invalid)."""
-    check_sinkhorn_values(a, b, cost if not use_kernel else a.new_ones(1, 1))
-    if not use_kernel:
+def _name_input_problem(a: Tensor, b: Tensor, cost: Tensor, reg: float, log_domain: bool, cost_checked: bool) -> None:
+    """The exact checks (they raise, naming the argument and the problem, when an input is invalid); ``cost_checked``:
+    a and b only (a given Gibbs kernel was checked with its cost when it was built)."""
+    check_sinkhorn_values(a, b, a.new_ones(1, 1) if cost_checked else cost)
+    if not cost_checked:
         check_sinkhorn_kernel_range(cost, reg, log_domain)
 
 
@@ -502,16 +517,22 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     keep_history = needs_grad and grad == "exact"
     if kernel is not None:
         _check_kernel(kernel, cost, reg, op)
-    use_kernel = (kernel is not None and kind in ("cpu", "torch") and not log_domain and cost.dim() == 2
-                  and (keep_history or not needs_grad))
+    gibbs_ok = kind in ("cpu", "torch") and not log_domain and cost.dim() == 2 and (keep_history or not needs_grad)
+    use_kernel = kernel is not None and gibbs_ok
+    # the cost's values and the range of K were checked when a given kernel was built: then a and b only
+    checked_cost = None if use_kernel else cost
     python_checks = values_check_requested(check_values, kind, a.device)
     # The ATen loop in the scaling domain (the torch backend, the Gibbs ops): the checks are a few reductions read
     # once, with the value's finiteness, after the op (_scaling_values_ok); elsewhere they run before the kernel.
     aten_scaling = not log_domain and (kind == "torch" or use_kernel)
-    folded = python_checks and aten_scaling and _checks_fold(a, b, None if use_kernel else cost, reg)
-    # with a kernel, cost and the range of K were checked when it was built: a and b only
-    if python_checks and not folded and not _values_look_valid(a, b, None if use_kernel else cost, reg, log_domain):
+    folded = python_checks and aten_scaling and _checks_fold(a, b, checked_cost, reg)
+    if python_checks and not folded and not _values_look_valid(a, b, checked_cost, reg, log_domain):
         _name_input_problem(a, b, cost, reg, log_domain, use_kernel)
+    if kind == "torch" and gibbs_ok and kernel is None:
+        # K and K∘cost formed once per call (as wkd::sinkhorn_torch forms them) and given to the Gibbs op, whose
+        # autograd keeps them for the backward: wkd::sinkhorn_torch_backward would form them again
+        K = torch.exp(cost / -reg)
+        kernel, use_kernel = GibbsKernel(K, K * cost, float(reg)), True
     args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
     if use_kernel:
         gibbs = torch.ops.wkd.sinkhorn_gibbs_torch if kind == "torch" else torch.ops.wkd.sinkhorn_gibbs
@@ -523,13 +544,13 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
     else:  # "cpu" and "cuda": the C++ kernels registered on wkd::sinkhorn for the tensors' device
         value, u, v, *_ = torch.ops.wkd.sinkhorn(*args)
     if folded:
-        ok = _scaling_values_ok(a, b, None if use_kernel else cost, reg, eps, value)
+        ok = _scaling_values_ok(a, b, checked_cost, reg, eps, value)
     else:
         ok = not (python_checks and aten_scaling) or bool(torch.isfinite(value).all())
     if not ok:
         if folded:
-            _name_input_problem(a, b, cost, reg, log_domain, use_kernel)
-        if use_kernel:
+            _name_input_problem(a, b, cost, reg, log_domain, checked_cost is None)
+        if checked_cost is None:
             raise ValueError(f"{op}: the scaling-domain iterations gave a non-finite value in {a.dtype}: entries of K "
                              "underflow where the problem needs them, or the scalings overflow. Use log_domain=True, "
                              "or a larger `reg`")
