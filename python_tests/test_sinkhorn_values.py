@@ -2,6 +2,10 @@
 CPU op over a pairwise shape grid (sinkhorn_harness.check_sinkhorn, TOL["op"]), the public wk.sinkhorn vs the
 reference and the CPU backend, POT (float64 and float32), half inputs, and the paper's released cost matrices.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,13 +17,6 @@ from wkd_kernels.reference import sinkhorn_reference
 
 
 # --------------------------------------------------------------- the registered ops over the shape grid (every backend)
-# The shape grid, pairwise over backend x shape x dtype x shared cost x domain x eps (every pair of values in some
-# case; the interpreted Triton backend on INTERPRETED_SHAPES only), plus named edges: the 1 x 1 problem in the log
-# domain with eps (potentials ~0: the floor of 1), the largest shape per row in float32 on every backend.
-FB_GRID = {"shape": SHAPES, "dtype": [F64, F32], "shared": [True, False], "log_domain": [False, True],
-           "eps": [0.0, 1e-8]}
-
-
 # The shape grid, pairwise over backend x shape x dtype x shared cost x domain x eps (every pair of values in some
 # case; the interpreted Triton backend on INTERPRETED_SHAPES only), plus named edges: the 1 x 1 problem in the log
 # domain with eps (potentials ~0: the floor of 1), the largest shape per row in float32 on every backend.
@@ -146,3 +143,44 @@ def test_real_cost_matrices(name, kappa):
     assert_close(got, ref, 1e-5)
     got64 = wk.sinkhorn(a.double(), b.double(), cost.double(), 0.05, 10).value
     assert_close(got64, ref, 1e-10)
+
+
+# ------------------------------------------------------------------------------------------ the CPU kernel's ISA builds
+_ISA_SCRIPT = """
+import sys, torch, wkd_kernels as wk
+out = []
+for dt in (torch.float32, torch.float64):
+    for eps in (0.0, 1e-8):
+        for B, n, m in ((5, 37, 29), (3, 100, 100), (2, 8, 3)):
+            g = torch.Generator().manual_seed(B * n + m)
+            a = torch.softmax(torch.randn(B, n, generator=g, dtype=dt), 1)
+            a[:, 0] = 0
+            a = a / a.sum(1, keepdim=True)
+            b = torch.softmax(torch.randn(B, m, generator=g, dtype=dt), 1)
+            c = torch.rand(n, m, generator=g, dtype=dt)
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            v = wk.sinkhorn(x, y, c, 0.05, 7, eps=eps, backend="cpu").value
+            v.sum().backward()
+            out += [v.detach(), x.grad, y.grad]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not wk.HAS_C_EXT, reason="needs the compiled extension")
+def test_cpu_kernel_isa_builds_give_the_same_digits(tmp_path):
+    """The elementwise passes of the C++ BLAS path exist for the baseline ISA and for AVX2 (chosen by the CPU;
+    csrc/cpu/sinkhorn_row_passes.h): values and both gradients, float32 and float64, with and without eps, are equal
+    bit for bit with WKD_CPU_ISA=baseline and without it (on a CPU without AVX2 both runs take the baseline)."""
+    runs = {}
+    for isa in ("default", "baseline"):
+        env = {k: v for k, v in os.environ.items() if k != "WKD_CPU_ISA"}
+        if isa == "baseline":
+            env["WKD_CPU_ISA"] = "baseline"
+        path = tmp_path / f"{isa}.pt"
+        r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[isa] = torch.load(path)
+    assert len(runs["default"]) == 36
+    for i, (x, y) in enumerate(zip(runs["default"], runs["baseline"], strict=True)):
+        assert torch.equal(x, y), f"output {i} differs between the AVX2 and baseline builds"

@@ -20,6 +20,7 @@
 #include "../sinkhorn_common.h"
 #include "interrupt.h"
 #include "sinkhorn_cpu.h"
+#include "sinkhorn_row_passes.h"
 
 namespace wkd {
 namespace sinkhorn_cpu {
@@ -35,73 +36,6 @@ void rows_parallel(int64_t B, int64_t len, const F& f) {
   at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) f(bi, bi * len);
   });
-}
-
-// The elementwise passes of the BLAS paths over one row: functions of restrict pointers, so that they vectorise.
-template <typename T>  // den += add (when do_add); out = num / den     (v = b / s, u = a / r)
-void add_divide(T* __restrict den, const T* __restrict num, T* __restrict out, int64_t len, T add, bool do_add) {
-  if (do_add)
-    for (int64_t k = 0; k < len; ++k) den[k] += add;
-  for (int64_t k = 0; k < len; ++k) out[k] = num[k] / den[k];
-}
-template <typename T>  // u = a / r, w = g y / r; ut = u, ga = w, x = w u     (the last step of the backward sweep)
-void last_w_pass(const T* __restrict a, const T* __restrict r, const T* __restrict y, T g, T* __restrict ut,
-                 T* __restrict ga, T* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T u_i = a[i] / r[i], w = g * y[i] / r[i];
-    ut[i] = u_i, ga[i] = w, x[i] = w * u_i;
-  }
-}
-template <typename T>  // w = -prod / r; ga += w; x = w a / r
-void w_pass(const T* __restrict prod, const T* __restrict r, const T* __restrict a, T* __restrict ga, T* __restrict x,
-            int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T w = -prod[i] / r[i];
-    ga[i] += w, x[i] = w * (a[i] / r[i]);
-  }
-}
-template <typename T>  // z = ((g direct if last) - prod) / s
-void z_pass(const T* __restrict direct, const T* __restrict prod, const T* __restrict s, T g, bool last,
-            T* __restrict z, int64_t m) {
-  for (int64_t j = 0; j < m; ++j) z[j] = ((last ? g * direct[j] : T(0)) - prod[j]) / s[j];
-}
-template <typename T>  // z -= c b; gb += z (gb = z if last); zv = z v = z b / s
-void correct_pass(T* __restrict zv, T* __restrict gb, const T* __restrict b, const T* __restrict s, double c, bool last,
-                  int64_t m) {
-  for (int64_t j = 0; j < m; ++j) {
-    const T z = T(double(zv[j]) - c * double(b[j]));
-    gb[j] = last ? z : gb[j] + z;
-    zv[j] = z * (b[j] / s[j]);
-  }
-}
-
-// Row sums and dot products in float64 over 8 interleaved partial sums, added in a fixed order at the end: the same
-// digits on every CPU (IEEE additions in an order the source fixes; the compiler may not reassociate them), without
-// the serial dependency of a single accumulator (one addition's latency per term: 40 us a pass over 256 x 100).
-constexpr int kSumLanes = 8;
-
-inline double combine_lanes(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-template <typename T>
-double sum_f64(const T* __restrict p, int64_t len) {
-  double acc[kSumLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + kSumLanes <= len; k += kSumLanes)
-    for (int l = 0; l < kSumLanes; ++l) acc[l] += double(p[k + l]);
-  for (int l = 0; k + l < len; ++l) acc[l] += double(p[k + l]);
-  return combine_lanes(acc);
-}
-
-template <typename T>
-double dot_f64(const T* __restrict x, const T* __restrict y, int64_t len) {
-  double acc[kSumLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + kSumLanes <= len; k += kSumLanes)
-    for (int l = 0; l < kSumLanes; ++l) acc[l] += double(x[k + l]) * double(y[k + l]);
-  for (int l = 0; k + l < len; ++l) acc[l] += double(x[k + l]) * double(y[k + l]);
-  return combine_lanes(acc);
 }
 
 // One read of K [n, m]: cs_j = sum_i K_ij in float64 (in order of i; for float32 K, ATen's sum would first copy K
@@ -182,6 +116,7 @@ template <typename T>
 Outputs forward_blas(const at::Tensor& a, const at::Tensor& b, const at::Tensor& K, const at::Tensor& KC,
                      int64_t T_iters, double eps, bool keep_history, const char* op, double reg) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const row_passes::Table<T>& P = row_passes::table<T>();
   const T* k_p = K.data_ptr<T>();
   std::vector<double> colsum(m);
   const int k_state = kernel_column_sums<T>(k_p, n, m, colsum.data());
@@ -216,17 +151,17 @@ Outputs forward_blas(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
       s_has_eps = false;
     }
     T* s_p = s.data_ptr<T>();
-    rows_parallel(B, m, [&](int64_t, int64_t o) { add_divide<T>(s_p + o, b_p + o, v_p + o, m, e, !s_has_eps); });
+    rows_parallel(B, m, [&](int64_t, int64_t o) { P.add_divide(s_p + o, b_p + o, v_p + o, m, e, !s_has_eps); });
     at::mm_out(r, v, K.t());
     T* r_p = r.data_ptr<T>();
-    rows_parallel(B, n, [&](int64_t, int64_t o) { add_divide<T>(r_p + o, a_p + o, u_p + o, n, e, true); });
+    rows_parallel(B, n, [&](int64_t, int64_t o) { P.add_divide(r_p + o, a_p + o, u_p + o, n, e, true); });
   }
   at::Tensor y = at::empty({B, n}, a.options());
   at::mm_out(y, v, KC.t());
   const at::Tensor value = at::empty({B}, a.options());
   T* val_p = value.data_ptr<T>();
   const T* y_p = y.data_ptr<T>();
-  rows_parallel(B, n, [&](int64_t bi, int64_t o) { val_p[bi] = static_cast<T>(dot_f64<T>(u_p + o, y_p + o, n)); });
+  rows_parallel(B, n, [&](int64_t bi, int64_t o) { val_p[bi] = static_cast<T>(P.dot(u_p + o, y_p + o, n)); });
   return {value, u, v, hist_r, hist_s, keep_history ? y : at::empty({0, n}, a.options())};
 }
 
@@ -236,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> backward_blas(const at::Tensor& grad_value, c
                                                  const at::Tensor& hist_s, const at::Tensor& y, double eps,
                                                  bool correct) {
   const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const row_passes::Table<T>& P = row_passes::table<T>();
   const int64_t T_iters = hist_s.size(0), last = T_iters - 1;
   const bool has_eps = eps > 0;
   const T *a_p = a.data_ptr<T>(), *b_p = b.data_ptr<T>(), *g_p = grad_value.data_ptr<T>();
@@ -250,9 +186,9 @@ std::tuple<at::Tensor, at::Tensor> backward_blas(const at::Tensor& grad_value, c
   // direct_T = g (K∘C)^T u_T; w_T = g y / r_T; ga = w_T; x = w_T u_T
   const T* r_last = hr + last * B * n;
   rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-    last_w_pass<T>(a_p + o, r_last + o, y_p + o, g_p[bi], ut_p + o, ga_p + o, x_p + o, n);
-    if (has_eps) gauge[bi] = eps * sum_f64<T>(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
-    sbb[bi] = dot_f64<T>(b_p + bi * m, b_p + bi * m, m);
+    P.last_w(a_p + o, r_last + o, y_p + o, g_p[bi], ut_p + o, ga_p + o, x_p + o, n);
+    if (has_eps) gauge[bi] = eps * P.sum(x_p + o, n);  // sum_i a_i w_i / r_i = sum_i x_i
+    sbb[bi] = P.dot(b_p + bi * m, b_p + bi * m, m);
   });
   at::Tensor direct = at::mm(ut, KC);
   const T* d_p = direct.data_ptr<T>();
@@ -260,18 +196,18 @@ std::tuple<at::Tensor, at::Tensor> backward_blas(const at::Tensor& grad_value, c
     at::mm_out(tmp_m, x, K);  // K^T (w_t u_t) per row
     const T* s = hs + t * B * m;
     rows_parallel(B, m, [&](int64_t bi, int64_t o) {
-      z_pass<T>(d_p + o, tm_p + o, s + o, g_p[bi], t == last, zv_p + o, m);  // z_t
-      const double sbz = dot_f64<T>(b_p + o, zv_p + o, m);
+      P.z(d_p + o, tm_p + o, s + o, g_p[bi], t == last, zv_p + o, m);  // z_t
+      const double sbz = P.dot(b_p + o, zv_p + o, m);
       const double c = correct && sbb[bi] > 0 ? (sbz - gauge[bi]) / sbb[bi] : 0.0;  // the gauge correction
-      correct_pass<T>(zv_p + o, gb_p + o, b_p + o, s + o, c, t == last, m);
-      if (has_eps) zs[bi] = sum_f64<T>(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
+      P.correct(zv_p + o, gb_p + o, b_p + o, s + o, c, t == last, m);
+      if (has_eps) zs[bi] = P.sum(zv_p + o, m);  // sum_j b_j z_j / s_j = sum_j (z v)_j
     });
     if (t == 0) break;
     at::mm_out(tmp_n, zv, K.t());  // K (z_t v_t) per row
     const T* r = hr + (t - 1) * B * n;
     rows_parallel(B, n, [&](int64_t bi, int64_t o) {
-      w_pass<T>(tn_p + o, r + o, a_p + o, ga_p + o, x_p + o, n);
-      if (has_eps) gauge[bi] += eps * (sum_f64<T>(x_p + o, n) - zs[bi]);
+      P.w(tn_p + o, r + o, a_p + o, ga_p + o, x_p + o, n);
+      if (has_eps) gauge[bi] += eps * (P.sum(x_p + o, n) - zs[bi]);
     });
   }
   return {ga, gb};
