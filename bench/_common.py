@@ -56,16 +56,19 @@ def time_interleaved(fns: dict, device: str, warmup: int = 2, reps: int = 10, ke
     """time_fn for several functions measured round-robin (rep 1 of each, then rep 2 of each, ...).
 
     On a shared or virtualised machine whose speed drifts by tens of percent between seconds, timing one method
-    after the other compares machine states, not methods; interleaving gives each method the same conditions.
+    after the other compares machine states, not methods; interleaving gives each method the same conditions. The
+    order rotates by one method per rep, so that no method always runs right after the same one (on CPU the one
+    after a method that freed much memory or left the caches cold was measured up to 10% slower).
     Returns {name: time_fn-style dict} (with "times_ms" when ``keep_times``).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(time_fn(fn, device, 0, 1)["median_ms"])
+    names = list(fns)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            times[name].append(time_fn(fns[name], device, 0, 1)["median_ms"])
     return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "reps": reps,
                    **({"times_ms": t} if keep_times else {})} for name, t in times.items()}
 

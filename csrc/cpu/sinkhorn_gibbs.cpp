@@ -29,11 +29,17 @@ namespace {
 constexpr const char* kGibbs = "wkd.sinkhorn_gibbs";
 constexpr const char* kGibbsBwd = "wkd.sinkhorn_gibbs_backward";
 
-// Elementwise passes over [B, len] buffers, fused by hand and run in parallel over the batch.
+// Elementwise passes over [B, len] buffers, fused by hand and run in parallel over the batch, in chunks of whole rows
+// of >= kRowChunkElements elements (each row by one thread: the digits do not depend on the thread count). The passes
+// run between two BLAS products, whose OpenMP threads are still spinning, so a parallel region costs a few
+// microseconds: at B = 256, C = 100 (25,600 elements a pass) two threads made a forward + backward ~10% faster with
+// 8,192 than with 65,536 (one thread for the whole pass), on a 2-core machine.
+constexpr int64_t kRowChunkElements = 8192;
+
 template <typename F>
 void rows_parallel(int64_t B, int64_t len, const F& f) {
-  // Chunks of >= 64K elements: smaller parallel regions cost more in thread wake-ups than they save.
-  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)), [&](int64_t b0, int64_t b1) {
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kRowChunkElements / std::max<int64_t>(len, 1));
+  at::parallel_for(0, B, rows_per_chunk, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) f(bi, bi * len);
   });
 }
