@@ -308,8 +308,9 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
         sbb = torch.linalg.vecdot(b, b)
         inv_sbb = torch.where(sbb > 0, 1.0 / sbb, torch.zeros_like(sbb))
     G = zs = None  # G_t; eps sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0 only)
+    hs, hr = hist_s.unbind(0), hist_r.unbind(0)  # the history's steps as views, made once
     for t in range(last, -1 if need_b else 0, -1):
-        s = hist_s[t]
+        s = hs[t]
         if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i (x holds -x below T)
             awr = x.sum(1).mul_(eps)
             G = awr if t == last else G.sub_(awr).sub_(zs)
@@ -330,7 +331,7 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
             zs = zv.sum(1).mul_(eps)
         if t == 0:
             break
-        r = hist_r[t - 1]
+        r = hr[t - 1]
         w = mul(zv, False, out=Kzv).div_(r)  # -w_{t-1} = K (z_t v_t) / r_{t-1}
         ga.sub_(w)
         torch.div(a, r, out=x).mul_(w)  # -x_{t-1} = -w_{t-1} u_{t-1}
