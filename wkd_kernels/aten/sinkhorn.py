@@ -307,13 +307,12 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
     if eps is not None:  # 1 / sum_j b_j^2 per row (0 for a row without mass: no correction there)
         sbb = torch.linalg.vecdot(b, b)
         inv_sbb = torch.where(sbb > 0, 1.0 / sbb, torch.zeros_like(sbb))
-    G = zs = None  # G_t; eps sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0 only)
+    G = zs = None  # G_t; sum_j b_j z_{t+1,j} / s_{t+1,j} (eps > 0 only)
     hs, hr = hist_s.unbind(0), hist_r.unbind(0)  # the history's steps as views, made once
     for t in range(last, -1 if need_b else 0, -1):
         s = hs[t]
         if eps:  # G_t from sum_i a_i w_t,i / r_t,i = sum_i x_i (x holds -x below T)
-            awr = x.sum(1).mul_(eps)
-            G = awr if t == last else G.sub_(awr).sub_(zs)
+            G = x.sum(1).mul_(eps) if t == last else G.sub_(x.sum(1), alpha=eps).sub_(zs, alpha=eps)
         t_mul(x, False, out=KTx)  # K^T x_T, then K^T (-x_t) = -K^T x_t exactly
         if t == last:
             torch.sub(direct, KTx, out=z).div_(s)
@@ -327,8 +326,8 @@ def _scaling_sweep(g: Tensor, a: Tensor, b: Tensor, hist_r: Tensor, hist_s: Tens
         if need_b:
             gb.add_(z)
         torch.div(b, s, out=zv).mul_(z)  # z v = z b / s
-        if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j
-            zs = zv.sum(1).mul_(eps)
+        if eps:  # sum_j b_j z_j / s_j = sum_j (z v)_j (G subtracts it times eps)
+            zs = zv.sum(1)
         if t == 0:
             break
         r = hr[t - 1]
