@@ -258,8 +258,8 @@ def sinkhorn_gibbs_backward(grad_value: Tensor, a: Tensor, b: Tensor, K: Tensor,
 # Exact backward: the reverse sweep of csrc/cpu/sinkhorn.cpp (backward_row / backward_shared_blas)
 # ----------------------------------------------------------------------------------------------------------
 def _acc(t: Tensor) -> Tensor:
-    """``t`` in the accumulation dtype of the gauge sums: float64 where the device has it (as the C++ kernel's double
-    accumulators)."""
+    """``t`` in the accumulation dtype of the log domain's gauge sums: float64 where the device has it (as the C++
+    kernel's double accumulators; the scaling domain's sweep sums in the compute dtype, see :func:`_scaling_sweep`)."""
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
