@@ -102,6 +102,24 @@ def test_bad_values_with_eps_and_cached_kernel(msg, make, eps, with_kernel):
             wk.sinkhorn(a.requires_grad_(), b, c, reg, T, eps=eps, backend=name, kernel=kernel)
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_folded_value_checks_per_host_read_and_one_read_agree(eps):
+    """The scaling-domain checks read after the ATen loop: the CPU form (scalars read one by one) and the form for
+    other devices (one read) give the same verdict on every bad value and on a valid problem."""
+    from wkd_kernels.ops.sinkhorn import _scaling_values_ok, _scaling_values_ok_one_read
+    for msg, make in BAD_VALUES + BAD_WITH_EPS + [("valid", lambda a, b, c: (a, b, c, 0.1, 3))]:
+        a, b, c, reg, T = make(*good())
+        value = torch.ops.wkd.sinkhorn_torch(a, b, c, reg, T, eps, False, False)[0]
+        for cost in (c, None):
+            per_read = _scaling_values_ok(a, b, cost, reg, eps, value)
+            one_read = _scaling_values_ok_one_read(a, b, cost, reg, eps, value)
+            assert per_read == one_read, (msg, eps, cost is None)
+            if msg == "valid":
+                assert per_read, "a valid problem flagged"
+            elif cost is not None:
+                assert not per_read, f"{msg} not flagged with eps={eps}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_value_check_has_no_false_alarm_on_huge_finite_costs(backend, dtype):
     """The one-pass value check flags a row whose sum overflows; the exact check then lets it through."""

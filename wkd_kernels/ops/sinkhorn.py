@@ -391,7 +391,7 @@ def _scaling_values_ok(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
     when eps = 0: a non-finite entry of a, b or cost, a row without mass (u0 = 0, then b / 0) and a row or column of
     K that underflows whole (a division by 0) all make it inf or NaN. With eps > 0 the denominators are never 0, so
     the rows with mass and K's range (exp(-x / reg) of the largest row / column minimum of the cost) are checked
-    too. A valid value is >= 0 (a sum of non-negative terms), so its sum joins the minima (inf and NaN mapped to -1)."""
+    too. On CPU tensors the reductions are read one by one (no synchronisation there); elsewhere they are read once."""
     a, b, value = a.detach(), b.detach(), value.detach()  # no autograd graph for the checks
     if a.device.type == "cpu":  # reading a scalar of a CPU tensor costs no synchronisation: a few reads, no stacking
         # the value's sum is finite when every value is (unless it overflows: then the exact test decides)
@@ -401,8 +401,14 @@ def _scaling_values_ok(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
             ok = float(a.amax(1).amin()) > 0 and float(b.amax(1).amin()) > 0 and (cost is None or float(
                 torch.exp(torch.maximum(cost.amin(-1).amax(), cost.amin(-2).amax()) / -reg)) > 0)
         return ok
-    probe = [a.amin(), b.amin(), value.sum()] + ([] if cost is None else [cost.amin()])
-    ok = torch.stack(probe).nan_to_num(-1.0, -1.0, -1.0).amin() >= 0
+    return _scaling_values_ok_one_read(a, b, cost, reg, eps, value)
+
+
+def _scaling_values_ok_one_read(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float, eps: float,
+                                value: Tensor) -> bool:
+    """:func:`_scaling_values_ok` with one host read (one synchronisation on a GPU)."""
+    mins = [a.amin(), b.amin()] + ([] if cost is None else [cost.amin()])
+    ok = (torch.stack(mins).amin() >= 0) & torch.isfinite(value).all()
     if eps > 0:
         positive = [a.amax(1).amin(), b.amax(1).amin()]
         if cost is not None:
