@@ -146,23 +146,26 @@ def test_real_cost_matrices(name, kappa):
 
 
 # ------------------------------------------------------------------------------------------ the CPU kernel's ISA builds
-_ISA_SCRIPT = """
+_ISA_CASES = """
 import sys, torch, wkd_kernels as wk
-out = []
-for dt in (torch.float32, torch.float64):
-    for eps in (0.0, 1e-8):
-        for B, n, m in ((5, 37, 29), (3, 100, 100), (2, 8, 3)):
-            g = torch.Generator().manual_seed(B * n + m)
-            a = torch.softmax(torch.randn(B, n, generator=g, dtype=dt), 1)
-            a[:, 0] = 0
-            a = a / a.sum(1, keepdim=True)
-            b = torch.softmax(torch.randn(B, m, generator=g, dtype=dt), 1)
-            c = torch.rand(n, m, generator=g, dtype=dt)
-            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-            v = wk.sinkhorn(x, y, c, 0.05, 7, eps=eps, backend="cpu").value
-            v.sum().backward()
-            out += [v.detach(), x.grad, y.grad]
-torch.save(out, sys.argv[1])
+
+
+def isa_cases():
+    out = []
+    for dt in (torch.float32, torch.float64):
+        for eps in (0.0, 1e-8):
+            for B, n, m in ((5, 37, 29), (3, 100, 100), (2, 8, 3)):
+                g = torch.Generator().manual_seed(B * n + m)
+                a = torch.softmax(torch.randn(B, n, generator=g, dtype=dt), 1)
+                a[:, 0] = 0
+                a = a / a.sum(1, keepdim=True)
+                b = torch.softmax(torch.randn(B, m, generator=g, dtype=dt), 1)
+                c = torch.rand(n, m, generator=g, dtype=dt)
+                x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+                v = wk.sinkhorn(x, y, c, 0.05, 7, eps=eps, backend="cpu").value
+                v.sum().backward()
+                out += [v.detach(), x.grad, y.grad]
+    return out
 """
 
 
@@ -170,17 +173,16 @@ torch.save(out, sys.argv[1])
 def test_cpu_kernel_isa_builds_give_the_same_digits(tmp_path):
     """The elementwise passes of the C++ BLAS path exist for the baseline ISA and for AVX2 (chosen by the CPU;
     csrc/cpu/sinkhorn_row_passes.h): values and both gradients, float32 and float64, with and without eps, are equal
-    bit for bit with WKD_CPU_ISA=baseline and without it (on a CPU without AVX2 both runs take the baseline)."""
-    runs = {}
-    for isa in ("default", "baseline"):
-        env = {k: v for k, v in os.environ.items() if k != "WKD_CPU_ISA"}
-        if isa == "baseline":
-            env["WKD_CPU_ISA"] = "baseline"
-        path = tmp_path / f"{isa}.pt"
-        r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr
-        runs[isa] = torch.load(path)
-    assert len(runs["default"]) == 36
-    for i, (x, y) in enumerate(zip(runs["default"], runs["baseline"], strict=True)):
-        assert torch.equal(x, y), f"output {i} differs between the AVX2 and baseline builds"
+    bit for bit in this process (AVX2 where the CPU has it) and in one with WKD_CPU_ISA=baseline."""
+    scope = {}
+    exec(_ISA_CASES, scope)  # noqa: S102 -- the same cases here and in the child process
+    here = scope["isa_cases"]()
+    path = tmp_path / "baseline.pt"
+    env = dict(os.environ, WKD_CPU_ISA="baseline")
+    r = subprocess.run([sys.executable, "-c", _ISA_CASES + "\ntorch.save(isa_cases(), sys.argv[1])\n", str(path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    baseline = torch.load(path)
+    assert len(here) == len(baseline) == 36
+    for i, (x, y) in enumerate(zip(here, baseline, strict=True)):
+        assert torch.equal(x, y), f"output {i} differs between this process's build and the baseline build"
