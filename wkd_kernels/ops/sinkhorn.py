@@ -540,7 +540,12 @@ def sinkhorn(a: Tensor, b: Tensor, cost: Tensor, reg: float, num_iters: int, *, 
         K = torch.exp(cost / -reg)
         kernel, use_kernel = GibbsKernel(K, K * cost, float(reg)), True
     args = (a, b, cost, float(reg), int(num_iters), float(eps), bool(log_domain), keep_history)
-    if use_kernel:
+    if use_kernel and kind == "torch" and not needs_grad and not torch.compiler.is_compiling():
+        # no autograd and no graph to trace: the op's ATen kernel itself (arguments checked above), without the
+        # custom op's Python dispatch (~40 us a call, 3% of a forward at B = 256, C = 100)
+        value, u, v, *_ = aten_sinkhorn.sinkhorn_gibbs_forward(a, b, kernel.K, kernel.KC, int(num_iters), float(eps),
+                                                               False)
+    elif use_kernel:
         gibbs = torch.ops.wkd.sinkhorn_gibbs_torch if kind == "torch" else torch.ops.wkd.sinkhorn_gibbs
         value, u, v, *_ = gibbs(a, b, kernel.K, kernel.KC, int(num_iters), float(eps), keep_history)
     elif kind == "triton":
