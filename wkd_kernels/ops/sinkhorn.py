@@ -377,15 +377,15 @@ def _values_look_valid(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float,
 
 
 def _checks_fold(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float) -> bool:
-    """Whether :func:`_scaling_checks` applies (else the exact checks run before the op): non-empty inputs, and in
+    """Whether :func:`_scaling_values_ok` applies (else the exact checks run before the op): non-empty inputs, and in
     float32 a reg that is a normal float32 (as :func:`_values_look_valid`)."""
     return (min(a.numel(), b.numel()) > 0 and (cost is None or cost.numel() > 0)
             and not (a.dtype == torch.float32 and not reg > 1e-30))
 
 
 def _scaling_values_ok(a: Tensor, b: Tensor, cost: Optional[Tensor], reg: float, eps: float, value: Tensor) -> bool:
-    """The value checks of the scaling-domain ATen loop, run on its result with one host read: True when the inputs
-    were valid and the value is finite.
+    """The value checks of the scaling-domain ATen loop, read on the host after it has run: True when the inputs were
+    valid and the value is finite (False: the exact checks then name the problem).
 
     Every entry of a, b (and ``cost``) >= 0 is a minimum (NaN fails the comparison). The rest shows in the value
     when eps = 0: a non-finite entry of a, b or cost, a row without mass (u0 = 0, then b / 0) and a row or column of
